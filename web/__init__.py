@@ -1,0 +1,1 @@
+"""The aiohttp face of the runtime: HTTP API, WebSocket, dashboard, metrics."""
