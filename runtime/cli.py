@@ -1,0 +1,116 @@
+"""The ``shopflow`` command line.
+
+``runtime`` must not import ``actors`` or ``web``, so the commands those
+packages provide are plugged in through the ``shopflow.commands`` entry-point
+group (see pyproject.toml): each entry is a function ``register(subparsers)``
+that adds its sub-commands. The core commands (migrate, services, down) live
+here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+from runtime import db, embedded
+from runtime.errors import ShopflowError
+from runtime.logs import setup_logging
+from runtime.settings import Settings
+
+log = logging.getLogger("shopflow")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+COMMAND_GROUP = "shopflow.commands"
+
+
+def add_command(
+    subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    name: str,
+    handler: Handler,
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """Add a sub-command whose ``handler(args, settings)`` returns the exit code."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    settings = embedded.ensure_services(settings)
+    applied = asyncio.run(run_migrations(settings))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none, schema is current'}")
+    return 0
+
+
+async def run_migrations(settings: Settings) -> list[str]:
+    """Apply pending migrations to the settings' database."""
+    _, database_url = settings.require_urls()
+    conn = await db.connect(database_url)
+    try:
+        return await db.migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
+    resolved = embedded.ensure_services(settings)
+    print(f"REDIS_URL={resolved.redis_url}")
+    print(f"DATABASE_URL={resolved.database_url}")
+    return 0
+
+
+def _cmd_stop_services(args: argparse.Namespace, settings: Settings) -> int:
+    paths = embedded.EmbeddedPaths(settings.var_dir)
+    stopped = []
+    if settings.redis_url is None and embedded.stop_redis(paths, settings.embedded_redis_port):
+        stopped.append("redis")
+    if settings.database_url is None and embedded.stop_postgres(paths):
+        stopped.append("postgresql")
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: core commands plus every registered plugin's."""
+    parser = argparse.ArgumentParser(
+        prog="shopflow",
+        description="ShopFlow runtime: supervised actors for the shop's background work.",
+        epilog="Settings come from the environment; see the README's settings table.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_command(sub, "migrate", _cmd_migrate, "apply pending database migrations")
+    add_command(sub, "services", _cmd_services,
+                "start the embedded Redis/PostgreSQL if no URL is set; print the URLs")
+    add_command(sub, "stop-services", _cmd_stop_services,
+                "stop the embedded Redis and PostgreSQL started from this var dir")
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        register = entry.load()
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shopflow`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings.from_env()
+        setup_logging(settings.log_level)
+        code: int = args.handler(args, settings)
+        return code
+    except ShopflowError as exc:
+        print(f"shopflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
