@@ -62,3 +62,31 @@ class MailboxFull(TransientJobError):
 
 class QueueFull(ShopflowError):
     """A bounded queue is at its maximum length; the message was not enqueued."""
+
+
+# --- supervision ---
+
+
+class ActorCrashed(ActorUnavailable):
+    """The actor crashed while handling this very message; it is being restarted.
+
+    The original exception is the ``__cause__``. Being transient, the job that
+    asked is retried under its attempts and backoff (the message is redelivered).
+    """
+
+
+class AskTimeout(ActorUnavailable):
+    """The actor did not answer within the ask's timeout (stuck or far behind)."""
+
+
+class SupervisorStartError(ShopflowError):
+    """A supervisor could not start one of its children; names the child and the cause."""
+
+    def __init__(self, supervisor: str, child: str, cause: BaseException | str) -> None:
+        super().__init__(f"supervisor {supervisor!r} could not start child {child!r}: {cause}")
+        self.supervisor = supervisor
+        self.child = child
+
+
+class SupervisorGaveUp(ShopflowError):
+    """Children restarted more than MaxR times in MaxT seconds; the supervisor escalates."""

@@ -1,11 +1,39 @@
 """Supervision of actors inside one process (OTP principles on pykka).
 
-A :class:`Supervisor` starts its children (pykka actors, or other
-supervisors) from :class:`ChildSpec` declarations, in order, and stops them in
-reverse. Callers never hold a child's ``ActorRef`` directly: they call
-``supervisor.ask(child_id, message)``, which always goes to the child's
-current incarnation and answers :class:`ActorUnavailable` when it is dead or
-restarting, so an ``ask`` never hangs.
+A :class:`Supervisor` starts its children from :class:`ChildSpec`
+declarations, in order, waiting for each to finish ``on_start`` before the
+next (a failure names the child and escalates), and stops them in reverse.
+A child is an actor (``ChildSpec(id, start)`` where ``start`` returns a pykka
+``ActorRef``) or another supervisor (``ChildSpec.of_supervisor(id, factory)``).
+
+The supervisor is itself an actor: child exits arrive as messages in its
+mailbox and are handled one at a time on its thread, so restarts never race.
+When a child stops:
+
+- its **restart type** decides whether it comes back: ``PERMANENT`` always,
+  ``TRANSIENT`` only after a crash or start failure, ``TEMPORARY`` never;
+- the **strategy** decides which children restart with it: ``ONE_FOR_ONE``
+  only itself, ``ONE_FOR_ALL`` every child (the others are stopped in reverse
+  order first), ``REST_FOR_ONE`` itself and the children declared after it;
+- the restart waits a **back-off** ``backoff_base_s * 2**(n-1)`` (capped at
+  ``backoff_max_s``) where ``n`` counts the child's consecutive restarts; a
+  child that ran ``backoff_reset_s`` without exiting starts again from ``n=1``;
+- the **intensity** limit: more than ``max_restarts`` restarts within
+  ``max_seconds`` makes the supervisor give up: it stops all its children in
+  reverse order and crashes itself with :class:`SupervisorGaveUp`. Its parent
+  sees that as a crash of a child; a root supervisor calls its escalation
+  hooks (see :mod:`runtime.process`, which ends the process with exit code 70
+  so supervisord restarts it).
+
+Every restart, start failure, give-up and escalation is a log line, a metric
+(:class:`SupervisionMetrics`, if given) and an event (``on_event``, if given;
+:mod:`runtime.tree` has a Redis publisher).
+
+Callers never hold a child's ``ActorRef``: ``supervisor.ask(child_id, msg)``
+goes to the child's current incarnation and answers
+:class:`~runtime.errors.ActorUnavailable` when it is dead or restarting (also
+when it dies while holding the message), so an ``ask`` never hangs. A path
+``"inner/child"`` reaches a child of a nested supervisor.
 """
 
 from __future__ import annotations
@@ -13,15 +41,41 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import pykka
+from pykka import messages
 
-from runtime.errors import ActorUnavailable
+from runtime.actor import MailboxConfig, SupervisedActor, ask_async
+from runtime.errors import (
+    ActorUnavailable,
+    AskTimeout,
+    SupervisorGaveUp,
+    SupervisorStartError,
+)
+from runtime.mailbox import Exit, Mailbox
 
 log = logging.getLogger(__name__)
+
+# OTP's defaults are 1 restart in 5 s; shop actors hold little state and a
+# DB blip can crash a few in a row, so allow 3 before the process restarts.
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_MAX_SECONDS = 5.0
+# First restart after 0.1 s, then 0.2, 0.4 ... at most 30 s: fast recovery
+# from a one-off crash, no spinning on a child that fails at every start.
+DEFAULT_BACKOFF_BASE_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 30.0
+# A child that ran this long without exiting has recovered: back-off resets.
+DEFAULT_BACKOFF_RESET_S = 60.0
+# How long a child may spend in on_start before its start counts as failed.
+DEFAULT_START_TIMEOUT_S = 10.0
+# The supervisor's own mailbox: child exits and restart timers, never user work.
+SUPERVISOR_MAILBOX = MailboxConfig(max_size=10_000)
 
 
 class Restart(enum.Enum):
@@ -42,12 +96,39 @@ class Strategy(enum.Enum):
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """How to start a child and what to do when it stops."""
+    """How to start a child and what to do when it stops.
+
+    ``start`` returns the ``ActorRef`` of a freshly started actor (use a
+    :class:`~runtime.actor.SupervisedActor` or ``AsyncActor`` for a bounded
+    mailbox and crash semantics). For a nested supervisor use
+    :meth:`of_supervisor`, whose factory builds a *new, unstarted*
+    :class:`Supervisor` each time.
+    """
 
     id: str
-    start: Callable[[], pykka.ActorRef[Any]]
+    start: Callable[[], pykka.ActorRef[Any]] | None = None
     restart: Restart = Restart.PERMANENT
     shutdown_timeout_s: float = 5.0
+    supervisor: Callable[[], Supervisor] | None = None
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if (self.start is None) == (self.supervisor is None):
+            raise ValueError(f"child {self.id!r}: give exactly one of start= or supervisor=")
+        if "/" in self.id:
+            raise ValueError(f"child id {self.id!r} must not contain '/' (used for paths)")
+
+    @classmethod
+    def of_supervisor(
+        cls,
+        id: str,
+        factory: Callable[[], Supervisor],
+        restart: Restart = Restart.PERMANENT,
+        shutdown_timeout_s: float = 30.0,
+    ) -> ChildSpec:
+        """A child that is itself a supervisor, built afresh by ``factory`` on each start."""
+        return cls(id=id, restart=restart, shutdown_timeout_s=shutdown_timeout_s,
+                   supervisor=factory)
 
 
 @dataclass(frozen=True)
@@ -57,70 +138,631 @@ class ChildSnapshot:
     id: str
     alive: bool
     restarts: int
+    state: str = "running"
+    kind: str = "actor"
+    mailbox_depth: int | None = None
+    mailbox_size: int | None = None
+    last_exit: str | None = None
+    children: tuple[ChildSnapshot, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the tree view publishes it)."""
+        return {
+            "id": self.id, "alive": self.alive, "restarts": self.restarts, "state": self.state,
+            "kind": self.kind, "mailbox_depth": self.mailbox_depth,
+            "mailbox_size": self.mailbox_size, "last_exit": self.last_exit,
+            "children": [c.as_dict() for c in self.children],
+        }
+
+
+@dataclass(frozen=True)
+class SupervisionEvent:
+    """Something a supervisor did that an operator must be able to see."""
+
+    kind: str  # restart | start_failed | child_exit | give_up | escalation
+    supervisor: str
+    child: str | None
+    reason: str
+    restarts: int = 0
+    delay_s: float = 0.0
+    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"kind": self.kind, "supervisor": self.supervisor, "child": self.child,
+                "reason": self.reason, "restarts": self.restarts, "delay_s": self.delay_s,
+                "at": self.at}
+
+
+EventHook = Callable[[SupervisionEvent], None]
+EscalationHook = Callable[[BaseException], None]
+
+
+def restart_delay_s(consecutive: int, base_s: float, max_s: float) -> float:
+    """Back-off before the ``consecutive``-th restart in a row (1-based)."""
+    if consecutive < 1 or base_s <= 0:
+        return 0.0
+    return float(min(base_s * 2 ** (consecutive - 1), max_s))
+
+
+def should_restart(restart: Restart, exit: Exit) -> bool:
+    """OTP's rule: permanent always, transient after an abnormal exit, temporary never."""
+    if restart is Restart.PERMANENT:
+        return True
+    if restart is Restart.TRANSIENT:
+        return exit.abnormal
+    return False
+
+
+def restart_set(strategy: Strategy, ids: Sequence[str], failed: str) -> list[str]:
+    """The children (in start order) that restart when ``failed`` does."""
+    if strategy is Strategy.ONE_FOR_ONE:
+        return [failed]
+    if strategy is Strategy.ONE_FOR_ALL:
+        return list(ids)
+    return list(ids[ids.index(failed):])
+
+
+class SupervisionMetrics:
+    """Prometheus metrics of supervision, registered on the registry given.
+
+    Built per process by :func:`build_supervision_metrics`, never at import.
+    Counters count restarts, start failures, give-ups and escalations;
+    mailbox depth and liveness are read from the tracked supervisors at
+    scrape time, so they are never stale.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter
+
+        labels = ["supervisor", "child", "reason"]
+        self.restarts = Counter("shopflow_actor_restarts_total",
+                                "Child restarts by supervisor, child and exit reason",
+                                labels, registry=registry)
+        self.start_failures = Counter("shopflow_actor_start_failures_total",
+                                      "Children whose on_start failed",
+                                      ["supervisor", "child"], registry=registry)
+        self.give_ups = Counter("shopflow_supervisor_give_ups_total",
+                                "Supervisors that hit their restart intensity and gave up",
+                                ["supervisor"], registry=registry)
+        self.escalations = Counter("shopflow_supervisor_escalations_total",
+                                   "Failures escalated to a parent or out of the process",
+                                   ["supervisor"], registry=registry)
+        self._roots: list[Supervisor] = []
+        self._lock = threading.Lock()
+        registry.register(_TreeCollector(self))
+
+    def track(self, supervisor: Supervisor) -> None:
+        """Report ``supervisor``'s tree (depth, liveness) at every scrape."""
+        with self._lock:
+            self._roots.append(supervisor)
+
+    def roots(self) -> list[Supervisor]:
+        """Tracked root supervisors."""
+        with self._lock:
+            return list(self._roots)
+
+    def record(self, event: SupervisionEvent) -> None:
+        """Count one supervision event."""
+        child = event.child or ""
+        if event.kind == "restart":
+            self.restarts.labels(event.supervisor, child, event.reason.split(":")[0]).inc()
+        elif event.kind == "start_failed":
+            self.start_failures.labels(event.supervisor, child).inc()
+        elif event.kind == "give_up":
+            self.give_ups.labels(event.supervisor).inc()
+        elif event.kind == "escalation":
+            self.escalations.labels(event.supervisor).inc()
+
+
+class _TreeCollector:
+    """Scrape-time gauges from the live supervision tree."""
+
+    def __init__(self, metrics: SupervisionMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        depth = GaugeMetricFamily("shopflow_actor_mailbox_depth",
+                                  "Messages waiting in an actor's mailbox",
+                                  labels=["supervisor", "child"])
+        up = GaugeMetricFamily("shopflow_actor_up", "1 when the actor is running",
+                               labels=["supervisor", "child"])
+        for root in self._metrics.roots():
+            for sup_name, child in _walk(root.name, root.snapshot()):
+                up.add_metric([sup_name, child.id], 1.0 if child.alive else 0.0)
+                if child.mailbox_depth is not None:
+                    depth.add_metric([sup_name, child.id], float(child.mailbox_depth))
+        yield depth
+        yield up
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def _walk(sup_name: str, children: Sequence[ChildSnapshot]) -> Iterable[tuple[str, ChildSnapshot]]:
+    for child in children:
+        yield sup_name, child
+        if child.children:
+            yield from _walk(f"{sup_name}/{child.id}", child.children)
+
+
+def build_supervision_metrics(registry: Any) -> SupervisionMetrics:
+    """Create and register the supervision metrics on ``registry`` (once per process)."""
+    return SupervisionMetrics(registry)
+
+
+# --- messages to the supervisor actor --------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StartAll:
+    pass
+
+
+@dataclass(frozen=True)
+class _StopAll:
+    pass
+
+
+@dataclass(frozen=True)
+class _ChildExited:
+    child_id: str
+    incarnation: int
+    exit: Exit
+
+
+@dataclass(frozen=True)
+class _RestartDue:
+    child_ids: tuple[str, ...]
+
+
+class _SupervisorActor(SupervisedActor):
+    """The actor behind a :class:`Supervisor`: serialises every decision on one thread."""
+
+    def __init__(self, owner: Supervisor) -> None:
+        super().__init__(mailbox=SUPERVISOR_MAILBOX)
+        self.owner = owner
+
+    def on_receive(self, message: Any) -> Any:
+        """Runs on the supervisor's thread; an escaping SupervisorGaveUp crashes it."""
+        if isinstance(message, _ChildExited):
+            self.owner._on_child_exited(message)
+        elif isinstance(message, _RestartDue):
+            self.owner._on_restart_due(message.child_ids)
+        elif isinstance(message, _StartAll):
+            self.owner._start_all()
+        elif isinstance(message, _StopAll):
+            self.owner._stop_all()
+        else:
+            raise TypeError(f"supervisor got an unknown message {message!r}")
+        return None
+
+
+class _Child:
+    """Mutable bookkeeping for one child; written only on the supervisor's thread."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.ref: pykka.ActorRef[Any] | None = None
+        self.nested: Supervisor | None = None
+        self.incarnation = 0
+        self.state = "stopped"
+        self.restarts = 0
+        self.consecutive = 0
+        self.started_at = 0.0
+        self.last_exit: str | None = None
 
 
 class Supervisor:
-    """A minimal one-for-one supervisor (the full OTP version is issue 4)."""
+    """An OTP-style supervisor (see the module docstring for the rules)."""
 
     def __init__(
         self,
         name: str,
         children: Sequence[ChildSpec],
         strategy: Strategy = Strategy.ONE_FOR_ONE,
-        max_restarts: int = 3,
-        max_seconds: float = 5.0,
-        on_escalate: Callable[[BaseException], None] | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        on_escalate: EscalationHook | None = None,
+        *,
+        backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
+        backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
+        backoff_reset_s: float = DEFAULT_BACKOFF_RESET_S,
+        on_event: EventHook | None = None,
+        metrics: SupervisionMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        ids = [spec.id for spec in children]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"supervisor {name!r}: duplicate child ids in {ids}")
         self.name = name
-        self._specs = list(children)
-        self._refs: dict[str, pykka.ActorRef[Any]] = {}
-        self._restarts: dict[str, int] = {spec.id: 0 for spec in self._specs}
-        self._lock = threading.Lock()
         self.strategy = strategy
         self.max_restarts = max_restarts
         self.max_seconds = max_seconds
-        self._on_escalate = on_escalate
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.backoff_reset_s = backoff_reset_s
+        self.on_event = on_event
+        self.metrics = metrics
+        self._clock = clock
+        self._specs = list(children)
+        self._children = {spec.id: _Child(spec) for spec in self._specs}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a child starts
+        self._escalation_hooks: list[EscalationHook] = [on_escalate] if on_escalate else []
+        self._restart_times: deque[float] = deque()
+        self._timers: set[threading.Timer] = set()
+        self._actor: pykka.ActorRef[Any] | None = None
+        self.state = "new"
 
-    def start(self) -> "Supervisor":
-        """Start every child in declaration order."""
-        for spec in self._specs:
-            self._refs[spec.id] = spec.start()
+    # --- public API ----------------------------------------------------------------
+
+    def start(self) -> Supervisor:
+        """Start the supervisor actor, then every child in order; raise on a failed start."""
+        self._actor = _SupervisorActor.start(self)
+        self.state = "starting"
+        try:
+            self._actor.ask(_StartAll())
+        except BaseException:
+            self.state = "failed"
+            self._actor.stop()
+            raise
+        self.state = "running"
         return self
 
     def stop(self) -> None:
-        """Stop every child in reverse order."""
-        for spec in reversed(self._specs):
-            ref = self._refs.pop(spec.id, None)
-            if ref is not None and ref.is_alive():
-                ref.stop(block=True, timeout=spec.shutdown_timeout_s)
+        """Stop every child in reverse order, then the supervisor itself."""
+        actor = self._actor
+        if actor is None:
+            return
+        if actor.is_alive():
+            try:
+                actor.ask(_StopAll(), timeout=self._stop_budget_s())
+                actor.stop(timeout=5.0)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.warning("supervisor %s was already stopping", self.name)
+        if self.state != "failed":
+            self.state = "stopped"
 
-    def _current(self, child_id: str) -> pykka.ActorRef[Any]:
-        with self._lock:
-            ref = self._refs.get(child_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            spec = next((s for s in self._specs if s.id == child_id), None)
-            if spec is None:
-                raise ActorUnavailable(f"{self.name} has no child {child_id!r}")
-            if ref is not None and spec.restart is not Restart.TEMPORARY:
-                log.warning("restarting actor %s/%s", self.name, child_id)
-                self._restarts[child_id] += 1
-                self._refs[child_id] = spec.start()
-                return self._refs[child_id]
-            raise ActorUnavailable(f"actor {self.name}/{child_id} is not running")
+    @property
+    def actor_ref(self) -> pykka.ActorRef[Any]:
+        """The supervisor's own actor (what a parent supervisor watches)."""
+        if self._actor is None:
+            raise RuntimeError(f"supervisor {self.name} is not started")
+        return self._actor
+
+    def add_escalation_hook(self, hook: EscalationHook) -> None:
+        """Call ``hook(error)`` (on the supervisor's thread) when this supervisor gives up."""
+        self._escalation_hooks.append(hook)
 
     def ask(self, child_id: str, message: Any, timeout_s: float) -> Any:
-        """Ask the child's current incarnation; its exception is re-raised here."""
-        ref = self._current(child_id)
+        """Ask the child's current incarnation; its own exception is re-raised here.
+
+        Raises ActorUnavailable when the child is dead, restarting, or dies
+        holding the message (ActorCrashed), AskTimeout when it does not answer
+        in ``timeout_s``, MailboxFull when its mailbox stays full.
+        """
+        ref = self.child_ref(child_id)
         try:
             return ref.ask(message, timeout=timeout_s)
         except pykka.ActorDeadError:
             raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
+        except pykka.Timeout:
+            raise AskTimeout(
+                f"actor {self.name}/{child_id} did not answer within {timeout_s}s"
+            ) from None
+
+    async def ask_async(self, child_id: str, message: Any, timeout_s: float) -> Any:
+        """:meth:`ask` for code running on the event loop (does not block the loop)."""
+        ref = self.child_ref(child_id)
+        try:
+            return await ask_async(ref, message, timeout_s)
+        except pykka.ActorDeadError:
+            raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
+        except pykka.Timeout:
+            raise AskTimeout(
+                f"actor {self.name}/{child_id} did not answer within {timeout_s}s"
+            ) from None
+
+    def tell(self, child_id: str, message: Any) -> None:
+        """Send without waiting; raises ActorUnavailable or MailboxFull at once."""
+        try:
+            self.child_ref(child_id).tell(message)
+        except pykka.ActorDeadError:
+            raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
+
+    def wait_running(self, child_id: str, timeout_s: float) -> bool:
+        """Wait until the child (a direct child) runs; False on timeout.
+
+        For callers that prefer to ride out a restart rather than fail at once
+        (and for tests, which wait on this instead of sleeping).
+        """
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._children[child_id].state == "running", timeout_s)
+
+    def child_ref(self, child_id: str) -> pykka.ActorRef[Any]:
+        """The current incarnation's ref (``"inner/child"`` for a nested supervisor's child)."""
+        head, _, rest = child_id.partition("/")
+        with self._lock:
+            child = self._children.get(head)
+            if child is None:
+                raise ActorUnavailable(f"{self.name} has no child {head!r}")
+            ref, nested, state = child.ref, child.nested, child.state
+        if rest:
+            if nested is None or state != "running":
+                raise ActorUnavailable(f"supervisor {self.name}/{head} is not running")
+            return nested.child_ref(rest)
+        if ref is None or state != "running" or not ref.is_alive():
+            raise ActorUnavailable(f"actor {self.name}/{child_id} is not running ({state})")
+        return ref
 
     def snapshot(self) -> list[ChildSnapshot]:
-        """Children with liveness and restart counts."""
-        return [
-            ChildSnapshot(s.id, bool(self._refs.get(s.id) and self._refs[s.id].is_alive()),
-                          self._restarts[s.id])
-            for s in self._specs
-        ]
+        """Children (in start order) with state, restart counts and mailbox depth."""
+        with self._lock:
+            children = [(c.spec.id, c.ref, c.nested, c.state, c.restarts, c.last_exit)
+                        for c in self._children.values()]
+        return [self._child_snapshot(*c) for c in children]
+
+    def describe(self) -> dict[str, Any]:
+        """The whole subtree as JSON-ready data (for ``shopflow tree`` and the dashboard)."""
+        return {"name": self.name, "state": self.state, "strategy": self.strategy.value,
+                "max_restarts": self.max_restarts, "max_seconds": self.max_seconds,
+                "children": [c.as_dict() for c in self.snapshot()]}
+
+    # --- on the supervisor's thread ------------------------------------------------
+
+    def _start_all(self) -> None:
+        started: list[_Child] = []
+        for spec in self._specs:
+            child = self._children[spec.id]
+            try:
+                self._start_child(child)
+            except SupervisorStartError as exc:
+                self._emit("start_failed", spec.id, str(exc.__cause__ or exc))
+                for done in reversed(started):
+                    self._stop_child(done)
+                raise
+            started.append(child)
+
+    def _stop_all(self) -> None:
+        self.state = "stopping"
+        for timer in list(self._timers):
+            timer.cancel()
+        for spec in reversed(self._specs):
+            self._stop_child(self._children[spec.id])
+
+    def _start_child(self, child: _Child) -> None:
+        """Start one child and wait until its on_start has finished."""
+        spec = child.spec
+        with self._lock:
+            child.incarnation += 1
+            child.state = "starting"
+        incarnation = child.incarnation
+        nested: Supervisor | None = None
+        try:
+            if spec.supervisor is not None:
+                nested = spec.supervisor()
+                nested._inherit(self)
+                nested.start()
+                ref = nested.actor_ref
+            else:
+                assert spec.start is not None
+                ref = spec.start()
+                self._confirm_started(ref, spec)
+        except Exception as exc:
+            with self._lock:
+                child.state = "failed"
+                child.last_exit = f"start_failed: {type(exc).__name__}: {exc}"
+            raise SupervisorStartError(self.name, spec.id, exc) from exc
+        with self._lock:
+            child.ref, child.nested, child.state = ref, nested, "running"
+            child.started_at = self._clock()
+            self._changed.notify_all()
+        self._watch(ref, spec.id, incarnation)
+
+    def _confirm_started(self, ref: pykka.ActorRef[Any], spec: ChildSpec) -> None:
+        """An attribute read is answered only after on_start; a failed start answers dead."""
+        try:
+            ref.ask(messages.ProxyGetAttr(attr_path=("actor_urn",)),
+                    timeout=spec.start_timeout_s)
+        except pykka.ActorDeadError:
+            inbox = ref.actor_inbox
+            exit = inbox.exit if isinstance(inbox, Mailbox) else None
+            if exit is not None and exit.error is not None:
+                raise exit.error from None
+            raise ActorUnavailable("actor stopped during on_start") from None
+        except pykka.Timeout:
+            ref.stop(block=False)
+            raise AskTimeout(f"on_start did not finish within {spec.start_timeout_s}s") from None
+
+    def _watch(self, ref: pykka.ActorRef[Any], child_id: str, incarnation: int) -> None:
+        """Get a _ChildExited message when this incarnation stops."""
+        me = self.actor_ref
+
+        def exited(exit: Exit) -> None:
+            try:
+                me.tell(_ChildExited(child_id, incarnation, exit))
+            except pykka.ActorDeadError:
+                log.debug("supervisor %s gone; exit of %s not handled", self.name, child_id)
+
+        inbox = ref.actor_inbox
+        if isinstance(inbox, Mailbox):
+            inbox.add_close_listener(exited)
+            return
+
+        def wait_plain_actor() -> None:
+            ref.actor_stopped.wait()
+            exited(Exit("crash", ActorUnavailable("plain pykka actor stopped")))
+
+        threading.Thread(target=wait_plain_actor, name=f"watch-{self.name}-{child_id}",
+                         daemon=True).start()
+
+    def _stop_child(self, child: _Child) -> None:
+        """Stop one child within its shutdown timeout; its exit message will be ignored."""
+        with self._lock:
+            ref, nested = child.ref, child.nested
+            child.incarnation += 1  # any exit notice from the old incarnation is stale
+            child.state = "stopped"
+            child.ref = None
+            child.nested = None
+        if nested is not None:
+            nested.stop()
+            return
+        if ref is None or not ref.is_alive():
+            return
+        try:
+            ref.stop(block=True, timeout=child.spec.shutdown_timeout_s)
+        except pykka.Timeout:
+            log.error("actor %s/%s did not stop within %.1fs; abandoning its thread",
+                      self.name, child.spec.id, child.spec.shutdown_timeout_s)
+        except pykka.ActorDeadError:
+            pass  # died on its own just now; nothing left to stop
+
+    def _on_child_exited(self, msg: _ChildExited) -> None:
+        child = self._children[msg.child_id]
+        if msg.incarnation != child.incarnation or child.state != "running":
+            return  # an exit we caused (stop, sibling restart) or an older incarnation
+        with self._lock:
+            child.state = "exited"
+            child.ref = None
+            child.nested = None
+            child.last_exit = msg.exit.describe()
+        if not should_restart(child.spec.restart, msg.exit):
+            self._emit("child_exit", child.spec.id, msg.exit.describe())
+            return
+        self._plan_restart(child, msg.exit.describe())
+
+    def _plan_restart(self, child: _Child, reason: str) -> None:
+        """Apply intensity, strategy and back-off for a child that must come back."""
+        self._count_restart_or_give_up(child.spec.id, reason)
+        now = self._clock()
+        if now - child.started_at >= self.backoff_reset_s:
+            child.consecutive = 0
+        child.consecutive += 1
+        delay_s = restart_delay_s(child.consecutive, self.backoff_base_s, self.backoff_max_s)
+        ids = restart_set(self.strategy, [s.id for s in self._specs], child.spec.id)
+        for other_id in reversed(ids):
+            if other_id != child.spec.id:
+                self._stop_child(self._children[other_id])
+        ids = [i for i in ids if i == child.spec.id
+               or self._children[i].spec.restart is not Restart.TEMPORARY]
+        with self._lock:
+            for i in ids:
+                self._children[i].state = "restarting"
+            child.restarts += 1
+        self._emit("restart", child.spec.id, reason, restarts=child.restarts, delay_s=delay_s)
+        self._schedule(tuple(ids), delay_s)
+
+    def _count_restart_or_give_up(self, child_id: str, reason: str) -> None:
+        now = self._clock()
+        self._restart_times.append(now)
+        while self._restart_times and now - self._restart_times[0] > self.max_seconds:
+            self._restart_times.popleft()
+        if len(self._restart_times) > self.max_restarts:
+            self._give_up(child_id, reason)
+
+    def _give_up(self, child_id: str, reason: str) -> None:
+        """Intensity exceeded: stop everything, report, escalate by crashing."""
+        error = SupervisorGaveUp(
+            f"supervisor {self.name}: more than {self.max_restarts} restarts in "
+            f"{self.max_seconds}s (last: {child_id}, {reason})"
+        )
+        self._stop_all()
+        self.state = "failed"
+        self._emit("give_up", child_id, str(error))
+        self._emit("escalation", None, str(error))
+        for hook in self._escalation_hooks:
+            try:
+                hook(error)
+            except Exception:
+                log.exception("escalation hook of supervisor %s raised", self.name)
+        raise error
+
+    def _schedule(self, ids: tuple[str, ...], delay_s: float) -> None:
+        me = self.actor_ref
+        if delay_s <= 0:
+            me.tell(_RestartDue(ids))
+            return
+
+        def due() -> None:
+            self._timers.discard(timer)
+            try:
+                me.tell(_RestartDue(ids))
+            except pykka.ActorDeadError:
+                log.debug("supervisor %s gone; restart of %s dropped", self.name, ids)
+
+        timer = threading.Timer(delay_s, due)
+        timer.daemon = True
+        self._timers.add(timer)
+        timer.start()
+
+    def _on_restart_due(self, ids: tuple[str, ...]) -> None:
+        """Start the children of one restart decision in order; a failure is a new crash."""
+        if self.state in ("stopping", "stopped", "failed"):
+            return
+        for index, child_id in enumerate(ids):
+            child = self._children[child_id]
+            if child.state != "restarting":
+                continue
+            try:
+                self._start_child(child)
+            except SupervisorStartError as exc:
+                reason = f"start_failed: {exc.__cause__!r}"
+                self._emit("start_failed", child_id, reason)
+                with self._lock:
+                    for later in ids[index:]:
+                        self._children[later].state = "restarting"
+                self._retry_start(child, ids[index:], reason)
+                return
+
+    def _retry_start(self, child: _Child, ids: tuple[str, ...], reason: str) -> None:
+        """A restart whose start failed: counts toward intensity, backs off further."""
+        self._count_restart_or_give_up(child.spec.id, reason)
+        child.consecutive += 1
+        child.restarts += 1
+        delay_s = restart_delay_s(child.consecutive, self.backoff_base_s, self.backoff_max_s)
+        self._emit("restart", child.spec.id, reason, restarts=child.restarts, delay_s=delay_s)
+        self._schedule(ids, delay_s)
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _emit(self, kind: str, child: str | None, reason: str, *, restarts: int = 0,
+              delay_s: float = 0.0) -> None:
+        """One supervision event: a log line, a metric, and the event hook."""
+        event = SupervisionEvent(kind, self.name, child, reason, restarts, delay_s)
+        level = logging.WARNING if kind in ("restart", "child_exit") else logging.ERROR
+        log.log(level, "supervisor %s: %s %s (%s)", self.name, kind, child or "", reason,
+                extra={"supervision": event.as_dict()})
+        if self.metrics is not None:
+            self.metrics.record(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("supervision event hook failed for %s", event.kind)
+
+    def _inherit(self, parent: Supervisor) -> None:
+        """A nested supervisor reports through its parent's hooks unless given its own."""
+        self.on_event = self.on_event or parent.on_event
+        self.metrics = self.metrics or parent.metrics
+        self.name = self.name if "/" in self.name else f"{parent.name}/{self.name}"
+
+    def _stop_budget_s(self) -> float:
+        return sum(s.shutdown_timeout_s for s in self._specs) + 5.0
+
+    def _child_snapshot(self, child_id: str, ref: pykka.ActorRef[Any] | None,
+                        nested: Supervisor | None, state: str, restarts: int,
+                        last_exit: str | None) -> ChildSnapshot:
+        alive = ref is not None and ref.is_alive() and state == "running"
+        inbox = ref.actor_inbox if ref is not None else None
+        depth = inbox.depth if isinstance(inbox, Mailbox) else None
+        size = inbox.max_size if isinstance(inbox, Mailbox) else None
+        if nested is not None:
+            return ChildSnapshot(child_id, alive, restarts, state, "supervisor", None, None,
+                                 last_exit, tuple(nested.snapshot()))
+        if ref is not None and depth is None and hasattr(inbox, "qsize"):
+            depth = inbox.qsize()
+        return ChildSnapshot(child_id, alive, restarts, state, "actor", depth, size, last_exit)

@@ -1,0 +1,265 @@
+"""Supervisable actors: threaded (:class:`SupervisedActor`) and async (:class:`AsyncActor`).
+
+Both are pykka actors with a bounded :class:`~runtime.mailbox.Mailbox` and a
+defined notion of *crash*, which pykka does not have:
+
+- an exception escaping ``on_start`` is a **start failure**;
+- an exception escaping a handler for a ``tell`` is a **crash** (pykka's own
+  rule: nobody is waiting for the answer);
+- an exception escaping a handler for an ``ask`` is, by default, a **crash**
+  unless it is a :class:`~runtime.errors.ShopflowError` (a domain or job error
+  the caller must see: validation, not found, conflict, permanent/transient
+  job errors). On a crash the asker gets :class:`~runtime.errors.ActorCrashed`
+  (an ``ActorUnavailable``, hence a transient job error) with the original
+  exception as ``__cause__``: the thin Dramatiq actor raises, Dramatiq does
+  not acknowledge the message as done and retries it under its attempts and
+  backoff, so *a message held by a crashing actor is redelivered*. Override
+  :meth:`is_crash` to change the rule for one actor;
+- an actor can mark itself failed with :meth:`fail`.
+
+A crashed actor stops at once: every message still in its mailbox is answered
+with ``ActorDeadError`` (the supervisor's ``ask`` turns that into
+``ActorUnavailable``), the mailbox refuses new messages, and then the
+mailbox's close listeners (its supervisor) hear the :class:`Exit` reason.
+
+Plain ``pykka.ThreadingActor`` children also work under a supervisor, with
+pykka's semantics (every ask exception goes back to the caller, the actor
+lives on) and an unbounded mailbox; the supervisor watches them with a thread
+and treats any stop it did not ask for as a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pykka
+from pykka import ActorRegistry, messages
+from pykka._threading import ThreadingFuture
+
+from runtime.errors import ActorCrashed, ShopflowError
+from runtime.loop import LoopBridge
+from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
+
+log = logging.getLogger(__name__)
+
+# A mailbox bigger than this means the actor is far behind; senders should wait.
+DEFAULT_ACTOR_MAILBOX_SIZE = 100
+# How long a sender waits for room in a full mailbox under the BLOCK policy.
+DEFAULT_MAILBOX_PUT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """Size and overflow policy of one actor's mailbox."""
+
+    max_size: int = DEFAULT_ACTOR_MAILBOX_SIZE
+    overflow: Overflow = Overflow.BLOCK
+    put_timeout_s: float = DEFAULT_MAILBOX_PUT_TIMEOUT_S
+
+    def build(self) -> Mailbox:
+        """A new empty mailbox with this configuration."""
+        return Mailbox(self.max_size, self.overflow, self.put_timeout_s)
+
+
+class _SelfFailed(Exception):
+    """Raised by :meth:`SupervisedActor.fail` to end the current handler as a crash."""
+
+
+class _CrashPolicy:
+    """What the two actor kinds share: the crash rule and the exit bookkeeping."""
+
+    actor_inbox: Any
+    actor_ref: Any
+    actor_stopped: Any
+    _exit: Exit
+
+    def is_crash(self, exc: BaseException, *, asked: bool) -> bool:
+        """True when ``exc`` escaping a handler should crash this actor (see module doc)."""
+        if isinstance(exc, _SelfFailed):
+            return True
+        if not asked:
+            return True
+        return not isinstance(exc, ShopflowError)
+
+    def fail(self, reason: str) -> None:
+        """Mark this actor failed from inside a handler: it crashes and is restarted."""
+        raise _SelfFailed(reason)
+
+    def _record_crash(self, kind: str, exc: BaseException, reply_to: Any | None) -> None:
+        """Stop after a crash: answer the asker, unregister, set the stopped flag."""
+        self._exit = Exit(kind, exc)
+        log.error("actor %s %s", self.actor_ref, self._exit.describe(), exc_info=exc)
+        if reply_to is not None:
+            crashed = ActorCrashed(f"{self.actor_ref} crashed handling the message: {exc!r}")
+            crashed.__cause__ = exc
+            reply_to.set_exception(exc_info=(ActorCrashed, crashed, None))
+        ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+
+    @property
+    def mailbox(self) -> Mailbox:
+        """This actor's bounded mailbox."""
+        inbox: Mailbox = self.actor_inbox
+        return inbox
+
+
+class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
+    """A threaded pykka actor with a bounded mailbox and OTP-style crash semantics.
+
+    Hooks run in the actor's own thread, as in pykka. The thread is a daemon
+    thread so that a process whose root supervisor escalated can exit even if
+    a handler is stuck; graceful stops go through the supervisor.
+    """
+
+    use_daemon_thread: ClassVar[bool] = True
+    default_mailbox: ClassVar[MailboxConfig] = MailboxConfig()
+
+    def __init__(self, *, mailbox: MailboxConfig | None = None) -> None:
+        self._mailbox_config = mailbox or type(self).default_mailbox
+        self._exit = NORMAL_EXIT
+        super().__init__()
+
+    def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
+        return self._mailbox_config.build()
+
+    def _actor_loop_setup(self) -> None:
+        try:
+            self.on_start()
+        except Exception as exc:
+            self._record_crash("start_failed", exc, None)
+
+    def _actor_loop_running(self) -> None:
+        while not self.actor_stopped.is_set():
+            envelope = self.actor_inbox.get()
+            try:
+                response = self._handle_receive(envelope.message)
+            except Exception as exc:
+                asked = envelope.reply_to is not None
+                if not self.is_crash(exc, asked=asked):
+                    envelope.reply_to.set_exception()
+                    continue
+                self._record_crash("crash", exc, envelope.reply_to)
+                self._call_on_failure()
+            except BaseException as exc:
+                self._record_crash("crash", exc, envelope.reply_to)
+                raise
+            else:
+                if envelope.reply_to is not None:
+                    envelope.reply_to.set(response)
+
+    def _call_on_failure(self) -> None:
+        try:
+            self.on_failure(*sys.exc_info())
+        except Exception:
+            log.exception("on_failure of %s raised", self.actor_ref)
+
+    def _actor_loop_teardown(self) -> None:
+        self.mailbox.close(self._exit)
+        super()._actor_loop_teardown()
+        self.mailbox.announce_closed()
+
+
+class AsyncActor(_CrashPolicy, pykka.Actor):
+    """An actor whose hooks and handler are ``async def``, run on the process's loop.
+
+    pykka only has thread actors; this one is a task on the :class:`LoopBridge`
+    loop instead of a thread, so async concerns (the notifier, HTTP-calling
+    agents) share the one loop with asyncpg and aiohttp. ``on_start``,
+    ``on_stop``, ``on_failure`` and ``on_receive`` are coroutines running on
+    the loop. Threads reach it with the usual ``ref.ask``/``ref.tell``; code
+    already on the loop must use :func:`ask_async` (a blocking ask from the
+    loop thread would wait for itself).
+    """
+
+    default_mailbox: ClassVar[MailboxConfig] = MailboxConfig()
+
+    def __init__(self, bridge: LoopBridge, *, mailbox: MailboxConfig | None = None) -> None:
+        self.bridge = bridge
+        self._mailbox_config = mailbox or type(self).default_mailbox
+        self._exit = NORMAL_EXIT
+        self._task: asyncio.Future[None] | None = None
+        super().__init__()
+
+    def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
+        return self._mailbox_config.build()
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return ThreadingFuture()
+
+    def _start_actor_loop(self) -> None:
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self.bridge.loop)  # type: ignore[assignment]
+
+    async def on_start(self) -> None:  # type: ignore[override]
+        """Set up, on the loop, before the first message."""
+
+    async def on_stop(self) -> None:  # type: ignore[override]
+        """Clean up, on the loop, after a requested stop."""
+
+    async def on_failure(self, exc: BaseException) -> None:  # type: ignore[override]
+        """Clean up, on the loop, after a crash."""
+
+    async def on_receive(self, message: Any) -> Any:
+        """Handle one message, on the loop; the return value answers an ask."""
+        log.warning("unexpected message to %s: %r", self.actor_ref, message)
+        return None
+
+    async def _run(self) -> None:
+        try:
+            await self.on_start()
+        except Exception as exc:
+            self._record_crash("start_failed", exc, None)
+        try:
+            while not self.actor_stopped.is_set():
+                envelope = await self.mailbox.get_async()
+                await self._handle_envelope(envelope)
+        finally:
+            self.mailbox.close(self._exit)
+            self._actor_loop_teardown()
+            self.mailbox.announce_closed()
+
+    async def _handle_envelope(self, envelope: Any) -> None:
+        asked = envelope.reply_to is not None
+        try:
+            response = await self._dispatch(envelope.message)
+        except Exception as exc:
+            if asked and not self.is_crash(exc, asked=True):
+                envelope.reply_to.set_exception()
+                return
+            self._record_crash("crash", exc, envelope.reply_to)
+            await self._safe_on_failure(exc)
+        except BaseException as exc:  # cancelled: the loop is going away
+            self._record_crash("crash", exc, envelope.reply_to)
+            raise
+        else:
+            if asked:
+                envelope.reply_to.set(response)
+
+    async def _dispatch(self, message: Any) -> Any:
+        if isinstance(message, messages._ActorStop):  # noqa: SLF001
+            ActorRegistry.unregister(self.actor_ref)
+            self.actor_stopped.set()
+            await self.on_stop()
+            return None
+        if isinstance(message, (messages.ProxyCall, messages.ProxyGetAttr, messages.ProxySetAttr)):
+            result = self._handle_receive(message)
+            return await result if inspect.isawaitable(result) else result
+        return await self.on_receive(message)
+
+    async def _safe_on_failure(self, exc: BaseException) -> None:
+        try:
+            await self.on_failure(exc)
+        except Exception:
+            log.exception("on_failure of %s raised", self.actor_ref)
+
+
+async def ask_async(ref: pykka.ActorRef[Any], message: Any, timeout_s: float) -> Any:
+    """Ask any actor from code running on the event loop without blocking the loop."""
+    future = ref.ask(message, block=False)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, lambda: future.get(timeout=timeout_s))
