@@ -22,7 +22,7 @@ When a child stops:
   ``max_seconds`` makes the supervisor give up: it stops all its children in
   reverse order and crashes itself with :class:`SupervisorGaveUp`. Its parent
   sees that as a crash of a child; a root supervisor calls its escalation
-  hooks (see :mod:`runtime.process`, which ends the process with exit code 70
+  hooks (see :mod:`runtime.root`, which ends the process with exit code 70
   so supervisord restarts it).
 
 Every restart, start failure, give-up and escalation is a log line, a metric

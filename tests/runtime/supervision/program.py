@@ -18,7 +18,7 @@ from typing import Any
 
 from runtime.actor import SupervisedActor
 from runtime.logs import setup_logging
-from runtime.process import exit_process_on_escalate, run_root
+from runtime.root import exit_process_on_escalate, run_root
 from runtime.supervision import ChildSpec, Supervisor
 
 
