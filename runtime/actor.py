@@ -44,6 +44,7 @@ from pykka._threading import ThreadingFuture
 from runtime.errors import ActorCrashed, ShopflowError
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class MailboxConfig:
     max_size: int = DEFAULT_ACTOR_MAILBOX_SIZE
     overflow: Overflow = Overflow.BLOCK
     put_timeout_s: float = DEFAULT_MAILBOX_PUT_TIMEOUT_S
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MailboxConfig:
+        """The process-wide mailbox settings (SHOPFLOW_MAILBOX_*)."""
+        return cls(settings.mailbox_size, Overflow(settings.mailbox_overflow),
+                   settings.mailbox_put_timeout_s)
 
     def build(self) -> Mailbox:
         """A new empty mailbox with this configuration."""

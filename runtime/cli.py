@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -74,6 +75,20 @@ def _cmd_stop_services(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_tree(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.tree import render_tree, tree_snapshot
+
+    snapshot = tree_snapshot(settings)
+    print(json.dumps(snapshot, indent=2) if args.json else render_tree(snapshot))
+    return 0
+
+
+def _cmd_supervisor_events(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.supervisor_events import cmd_supervisor_events
+
+    return cmd_supervisor_events(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: core commands plus every registered plugin's."""
     parser = argparse.ArgumentParser(
@@ -87,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "start the embedded Redis/PostgreSQL if no URL is set; print the URLs")
     add_command(sub, "stop-services", _cmd_stop_services,
                 "stop the embedded Redis and PostgreSQL started from this var dir")
+    tree = add_command(sub, "tree", _cmd_tree,
+                       "show supervisord's processes and, inside each, its supervisors and actors")
+    tree.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    add_command(sub, "supervisor-events", _cmd_supervisor_events,
+                "supervisord event listener: alert on FATAL programs (run by supervisord)")
     for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         register = entry.load()
         register(sub)

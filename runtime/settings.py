@@ -40,6 +40,20 @@ DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS = 30_000
 DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
+# --- supervision ---
+# More than this many restarts within the window makes a supervisor give up (OTP MaxR/MaxT).
+DEFAULT_SUPERVISOR_MAX_RESTARTS = 3
+DEFAULT_SUPERVISOR_MAX_SECONDS = 5.0
+# Restart back-off: base * 2**(n-1), capped; reset after a child ran quietly this long.
+DEFAULT_RESTART_BACKOFF_BASE_S = 0.1
+DEFAULT_RESTART_BACKOFF_MAX_S = 30.0
+DEFAULT_RESTART_BACKOFF_RESET_S = 60.0
+# A full mailbox makes senders wait this long ("block") or refuses at once ("fail").
+DEFAULT_MAILBOX_OVERFLOW = "block"
+DEFAULT_MAILBOX_PUT_TIMEOUT_S = 2.0
+# Each process republishes its supervision tree to Redis this often; entries expire after the TTL.
+DEFAULT_TREE_PUBLISH_INTERVAL_S = 5.0
+DEFAULT_TREE_TTL_S = 15
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -65,6 +79,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
 
 
@@ -115,6 +136,16 @@ class Settings:
     alert_webhook_url: str | None = None
     log_level: str = "INFO"
     namespace: str = "shopflow"
+    # --- supervision ---
+    supervisor_max_restarts: int = DEFAULT_SUPERVISOR_MAX_RESTARTS
+    supervisor_max_seconds: float = DEFAULT_SUPERVISOR_MAX_SECONDS
+    restart_backoff_base_s: float = DEFAULT_RESTART_BACKOFF_BASE_S
+    restart_backoff_max_s: float = DEFAULT_RESTART_BACKOFF_MAX_S
+    restart_backoff_reset_s: float = DEFAULT_RESTART_BACKOFF_RESET_S
+    mailbox_overflow: str = DEFAULT_MAILBOX_OVERFLOW
+    mailbox_put_timeout_s: float = DEFAULT_MAILBOX_PUT_TIMEOUT_S
+    tree_publish_interval_s: float = DEFAULT_TREE_PUBLISH_INTERVAL_S
+    tree_ttl_s: int = DEFAULT_TREE_TTL_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -152,6 +183,24 @@ class Settings:
             alert_webhook_url=_opt(e, "ALERT_WEBHOOK_URL"),
             log_level=(e.get("SHOPFLOW_LOG_LEVEL") or "INFO").upper(),
             namespace=e.get("SHOPFLOW_NAMESPACE") or "shopflow",
+            # --- supervision ---
+            supervisor_max_restarts=_int(
+                e, "SHOPFLOW_SUPERVISOR_MAX_RESTARTS", DEFAULT_SUPERVISOR_MAX_RESTARTS, 0),
+            supervisor_max_seconds=_float(
+                e, "SHOPFLOW_SUPERVISOR_MAX_SECONDS", DEFAULT_SUPERVISOR_MAX_SECONDS),
+            restart_backoff_base_s=_float(
+                e, "SHOPFLOW_RESTART_BACKOFF_BASE_S", DEFAULT_RESTART_BACKOFF_BASE_S),
+            restart_backoff_max_s=_float(
+                e, "SHOPFLOW_RESTART_BACKOFF_MAX_S", DEFAULT_RESTART_BACKOFF_MAX_S),
+            restart_backoff_reset_s=_float(
+                e, "SHOPFLOW_RESTART_BACKOFF_RESET_S", DEFAULT_RESTART_BACKOFF_RESET_S),
+            mailbox_overflow=_choice(
+                e, "SHOPFLOW_MAILBOX_OVERFLOW", DEFAULT_MAILBOX_OVERFLOW, ("block", "fail")),
+            mailbox_put_timeout_s=_float(
+                e, "SHOPFLOW_MAILBOX_PUT_TIMEOUT_S", DEFAULT_MAILBOX_PUT_TIMEOUT_S),
+            tree_publish_interval_s=_float(
+                e, "SHOPFLOW_TREE_PUBLISH_INTERVAL_S", DEFAULT_TREE_PUBLISH_INTERVAL_S),
+            tree_ttl_s=_int(e, "SHOPFLOW_TREE_TTL_S", DEFAULT_TREE_TTL_S, 1),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -176,6 +225,16 @@ class Settings:
             "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
             "SHOPFLOW_LOG_LEVEL": self.log_level,
             "SHOPFLOW_NAMESPACE": self.namespace,
+            # --- supervision ---
+            "SHOPFLOW_SUPERVISOR_MAX_RESTARTS": str(self.supervisor_max_restarts),
+            "SHOPFLOW_SUPERVISOR_MAX_SECONDS": str(self.supervisor_max_seconds),
+            "SHOPFLOW_RESTART_BACKOFF_BASE_S": str(self.restart_backoff_base_s),
+            "SHOPFLOW_RESTART_BACKOFF_MAX_S": str(self.restart_backoff_max_s),
+            "SHOPFLOW_RESTART_BACKOFF_RESET_S": str(self.restart_backoff_reset_s),
+            "SHOPFLOW_MAILBOX_OVERFLOW": self.mailbox_overflow,
+            "SHOPFLOW_MAILBOX_PUT_TIMEOUT_S": str(self.mailbox_put_timeout_s),
+            "SHOPFLOW_TREE_PUBLISH_INTERVAL_S": str(self.tree_publish_interval_s),
+            "SHOPFLOW_TREE_TTL_S": str(self.tree_ttl_s),
         }
         optional = {
             "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,

@@ -59,6 +59,7 @@ from runtime.errors import (
     SupervisorStartError,
 )
 from runtime.mailbox import Exit, Mailbox
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,17 @@ class SupervisionEvent:
 
 EventHook = Callable[[SupervisionEvent], None]
 EscalationHook = Callable[[BaseException], None]
+
+
+def supervisor_options(settings: Settings) -> dict[str, Any]:
+    """Intensity and back-off keyword arguments for :class:`Supervisor` from settings."""
+    return {
+        "max_restarts": settings.supervisor_max_restarts,
+        "max_seconds": settings.supervisor_max_seconds,
+        "backoff_base_s": settings.restart_backoff_base_s,
+        "backoff_max_s": settings.restart_backoff_max_s,
+        "backoff_reset_s": settings.restart_backoff_reset_s,
+    }
 
 
 def restart_delay_s(consecutive: int, base_s: float, max_s: float) -> float:
