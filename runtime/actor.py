@@ -137,7 +137,7 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
     def _actor_loop_setup(self) -> None:
         try:
             self.on_start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure  # noqa: BLE001 - a failed start is reported to the supervisor
             self._record_crash("start_failed", exc, None)
 
     def _actor_loop_running(self) -> None:
@@ -145,7 +145,7 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
             envelope = self.actor_inbox.get()
             try:
                 response = self._handle_receive(envelope.message)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the crash rule decides  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
                     envelope.reply_to.set_exception()
@@ -219,7 +219,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
     async def _run(self) -> None:
         try:
             await self.on_start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure  # noqa: BLE001 - a failed start is reported to the supervisor
             self._record_crash("start_failed", exc, None)
         try:
             while not self.actor_stopped.is_set():
@@ -234,7 +234,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
         asked = envelope.reply_to is not None
         try:
             response = await self._dispatch(envelope.message)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the crash rule decides  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
                 envelope.reply_to.set_exception()
                 return
@@ -248,7 +248,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
                 envelope.reply_to.set(response)
 
     async def _dispatch(self, message: Any) -> Any:
-        if isinstance(message, messages._ActorStop):  # noqa: SLF001
+        if isinstance(message, messages._ActorStop):
             ActorRegistry.unregister(self.actor_ref)
             self.actor_stopped.set()
             await self.on_stop()

@@ -70,7 +70,7 @@ CloseListener = Callable[[Exit], None]
 
 def _is_control(message: Any) -> bool:
     """Messages that must never be refused: stop requests and start probes."""
-    return isinstance(message, (messages._ActorStop, messages.ProxyGetAttr))  # noqa: SLF001
+    return isinstance(message, (messages._ActorStop, messages.ProxyGetAttr))
 
 
 class Mailbox:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -36,8 +37,8 @@ def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
-        except Exception:  # a broken stderr must not keep the process alive
-            continue
+        except (OSError, ValueError) as exc:  # a broken stderr must not keep the process alive
+            print(f"could not flush logs: {exc}", file=sys.__stderr__)
 
 
 def exit_process_on_escalate(

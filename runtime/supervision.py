@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pykka
@@ -166,7 +166,7 @@ class SupervisionEvent:
     reason: str
     restarts: int = 0
     delay_s: float = 0.0
-    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -775,6 +775,7 @@ class Supervisor:
         if nested is not None:
             return ChildSnapshot(child_id, alive, restarts, state, "supervisor", None, None,
                                  last_exit, tuple(nested.snapshot()))
-        if ref is not None and depth is None and hasattr(inbox, "qsize"):
-            depth = inbox.qsize()
+        qsize = getattr(inbox, "qsize", None)  # a plain pykka actor's queue.Queue
+        if depth is None and qsize is not None:
+            depth = int(qsize())
         return ChildSnapshot(child_id, alive, restarts, state, "actor", depth, size, last_exit)

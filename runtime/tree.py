@@ -25,7 +25,7 @@ import threading
 import uuid
 import xmlrpc.client
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def event_fields(event_type: str, payload: dict[str, Any]) -> dict[str, str]:
         "type": event_type,
         "payload": json.dumps(payload, default=str),
         "correlation_id": "",
-        "at": datetime.now(timezone.utc).isoformat(),
+        "at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -112,13 +112,13 @@ class TreeReporter:
 
     def publish_once(self) -> None:
         """Write the snapshot now (also called by tests instead of waiting)."""
-        mapping = {
+        mapping: dict[str | bytes, str] = {
             "process": self._process, "pid": str(os.getpid()), "host": socket.gethostname(),
-            "at": datetime.now(timezone.utc).isoformat(),
+            "at": datetime.now(UTC).isoformat(),
             "supervisors": json.dumps([root.describe() for root in self._roots], default=str),
         }
         pipe = self._client.pipeline()
-        pipe.hset(self._key, mapping=mapping)
+        pipe.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
         pipe.expire(self._key, self._ttl_s)
         pipe.execute()
 
@@ -184,13 +184,17 @@ def published_processes(client: redis.Redis, namespace: str) -> list[dict[str, A
         raw = client.hgetall(key)
         if not raw:
             continue
-        entry = {k.decode(): v.decode() for k, v in raw.items()}
+        entry = {_text(k): _text(v) for k, v in raw.items()}
         out.append({
             "process": entry.get("process"), "pid": int(entry.get("pid", "0")),
             "host": entry.get("host"), "at": entry.get("at"),
             "supervisors": json.loads(entry.get("supervisors") or "[]"),
         })
     return sorted(out, key=lambda e: (str(e["process"]), e["pid"]))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def tree_snapshot(settings: Settings) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def tree_snapshot(settings: Settings) -> dict[str, Any]:
         match = by_pid.pop((host, proc["pid"]), None)
         proc["supervisors"] = match["supervisors"] if match else []
     return {
-        "at": datetime.now(timezone.utc).isoformat(),
+        "at": datetime.now(UTC).isoformat(),
         "supervisord": {k: v for k, v in sd.items() if k != "processes"},
         "processes": sd["processes"],
         # Processes that publish but are not supervisord's (other hosts, dev runs).

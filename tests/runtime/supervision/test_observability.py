@@ -1,0 +1,107 @@
+"""Every restart/give-up/escalation is a metric and a Redis event; the tree view merges."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Supervisor, build_supervision_metrics
+from runtime.supervisor_events import serve
+from runtime.tree import TreeReporter, redis_event_publisher, render_tree, tree_snapshot
+
+from .helpers import Events, Journal, Worker
+
+
+def entries(client: redis.Redis, key: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in client.xrange(key)]
+
+
+def test_restarts_and_give_ups_are_metrics_and_redis_events(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    registry = CollectorRegistry()
+    metrics = build_supervision_metrics(registry)
+    publish = redis_event_publisher(client, settings.namespace, "test-process")
+    events, journal = Events(), Journal()
+
+    def both(event: Any) -> None:
+        publish(event)
+        events(event)
+
+    sup = Supervisor("root", [ChildSpec("a", lambda: Worker.start("a", journal))],
+                     max_restarts=1, backoff_base_s=0.0, on_event=both, metrics=metrics).start()
+    metrics.track(sup)
+    assert registry.get_sample_value("shopflow_actor_up", {"supervisor": "root", "child": "a"}) == 1
+    assert registry.get_sample_value(
+        "shopflow_actor_mailbox_depth", {"supervisor": "root", "child": "a"}) == 0
+    sup.tell("a", "crash")
+    events.wait("restart")
+    assert sup.wait_running("a", 5)
+    sup.tell("a", "crash")
+    events.wait("escalation")
+    sup.stop()
+
+    labels = {"supervisor": "root", "child": "a", "reason": "crash"}
+    assert registry.get_sample_value("shopflow_actor_restarts_total", labels) == 1
+    assert registry.get_sample_value("shopflow_supervisor_give_ups_total",
+                                     {"supervisor": "root"}) == 1
+    assert registry.get_sample_value("shopflow_supervisor_escalations_total",
+                                     {"supervisor": "root"}) == 1
+    stream = entries(client, f"{settings.namespace}:events:supervision")
+    assert [e["type"] for e in stream] == [
+        "supervision.restart", "supervision.give_up", "supervision.escalation"]
+    payload = json.loads(stream[0]["payload"])
+    assert (payload["child"], payload["process"], payload["pid"]) == ("a", "test-process",
+                                                                      os.getpid())
+    alerts = entries(client, f"{settings.namespace}:events:alerts")
+    assert [e["type"] for e in alerts] == ["supervision.give_up", "supervision.escalation"]
+
+
+def test_processes_publish_their_tree_and_the_view_merges_it(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    journal = Journal()
+    sup = Supervisor("inventory-worker-root",
+                     [ChildSpec("reserver", lambda: Worker.start("r", journal))]).start()
+    reporter = TreeReporter(client, settings.namespace, "inventory-worker", [sup], 5.0, 15)
+    try:
+        reporter.publish_once()
+        key = f"{settings.namespace}:tree:process:inventory-worker:{os.getpid()}"
+        assert 0 < client.ttl(key) <= 15
+        snapshot = tree_snapshot(settings)
+    finally:
+        reporter.stop()
+        sup.stop()
+    assert snapshot["supervisord"]["reachable"] is False  # none runs in this test
+    (proc,) = snapshot["other_processes"]
+    assert proc["process"] == "inventory-worker"
+    (root,) = proc["supervisors"]
+    assert root["children"][0] | {"mailbox_depth": 0} == {
+        "id": "reserver", "alive": True, "restarts": 0, "state": "running", "kind": "actor",
+        "mailbox_depth": 0, "mailbox_size": 100, "last_exit": None, "children": []}
+    text = render_tree(snapshot)
+    assert "inventory-worker-root [one_for_one, running]" in text
+    assert "reserver running restarts 0 mailbox 0/100" in text
+    assert client.exists(key) == 0  # a stopped process removes its entry
+
+
+def test_supervisor_events_listener_speaks_the_protocol_and_raises_alerts() -> None:
+    payload = "processname:stock-sync groupname:stock-sync from_state:BACKOFF"
+    exited = "processname:api-1 groupname:api from_state:RUNNING expected:0 pid:42"
+    events = [("PROCESS_STATE_FATAL", payload), ("PROCESS_STATE_EXITED", exited),
+              ("PROCESS_STATE_EXITED", exited.replace("expected:0", "expected:1"))]
+    stdin = io.StringIO("".join(
+        f"ver:3.0 server:supervisor serial:{i} pool:supervisor-events poolserial:{i} "
+        f"eventname:{name} len:{len(body)}\n{body}" for i, (name, body) in enumerate(events)))
+    stdout = io.StringIO()
+    published: list[tuple[str, dict[str, str]]] = []
+    serve(stdin, stdout, lambda channel, fields: published.append((channel, fields)))
+    assert stdout.getvalue() == "READY\n" + "RESULT 2\nOKREADY\n" * 3
+    assert [(c, f["type"]) for c, f in published] == [
+        ("alerts", "process.fatal"), ("supervision", "process.exited")]
+    assert json.loads(published[0][1]["payload"])["processname"] == "stock-sync"
