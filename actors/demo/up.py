@@ -93,7 +93,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                   "(Ctrl-C stops it)", file=sys.stderr)
             proc.wait()
     except KeyboardInterrupt:
-        pass
+        code = 130
     finally:
         stop_supervisord(proc)
         paths = embedded.EmbeddedPaths(settings.var_dir)
