@@ -137,15 +137,17 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
     def _actor_loop_setup(self) -> None:
         try:
             self.on_start()
-        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure  # noqa: BLE001 - a failed start is reported to the supervisor
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure
             self._record_crash("start_failed", exc, None)
+        else:
+            self.mailbox.mark_started()
 
     def _actor_loop_running(self) -> None:
         while not self.actor_stopped.is_set():
             envelope = self.actor_inbox.get()
             try:
                 response = self._handle_receive(envelope.message)
-            except Exception as exc:  # noqa: BLE001 - the crash rule decides  # noqa: BLE001 - the crash rule decides, nothing is dropped
+            except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
                     envelope.reply_to.set_exception()
@@ -219,8 +221,10 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
     async def _run(self) -> None:
         try:
             await self.on_start()
-        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure  # noqa: BLE001 - a failed start is reported to the supervisor
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure
             self._record_crash("start_failed", exc, None)
+        else:
+            self.mailbox.mark_started()
         try:
             while not self.actor_stopped.is_set():
                 envelope = await self.mailbox.get_async()
@@ -234,7 +238,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
         asked = envelope.reply_to is not None
         try:
             response = await self._dispatch(envelope.message)
-        except Exception as exc:  # noqa: BLE001 - the crash rule decides  # noqa: BLE001 - the crash rule decides, nothing is dropped
+        except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
                 envelope.reply_to.set_exception()
                 return

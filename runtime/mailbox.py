@@ -91,6 +91,7 @@ class Mailbox:
         self._cond = threading.Condition()
         self._closed: Exit | None = None
         self._announced = False
+        self._started = False
         self._listeners: list[CloseListener] = []
         self._async_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self.refused = 0  # senders turned away since start, for the tree view
@@ -153,6 +154,20 @@ class Mailbox:
     def exit(self) -> Exit | None:
         """Why the owning actor stopped, or None while it lives."""
         return self._closed
+
+    def mark_started(self) -> None:
+        """The actor's on_start finished (its thread/task); wakes :meth:`wait_started`."""
+        with self._cond:
+            self._started = True
+            self._cond.notify_all()
+
+    def wait_started(self, timeout_s: float) -> Exit | bool:
+        """True once on_start finished, the Exit if the actor stopped first, False on timeout."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._started or self._closed is not None, timeout_s)
+            if self._started:
+                return True
+            return self._closed if self._closed is not None else False
 
     def close(self, reason: Exit) -> None:
         """Refuse further puts from now on (the actor's thread, as it starts to stop)."""

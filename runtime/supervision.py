@@ -576,19 +576,26 @@ class Supervisor:
         self._watch(ref, spec.id, incarnation)
 
     def _confirm_started(self, ref: pykka.ActorRef[Any], spec: ChildSpec) -> None:
-        """An attribute read is answered only after on_start; a failed start answers dead."""
-        try:
-            ref.ask(messages.ProxyGetAttr(attr_path=("actor_urn",)),
-                    timeout=spec.start_timeout_s)
-        except pykka.ActorDeadError:
-            inbox = ref.actor_inbox
-            exit = inbox.exit if isinstance(inbox, Mailbox) else None
-            if exit is not None and exit.error is not None:
-                raise exit.error from None
-            raise ActorUnavailable("actor stopped during on_start") from None
-        except pykka.Timeout:
-            ref.stop(block=False)
-            raise AskTimeout(f"on_start did not finish within {spec.start_timeout_s}s") from None
+        """Wait until the child's on_start has finished; raise its error if it failed."""
+        inbox = ref.actor_inbox
+        if isinstance(inbox, Mailbox):
+            outcome = inbox.wait_started(spec.start_timeout_s)
+            if outcome is True:
+                return
+            if isinstance(outcome, Exit):
+                raise outcome.error or ActorUnavailable("actor stopped during on_start")
+        else:
+            # A plain pykka actor answers an attribute read only after on_start.
+            try:
+                ref.ask(messages.ProxyGetAttr(attr_path=("actor_urn",)),
+                        timeout=spec.start_timeout_s)
+                return
+            except pykka.ActorDeadError:
+                raise ActorUnavailable("actor stopped during on_start") from None
+            except pykka.Timeout:
+                pass
+        ref.stop(block=False)
+        raise AskTimeout(f"on_start did not finish within {spec.start_timeout_s}s")
 
     def _watch(self, ref: pykka.ActorRef[Any], child_id: str, incarnation: int) -> None:
         """Get a _ChildExited message when this incarnation stops."""

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pykka
 import pytest
 
 from runtime.errors import (
@@ -314,5 +315,40 @@ def test_back_off_resets_after_a_quiet_period(journal: Journal, events: Events) 
         now[0] += 31  # quiet period
         sup.tell("a", "crash")
         assert events.wait("restart").delay_s == 0.001
+    finally:
+        sup.stop()
+
+
+class Plain(pykka.ThreadingActor):
+    """A plain pykka actor (like the lead's ServiceActor): pykka's own semantics."""
+
+    use_daemon_thread = True
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def on_start(self) -> None:
+        self.journal.add(("start", "plain"))
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Exception):
+            raise message
+        return "plain pong"
+
+
+def test_plain_pykka_actors_are_supervised_too(journal: Journal, events: Events) -> None:
+    sup = Supervisor("root", [ChildSpec("p", lambda: Plain.start(journal))],
+                     backoff_base_s=0.0, on_event=events).start()
+    try:
+        with pytest.raises(KeyError):  # an ask's exception goes back; the actor lives on
+            sup.ask("p", KeyError("x"), timeout_s=2)
+        assert sup.ask("p", "ping", timeout_s=2) == "plain pong"
+        assert sup.snapshot()[0].mailbox_depth == 0
+        sup.tell("p", RuntimeError("crash in a tell"))  # pykka stops the actor
+        assert events.wait("restart").child == "p"
+        journal.wait_for(started("plain", 2))
+        running(sup, "p")
+        assert sup.ask("p", "ping", timeout_s=2) == "plain pong"
     finally:
         sup.stop()
