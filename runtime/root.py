@@ -1,4 +1,4 @@
-"""A process's root supervisor: graceful stop on SIGTERM, exit 70 on escalation.
+"""A process's root supervisor: graceful stop on SIGTERM, exit 70 on escalation, reporting.
 
 Two ways to own the root, depending on who owns the main thread:
 
@@ -24,8 +24,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import Any
 
-from runtime.supervision import Supervisor
+import redis
+
+from runtime.settings import Settings
+from runtime.supervision import SupervisionMetrics, Supervisor, build_supervision_metrics
+from runtime.tree import TreeReporter, redis_event_publisher
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +101,53 @@ def run_root(
         return EXIT_ESCALATED
     log.info("supervisor %s stopped cleanly", supervisor.name)
     return 0
+
+
+class ProcessSupervision:
+    """What a process hangs on its root supervisor so nothing is restarted silently.
+
+    - every supervision event goes to the Redis Streams (``events:supervision``,
+      and give-ups/escalations also ``events:alerts``),
+    - the metrics are registered on the process's registry (if one is given;
+      the observability wiring owns the registry),
+    - a :class:`~runtime.tree.TreeReporter` publishes the tree for ``shopflow tree``,
+    - optionally, escalation out of the root ends the process with exit code 70.
+
+    Call :func:`attach_process_supervision` *before* ``root.start()`` (nested
+    supervisors inherit the hooks when they start), :meth:`start` after it and
+    :meth:`stop` after ``root.stop()``.
+    """
+
+    def __init__(self, settings: Settings, process: str, root: Supervisor,
+                 metrics: SupervisionMetrics | None) -> None:
+        redis_url, _ = settings.require_urls()
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+        self.metrics = metrics
+        self.reporter = TreeReporter(self._client, settings.namespace, process, [root],
+                                     settings.tree_publish_interval_s, settings.tree_ttl_s)
+        root.on_event = redis_event_publisher(self._client, settings.namespace, process)
+        root.metrics = metrics
+        if metrics is not None:
+            metrics.track(root)
+
+    def start(self) -> ProcessSupervision:
+        """Start publishing the tree (after the root started)."""
+        self.reporter.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop publishing and remove this process from the tree view."""
+        self.reporter.stop()
+        self._client.close()
+
+
+def attach_process_supervision(
+    settings: Settings, process: str, root: Supervisor, registry: Any | None = None,
+    exit_on_escalate: bool = False,
+) -> ProcessSupervision:
+    """Wire ``root`` to Redis events, metrics on ``registry`` and the tree view."""
+    metrics = build_supervision_metrics(registry) if registry is not None else None
+    attached = ProcessSupervision(settings, process, root, metrics)
+    if exit_on_escalate:
+        root.add_escalation_hook(exit_process_on_escalate())
+    return attached

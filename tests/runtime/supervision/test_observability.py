@@ -105,3 +105,29 @@ def test_supervisor_events_listener_speaks_the_protocol_and_raises_alerts() -> N
     assert [(c, f["type"]) for c, f in published] == [
         ("alerts", "process.fatal"), ("supervision", "process.exited")]
     assert json.loads(published[0][1]["payload"])["processname"] == "stock-sync"
+
+
+def test_attach_process_supervision_wires_events_metrics_and_the_tree(
+        settings: Settings) -> None:
+    from runtime.root import attach_process_supervision
+    from tests.support import wait_until
+
+    client = redis.Redis.from_url(settings.redis_url or "")
+    journal, registry = Journal(), CollectorRegistry()
+    root = Supervisor("flow-worker-root", [ChildSpec("a", lambda: Worker.start("a", journal))],
+                      backoff_base_s=0.0)
+    attached = attach_process_supervision(settings, "flow-worker", root, registry)
+    root.start()
+    attached.start()
+    key = f"{settings.namespace}:tree:process:flow-worker:{os.getpid()}"
+    try:
+        wait_until(lambda: client.exists(key) == 1, 5, "the tree entry")
+        root.tell("a", "crash")
+        reply = client.xread({f"{settings.namespace}:events:supervision": "0"}, block=5000)
+        assert reply and reply[0][1][0][1][b"type"] == b"supervision.restart"
+        assert registry.get_sample_value("shopflow_actor_restarts_total", {
+            "supervisor": "flow-worker-root", "child": "a", "reason": "crash"}) == 1
+    finally:
+        root.stop()
+        attached.stop()
+    assert client.exists(key) == 0
