@@ -28,7 +28,7 @@ from actors.orders import service as orders
 from runtime import db
 from runtime.broker import setup_broker
 from runtime.settings import Settings
-from runtime.tree import SUPERVISORD_SOCKET, supervisord_proxy, tree_snapshot
+from runtime.tree import SUPERVISORD_SOCKET, render_tree, supervisord_proxy, tree_snapshot
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
@@ -191,6 +191,9 @@ def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
     names = {p["name"]: p for p in snapshot["processes"]}
     assert names["inventory-worker"]["state"] == "RUNNING"
     assert names["crasher"]["state"] == "FATAL"
+    text = render_tree(snapshot)
+    assert text.startswith("supervisord: RUNNING")
+    assert "inventory-worker" in text and "FATAL" in text
 
     # SIGTERM to the whole tree: every program stops, supervisord exits 0, no process left.
     pids = [p["pid"] for p in infos(settings).values() if p["pid"]]
