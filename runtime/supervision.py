@@ -414,6 +414,7 @@ class Supervisor:
     def start(self) -> Supervisor:
         """Start the supervisor actor, then every child in order; raise on a failed start."""
         self._actor = _SupervisorActor.start(self)
+        self._actor.actor_inbox.add_close_listener(self._on_own_exit)
         self.state = "starting"
         try:
             self._actor.ask(_StartAll())
@@ -692,13 +693,25 @@ class Supervisor:
         self._stop_all()
         self.state = "failed"
         self._emit("give_up", child_id, str(error))
+        raise error  # crashes the supervisor actor: _on_own_exit escalates
+
+    def _on_own_exit(self, exit: Exit) -> None:
+        """The supervisor actor stopped; after a give-up (or a bug in it) escalate.
+
+        Runs on the supervisor actor's thread as it ends. A parent supervisor
+        learns of the crash through its own watch; the hooks are for a root.
+        """
+        if not exit.abnormal:
+            return
+        self._stop_all()  # no-op after a give-up; after a bug, no child is left orphaned
+        self.state = "failed"
+        error = exit.error or SupervisorGaveUp(f"supervisor {self.name} crashed")
         self._emit("escalation", None, str(error))
         for hook in self._escalation_hooks:
             try:
                 hook(error)
             except Exception:
                 log.exception("escalation hook of supervisor %s raised", self.name)
-        raise error
 
     def _schedule(self, ids: tuple[str, ...], delay_s: float) -> None:
         me = self.actor_ref

@@ -352,3 +352,13 @@ def test_plain_pykka_actors_are_supervised_too(journal: Journal, events: Events)
         assert sup.ask("p", "ping", timeout_s=2) == "plain pong"
     finally:
         sup.stop()
+
+
+def test_a_bug_in_the_supervisor_itself_stops_its_children_and_escalates(
+        make_sup: Any, journal: Journal, events: Events) -> None:
+    escalated: list[BaseException] = []
+    sup = make_sup(on_escalate=escalated.append)
+    sup.actor_ref.tell("not a supervisor message")
+    assert "unknown message" in events.wait("escalation").reason
+    assert isinstance(escalated[0], TypeError)
+    assert journal.items[3:] == [("stop", "c"), ("stop", "b"), ("stop", "a")]
