@@ -414,7 +414,9 @@ class Supervisor:
     def start(self) -> Supervisor:
         """Start the supervisor actor, then every child in order; raise on a failed start."""
         self._actor = _SupervisorActor.start(self)
-        self._actor.actor_inbox.add_close_listener(self._on_own_exit)
+        inbox = self._actor.actor_inbox
+        assert isinstance(inbox, Mailbox)
+        inbox.add_close_listener(self._on_own_exit)
         self.state = "starting"
         try:
             self._actor.ask(_StartAll())
