@@ -13,6 +13,7 @@ import asyncio
 import configparser
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from actors.inventory.messages import RESERVE_STOCK
 from actors.orders import service as orders
 from runtime import db
 from runtime.broker import setup_broker
+from runtime.cli import build_parser
 from runtime.settings import Settings
 from runtime.tree import SUPERVISORD_SOCKET, render_tree, supervisord_proxy, tree_snapshot
 from tests.support import wait_until
@@ -65,6 +67,23 @@ def test_every_process_kind_is_a_bounded_restarting_program() -> None:
             assert int(section["stopwaitsecs"]) > WORKER_GRACEFUL_STOP_S, name
 
 
+def test_every_autostarted_program_runs_a_command_that_exists() -> None:
+    """A missing command would crash-loop (and under load never even reach FATAL)."""
+    parser = build_parser()
+    conf = repo_conf()
+    for section in conf.sections():
+        if not section.startswith(("program:", "eventlistener:")):
+            continue
+        if conf[section].get("autostart", "true") == "false":
+            continue
+        argv = shlex.split(conf[section]["command"])
+        assert argv[0] == "shopflow", section
+        try:
+            parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{section}: `{conf[section]['command']}` is not a shopflow command")
+
+
 def test_conf(tmp_path: Path) -> Path:
     """The repo's sections for the programs under test, plus an instantly-exiting one."""
     conf = repo_conf()
@@ -75,8 +94,8 @@ def test_conf(tmp_path: Path) -> Path:
             conf.remove_section(section)
     crasher = dict(conf["program:stock-sync"])
     conf.remove_section("program:stock-sync")
-    conf["program:crasher"] = {**crasher, "command": "sh -c 'exit 3'", "startsecs": "1",
-                               "startretries": "1"}
+    conf["program:crasher"] = {**crasher, "command": "sh -c 'exit 3'", "autostart": "true",
+                               "startsecs": "1", "startretries": "1"}
     path = tmp_path / "supervisord.conf"
     with path.open("w") as f:
         conf.write(f)
