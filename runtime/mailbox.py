@@ -109,7 +109,10 @@ class Mailbox:
             waiter = self._async_waiter
         if waiter is not None:
             loop, event = waiter
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop closed under an async actor: it is gone
+                raise pykka.ActorDeadError("the actor's event loop is closed") from None
 
     def get(self) -> Any:
         """Take the oldest envelope, waiting for one (the actor's thread)."""
