@@ -18,6 +18,9 @@ from runtime.errors import ConfigError
 # backoff starting at 2 s (Bull's `attempts: 3, backoff: {type: exponential, delay: 2000}`).
 DEFAULT_JOB_ATTEMPTS = 3
 DEFAULT_JOB_BACKOFF_MS = 2_000
+# Retries for a job that failed only because PostgreSQL or Redis was away:
+# with the backoff capped at 16x the base (32 s) this rides out ~10 minutes.
+DEFAULT_JOB_INFRA_RETRIES = 25
 # Process counts of the original PM2 ecosystem file.
 DEFAULT_API_PROCESSES = 4
 DEFAULT_EMAIL_WORKERS = 2
@@ -100,6 +103,7 @@ class Settings:
     embedded_pg_port: int = DEFAULT_EMBEDDED_PG_PORT
     job_attempts: int = DEFAULT_JOB_ATTEMPTS
     job_backoff_ms: int = DEFAULT_JOB_BACKOFF_MS
+    job_infra_retries: int = DEFAULT_JOB_INFRA_RETRIES
     api_processes: int = DEFAULT_API_PROCESSES
     email_workers: int = DEFAULT_EMAIL_WORKERS
     inventory_concurrency: int = DEFAULT_INVENTORY_CONCURRENCY
@@ -131,6 +135,7 @@ class Settings:
             embedded_pg_port=_int(e, "SHOPFLOW_EMBEDDED_PG_PORT", DEFAULT_EMBEDDED_PG_PORT, 1),
             job_attempts=_int(e, "SHOPFLOW_JOB_ATTEMPTS", DEFAULT_JOB_ATTEMPTS, 1),
             job_backoff_ms=_int(e, "SHOPFLOW_JOB_BACKOFF_MS", DEFAULT_JOB_BACKOFF_MS, 0),
+            job_infra_retries=_int(e, "SHOPFLOW_JOB_INFRA_RETRIES", DEFAULT_JOB_INFRA_RETRIES, 0),
             api_processes=_int(e, "SHOPFLOW_API_PROCESSES", DEFAULT_API_PROCESSES, 1),
             email_workers=_int(e, "SHOPFLOW_EMAIL_WORKERS", DEFAULT_EMAIL_WORKERS, 1),
             inventory_concurrency=_int(
@@ -165,6 +170,7 @@ class Settings:
             "SHOPFLOW_EMBEDDED_PG_PORT": str(self.embedded_pg_port),
             "SHOPFLOW_JOB_ATTEMPTS": str(self.job_attempts),
             "SHOPFLOW_JOB_BACKOFF_MS": str(self.job_backoff_ms),
+            "SHOPFLOW_JOB_INFRA_RETRIES": str(self.job_infra_retries),
             "SHOPFLOW_API_PROCESSES": str(self.api_processes),
             "SHOPFLOW_EMAIL_WORKERS": str(self.email_workers),
             "SHOPFLOW_INVENTORY_CONCURRENCY": str(self.inventory_concurrency),
