@@ -103,6 +103,11 @@ def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _pairs_text(pairs: tuple[tuple[str, float], ...]) -> str:
+    """The ``queue=number,...`` form :func:`_pairs` reads."""
+    return ",".join(f"{key}={value:g}" for key, value in pairs)
+
+
 def _opt(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     return raw or None
@@ -263,6 +268,23 @@ class Settings:
             "WAREHOUSE_URL": self.warehouse_url, "ALERT_WEBHOOK_URL": self.alert_webhook_url,
         }
         env.update({k: v for k, v in optional.items() if v})
+        # --- observability ---
+        env.update({
+            "SHOPFLOW_MONITOR_INTERVAL_S": str(self.monitor_interval_s),
+            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLD": str(self.monitor_backlog_threshold),
+            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLDS": _pairs_text(self.monitor_backlog_thresholds),
+            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S": str(self.monitor_oldest_age_threshold_s),
+            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S": _pairs_text(
+                self.monitor_oldest_age_thresholds_s),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD": str(self.monitor_failure_rate_threshold),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S": str(self.monitor_failure_rate_window_s),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS": str(self.monitor_failure_rate_min_jobs),
+            "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S": str(self.monitor_no_consumer_grace_s),
+            "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S": str(self.alert_webhook_timeout_s),
+            "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS": str(self.alert_webhook_attempts),
+        })
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> "Settings":
