@@ -118,7 +118,7 @@ class Alerter:
         its earlier page never reached the webhook).
         """
         now_s = self._clock()
-        record = {"name": alert.name, "severity": alert.severity.value, "summary": alert.summary,
+        record: dict[str, Any] = {"name": alert.name, "severity": alert.severity.value, "summary": alert.summary,
                   "labels": dict(alert.labels), "details": dict(alert.details),
                   "started_at": _iso(now_s), "paged": False}
         record["attempted_s"] = now_s
@@ -144,7 +144,8 @@ class Alerter:
     def _delivery_s(self) -> float:
         """The longest one delivery can take: every attempt timing out, plus the pauses."""
         attempts = self._settings.alert_webhook_attempts
-        return attempts * self._settings.alert_webhook_timeout_s + WEBHOOK_BACKOFF_S * 2 ** attempts
+        pauses_s = float(WEBHOOK_BACKOFF_S * 2.0 ** attempts)
+        return attempts * self._settings.alert_webhook_timeout_s + pauses_s
 
     async def resolve(self, alert: Alert) -> bool:
         """Report that ``alert``'s condition cleared; True if an open incident was closed.
@@ -237,7 +238,7 @@ class Alerter:
                             return True
                         log.warning("alert webhook answered %s", resp.status,
                                     extra={"attempt": attempt + 1})
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     log.warning("alert webhook unreachable: %s", exc,
                                 extra={"attempt": attempt + 1})
             log.error("alert webhook did not accept the notification",

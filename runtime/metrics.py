@@ -267,7 +267,7 @@ def get_metrics(settings: Settings) -> Metrics:
         path.mkdir(parents=True, exist_ok=True)
         # prometheus-client reads this variable when it opens a process's files.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-        values.ValueClass = values.MultiProcessValue()
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         metrics = _build(CollectorRegistry(auto_describe=False))
         _process_metrics[key] = metrics
         atexit.register(_forget_own_live_gauges, settings, os.getpid())
@@ -289,5 +289,5 @@ def render_metrics(settings: Settings) -> tuple[bytes, str]:
     path.mkdir(parents=True, exist_ok=True)
     sweep_dead_processes(settings)
     registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry, path=str(path))
+    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 REAPED_EVENTS = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED")
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow metrics`` and ``shopflow metrics-reaper``."""
     parser = add_command(subparsers, "metrics", _cmd_metrics,
                          "print what /metrics serves (all processes added up)")
@@ -59,7 +59,7 @@ def handle_event(settings: Settings, headers: dict[str, str], payload: str) -> i
         return None
     mark_process_dead(settings, int(pid_text))
     log.info("marked process dead for metrics",
-             extra={"pid": int(pid_text), "process": fields.get("processname")})
+             extra={"pid": int(pid_text), "program": fields.get("processname")})
     return int(pid_text)
 
 

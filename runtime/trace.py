@@ -171,7 +171,7 @@ def trail_as_json(order: dict[str, Any], entries: list[TrailEntry]) -> dict[str,
     }
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow trace ORDER_ID`` (entry point of the ``shopflow.commands`` group)."""
     parser = add_command(subparsers, "trace", _cmd_trace,
                          "print an order's whole story: status changes, events, e-mails, steps")

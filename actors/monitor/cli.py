@@ -17,7 +17,7 @@ from runtime.metrics import get_metrics
 from runtime.settings import Settings
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow monitor`` (entry point of the ``shopflow.commands`` group)."""
     parser = add_command(subparsers, "monitor", _cmd_monitor,
                          "check every queue's backlog, oldest job, failure rate and consumers")
@@ -52,8 +52,9 @@ async def _monitor(settings: Settings, once: bool) -> int:
 
 def format_report(report: CheckReport) -> str:
     """A table of every queue, then the alerts that fire."""
-    lines = [f"{'queue':<16}{'waiting':>8}{'active':>8}{'delayed':>8}{'failed':>8}"
-             f"{'oldest_s':>10}{'consumers':>10}{'fail%':>7}"]
+    header = (f"{'queue':<16}{'waiting':>8}{'active':>8}{'delayed':>8}{'failed':>8}"
+              f"{'oldest_s':>10}{'consumers':>10}{'fail%':>7}")
+    lines = [header]
     for s in report.stats:
         oldest = f"{s.oldest_waiting_age_s:.0f}" if s.oldest_waiting_age_s is not None else "-"
         ratio = f"{s.failure_ratio:.0%}" if s.failure_ratio is not None else "-"

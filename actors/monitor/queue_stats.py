@@ -23,13 +23,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from runtime.metrics import OUTCOME_FAILED
 from runtime.metrics_middleware import (
     OUTCOME_BUCKET_S,
     OUTCOME_RETRIED,
     consumers_key,
     outcomes_key,
 )
-from runtime.metrics import OUTCOME_FAILED
 from runtime.settings import Settings
 
 # Stalled message ids already counted are remembered this long.
@@ -93,8 +93,9 @@ class QueueReader:
         Also forgets registry entries of brokers that stopped heartbeating.
         """
         timeout_ms = self._settings.broker_heartbeat_timeout_ms
-        live = {_text(b) for b in await self._redis.zrangebyscore(
-            f"{self._ns}:__heartbeats__", now_ms - timeout_ms, "+inf")}
+        members: list[Any] = await self._redis.zrangebyscore(
+            f"{self._ns}:__heartbeats__", now_ms - timeout_ms, "+inf")
+        live = {_text(b) for b in members}
         registry = await self._redis.hgetall(consumers_key(self._settings.namespace))
         consumes: dict[str, frozenset[str]] = {}
         gone = []

@@ -32,7 +32,7 @@ class Thresholds:
     no_consumer_grace_s: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Thresholds":
+    def from_settings(cls, settings: Settings) -> Thresholds:
         """The thresholds the settings name (``SHOPFLOW_MONITOR_*``)."""
         return cls(
             backlog=settings.monitor_backlog_threshold,

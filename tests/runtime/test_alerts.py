@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -62,7 +63,7 @@ async def test_pages_once_per_incident_and_resolves_once(
                                "queue": "emails"}
     assert first["fingerprint"] == BACKLOG.fingerprint
     assert bodies[1]["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
-    events = await redis_client.xrange(alerts_stream(settings.namespace))
+    events: Any = await redis_client.xrange(alerts_stream(settings.namespace))
     assert [e[1][b"type"] for e in events] == [b"alert.firing", b"alert.resolved",
                                               b"alert.firing"]
 

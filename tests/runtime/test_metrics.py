@@ -35,7 +35,8 @@ def _outcomes(settings: Settings, queue: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for b in (bucket - 1, bucket):
         for k, v in client.hgetall(outcomes_key(settings.namespace, queue, b)).items():
-            counts[k.decode()] = counts.get(k.decode(), 0) + int(v)
+            name = k.decode() if isinstance(k, bytes) else k
+            counts[name] = counts.get(name, 0) + int(v)
     client.close()
     return counts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ from runtime.logs import JsonFormatter
 from runtime.settings import Settings
 from runtime.trace import load_trail, order_log_context, record_trail
 
-T0 = datetime(2026, 12, 3, 15, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 3, 15, 0, 0, tzinfo=UTC)
 
 
 async def _insert_story(settings: Settings) -> tuple[int, str]:
@@ -31,7 +31,10 @@ async def _insert_story(settings: Settings) -> tuple[int, str]:
         other_id, other_cid = await conn.fetchrow(
             "INSERT INTO orders (customer_id, total_cents) VALUES (2, 100) "
             "RETURNING id, correlation_id")
-        at = lambda s: T0 + timedelta(seconds=s)  # noqa: E731
+
+        def at(s: int) -> datetime:
+            return T0 + timedelta(seconds=s)
+
         await conn.executemany(
             "INSERT INTO order_status_history (order_id, from_status, to_status, reason, at) "
             "VALUES ($1, $2, $3, $4, $5)",
