@@ -32,6 +32,7 @@ from runtime.broker import (
     declare_actor,
     setup_broker,
 )
+from runtime.cli import main
 from runtime.errors import PermanentJobError
 from runtime.metrics import get_metrics
 from runtime.metrics_middleware import MetricsMiddleware
@@ -175,3 +176,22 @@ async def test_monitor_reads_real_queues_and_pages_once(
         worker.stop()
         broker.close()
         await client.aclose()
+
+
+def test_monitor_once_command(settings: Settings, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``shopflow monitor --once`` prints every queue; exit 1 when an alert fires."""
+    for key, val in replace(settings, monitor_backlog_thresholds=(("emails", 1.0),)).to_env(
+    ).items():
+        monkeypatch.setenv(key, val)
+    assert main(["monitor", "--once"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["queue", "waiting", "active", "delayed", "failed",
+                                           "oldest_s", "consumers", "fail%"]
+    assert len(out.splitlines()) == 1 + 8
+    producer = setup_broker(settings)
+    for n in range(2):
+        JobSpec(QUEUE_EMAILS, "send_email").send(producer, n)
+    producer.close()
+    assert main(["monitor", "--once"]) == 1
+    assert "FIRING warning: QueueBacklog: 2 jobs wait in emails (limit 1)" in capsys.readouterr().out
