@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from runtime.settings import Settings
@@ -280,6 +282,26 @@ def _forget_own_live_gauges(settings: Settings, pid: int) -> None:
         mark_process_dead(settings, pid)
 
 
+class _DirectoryCollector(MultiProcessCollector):
+    """prometheus-client's multiprocess collector, minus files still being created.
+
+    A process creates its file empty and then sizes it; a scrape in between
+    would fail on the empty file, so empty files are left for the next scrape.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(f) for f in Path(self._path).glob("*.db") if _size(f) > 0]
+        result: Iterable[Metric] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return result
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def render_metrics(settings: Settings) -> tuple[bytes, str]:
     """The ``/metrics`` body adding up every process's files, and its content type.
 
@@ -289,5 +311,5 @@ def render_metrics(settings: Settings) -> tuple[bytes, str]:
     path.mkdir(parents=True, exist_ok=True)
     sweep_dead_processes(settings)
     registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
+    _DirectoryCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -12,6 +12,9 @@ What it records, per queue and actor:
   a retry was scheduled; ``shopflow_job_dead_letters_total``: rejections.
 - ``shopflow_job_duration_seconds`` and ``shopflow_jobs_in_progress``.
 
+While a job runs, every log line of its thread carries ``job_id``, ``queue``,
+``actor`` and ``retries`` (``runtime.logs.log_context``).
+
 It also keeps two small records in Redis for the queue monitor, which may run
 on another host: per-minute outcome counts per queue (for the failure rate)
 and which queues each live worker consumes (Dramatiq's heartbeats say that a
@@ -31,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
+from runtime.logs import log_context
 from runtime.metrics import (
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
@@ -106,6 +111,7 @@ class MetricsMiddleware(Middleware):
         self._on_failed_for_good = on_failed_for_good
         self._attempts: dict[str, _Attempt] = {}
         self._lock = threading.Lock()
+        self._job_logs = threading.local()
         # Outcome buckets must outlive the monitor's window, plus one partial bucket.
         self._outcomes_ttl_s = settings.monitor_failure_rate_window_s + 2 * OUTCOME_BUCKET_S
 
@@ -148,12 +154,28 @@ class MetricsMiddleware(Middleware):
         with self._lock:
             self._attempts[self._key(message)] = _Attempt(queue, actor, time.perf_counter())
         self.metrics.jobs_in_progress.labels(queue, actor).inc()
+        self._enter_job_log(message, queue, actor)
+
+    def _enter_job_log(self, message: Any, queue: str, actor: str) -> None:
+        """Put the job's ids on every log line of this worker thread until the job ends."""
+        self._leave_job_log()
+        stack = ExitStack()
+        stack.enter_context(log_context(job_id=message.message_id, queue=queue, actor=actor,
+                                        retries=message.options.get("retries", 0)))
+        self._job_logs.stack = stack
+
+    def _leave_job_log(self) -> None:
+        stack: ExitStack | None = getattr(self._job_logs, "stack", None)
+        if stack is not None:
+            self._job_logs.stack = None
+            stack.close()
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
         """Observe the attempt's duration; remember whether it raised (worker thread)."""
+        self._leave_job_log()
         with self._lock:
             attempt = self._attempts.get(self._key(message))
         if attempt is None:
@@ -166,6 +188,7 @@ class MetricsMiddleware(Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         """Mark the job skipped (worker thread); a skip in an earlier middleware never started."""
+        self._leave_job_log()
         key = self._key(message)
         with self._lock:
             attempt = self._attempts.get(key)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from dataclasses import replace
 
+import dramatiq
 import pytest
 import redis
 
-from runtime.broker import setup_broker
+from runtime.broker import QUEUE_INVENTORY, JobSpec, declare_actor, setup_broker
+from runtime.logs import JsonFormatter
 from runtime.metrics import metrics_dir, prepare_metrics_dir, render_metrics
-from runtime.metrics_middleware import consumers_key, outcomes_key
+from runtime.metrics_middleware import MetricsMiddleware, consumers_key, outcomes_key
 from runtime.settings import Settings
 from tests.runtime.metrics_helpers import (
     kill_process,
@@ -159,3 +163,37 @@ def test_scrape_is_fast_after_10000_jobs_and_restarts(settings: Settings) -> Non
     assert total(s, "shopflow_job_duration_seconds_count") == 6 * 1667
     assert value(s, "shopflow_mailbox_depth", actor="emailer") is None
     assert elapsed_s < 1.0, f"scrape took {elapsed_s:.3f}s"
+
+
+def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
+    """The middleware puts job id, queue and actor on every log line the job writes."""
+    lines: list[dict[str, object]] = []
+    logged = threading.Event()
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    logger = logging.getLogger("tests.job")
+    logger.addHandler(handler := Capture())
+    broker = setup_broker(settings, [MetricsMiddleware(settings)])
+
+    def speaks(order_id: int) -> None:
+        logger.warning("reserving stock")
+        logged.set()
+
+    spec = JobSpec(QUEUE_INVENTORY, "obs_speaks")
+    declare_actor(broker, spec, speaks)
+    worker = dramatiq.Worker(broker, queues={QUEUE_INVENTORY}, worker_threads=1,
+                             worker_timeout=50)
+    worker.start()
+    try:
+        message = spec.send(broker, 42)
+        assert logged.wait(20)
+    finally:
+        worker.stop()
+        broker.close()
+        logger.removeHandler(handler)
+    assert {k: lines[0][k] for k in ("job_id", "queue", "actor", "retries", "msg")} == {
+        "job_id": message.message_id, "queue": "inventory", "actor": "obs_speaks", "retries": 0,
+        "msg": "reserving stock"}
