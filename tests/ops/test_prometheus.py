@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from runtime.metrics import prepare_metrics_dir, render_metrics
+from runtime.metrics import prepare_metrics_dir
+from runtime.observability import metrics_handler
 from runtime.settings import Settings
 from tests.runtime.metrics_helpers import kill_process, process_env, start_process
 from tests.support import free_port
@@ -42,13 +43,8 @@ def test_promtool_accepts_the_ops_files(args: list[str]) -> None:
 @pytest.fixture
 async def metrics_endpoint(settings: Settings) -> AsyncIterator[str]:
     """The runtime's /metrics on a loopback port (as the api serves it); yields host:port."""
-
-    async def metrics(request: web.Request) -> web.Response:
-        body, content_type = render_metrics(settings)
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_handler(settings))
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
