@@ -20,6 +20,7 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
+from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor
@@ -62,6 +63,7 @@ def build_root(name: str, concerns: Sequence[Concern]) -> Supervisor:
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
+    install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
     concerns = factory(ctx)
     queues = {q for c in concerns for q in c.queues}
     root = build_root(name, concerns).start()

@@ -40,6 +40,7 @@ def concern(ctx: ProcessContext) -> Concern:
             """Thin Dramatiq actor: the confirmation e-mail of a paid order."""
             ask("emailer", ("order_confirmation", int(order_id)))
 
-        declare_actor(broker, SEND_ORDER_CONFIRMATION, send_order_confirmation_job)
+        # critical: a confirmation that fails for good pages on-call (as the original did).
+        declare_actor(broker, SEND_ORDER_CONFIRMATION, send_order_confirmation_job, critical=True)
 
     return Concern("emailer", [ChildSpec("emailer", start)], declare, (QUEUE_EMAILS,))

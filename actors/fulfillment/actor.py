@@ -6,9 +6,11 @@ import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.fulfillment.adapters import LocalShippingGateway, ShippingGateway
-from actors.fulfillment.flow import advance
+from actors.fulfillment.flow import advance, order_age_s
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
+from actors.orders.state import READY_TO_SHIP
 from runtime.broker import QUEUE_FULFILLMENT, declare_actor
+from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec
@@ -23,9 +25,13 @@ def make_gateway(ctx: ProcessContext) -> ShippingGateway:
 def concern(ctx: ProcessContext) -> Concern:
     """The fulfilment flow actor."""
     gateway = make_gateway(ctx)
+    metrics = get_metrics(ctx.settings)
 
     async def handle(order_id: int) -> str:
-        return await advance(ctx.pool, gateway, order_id)
+        status = await advance(ctx.pool, gateway, order_id)
+        if status == READY_TO_SHIP:
+            metrics.order_latency.labels(status).observe(await order_age_s(ctx.pool, order_id))
+        return status
 
     def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("fulfillment", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
