@@ -13,8 +13,10 @@ from runtime.broker import QUEUE_FULFILLMENT, declare_actor
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
-from runtime.supervision import ChildSpec
-from runtime.worker import Asker, Concern
+from runtime.worker import ActorPool, Asker, Concern
+
+# Fulfilment actors in the flow worker (one per Dramatiq worker thread).
+FULFILLMENT_ACTORS = 4
 
 
 def make_gateway(ctx: ProcessContext) -> ShippingGateway:
@@ -36,11 +38,13 @@ def concern(ctx: ProcessContext) -> Concern:
     def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("fulfillment", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
+    pool = ActorPool("fulfillment", FULFILLMENT_ACTORS, start)
+
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def advance_fulfillment(order_id: int) -> None:
             """Thin Dramatiq actor: one step of the order's fulfilment."""
-            ask("fulfillment", int(order_id))
+            ask(pool.next_id(), int(order_id))
 
         declare_actor(broker, ADVANCE_FULFILLMENT, advance_fulfillment)
 
-    return Concern("fulfillment", [ChildSpec("fulfillment", start)], declare, (QUEUE_FULFILLMENT,))
+    return Concern("fulfillment", pool.children, declare, (QUEUE_FULFILLMENT,))
