@@ -124,6 +124,7 @@ class Replay:
         self.timeout_s = timeout_s
         self.progress_to = progress_to
         self.state = ReplayState(total=len(orders))
+        self._payments: set[asyncio.Task[None]] = set()
         self.products = generate_products()
 
     async def run(self) -> Summary:
@@ -139,7 +140,9 @@ class Replay:
                 await self._follow(http, last_id, bar, started)
             finally:
                 sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+                for task in self._payments:
+                    task.cancel()
+                await asyncio.gather(sender, *self._payments, return_exceptions=True)
                 bar.close()
         return await self._summary(time.monotonic() - started)
 
@@ -188,15 +191,22 @@ class Replay:
                 return
             self.state.order_ids[int(data["id"])] = order.line_no
             if data["status"] == state.RESERVED:
-                await self._pay(http, int(data["id"]))
+                self._pay_soon(http, int(data["id"]))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.state.http_errors[f"create {type(exc).__name__}"] += 1
         finally:
             sem.release()
 
-    async def _pay(self, http: aiohttp.ClientSession, order_id: int) -> None:
+    def _pay_soon(self, http: aiohttp.ClientSession, order_id: int) -> None:
+        """Confirm the payment in the background, so reading events never waits on HTTP."""
         if order_id in self.state.paid:
             return
+        self.state.paid.add(order_id)
+        task = asyncio.create_task(self._pay(http, order_id))
+        self._payments.add(task)
+        task.add_done_callback(self._payments.discard)
+
+    async def _pay(self, http: aiohttp.ClientSession, order_id: int) -> None:
         self.state.paid.add(order_id)
         try:
             status, _ = await self._post(http, f"/api/v1/orders/{order_id}/payment")
@@ -234,7 +244,7 @@ class Replay:
             return
         to = payload["to_status"]
         if to == state.RESERVED:
-            await self._pay(http, order_id)
+            self._pay_soon(http, order_id)
         elif to in DONE:
             self._mark_done(order_id, bar)
 
@@ -250,7 +260,7 @@ class Replay:
         rows = await self.pool.fetch("SELECT id, status FROM orders WHERE id = ANY($1)", open_ids)
         for row in rows:
             if row["status"] == state.RESERVED:
-                await self._pay(http, row["id"])
+                self._pay_soon(http, row["id"])
             elif row["status"] in DONE:
                 self._mark_done(row["id"], bar)
 
