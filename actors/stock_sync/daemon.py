@@ -110,8 +110,14 @@ async def open_resources(settings: Settings) -> Resources:
     simulator = None
     url = settings.warehouse_url
     if url is None:
-        simulator, url = await start_simulator(settings.warehouse_sim_port)
-        log.info("no WAREHOUSE_URL set: started the warehouse simulator at %s", url)
+        try:
+            simulator, url = await start_simulator(settings.warehouse_sim_port)
+            log.info("no WAREHOUSE_URL set: started the warehouse simulator at %s", url)
+        except ServiceError:
+            # Most likely `shopflow simulators` (supervisord program) holds the port already.
+            url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
+            log.info("no WAREHOUSE_URL set and port %d is taken: using the simulator there",
+                     settings.warehouse_sim_port)
     return Resources(pool, session, url, simulator)
 
 

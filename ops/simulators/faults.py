@@ -29,6 +29,9 @@ from aiohttp import web
 DEFAULT_HANG_S = 3600.0
 
 
+_INT_KNOBS = frozenset({"latency_ms", "error_status", "hang_next", "hang_after_next"})
+
+
 @dataclass(frozen=True)
 class Faults:
     """What goes wrong, and how often (rates are probabilities per request, 0..1)."""
@@ -39,6 +42,10 @@ class Faults:
     hang_rate: float = 0.0
     hang_s: float = DEFAULT_HANG_S
     malformed_rate: float = 0.0
+    # Deterministic one-offs for tests: the next N requests hang before the
+    # handler runs, or run the handler (the change happens) and then hang.
+    hang_next: int = 0
+    hang_after_next: int = 0
 
     def updated(self, changes: dict[str, Any]) -> "Faults":
         """A copy with ``changes`` applied; unknown or badly typed fields are a ValueError."""
@@ -49,7 +56,7 @@ class Faults:
                 raise ValueError(f"unknown fault knob {key!r}; known: {', '.join(known)}")
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"fault knob {key!r} must be a number")
-            clean[key] = int(value) if key in ("latency_ms", "error_status") else float(value)
+            clean[key] = int(value) if key in _INT_KNOBS else float(value)
         result = replace(self, **clean)
         for rate in (result.error_rate, result.hang_rate, result.malformed_rate):
             if not 0.0 <= rate <= 1.0:
@@ -65,6 +72,22 @@ class FaultState:
         self.rng = random.Random(seed)
         self.stats: Counter[str] = Counter()
         self.stopping = asyncio.Event()
+
+    def take_one(self, knob: str) -> bool:
+        """Consume one unit of a countdown knob (``hang_next``...); False when it is at 0."""
+        left = getattr(self.faults, knob)
+        if left <= 0:
+            return False
+        self.faults = replace(self.faults, **{knob: left - 1})
+        return True
+
+    async def hang(self) -> None:
+        """Wait until ``hang_s`` passes or the app shuts down."""
+        self.stats["hang"] += 1
+        try:
+            await asyncio.wait_for(self.stopping.wait(), self.faults.hang_s)
+        except asyncio.TimeoutError:
+            pass
 
     def roll(self, rate: float) -> bool:
         """True with probability ``rate`` (never draws for 0 or 1, so those are exact)."""
@@ -82,7 +105,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def fault_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Apply the knobs to every non-admin request, in order: latency, hang, error, malformed."""
+    """Apply the knobs to every non-admin request: latency, hang, error, malformed, hang after."""
     state = request.app[FAULTS_KEY]
     if request.path.startswith("/_admin"):
         return await handler(request)
@@ -91,12 +114,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     faults = state.faults
     if faults.latency_ms:
         await asyncio.sleep(faults.latency_ms / 1000)
-    if state.roll(faults.hang_rate):
-        state.stats["hang"] += 1
-        try:
-            await asyncio.wait_for(state.stopping.wait(), faults.hang_s)
-        except asyncio.TimeoutError:
-            pass
+    if state.take_one("hang_next") or state.roll(faults.hang_rate):
+        await state.hang()
         raise web.HTTPServiceUnavailable(text="hung, then gave up")
     if state.roll(faults.error_rate):
         state.stats[f"error {faults.error_status}"] += 1
@@ -106,6 +125,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         return request.app[MALFORMED_KEY](state)
     response = await handler(request)
     state.stats[f"ok {route}"] += 1
+    if state.take_one("hang_after_next"):
+        await state.hang()
     return response
 
 
