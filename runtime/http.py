@@ -57,7 +57,8 @@ class RetryPolicy:
         """The wait after failed attempt number ``attempt`` (1-based)."""
         delay = min(self.max_backoff_s, self.base_backoff_s * (2 ** (attempt - 1)))
         spread = delay * self.jitter
-        return delay - (rng or random).uniform(0, spread)
+        jittered: float = delay - (rng or random).uniform(0, spread)
+        return jittered
 
 
 def client_timeout(connect_s: float, read_s: float, total_s: float | None = None) -> aiohttp.ClientTimeout:
@@ -150,7 +151,7 @@ async def _one_attempt(service: str, attempt: Callable[[], Awaitable[T]],
     async def translated() -> T:
         try:
             return await attempt()
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise translate_transport_error(service, exc) from exc
 
     if breaker is None:

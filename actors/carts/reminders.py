@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -65,15 +65,16 @@ async def _emit(conn: asyncpg.Connection, event_type: str, payload: dict[str, An
 
 
 async def _lock_cart(conn: asyncpg.Connection, cart_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(
+    row: asyncpg.Record | None = await conn.fetchrow(
         """SELECT c.id, c.customer_id, c.status, c.updated_at,
                   EXISTS (SELECT 1 FROM cart_items i WHERE i.cart_id = c.id) AS has_items
              FROM carts c WHERE c.id = $1 FOR UPDATE""", cart_id)
+    return row
 
 
 def _ineligible_reason(cart: asyncpg.Record) -> str | None:
     if cart["status"] != "open":
-        return cart["status"]
+        return str(cart["status"])
     if cart["customer_id"] is None:
         return "anonymous"
     if not cart["has_items"]:
@@ -104,7 +105,7 @@ async def schedule_reminder(conn: asyncpg.Connection, cart_id: int, idle_s: int,
                RETURNING cart_id""", cart_id, cart["updated_at"], due_at)
         if row is None:
             return None  # already sent, or this version is already scheduled
-        delay_ms = max(0, int((due_at - datetime.now(timezone.utc)).total_seconds() * 1000))
+        delay_ms = max(0, int((due_at - datetime.now(UTC)).total_seconds() * 1000))
         version = cart["updated_at"].isoformat()
         await _emit(conn, "cart-reminder-scheduled",
                     {"cart_id": cart_id, "cart_updated_at": version, "due_at": due_at.isoformat()},
@@ -129,7 +130,7 @@ async def fire_reminder(conn: asyncpg.Connection, cart_id: int, cart_updated_at_
     a newer job exists), ``not_due``, ``unscheduled``, or ``cancelled:<why>``.
     """
     expected = datetime.fromisoformat(cart_updated_at_iso)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     async with conn.transaction():
         cart = await _lock_cart(conn, cart_id)
         reminder = await conn.fetchrow(

@@ -83,7 +83,7 @@ class SendGridConfig:
     templates: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SendGridConfig | None":
+    def from_settings(cls, settings: Settings) -> SendGridConfig | None:
         """The config, or None when no SENDGRID_API_KEY is set (the outbox transport is used)."""
         if not settings.sendgrid_api_key:
             return None

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -233,7 +233,8 @@ class StockSyncDaemon:
         """Ask the actor for one run; a failed ask is recorded, never raised."""
         started = self.clock()
         try:
-            report: SyncReport = self.actor().ask(SyncNow(), timeout=self.budget_s + ASK_MARGIN_S)
+            report = cast(SyncReport,
+                          self.actor().ask(SyncNow(), timeout=self.budget_s + ASK_MARGIN_S))
             record = RunRecord(tick, due_s or started, started, report)
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             record = RunRecord(tick, due_s or started, started, None, f"actor: {exc!r}")

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ops.simulators.faults import FaultState, Faults, install_faults
 from ops.simulators.common import TOKEN_KEY, check_auth, idempotency_key, json_object, order_id_of
+from ops.simulators.faults import Faults, FaultState, install_faults
 
 CARRIER_NAME = "SimExpress"
 

@@ -47,7 +47,7 @@ class Faults:
     hang_next: int = 0
     hang_after_next: int = 0
 
-    def updated(self, changes: dict[str, Any]) -> "Faults":
+    def updated(self, changes: dict[str, Any]) -> Faults:
         """A copy with ``changes`` applied; unknown or badly typed fields are a ValueError."""
         known = {f.name: f.type for f in fields(self)}
         clean: dict[str, Any] = {}
@@ -55,7 +55,7 @@ class Faults:
             if key not in known:
                 raise ValueError(f"unknown fault knob {key!r}; known: {', '.join(known)}")
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"fault knob {key!r} must be a number")
+                raise ValueError(f"fault knob {key!r} must be a number")  # noqa: TRY004 (a 422)
             clean[key] = int(value) if key in _INT_KNOBS else float(value)
         result = replace(self, **clean)
         for rate in (result.error_rate, result.hang_rate, result.malformed_rate):
@@ -86,7 +86,7 @@ class FaultState:
         self.stats["hang"] += 1
         try:
             await asyncio.wait_for(self.stopping.wait(), self.faults.hang_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def roll(self, rate: float) -> bool:
@@ -99,7 +99,8 @@ class FaultState:
 
 
 FAULTS_KEY = web.AppKey("faults", FaultState)
-MALFORMED_KEY = web.AppKey("malformed", Callable[[FaultState], web.Response])
+MalformedFactory = Callable[[FaultState], web.Response]
+MALFORMED_KEY: web.AppKey[MalformedFactory] = web.AppKey("malformed")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -122,7 +123,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response({"error": "injected fault"}, status=faults.error_status)
     if state.roll(faults.malformed_rate):
         state.stats["malformed"] += 1
-        return request.app[MALFORMED_KEY](state)
+        garbage: web.StreamResponse = request.app[MALFORMED_KEY](state)
+        return garbage
     response = await handler(request)
     state.stats[f"ok {route}"] += 1
     if state.take_one("hang_after_next"):
@@ -139,7 +141,7 @@ async def _set_faults(request: web.Request) -> web.Response:
     try:
         body = await request.json()
         if not isinstance(body, dict):
-            raise ValueError("body must be a JSON object")
+            raise ValueError("body must be a JSON object")  # noqa: TRY004 (answered as a 422)
         state.faults = state.faults.updated(body)
     except ValueError as exc:
         raise web.HTTPUnprocessableEntity(text=str(exc)) from None
@@ -175,9 +177,9 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
+    server: Any = site._server
     assert server is not None and server.sockets
-    bound_port = server.sockets[0].getsockname()[1]
+    bound_port = int(server.sockets[0].getsockname()[1])
     try:
         yield f"http://{host}:{bound_port}"
     finally:

@@ -13,13 +13,13 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from ops.simulators.common import TOKEN_KEY, check_auth, idempotency_key, json_object, order_id_of
-from ops.simulators.faults import FaultState, Faults, install_faults
+from ops.simulators.faults import Faults, FaultState, install_faults
 
 # The most ids one lookup may carry; the syncer's batch size must not exceed it.
 MAX_IDS_PER_LOOKUP = 200
@@ -87,7 +87,7 @@ async def lookup_stock(request: web.Request) -> web.Response:
             items.append({"id": external_id, "quantity": qty})
     return web.json_response({
         "items": items, "missing": missing,
-        "as_of": datetime.now(timezone.utc).isoformat(), "generation": state.generation,
+        "as_of": datetime.now(UTC).isoformat(), "generation": state.generation,
     })
 
 

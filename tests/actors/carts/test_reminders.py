@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -28,7 +28,7 @@ DAY_S = 24 * 3600
 
 
 async def _cart(pool: asyncpg.Pool, idle_for_s: float, customer: bool = True) -> tuple[int, datetime]:
-    updated = datetime.now(timezone.utc) - timedelta(seconds=idle_for_s)
+    updated = datetime.now(UTC) - timedelta(seconds=idle_for_s)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("INSERT INTO customers (id, name, email) VALUES (1, 'Ana', 'ana@example.com') "
                            "ON CONFLICT DO NOTHING")

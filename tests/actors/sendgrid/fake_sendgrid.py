@@ -99,8 +99,8 @@ def validate_mail(body: Any) -> list[tuple[str, str | None]]:
         if (not isinstance(content, list) or not content
                 or not all(isinstance(c, dict) and c.get("type") and isinstance(c.get("value"), str)
                            for c in content)):
-            problems.append(("Unless a valid template_id is provided, the content parameter is "
-                             "required.", "content"))
+            problems.append((("Unless a valid template_id is provided, the content parameter is "
+                              "required."), "content"))
     custom_args = body.get("custom_args", {})
     if not isinstance(custom_args, dict) or not all(isinstance(v, str) for v in custom_args.values()):
         problems.append(("custom_args values must be strings.", "custom_args"))

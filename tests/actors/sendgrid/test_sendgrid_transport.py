@@ -18,7 +18,12 @@ from runtime.errors import (
     TransientJobError,
 )
 from runtime.settings import Settings
-from tests.actors.sendgrid.fake_sendgrid import API_KEY, FakeSendGrid, create_fake_sendgrid, validate_mail
+from tests.actors.sendgrid.fake_sendgrid import (
+    API_KEY,
+    FakeSendGrid,
+    create_fake_sendgrid,
+    validate_mail,
+)
 
 TEMPLATE_ID = "d-0c1f2a7e5b8d4e1aa3f4c5d6e7f8a9b0"
 
@@ -97,7 +102,7 @@ async def test_permanent_errors_are_not_retried(pool: asyncpg.Pool, fake, status
 
 
 async def test_wrong_key_is_a_permanent_401(pool: asyncpg.Pool, fake) -> None:
-    url, state = fake
+    url, _ = fake
     with pytest.raises(PermanentJobError, match="401"):
         await SendGridTransport(_config(url, api_key="SG.wrong"), pool).send(_email())
 

@@ -14,7 +14,12 @@ from ops.simulators.carrier import CARRIER_KEY, create_carrier_app
 from ops.simulators.faults import FAULTS_KEY, Faults, serve
 from ops.simulators.warehouse import WAREHOUSE_KEY, create_warehouse_app
 from runtime.circuit import BreakerState, CircuitBreaker
-from runtime.errors import CircuitOpen, ExternalRequestRejected, MalformedResponse
+from runtime.errors import (
+    CircuitOpen,
+    ExternalRequestRejected,
+    ExternalServiceError,
+    MalformedResponse,
+)
 from runtime.http import RetryPolicy
 
 
@@ -57,7 +62,7 @@ async def test_timeout_after_the_label_was_bought_retries_into_the_same_label(si
     sims.carrier_faults(hang_after_next=1)
     label = await sims.gateway.create_label(7, label_key(7))
     assert sims.label_requests() == 2  # first answer never came; the retry got the same label
-    assert list(sims.carrier[CARRIER_KEY].labels.values())[0]["tracking_code"] == label.tracking_code
+    assert next(iter(sims.carrier[CARRIER_KEY].labels.values()))["tracking_code"] == label.tracking_code
     assert len(sims.carrier[CARRIER_KEY].labels) == 1
 
 
@@ -84,7 +89,7 @@ async def test_malformed_labels_are_never_returned(sims: Sims) -> None:
 
 async def test_breaker_opens_and_spares_the_carrier(sims: Sims) -> None:
     sims.carrier_faults(error_rate=1.0, error_status=503)
-    with pytest.raises(Exception):
+    with pytest.raises(ExternalServiceError):
         await sims.gateway.create_label(5, label_key(5))
     assert sims.gateway.carrier_breaker.state is BreakerState.OPEN
     with pytest.raises(CircuitOpen):

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from actors.stock_sync.sync import SyncDeps
 from actors.stock_sync.warehouse_client import HttpWarehouse
-from ops.simulators.faults import FAULTS_KEY, FaultState, Faults, serve
+from ops.simulators.faults import FAULTS_KEY, Faults, FaultState, serve
 from ops.simulators.warehouse import WAREHOUSE_KEY, WarehouseState, create_warehouse_app
 from runtime.circuit import CircuitBreaker
 from runtime.http import RetryPolicy
