@@ -97,4 +97,11 @@ class ExternalRequestRejected(PermanentJobError):
 
 
 class OutcomeUnknown(TransientJobError):
-    """A call may or may not have taken effect (timeout after sending); reconcile before repeating."""
+    """A call may or may not have taken effect (timeout after sending); reconcile before repeating.
+
+    ``retry_after_s`` says when a retry can next learn more (e.g. the end of a grace period).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

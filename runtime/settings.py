@@ -66,7 +66,7 @@ DEFAULT_STOCK_SYNC_METRICS_PORT = 9108
 DEFAULT_WAREHOUSE_SIM_PORT = 8090
 DEFAULT_CARRIER_SIM_PORT = 8091
 DEFAULT_SENDGRID_HOST = "https://api.sendgrid.com"
-DEFAULT_SENDGRID_FROM = "ShopFlow <loja@shopflow.example>"
+DEFAULT_SENDGRID_FROM = "ShopFlow <pedidos@shopflow.example>"
 # The SendGrid SDK call's socket timeout.
 DEFAULT_SENDGRID_TIMEOUT_S = 10.0
 # A send whose outcome is unknown is re-sent only if SendGrid's activity feed

@@ -18,7 +18,11 @@ every message with ``custom_args.idempotency_key``:
    key. Found -> ``accepted``, nothing is re-sent. Not found -> it waits
    (``OutcomeUnknown`` again) until ``reconcile_grace_s`` has passed since
    the last attempt, because the activity feed lags; only then is the e-mail
-   sent again.
+   sent again. ``OutcomeUnknown.retry_after_s`` says when that will be.
+4. If the e-mail's job runs out of retries first, the housekeeping sweep
+   :meth:`SendGridTransport.reconcile_stale` settles rows left ``sending``
+   past the grace period (``accepted`` or ``not_sent``), so the next send of
+   that key does the right thing.
 
 The honest limits: if SendGrid accepted a message but its activity feed still
 does not show it after the grace period, the customer gets it twice; the
@@ -47,7 +51,7 @@ from python_http_client.exceptions import HTTPError as SendGridHTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Content, CustomArg, From, Mail, TemplateId, To
 
-from actors.emailer.transport_contract import OutgoingEmail, SendResult
+from actors.emailer.transports import OutgoingEmail, SendResult
 from runtime.circuit import CircuitBreaker
 from runtime.errors import (
     ConfigError,
@@ -213,7 +217,8 @@ class SendGridTransport:
         if row["age_s"] < self._config.reconcile_grace_s:
             raise OutcomeUnknown(
                 f"e-mail {key!r}: last attempt {row['age_s']:.0f}s ago had no answer and the "
-                f"activity feed does not show it yet; checking again later")
+                f"activity feed does not show it yet; checking again later",
+                retry_after_s=self._config.reconcile_grace_s - row["age_s"])
         reclaimed = await self._pool.fetchval(
             """UPDATE email_provider_sends
                   SET attempts = attempts + 1, last_sent_at = now()
@@ -276,6 +281,40 @@ class SendGridTransport:
             raise OutcomeUnknown(f"activity lookup for {key!r} failed: {exc}") from None
         return _first_msg_id(response.body)
 
+    async def reconcile_stale(self, limit: int = 100) -> dict[str, int]:
+        """Settle ledger rows left ``sending`` for longer than the grace period.
+
+        For a periodic housekeeping job, so an unknown outcome is settled even
+        when the e-mail's own job ran out of retries: found in the activity
+        feed -> ``accepted``; not found -> ``not_sent`` (the next send of that
+        key goes out). Rows whose lookup fails stay as they are.
+        """
+        rows = await self._pool.fetch(
+            """SELECT idempotency_key, last_sent_at FROM email_provider_sends
+                WHERE provider = $1 AND state = 'sending'
+                  AND last_sent_at < now() - make_interval(secs => $2)
+                ORDER BY last_sent_at LIMIT $3""", PROVIDER, self._config.reconcile_grace_s, limit)
+        counts = {"accepted": 0, "not_sent": 0, "unresolved": 0}
+        for row in rows:
+            key = row["idempotency_key"]
+            try:
+                found = await self._find_in_activity(key)
+            except (OutcomeUnknown, PermanentJobError) as exc:
+                log.warning("cannot reconcile e-mail %s: %s", key, exc)
+                counts["unresolved"] += 1
+                continue
+            state = "accepted" if found is not None else "not_sent"
+            await self._pool.execute(
+                """UPDATE email_provider_sends
+                      SET state = $2, provider_id = COALESCE($3, provider_id), finished_at = now(),
+                          last_error = CASE WHEN $2 = 'not_sent'
+                                            THEN 'no trace at SendGrid after the grace period'
+                                            ELSE last_error END
+                    WHERE idempotency_key = $1 AND state = 'sending' AND last_sent_at = $4""",
+                key, state, found, row["last_sent_at"])
+            counts[state] += 1
+        return counts
+
     def _tell_breaker(self, outcome: _Outcome) -> None:
         if self._breaker is None:
             return
@@ -323,3 +362,16 @@ def _first_msg_id(body: Any) -> str | None:
         msg_id = messages[0].get("msg_id")
         return msg_id if isinstance(msg_id, str) and msg_id else None
     return None
+
+
+def make_sendgrid_transport(settings: Settings, pool: asyncpg.Pool) -> SendGridTransport | None:
+    """The SendGrid transport when SENDGRID_API_KEY is set, else None (use the outbox transport).
+
+    The emailer picks its transport with
+    ``make_sendgrid_transport(settings, pool) or OutboxTransport(settings.mail_dir)``.
+    """
+    config = SendGridConfig.from_settings(settings)
+    if config is None:
+        return None
+    breaker = CircuitBreaker(PROVIDER, settings.breaker_failures, settings.breaker_reset_s)
+    return SendGridTransport(config, pool, breaker)

@@ -8,8 +8,13 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
-from actors.emailer.sendgrid_transport import SendGridConfig, SendGridTransport, build_mail
-from actors.emailer.transport_contract import OutgoingEmail
+from actors.emailer.sendgrid_transport import (
+    SendGridConfig,
+    SendGridTransport,
+    build_mail,
+    make_sendgrid_transport,
+)
+from actors.emailer.transports import OutgoingEmail
 from ops.simulators.faults import serve
 from runtime.errors import (
     ExternalServiceError,
@@ -174,3 +179,32 @@ def test_config_from_settings_maps_template_ids() -> None:
     assert config is not None and config.templates == {"cart_reminder": "d-abc"}
     body = build_mail(_email(template="cart_reminder"), config)
     assert body["template_id"] == "d-abc"
+
+
+async def test_factory_uses_the_outbox_when_no_key_is_set(pool: asyncpg.Pool, fake) -> None:
+    url, state = fake
+    assert make_sendgrid_transport(Settings(), pool) is None
+    transport = make_sendgrid_transport(
+        Settings(sendgrid_api_key=API_KEY, sendgrid_host=url), pool)
+    assert transport is not None and transport.name == "sendgrid"
+    await transport.send(_email("k-factory", template=None))
+    assert state.requests[0]["body"]["from"] == {"name": "ShopFlow",
+                                                 "email": "pedidos@shopflow.example"}
+
+
+@pytest.mark.slow
+async def test_stale_unknown_outcomes_are_settled_by_the_sweep(pool: asyncpg.Pool, fake) -> None:
+    url, state = fake
+    transport = SendGridTransport(_config(url), pool)
+    state.script = ["accept_hang", "hang"]
+    for key in ("accepted-then-timeout", "never-arrived"):
+        with pytest.raises(OutcomeUnknown):
+            await transport.send(_email(key))
+    await pool.execute("UPDATE email_provider_sends SET last_sent_at = now() - interval '1 hour'")
+
+    assert await transport.reconcile_stale() == {"accepted": 1, "not_sent": 1, "unresolved": 0}
+
+    await transport.send(_email("accepted-then-timeout"))  # answered from the ledger
+    await transport.send(_email("never-arrived"))  # safe to send now
+    assert sorted(a.body["custom_args"]["idempotency_key"] for a in state.accepted) == [
+        "accepted-then-timeout", "never-arrived"]
