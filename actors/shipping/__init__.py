@@ -1,5 +1,6 @@
 """Adapters to the carrier (shipping labels) and the warehouse (packing requests).
 
-The fulfilment flow depends on the :class:`~actors.shipping.gateway.ShippingGateway`
-Protocol only; :class:`~actors.shipping.gateway.HttpShippingGateway` is the real one.
+The fulfilment flow depends on its ``ShippingGateway`` Protocol only
+(``actors/fulfillment/adapters.py``); :class:`~actors.shipping.gateway.HttpShippingGateway`
+is the HTTP implementation.
 """

@@ -8,46 +8,34 @@ instead of buying a second one. Each service sits behind its own circuit
 breaker and the shared retry helper (connect/read timeouts, capped
 exponential backoff, Retry-After honoured); a 4xx is permanent and never
 retried. Answers are validated; anything else is a :class:`MalformedResponse`.
+
+:class:`HttpShippingGateway` implements the fulfilment flow's
+``ShippingGateway`` Protocol (``actors/fulfillment/adapters.py``), whose
+``LocalShippingGateway`` stays the offline default; :func:`build_shipping_gateway`
+is the factory to use when CARRIER_URL / WAREHOUSE_URL are set.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from actors.fulfillment.adapters import Label, ShippingGateway
 from runtime.circuit import CircuitBreaker
 from runtime.errors import MalformedResponse, ValidationError
 from runtime.http import RetryPolicy, call_with_retries, client_timeout, raise_for_status
 from runtime.settings import Settings
 
+__all__ = ["HttpShippingGateway", "Label", "ShippingGateway", "build_shipping_gateway",
+           "label_key", "packing_key"]
+
 CARRIER = "carrier"
 PACKING = "warehouse-packing"
 LABELS_PATH = "/v1/labels"
 PACKING_PATH = "/v1/packing-requests"
-
-
-@dataclass(frozen=True)
-class Label:
-    """A shipping label bought from the carrier."""
-
-    carrier: str
-    tracking_code: str
-    label_url: str
-
-
-class ShippingGateway(Protocol):
-    """What the fulfilment flow needs from the outside world to ship an order."""
-
-    async def create_label(self, order_id: int, idempotency_key: str) -> Label:
-        """Buy (or fetch the already bought) label for ``order_id``."""
-        ...
-
-    async def request_packing(self, order_id: int, idempotency_key: str) -> str:
-        """Ask the warehouse to pack ``order_id``; returns the warehouse's packing reference."""
-        ...
 
 
 def label_key(order_id: int) -> str:
@@ -153,3 +141,8 @@ def build_shipping_gateway(settings: Settings, session: aiohttp.ClientSession) -
         carrier_breaker=CircuitBreaker(CARRIER, settings.breaker_failures, settings.breaker_reset_s),
         packing_breaker=CircuitBreaker(PACKING, settings.breaker_failures, settings.breaker_reset_s),
     )
+
+
+if TYPE_CHECKING:
+    # mypy proves the HTTP gateway is a drop-in for the flow's Protocol.
+    _IS_A_GATEWAY: type[ShippingGateway] = HttpShippingGateway

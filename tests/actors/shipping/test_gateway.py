@@ -95,3 +95,4 @@ async def test_breaker_opens_and_spares_the_carrier(sims: Sims) -> None:
     with pytest.raises(CircuitOpen):
         await sims.gateway.create_label(5, label_key(5))
     assert sims.label_requests() == 3
+
