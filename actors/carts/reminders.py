@@ -13,31 +13,33 @@ default) gets exactly one reminder e-mail, ever.
   still open and non-empty, and its version is still the one the job was
   scheduled for. A checkout cancels the reminder; a change supersedes the old
   job (the change scheduled a new one).
-- Sending means: the reminder row becomes ``sent`` and the e-mail job is
-  written to the outbox, in one transaction, with the idempotency key
-  ``cart-reminder:<cart_id>``; the emailer's ``email_log`` key makes a
-  redelivered e-mail job a no-op. So a redelivered or duplicated
-  ``REMINDER_DUE`` finds the row ``sent`` and does nothing.
+- Deciding to send means: the reminder row becomes ``sent`` and the
+  ``SEND_CART_REMINDER`` job is written to the outbox, in one transaction. A
+  redelivered or duplicated ``REMINDER_DUE`` finds the row ``sent`` and does
+  nothing. :func:`send_reminder_email` then delivers through the emailer's
+  ``deliver`` with the idempotency key ``cart-reminder:<cart_id>``, whose
+  ``email_log`` row makes a redelivered send job a no-op.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
 import asyncpg
 
-from actors.carts.messages import REMINDER_DUE, SEND_EMAIL
+from actors.carts.messages import REMINDER_DUE, SEND_CART_REMINDER
+from actors.emailer.emails import DeliveryOutcome, deliver
+from actors.emailer.transports import EmailTransport, OutgoingEmail
 from runtime.broker import JobSpec
+from runtime.errors import NotFound
+from runtime.outbox import emit
 
 log = logging.getLogger(__name__)
 
 JOBS_CHANNEL = "jobs"
-OUTBOX_NOTIFY_CHANNEL = "shopflow_outbox"
 TEMPLATE = "cart_reminder"
+KIND = "cart_reminder"
 
 
 def reminder_key(cart_id: int) -> str:
@@ -52,16 +54,6 @@ class Scheduled:
     cart_id: int
     cart_updated_at: datetime
     due_at: datetime
-
-
-async def _emit(conn: asyncpg.Connection, event_type: str, payload: dict[str, Any],
-                job: dict[str, Any]) -> None:
-    """One outbox row with a job, in the caller's transaction (runtime.outbox.emit's contract)."""
-    await conn.execute(
-        """INSERT INTO outbox (channel, event_type, payload, job)
-           VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb)""",
-        JOBS_CHANNEL, event_type, json.dumps(payload), json.dumps(job))
-    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
 
 
 async def _lock_cart(conn: asyncpg.Connection, cart_id: int) -> asyncpg.Record | None:
@@ -107,9 +99,9 @@ async def schedule_reminder(conn: asyncpg.Connection, cart_id: int, idle_s: int,
             return None  # already sent, or this version is already scheduled
         delay_ms = max(0, int((due_at - datetime.now(UTC)).total_seconds() * 1000))
         version = cart["updated_at"].isoformat()
-        await _emit(conn, "cart-reminder-scheduled",
-                    {"cart_id": cart_id, "cart_updated_at": version, "due_at": due_at.isoformat()},
-                    spec.as_job(cart_id, version, delay_ms=delay_ms))
+        await emit(conn, JOBS_CHANNEL, "cart-reminder-scheduled",
+                   {"cart_id": cart_id, "cart_updated_at": version, "due_at": due_at.isoformat()},
+                   job=spec.as_job(cart_id, version, delay_ms=delay_ms))
         return Scheduled(cart_id, cart["updated_at"], due_at)
 
 
@@ -123,7 +115,7 @@ async def cancel_reminder(conn: asyncpg.Connection, cart_id: int, reason: str) -
 
 async def fire_reminder(conn: asyncpg.Connection, cart_id: int, cart_updated_at_iso: str,
                         idle_s: int, now: datetime | None = None,
-                        email_spec: JobSpec = SEND_EMAIL) -> str:
+                        send_spec: JobSpec = SEND_CART_REMINDER) -> str:
     """The delayed job's work: send the reminder if everything still holds; return the outcome.
 
     Outcomes: ``sent``, ``already_sent``, ``superseded`` (the cart changed;
@@ -149,40 +141,47 @@ async def fire_reminder(conn: asyncpg.Connection, cart_id: int, cart_updated_at_
             return f"cancelled:{reminder['reason']}"
         if now < cart["updated_at"] + timedelta(seconds=idle_s):
             return "not_due"
-        email = await _reminder_email(conn, cart_id)
         await conn.execute(
             "UPDATE cart_reminders SET status = 'sent', decided_at = now() WHERE cart_id = $1",
             cart_id)
-        await _emit(conn, "cart-reminder-sent", {"cart_id": cart_id, "customer_id": cart["customer_id"]},
-                    email_spec.as_job(email))
+        await emit(conn, JOBS_CHANNEL, "cart-reminder-sent",
+                   {"cart_id": cart_id, "customer_id": cart["customer_id"]},
+                   job=send_spec.as_job(cart_id))
     log.info("cart %d: reminder e-mail queued", cart_id, extra={"cart_id": cart_id})
     return "sent"
 
 
-async def _reminder_email(conn: asyncpg.Connection, cart_id: int) -> dict[str, Any]:
-    """The reminder as an OutgoingEmail dict, with the items for the template."""
+async def send_reminder_email(pool: asyncpg.Pool, transport: EmailTransport,
+                              cart_id: int) -> DeliveryOutcome:
+    """Deliver the decided reminder once (the emailer's ``email_log`` key guards retries)."""
+    async with pool.acquire() as conn:
+        email = await reminder_email(conn, cart_id)
+    return await deliver(pool, transport, email, KIND)
+
+
+async def reminder_email(conn: asyncpg.Connection, cart_id: int) -> OutgoingEmail:
+    """The reminder e-mail, with the cart's items for the template."""
     customer = await conn.fetchrow(
         """SELECT cu.id, cu.name, cu.email FROM carts c JOIN customers cu ON cu.id = c.customer_id
             WHERE c.id = $1""", cart_id)
     items = await conn.fetch(
         """SELECT p.name, i.quantity, p.price_cents FROM cart_items i
              JOIN products p ON p.id = i.product_id WHERE i.cart_id = $1 ORDER BY p.name""", cart_id)
+    if customer is None:
+        raise NotFound(f"cart {cart_id} has no known customer")
     lines = [f"- {r['quantity']} x {r['name']}" for r in items]
-    return {
-        "idempotency_key": reminder_key(cart_id),
-        "to": customer["email"],
-        "subject": "Você esqueceu algo no carrinho",
-        "text": f"Olá, {customer['name']}! Seu carrinho ainda espera por você:\n" + "\n".join(lines),
-        "html": None,
-        "template": TEMPLATE,
-        "template_data": {
+    return OutgoingEmail(
+        idempotency_key=reminder_key(cart_id),
+        to=customer["email"],
+        subject="Você esqueceu algo no carrinho",
+        text=f"Olá, {customer['name']}! Seu carrinho ainda espera por você:\n" + "\n".join(lines),
+        template=TEMPLATE,
+        template_data={
             "customer_name": customer["name"], "cart_id": cart_id,
             "items": [{"name": r["name"], "quantity": r["quantity"],
                        "unit_price_cents": r["price_cents"]} for r in items],
         },
-        "kind": "cart_reminder",
-        "customer_id": customer["id"],
-    }
+    )
 
 
 async def sweep_idle_carts(conn: asyncpg.Connection, idle_s: int, limit: int = 500) -> int:

@@ -40,13 +40,12 @@ import asyncpg
 from actors.stock_sync.metrics import StockSyncMetrics
 from actors.stock_sync.warehouse_client import StockAnswer, StockSource
 from runtime.errors import CircuitOpen, ExternalServiceError, MalformedResponse
+from runtime.outbox import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
 STOCK_CHANNEL = "stock-updated"
 ALERTS_CHANNEL = "alerts"
-# The runtime outbox relay LISTENs here (runtime/outbox.py NOTIFY_CHANNEL).
-OUTBOX_NOTIFY_CHANNEL = "shopflow_outbox"
 CONFLICT_RULE = "quantity set to reserved_quantity; conflict open for staff"
 
 _APPLY_BATCH_SQL = """
@@ -173,11 +172,15 @@ async def linked_external_ids(pool: asyncpg.Pool) -> list[str]:
 
 async def emit_many(conn: asyncpg.Connection, channel: str, event_type: str,
                     payloads: list[dict[str, Any]]) -> None:
-    """Insert outbox events in the caller's transaction with one statement, then wake the relay."""
+    """Insert outbox events in the caller's transaction with one statement, then wake the relay.
+
+    The bulk form of :func:`runtime.outbox.emit` (same columns, same NOTIFY), so a
+    batch of 100 changes costs one INSERT instead of 100.
+    """
     if not payloads:
         return
     await conn.execute(_EMIT_MANY_SQL, channel, event_type, [json.dumps(p) for p in payloads])
-    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
 
 
 async def apply_batch(conn: asyncpg.Connection, answer: StockAnswer) -> BatchResult:

@@ -8,21 +8,25 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from dramatiq import Worker
 
-from actors.carts.jobs import declare_cart_actors
-from actors.carts.messages import REMINDER_DUE, SEND_EMAIL
+from actors.carts import actor as carts
+from actors.carts.messages import REMINDER_DUE, SEND_CART_REMINDER
 from actors.carts.reminders import (
     cancel_reminder,
     fire_reminder,
     reminder_key,
     schedule_reminder,
+    send_reminder_email,
     sweep_idle_carts,
 )
-from runtime import db
-from runtime.broker import enqueue_job, setup_broker
-from runtime.loop import LoopBridge
+from actors.emailer.transports import OutboxTransport
+from runtime.broker import QUEUE_MAINTENANCE
+from runtime.outbox import OutboxRelay
+from runtime.process import ProcessContext
 from runtime.settings import Settings
+from runtime.worker import build_root
 
 DAY_S = 24 * 3600
 
@@ -62,10 +66,8 @@ async def test_idle_cart_gets_exactly_one_reminder(pool: asyncpg.Pool) -> None:
 
     outcomes = await asyncio.gather(fire(), fire(), fire())  # redelivered / duplicated jobs
     assert sorted(outcomes) == ["already_sent", "already_sent", "sent"]
-    [email_job] = await _jobs(pool, SEND_EMAIL.actor)
-    email = email_job["args"][0]
-    assert email["idempotency_key"] == reminder_key(cart_id) and email["to"] == "ana@example.com"
-    assert email["template"] == "cart_reminder" and email["template_data"]["items"][0]["quantity"] == 2
+    [send_job] = await _jobs(pool, SEND_CART_REMINDER.actor)
+    assert send_job["args"] == [cart_id]
 
     async with pool.acquire() as conn:  # a later change never schedules a second one
         await conn.execute("UPDATE carts SET updated_at = now() WHERE id = $1", cart_id)
@@ -83,7 +85,7 @@ async def test_checkout_cancels_the_reminder(pool: asyncpg.Pool) -> None:
             assert await cancel_reminder(conn, cart_id, "checked_out")
         outcome = await fire_reminder(conn, cart_id, updated.isoformat(), DAY_S, now=plan.due_at)
     assert outcome == "cancelled:checked_out"
-    assert await _jobs(pool, SEND_EMAIL.actor) == []
+    assert await _jobs(pool, SEND_CART_REMINDER.actor) == []
 
 
 async def test_checkout_without_cancel_still_stops_the_job(pool: asyncpg.Pool) -> None:
@@ -106,7 +108,7 @@ async def test_a_change_supersedes_the_pending_job(pool: asyncpg.Pool) -> None:
         assert await fire_reminder(conn, cart_id, first.isoformat(), DAY_S) == "superseded"
         assert await fire_reminder(conn, cart_id, second.isoformat(), DAY_S) == "sent"
     assert len(await _jobs(pool, REMINDER_DUE.actor)) == 2
-    assert len(await _jobs(pool, SEND_EMAIL.actor)) == 1
+    assert len(await _jobs(pool, SEND_CART_REMINDER.actor)) == 1
 
 
 async def test_not_due_and_anonymous_carts(pool: asyncpg.Pool) -> None:
@@ -126,30 +128,49 @@ async def test_sweep_schedules_unannounced_idle_carts_once(pool: asyncpg.Pool) -
         assert await sweep_idle_carts(conn, DAY_S) == 0
 
 
+async def test_the_reminder_email_is_delivered_once(pool: asyncpg.Pool, tmp_path) -> None:
+    cart_id, _ = await _cart(pool, idle_for_s=DAY_S + 1)
+    transport = OutboxTransport(tmp_path / "mail")
+    first = await send_reminder_email(pool, transport, cart_id)
+    again = await send_reminder_email(pool, transport, cart_id)  # a redelivered job
+    assert (first.result, again.result) == ("sent", "already_sent")
+    row = await pool.fetchrow("SELECT * FROM email_log WHERE idempotency_key = $1",
+                              reminder_key(cart_id))
+    assert row["status"] == "sent" and row["kind"] == "cart_reminder"
+    [eml] = list((tmp_path / "mail").iterdir())
+    assert "2 x Disco" in eml.read_text()
+
+
 @pytest.mark.slow
 async def test_reminder_runs_as_a_delayed_dramatiq_job(settings: Settings, pool: asyncpg.Pool) -> None:
+    settings = replace(settings, cart_idle_s=1)
     cart_id, _ = await _cart(pool, idle_for_s=0)
     async with pool.acquire() as conn:
-        # Re-stamp the cart so it becomes due one second from now.
         await conn.execute("UPDATE carts SET updated_at = now() WHERE id = $1", cart_id)
         await schedule_reminder(conn, cart_id, idle_s=1)
     [job] = await _jobs(pool, REMINDER_DUE.actor)
     assert 0 < job["options"]["delay_ms"] <= 1000
 
-    bridge = LoopBridge("test-carts").start()
-    worker_pool = bridge.run(db.create_pool(settings.database_url or "", max_size=2))
-    broker = setup_broker(replace(settings, cart_idle_s=1))
-    declare_cart_actors(broker, bridge, worker_pool, replace(settings, cart_idle_s=1))
-    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    ctx = await asyncio.to_thread(ProcessContext.start, settings, 2)
+    concern = carts.concern(ctx)
+    root = build_root("test-flow", [concern]).start()
+    concern.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 30))
+    worker = Worker(ctx.broker, queues={QUEUE_MAINTENANCE}, worker_threads=1, worker_timeout=100)
+    redis = aioredis.Redis.from_url(settings.redis_url or "")
+    relay = OutboxRelay(pool, settings.database_url or "", redis, ctx.broker, settings.namespace)
     worker.start()
     try:
-        enqueue_job(broker, job)  # what the outbox relay does after commit
+        assert await relay.publish_batch() == 1  # the delayed REMINDER_DUE job
         async with asyncio.timeout(15):
             while await pool.fetchval("SELECT status FROM cart_reminders") != "sent":
                 await asyncio.sleep(0.05)
+        assert await relay.publish_batch() == 1  # SEND_CART_REMINDER
+        async with asyncio.timeout(15):
+            while await pool.fetchval("SELECT status FROM email_log") != "sent":
+                await asyncio.sleep(0.05)
     finally:
         await asyncio.to_thread(worker.stop)
-        bridge.run(worker_pool.close())
-        bridge.stop()
-        broker.close()
-    assert len(await _jobs(pool, SEND_EMAIL.actor)) == 1
+        await asyncio.to_thread(root.stop)
+        await asyncio.to_thread(ctx.stop)
+        await redis.aclose()
+    assert len(list(settings.mail_dir.iterdir())) == 1
