@@ -5,10 +5,11 @@ Process layout (one OS process under supervisord, program ``stock-sync``):
 - the **main thread** keeps the schedule: run *k* starts at
   ``start + k * interval``; a run that overruns makes the schedule skip the
   ticks it missed rather than bunch runs together. It owns SIGTERM/SIGINT.
-- the **StockSyncActor** (a pykka thread) is asked to run one sync per tick.
-  It is restarted if it dies (restart type permanent, at most
-  ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``, then the daemon exits 1 and
-  supervisord restarts the process).
+- the **StockSyncActor** (a pykka thread) is asked to run one sync per tick,
+  through the process's root :class:`runtime.supervision.Supervisor`
+  (child ``stock-syncer``, restart type permanent): a crashed actor is
+  restarted on the next tick; when the supervisor gives up it escalates and
+  the process exits with ``EXIT_ESCALATED`` so supervisord restarts it.
 - the **loop thread** (:class:`runtime.loop.LoopBridge`) owns every async
   resource: the asyncpg pool, the aiohttp session, and, when no
   ``WAREHOUSE_URL`` is set, the warehouse simulator the syncer talks to.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -41,10 +43,12 @@ from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
 from runtime.circuit import CircuitBreaker
-from runtime.errors import ServiceError
+from runtime.errors import ActorUnavailable, ServiceError
 from runtime.http import RetryPolicy
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart, Supervisor
+from runtime.worker import EXIT_ESCALATED
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ ASK_MARGIN_S = 5.0
 # Restart intensity of the syncer actor (OTP's MaxR in MaxT).
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
+CHILD_ID = "stock-syncer"
 # The simulator's seed when the runtime starts it itself.
 SIMULATOR_SEED = 7
 
@@ -180,8 +185,7 @@ class StockSyncDaemon:
     clock: Callable[[], float] = time.monotonic
     breaker: CircuitBreaker = field(init=False)
     health: SyncHealth = field(init=False)
-    _actor: pykka.ActorRef[Any] | None = field(default=None, init=False)
-    _restarts: list[float] = field(default_factory=list, init=False)
+    root: Supervisor = field(init=False)
     _overdue: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +195,11 @@ class StockSyncDaemon:
                                       on_change=self.metrics.breaker_changed)
         self.metrics.breaker.labels(circuit="warehouse").set(0)
         self.health = SyncHealth(s.stock_sync_interval_s, s.stock_sync_alert_intervals, time.time())
+        child = ChildSpec(CHILD_ID, lambda: StockSyncActor.start(
+            self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S), Restart.PERMANENT,
+            shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
+        self.root = Supervisor("stock-sync-root", [child], max_restarts=MAX_RESTARTS,
+                               max_seconds=RESTART_WINDOW_S, on_escalate=_escalated).start()
 
     @property
     def budget_s(self) -> float:
@@ -211,32 +220,14 @@ class StockSyncDaemon:
                         batch_size=s.stock_sync_batch_size, concurrency=s.stock_sync_concurrency,
                         deadline_s=self.budget_s, should_stop=self.stop.is_set)
 
-    def actor(self) -> pykka.ActorRef[Any]:
-        """The live actor, (re)started if needed within the restart intensity."""
-        if self._actor is not None and self._actor.is_alive():
-            return self._actor
-        if self._actor is not None:
-            self._note_restart()
-        self._actor = StockSyncActor.start(self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S)
-        return self._actor
-
-    def _note_restart(self) -> None:
-        now = self.clock()
-        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
-        log.warning("stock syncer actor died; restarting (%d in %.0fs)", len(self._restarts),
-                    RESTART_WINDOW_S, extra={"actor": "stock-syncer", "event": "restart"})
-        if len(self._restarts) > MAX_RESTARTS:
-            raise ServiceError(f"stock syncer restarted more than {MAX_RESTARTS} times in "
-                               f"{RESTART_WINDOW_S:.0f}s; giving up")
-
     def run_once(self, tick: int = 0, due_s: float | None = None) -> RunRecord:
         """Ask the actor for one run; a failed ask is recorded, never raised."""
         started = self.clock()
         try:
-            report = cast(SyncReport,
-                          self.actor().ask(SyncNow(), timeout=self.budget_s + ASK_MARGIN_S))
+            report = cast(SyncReport, self.root.ask(CHILD_ID, SyncNow(), self.budget_s + ASK_MARGIN_S))
             record = RunRecord(tick, due_s or started, started, report)
-        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+        except (ActorUnavailable, pykka.Timeout) as exc:
+            log.warning("stock syncer unavailable this tick: %s", exc)
             record = RunRecord(tick, due_s or started, started, None, f"actor: {exc!r}")
         except Exception as exc:  # the run itself failed (e.g. database down): count it, go on
             log.exception("stock sync run failed")
@@ -274,13 +265,14 @@ class StockSyncDaemon:
         return 0
 
     def close(self) -> None:
-        """Stop the actor, then close the loop's resources."""
-        if self._actor is not None:
-            try:
-                self._actor.stop(timeout=ASK_MARGIN_S)
-            except pykka.Timeout:
-                log.warning("stock syncer actor did not stop in time")
+        """Stop the supervision tree, then close the loop's resources."""
+        self.root.stop()
         self.bridge.run(self.resources.close(), timeout_s=10)
+
+
+def _escalated(exc: BaseException) -> None:
+    log.critical("stock-sync root supervisor gave up; exiting so supervisord restarts us: %s", exc)
+    os._exit(EXIT_ESCALATED)
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBridge,

@@ -10,10 +10,11 @@ import threading
 from dataclasses import replace
 
 import asyncpg
+import pykka
 import pytest
 from prometheus_client import CollectorRegistry
 
-from actors.stock_sync.daemon import RunRecord, StockSyncDaemon, build_daemon
+from actors.stock_sync.daemon import RunRecord, StockSyncActor, StockSyncDaemon, build_daemon
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 from tests.actors.stock_sync.conftest import Warehouse, link_products
@@ -81,14 +82,13 @@ async def test_malformed_answers_do_not_kill_the_actor(
     await link_products(pool, 15)
     warehouse.set_faults(malformed_rate=1.0)
     runs = Runs(daemon_stop_after=3)
-    actors: list[object] = []
-    runs.hooks[1] = lambda: actors.append(runs.daemon and runs.daemon.actor())
     runs.hooks[2] = lambda: warehouse.set_faults()
     daemon = await _run_daemon(_daemon_settings(settings, warehouse, 0.3), runs)
 
     outcomes = [r.report.outcome for r in runs.records if r.report]
     assert outcomes == ["failed", "failed", "ok"]
-    assert actors == [daemon._actor]  # the same actor served every run
+    [child] = daemon.root.snapshot()
+    assert child.restarts == 0  # the same actor served every run
     assert daemon.health.last_success_s is not None
     assert await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL") > 0
 
@@ -101,10 +101,13 @@ async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
                                      CollectorRegistry(), bridge)
     try:
         first = await asyncio.to_thread(daemon.run_once)
-        await asyncio.to_thread(daemon.actor().stop)  # a crash, as the daemon sees it
+        [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
+        ref.tell("not a message it knows")  # raises in on_receive: the actor crashes
+        await asyncio.to_thread(ref.actor_stopped.wait, 10)
         second = await asyncio.to_thread(daemon.run_once)
         assert first.report is not None and second.report is not None
-        assert second.report.outcome == "ok" and len(daemon._restarts) == 1
+        assert second.report.outcome == "ok"
+        assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1)]
     finally:
         await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(bridge.stop)
