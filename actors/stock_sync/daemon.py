@@ -299,7 +299,12 @@ def _cmd_stock_sync(args: argparse.Namespace, settings: Settings) -> int:
     _install_signal_handlers(daemon.stop)
     metrics_server = None
     if settings.stock_sync_metrics_port and not args.once:
-        metrics_server, _ = start_http_server(settings.stock_sync_metrics_port, registry=registry)
+        try:
+            metrics_server, _ = start_http_server(settings.stock_sync_metrics_port,
+                                                  registry=registry)
+        except OSError as exc:
+            # Metrics are worth a warning, not worth stopping the stock sync for.
+            log.warning("cannot serve metrics on port %d: %s", settings.stock_sync_metrics_port, exc)
     try:
         if args.once:
             record = daemon.run_once()
