@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
 import asyncpg
 
 from actors.carts.messages import REMINDER_DUE, SEND_CART_REMINDER
