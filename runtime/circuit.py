@@ -59,7 +59,12 @@ class BreakerSnapshot:
 
 
 class CircuitBreaker:
-    """Counts consecutive failures of one service and fails fast while it is down."""
+    """Counts consecutive failures of one service and fails fast while it is down.
+
+    ``on_change(name, old, new)`` runs on the calling thread with the breaker's
+    lock held (keep it short: set a gauge, write a log line; never call back
+    into the breaker).
+    """
 
     def __init__(
         self,

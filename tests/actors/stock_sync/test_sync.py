@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from actors.stock_sync.daemon import Schedule
 from actors.stock_sync.metrics import build_metrics
 from actors.stock_sync.sync import SyncDeps, sync_once, sync_overdue
 from actors.stock_sync.warehouse_client import parse_stock_answer
@@ -169,3 +170,15 @@ def test_overdue_after_n_intervals_without_success() -> None:
     assert sync_overdue(None, now_s=91, interval_s=30, alert_after_intervals=3, started_at_s=0)
     assert not sync_overdue(100, now_s=150, interval_s=30, alert_after_intervals=3, started_at_s=0)
     assert sync_overdue(100, now_s=191, interval_s=30, alert_after_intervals=3, started_at_s=0)
+
+
+@pytest.mark.parametrize(("finished_at", "next_tick", "due_at", "skipped"), [
+    (0.3, 1, 30.0, 0),    # a normal run: the next one is due on the grid
+    (29.9, 1, 30.0, 0),   # a long run that still fits
+    (31.0, 2, 60.0, 1),   # overran tick 1's start: tick 1 is skipped, not run late
+    (95.0, 4, 120.0, 3),  # a very long run: ticks 1..3 skipped
+])
+def test_fixed_rate_schedule(finished_at: float, next_tick: int, due_at: float, skipped: int) -> None:
+    schedule = Schedule(interval_s=30.0, start_s=0.0)
+    assert schedule.advance(finished_at) == skipped
+    assert (schedule.tick, schedule.due_at()) == (next_tick, due_at)
