@@ -85,7 +85,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     code = 0
     try:
         wait_healthy(settings, proc)
-        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s))
+        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
+                                       data=args.data, stock_multiplier=args.stock_multiplier))
         print(summary.render())
         code = 0 if summary.complete else 1
         if not args.once:
