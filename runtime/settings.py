@@ -82,8 +82,8 @@ DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET_S = 30.0
 # Alert when this many sync intervals passed without a successful sync.
 DEFAULT_STOCK_SYNC_ALERT_INTERVALS = 3
-# Where the stock-sync daemon serves /metrics (0 = not served).
-DEFAULT_STOCK_SYNC_METRICS_PORT = 9108
+# Where the stock-sync daemon also serves /metrics (0 = only via the api's /metrics).
+DEFAULT_STOCK_SYNC_METRICS_PORT = 0
 # Ports of the simulators the runtime starts when no WAREHOUSE_URL / CARRIER_URL is set.
 DEFAULT_WAREHOUSE_SIM_PORT = 8090
 DEFAULT_CARRIER_SIM_PORT = 8091

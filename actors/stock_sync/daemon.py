@@ -21,6 +21,7 @@ transactions commit), the rest of the run is skipped, the daemon exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import aiohttp
 import asyncpg
 import pykka
 from aiohttp import web
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from actors.stock_sync.metrics import StockSyncMetrics, build_metrics
 from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
@@ -46,6 +47,7 @@ from runtime.circuit import CircuitBreaker
 from runtime.errors import ActorUnavailable, ServiceError
 from runtime.http import RetryPolicy
 from runtime.loop import LoopBridge
+from runtime.metrics import Metrics, get_metrics, render_metrics
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Restart, Supervisor
 from runtime.worker import EXIT_ESCALATED
@@ -276,10 +278,33 @@ def _escalated(exc: BaseException) -> None:
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBridge,
-                 **kwargs: Any) -> StockSyncDaemon:
-    """Open the resources on ``bridge`` and build the daemon (not yet running)."""
+                 shared: Metrics | None = None, **kwargs: Any) -> StockSyncDaemon:
+    """Open the resources on ``bridge`` and build the daemon (not yet running).
+
+    ``shared`` is the process's :func:`runtime.metrics.get_metrics` object in
+    production (the api's ``/metrics`` sums it with every other process);
+    tests leave it out and read ``registry``.
+    """
     resources = bridge.run(open_resources(settings), timeout_s=30)
-    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry), **kwargs)
+    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared), **kwargs)
+
+
+async def start_metrics_endpoint(settings: Settings, port: int) -> web.AppRunner:
+    """``GET /metrics`` on ``port``: the summed multiprocess files, as the api serves them.
+
+    For hosts where no api process runs next to the daemon.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = await asyncio.to_thread(render_metrics, settings)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -293,15 +318,13 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 def _cmd_stock_sync(args: argparse.Namespace, settings: Settings) -> int:
     settings = embedded.ensure_services(settings)
-    registry = CollectorRegistry()
     bridge = LoopBridge("stock-sync-loop").start()
-    daemon = build_daemon(settings, registry, bridge)
+    daemon = build_daemon(settings, CollectorRegistry(), bridge, shared=get_metrics(settings))
     _install_signal_handlers(daemon.stop)
-    metrics_server = None
+    endpoint = None
     if settings.stock_sync_metrics_port and not args.once:
         try:
-            metrics_server, _ = start_http_server(settings.stock_sync_metrics_port,
-                                                  registry=registry)
+            endpoint = bridge.run(start_metrics_endpoint(settings, settings.stock_sync_metrics_port))
         except OSError as exc:
             # Metrics are worth a warning, not worth stopping the stock sync for.
             log.warning("cannot serve metrics on port %d: %s", settings.stock_sync_metrics_port, exc)
@@ -313,8 +336,8 @@ def _cmd_stock_sync(args: argparse.Namespace, settings: Settings) -> int:
             return 0 if record.report is not None and record.report.succeeded else 1
         return daemon.run_forever()
     finally:
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        if endpoint is not None:
+            bridge.run(endpoint.cleanup())
         daemon.close()
         bridge.stop()
 

@@ -315,8 +315,9 @@ def record_metrics(metrics: StockSyncMetrics, report: SyncReport, now_unix_s: fl
     metrics.checked.inc(report.checked)
     metrics.changed.inc(report.changed)
     metrics.conflicts.inc(report.conflicts_opened)
+    metrics.errors.inc(len(report.error_kinds))
     for kind in report.error_kinds:
-        metrics.errors.labels(kind=kind).inc()
+        metrics.batch_errors.labels(kind=kind).inc()
     metrics.runs.labels(outcome=report.outcome).inc()
     metrics.duration.observe(report.duration_s)
     if report.succeeded:

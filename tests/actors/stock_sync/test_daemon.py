@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.stock_sync.daemon import RunRecord, StockSyncActor, StockSyncDaemon, build_daemon
 from runtime.loop import LoopBridge
+from runtime.metrics import render_metrics
 from runtime.settings import Settings
 from tests.actors.stock_sync.conftest import Warehouse, link_products
 
@@ -123,6 +124,7 @@ async def test_sigterm_finishes_the_current_batch_and_exits_0(
         "WAREHOUSE_URL": warehouse.url, "SHOPFLOW_STOCK_SYNC_INTERVAL_S": "5",
         "SHOPFLOW_STOCK_SYNC_BATCH_SIZE": "10", "SHOPFLOW_STOCK_SYNC_CONCURRENCY": "1",
         "SHOPFLOW_STOCK_SYNC_METRICS_PORT": "0", "SHOPFLOW_VAR_DIR": str(settings.var_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.var_dir / "metrics"),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runtime.cli", "stock-sync", env=env,
@@ -141,3 +143,10 @@ async def test_sigterm_finishes_the_current_batch_and_exits_0(
     assert warehouse.lookups() == 1
     synced = await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL")
     assert 1 <= synced <= 10  # the batch in flight was committed, nothing after it
+
+    # The process wrote its metrics where the api's /metrics sums them.
+    body, _ = render_metrics(replace(settings, metrics_dir=settings.var_dir / "metrics"))
+    text = body.decode()
+    assert 'shopflow_stock_sync_runs_total{outcome="stopped"} 1.0' in text
+    assert f"shopflow_stock_sync_products_changed_total {float(synced)}" in text
+    assert "shopflow_stock_sync_products_checked_total 10.0" in text

@@ -96,7 +96,9 @@ async def test_malformed_answers_change_nothing(
     assert report.outcome == "failed" and set(report.error_kinds) == {"malformed"}
     assert await pool.fetchval("SELECT sum(quantity) FROM inventory") == 0
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
-    assert registry.get_sample_value("shopflow_stock_sync_errors_total", {"kind": "malformed"}) == 3
+    assert registry.get_sample_value("shopflow_stock_sync_batch_errors_total",
+                                     {"kind": "malformed"}) == 3
+    assert registry.get_sample_value("shopflow_stock_sync_errors_total") == 3
     assert registry.get_sample_value("shopflow_stock_sync_last_success_timestamp_seconds") == 0
 
     warehouse.set_faults()
