@@ -69,3 +69,46 @@ class MailboxFull(TransientJobError):
 
 class QueueFull(ShopflowError):
     """A bounded queue is at its maximum length; the message was not enqueued."""
+
+
+# --- external services (issue 7) ---
+
+
+class ExternalServiceError(TransientJobError):
+    """An external HTTP service failed in a way that may pass (timeout, 5xx, 429, reset).
+
+    ``retry_after_s`` carries the service's own hint (a ``Retry-After`` header) when it gave one.
+    """
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class MalformedResponse(ExternalServiceError):
+    """The service answered, but not in the documented shape; nothing of it was used."""
+
+
+class CircuitOpen(ExternalServiceError):
+    """The circuit breaker in front of a service is open: the call was not even attempted."""
+
+
+class ExternalRequestRejected(PermanentJobError):
+    """The service refused the request itself (a 4xx other than 408/429): retrying cannot help."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OutcomeUnknown(TransientJobError):
+    """A call may or may not have taken effect (timeout after sending); reconcile before repeating.
+
+    ``retry_after_s`` says when a retry can next learn more (e.g. the end of a grace period).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

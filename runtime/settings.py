@@ -64,6 +64,40 @@ DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
 DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
 
 
+# --- externals: stock sync, warehouse, carrier, SendGrid, abandoned carts (issue 7) ---
+# The original stock sync ran every 30 s.
+DEFAULT_STOCK_SYNC_INTERVAL_S = 30.0
+# External ids per warehouse lookup (the warehouse API takes at most 200).
+DEFAULT_STOCK_SYNC_BATCH_SIZE = 100
+# Lookups in flight at once: gentle on the warehouse, enough to hide latency.
+DEFAULT_STOCK_SYNC_CONCURRENCY = 4
+# Connect fast-fails a dead host; read covers the warehouse's slowest normal answer.
+DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_EXTERNAL_READ_TIMEOUT_S = 5.0
+# Attempts per external call and the first backoff (doubling, capped at 8x).
+DEFAULT_EXTERNAL_ATTEMPTS = 3
+DEFAULT_EXTERNAL_BACKOFF_S = 0.5
+# Consecutive failures that open a service's breaker, and how long it stays open.
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_RESET_S = 30.0
+# Alert when this many sync intervals passed without a successful sync.
+DEFAULT_STOCK_SYNC_ALERT_INTERVALS = 3
+# Where the stock-sync daemon also serves /metrics (0 = only via the api's /metrics).
+DEFAULT_STOCK_SYNC_METRICS_PORT = 0
+# Ports of the simulators the runtime starts when no WAREHOUSE_URL / CARRIER_URL is set.
+DEFAULT_WAREHOUSE_SIM_PORT = 8090
+DEFAULT_CARRIER_SIM_PORT = 8091
+DEFAULT_SENDGRID_HOST = "https://api.sendgrid.com"
+DEFAULT_SENDGRID_FROM = "ShopFlow <pedidos@shopflow.example>"
+# The SendGrid SDK call's socket timeout.
+DEFAULT_SENDGRID_TIMEOUT_S = 10.0
+# A send whose outcome is unknown is re-sent only if SendGrid's activity feed
+# still shows nothing for its key after this long (the feed lags by minutes).
+DEFAULT_SENDGRID_RECONCILE_GRACE_S = 600.0
+# A known customer's cart idle this long gets one reminder (the original: 24 h).
+DEFAULT_CART_IDLE_S = 24 * 3600
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -174,6 +208,31 @@ class Settings:
     monitor_no_consumer_grace_s: float = DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
     alert_webhook_timeout_s: float = DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
     alert_webhook_attempts: int = DEFAULT_ALERT_WEBHOOK_ATTEMPTS
+    # --- externals (issue 7) ---
+    stock_sync_interval_s: float = DEFAULT_STOCK_SYNC_INTERVAL_S
+    stock_sync_batch_size: int = DEFAULT_STOCK_SYNC_BATCH_SIZE
+    stock_sync_concurrency: int = DEFAULT_STOCK_SYNC_CONCURRENCY
+    stock_sync_alert_intervals: int = DEFAULT_STOCK_SYNC_ALERT_INTERVALS
+    stock_sync_metrics_port: int = DEFAULT_STOCK_SYNC_METRICS_PORT
+    external_connect_timeout_s: float = DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S
+    external_read_timeout_s: float = DEFAULT_EXTERNAL_READ_TIMEOUT_S
+    external_attempts: int = DEFAULT_EXTERNAL_ATTEMPTS
+    external_backoff_s: float = DEFAULT_EXTERNAL_BACKOFF_S
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    breaker_reset_s: float = DEFAULT_BREAKER_RESET_S
+    warehouse_token: str | None = None
+    warehouse_sim_port: int = DEFAULT_WAREHOUSE_SIM_PORT
+    carrier_url: str | None = None
+    carrier_token: str | None = None
+    carrier_sim_port: int = DEFAULT_CARRIER_SIM_PORT
+    sendgrid_host: str = DEFAULT_SENDGRID_HOST
+    sendgrid_from: str = DEFAULT_SENDGRID_FROM
+    sendgrid_timeout_s: float = DEFAULT_SENDGRID_TIMEOUT_S
+    sendgrid_reconcile_grace_s: float = DEFAULT_SENDGRID_RECONCILE_GRACE_S
+    sendgrid_template_order_confirmation: str | None = None
+    sendgrid_template_cart_reminder: str | None = None
+    sendgrid_template_daily_report: str | None = None
+    cart_idle_s: int = DEFAULT_CART_IDLE_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -242,6 +301,39 @@ class Settings:
             alert_webhook_attempts=_int(
                 e, "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS", DEFAULT_ALERT_WEBHOOK_ATTEMPTS, 1
             ),
+            # --- externals (issue 7) ---
+            stock_sync_interval_s=_float(e, "SHOPFLOW_STOCK_SYNC_INTERVAL_S",
+                                         DEFAULT_STOCK_SYNC_INTERVAL_S),
+            stock_sync_batch_size=_int(e, "SHOPFLOW_STOCK_SYNC_BATCH_SIZE",
+                                       DEFAULT_STOCK_SYNC_BATCH_SIZE, 1),
+            stock_sync_concurrency=_int(e, "SHOPFLOW_STOCK_SYNC_CONCURRENCY",
+                                        DEFAULT_STOCK_SYNC_CONCURRENCY, 1),
+            stock_sync_alert_intervals=_int(e, "SHOPFLOW_STOCK_SYNC_ALERT_INTERVALS",
+                                            DEFAULT_STOCK_SYNC_ALERT_INTERVALS, 1),
+            stock_sync_metrics_port=_int(e, "SHOPFLOW_STOCK_SYNC_METRICS_PORT",
+                                         DEFAULT_STOCK_SYNC_METRICS_PORT, 0),
+            external_connect_timeout_s=_float(e, "SHOPFLOW_EXTERNAL_CONNECT_TIMEOUT_S",
+                                              DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S),
+            external_read_timeout_s=_float(e, "SHOPFLOW_EXTERNAL_READ_TIMEOUT_S",
+                                           DEFAULT_EXTERNAL_READ_TIMEOUT_S),
+            external_attempts=_int(e, "SHOPFLOW_EXTERNAL_ATTEMPTS", DEFAULT_EXTERNAL_ATTEMPTS, 1),
+            external_backoff_s=_float(e, "SHOPFLOW_EXTERNAL_BACKOFF_S", DEFAULT_EXTERNAL_BACKOFF_S),
+            breaker_failures=_int(e, "SHOPFLOW_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES, 1),
+            breaker_reset_s=_float(e, "SHOPFLOW_BREAKER_RESET_S", DEFAULT_BREAKER_RESET_S),
+            warehouse_token=_opt(e, "WAREHOUSE_TOKEN"),
+            warehouse_sim_port=_int(e, "SHOPFLOW_WAREHOUSE_SIM_PORT", DEFAULT_WAREHOUSE_SIM_PORT, 1),
+            carrier_url=_opt(e, "CARRIER_URL"),
+            carrier_token=_opt(e, "CARRIER_TOKEN"),
+            carrier_sim_port=_int(e, "SHOPFLOW_CARRIER_SIM_PORT", DEFAULT_CARRIER_SIM_PORT, 1),
+            sendgrid_host=_opt(e, "SENDGRID_HOST") or DEFAULT_SENDGRID_HOST,
+            sendgrid_from=_opt(e, "SENDGRID_FROM") or DEFAULT_SENDGRID_FROM,
+            sendgrid_timeout_s=_float(e, "SENDGRID_TIMEOUT_S", DEFAULT_SENDGRID_TIMEOUT_S),
+            sendgrid_reconcile_grace_s=_float(e, "SENDGRID_RECONCILE_GRACE_S",
+                                              DEFAULT_SENDGRID_RECONCILE_GRACE_S),
+            sendgrid_template_order_confirmation=_opt(e, "SENDGRID_TEMPLATE_ORDER_CONFIRMATION"),
+            sendgrid_template_cart_reminder=_opt(e, "SENDGRID_TEMPLATE_CART_REMINDER"),
+            sendgrid_template_daily_report=_opt(e, "SENDGRID_TEMPLATE_DAILY_REPORT"),
+            cart_idle_s=_int(e, "SHOPFLOW_CART_IDLE_S", DEFAULT_CART_IDLE_S, 1),
         )
 
     def to_env(self) -> dict[str, str]:
