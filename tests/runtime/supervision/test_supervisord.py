@@ -59,12 +59,14 @@ def test_every_process_kind_is_a_bounded_restarting_program() -> None:
     assert "PROCESS_STATE_FATAL" in programs["supervisor-events"]["events"]
     for name, section in programs.items():
         assert section["autorestart"] == "true", name
-        assert int(section["startsecs"]) > 0, name
-        assert 0 < int(section["startretries"]) <= 10, name
-        assert section["stopsignal"] == "TERM", name
-        assert section["stopasgroup"] == section["killasgroup"] == "true", name
+        assert int(section.get("startsecs", "1")) > 0, name  # supervisord's defaults
+        assert 0 < int(section.get("startretries", "3")) <= 10, name
+        assert section.get("stopsignal", "TERM") == "TERM", name
         if name.endswith("-worker"):
             assert int(section["stopwaitsecs"]) > WORKER_GRACEFUL_STOP_S, name
+    for section in conf.sections():
+        if section.startswith("program:"):  # may have children: stop and kill the group
+            assert conf[section]["stopasgroup"] == conf[section]["killasgroup"] == "true"
 
 
 def test_every_autostarted_program_runs_a_command_that_exists() -> None:
