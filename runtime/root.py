@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from runtime.settings import Settings
-from runtime.supervision import SupervisionMetrics, Supervisor, build_supervision_metrics
+from runtime.supervision import MetricsSink, SupervisionEvent, Supervisor, walk_children
 from runtime.tree import TreeReporter, redis_event_publisher
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,49 @@ def run_root(
     return 0
 
 
+class SharedSupervisionMetrics:
+    """Supervision counted on the process tree's shared (multiprocess) metrics.
+
+    Feeds :mod:`runtime.metrics`' ``shopflow_actor_restarts_total{actor}``,
+    ``shopflow_supervisor_escalations_total{supervisor}`` and the live gauge
+    ``shopflow_mailbox_depth{actor}`` (``actor`` is ``supervisor/child``), so
+    they add up across every process behind one ``/metrics``. Mailbox depth is
+    sampled on every tree-reporter tick (:meth:`refresh`).
+    """
+
+    def __init__(self, metrics: Any) -> None:
+        self._metrics = metrics
+        self._roots: list[Supervisor] = []
+
+    def record(self, event: SupervisionEvent) -> None:
+        """Count a restart or an escalation."""
+        if event.kind == "restart":
+            self._metrics.actor_restarts.labels(actor=f"{event.supervisor}/{event.child}").inc()
+        elif event.kind == "escalation":
+            self._metrics.supervisor_escalations.labels(supervisor=event.supervisor).inc()
+
+    def track(self, supervisor: Supervisor) -> None:
+        """Sample ``supervisor``'s mailboxes on every :meth:`refresh`."""
+        self._roots.append(supervisor)
+
+    def refresh(self) -> None:
+        """Set the mailbox-depth gauge of every tracked actor (reporter thread)."""
+        for root in self._roots:
+            for sup_name, child in walk_children(root.name, root.snapshot()):
+                if child.mailbox_depth is not None:
+                    self._metrics.mailbox_depth.labels(actor=f"{sup_name}/{child.id}").set(
+                        child.mailbox_depth)
+
+
 class ProcessSupervision:
     """What a process hangs on its root supervisor so nothing is restarted silently.
 
     - every supervision event goes to the Redis Streams (``events:supervision``,
       and give-ups/escalations also ``events:alerts``),
-    - the metrics are registered on the process's registry (if one is given;
-      the observability wiring owns the registry),
-    - a :class:`~runtime.tree.TreeReporter` publishes the tree for ``shopflow tree``,
+    - events are counted on ``metrics`` (for a runtime process:
+      ``SharedSupervisionMetrics(runtime.metrics.get_metrics(settings))``),
+    - a :class:`~runtime.tree.TreeReporter` publishes the tree for ``shopflow tree``
+      (and refreshes the mailbox-depth gauge),
     - optionally, escalation out of the root ends the process with exit code 70.
 
     Call :func:`attach_process_supervision` *before* ``root.start()`` (nested
@@ -119,12 +154,14 @@ class ProcessSupervision:
     """
 
     def __init__(self, settings: Settings, process: str, root: Supervisor,
-                 metrics: SupervisionMetrics | None) -> None:
+                 metrics: MetricsSink | None) -> None:
         redis_url, _ = settings.require_urls()
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
         self.metrics = metrics
+        refresh = getattr(metrics, "refresh", None)
         self.reporter = TreeReporter(self._client, settings.namespace, process, [root],
-                                     settings.tree_publish_interval_s, settings.tree_ttl_s)
+                                     settings.tree_publish_interval_s, settings.tree_ttl_s,
+                                     on_tick=refresh)
         root.on_event = redis_event_publisher(self._client, settings.namespace, process)
         root.metrics = metrics
         if metrics is not None:
@@ -142,11 +179,10 @@ class ProcessSupervision:
 
 
 def attach_process_supervision(
-    settings: Settings, process: str, root: Supervisor, registry: Any | None = None,
+    settings: Settings, process: str, root: Supervisor, metrics: MetricsSink | None = None,
     exit_on_escalate: bool = False,
 ) -> ProcessSupervision:
-    """Wire ``root`` to Redis events, metrics on ``registry`` and the tree view."""
-    metrics = build_supervision_metrics(registry) if registry is not None else None
+    """Wire ``root`` to Redis events, ``metrics`` and the tree view (before it starts)."""
     attached = ProcessSupervision(settings, process, root, metrics)
     if exit_on_escalate:
         root.add_escalation_hook(exit_process_on_escalate())

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 from pykka import messages
@@ -215,10 +215,22 @@ def restart_set(strategy: Strategy, ids: Sequence[str], failed: str) -> list[str
     return list(ids[ids.index(failed):])
 
 
-class SupervisionMetrics:
-    """Prometheus metrics of supervision, registered on the registry given.
+class MetricsSink(Protocol):
+    """Where a supervisor counts its events: a registry of its own or the shared metrics."""
 
-    Built per process by :func:`build_supervision_metrics`, never at import.
+    def record(self, event: SupervisionEvent) -> None:
+        """Count one supervision event."""
+
+    def track(self, supervisor: Supervisor) -> None:
+        """Report ``supervisor``'s tree (mailbox depth, liveness) from now on."""
+
+
+class SupervisionMetrics:
+    """Prometheus metrics of supervision on a registry of their own (one process).
+
+    Built by :func:`build_supervision_metrics`, never at import; for embedding
+    the runtime in a single process and for tests. Runtime processes use the
+    shared multiprocess metrics instead (:class:`runtime.root.SharedSupervisionMetrics`).
     Counters count restarts, start failures, give-ups and escalations;
     mailbox depth and liveness are read from the tracked supervisors at
     scrape time, so they are never stale.
@@ -228,16 +240,16 @@ class SupervisionMetrics:
         from prometheus_client import Counter
 
         labels = ["supervisor", "child", "reason"]
-        self.restarts = Counter("shopflow_actor_restarts_total",
+        self.restarts = Counter("shopflow_supervision_restarts_total",
                                 "Child restarts by supervisor, child and exit reason",
                                 labels, registry=registry)
-        self.start_failures = Counter("shopflow_actor_start_failures_total",
+        self.start_failures = Counter("shopflow_supervision_start_failures_total",
                                       "Children whose on_start failed",
                                       ["supervisor", "child"], registry=registry)
-        self.give_ups = Counter("shopflow_supervisor_give_ups_total",
+        self.give_ups = Counter("shopflow_supervision_give_ups_total",
                                 "Supervisors that hit their restart intensity and gave up",
                                 ["supervisor"], registry=registry)
-        self.escalations = Counter("shopflow_supervisor_escalations_total",
+        self.escalations = Counter("shopflow_supervision_escalations_total",
                                    "Failures escalated to a parent or out of the process",
                                    ["supervisor"], registry=registry)
         self._roots: list[Supervisor] = []
@@ -276,10 +288,10 @@ class _TreeCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        depth = GaugeMetricFamily("shopflow_actor_mailbox_depth",
+        depth = GaugeMetricFamily("shopflow_supervision_mailbox_depth",
                                   "Messages waiting in an actor's mailbox",
                                   labels=["supervisor", "child"])
-        up = GaugeMetricFamily("shopflow_actor_up", "1 when the actor is running",
+        up = GaugeMetricFamily("shopflow_supervision_actor_up", "1 when the actor is running",
                                labels=["supervisor", "child"])
         for root in self._metrics.roots():
             for sup_name, child in _walk(root.name, root.snapshot()):
@@ -291,6 +303,12 @@ class _TreeCollector:
 
     def describe(self) -> Iterable[Any]:
         return []
+
+
+def walk_children(sup_name: str, children: Sequence[ChildSnapshot]
+                  ) -> Iterable[tuple[str, ChildSnapshot]]:
+    """(supervisor path, child) for every child of a tree, depth first."""
+    return _walk(sup_name, children)
 
 
 def _walk(sup_name: str, children: Sequence[ChildSnapshot]) -> Iterable[tuple[str, ChildSnapshot]]:
@@ -383,7 +401,7 @@ class Supervisor:
         backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
         backoff_reset_s: float = DEFAULT_BACKOFF_RESET_S,
         on_event: EventHook | None = None,
-        metrics: SupervisionMetrics | None = None,
+        metrics: MetricsSink | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [spec.id for spec in children]

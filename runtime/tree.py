@@ -24,7 +24,7 @@ import socket
 import threading
 import uuid
 import xmlrpc.client
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,10 @@ class TreeReporter:
     """Publishes this process's supervision trees to Redis every few seconds (own thread)."""
 
     def __init__(self, client: redis.Redis, namespace: str, process: str,
-                 roots: Sequence[Supervisor], interval_s: float, ttl_s: int) -> None:
+                 roots: Sequence[Supervisor], interval_s: float, ttl_s: int,
+                 on_tick: Callable[[], None] | None = None) -> None:
         self._client = client
+        self._on_tick = on_tick
         self._key = process_key(namespace, process, os.getpid())
         self._process = process
         self._roots = list(roots)
@@ -134,6 +136,8 @@ class TreeReporter:
                 self.publish_once()
             except redis.RedisError as exc:
                 log.warning("could not publish the supervision tree: %s", exc)
+            if self._on_tick is not None:
+                self._on_tick()
             if self._stop.wait(self._interval_s):
                 return
 

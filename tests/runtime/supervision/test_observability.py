@@ -37,9 +37,9 @@ def test_restarts_and_give_ups_are_metrics_and_redis_events(settings: Settings) 
     sup = Supervisor("root", [ChildSpec("a", lambda: Worker.start("a", journal))],
                      max_restarts=1, backoff_base_s=0.0, on_event=both, metrics=metrics).start()
     metrics.track(sup)
-    assert registry.get_sample_value("shopflow_actor_up", {"supervisor": "root", "child": "a"}) == 1
+    assert registry.get_sample_value("shopflow_supervision_actor_up", {"supervisor": "root", "child": "a"}) == 1
     assert registry.get_sample_value(
-        "shopflow_actor_mailbox_depth", {"supervisor": "root", "child": "a"}) == 0
+        "shopflow_supervision_mailbox_depth", {"supervisor": "root", "child": "a"}) == 0
     sup.tell("a", "crash")
     events.wait("restart")
     assert sup.wait_running("a", 5)
@@ -48,10 +48,10 @@ def test_restarts_and_give_ups_are_metrics_and_redis_events(settings: Settings) 
     sup.stop()
 
     labels = {"supervisor": "root", "child": "a", "reason": "crash"}
-    assert registry.get_sample_value("shopflow_actor_restarts_total", labels) == 1
-    assert registry.get_sample_value("shopflow_supervisor_give_ups_total",
+    assert registry.get_sample_value("shopflow_supervision_restarts_total", labels) == 1
+    assert registry.get_sample_value("shopflow_supervision_give_ups_total",
                                      {"supervisor": "root"}) == 1
-    assert registry.get_sample_value("shopflow_supervisor_escalations_total",
+    assert registry.get_sample_value("shopflow_supervision_escalations_total",
                                      {"supervisor": "root"}) == 1
     stream = entries(client, f"{settings.namespace}:events:supervision")
     assert [e["type"] for e in stream] == [
@@ -116,7 +116,8 @@ def test_attach_process_supervision_wires_events_metrics_and_the_tree(
     journal, registry = Journal(), CollectorRegistry()
     root = Supervisor("flow-worker-root", [ChildSpec("a", lambda: Worker.start("a", journal))],
                       backoff_base_s=0.0)
-    attached = attach_process_supervision(settings, "flow-worker", root, registry)
+    attached = attach_process_supervision(settings, "flow-worker", root,
+                                          build_supervision_metrics(registry))
     root.start()
     attached.start()
     key = f"{settings.namespace}:tree:process:flow-worker:{os.getpid()}"
@@ -125,9 +126,41 @@ def test_attach_process_supervision_wires_events_metrics_and_the_tree(
         root.tell("a", "crash")
         reply = client.xread({f"{settings.namespace}:events:supervision": "0"}, block=5000)
         assert reply and reply[0][1][0][1][b"type"] == b"supervision.restart"
-        assert registry.get_sample_value("shopflow_actor_restarts_total", {
+        assert registry.get_sample_value("shopflow_supervision_restarts_total", {
             "supervisor": "flow-worker-root", "child": "a", "reason": "crash"}) == 1
     finally:
         root.stop()
         attached.stop()
     assert client.exists(key) == 0
+
+
+def test_shared_metrics_count_restarts_escalations_and_sample_mailbox_depth() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import Counter, Gauge
+
+    from runtime.root import SharedSupervisionMetrics
+
+    registry = CollectorRegistry()
+    shared = SimpleNamespace(  # the same families runtime.metrics defines, on a private registry
+        actor_restarts=Counter("shopflow_actor_restarts", "", ["actor"], registry=registry),
+        supervisor_escalations=Counter("shopflow_supervisor_escalations", "", ["supervisor"],
+                                       registry=registry),
+        mailbox_depth=Gauge("shopflow_mailbox_depth", "", ["actor"], registry=registry),
+    )
+    sink = SharedSupervisionMetrics(shared)
+    events, journal = Events(), Journal()
+    sup = Supervisor("root", [ChildSpec("a", lambda: Worker.start("a", journal))],
+                     max_restarts=1, backoff_base_s=0.0, on_event=events, metrics=sink).start()
+    sink.track(sup)
+    sink.refresh()
+    assert registry.get_sample_value("shopflow_mailbox_depth", {"actor": "root/a"}) == 0
+    sup.tell("a", "crash")
+    events.wait("restart")
+    assert sup.wait_running("a", 5)
+    sup.tell("a", "crash")
+    events.wait("escalation")
+    sup.stop()
+    assert registry.get_sample_value("shopflow_actor_restarts_total", {"actor": "root/a"}) == 1
+    assert registry.get_sample_value("shopflow_supervisor_escalations_total",
+                                     {"supervisor": "root"}) == 1
