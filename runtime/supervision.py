@@ -38,12 +38,14 @@ when it dies while holding the message), so an ``ask`` never hangs. A path
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -51,7 +53,7 @@ from typing import Any, Protocol
 import pykka
 from pykka import messages
 
-from runtime.actor import MailboxConfig, SupervisedActor, ask_async
+from runtime.actor import MailboxConfig, SupervisedActor
 from runtime.errors import (
     ActorUnavailable,
     AskTimeout,
@@ -370,6 +372,12 @@ class _SupervisorActor(SupervisedActor):
         return None
 
 
+# Child states from which the child will be running again without anyone's help
+# ("running" with a dead ref: its exit notice is on the way to the supervisor).
+_COMING_BACK = frozenset({"starting", "restarting", "running"})
+_SUPERVISOR_DOWN = frozenset({"stopping", "stopped", "failed"})
+
+
 class _Child:
     """Mutable bookkeeping for one child; written only on the supervisor's thread."""
 
@@ -473,31 +481,64 @@ class Supervisor:
     def ask(self, child_id: str, message: Any, timeout_s: float) -> Any:
         """Ask the child's current incarnation; its own exception is re-raised here.
 
-        Raises ActorUnavailable when the child is dead, restarting, or dies
-        holding the message (ActorCrashed), AskTimeout when it does not answer
-        in ``timeout_s``, MailboxFull when its mailbox stays full.
+        A child that is restarting is waited for (within ``timeout_s``), and a
+        message its dying incarnation never handled is resent to the next one,
+        so a job does not burn an attempt on a restart that takes milliseconds.
+        Raises ActorUnavailable when the child is dead for good or does not
+        come back in time, ActorCrashed when it dies holding the message,
+        AskTimeout when it does not answer in time, MailboxFull when its
+        mailbox stays full.
         """
-        ref = self.child_ref(child_id)
-        try:
-            return ref.ask(message, timeout=timeout_s)
-        except pykka.ActorDeadError:
-            raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
-        except pykka.Timeout:
-            raise AskTimeout(
-                f"actor {self.name}/{child_id} did not answer within {timeout_s}s"
-            ) from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ref = self.wait_for_ref(child_id, deadline)
+            try:
+                return ref.ask(message, timeout=max(deadline - time.monotonic(), 0.001))
+            except pykka.ActorDeadError:
+                # Refused or drained unhandled by a dying incarnation: safe to resend
+                # to the next one. (A message it was handling answers ActorCrashed.)
+                if time.monotonic() >= deadline:
+                    raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
+            except pykka.Timeout:
+                raise AskTimeout(
+                    f"actor {self.name}/{child_id} did not answer within {timeout_s}s"
+                ) from None
+
+    def wait_for_ref(self, child_id: str, deadline: float) -> pykka.ActorRef[Any]:
+        """The child's running incarnation, waiting while it (re)starts until ``deadline``.
+
+        ``deadline`` is on ``time.monotonic()``. Raises ActorUnavailable at once
+        when the child will not come back (temporary, exited, supervisor
+        stopped or failed), or when the deadline passes.
+        """
+        head, _, rest = child_id.partition("/")
+        with self._changed:
+            child = self._children.get(head)
+            if child is None:
+                raise ActorUnavailable(f"{self.name} has no child {head!r}")
+            while True:
+                ref, nested, state = child.ref, child.nested, child.state
+                live = nested is not None if rest else ref is not None and ref.is_alive()
+                if state == "running" and live:
+                    break
+                if state not in _COMING_BACK or self.state in _SUPERVISOR_DOWN:
+                    raise ActorUnavailable(
+                        f"actor {self.name}/{child_id} is not running ({state})")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ActorUnavailable(
+                        f"actor {self.name}/{child_id} did not come back in time ({state})")
+                self._changed.wait(remaining)
+        if rest:
+            assert nested is not None
+            return nested.wait_for_ref(rest, deadline)
+        assert ref is not None
+        return ref
 
     async def ask_async(self, child_id: str, message: Any, timeout_s: float) -> Any:
-        """:meth:`ask` for code running on the event loop (does not block the loop)."""
-        ref = self.child_ref(child_id)
-        try:
-            return await ask_async(ref, message, timeout_s)
-        except pykka.ActorDeadError:
-            raise ActorUnavailable(f"actor {self.name}/{child_id} died") from None
-        except pykka.Timeout:
-            raise AskTimeout(
-                f"actor {self.name}/{child_id} did not answer within {timeout_s}s"
-            ) from None
+        """:meth:`ask` for code running on the event loop (waits in a thread, not on the loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.ask, child_id, message, timeout_s)
 
     def tell(self, child_id: str, message: Any) -> None:
         """Send without waiting; raises ActorUnavailable or MailboxFull at once."""
@@ -561,7 +602,8 @@ class Supervisor:
             started.append(child)
 
     def _stop_all(self) -> None:
-        self.state = "stopping"
+        with self._mutating():
+            self.state = "stopping"
         for timer in list(self._timers):
             timer.cancel()
         for spec in reversed(self._specs):
@@ -570,7 +612,7 @@ class Supervisor:
     def _start_child(self, child: _Child) -> None:
         """Start one child and wait until its on_start has finished."""
         spec = child.spec
-        with self._lock:
+        with self._mutating():
             child.incarnation += 1
             child.state = "starting"
         incarnation = child.incarnation
@@ -586,14 +628,13 @@ class Supervisor:
                 ref = spec.start()
                 self._confirm_started(ref, spec)
         except Exception as exc:
-            with self._lock:
+            with self._mutating():
                 child.state = "failed"
                 child.last_exit = f"start_failed: {type(exc).__name__}: {exc}"
             raise SupervisorStartError(self.name, spec.id, exc) from exc
-        with self._lock:
+        with self._mutating():
             child.ref, child.nested, child.state = ref, nested, "running"
             child.started_at = self._clock()
-            self._changed.notify_all()
         self._watch(ref, spec.id, incarnation)
 
     def _confirm_started(self, ref: pykka.ActorRef[Any], spec: ChildSpec) -> None:
@@ -642,7 +683,7 @@ class Supervisor:
 
     def _stop_child(self, child: _Child) -> None:
         """Stop one child within its shutdown timeout; its exit message will be ignored."""
-        with self._lock:
+        with self._mutating():
             ref, nested = child.ref, child.nested
             child.incarnation += 1  # any exit notice from the old incarnation is stale
             child.state = "stopped"
@@ -665,12 +706,14 @@ class Supervisor:
         child = self._children[msg.child_id]
         if msg.incarnation != child.incarnation or child.state != "running":
             return  # an exit we caused (stop, sibling restart) or an older incarnation
-        with self._lock:
-            child.state = "exited"
+        coming_back = should_restart(child.spec.restart, msg.exit)
+        with self._mutating():
+            # "restarting" at once, so an ask arriving now waits for the new incarnation.
+            child.state = "restarting" if coming_back else "exited"
             child.ref = None
             child.nested = None
             child.last_exit = msg.exit.describe()
-        if not should_restart(child.spec.restart, msg.exit):
+        if not coming_back:
             self._emit("child_exit", child.spec.id, msg.exit.describe())
             return
         self._plan_restart(child, msg.exit.describe())
@@ -689,7 +732,7 @@ class Supervisor:
                 self._stop_child(self._children[other_id])
         ids = [i for i in ids if i == child.spec.id
                or self._children[i].spec.restart is not Restart.TEMPORARY]
-        with self._lock:
+        with self._mutating():
             for i in ids:
                 self._children[i].state = "restarting"
             child.restarts += 1
@@ -764,7 +807,7 @@ class Supervisor:
             except SupervisorStartError as exc:
                 reason = f"start_failed: {exc.__cause__!r}"
                 self._emit("start_failed", child_id, reason)
-                with self._lock:
+                with self._mutating():
                     for later in ids[index:]:
                         self._children[later].state = "restarting"
                 self._retry_start(child, ids[index:], reason)
@@ -780,6 +823,13 @@ class Supervisor:
         self._schedule(ids, delay_s)
 
     # --- helpers -------------------------------------------------------------------
+
+    @contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """Change children's state under the lock and wake callers waiting on it."""
+        with self._changed:
+            yield
+            self._changed.notify_all()
 
     def _emit(self, kind: str, child: str | None, reason: str, *, restarts: int = 0,
               delay_s: float = 0.0) -> None:

@@ -166,3 +166,19 @@ def test_async_actor_runs_on_the_loop_and_is_supervised(bridge: LoopBridge) -> N
     finally:
         sup.stop()
     assert journal.items[-1] == ("stop", "notifier")
+
+
+def test_an_ask_rides_out_a_restart_within_its_timeout_but_never_hangs() -> None:
+    journal, events = Journal(), Events()
+    sup = Supervisor("root", [ChildSpec("w", lambda: Worker.start("w", journal))],
+                     backoff_base_s=0.05, on_event=events).start()
+    try:
+        sup.tell("w", "crash")
+        assert sup.ask("w", "ping", timeout_s=5) == "pong from w"  # the new incarnation
+        assert sup.snapshot()[0].restarts == 1
+        sup.tell("w", "crash")  # second restart in a row waits 0.1 s
+        events.wait("restart")
+        with pytest.raises(ActorUnavailable, match="did not come back in time"):
+            sup.ask("w", "ping", timeout_s=0.01)
+    finally:
+        sup.stop()
