@@ -383,6 +383,15 @@ class Settings:
         })
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        # --- externals (issue 7) ---
+        env.update({
+            "SHOPFLOW_STOCK_SYNC_INTERVAL_S": str(self.stock_sync_interval_s),
+            "SHOPFLOW_WAREHOUSE_SIM_PORT": str(self.warehouse_sim_port),
+            "SHOPFLOW_CARRIER_SIM_PORT": str(self.carrier_sim_port),
+            "SHOPFLOW_CART_IDLE_S": str(self.cart_idle_s),
+        })
+        if self.carrier_url:
+            env["CARRIER_URL"] = self.carrier_url
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> Settings:

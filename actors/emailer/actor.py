@@ -7,6 +7,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from actors.emailer.emails import DeliveryOutcome, send_order_confirmation
 from actors.emailer.messages import SEND_ORDER_CONFIRMATION
+from actors.emailer.sendgrid_transport import make_sendgrid_transport
 from actors.emailer.transports import EmailTransport, OutboxTransport
 from runtime.broker import QUEUE_EMAILS, declare_actor
 from runtime.process import ProcessContext
@@ -19,13 +20,18 @@ EMAILER_ACTORS = 4
 
 
 def make_transport(settings: Settings) -> EmailTransport:
-    """The outbox transport (``.eml`` files) unless a provider is configured."""
+    """The outbox transport (``.eml`` files): the default without a provider."""
     return OutboxTransport(settings.mail_dir)
+
+
+def make_process_transport(ctx: ProcessContext) -> EmailTransport:
+    """SendGrid when SENDGRID_API_KEY is set, else the outbox transport."""
+    return make_sendgrid_transport(ctx.settings, ctx.pool) or make_transport(ctx.settings)
 
 
 def concern(ctx: ProcessContext) -> Concern:
     """One emailer actor per worker thread of the e-mail worker."""
-    transport = make_transport(ctx.settings)
+    transport = make_process_transport(ctx)
     zone = ctx.settings.zone
 
     async def handle(message: tuple[str, int]) -> DeliveryOutcome:
