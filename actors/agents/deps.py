@@ -65,8 +65,10 @@ async def open_deps(
     redis_url, database_url = settings.require_urls()
     pool = await db.create_pool(database_url)
     redis = Redis.from_url(redis_url)
+    deps = build_deps(settings, pool, redis, create_agent_metrics(registry), clock, bridge)
     try:
-        yield build_deps(settings, pool, redis, create_agent_metrics(registry), clock, bridge)
+        yield deps
     finally:
+        await deps.llm.aclose()
         await redis.aclose()
         await pool.close()

@@ -142,6 +142,11 @@ class LlmGateway:
         self._metrics = metrics
         self._clock = clock
 
+    async def aclose(self) -> None:
+        """Close the SDK client's connections (call on the loop that used it)."""
+        if self._client is not None:
+            await self._client.close()
+
     @property
     def online(self) -> bool:
         """Whether a client exists at all (an API key is configured)."""

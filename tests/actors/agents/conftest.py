@@ -55,20 +55,25 @@ MakeDeps = Callable[..., AgentDeps]
 
 
 @pytest.fixture
-def make_deps(
+async def make_deps(
     settings: Settings, pool: asyncpg.Pool, redis: Redis, fake_llm: FakeAnthropic, clock: Clock
-) -> MakeDeps:
+) -> AsyncIterator[MakeDeps]:
     """Deps against the fake API; keyword arguments override settings fields."""
+    made: list[AgentDeps] = []
 
     def make(**overrides: Any) -> AgentDeps:
         base = replace(
             settings, anthropic_api_key="sk-ant-test", anthropic_base_url=fake_llm.url,
             llm_timeout_s=2.0, llm_max_retries=0,
         )
-        return build_deps(replace(base, **overrides), pool, redis,
+        deps = build_deps(replace(base, **overrides), pool, redis,
                           create_agent_metrics(CollectorRegistry()), clock)
+        made.append(deps)
+        return deps
 
-    return make
+    yield make
+    for deps in made:
+        await deps.llm.aclose()
 
 
 def metric(deps: AgentDeps, name: str, **labels: str) -> float:
