@@ -129,7 +129,7 @@ _CHAR_RUN = re.compile(r"(.)\1{7,}")
 def heuristic_signals(text: str) -> list[Signal]:
     """The deterministic checks that fire on ``text`` (links, contacts, repetition, promotion, steering)."""
     signals: list[Signal] = []
-    if _LINK.search(text):
+    if _LINK.search(_EMAIL.sub(" ", text)):
         signals.append(Signal("spam_or_promotion", "contains a link"))
     if _PROMO.search(text):
         signals.append(Signal("spam_or_promotion", "promotional wording"))
