@@ -15,7 +15,12 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from actors.agents.deps import AgentDeps
-from actors.agents.messages import ANSWER_SUPPORT, MODERATE_REVIEW, RECOMMEND, REFRESH_RECOMMENDATIONS
+from actors.agents.messages import (
+    ANSWER_SUPPORT,
+    MODERATE_REVIEW,
+    RECOMMEND,
+    REFRESH_RECOMMENDATIONS,
+)
 from actors.agents.moderation import moderate_review
 from actors.agents.recommendation import active_customer_ids, recommend
 from actors.agents.support import answer_support

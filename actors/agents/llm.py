@@ -30,6 +30,7 @@ from typing import Any
 import anthropic
 import jsonschema
 from anthropic import AsyncAnthropic
+from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
 
 from actors.agents.limits import AgentLimits, SharedLimits
 from actors.agents.metrics import AgentMetrics
@@ -50,7 +51,7 @@ class Tool:
     description: str
     input_schema: dict[str, Any]
 
-    def as_param(self) -> dict[str, Any]:
+    def as_param(self) -> ToolParam:
         """The tool as the Messages API takes it."""
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
 
@@ -192,14 +193,16 @@ class LlmGateway:
     ) -> LlmReply:
         m = self._metrics
         started = time.monotonic()
+        messages: list[MessageParam] = [{"role": "user", "content": user}]
+        choice: ToolChoiceToolParam = {"type": "tool", "name": tool.name}
         try:
             message = await client.messages.create(
                 model=self._settings.llm_model,
                 max_tokens=self._settings.llm_max_output_tokens,
                 system=system,
-                messages=[{"role": "user", "content": user}],
-                tools=[tool.as_param()],  # type: ignore[list-item]
-                tool_choice={"type": "tool", "name": tool.name},
+                messages=messages,
+                tools=[tool.as_param()],
+                tool_choice=choice,
             )
         except (anthropic.APITimeoutError, anthropic.APIConnectionError, anthropic.APIStatusError) as exc:
             raise await self._failed(agent, limits, estimate, day_of_call, started, exc) from exc

@@ -112,16 +112,16 @@ class ModerationOutcome:
         return asdict(self)
 
 
-_LINK = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|br|io|shop|store|xyz|info|biz|ly)\b", re.I)
+_LINK = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|br|io|shop|store|xyz|info|biz|ly)\b", re.IGNORECASE)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"\+?\(?\d[\d\s().-]{6,}\d")
 _PROMO = re.compile(
     r"\b(buy now|discount code|promo code|coupon|use code|visit my|check out my|follow me|dm me|"
-    r"whats\s?app|telegram|cheap\w*|for sale|order now|click here|earn money)\b", re.I)
+    r"whats\s?app|telegram|cheap\w*|for sale|order now|click here|earn money)\b", re.IGNORECASE)
 _TO_MODERATOR = re.compile(
     r"\b(ignore|disregard|forget)\b.{0,30}\b(instructions|rules|prompt|guidelines)\b|"
     r"\b(approve|publish|accept)\s+(this|it|my review)\b|\b(as|dear)\s+(the\s+)?(moderator|ai|assistant)\b|"
-    r"\bsystem\s+prompt\b|\byou\s+(must|should|will)\s+(approve|publish)\b", re.I | re.S)
+    r"\bsystem\s+prompt\b|\byou\s+(must|should|will)\s+(approve|publish)\b", re.IGNORECASE | re.DOTALL)
 _WORD = re.compile(r"\w{3,}", re.UNICODE)
 _CHAR_RUN = re.compile(r"(.)\1{7,}")
 

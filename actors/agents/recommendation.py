@@ -83,7 +83,7 @@ class Recommendations:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> "Recommendations":
+    def from_json(cls, raw: str | bytes) -> Recommendations:
         """Back from the cache form, marked as cached."""
         data: dict[str, Any] = json.loads(raw)
         data["items"] = [Recommendation(**item) for item in data["items"]]

@@ -26,7 +26,12 @@ from typing import Any
 import asyncpg
 
 from actors.agents.common import (
-    FALLBACK_NOTICE, SOURCE_FALLBACK, SOURCE_MODEL, SOURCE_POLICY, delimited, fallback_reason,
+    FALLBACK_NOTICE,
+    SOURCE_FALLBACK,
+    SOURCE_MODEL,
+    SOURCE_POLICY,
+    delimited,
+    fallback_reason,
 )
 from actors.agents.deps import AgentDeps
 from actors.agents.llm import LlmReply, Tool
@@ -280,6 +285,7 @@ async def answer_support(deps: AgentDeps, customer_id: int, question: str, *,
                                         deps.settings.zone)
     probe = probes_for_others(question, view)
     reply: LlmReply | None = None
+    detail: str | None
     if probe is not None:
         text, source, detail = SAFE_ANSWER, SOURCE_POLICY, f"refused:{probe}"
         log.warning("support: refused a question (%s)", probe, extra={"customer_id": customer_id})

@@ -16,7 +16,13 @@ from actors.agents.llm import Tool
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
 from tests.actors.agents.conftest import Clock, MakeDeps, metric
 from tests.actors.agents.fake_anthropic import (
-    FakeAnthropic, cut_text, cut_tool, hang, prose, status, tool,
+    FakeAnthropic,
+    cut_text,
+    cut_tool,
+    hang,
+    prose,
+    status,
+    tool,
 )
 
 pytestmark = pytest.mark.usefixtures("shop")
@@ -49,7 +55,7 @@ async def test_529_that_persists_falls_back_and_is_counted(make_deps: MakeDeps, 
     fake_llm.default = status(529, "overloaded_error", {"retry-after-ms": "20"})
     answer = await reco.recommend(deps, 1)
     assert answer.source == "fallback" and answer.fallback_reason == "api_error"
-    assert [i.product_id for i in answer.items][0] == 2  # the SQL ranking answered
+    assert answer.items[0].product_id == 2  # the SQL ranking answered
     assert len(fake_llm.requests) == 2  # one try plus the SDK's one retry
     assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="api_error") == 1
     assert metric(deps, "shopflow_agent_fallbacks_total", agent="recommendation", reason="api_error") == 1

@@ -143,7 +143,7 @@ async def test_fallback_classifier_and_spam_rules(make_deps: MakeDeps, fake_llm:
 
 
 def test_heuristics() -> None:
-    cats = lambda t: sorted({s.category for s in mod.heuristic_signals(t)})  # noqa: E731
+    cats = lambda t: sorted({s.category for s in mod.heuristic_signals(t)})
     assert cats("Lovely album, great sound.") == []
     assert cats("see https://spam.example") == ["spam_or_promotion"]
     assert cats("mail me: joe@example.com") == ["personal_data"]
