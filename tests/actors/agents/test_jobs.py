@@ -100,3 +100,40 @@ async def test_refresh_fans_out_recommend_jobs(
 
 def _broker() -> dramatiq.Broker:
     return dramatiq.get_broker()
+
+
+async def test_agents_concern_runs_under_the_root_supervisor(
+    settings: Settings, fake_llm: FakeAnthropic, pool: Any
+) -> None:
+    """The wiring the agents-worker process uses: supervised pykka agents behind thin actors."""
+    from actors.agents.jobs import MODERATION_AGENT, concern
+    from runtime.process import ProcessContext
+    from runtime.worker import build_root
+
+    settings = replace(settings, anthropic_api_key="sk-ant-test", anthropic_base_url=fake_llm.url)
+    fake_llm.push(tool_approve())
+    rid = await pool.fetchval(
+        "INSERT INTO reviews (customer_id, product_id, rating, body) VALUES (1, 1, 5, 'Superb.') RETURNING id")
+    ctx = await asyncio.to_thread(ProcessContext.start, settings)
+    finished = Finished()
+    ctx.broker.add_middleware(finished)
+    agents = concern(ctx, CollectorRegistry())
+    root = build_root("agents-worker", [agents]).start()
+    agents.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 10))
+    worker = dramatiq.Worker(ctx.broker, queues=set(agents.queues), worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert MODERATION_AGENT in [c.id for c in root.snapshot()]
+        MODERATE_REVIEW.send(ctx.broker, rid)
+        assert await asyncio.to_thread(finished.wait_for, 1) == [(MODERATE_REVIEW.actor, None)]
+        assert await pool.fetchval("SELECT status FROM reviews WHERE id = $1", rid) == "approved"
+    finally:
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(root.stop)
+        await asyncio.to_thread(ctx.stop)
+
+
+def tool_approve() -> Any:
+    from tests.actors.agents.fake_anthropic import tool
+
+    return tool({"approved": True, "confidence": 0.95, "categories": [], "reason": "Fine."})
