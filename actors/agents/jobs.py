@@ -25,7 +25,12 @@ from dramatiq.middleware import CurrentMessage
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from actors.agents.deps import AgentDeps, build_deps
-from actors.agents.messages import ANSWER_SUPPORT, MODERATE_REVIEW, RECOMMEND, REFRESH_RECOMMENDATIONS
+from actors.agents.messages import (
+    ANSWER_SUPPORT,
+    MODERATE_REVIEW,
+    RECOMMEND,
+    REFRESH_RECOMMENDATIONS,
+)
 from actors.agents.metrics import create_agent_metrics
 from actors.agents.moderation import moderate_review
 from actors.agents.recommendation import active_customer_ids, recommend
