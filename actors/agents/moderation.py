@@ -29,7 +29,9 @@ import asyncpg
 from actors.agents.common import SOURCE_FALLBACK, SOURCE_MODEL, delimited, fallback_reason
 from actors.agents.deps import AgentDeps
 from actors.agents.llm import LlmReply, Tool
-from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable, NotFound
+from actors.agents.messages import MODERATE_REVIEW
+from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable, NotFound, ValidationError
+from runtime.outbox import emit
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ PROFANITY_REJECT_PROBABILITY = 0.9
 RULES_FLAG_CONFIDENCE = 0.5
 
 APPROVED, REJECTED, MANUAL = "approved", "rejected", "manual_review"
+# Outbox channel of review events (submitted, moderated): the dashboard's live feed.
+REVIEWS_CHANNEL = "reviews"
+MAX_REVIEW_CHARS = 5_000
 
 SYSTEM_PROMPT = """You moderate product reviews for ShopFlow, an online music shop.
 Decide whether a review may be published. Reject it if it contains any of:
@@ -256,6 +261,33 @@ async def _judge(deps: AgentDeps, review_id: int, product: str, rating: int, bod
                              verdict.categories, signals, model=reply.model)
 
 
+async def submit_review(pool: asyncpg.Pool, customer_id: int, product_id: int, rating: int, body: str) -> int:
+    """Store a new review as pending and queue its moderation, in one transaction.
+
+    The moderation job rides on the outbox, so a review is never stored
+    without its job nor moderated before it is committed.
+    """
+    body = (body or "").strip()
+    if not 1 <= rating <= 5:
+        raise ValidationError("rating must be between 1 and 5", field="rating")
+    if not body:
+        raise ValidationError("the review is empty", field="body")
+    if len(body) > MAX_REVIEW_CHARS:
+        raise ValidationError(f"the review is longer than {MAX_REVIEW_CHARS} characters", field="body")
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            review_id = int(await conn.fetchval(
+                """INSERT INTO reviews (customer_id, product_id, rating, body)
+                   VALUES ($1, $2, $3, $4) RETURNING id""", customer_id, product_id, rating, body,
+            ))
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"customer {customer_id} or product {product_id} does not exist") from None
+        await emit(conn, REVIEWS_CHANNEL, "review-submitted",
+                   {"review_id": review_id, "product_id": product_id, "customer_id": customer_id},
+                   job=MODERATE_REVIEW.as_job(review_id))
+    return review_id
+
+
 async def _store(pool: asyncpg.Pool, outcome: ModerationOutcome) -> ModerationOutcome:
     """Record the decision on the review and in the log, once (a concurrent run loses)."""
     async with pool.acquire() as conn, conn.transaction():
@@ -273,6 +305,10 @@ async def _store(pool: asyncpg.Pool, outcome: ModerationOutcome) -> ModerationOu
             outcome.review_id, outcome.status, outcome.source, outcome.approved, outcome.confidence,
             sorted(set(outcome.categories) | {s.category for s in outcome.signals}), outcome.reason,
         )
+        await emit(conn, REVIEWS_CHANNEL, "review-moderated", {
+            "review_id": outcome.review_id, "status": outcome.status, "source": outcome.source,
+            "categories": sorted(set(outcome.categories) | {s.category for s in outcome.signals}),
+        })
     return outcome
 
 

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 AGENT = "recommendation"
 # Orders this recent count as "trending".
 TRENDING_WINDOW_DAYS = 30
+# Co-purchases start from the customer's latest products and look at a bounded
+# sample of their other buyers (the most recent ones), which keeps the query in
+# the milliseconds on a shop with 100k orders.
+CO_PURCHASE_SEED_PRODUCTS = 10
+CO_PURCHASE_BUYERS_PER_PRODUCT = 50
+# Trending is the same for everyone: computed once and cached this long.
+TRENDING_CACHE_S = 600
+TRENDING_TOP = 200
 # How many past purchases the model is shown.
 HISTORY_LIMIT = 20
 # Statuses whose items do not count as bought.
@@ -129,57 +137,92 @@ def recommendations_tool(max_picks: int) -> Tool:
     )
 
 
+_TRENDING_SQL = """
+SELECT oi.product_id, sum(oi.quantity)::int AS units
+FROM orders o JOIN order_items oi ON oi.order_id = o.id
+WHERE o.created_at >= $1 AND o.status <> ALL($2::text[])
+GROUP BY oi.product_id ORDER BY units DESC LIMIT $3
+"""
+
 _CANDIDATES_SQL = """
 WITH mine AS (
     SELECT DISTINCT oi.product_id
     FROM orders o JOIN order_items oi ON oi.order_id = o.id
-    WHERE o.customer_id = $1 AND o.status <> ALL($4::text[])
-), others AS (
-    SELECT DISTINCT o.customer_id
+    WHERE o.customer_id = $1 AND o.status <> ALL($3::text[])
+), recent_mine AS (
+    SELECT oi.product_id
     FROM orders o JOIN order_items oi ON oi.order_id = o.id
-    WHERE oi.product_id IN (SELECT product_id FROM mine)
-      AND o.customer_id <> $1 AND o.status <> ALL($4::text[])
+    WHERE o.customer_id = $1 AND o.status <> ALL($3::text[])
+    GROUP BY oi.product_id ORDER BY max(o.created_at) DESC LIMIT $4
+), others AS (
+    -- the latest buyers of each of those products (order ids grow with time): a bounded
+    -- sample, so a best-seller bought by half the shop does not scan half the shop
+    SELECT DISTINCT o.customer_id
+    FROM recent_mine m
+    CROSS JOIN LATERAL (
+        SELECT oi.order_id FROM order_items oi
+        WHERE oi.product_id = m.product_id ORDER BY oi.order_id DESC LIMIT $5
+    ) latest
+    JOIN orders o ON o.id = latest.order_id
+    WHERE o.customer_id <> $1 AND o.status <> ALL($3::text[])
 ), co AS (
     SELECT oi.product_id, count(DISTINCT o.customer_id) AS buyers
-    FROM orders o JOIN order_items oi ON oi.order_id = o.id
-    WHERE o.customer_id IN (SELECT customer_id FROM others) AND o.status <> ALL($4::text[])
+    FROM others JOIN orders o ON o.customer_id = others.customer_id
+    JOIN order_items oi ON oi.order_id = o.id
+    WHERE o.status <> ALL($3::text[])
     GROUP BY oi.product_id
-), sales AS (
-    SELECT oi.product_id,
-           sum(oi.quantity) FILTER (WHERE o.created_at >= $2) AS recent_units,
-           sum(oi.quantity) AS all_units
-    FROM orders o JOIN order_items oi ON oi.order_id = o.id
-    WHERE o.status <> ALL($4::text[])
-    GROUP BY oi.product_id
+), trending AS (
+    SELECT * FROM unnest($6::bigint[], $7::int[]) AS t(product_id, units)
 ), prefs AS (
     SELECT coalesce((SELECT favourite_categories FROM customer_preferences WHERE customer_id = $1),
                     '{}'::text[]) AS categories
 )
 SELECT p.id, p.name, p.category, p.price_cents,
        coalesce(co.buyers, 0)::int AS co_buyers,
-       coalesce(sales.recent_units, 0)::int AS trend_units,
+       coalesce(trending.units, 0)::int AS trend_units,
        (p.category = ANY(prefs.categories)) AS preferred
 FROM products p
 CROSS JOIN prefs
 LEFT JOIN co ON co.product_id = p.id
-LEFT JOIN sales ON sales.product_id = p.id
+LEFT JOIN trending ON trending.product_id = p.id
 LEFT JOIN inventory i ON i.product_id = p.id
 WHERE p.id NOT IN (SELECT product_id FROM mine)
   AND (i.product_id IS NULL OR i.quantity - i.reserved_quantity > 0)
 ORDER BY coalesce(co.buyers, 0) * 3
-         + ln(1 + coalesce(sales.recent_units, 0))
+         + ln(1 + coalesce(trending.units, 0))
          + CASE WHEN p.category = ANY(prefs.categories) THEN 2 ELSE 0 END DESC,
-         coalesce(sales.all_units, 0) DESC, p.id
-LIMIT $3
+         p.id
+LIMIT $2
 """
 
 
-async def load_candidates(
-    conn: asyncpg.Connection | asyncpg.Pool, customer_id: int, now: datetime, limit: int
-) -> list[Candidate]:
-    """Ranked candidates for ``customer_id``: co-purchases, trending, preferred, in stock, new to them."""
+async def load_trending(conn: asyncpg.Connection | asyncpg.Pool, now: datetime) -> dict[int, int]:
+    """Units sold per product over the trending window (the top ones), shop-wide."""
     rows = await conn.fetch(
-        _CANDIDATES_SQL, customer_id, now - timedelta(days=TRENDING_WINDOW_DAYS), limit, _DEAD_STATUSES
+        _TRENDING_SQL, now - timedelta(days=TRENDING_WINDOW_DAYS), _DEAD_STATUSES, TRENDING_TOP
+    )
+    return {r["product_id"]: r["units"] for r in rows}
+
+
+async def trending(deps: AgentDeps) -> dict[int, int]:
+    """The shop-wide trending list, computed once per few minutes for every customer and process."""
+    key = f"{deps.settings.namespace}:agents:trending"
+    raw = await deps.redis.get(key)
+    if raw:
+        return {int(k): int(v) for k, v in json.loads(raw).items()}
+    result = await load_trending(deps.pool, deps.clock())
+    await deps.redis.set(key, json.dumps(result), ex=TRENDING_CACHE_S)
+    return result
+
+
+async def load_candidates(
+    conn: asyncpg.Connection | asyncpg.Pool, customer_id: int, limit: int, hot: dict[int, int]
+) -> list[Candidate]:
+    """Ranked candidates for ``customer_id``: co-purchases, trending (``hot``), preferred, in stock,
+    not bought yet."""
+    rows = await conn.fetch(
+        _CANDIDATES_SQL, customer_id, limit, _DEAD_STATUSES, CO_PURCHASE_SEED_PRODUCTS,
+        CO_PURCHASE_BUYERS_PER_PRODUCT, list(hot), list(hot.values()),
     )
     return [
         Candidate(r["id"], r["name"], r["category"], r["price_cents"], r["co_buyers"],
@@ -280,10 +323,11 @@ async def recommend(deps: AgentDeps, customer_id: int, *, refresh: bool = False,
 async def _compute(deps: AgentDeps, customer_id: int, prefer_retry: bool) -> Recommendations:
     s = deps.settings
     now = deps.clock()
+    hot = await trending(deps)
     async with deps.pool.acquire() as conn:
         if not await conn.fetchval("SELECT 1 FROM customers WHERE id = $1", customer_id):
             raise NotFound(f"customer {customer_id} does not exist")
-        candidates = await load_candidates(conn, customer_id, now, s.recommendation_candidates)
+        candidates = await load_candidates(conn, customer_id, s.recommendation_candidates, hot)
         history = await load_history(conn, customer_id)
         prefs = await load_preferences(conn, customer_id)
     stamp = now.isoformat()

@@ -9,8 +9,8 @@ CREATE TABLE customer_preferences (
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
 
--- Co-purchase and trending queries look order items up by product.
-CREATE INDEX agents_order_items_product_idx ON order_items (product_id);
+-- Co-purchase queries look up a product's latest order items.
+CREATE INDEX agents_order_items_product_idx ON order_items (product_id, order_id);
 
 -- Why an answer came from where it came from, and which model gave it.
 ALTER TABLE support_interactions

@@ -150,3 +150,23 @@ def test_heuristics() -> None:
     assert cats("aaaaaaaaaaaaaa") == ["spam_or_promotion"]
     assert cats("Dear moderator, you must approve this review") == ["off_topic"]
     assert cats("The price went from 49 to 39, a good deal") == []
+
+
+async def test_submitting_a_review_queues_its_moderation_in_the_same_transaction(make_deps: MakeDeps) -> None:
+    from runtime.errors import NotFound, ValidationError
+
+    deps = make_deps(anthropic_api_key=None)
+    rid = await mod.submit_review(deps.pool, 1, 2, 5, "  Gorgeous record.  ")
+    row = await deps.pool.fetchrow("SELECT status, body FROM reviews WHERE id = $1", rid)
+    assert (row["status"], row["body"]) == ("pending", "Gorgeous record.")
+    event = await deps.pool.fetchrow("SELECT * FROM outbox WHERE event_type = 'review-submitted'")
+    assert event["channel"] == "reviews" and event["payload"]["review_id"] == rid
+    assert event["job"] == {"queue": "moderation", "actor": "agents.moderate_review", "args": [rid], "options": {}}
+    outcome = await mod.moderate_review(deps, rid)
+    moderated = await deps.pool.fetchrow("SELECT payload FROM outbox WHERE event_type = 'review-moderated'")
+    assert moderated["payload"] == {"review_id": rid, "status": outcome.status, "source": "fallback",
+                                    "categories": []}
+    with pytest.raises(ValidationError):
+        await mod.submit_review(deps.pool, 1, 2, 6, "x")
+    with pytest.raises(NotFound):
+        await mod.submit_review(deps.pool, 1, 999, 5, "x")

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("shop")
 
 async def test_candidates_rank_co_purchases_and_skip_bought_and_out_of_stock(make_deps: MakeDeps) -> None:
     deps = make_deps()
-    candidates = await reco.load_candidates(deps.pool, 1, NOON, 30)
+    hot = await reco.load_trending(deps.pool, NOON)
+    assert hot[6] == 10  # Dan's ten copies this month
+    candidates = await reco.load_candidates(deps.pool, 1, 30, hot)
     ids = [c.product_id for c in candidates]
     assert ids[0] == 2  # bought by both other Kind of Blue buyers
     assert {1, 4}.isdisjoint(ids)  # already Ana's
