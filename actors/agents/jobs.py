@@ -58,13 +58,20 @@ async def handle(deps: AgentDeps, message: tuple[Any, ...]) -> Any:
     if kind == "active_customers":
         return await active_customer_ids(deps)
     if kind == "support":
-        customer_id, question, prefer_retry = args
-        answer = await answer_support(deps, int(customer_id), str(question), prefer_retry=prefer_retry)
+        customer_id, question, prefer_retry, request_id = args
+        answer = await answer_support(deps, int(customer_id), str(question), prefer_retry=prefer_retry,
+                                      request_id=request_id)
         return answer.interaction_id
     if kind == "moderate":
         review_id, prefer_retry = args
         return (await moderate_review(deps, int(review_id), prefer_retry=prefer_retry)).status
     raise ValueError(f"the agents do not know the request {kind!r}")
+
+
+def _message_id() -> str | None:
+    """The current Dramatiq message's id: the same across retries and redeliveries."""
+    message = CurrentMessage.get_current_message()
+    return None if message is None else str(message.message_id)
 
 
 def _attempts_left(max_retries: int) -> bool:
@@ -94,7 +101,7 @@ def declare_jobs(broker: dramatiq.Broker, ask: Asker, max_retries: int) -> dict[
 
     def support_job(customer_id: int, question: str) -> None:
         """Answer and log a support question."""
-        call(SUPPORT_AGENT, ("support", customer_id, question, _attempts_left(max_retries)))
+        call(SUPPORT_AGENT, ("support", customer_id, question, _attempts_left(max_retries), _message_id()))
 
     def moderate_job(review_id: int) -> None:
         """Moderate a new review."""

@@ -270,11 +270,17 @@ def build_prompt(view: CustomerView, question: str) -> str:
 
 
 async def answer_support(deps: AgentDeps, customer_id: int, question: str, *,
-                         prefer_retry: bool = False) -> SupportAnswer:
+                         prefer_retry: bool = False, request_id: str | None = None) -> SupportAnswer:
     """Answer ``question`` for ``customer_id`` and log the interaction.
 
-    ``prefer_retry``: see :func:`actors.agents.recommendation.recommend`.
+    ``request_id`` makes a repeated request (a redelivered job) return the
+    answer already given instead of asking again. ``prefer_retry``: see
+    :func:`actors.agents.recommendation.recommend`.
     """
+    if request_id is not None:
+        earlier = await _earlier_answer(deps, request_id)
+        if earlier is not None:
+            return earlier
     question = (question or "").strip()
     if not question:
         raise ValidationError("the question is empty", field="question")
@@ -291,9 +297,24 @@ async def answer_support(deps: AgentDeps, customer_id: int, question: str, *,
         log.warning("support: refused a question (%s)", probe, extra={"customer_id": customer_id})
     else:
         text, source, detail, reply = await _ask_model(deps, view, question, prefer_retry)
-    answer_id = await _log(deps, customer_id, question, text, source, detail, reply)
+    answer_id = await _log(deps, customer_id, question, text, source, detail, reply, request_id)
+    if answer_id is None:  # a concurrent run of the same request logged first: its answer stands
+        earlier = await _earlier_answer(deps, request_id or "")
+        assert earlier is not None
+        return earlier
     deps.metrics.answers.labels(AGENT, source).inc()
     return SupportAnswer(answer_id, customer_id, text, source, detail, reply.model if reply else None)
+
+
+async def _earlier_answer(deps: AgentDeps, request_id: str) -> SupportAnswer | None:
+    row = await deps.pool.fetchrow(
+        """SELECT id, customer_id, answer, source, source_detail, model
+           FROM support_interactions WHERE request_id = $1""", request_id,
+    )
+    if row is None:
+        return None
+    return SupportAnswer(row["id"], row["customer_id"], row["answer"], row["source"], row["source_detail"],
+                         row["model"])
 
 
 async def _ask_model(
@@ -324,15 +345,17 @@ def _fallback(deps: AgentDeps, view: CustomerView, question: str,
 
 
 async def _log(deps: AgentDeps, customer_id: int, question: str, answer: str, source: str,
-               detail: str | None, reply: LlmReply | None) -> int:
-    """Write the interaction (question, answer, source, tokens) and return its id."""
+               detail: str | None, reply: LlmReply | None, request_id: str | None) -> int | None:
+    """Write the interaction (question, answer, source, tokens); its id, or None if the request
+    was already logged."""
     interaction_id = await deps.pool.fetchval(
         """INSERT INTO support_interactions
                (customer_id, question, answer, source, source_detail, model,
-                input_tokens, output_tokens, latency_ms)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                input_tokens, output_tokens, latency_ms, request_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+           ON CONFLICT (request_id) DO NOTHING RETURNING id""",
         customer_id, question, answer, source, detail, reply.model if reply else None,
         reply.input_tokens if reply else 0, reply.output_tokens if reply else 0,
-        reply.latency_ms if reply else None,
+        reply.latency_ms if reply else None, request_id,
     )
-    return int(interaction_id)
+    return None if interaction_id is None else int(interaction_id)

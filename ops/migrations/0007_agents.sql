@@ -16,7 +16,9 @@ CREATE INDEX agents_order_items_product_idx ON order_items (product_id, order_id
 ALTER TABLE support_interactions
     ADD COLUMN source_detail text,
     ADD COLUMN model text,
-    ADD COLUMN latency_ms integer;
+    ADD COLUMN latency_ms integer,
+    -- The asking request's id (e.g. the Dramatiq message id): a redelivered job answers once.
+    ADD COLUMN request_id text UNIQUE;
 CREATE INDEX support_interactions_customer_idx ON support_interactions (customer_id, created_at DESC);
 
 -- One row per moderation decision (the review row keeps only the latest):

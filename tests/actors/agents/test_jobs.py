@@ -15,8 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from actors.agents.deps import open_deps
 from actors.agents.jobs import register_actors
-from actors.agents.messages import MODERATE_REVIEW, RECOMMEND, REFRESH_RECOMMENDATIONS
-from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, setup_broker
+from actors.agents.messages import (
+    ANSWER_SUPPORT,
+    MODERATE_REVIEW,
+    RECOMMEND,
+    REFRESH_RECOMMENDATIONS,
+)
+from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPORT, setup_broker
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 from tests.actors.agents.fake_anthropic import FakeAnthropic, status
@@ -60,7 +65,8 @@ def worker_env(settings: Settings, fake_llm: FakeAnthropic) -> Iterator[tuple[Fi
     opened = open_deps(settings, CollectorRegistry(), bridge=bridge)
     deps = bridge.run(opened.__aenter__())
     register_actors(broker, deps)
-    worker = dramatiq.Worker(broker, queues={QUEUE_MODERATION, QUEUE_RECOMMENDATIONS}, worker_threads=2,
+    worker = dramatiq.Worker(broker, queues={QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPORT},
+                             worker_threads=2,
                              worker_timeout=100)
     worker.start()
     yield finished, deps
@@ -96,6 +102,23 @@ async def test_refresh_fans_out_recommend_jobs(
     assert sorted(name for name, _ in done) == [RECOMMEND.actor] * 4 + [REFRESH_RECOMMENDATIONS.actor]
     for customer_id in (1, 2, 3, 4):
         assert await redis.exists(f"{deps.settings.namespace}:agents:reco:{customer_id}")
+
+
+async def test_support_job_logs_one_answer_keyed_by_its_message(
+    worker_env: tuple[Finished, Any], fake_llm: FakeAnthropic, pool: Any
+) -> None:
+    finished, _ = worker_env
+    fake_llm.push(tool_answer("Your order #102 is on its way."))
+    message = ANSWER_SUPPORT.send(_broker(), 1, "Where is my record?")
+    assert await asyncio.to_thread(finished.wait_for, 1) == [(ANSWER_SUPPORT.actor, None)]
+    rows = await pool.fetch("SELECT answer, source, request_id FROM support_interactions")
+    assert [tuple(r) for r in rows] == [("Your order #102 is on its way.", "model", message.message_id)]
+
+
+def tool_answer(text: str) -> Any:
+    from tests.actors.agents.fake_anthropic import tool
+
+    return tool({"answer": text, "refused": False, "order_ids": [102]})
 
 
 def _broker() -> dramatiq.Broker:
