@@ -22,7 +22,7 @@ from typing import Any
 import dramatiq
 import pykka
 from dramatiq.middleware import CurrentMessage
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from actors.agents.deps import AgentDeps, build_deps
 from actors.agents.messages import (
@@ -37,6 +37,7 @@ from actors.agents.recommendation import active_customer_ids, recommend
 from actors.agents.support import answer_support
 from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPORT, declare_actor
 from runtime.errors import NotFound, PermanentJobError, ValidationError
+from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec, Restart
@@ -131,11 +132,15 @@ def register_actors(broker: dramatiq.Broker, deps: AgentDeps) -> dict[str, drama
 def concern(ctx: ProcessContext, registry: CollectorRegistry | None = None) -> Concern:
     """The agents' part of a worker process: three supervised agents and their thin actors.
 
-    Metrics go to ``registry`` (the process's default registry unless given);
-    call once per process.
+    The agents' metrics are created after the process's metrics switched
+    prometheus-client to multiprocess mode (:func:`runtime.metrics.get_metrics`),
+    so they land in the shared directory that ``/metrics`` adds up; ``registry``
+    is only the object they are registered on. Call once per process.
     """
-    deps = build_deps(ctx.settings, ctx.pool, ctx.redis, create_agent_metrics(registry or REGISTRY),
-                      bridge=ctx.bridge)
+    if registry is None:
+        get_metrics(ctx.settings)
+        registry = CollectorRegistry(auto_describe=False)
+    deps = build_deps(ctx.settings, ctx.pool, ctx.redis, create_agent_metrics(registry), bridge=ctx.bridge)
     timeout_s = ctx.settings.actor_ask_timeout_s
 
     async def serve(message: Any) -> Any:
