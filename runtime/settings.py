@@ -97,6 +97,45 @@ DEFAULT_SENDGRID_RECONCILE_GRACE_S = 600.0
 # A known customer's cart idle this long gets one reminder (the original: 24 h).
 DEFAULT_CART_IDLE_S = 24 * 3600
 
+# --- agents ---
+# A current Claude model listed by the installed anthropic SDK (2.16); the
+# original's model id has been retired. Any id the API accepts works here.
+DEFAULT_LLM_MODEL = "claude-sonnet-5-5"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+# One model call may take this long before it counts as failed.
+DEFAULT_LLM_TIMEOUT_S = 20.0
+# The SDK's own retries (transport errors, 429/529 with retry-after) per call.
+DEFAULT_LLM_MAX_RETRIES = 2
+# Output cap of one answer; our tool answers are short JSON objects.
+DEFAULT_LLM_MAX_OUTPUT_TOKENS = 1_024
+# Over a rate limit a call waits ("wait") up to the max wait, or answers from
+# the fallback at once ("fallback").
+DEFAULT_LLM_ON_LIMIT = "wait"
+DEFAULT_LLM_MAX_WAIT_S = 20.0
+# Cost estimate in US dollars per million tokens (set to your price list).
+DEFAULT_LLM_INPUT_USD_PER_MTOK = 3.0
+DEFAULT_LLM_OUTPUT_USD_PER_MTOK = 15.0
+# After this many failed calls in a row an agent skips the API for the cooldown.
+DEFAULT_LLM_CIRCUIT_FAILURES = 5
+DEFAULT_LLM_CIRCUIT_COOLDOWN_S = 60
+# Per-agent limits: requests and tokens per minute, tokens per shop-zone day.
+DEFAULT_AGENT_RPM = 50
+DEFAULT_AGENT_TPM = 40_000
+DEFAULT_AGENT_DAILY_TOKENS = 2_000_000
+# Recommendations: how many, from how many candidates, cached how long.
+DEFAULT_RECOMMENDATION_COUNT = 5
+DEFAULT_RECOMMENDATION_CANDIDATES = 30
+DEFAULT_RECOMMENDATION_CACHE_TTL_S = 6 * 3600
+# A fallback answer is cached briefly so the model's answer replaces it soon.
+DEFAULT_RECOMMENDATION_FALLBACK_TTL_S = 300
+# The refresh job recomputes customers who ordered within this many days.
+DEFAULT_RECOMMENDATION_ACTIVE_DAYS = 90
+DEFAULT_RECOMMENDATION_REFRESH_BATCH = 500
+# Support: how many of the customer's latest orders the agent may see.
+DEFAULT_SUPPORT_RECENT_ORDERS = 5
+# Moderation: below this confidence a review waits for a person.
+DEFAULT_MODERATION_MIN_CONFIDENCE = 0.8
+
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
@@ -156,6 +195,20 @@ def _zone(env: Mapping[str, str], name: str, default: str) -> str:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{name} must be an IANA time zone such as {default}, got {value!r}") from None
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value > 1:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
     return value
 
 
@@ -233,6 +286,35 @@ class Settings:
     sendgrid_template_cart_reminder: str | None = None
     sendgrid_template_daily_report: str | None = None
     cart_idle_s: int = DEFAULT_CART_IDLE_S
+    # --- agents ---
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
+    llm_model: str = DEFAULT_LLM_MODEL
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
+    llm_max_retries: int = DEFAULT_LLM_MAX_RETRIES
+    llm_max_output_tokens: int = DEFAULT_LLM_MAX_OUTPUT_TOKENS
+    llm_on_limit: str = DEFAULT_LLM_ON_LIMIT
+    llm_max_wait_s: float = DEFAULT_LLM_MAX_WAIT_S
+    llm_input_usd_per_mtok: float = DEFAULT_LLM_INPUT_USD_PER_MTOK
+    llm_output_usd_per_mtok: float = DEFAULT_LLM_OUTPUT_USD_PER_MTOK
+    llm_circuit_failures: int = DEFAULT_LLM_CIRCUIT_FAILURES
+    llm_circuit_cooldown_s: int = DEFAULT_LLM_CIRCUIT_COOLDOWN_S
+    recommendation_rpm: int = DEFAULT_AGENT_RPM
+    recommendation_tpm: int = DEFAULT_AGENT_TPM
+    recommendation_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    support_rpm: int = DEFAULT_AGENT_RPM
+    support_tpm: int = DEFAULT_AGENT_TPM
+    support_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    moderation_rpm: int = DEFAULT_AGENT_RPM
+    moderation_tpm: int = DEFAULT_AGENT_TPM
+    moderation_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    recommendation_count: int = DEFAULT_RECOMMENDATION_COUNT
+    recommendation_candidates: int = DEFAULT_RECOMMENDATION_CANDIDATES
+    recommendation_cache_ttl_s: int = DEFAULT_RECOMMENDATION_CACHE_TTL_S
+    recommendation_fallback_ttl_s: int = DEFAULT_RECOMMENDATION_FALLBACK_TTL_S
+    recommendation_active_days: int = DEFAULT_RECOMMENDATION_ACTIVE_DAYS
+    recommendation_refresh_batch: int = DEFAULT_RECOMMENDATION_REFRESH_BATCH
+    support_recent_orders: int = DEFAULT_SUPPORT_RECENT_ORDERS
+    moderation_min_confidence: float = DEFAULT_MODERATION_MIN_CONFIDENCE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -334,6 +416,63 @@ class Settings:
             sendgrid_template_cart_reminder=_opt(e, "SENDGRID_TEMPLATE_CART_REMINDER"),
             sendgrid_template_daily_report=_opt(e, "SENDGRID_TEMPLATE_DAILY_REPORT"),
             cart_idle_s=_int(e, "SHOPFLOW_CART_IDLE_S", DEFAULT_CART_IDLE_S, 1),
+            # --- agents ---
+            anthropic_base_url=e.get("ANTHROPIC_BASE_URL") or DEFAULT_ANTHROPIC_BASE_URL,
+            llm_model=e.get("SHOPFLOW_LLM_MODEL") or DEFAULT_LLM_MODEL,
+            llm_timeout_s=_float(e, "SHOPFLOW_LLM_TIMEOUT_S", DEFAULT_LLM_TIMEOUT_S),
+            llm_max_retries=_int(e, "SHOPFLOW_LLM_MAX_RETRIES", DEFAULT_LLM_MAX_RETRIES, 0),
+            llm_max_output_tokens=_int(
+                e, "SHOPFLOW_LLM_MAX_OUTPUT_TOKENS", DEFAULT_LLM_MAX_OUTPUT_TOKENS, 64
+            ),
+            llm_on_limit=_choice(e, "SHOPFLOW_LLM_ON_LIMIT", DEFAULT_LLM_ON_LIMIT, ("wait", "fallback")),
+            llm_max_wait_s=_float(e, "SHOPFLOW_LLM_MAX_WAIT_S", DEFAULT_LLM_MAX_WAIT_S),
+            llm_input_usd_per_mtok=_float(
+                e, "SHOPFLOW_LLM_INPUT_USD_PER_MTOK", DEFAULT_LLM_INPUT_USD_PER_MTOK
+            ),
+            llm_output_usd_per_mtok=_float(
+                e, "SHOPFLOW_LLM_OUTPUT_USD_PER_MTOK", DEFAULT_LLM_OUTPUT_USD_PER_MTOK
+            ),
+            llm_circuit_failures=_int(e, "SHOPFLOW_LLM_CIRCUIT_FAILURES", DEFAULT_LLM_CIRCUIT_FAILURES, 1),
+            llm_circuit_cooldown_s=_int(
+                e, "SHOPFLOW_LLM_CIRCUIT_COOLDOWN_S", DEFAULT_LLM_CIRCUIT_COOLDOWN_S, 1
+            ),
+            recommendation_rpm=_int(e, "SHOPFLOW_RECOMMENDATION_RPM", DEFAULT_AGENT_RPM, 1),
+            recommendation_tpm=_int(e, "SHOPFLOW_RECOMMENDATION_TPM", DEFAULT_AGENT_TPM, 1),
+            recommendation_daily_tokens=_int(
+                e, "SHOPFLOW_RECOMMENDATION_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0
+            ),
+            support_rpm=_int(e, "SHOPFLOW_SUPPORT_RPM", DEFAULT_AGENT_RPM, 1),
+            support_tpm=_int(e, "SHOPFLOW_SUPPORT_TPM", DEFAULT_AGENT_TPM, 1),
+            support_daily_tokens=_int(e, "SHOPFLOW_SUPPORT_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0),
+            moderation_rpm=_int(e, "SHOPFLOW_MODERATION_RPM", DEFAULT_AGENT_RPM, 1),
+            moderation_tpm=_int(e, "SHOPFLOW_MODERATION_TPM", DEFAULT_AGENT_TPM, 1),
+            moderation_daily_tokens=_int(
+                e, "SHOPFLOW_MODERATION_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0
+            ),
+            recommendation_count=_int(
+                e, "SHOPFLOW_RECOMMENDATION_COUNT", DEFAULT_RECOMMENDATION_COUNT, 1
+            ),
+            recommendation_candidates=_int(
+                e, "SHOPFLOW_RECOMMENDATION_CANDIDATES", DEFAULT_RECOMMENDATION_CANDIDATES, 1
+            ),
+            recommendation_cache_ttl_s=_int(
+                e, "SHOPFLOW_RECOMMENDATION_CACHE_TTL_S", DEFAULT_RECOMMENDATION_CACHE_TTL_S, 1
+            ),
+            recommendation_fallback_ttl_s=_int(
+                e, "SHOPFLOW_RECOMMENDATION_FALLBACK_TTL_S", DEFAULT_RECOMMENDATION_FALLBACK_TTL_S, 1
+            ),
+            recommendation_active_days=_int(
+                e, "SHOPFLOW_RECOMMENDATION_ACTIVE_DAYS", DEFAULT_RECOMMENDATION_ACTIVE_DAYS, 1
+            ),
+            recommendation_refresh_batch=_int(
+                e, "SHOPFLOW_RECOMMENDATION_REFRESH_BATCH", DEFAULT_RECOMMENDATION_REFRESH_BATCH, 1
+            ),
+            support_recent_orders=_int(
+                e, "SHOPFLOW_SUPPORT_RECENT_ORDERS", DEFAULT_SUPPORT_RECENT_ORDERS, 1
+            ),
+            moderation_min_confidence=_fraction(
+                e, "SHOPFLOW_MODERATION_MIN_CONFIDENCE", DEFAULT_MODERATION_MIN_CONFIDENCE
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
