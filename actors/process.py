@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from actors.agents import jobs as agents
 from actors.carts import actor as carts
 from actors.emailer import actor as emailer
 from actors.fulfillment import actor as fulfillment
@@ -27,6 +28,7 @@ class WorkerKind:
 
 
 WORKER_KINDS: dict[str, WorkerKind] = {
+    "agents": WorkerKind((agents.concern,), lambda s: 4),
     "email": WorkerKind((emailer.concern,), lambda s: 4),
     "inventory": WorkerKind((inventory.concern,), lambda s: s.inventory_concurrency),
     "flow": WorkerKind((fulfillment.concern, monitor.concern, carts.concern), lambda s: 4),

@@ -43,7 +43,8 @@ async def seed(conn: Any, customers: int, products: int, orders: int, rng: rando
     await conn.copy_records_to_table("inventory", columns=["product_id", "quantity"],
                                      records=[(p, 100) for p in range(1, products + 1)])
     weights = [1 / (p ** 0.8) for p in range(1, products + 1)]  # a long tail, like real sales
-    order_rows, item_rows = [], []
+    order_rows: list[tuple[Any, ...]] = []
+    item_rows: list[tuple[Any, ...]] = []
     for o in range(1, orders + 1):
         picked = set(rng.choices(range(1, products + 1), weights, k=rng.randint(1, 4)))
         order_rows.append((o, rng.randint(1, customers), rng.choice(STATUSES), 1000,
