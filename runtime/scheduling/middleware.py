@@ -1,0 +1,150 @@
+"""Worker-side half of the scheduler: one run per slot, and each run's outcome recorded.
+
+Add :class:`ScheduledRunMiddleware` to the broker of every worker that runs
+scheduled jobs. For messages the scheduler sent (they carry ``sched_name``
+and ``sched_slot_ms`` in their options) it:
+
+- refuses a second message for a slot that another message already ran
+  (a re-send after a scheduler crash): it is skipped, logged and counted.
+  Dramatiq's own retries of the same message are let through;
+- logs and counts a run that starts late instead of dropping it (periodiq's
+  middleware silently skips messages older than 30 s; this one never does);
+- records the last run's status, times, result or error for
+  ``shopflow schedules``, and clears the schedule's in-flight marker when the
+  run is over, so the overlap policy sees it finished.
+
+Hooks run on Dramatiq's worker threads, hence the blocking Redis client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.middleware import Middleware, SkipMessage
+
+from runtime.scheduling.store import RUN_GUARD_TTL_MS, Keys
+
+log = logging.getLogger(__name__)
+
+# A run starting more than this long after its slot is logged as late.
+DEFAULT_LATE_AFTER_S = 60.0
+_MAX_TEXT = 500
+
+# KEYS: run guard, state, stats. ARGV: message_id, ttl_ms, now_ms, slot_ms.
+_GUARD = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then
+  redis.call('HINCRBY', KEYS[3], 'duplicates', 1)
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'last_status', 'running', 'last_slot_ms', ARGV[4],
+           'last_started_at_ms', ARGV[3], 'last_msg', ARGV[1], 'last_error', '')
+return 1
+"""
+
+# KEYS: inflight, state, stats. ARGV: message_id, status, now_ms, error, result, done (0/1).
+_FINISH = """
+if ARGV[6] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[2], 'last_msg') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'last_status', ARGV[2], 'last_finished_at_ms', ARGV[3],
+             'last_error', ARGV[4], 'last_result', ARGV[5])
+end
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+return 1
+"""
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:_MAX_TEXT]
+
+
+class ScheduledRunMiddleware(Middleware):
+    """See the module docstring. Build one per worker process, after start-up."""
+
+    def __init__(self, redis_url: str, namespace: str,
+                 late_after_s: float = DEFAULT_LATE_AFTER_S) -> None:
+        self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self._keys = Keys(namespace)
+        self._late_after_s = late_after_s
+        self._guard = self._redis.register_script(_GUARD)
+        self._finish = self._redis.register_script(_FINISH)
+
+    @staticmethod
+    def _slot(message: dramatiq.Message[Any]) -> tuple[str, int] | None:
+        name = message.options.get("sched_name")
+        slot_ms = message.options.get("sched_slot_ms")
+        if not isinstance(name, str) or not isinstance(slot_ms, int):
+            return None
+        return name, slot_ms
+
+    def before_process_message(self, broker: dramatiq.Broker,
+                               message: dramatiq.Message[Any]) -> None:
+        """Worker thread: claim the slot's run or skip the message as a duplicate."""
+        slot = self._slot(message)
+        if slot is None:
+            return
+        name, slot_ms = slot
+        now_ms = int(time.time() * 1000)
+        owned = self._guard(
+            keys=[self._keys.run_guard(name, slot_ms), self._keys.state(name),
+                  self._keys.stats(name)],
+            args=[message.message_id, RUN_GUARD_TTL_MS, now_ms, slot_ms],
+        )
+        if not owned:
+            log.warning("schedule %s slot %s already ran under another message; skipping %s",
+                        name, message.options.get("sched_slot"), message.message_id,
+                        extra={"schedule": name})
+            raise SkipMessage()
+        late_s = (now_ms - slot_ms) / 1000
+        if late_s > self._late_after_s and not message.options.get("retries"):
+            log.warning("schedule %s slot %s starts %.0fs late", name,
+                        message.options.get("sched_slot"), late_s, extra={"schedule": name})
+            self._redis.hincrby(self._keys.stats(name), "started_late", 1)
+
+    def _record(self, message: dramatiq.Message[Any], status: str, done: bool,
+                error: str = "", result: str = "") -> None:
+        slot = self._slot(message)
+        if slot is None:
+            return
+        name, _ = slot
+        self._finish(
+            keys=[self._keys.inflight(name), self._keys.state(name), self._keys.stats(name)],
+            args=[message.message_id, status, int(time.time() * 1000), error, result,
+                  "1" if done else "0"],
+        )
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any],
+                              *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        """Worker thread: record success (the run is over) or an error (a retry may follow)."""
+        if exception is None:
+            self._record(message, "succeeded", done=True, result=_short(result))
+        else:
+            self._record(message, "errored", done=False, error=_short(repr(exception)))
+
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+        """Worker thread: retries are exhausted; the run failed for good and is over."""
+        slot = self._slot(message)
+        if slot is not None:
+            self._record(message, "failed", done=True,
+                         error=_short(message.options.get("traceback", "")[-_MAX_TEXT:]))
+
+    def after_skip_message(self, broker: dramatiq.Broker,
+                           message: dramatiq.Message[Any]) -> None:
+        """Worker thread: a skipped run is over too (the in-flight marker is only ours to clear)."""
+        self._record(message, "skipped", done=True)
+
+    def close(self) -> None:
+        """Close the Redis connections (worker shutdown)."""
+        self._redis.close()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Main thread, at worker shutdown: release Redis connections."""
+        self.close()
