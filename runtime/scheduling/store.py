@@ -108,7 +108,7 @@ return 1
 # KEYS: lease. ARGV: instance. Gives the lease up so a standby takes over at once.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'expires_ms', 0)
   return 1
 end
 return 0
