@@ -60,8 +60,7 @@ return 1
 """
 
 
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+def _short(text: str) -> str:
     return text[:_MAX_TEXT]
 
 
@@ -125,7 +124,8 @@ class ScheduledRunMiddleware(Middleware):
                               exception: BaseException | None = None) -> None:
         """Worker thread: record success (the run is over) or an error (a retry may follow)."""
         if exception is None:
-            self._record(message, "succeeded", done=True, result=_short(result))
+            self._record(message, "succeeded", done=True,
+                         result=_short(json.dumps(result, default=str)))
         else:
             self._record(message, "errored", done=False, error=_short(repr(exception)))
 
