@@ -154,6 +154,37 @@ class Settings:
             namespace=e.get("SHOPFLOW_NAMESPACE") or "shopflow",
         )
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process read these same settings."""
+        env = {
+            "SHOPFLOW_VAR_DIR": str(self.var_dir),
+            "SHOPFLOW_HTTP_HOST": self.http_host,
+            "SHOPFLOW_HTTP_PORT": str(self.http_port),
+            "SHOPFLOW_TIMEZONE": self.timezone,
+            "SHOPFLOW_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
+            "SHOPFLOW_EMBEDDED_PG_PORT": str(self.embedded_pg_port),
+            "SHOPFLOW_JOB_ATTEMPTS": str(self.job_attempts),
+            "SHOPFLOW_JOB_BACKOFF_MS": str(self.job_backoff_ms),
+            "SHOPFLOW_API_PROCESSES": str(self.api_processes),
+            "SHOPFLOW_EMAIL_WORKERS": str(self.email_workers),
+            "SHOPFLOW_INVENTORY_CONCURRENCY": str(self.inventory_concurrency),
+            "SHOPFLOW_RESERVATION_TTL_S": str(self.reservation_ttl_s),
+            "SHOPFLOW_ACTOR_ASK_TIMEOUT_S": str(self.actor_ask_timeout_s),
+            "SHOPFLOW_MAILBOX_SIZE": str(self.mailbox_size),
+            "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS": str(self.broker_heartbeat_timeout_ms),
+            "SHOPFLOW_BROKER_MAINTENANCE_CHANCE": str(self.broker_maintenance_chance),
+            "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
+            "SHOPFLOW_LOG_LEVEL": self.log_level,
+            "SHOPFLOW_NAMESPACE": self.namespace,
+        }
+        optional = {
+            "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,
+            "SENDGRID_API_KEY": self.sendgrid_api_key, "ANTHROPIC_API_KEY": self.anthropic_api_key,
+            "WAREHOUSE_URL": self.warehouse_url, "ALERT_WEBHOOK_URL": self.alert_webhook_url,
+        }
+        env.update({k: v for k, v in optional.items() if v})
+        return env
+
     def with_urls(self, redis_url: str, database_url: str) -> "Settings":
         """A copy pointing at concrete servers (after the embedded ones started)."""
         return replace(self, redis_url=redis_url, database_url=database_url)

@@ -1,0 +1,162 @@
+"""Sending e-mails exactly once per logical key.
+
+The ``email_log`` row is the record of intent: it is created (or found)
+before the transport is called and holds a short lease while a delivery is in
+flight, so a duplicate message that runs at the same time waits instead of
+sending a second copy. After the call the outcome is recorded. A crash after
+the transport accepted but before the outcome was recorded leaves the row
+``sending`` with an expired lease; the retry then calls the transport again
+with the same key, and transports must be idempotent per key (the outbox
+transport overwrites the same file; SendGrid is reconciled by its transport).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from actors.emailer.transports import EmailTransport, OutgoingEmail
+from runtime.errors import NotFound, PermanentJobError, TransientJobError
+
+log = logging.getLogger(__name__)
+
+# How long one delivery attempt may hold a key before another may try.
+SEND_LEASE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """``sent``: delivered now; ``already_sent``: an earlier run did it; ``failed``: permanent."""
+
+    key: str
+    result: str
+
+
+async def _claim(conn: asyncpg.Connection, email: OutgoingEmail, kind: str, transport: str,
+                 order_id: int | None, correlation_id: Any) -> str:
+    """Record the intent and take the lease; return 'go', 'sent' or 'failed'."""
+    async with conn.transaction():
+        await conn.execute(
+            """INSERT INTO email_log (idempotency_key, kind, recipient, subject, order_id,
+                                      transport, correlation_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING""",
+            email.idempotency_key, kind, email.to, email.subject, order_id, transport, correlation_id,
+        )
+        row = await conn.fetchrow(
+            "SELECT status, lease_until > now() AS leased FROM email_log WHERE idempotency_key = $1 FOR UPDATE",
+            email.idempotency_key,
+        )
+        assert row is not None
+        if row["status"] in ("sent", "failed"):
+            return str(row["status"])
+        if row["status"] == "sending" and row["leased"]:
+            raise TransientJobError(f"e-mail {email.idempotency_key} is being sent by another worker")
+        await conn.execute(
+            """UPDATE email_log SET status = 'sending', attempts = attempts + 1,
+                      lease_until = now() + $2::interval WHERE idempotency_key = $1""",
+            email.idempotency_key, SEND_LEASE,
+        )
+        return "go"
+
+
+async def deliver(
+    pool: asyncpg.Pool,
+    transport: EmailTransport,
+    email: OutgoingEmail,
+    kind: str,
+    order_id: int | None = None,
+    correlation_id: Any = None,
+) -> DeliveryOutcome:
+    """Send ``email`` unless its key was already sent; record the outcome."""
+    async with pool.acquire() as conn:
+        claim = await _claim(conn, email, kind, transport.name, order_id, correlation_id)
+    if claim == "sent":
+        return DeliveryOutcome(email.idempotency_key, "already_sent")
+    if claim == "failed":
+        return DeliveryOutcome(email.idempotency_key, "failed")
+    try:
+        result = await transport.send(email)
+    except PermanentJobError as exc:
+        await _record(pool, email.idempotency_key, "failed", error=str(exc))
+        raise
+    except Exception as exc:
+        await _record(pool, email.idempotency_key, "pending", error=f"{type(exc).__name__}: {exc}")
+        raise
+    await _record(pool, email.idempotency_key, "sent", provider_id=result.provider_id)
+    return DeliveryOutcome(email.idempotency_key, "sent")
+
+
+async def _record(pool: asyncpg.Pool, key: str, status: str, provider_id: str | None = None,
+                  error: str | None = None) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """UPDATE email_log SET status = $2, provider_id = COALESCE($3, provider_id), error = $4,
+                      lease_until = NULL,
+                      sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END
+                WHERE idempotency_key = $1""",
+            key, status, provider_id, error,
+        )
+
+
+def format_brl(cents: int) -> str:
+    """R$ 1.234,56: Brazilian formatting of an amount in cents."""
+    whole, frac = divmod(abs(cents), 100)
+    grouped = f"{whole:,}".replace(",", ".")
+    return f"{'-' if cents < 0 else ''}R$ {grouped},{frac:02d}"
+
+
+async def order_confirmation(conn: asyncpg.Connection, order_id: int, zone: ZoneInfo) -> tuple[OutgoingEmail, Any]:
+    """Build the confirmation e-mail of an order from the database."""
+    order = await conn.fetchrow(
+        """SELECT o.id, o.total_cents, o.created_at, o.correlation_id, c.name, c.email
+             FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1""",
+        order_id,
+    )
+    if order is None:
+        raise PermanentJobError(f"order {order_id} does not exist; no confirmation to send")
+    items = await conn.fetch(
+        """SELECT p.name, i.quantity, i.unit_price_cents FROM order_items i
+             JOIN products p ON p.id = i.product_id WHERE i.order_id = $1 ORDER BY p.name""",
+        order_id,
+    )
+    when = order["created_at"].astimezone(zone).strftime("%d/%m/%Y %H:%M")
+    lines = [f"  {r['quantity']} x {r['name']} — {format_brl(r['unit_price_cents'] * r['quantity'])}"
+             for r in items]
+    text = "\n".join([
+        f"Olá {order['name']},",
+        "",
+        f"Recebemos o pagamento do seu pedido #{order_id} de {when}.",
+        "",
+        *lines,
+        "",
+        f"Total: {format_brl(order['total_cents'])}",
+        "",
+        "Avisaremos quando ele for enviado. Obrigado por comprar na ShopFlow!",
+    ])
+    email = OutgoingEmail(
+        idempotency_key=f"order-confirmation:{order_id}",
+        to=order["email"],
+        subject=f"Pedido #{order_id} confirmado",
+        text=text,
+        template="order_confirmation",
+        template_data={"order_id": order_id, "name": order["name"],
+                       "total": format_brl(order["total_cents"]), "placed_at": when},
+    )
+    return email, order["correlation_id"]
+
+
+async def send_order_confirmation(
+    pool: asyncpg.Pool, transport: EmailTransport, order_id: int, zone: ZoneInfo
+) -> DeliveryOutcome:
+    """The one confirmation e-mail of an order, whatever the retries."""
+    async with pool.acquire() as conn:
+        try:
+            email, correlation_id = await order_confirmation(conn, order_id, zone)
+        except NotFound as exc:
+            raise PermanentJobError(str(exc)) from None
+    return await deliver(pool, transport, email, "order_confirmation", order_id, correlation_id)
