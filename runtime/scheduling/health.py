@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from runtime.scheduling.store import Keys, SchedulerStore
+from runtime.scheduling.store import Keys, SchedulerStore, text
 from runtime.scheduling.triggers import require_aware
 
 # The heartbeat key outlives two missed beats before it is gone.
@@ -58,11 +58,11 @@ async def scheduler_health(
 ) -> SchedulerHealth:
     """Stale when the heartbeat key is gone or older than ``stale_after_s``.
 
-    ``redis`` must decode responses. Also reports the lease holder (``None``
+    Works with any client (decoding responses or not). Also reports the lease holder (``None``
     when no scheduler is running at all).
     """
     now = require_aware(now)
-    raw = await redis.get(Keys(namespace).heartbeat)
+    raw = text(await redis.get(Keys(namespace).heartbeat))
     lease = await SchedulerStore(redis, namespace).lease()
     leader = lease.holder if lease.expires_at and lease.expires_at >= now else None
     beat = datetime.fromisoformat(raw) if raw else None

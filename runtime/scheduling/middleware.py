@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 from runtime.scheduling.store import RUN_GUARD_TTL_MS, Keys
 
@@ -60,8 +61,34 @@ return 1
 """
 
 
+_RESULT_OPTION = "sched_result"
+
+
 def _short(text: str) -> str:
     return text[:_MAX_TEXT]
+
+
+def scheduled_for(default: datetime) -> datetime:
+    """The slot the current message was scheduled for, else ``default``.
+
+    Worker thread, inside an actor. A scheduled job uses its slot as "now",
+    so a run that starts late (or is retried tomorrow) still works on the
+    period it was meant for. Needs Dramatiq's CurrentMessage middleware.
+    """
+    message = CurrentMessage.get_current_message()
+    slot_ms = message.options.get("sched_slot_ms") if message is not None else None
+    if not isinstance(slot_ms, int):
+        return default
+    return datetime.fromtimestamp(slot_ms / 1000, tz=timezone.utc)
+
+
+def record_run_result(value: Any) -> None:
+    """Worker thread, inside an actor: keep ``value`` as the run's result for
+    ``shopflow schedules`` (actors return None, as Dramatiq without a results
+    backend expects)."""
+    message = CurrentMessage.get_current_message()
+    if message is not None:
+        message.options[_RESULT_OPTION] = json.dumps(value, default=str)
 
 
 class ScheduledRunMiddleware(Middleware):
@@ -123,9 +150,10 @@ class ScheduledRunMiddleware(Middleware):
                               *, result: Any = None,
                               exception: BaseException | None = None) -> None:
         """Worker thread: record success (the run is over) or an error (a retry may follow)."""
+        noted = message.options.pop(_RESULT_OPTION, None)
         if exception is None:
-            self._record(message, "succeeded", done=True,
-                         result=_short(json.dumps(result, default=str)))
+            text = noted if result is None and noted else json.dumps(result, default=str)
+            self._record(message, "succeeded", done=True, result=_short(text))
         else:
             self._record(message, "errored", done=False, error=_short(repr(exception)))
 

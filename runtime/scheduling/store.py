@@ -40,6 +40,16 @@ UTC = timezone.utc
 RUN_GUARD_TTL_MS = 3 * 24 * 3600 * 1000
 
 
+def text(value: str | bytes | None) -> str | None:
+    """A Redis reply as ``str`` whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def text_map(raw: dict[Any, Any]) -> dict[str, str]:
+    """A Redis hash reply with ``str`` keys and values, whatever the client."""
+    return {str(text(k)): str(text(v)) for k, v in raw.items()}
+
+
 def to_ms(moment: datetime) -> int:
     """Milliseconds since the Unix epoch of an aware datetime."""
     return int(require_aware(moment).timestamp() * 1000)
@@ -244,7 +254,7 @@ class SchedulerStore:
 
     async def lease(self) -> LeaseInfo:
         """The current lease, as written by its holder."""
-        raw: dict[str, str] = await self.redis.hgetall(self.keys.lease)
+        raw = text_map(await self.redis.hgetall(self.keys.lease))
         return LeaseInfo(
             holder=raw.get("holder"), expires_at=from_ms(raw.get("expires_ms")),
             since=from_ms(raw.get("since_ms")), term=int(raw.get("term") or 0),
@@ -305,7 +315,8 @@ class SchedulerStore:
             pipe.hgetall(self.keys.stats(name))
             pipe.exists(self.keys.inflight(name))
             pipe.llen(self.keys.queued(name))
-            raw, stats, running, queued = await pipe.execute()
+            raw_state, raw_stats, running, queued = await pipe.execute()
+        raw, stats = text_map(raw_state), text_map(raw_stats)
         return ScheduleState(
             cursor=from_ms(raw.get("cursor_ms")),
             sent_slot=from_ms(raw.get("sent_slot_ms")),

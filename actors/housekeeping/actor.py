@@ -1,0 +1,77 @@
+"""The housekeeping actor behind the thin maintenance Dramatiq actors.
+
+Three scheduled jobs on the ``maintenance`` queue; each thin Dramatiq actor
+asks the ``housekeeping`` pykka actor (one mailbox, so the jobs of one
+worker process never run two at a time) and keeps the outcome as the run's
+result for ``shopflow schedules``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+from dramatiq.brokers.redis import RedisBroker
+
+from actors.housekeeping.carts import delete_expired_carts
+from actors.housekeeping.heartbeat import beat
+from actors.housekeeping.messages import (
+    CLEAN_EXPIRED_CARTS,
+    CRON_HEARTBEAT,
+    RELEASE_EXPIRED_RESERVATIONS,
+)
+from actors.housekeeping.reservations import release_expired_reservations
+from runtime.broker import QUEUE_MAINTENANCE, declare_actor
+from runtime.process import ProcessContext
+from runtime.scheduling.middleware import record_run_result
+from runtime.service_actor import ServiceActor
+from runtime.supervision import ChildSpec
+from runtime.worker import Asker, Concern
+
+CARTS, RESERVATIONS, HEARTBEAT = "carts", "reservations", "heartbeat"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def concern(ctx: ProcessContext) -> Concern:
+    """The housekeeping concern of the flow worker (queue ``maintenance``)."""
+    settings = ctx.settings
+
+    async def handle(message: tuple[str, datetime]) -> Any:
+        """Runs on the process loop, called from the housekeeping actor's thread."""
+        kind, now = message
+        if kind == CARTS:
+            return asdict(await delete_expired_carts(ctx.pool, now, settings.cart_max_age_s))
+        if kind == RESERVATIONS:
+            return asdict(await release_expired_reservations(
+                ctx.pool, now, settings.reservation_release_batch))
+        if kind == HEARTBEAT:
+            return await beat(ctx.redis, settings.namespace, now, settings.cron_heartbeat_ttl_s)
+        raise ValueError(f"housekeeping does not know job {kind!r}")
+
+    def start() -> ServiceActor:
+        return ServiceActor.start("housekeeping", handle, ctx.bridge,
+                                  settings.actor_ask_timeout_s)
+
+    def declare(broker: RedisBroker, ask: Asker) -> None:
+        def clean_expired_carts() -> None:
+            """Thin Dramatiq actor: delete expired anonymous carts."""
+            record_run_result(ask("housekeeping", (CARTS, _now())))
+
+        def release_expired_reservations_job() -> None:
+            """Thin Dramatiq actor: release expired stock reservations."""
+            record_run_result(ask("housekeeping", (RESERVATIONS, _now())))
+
+        def cron_heartbeat() -> None:
+            """Thin Dramatiq actor: refresh the cron heartbeat key."""
+            record_run_result(ask("housekeeping", (HEARTBEAT, _now())))
+
+        declare_actor(broker, CLEAN_EXPIRED_CARTS, clean_expired_carts)
+        declare_actor(broker, RELEASE_EXPIRED_RESERVATIONS, release_expired_reservations_job)
+        declare_actor(broker, CRON_HEARTBEAT, cron_heartbeat)
+
+    return Concern("housekeeping", [ChildSpec("housekeeping", start)], declare,
+                   (QUEUE_MAINTENANCE,))

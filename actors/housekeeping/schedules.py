@@ -1,0 +1,51 @@
+"""The shop's schedules: what the original system ran from cron, as :class:`Schedule` values.
+
+| name | when | job |
+| --- | --- | --- |
+| daily-sales-report | 08:00 shop zone | compute and store yesterday's sales report |
+| daily-report | 09:00 shop zone | e-mail yesterday's report to the team (once) |
+| expired-carts | every hour | delete anonymous carts idle for 24 h |
+| expired-reservations | every 15 min | release expired stock reservations |
+| cron-heartbeat | every 5 min | refresh the heartbeat key /health reads |
+
+The reports catch up once after an outage (misfire ``run_once``): a missed
+08:00 still produces yesterday's report. Housekeeping does too: one run
+clears everything that expired meanwhile. No job overlaps itself (``skip``).
+"""
+
+from __future__ import annotations
+
+from actors.housekeeping.messages import (
+    CLEAN_EXPIRED_CARTS,
+    CRON_HEARTBEAT,
+    RELEASE_EXPIRED_RESERVATIONS,
+)
+from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_TO_TEAM
+from runtime.scheduling import CronTrigger, IntervalTrigger, MisfirePolicy, OverlapPolicy, Schedule
+from runtime.settings import Settings
+
+
+def shop_schedules(settings: Settings) -> list[Schedule]:
+    """The built-in schedules, with zone, times and intervals from ``settings``."""
+    grace_s = settings.scheduler_misfire_grace_s
+    common = {"misfire": MisfirePolicy.RUN_ONCE, "overlap": OverlapPolicy.SKIP,
+              "misfire_grace_s": grace_s}
+    return [
+        Schedule("daily-sales-report",
+                 CronTrigger.parse(settings.sales_report_cron, settings.timezone),
+                 BUILD_DAILY_SALES_REPORT, **common),
+        Schedule("daily-report",
+                 CronTrigger.parse(settings.daily_report_cron, settings.timezone),
+                 SEND_DAILY_REPORT_TO_TEAM, **common),
+        Schedule("expired-carts", IntervalTrigger(settings.cart_cleanup_every_s),
+                 CLEAN_EXPIRED_CARTS, **common),
+        Schedule("expired-reservations", IntervalTrigger(settings.reservation_release_every_s),
+                 RELEASE_EXPIRED_RESERVATIONS, **common),
+        Schedule("cron-heartbeat", IntervalTrigger(settings.cron_heartbeat_every_s),
+                 CRON_HEARTBEAT, **common),
+    ]
+
+
+def builtin_names(settings: Settings) -> frozenset[str]:
+    """Names a repeatable job may not take."""
+    return frozenset(s.name for s in shop_schedules(settings))
