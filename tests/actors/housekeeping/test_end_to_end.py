@@ -1,0 +1,96 @@
+"""The whole path with real time: `run_scheduler` (two instances) sends the heartbeat and the
+housekeeping jobs, a worker with the housekeeping and reports concerns runs them through the
+scheduler middleware, and /health's view turns healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.middleware import Middleware
+
+from actors.housekeeping import actor as housekeeping
+from actors.housekeeping.command import render_schedules, run_scheduler
+from actors.housekeeping.schedules import shop_schedules
+from actors.reports import actor as reports
+from runtime.process import ProcessContext
+from runtime.scheduling import ScheduledRunMiddleware, SchedulerStore, connect_redis
+from runtime.scheduling.health import scheduler_health
+from runtime.settings import Settings
+from runtime.worker import build_root
+
+UTC = timezone.utc
+
+
+class Finished(Middleware):
+    """Probe: sets an event when every wanted actor has run once successfully."""
+
+    def __init__(self, wanted: set[str]) -> None:
+        self.wanted = set(wanted)
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any],
+                              *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        if exception is None:
+            with self.lock:
+                self.wanted.discard(message.actor_name)
+                if not self.wanted:
+                    self.done.set()
+
+
+@pytest.mark.slow
+async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings) -> None:
+    fast = replace(settings, cron_heartbeat_every_s=1, cart_cleanup_every_s=1,
+                   reservation_release_every_s=2, scheduler_tick_s=0.1, scheduler_lease_s=1.0)
+    probe = Finished({"cron_heartbeat", "clean_expired_carts", "release_expired_reservations"})
+
+    def start_worker() -> tuple[ProcessContext, Any, dramatiq.Worker]:
+        ctx = ProcessContext.start(fast, pool_size=3)
+        ctx.broker.add_middleware(ScheduledRunMiddleware(fast.redis_url or "", fast.namespace))
+        ctx.broker.add_middleware(probe)
+        concerns = [housekeeping.concern(ctx), reports.concern(ctx)]
+        root = build_root("flow-worker", concerns).start()
+        for c in concerns:
+            c.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 30))
+        worker = dramatiq.Worker(ctx.broker, queues={"maintenance", "analytics"},
+                                 worker_threads=2, worker_timeout=100)
+        worker.start()
+        return ctx, root, worker
+
+    ctx, root, worker = await asyncio.to_thread(start_worker)
+    stop = asyncio.Event()
+    schedulers = [asyncio.create_task(run_scheduler(fast, stop)) for _ in range(2)]
+    try:
+        assert await asyncio.to_thread(probe.done.wait, 20)
+    finally:
+        stop.set()
+        assert await asyncio.gather(*schedulers) == [0, 0]
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(root.stop)
+        await asyncio.to_thread(ctx.stop)
+
+    redis = connect_redis(fast.redis_url or "")
+    try:
+        health = await scheduler_health(redis, fast.namespace, datetime.now(UTC))
+        assert health.heartbeat_at is not None and health.heartbeat_age_s is not None
+        assert health.heartbeat_age_s < 10
+        store = SchedulerStore(redis, fast.namespace)
+        state = await store.state("cron-heartbeat")
+        assert state.last_status == "succeeded" and state.last_result
+        assert not state.running
+        carts = await store.state("expired-carts")
+        assert carts.last_result == '{"carts": 0, "items": 0}'
+        schedules = shop_schedules(fast)
+        text = render_schedules(schedules, {s.name: await store.state(s.name) for s in schedules},
+                                await store.lease(), datetime.now(UTC), fast.timezone)
+        assert "cron-heartbeat  [builtin]  every 1s" in text
+        assert "succeeded" in text
+    finally:
+        await redis.aclose()
