@@ -41,6 +41,8 @@ DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
 # --- scheduling ---
+# Scheduler processes under supervisord: one leads, the other stands by.
+DEFAULT_SCHEDULERS = 2
 # A scheduler instance wakes this often to renew its lease and fire due slots.
 DEFAULT_SCHEDULER_TICK_S = 1.0
 # A standby scheduler takes over this long after the leader's last renewal.
@@ -147,6 +149,7 @@ class Settings:
     log_level: str = "INFO"
     namespace: str = "shopflow"
     # --- scheduling ---
+    schedulers: int = DEFAULT_SCHEDULERS
     scheduler_tick_s: float = DEFAULT_SCHEDULER_TICK_S
     scheduler_lease_s: float = DEFAULT_SCHEDULER_LEASE_S
     scheduler_misfire_grace_s: float = DEFAULT_SCHEDULER_MISFIRE_GRACE_S
@@ -196,6 +199,7 @@ class Settings:
             log_level=(e.get("SHOPFLOW_LOG_LEVEL") or "INFO").upper(),
             namespace=e.get("SHOPFLOW_NAMESPACE") or "shopflow",
             # --- scheduling ---
+            schedulers=_int(e, "SHOPFLOW_SCHEDULERS", DEFAULT_SCHEDULERS, 1),
             scheduler_tick_s=_float(e, "SHOPFLOW_SCHEDULER_TICK_S", DEFAULT_SCHEDULER_TICK_S),
             scheduler_lease_s=_float(e, "SHOPFLOW_SCHEDULER_LEASE_S", DEFAULT_SCHEDULER_LEASE_S),
             scheduler_misfire_grace_s=_float(
@@ -244,6 +248,7 @@ class Settings:
             "SHOPFLOW_LOG_LEVEL": self.log_level,
             "SHOPFLOW_NAMESPACE": self.namespace,
             # --- scheduling ---
+            "SHOPFLOW_SCHEDULERS": str(self.schedulers),
             "SHOPFLOW_SCHEDULER_TICK_S": str(self.scheduler_tick_s),
             "SHOPFLOW_SCHEDULER_LEASE_S": str(self.scheduler_lease_s),
             "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S": str(self.scheduler_misfire_grace_s),
