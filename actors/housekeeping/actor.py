@@ -9,9 +9,10 @@ result for ``shopflow schedules``.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.housekeeping.carts import delete_expired_carts
@@ -33,7 +34,7 @@ CARTS, RESERVATIONS, HEARTBEAT = "carts", "reservations", "heartbeat"
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def concern(ctx: ProcessContext) -> Concern:
@@ -52,7 +53,7 @@ def concern(ctx: ProcessContext) -> Concern:
             return await beat(ctx.redis, settings.namespace, now, settings.cron_heartbeat_ttl_s)
         raise ValueError(f"housekeeping does not know job {kind!r}")
 
-    def start() -> ServiceActor:
+    def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("housekeeping", handle, ctx.bridge,
                                   settings.actor_ask_timeout_s)
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 import signal
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from actors.housekeeping.schedules import builtin_names, shop_schedules
@@ -36,7 +36,6 @@ from runtime.scheduling import (
 from runtime.scheduling.store import LeaseInfo, ScheduleState, list_repeatables
 from runtime.settings import Settings
 
-UTC = timezone.utc
 NEXT_RUNS = 3
 
 
@@ -165,7 +164,7 @@ def _cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run_scheduler(settings, once=args.once))
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow schedules`` and ``shopflow scheduler`` into the command line."""
     parser = add_command(sub, "schedules", _cmd_schedules,
                          "list schedules (next runs, last run); add or remove repeatable jobs")

@@ -115,7 +115,7 @@ class ReleaseOutcome:
     products: int = 0
     orders_cancelled: int = 0
 
-    def __add__(self, other: "ReleaseOutcome") -> "ReleaseOutcome":
+    def __add__(self, other: ReleaseOutcome) -> ReleaseOutcome:
         return ReleaseOutcome(self.reservations + other.reservations, self.units + other.units,
                               self.products + other.products,
                               self.orders_cancelled + other.orders_cancelled)

@@ -21,28 +21,31 @@ from actors.housekeeping.messages import (
     RELEASE_EXPIRED_RESERVATIONS,
 )
 from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_TO_TEAM
+from runtime.broker import JobSpec
 from runtime.scheduling import CronTrigger, IntervalTrigger, MisfirePolicy, OverlapPolicy, Schedule
 from runtime.settings import Settings
 
 
 def shop_schedules(settings: Settings) -> list[Schedule]:
     """The built-in schedules, with zone, times and intervals from ``settings``."""
-    grace_s = settings.scheduler_misfire_grace_s
-    common = {"misfire": MisfirePolicy.RUN_ONCE, "overlap": OverlapPolicy.SKIP,
-              "misfire_grace_s": grace_s}
+
+    def schedule(name: str, trigger: CronTrigger | IntervalTrigger, job: JobSpec) -> Schedule:
+        return Schedule(name, trigger, job, misfire=MisfirePolicy.RUN_ONCE,
+                        overlap=OverlapPolicy.SKIP,
+                        misfire_grace_s=settings.scheduler_misfire_grace_s)
+
+    zone = settings.timezone
     return [
-        Schedule("daily-sales-report",
-                 CronTrigger.parse(settings.sales_report_cron, settings.timezone),
-                 BUILD_DAILY_SALES_REPORT, **common),
-        Schedule("daily-report",
-                 CronTrigger.parse(settings.daily_report_cron, settings.timezone),
-                 SEND_DAILY_REPORT_TO_TEAM, **common),
-        Schedule("expired-carts", IntervalTrigger(settings.cart_cleanup_every_s),
-                 CLEAN_EXPIRED_CARTS, **common),
-        Schedule("expired-reservations", IntervalTrigger(settings.reservation_release_every_s),
-                 RELEASE_EXPIRED_RESERVATIONS, **common),
-        Schedule("cron-heartbeat", IntervalTrigger(settings.cron_heartbeat_every_s),
-                 CRON_HEARTBEAT, **common),
+        schedule("daily-sales-report", CronTrigger.parse(settings.sales_report_cron, zone),
+                 BUILD_DAILY_SALES_REPORT),
+        schedule("daily-report", CronTrigger.parse(settings.daily_report_cron, zone),
+                 SEND_DAILY_REPORT_TO_TEAM),
+        schedule("expired-carts", IntervalTrigger(settings.cart_cleanup_every_s),
+                 CLEAN_EXPIRED_CARTS),
+        schedule("expired-reservations", IntervalTrigger(settings.reservation_release_every_s),
+                 RELEASE_EXPIRED_RESERVATIONS),
+        schedule("cron-heartbeat", IntervalTrigger(settings.cron_heartbeat_every_s),
+                 CRON_HEARTBEAT),
     ]
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_TO_TEAM
@@ -38,18 +39,18 @@ def concern(ctx: ProcessContext) -> Concern:
             return {"handed_off": await send_daily_report(ctx.pool, now, zone_name)}
         raise ValueError(f"reporter does not know job {kind!r}")
 
-    def start() -> ServiceActor:
+    def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("reporter", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def build_daily_sales_report_job() -> None:
             """Thin Dramatiq actor: compute and store yesterday's sales report."""
-            now = scheduled_for(datetime.now(timezone.utc))
+            now = scheduled_for(datetime.now(UTC))
             record_run_result(ask("reporter", (BUILD, now)))
 
         def send_daily_report_to_team() -> None:
             """Thin Dramatiq actor: hand yesterday's report to the emailer (once)."""
-            now = scheduled_for(datetime.now(timezone.utc))
+            now = scheduled_for(datetime.now(UTC))
             record_run_result(ask("reporter", (SEND, now)))
 
         declare_actor(broker, BUILD_DAILY_SALES_REPORT, build_daily_sales_report_job)

@@ -87,7 +87,7 @@ class CronExpr:
     weekday_restricted: bool
 
     @classmethod
-    def parse(cls, text: str) -> "CronExpr":
+    def parse(cls, text: str) -> CronExpr:
         """Parse ``text``; raises :class:`ValidationError` saying which field is wrong."""
         stripped = " ".join(text.split())
         fields = _SHORTHANDS.get(stripped.lower(), stripped).split(" ")

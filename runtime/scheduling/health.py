@@ -25,7 +25,7 @@ DEFAULT_HEARTBEAT_EVERY_S = 5 * 60
 
 
 async def write_heartbeat(
-    redis: "aioredis.Redis", namespace: str, now: datetime,
+    redis: aioredis.Redis, namespace: str, now: datetime,
     ttl_s: int = DEFAULT_HEARTBEAT_TTL_S,
 ) -> None:
     """Set the heartbeat key to ``now`` (ISO, UTC) with its expiry."""
@@ -53,7 +53,7 @@ class SchedulerHealth:
 
 
 async def scheduler_health(
-    redis: "aioredis.Redis", namespace: str, now: datetime,
+    redis: aioredis.Redis, namespace: str, now: datetime,
     stale_after_s: int = DEFAULT_HEARTBEAT_TTL_S,
 ) -> SchedulerHealth:
     """Stale when the heartbeat key is gone or older than ``stale_after_s``.

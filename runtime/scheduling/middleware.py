@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 from runtime.scheduling.store import RUN_GUARD_TTL_MS, Keys
@@ -79,7 +80,7 @@ def scheduled_for(default: datetime) -> datetime:
     slot_ms = message.options.get("sched_slot_ms") if message is not None else None
     if not isinstance(slot_ms, int):
         return default
-    return datetime.fromtimestamp(slot_ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(slot_ms / 1000, tz=UTC)
 
 
 def record_run_result(value: Any) -> None:
@@ -103,7 +104,7 @@ class ScheduledRunMiddleware(Middleware):
         self._finish = self._redis.register_script(_FINISH)
 
     @staticmethod
-    def _slot(message: dramatiq.Message[Any]) -> tuple[str, int] | None:
+    def _slot(message: MessageProxy | dramatiq.Message[Any]) -> tuple[str, int] | None:
         name = message.options.get("sched_name")
         slot_ms = message.options.get("sched_slot_ms")
         if not isinstance(name, str) or not isinstance(slot_ms, int):
@@ -111,7 +112,7 @@ class ScheduledRunMiddleware(Middleware):
         return name, slot_ms
 
     def before_process_message(self, broker: dramatiq.Broker,
-                               message: dramatiq.Message[Any]) -> None:
+                               message: MessageProxy) -> None:
         """Worker thread: claim the slot's run or skip the message as a duplicate."""
         slot = self._slot(message)
         if slot is None:
@@ -134,7 +135,7 @@ class ScheduledRunMiddleware(Middleware):
                         message.options.get("sched_slot"), late_s, extra={"schedule": name})
             self._redis.hincrby(self._keys.stats(name), "started_late", 1)
 
-    def _record(self, message: dramatiq.Message[Any], status: str, done: bool,
+    def _record(self, message: MessageProxy, status: str, done: bool,
                 error: str = "", result: str = "") -> None:
         slot = self._slot(message)
         if slot is None:
@@ -146,7 +147,7 @@ class ScheduledRunMiddleware(Middleware):
                   "1" if done else "0"],
         )
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any],
+    def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy,
                               *, result: Any = None,
                               exception: BaseException | None = None) -> None:
         """Worker thread: record success (the run is over) or an error (a retry may follow)."""
@@ -157,7 +158,7 @@ class ScheduledRunMiddleware(Middleware):
         else:
             self._record(message, "errored", done=False, error=_short(repr(exception)))
 
-    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         """Worker thread: retries are exhausted; the run failed for good and is over."""
         slot = self._slot(message)
         if slot is not None:
@@ -165,7 +166,7 @@ class ScheduledRunMiddleware(Middleware):
                          error=_short(message.options.get("traceback", "")[-_MAX_TEXT:]))
 
     def after_skip_message(self, broker: dramatiq.Broker,
-                           message: dramatiq.Message[Any]) -> None:
+                           message: MessageProxy) -> None:
         """Worker thread: a skipped run is over too (the in-flight marker is only ours to clear)."""
         self._record(message, "skipped", done=True)
 

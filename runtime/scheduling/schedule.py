@@ -90,7 +90,7 @@ class Schedule:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "repeatable") -> "Schedule":
+    def from_json(cls, data: dict[str, Any], source: str = "repeatable") -> Schedule:
         """Rebuild a schedule from :meth:`to_json`; raises :class:`ValidationError` on bad data."""
         try:
             return cls(

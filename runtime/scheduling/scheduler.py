@@ -28,7 +28,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
@@ -42,7 +42,6 @@ from runtime.scheduling.triggers import require_aware, slots_between
 
 log = logging.getLogger(__name__)
 
-UTC = timezone.utc
 # How often an instance wakes: renews the lease, fires due slots.
 DEFAULT_TICK_S = 1.0
 # A standby takes over this long after the leader's last renewal.
@@ -245,7 +244,7 @@ class Scheduler:
                     log.error("scheduler tick failed: %s", exc, extra={"error": repr(exc)})
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=self._tick_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             try:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,7 +35,6 @@ from runtime.scheduling.schedule import Schedule, validate_name
 from runtime.scheduling.triggers import require_aware
 
 log = logging.getLogger(__name__)
-UTC = timezone.utc
 # Keys that only record history expire after this long.
 RUN_GUARD_TTL_MS = 3 * 24 * 3600 * 1000
 
@@ -221,7 +220,7 @@ class ScheduleState:
     stats: dict[str, int]
 
 
-def connect_redis(url: str) -> "aioredis.Redis":
+def connect_redis(url: str) -> aioredis.Redis:
     """An async Redis client as this module expects it (responses decoded to ``str``)."""
     return aioredis.Redis.from_url(url, decode_responses=True)
 
@@ -232,7 +231,7 @@ class SchedulerStore:
     ``redis`` must decode responses (see :func:`connect_redis`).
     """
 
-    def __init__(self, redis: "aioredis.Redis", namespace: str) -> None:
+    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
         self.redis = redis
         self.keys = Keys(namespace)
         self._acquire = redis.register_script(_ACQUIRE)
@@ -344,7 +343,7 @@ class SchedulerStore:
 
 
 async def add_repeatable(
-    redis: "aioredis.Redis", namespace: str, schedule: Schedule, now: datetime,
+    redis: aioredis.Redis, namespace: str, schedule: Schedule, now: datetime,
     reserved_names: frozenset[str] = frozenset(), replace: bool = False,
 ) -> Schedule:
     """Store ``schedule`` as a repeatable job; running schedulers pick it up on their next tick.
@@ -366,9 +365,9 @@ async def add_repeatable(
     return Schedule.from_json(schedule.to_json())
 
 
-async def list_repeatables(redis: "aioredis.Redis", namespace: str) -> list[Schedule]:
+async def list_repeatables(redis: aioredis.Redis, namespace: str) -> list[Schedule]:
     """Every stored repeatable job, by name. A corrupt entry is skipped with an error logged."""
-    raw: dict[str, str] = await redis.hgetall(Keys(namespace).repeatables)
+    raw = text_map(await redis.hgetall(Keys(namespace).repeatables))
     out: list[Schedule] = []
     for name in sorted(raw):
         try:
@@ -380,7 +379,7 @@ async def list_repeatables(redis: "aioredis.Redis", namespace: str) -> list[Sche
     return out
 
 
-async def get_repeatable(redis: "aioredis.Redis", namespace: str, name: str) -> Schedule:
+async def get_repeatable(redis: aioredis.Redis, namespace: str, name: str) -> Schedule:
     """One repeatable job, or :class:`NotFound`."""
     raw = await redis.hget(Keys(namespace).repeatables, name)
     if raw is None:
@@ -388,7 +387,7 @@ async def get_repeatable(redis: "aioredis.Redis", namespace: str, name: str) -> 
     return Schedule.from_json(json.loads(raw))
 
 
-async def remove_repeatable(redis: "aioredis.Redis", namespace: str, name: str) -> bool:
+async def remove_repeatable(redis: aioredis.Redis, namespace: str, name: str) -> bool:
     """Remove a repeatable job and its state; False if there was none by that name.
 
     A run already sent still runs; no further slot is sent.

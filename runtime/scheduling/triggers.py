@@ -22,15 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
-from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from runtime.errors import ValidationError
 from runtime.scheduling.cron import CronExpr
 
-UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Far enough to find a 29 February that is also, say, a Monday.
 _MAX_SEARCH_DAYS = 366 * 29
@@ -140,7 +139,7 @@ class CronTrigger:
     zone: ZoneInfo = field(compare=False, repr=False)
 
     @classmethod
-    def parse(cls, text: str, zone_name: str) -> "CronTrigger":
+    def parse(cls, text: str, zone_name: str) -> CronTrigger:
         """A trigger for ``text`` in ``zone_name``; fails on a bad expression or zone, or
         one that never fires (``0 0 31 2 *``)."""
         trigger = cls(CronExpr.parse(text), zone_name, zone_named(zone_name))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from actors.housekeeping.carts import delete_expired_carts
 from tests.actors.housekeeping import shopdata
 
-UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 DAY_S = 24 * 3600
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
 from actors.housekeeping import actor as housekeeping
@@ -24,8 +25,6 @@ from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 from runtime.worker import build_root
 
-UTC = timezone.utc
-
 
 class Finished(Middleware):
     """Probe: sets an event when every wanted actor has run once successfully."""
@@ -35,7 +34,7 @@ class Finished(Middleware):
         self.done = threading.Event()
         self.lock = threading.Lock()
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any],
+    def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy,
                               *, result: Any = None,
                               exception: BaseException | None = None) -> None:
         if exception is None:

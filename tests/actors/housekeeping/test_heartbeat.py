@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
@@ -10,7 +10,6 @@ from actors.housekeeping.heartbeat import beat
 from runtime.scheduling import SchedulerStore, scheduler_health
 from runtime.settings import Settings
 
-UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
 

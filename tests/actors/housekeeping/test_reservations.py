@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from actors.housekeeping.reservations import CANCEL_REASON, release_expired_reservations
 from tests.actors.housekeeping import shopdata
 
-UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 PAST = NOW - timedelta(minutes=1)
 FUTURE = NOW + timedelta(minutes=10)

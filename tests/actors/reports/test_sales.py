@@ -4,7 +4,7 @@ exactly one hand-off to the emailer."""
 from __future__ import annotations
 
 import asyncio
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
@@ -18,7 +18,6 @@ from actors.reports.sales import (
 )
 from tests.actors.housekeeping import shopdata
 
-UTC = timezone.utc
 ZONE = "America/Sao_Paulo"
 # 08:00 local on 3 December: the report covers 2 December, 03:00 UTC to 03:00 UTC.
 RUN_AT = datetime(2026, 12, 3, 11, 0, tzinfo=UTC)

@@ -18,7 +18,8 @@ def enqueued(settings: Settings, queue: str) -> list[dramatiq.Message[Any]]:
         raw = client.hvals(f"{settings.namespace}-jobs:{queue}.msgs")
     finally:
         client.close()
-    return [dramatiq.Message.decode(value) for value in raw]
+    return [dramatiq.Message.decode(value if isinstance(value, bytes) else value.encode())
+            for value in raw]
 
 
 def slots_sent(settings: Settings, queue: str) -> Counter[tuple[str, str]]:

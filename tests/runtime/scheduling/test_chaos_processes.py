@@ -4,12 +4,13 @@ remaining standby carries on and every one-second slot is sent exactly once."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,7 +27,6 @@ from runtime.scheduling import (
 from runtime.settings import Settings
 from tests.runtime.scheduling.helpers import slots_sent
 
-UTC = timezone.utc
 TICKS = Schedule("tick-1s", IntervalTrigger(1), JobSpec(QUEUE_MAINTENANCE, "tick"),
                  overlap=OverlapPolicy.ALLOW)
 
@@ -106,7 +106,7 @@ async def test_sigkill_and_sigterm_of_leaders_lose_and_double_no_slot(
     sent = slots_sent(settings, QUEUE_MAINTENANCE)
     ticks = sorted(datetime.fromisoformat(slot) for name, slot in sent if name == "tick-1s")
     assert all(count == 1 for count in sent.values()), sent
-    gaps = [(a, b) for a, b in zip(ticks, ticks[1:]) if (b - a).total_seconds() != 1]
+    gaps = [(a, b) for a, b in itertools.pairwise(ticks) if (b - a).total_seconds() != 1]
     assert not gaps, gaps
     assert len(ticks) >= 7
 

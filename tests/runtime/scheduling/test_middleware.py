@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
 import pytest
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
 from runtime.broker import QUEUE_MAINTENANCE, JobSpec, declare_actor, setup_broker
@@ -20,7 +21,6 @@ from runtime.scheduling.scheduler import Scheduler
 from runtime.scheduling.store import Keys
 from runtime.settings import Settings
 
-UTC = timezone.utc
 JOB = JobSpec(QUEUE_MAINTENANCE, "scheduled_job")
 SLOT = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -37,15 +37,15 @@ class Signals(Middleware):
             self.done.append(what)
             self.cond.notify_all()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._note(f"skip:{message.message_id}")
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any],
+    def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy,
                               *, result: Any = None,
                               exception: BaseException | None = None) -> None:
         self._note(f"{'ok' if exception is None else 'err'}:{message.message_id}")
 
-    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._note(f"nack:{message.message_id}")
 
     def wait_for(self, *events: str, timeout_s: float = 20) -> list[str]:
@@ -83,8 +83,9 @@ def state(settings: Settings, name: str = "job") -> tuple[dict[str, str], dict[s
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     keys = Keys(settings.namespace)
     try:
-        return (client.hgetall(keys.state(name)), client.hgetall(keys.stats(name)),
-                bool(client.exists(keys.inflight(name))))
+        raw: dict[str, str] = client.hgetall(keys.state(name))  # type: ignore[assignment]
+        stats: dict[str, str] = client.hgetall(keys.stats(name))  # type: ignore[assignment]
+        return raw, stats, bool(client.exists(keys.inflight(name)))
     finally:
         client.close()
 
@@ -101,7 +102,12 @@ def test_a_second_message_for_the_same_slot_is_skipped(
     settings: Settings, worker_broker: dramatiq.Broker, probe: Signals
 ) -> None:
     calls: list[str] = []
-    declare_actor(worker_broker, JOB, lambda: calls.append("ran") or "done")
+
+    def job() -> str:
+        calls.append("ran")
+        return "done"
+
+    declare_actor(worker_broker, JOB, job)
     first, duplicate = message(SLOT), message(SLOT)
     set_inflight(settings, first.message_id)
     worker_broker.enqueue(first)

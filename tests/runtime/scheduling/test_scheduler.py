@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -33,7 +33,6 @@ from runtime.scheduling import (
 from runtime.settings import Settings
 from tests.runtime.scheduling.helpers import enqueued, slots_sent
 
-UTC = timezone.utc
 JOB = JobSpec(QUEUE_MAINTENANCE, "tick_job")
 # The simulated hour crosses New York's fall-back (01:00-02:00 EDT happens twice).
 START = datetime(2024, 11, 3, 5, 2, 0, tzinfo=UTC)

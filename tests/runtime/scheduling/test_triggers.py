@@ -7,7 +7,8 @@ zone's transition without arithmetic.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+import itertools
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -21,8 +22,6 @@ from runtime.scheduling.triggers import (
     start_of_local_day,
     trigger_from_json,
 )
-
-UTC = timezone.utc
 
 
 def utc(text: str) -> datetime:
@@ -147,8 +146,8 @@ def test_slots_are_strictly_after_and_increasing() -> None:
     trigger = CronTrigger.parse("*/5 * * * *", "America/New_York")
     start = utc("2024-11-03T04:00:00+00:00")
     slots = list(slots_between(trigger, start, start + timedelta(hours=5)))
-    assert all(b > a for a, b in zip(slots, slots[1:]))
-    assert all((b - a) == timedelta(minutes=5) for a, b in zip(slots, slots[1:]))
+    assert all(b > a for a, b in itertools.pairwise(slots))
+    assert all((b - a) == timedelta(minutes=5) for a, b in itertools.pairwise(slots))
     assert len(slots) == 60
 
 
