@@ -25,7 +25,7 @@ from actors.housekeeping.messages import (
 from actors.housekeeping.reservations import release_expired_reservations
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
 from runtime.process import ProcessContext
-from runtime.scheduling.middleware import record_run_result
+from runtime.scheduling.middleware import ensure_scheduled_run_middleware, record_run_result
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
@@ -58,6 +58,9 @@ def concern(ctx: ProcessContext) -> Concern:
                                   settings.actor_ask_timeout_s)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
+        redis_url, _ = ctx.settings.require_urls()
+        ensure_scheduled_run_middleware(broker, redis_url, ctx.settings.namespace)
+
         def clean_expired_carts() -> None:
             """Thin Dramatiq actor: delete expired anonymous carts."""
             record_run_result(ask("housekeeping", (CARTS, _now())))

@@ -22,7 +22,6 @@ from runtime import embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
 from runtime.scheduling import (
-    CronTrigger,
     Schedule,
     Scheduler,
     SchedulerStore,
@@ -33,6 +32,7 @@ from runtime.scheduling import (
     remove_repeatable,
     repeatable_from_request,
 )
+from runtime.scheduling.overview import display_zone, schedules_overview
 from runtime.scheduling.store import LeaseInfo, ScheduleState, list_repeatables
 from runtime.settings import Settings
 
@@ -44,13 +44,6 @@ def _when(moment: datetime | None, zone: ZoneInfo) -> str:
         return "-"
     local = moment.astimezone(zone)
     return f"{local:%Y-%m-%d %H:%M:%S%z} ({moment.astimezone(UTC):%H:%M:%SZ})"
-
-
-def schedule_zone(schedule: Schedule, shop_zone: str) -> ZoneInfo:
-    """A cron schedule's own zone; interval schedules are shown in the shop's zone."""
-    if isinstance(schedule.trigger, CronTrigger):
-        return schedule.trigger.zone
-    return ZoneInfo(shop_zone)
 
 
 def render_schedules(
@@ -65,7 +58,7 @@ def render_schedules(
     else:
         lines.append("leader: none (no scheduler is running)")
     for s in schedules:
-        zone = schedule_zone(s, shop_zone)
+        zone = display_zone(s, shop_zone)
         st = states[s.name]
         lines.append("")
         lines.append(f"{s.name}  [{s.source}]  {s.trigger.describe()}  -> "
@@ -114,8 +107,16 @@ async def _schedules(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'removed' if removed else 'no repeatable job named'} {args.remove}")
             if not removed:
                 return 1
+        if args.json:
+            view = await schedules_overview(redis, settings.namespace, shop_schedules(settings),
+                                            now, settings.timezone)
+            print(json.dumps(view, indent=2))
+            return 0
         store = SchedulerStore(redis, settings.namespace)
-        schedules = shop_schedules(settings) + await list_repeatables(redis, settings.namespace)
+        builtin = shop_schedules(settings)
+        names = {s.name for s in builtin}
+        schedules = builtin + [s for s in await list_repeatables(redis, settings.namespace)
+                               if s.name not in names]
         states = {s.name: await store.state(s.name) for s in schedules}
         print(render_schedules(schedules, states, await store.lease(), now, settings.timezone))
         return 0
@@ -175,6 +176,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="with --add: replace a repeatable job of the same name")
     parser.add_argument("--remove", metavar="NAME", help="remove a repeatable job")
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
     parser = add_command(sub, "scheduler", _cmd_scheduler,
                          "run a scheduler instance (one leads, others stand by)")
     parser.add_argument("--once", action="store_true",

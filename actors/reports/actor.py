@@ -12,7 +12,7 @@ from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_
 from actors.reports.sales import build_daily_sales_report, send_daily_report
 from runtime.broker import QUEUE_ANALYTICS, declare_actor
 from runtime.process import ProcessContext
-from runtime.scheduling.middleware import record_run_result, scheduled_for
+from runtime.scheduling.middleware import ensure_scheduled_run_middleware, record_run_result, scheduled_for
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
@@ -43,6 +43,9 @@ def concern(ctx: ProcessContext) -> Concern:
         return ServiceActor.start("reporter", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
+        redis_url, _ = ctx.settings.require_urls()
+        ensure_scheduled_run_middleware(broker, redis_url, ctx.settings.namespace)
+
         def build_daily_sales_report_job() -> None:
             """Thin Dramatiq actor: compute and store yesterday's sales report."""
             now = scheduled_for(datetime.now(UTC))

@@ -14,6 +14,7 @@ Why not periodiq: see docs/scheduling.md.
 from runtime.scheduling.cron import CronExpr
 from runtime.scheduling.health import scheduler_health, write_heartbeat
 from runtime.scheduling.middleware import ScheduledRunMiddleware
+from runtime.scheduling.overview import schedule_view, schedules_overview
 from runtime.scheduling.schedule import MisfirePolicy, OverlapPolicy, Schedule, plan_due_slots
 from runtime.scheduling.scheduler import Scheduler, TickReport, broker_sender
 from runtime.scheduling.store import (
@@ -38,5 +39,6 @@ __all__ = [
     "Schedule", "ScheduledRunMiddleware", "Scheduler", "SchedulerStore", "TickReport",
     "add_repeatable", "broker_sender", "connect_redis", "get_repeatable", "list_repeatables",
     "next_slots", "plan_due_slots", "remove_repeatable", "repeatable_from_request",
-    "scheduler_health", "slots_between", "start_of_local_day", "write_heartbeat",
+    "schedule_view", "scheduler_health", "schedules_overview", "slots_between",
+    "start_of_local_day", "write_heartbeat",
 ]

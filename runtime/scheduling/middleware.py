@@ -177,3 +177,20 @@ class ScheduledRunMiddleware(Middleware):
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Main thread, at worker shutdown: release Redis connections."""
         self.close()
+
+
+def ensure_scheduled_run_middleware(broker: dramatiq.Broker, redis_url: str,
+                                    namespace: str) -> ScheduledRunMiddleware:
+    """The broker's :class:`ScheduledRunMiddleware`, added if it has none yet.
+
+    Call before the worker starts. Concerns that consume scheduled jobs call
+    it from their ``declare`` step, so their runs are recorded (and the
+    overlap policy sees them finish) even in a process that did not add the
+    middleware itself.
+    """
+    for middleware in broker.middleware:
+        if isinstance(middleware, ScheduledRunMiddleware):
+            return middleware
+    added = ScheduledRunMiddleware(redis_url, namespace)
+    broker.add_middleware(added)
+    return added

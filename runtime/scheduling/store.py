@@ -228,7 +228,7 @@ def connect_redis(url: str) -> aioredis.Redis:
 class SchedulerStore:
     """The scheduler's Redis operations for one namespace.
 
-    ``redis`` must decode responses (see :func:`connect_redis`).
+    Works with clients that decode responses (:func:`connect_redis`) and ones that do not.
     """
 
     def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
@@ -275,7 +275,7 @@ class SchedulerStore:
             args=[instance, to_ms(now), to_ms(slot), "fire" if fire else "advance",
                   schedule.overlap.value, message_id, int(schedule.max_runtime_s * 1000)],
         )
-        return str(outcome)
+        return str(text(outcome))
 
     async def next_deferred(
         self, schedule: Schedule, instance: str, now: datetime, message_id: str,
@@ -289,7 +289,7 @@ class SchedulerStore:
             args=[instance, to_ms(now), message_id, int(schedule.max_runtime_s * 1000),
                   int(resend_after_s * 1000)],
         )
-        return str(outcome), from_ms(slot_ms or None)
+        return str(text(outcome)), from_ms(text(slot_ms) or None)
 
     async def mark_sent(self, name: str, slot: datetime, now: datetime, message_id: str) -> None:
         """Record that ``slot``'s message is on the broker."""

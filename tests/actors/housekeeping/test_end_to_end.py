@@ -52,12 +52,12 @@ async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings
 
     def start_worker() -> tuple[ProcessContext, Any, dramatiq.Worker]:
         ctx = ProcessContext.start(fast, pool_size=3)
-        ctx.broker.add_middleware(ScheduledRunMiddleware(fast.redis_url or "", fast.namespace))
         ctx.broker.add_middleware(probe)
         concerns = [housekeeping.concern(ctx), reports.concern(ctx)]
         root = build_root("flow-worker", concerns).start()
-        for c in concerns:
+        for c in concerns:  # declare adds the ScheduledRunMiddleware (once)
             c.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 30))
+        assert sum(isinstance(m, ScheduledRunMiddleware) for m in ctx.broker.middleware) == 1
         worker = dramatiq.Worker(ctx.broker, queues={"maintenance", "analytics"},
                                  worker_threads=2, worker_timeout=100)
         worker.start()
