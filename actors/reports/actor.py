@@ -12,7 +12,11 @@ from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_
 from actors.reports.sales import build_daily_sales_report, send_daily_report
 from runtime.broker import QUEUE_ANALYTICS, declare_actor
 from runtime.process import ProcessContext
-from runtime.scheduling.middleware import ensure_scheduled_run_middleware, record_run_result, scheduled_for
+from runtime.scheduling.middleware import (
+    ensure_scheduled_run_middleware,
+    record_run_result,
+    scheduled_for,
+)
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
