@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,7 +31,6 @@ from runtime.scheduling import (
 )
 from runtime.settings import Settings
 
-UTC = timezone.utc
 
 
 def bench_triggers() -> dict[str, Any]:
@@ -54,7 +53,9 @@ async def bench_ticks(settings: Settings) -> dict[str, Any]:
     instances = [Scheduler(SchedulerStore(redis, settings.namespace), broker_sender(broker),
                            schedules, instance_id=f"bench-{i}") for i in range(3)]
     now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
-    leader_s, standby_s, sent = [], [], 0
+    leader_s: list[float] = []
+    standby_s: list[float] = []
+    sent = 0
     for step in range(600):  # ten simulated minutes at 1 s ticks
         for inst in instances:
             t0 = time.perf_counter()
