@@ -32,7 +32,6 @@ from runtime.scheduling import (
 from runtime.settings import Settings
 
 
-
 def bench_triggers() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for expr, zone in (("*/15 * * * *", "America/New_York"), ("0 8 * * *", "America/Sao_Paulo")):
