@@ -22,6 +22,8 @@ from runtime.scheduling.triggers import require_aware
 # The heartbeat key outlives two missed beats before it is gone.
 DEFAULT_HEARTBEAT_TTL_S = 10 * 60
 DEFAULT_HEARTBEAT_EVERY_S = 5 * 60
+# The name of the schedule that writes the heartbeat (the shop's built-in one).
+HEARTBEAT_SCHEDULE = "cron-heartbeat"
 
 
 async def write_heartbeat(
@@ -55,19 +57,27 @@ class SchedulerHealth:
 async def scheduler_health(
     redis: aioredis.Redis, namespace: str, now: datetime,
     stale_after_s: int = DEFAULT_HEARTBEAT_TTL_S,
+    heartbeat_schedule: str = HEARTBEAT_SCHEDULE,
 ) -> SchedulerHealth:
     """Stale when the heartbeat key is gone or older than ``stale_after_s``.
 
-    Works with any client (decoding responses or not). Also reports the lease holder (``None``
-    when no scheduler is running at all).
+    A freshly deployed scheduler has not beaten yet: while the
+    ``heartbeat_schedule`` was first seen less than ``stale_after_s`` ago the
+    missing key counts as "starting", not stale. Works with any client
+    (decoding responses or not). Also reports the lease holder (``None`` when
+    no scheduler is running at all).
     """
     now = require_aware(now)
+    store = SchedulerStore(redis, namespace)
     raw = text(await redis.get(Keys(namespace).heartbeat))
-    lease = await SchedulerStore(redis, namespace).lease()
+    lease = await store.lease()
     leader = lease.holder if lease.expires_at and lease.expires_at >= now else None
     beat = datetime.fromisoformat(raw) if raw else None
     age_s = (now - beat).total_seconds() if beat else None
-    if beat is None:
+    created = await store.created_at(heartbeat_schedule) if beat is None else None
+    if beat is None and created is not None and (now - created).total_seconds() <= stale_after_s:
+        detail = "ok"  # starting: the first heartbeat slot has not come yet
+    elif beat is None:
         detail = f"no cron heartbeat in the last {stale_after_s}s"
     elif age_s is not None and age_s > stale_after_s:
         detail = f"last cron heartbeat {age_s:.0f}s ago"

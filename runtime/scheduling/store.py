@@ -304,8 +304,19 @@ class SchedulerStore:
             await self.redis.hincrby(self.keys.stats(name), counter, amount)
 
     async def init_cursor(self, name: str, now: datetime) -> None:
-        """Start a new schedule's cursor at ``now`` unless it has one: no backfill from the past."""
-        await self.redis.hsetnx(self.keys.state(name), "cursor_ms", to_ms(now))
+        """Start a new schedule's cursor at ``now`` unless it has one: no backfill from the past.
+
+        Also records when the schedule was first seen (``created_ms``), which
+        lets /health tell "no heartbeat yet" from "heartbeat stopped".
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self.keys.state(name), "cursor_ms", to_ms(now))
+            pipe.hsetnx(self.keys.state(name), "created_ms", to_ms(now))
+            await pipe.execute()
+
+    async def created_at(self, name: str) -> datetime | None:
+        """When the schedule was first seen by a scheduler (``None``: never)."""
+        return from_ms(text(await self.redis.hget(self.keys.state(name), "created_ms")))
 
     async def state(self, name: str) -> ScheduleState:
         """Everything known about ``name`` (all fields ``None`` for a schedule never run)."""

@@ -40,3 +40,19 @@ async def test_heartbeat_key_expiry_and_staleness(settings: Settings) -> None:
     finally:
         await raw.aclose()
         await text.aclose()
+
+
+async def test_a_scheduler_that_just_started_is_not_stale_yet(settings: Settings) -> None:
+    client = aioredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    try:
+        store = SchedulerStore(client, settings.namespace)
+        await store.acquire_lease("sched-1", NOW, 15)
+        await store.init_cursor("cron-heartbeat", NOW)  # first sight by the scheduler
+        soon = await scheduler_health(client, settings.namespace, NOW + timedelta(seconds=10))
+        assert soon.ok and soon.heartbeat_at is None
+        await store.acquire_lease("sched-1", NOW + timedelta(minutes=11), 15)
+        later = await scheduler_health(client, settings.namespace, NOW + timedelta(minutes=11))
+        assert not later.ok and "no cron heartbeat" in later.detail
+    finally:
+        await client.aclose()
+
