@@ -36,6 +36,7 @@ import dramatiq
 from dramatiq.message import generate_unique_id
 from redis.exceptions import RedisError
 
+from runtime.errors import ShopflowError
 from runtime.scheduling.schedule import Schedule, plan_due_slots
 from runtime.scheduling.store import SchedulerStore, list_repeatables, to_ms
 from runtime.scheduling.triggers import require_aware, slots_between
@@ -134,7 +135,14 @@ class Scheduler:
         if not leader:
             return report
         for schedule in await self.schedules():
-            await self._tick_schedule(schedule, now, report)
+            try:
+                await self._tick_schedule(schedule, now, report)
+            except (ShopflowError, ValueError) as exc:
+                # One broken schedule (bad data in a repeatable) must not stop the others;
+                # Redis errors are not caught here: they end the tick.
+                log.exception("schedule %s could not be processed: %s", schedule.name, exc,
+                              extra={"schedule": schedule.name})
+                await self.store.count(schedule.name, "errors")
         return report
 
     async def _tick_schedule(self, schedule: Schedule, now: datetime, report: TickReport) -> None:

@@ -294,3 +294,20 @@ async def test_repeatables_are_added_listed_removed_and_picked_up_live(
 def test_repeatable_requests_are_validated(body: Any) -> None:
     with pytest.raises(ValidationError):
         repeatable_from_request(body, "America/Sao_Paulo")
+
+
+class BrokenTrigger(IntervalTrigger):
+    def next_after(self, moment: datetime) -> datetime:
+        raise ValueError("corrupt trigger")
+
+
+async def test_one_broken_schedule_does_not_stop_the_others(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker
+) -> None:
+    broken = Schedule("broken", BrokenTrigger(60), JOB)
+    fine = every("fine", 60)
+    scheduler = make(redis_client, settings, broker, [broken, fine], "solo")
+    await scheduler.tick(START)
+    report = await scheduler.tick(START + timedelta(minutes=1, seconds=1))
+    assert [n for n, _ in report.sent] == ["fine"]
+    assert (await scheduler.store.state("broken")).stats["errors"] == 1
