@@ -137,10 +137,10 @@ class Scheduler:
         for schedule in await self.schedules():
             try:
                 await self._tick_schedule(schedule, now, report)
-            except (ShopflowError, ValueError) as exc:
+            except (ShopflowError, ValueError):
                 # One broken schedule (bad data in a repeatable) must not stop the others;
                 # Redis errors are not caught here: they end the tick.
-                log.exception("schedule %s could not be processed: %s", schedule.name, exc,
+                log.exception("schedule %s could not be processed", schedule.name,
                               extra={"schedule": schedule.name})
                 await self.store.count(schedule.name, "errors")
         return report
