@@ -43,7 +43,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, f"{args.kind}-worker", factory_for(kind), threads)
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow worker`` into the command line."""
     parser = add_command(sub, "worker", _cmd_worker,
                          "run a worker process of one kind (its actors and Dramatiq consumers)")

@@ -89,7 +89,7 @@ def setup_broker(
     call it per test).
     """
     redis_url, _ = settings.require_urls()
-    broker = RedisBroker(
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
         url=redis_url,
         namespace=f"{settings.namespace}-jobs",
         middleware=[*default_middleware(settings), *extra_middleware],

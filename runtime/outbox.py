@@ -23,7 +23,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -89,7 +89,7 @@ def stream_fields(row: OutboxRow) -> dict[str, str]:
         "type": row.event_type,
         "payload": json.dumps(row.payload),
         "correlation_id": str(row.correlation_id or ""),
-        "at": row.created_at.astimezone(timezone.utc).isoformat(),
+        "at": row.created_at.astimezone(UTC).isoformat(),
     }
 
 
@@ -163,7 +163,7 @@ class OutboxRelay:
                     log.warning("outbox relay could not publish, will retry: %s", exc)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._wake.clear()
         finally:
@@ -182,4 +182,4 @@ class OutboxRelay:
 
 def now_utc() -> datetime:
     """The current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -35,7 +35,7 @@ class ProcessContext:
     broker: RedisBroker
 
     @classmethod
-    def start(cls, settings: Settings, pool_size: int = 10) -> "ProcessContext":
+    def start(cls, settings: Settings, pool_size: int = 10) -> ProcessContext:
         """Open everything; the settings must carry both URLs."""
         redis_url, database_url = settings.require_urls()
         bridge = LoopBridge().start()

@@ -7,9 +7,9 @@ is a named constant with a comment saying where it comes from.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from runtime.errors import ConfigError
@@ -163,7 +163,7 @@ class Settings:
     reservation_release_batch: int = DEFAULT_RESERVATION_RELEASE_BATCH
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from ``env`` (``os.environ`` by default), failing on bad values."""
         e = os.environ if env is None else env
         return cls(
@@ -269,7 +269,7 @@ class Settings:
         env.update({k: v for k, v in optional.items() if v})
         return env
 
-    def with_urls(self, redis_url: str, database_url: str) -> "Settings":
+    def with_urls(self, redis_url: str, database_url: str) -> Settings:
         """A copy pointing at concrete servers (after the embedded ones started)."""
         return replace(self, redis_url=redis_url, database_url=database_url)
 

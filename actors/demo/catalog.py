@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import asyncpg
@@ -129,7 +129,7 @@ async def seed(conn: asyncpg.Connection, orders: list[CdnowOrder]) -> tuple[int,
         await conn.executemany(
             """INSERT INTO inventory (product_id, quantity, external_id, synced_at) VALUES ($1, $2, $3, $4)
                ON CONFLICT (product_id) DO NOTHING""",
-            [(p.id, p.stock, p.external_id, datetime.now(timezone.utc)) for p in products],
+            [(p.id, p.stock, p.external_id, datetime.now(UTC)) for p in products],
         )
         await conn.executemany(
             "INSERT INTO customers (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",

@@ -62,7 +62,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary.complete else 1
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow demo`` into the command line."""
     parser = add_command(sub, "demo", _cmd_demo,
                          "seed the demo shop and replay real CDNOW orders through a running runtime")

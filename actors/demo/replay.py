@@ -142,8 +142,8 @@ class Replay:
         return await self._summary(time.monotonic() - started)
 
     async def _stream_tail(self) -> str:
-        last = await self.redis.xrevrange(self.stream, count=1)
-        return last[0][0].decode() if last else "0-0"
+        last: Any = await self.redis.xrevrange(self.stream, count=1)
+        return str(last[0][0].decode()) if last else "0-0"
 
     async def _send_all(self, http: aiohttp.ClientSession) -> None:
         first_day = self.orders[0].day if self.orders else None
@@ -194,7 +194,7 @@ class Replay:
         while len(self.state.done) < self.state.total - sum(self.state.http_errors.values()):
             if time.monotonic() - started > self.timeout_s:
                 return
-            entries = await self.redis.xread({self.stream: last_id}, count=1000, block=250)
+            entries: Any = await self.redis.xread({self.stream: last_id}, count=1000, block=250)
             for _, items in entries or []:
                 for entry_id, fields in items:
                     last_id = entry_id.decode()

@@ -93,7 +93,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                   "(Ctrl-C stops it)", file=sys.stderr)
             proc.wait()
     except KeyboardInterrupt:
-        pass
+        code = 130
     finally:
         stop_supervisord(proc)
         paths = embedded.EmbeddedPaths(settings.var_dir)
@@ -104,7 +104,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow up`` into the command line."""
     parser = add_command(sub, "up", _cmd_up,
                          "start everything (embedded Redis/PostgreSQL, migrations, demo data, the "

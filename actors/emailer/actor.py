@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.emailer.emails import DeliveryOutcome, send_order_confirmation
@@ -31,7 +32,7 @@ def concern(ctx: ProcessContext) -> Concern:
             return await send_order_confirmation(ctx.pool, transport, order_id, zone)
         raise ValueError(f"emailer does not know e-mail kind {kind!r}")
 
-    def start() -> ServiceActor:
+    def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("emailer", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.fulfillment.adapters import LocalShippingGateway, ShippingGateway
@@ -26,7 +27,7 @@ def concern(ctx: ProcessContext) -> Concern:
     async def handle(order_id: int) -> str:
         return await advance(ctx.pool, gateway, order_id)
 
-    def start() -> ServiceActor:
+    def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("fulfillment", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.inventory.messages import RESERVE_STOCK
@@ -25,7 +26,7 @@ def concern(ctx: ProcessContext) -> Concern:
         async with ctx.pool.acquire() as conn:
             return await reserve_for_order(conn, order_id, ttl_s)
 
-    def start_one() -> ServiceActor:
+    def start_one() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("stock-reserver", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
     children = [ChildSpec(f"stock-reserver-{i}", start_one) for i in range(size)]

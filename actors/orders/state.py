@@ -10,8 +10,8 @@ pending ──▶ cancelled
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 from runtime.errors import InvalidTransition
 

@@ -40,4 +40,4 @@ async def pay_order(pool: asyncpg.Pool, order_id: int) -> tuple[dict[str, Any], 
         return await service.get_order(conn, order_id), change is not None
 
 
-__all__ = ["place_order", "pay_order", "Conflict"]
+__all__ = ["Conflict", "pay_order", "place_order"]
