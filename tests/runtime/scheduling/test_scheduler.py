@@ -81,7 +81,7 @@ async def test_three_schedulers_one_hour_exactly_once_with_kill_and_stop(
     alive = dict(instances)
     leaders: list[str] = []
     killed = stopped = None
-    now, end, step = START, START + timedelta(hours=1), timedelta(seconds=7)
+    now, end, step = START, START + timedelta(hours=1), timedelta(seconds=10)
     while now <= end:
         order = sorted(alive, key=lambda n: hash((n, now)))  # a different order each step
         for name in order:
