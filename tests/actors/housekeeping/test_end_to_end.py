@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import dramatiq
 import pytest
 from dramatiq.broker import MessageProxy
@@ -19,8 +20,16 @@ from actors.housekeeping import actor as housekeeping
 from actors.housekeeping.command import render_schedules, run_scheduler
 from actors.housekeeping.schedules import shop_schedules
 from actors.reports import actor as reports
+from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_TO_TEAM
 from runtime.process import ProcessContext
-from runtime.scheduling import ScheduledRunMiddleware, SchedulerStore, connect_redis
+from runtime.scheduling import (
+    IntervalTrigger,
+    Schedule,
+    ScheduledRunMiddleware,
+    Scheduler,
+    SchedulerStore,
+    connect_redis,
+)
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 from runtime.worker import build_root
@@ -91,5 +100,49 @@ async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings
                                 await store.lease(), datetime.now(UTC), fast.timezone)
         assert "cron-heartbeat  [builtin]  every 1s" in text
         assert "succeeded" in text
+    finally:
+        await redis.aclose()
+
+
+async def test_report_jobs_use_their_slot_as_now(settings: Settings, pool: asyncpg.Pool) -> None:
+    """A report message for the 08:00 slot of 3 December, run days later, still reports on
+    2 December; the 09:00 job hands it to the emailer once; both results are recorded."""
+    probe = Finished({"build_daily_sales_report", "send_daily_report_to_team"})
+    slot = datetime(2026, 11, 3, 11, 0, tzinfo=UTC)  # 08:00 in Sao Paulo, a month ago
+
+    def run() -> None:
+        ctx = ProcessContext.start(settings, pool_size=2)
+        ctx.broker.add_middleware(probe)
+        concern = reports.concern(ctx)
+        root = build_root("flow-worker", [concern]).start()
+        concern.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 30))
+        for name, spec in (("daily-sales-report", BUILD_DAILY_SALES_REPORT),
+                           ("daily-report", SEND_DAILY_REPORT_TO_TEAM)):
+            message = Scheduler._message(Schedule(name, IntervalTrigger(60), spec), slot)
+            ctx.broker.enqueue(message)
+        worker = dramatiq.Worker(ctx.broker, queues={"analytics"}, worker_threads=1,
+                                 worker_timeout=100)
+        worker.start()
+        try:
+            assert probe.done.wait(20)
+        finally:
+            worker.stop()
+            root.stop()
+            ctx.stop()
+
+    await asyncio.to_thread(run)
+    dates = [r["report_date"].isoformat() for r in
+             await pool.fetch("SELECT report_date FROM daily_sales_reports")]
+    assert dates == ["2026-11-02"]
+    jobs = await pool.fetch("SELECT job FROM outbox WHERE job IS NOT NULL")
+    assert [j["job"]["args"] for j in jobs] == [["2026-11-02"]]
+    redis = connect_redis(settings.redis_url or "")
+    try:
+        store = SchedulerStore(redis, settings.namespace)
+        built = await store.state("daily-sales-report")
+        assert built.last_status == "succeeded"
+        assert built.last_result == '{"report_date": "2026-11-02", "orders": 0, "revenue_cents": 0}'
+        sent = await store.state("daily-report")
+        assert sent.last_result == '{"handed_off": true}'
     finally:
         await redis.aclose()

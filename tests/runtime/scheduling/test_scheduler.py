@@ -157,6 +157,7 @@ async def test_misfire_after_a_three_hour_outage(
     assert [s.isoformat() for _, s in report.sent] == expected_runs
     state = await scheduler.store.state("quarterly")
     assert state.stats.get("missed") == missed
+    assert state.stats.get("late", 0) == len(expected_runs)  # the catch-up run is counted late
     assert state.cursor == datetime(2024, 11, 3, 8, 0, tzinfo=UTC)
     # Nothing more for the same span, and the next on-time slot runs normally.
     assert (await scheduler.tick(back)).sent == []
