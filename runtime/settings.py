@@ -104,8 +104,8 @@ def _zone(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 def _cron(env: Mapping[str, str], name: str, default: str) -> str:
-    from runtime.scheduling.cron import CronExpr  # leaf module: imports only runtime.errors
     from runtime.errors import ValidationError
+    from runtime.scheduling.cron import CronExpr  # leaf module: imports only runtime.errors
 
     value = env.get(name) or default
     try:
