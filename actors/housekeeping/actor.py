@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 from dramatiq.brokers.redis import RedisBroker
@@ -25,7 +25,11 @@ from actors.housekeeping.messages import (
 from actors.housekeeping.reservations import release_expired_reservations
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
 from runtime.process import ProcessContext
-from runtime.scheduling.middleware import ensure_scheduled_run_middleware, record_run_result
+from runtime.scheduling.middleware import (
+    RunObserver,
+    ensure_scheduled_run_middleware,
+    record_run_result,
+)
 from runtime.service_actor import ServiceActor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
@@ -37,18 +41,42 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def concern(ctx: ProcessContext) -> Concern:
-    """The housekeeping concern of the flow worker (queue ``maintenance``)."""
+class HousekeepingMeter(Protocol):
+    """Where the counts of each cleanup go (Prometheus counters, when metrics are wired)."""
+
+    def carts_deleted(self, count: int) -> None:
+        """Called on the process loop after each cart cleanup."""
+        ...
+
+    def reservations_released(self, count: int) -> None:
+        """Called on the process loop after each reservation release."""
+        ...
+
+
+def concern(ctx: ProcessContext, meter: HousekeepingMeter | None = None,
+            observer: RunObserver | None = None) -> Concern:
+    """The housekeeping concern of the flow worker (queue ``maintenance``).
+
+    ``meter`` receives the cleanup counts; ``observer`` every scheduled run's
+    outcome and duration (it is given to the scheduler middleware if this
+    concern is the one that adds it).
+    """
     settings = ctx.settings
 
     async def handle(message: tuple[str, datetime]) -> Any:
         """Runs on the process loop, called from the housekeeping actor's thread."""
         kind, now = message
         if kind == CARTS:
-            return asdict(await delete_expired_carts(ctx.pool, now, settings.cart_max_age_s))
+            carts = await delete_expired_carts(ctx.pool, now, settings.cart_max_age_s)
+            if meter is not None:
+                meter.carts_deleted(carts.carts)
+            return asdict(carts)
         if kind == RESERVATIONS:
-            return asdict(await release_expired_reservations(
-                ctx.pool, now, settings.reservation_release_batch))
+            released = await release_expired_reservations(
+                ctx.pool, now, settings.reservation_release_batch)
+            if meter is not None:
+                meter.reservations_released(released.reservations)
+            return asdict(released)
         if kind == HEARTBEAT:
             return await beat(ctx.redis, settings.namespace, now, settings.cron_heartbeat_ttl_s)
         raise ValueError(f"housekeeping does not know job {kind!r}")
@@ -59,7 +87,7 @@ def concern(ctx: ProcessContext) -> Concern:
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         redis_url, _ = ctx.settings.require_urls()
-        ensure_scheduled_run_middleware(broker, redis_url, ctx.settings.namespace)
+        ensure_scheduled_run_middleware(broker, redis_url, ctx.settings.namespace, observer)
 
         def clean_expired_carts() -> None:
             """Thin Dramatiq actor: delete expired anonymous carts."""

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 import redis
@@ -92,16 +93,28 @@ def record_run_result(value: Any) -> None:
         message.options[_RESULT_OPTION] = json.dumps(value, default=str)
 
 
+class RunObserver(Protocol):
+    """Told about every scheduled run's outcome (metrics plug in here)."""
+
+    def run_finished(self, schedule: str, outcome: str, duration_s: float | None) -> None:
+        """Worker thread. ``outcome``: succeeded, errored (a retry may follow), failed, skipped."""
+        ...
+
+
 class ScheduledRunMiddleware(Middleware):
     """See the module docstring. Build one per worker process, after start-up."""
 
     def __init__(self, redis_url: str, namespace: str,
-                 late_after_s: float = DEFAULT_LATE_AFTER_S) -> None:
+                 late_after_s: float = DEFAULT_LATE_AFTER_S,
+                 observer: RunObserver | None = None) -> None:
         self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self._keys = Keys(namespace)
         self._late_after_s = late_after_s
+        self._observer = observer
         self._guard = self._redis.register_script(_GUARD)
         self._finish = self._redis.register_script(_FINISH)
+        # Per worker thread: (message id, monotonic start) of the run in progress.
+        self._started = threading.local()
 
     @staticmethod
     def _slot(message: MessageProxy | dramatiq.Message[Any]) -> tuple[str, int] | None:
@@ -129,6 +142,7 @@ class ScheduledRunMiddleware(Middleware):
                         name, message.options.get("sched_slot"), message.message_id,
                         extra={"schedule": name})
             raise SkipMessage()
+        self._started.run = (message.message_id, time.monotonic())
         late_s = (now_ms - slot_ms) / 1000
         if late_s > self._late_after_s and not message.options.get("retries"):
             log.warning("schedule %s slot %s starts %.0fs late", name,
@@ -146,6 +160,14 @@ class ScheduledRunMiddleware(Middleware):
             args=[message.message_id, status, int(time.time() * 1000), error, result,
                   "1" if done else "0"],
         )
+        if self._observer is not None:
+            self._observer.run_finished(name, status, self._duration_s(message.message_id))
+
+    def _duration_s(self, message_id: str) -> float | None:
+        started: tuple[str, float] | None = getattr(self._started, "run", None)
+        if started is None or started[0] != message_id:
+            return None
+        return time.monotonic() - started[1]
 
     def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy,
                               *, result: Any = None,
@@ -179,8 +201,9 @@ class ScheduledRunMiddleware(Middleware):
         self.close()
 
 
-def ensure_scheduled_run_middleware(broker: dramatiq.Broker, redis_url: str,
-                                    namespace: str) -> ScheduledRunMiddleware:
+def ensure_scheduled_run_middleware(broker: dramatiq.Broker, redis_url: str, namespace: str,
+                                    observer: RunObserver | None = None
+                                    ) -> ScheduledRunMiddleware:
     """The broker's :class:`ScheduledRunMiddleware`, added if it has none yet.
 
     Call before the worker starts. Concerns that consume scheduled jobs call
@@ -191,6 +214,6 @@ def ensure_scheduled_run_middleware(broker: dramatiq.Broker, redis_url: str,
     for middleware in broker.middleware:
         if isinstance(middleware, ScheduledRunMiddleware):
             return middleware
-    added = ScheduledRunMiddleware(redis_url, namespace)
+    added = ScheduledRunMiddleware(redis_url, namespace, observer=observer)
     broker.add_middleware(added)
     return added

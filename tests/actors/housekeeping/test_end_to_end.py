@@ -53,16 +53,38 @@ class Finished(Middleware):
                     self.done.set()
 
 
+class Meter:
+    def __init__(self) -> None:
+        self.carts: list[int] = []
+        self.released: list[int] = []
+
+    def carts_deleted(self, count: int) -> None:
+        self.carts.append(count)
+
+    def reservations_released(self, count: int) -> None:
+        self.released.append(count)
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str, float | None]] = []
+
+    def run_finished(self, schedule: str, outcome: str, duration_s: float | None) -> None:
+        self.runs.append((schedule, outcome, duration_s))
+
+
 @pytest.mark.slow
 async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings) -> None:
     fast = replace(settings, cron_heartbeat_every_s=1, cart_cleanup_every_s=1,
                    reservation_release_every_s=2, scheduler_tick_s=0.1, scheduler_lease_s=1.0)
     probe = Finished({"cron_heartbeat", "clean_expired_carts", "release_expired_reservations"})
+    meter, observer = Meter(), Observer()
 
     def start_worker() -> tuple[ProcessContext, Any, dramatiq.Worker]:
         ctx = ProcessContext.start(fast, pool_size=3)
         ctx.broker.add_middleware(probe)
-        concerns = [housekeeping.concern(ctx), reports.concern(ctx)]
+        concerns = [housekeeping.concern(ctx, meter=meter, observer=observer),
+                    reports.concern(ctx)]
         root = build_root("flow-worker", concerns).start()
         for c in concerns:  # declare adds the ScheduledRunMiddleware (once)
             c.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, 30))
@@ -100,6 +122,9 @@ async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings
                                 await store.lease(), datetime.now(UTC), fast.timezone)
         assert "cron-heartbeat  [builtin]  every 1s" in text
         assert "succeeded" in text
+        assert 0 in meter.carts and 0 in meter.released
+        assert any(name == "cron-heartbeat" and outcome == "succeeded" and (d or 0) > 0
+                   for name, outcome, d in observer.runs)
     finally:
         await redis.aclose()
 
