@@ -98,7 +98,7 @@ async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings
     stop = asyncio.Event()
     schedulers = [asyncio.create_task(run_scheduler(fast, stop)) for _ in range(2)]
     try:
-        assert await asyncio.to_thread(probe.done.wait, 20)
+        assert await asyncio.to_thread(probe.done.wait, 60)
     finally:
         stop.set()
         assert await asyncio.gather(*schedulers) == [0, 0]
@@ -149,7 +149,7 @@ async def test_report_jobs_use_their_slot_as_now(settings: Settings, pool: async
                                  worker_timeout=100)
         worker.start()
         try:
-            assert probe.done.wait(20)
+            assert probe.done.wait(60)
         finally:
             worker.stop()
             root.stop()

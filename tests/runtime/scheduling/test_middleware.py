@@ -48,7 +48,7 @@ class Signals(Middleware):
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._note(f"nack:{message.message_id}")
 
-    def wait_for(self, *events: str, timeout_s: float = 20) -> list[str]:
+    def wait_for(self, *events: str, timeout_s: float = 60) -> list[str]:
         """Block until every one of ``events`` happened (in any order)."""
         with self.cond:
             ok = self.cond.wait_for(lambda: all(e in self.done for e in events), timeout_s)
