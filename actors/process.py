@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from actors.emailer import actor as emailer
 from actors.fulfillment import actor as fulfillment
 from actors.inventory import actor as inventory
+from actors.monitor import actor as monitor
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.process import ProcessContext
@@ -27,7 +28,7 @@ class WorkerKind:
 WORKER_KINDS: dict[str, WorkerKind] = {
     "email": WorkerKind((emailer.concern,), lambda s: 4),
     "inventory": WorkerKind((inventory.concern,), lambda s: s.inventory_concurrency),
-    "flow": WorkerKind((fulfillment.concern,), lambda s: 4),
+    "flow": WorkerKind((fulfillment.concern, monitor.concern), lambda s: 4),
 }
 
 

@@ -52,6 +52,13 @@ class TransientJobError(ShopflowError):
     """The job failed for a reason that may pass (a timeout, a restart); retry it."""
 
 
+class Busy(TransientJobError):
+    """Another worker holds this piece of work (a lease); try again once it is released.
+
+    Retried like an outage, not counted as the job's own failure.
+    """
+
+
 class ActorUnavailable(TransientJobError):
     """An ``ask`` went to an actor that is dead, stopping or restarting."""
 

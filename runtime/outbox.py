@@ -153,21 +153,23 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay forever: wake on NOTIFY, poll as a safety net, back off on errors."""
-        listener = await self._listen()
+        listener: asyncpg.Connection | None = None
         try:
             while True:
+                if listener is None or listener.is_closed():
+                    listener = await self._listen()  # (re)connect after a PostgreSQL restart
                 try:
                     while await self.publish_batch() == RELAY_BATCH:
                         pass
-                except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
                     log.warning("outbox relay could not publish, will retry: %s", exc)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     pass
                 self._wake.clear()
         finally:
-            if listener is not None:
+            if listener is not None and not listener.is_closed():
                 await listener.close()
 
     async def _listen(self) -> asyncpg.Connection | None:
@@ -175,8 +177,8 @@ class OutboxRelay:
             conn: asyncpg.Connection = await asyncpg.connect(self._database_url)
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
             return conn
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("outbox relay runs without LISTEN (polling only): %s", exc)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("outbox relay runs without LISTEN (polling only) for now: %s", exc)
             return None
 
 

@@ -18,6 +18,9 @@ from runtime.errors import ConfigError
 # backoff starting at 2 s (Bull's `attempts: 3, backoff: {type: exponential, delay: 2000}`).
 DEFAULT_JOB_ATTEMPTS = 3
 DEFAULT_JOB_BACKOFF_MS = 2_000
+# Retries for a job that failed only because PostgreSQL or Redis was away:
+# with the backoff capped at 16x the base (32 s) this rides out ~10 minutes.
+DEFAULT_JOB_INFRA_RETRIES = 25
 # Process counts of the original PM2 ecosystem file.
 DEFAULT_API_PROCESSES = 4
 DEFAULT_EMAIL_WORKERS = 2
@@ -40,6 +43,25 @@ DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS = 30_000
 DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
+# --- observability ---
+# The original polled its queues once a minute.
+DEFAULT_MONITOR_INTERVAL_S = 60.0
+# The original paged when more than 1,000 jobs waited in a queue.
+DEFAULT_MONITOR_BACKLOG_THRESHOLD = 1_000
+# A job waiting this long means the queue is not keeping up.
+DEFAULT_MONITOR_OLDEST_AGE_THRESHOLD_S = 300.0
+# Share of failed attempts (retried or failed for good) that raises an alert...
+DEFAULT_MONITOR_FAILURE_RATE_THRESHOLD = 0.2
+# ...measured over this window...
+DEFAULT_MONITOR_FAILURE_RATE_WINDOW_S = 300
+# ...once at least this many attempts ended in it (a few failures of a quiet queue are noise).
+DEFAULT_MONITOR_FAILURE_RATE_MIN_JOBS = 20
+# Work waiting this long with no live consumer for its queue raises an alert (deploys restart workers).
+DEFAULT_MONITOR_NO_CONSUMER_GRACE_S = 60.0
+# One webhook POST may take this long before it counts as failed.
+DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
+# Delivery attempts per webhook message (backoff 0.5 s, 1 s, ...); later checks retry undelivered pages.
+DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
 # --- scheduling ---
 # Scheduler processes under supervisord: one leads, the other stands by.
 DEFAULT_SCHEDULERS = 2
@@ -89,6 +111,27 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
+    """Parse ``queue=number,queue=number`` (per-queue thresholds) into sorted pairs."""
+    raw = (env.get(name) or "").strip()
+    pairs: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not sep or not key.strip() or number < 0:
+            raise ConfigError(f"{name} must look like 'emails=500,inventory=2000', got {raw!r}")
+        pairs[key.strip()] = number
+    return tuple(sorted(pairs.items()))
+
+
+def _pairs_text(pairs: tuple[tuple[str, float], ...]) -> str:
+    """The ``queue=number,...`` form :func:`_pairs` reads."""
+    return ",".join(f"{key}={value:g}" for key, value in pairs)
+
+
 def _opt(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     return raw or None
@@ -133,6 +176,7 @@ class Settings:
     embedded_pg_port: int = DEFAULT_EMBEDDED_PG_PORT
     job_attempts: int = DEFAULT_JOB_ATTEMPTS
     job_backoff_ms: int = DEFAULT_JOB_BACKOFF_MS
+    job_infra_retries: int = DEFAULT_JOB_INFRA_RETRIES
     api_processes: int = DEFAULT_API_PROCESSES
     email_workers: int = DEFAULT_EMAIL_WORKERS
     inventory_concurrency: int = DEFAULT_INVENTORY_CONCURRENCY
@@ -148,6 +192,21 @@ class Settings:
     alert_webhook_url: str | None = None
     log_level: str = "INFO"
     namespace: str = "shopflow"
+    # --- observability ---
+    # Prometheus multiprocess directory; None means ``var_dir / "metrics"``.
+    metrics_dir: Path | None = None
+    monitor_interval_s: float = DEFAULT_MONITOR_INTERVAL_S
+    monitor_backlog_threshold: int = DEFAULT_MONITOR_BACKLOG_THRESHOLD
+    # Per-queue overrides: ((queue, threshold), ...), sorted; tuples keep Settings hashable.
+    monitor_backlog_thresholds: tuple[tuple[str, float], ...] = ()
+    monitor_oldest_age_threshold_s: float = DEFAULT_MONITOR_OLDEST_AGE_THRESHOLD_S
+    monitor_oldest_age_thresholds_s: tuple[tuple[str, float], ...] = ()
+    monitor_failure_rate_threshold: float = DEFAULT_MONITOR_FAILURE_RATE_THRESHOLD
+    monitor_failure_rate_window_s: int = DEFAULT_MONITOR_FAILURE_RATE_WINDOW_S
+    monitor_failure_rate_min_jobs: int = DEFAULT_MONITOR_FAILURE_RATE_MIN_JOBS
+    monitor_no_consumer_grace_s: float = DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
+    alert_webhook_timeout_s: float = DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
+    alert_webhook_attempts: int = DEFAULT_ALERT_WEBHOOK_ATTEMPTS
     # --- scheduling ---
     schedulers: int = DEFAULT_SCHEDULERS
     scheduler_tick_s: float = DEFAULT_SCHEDULER_TICK_S
@@ -177,6 +236,7 @@ class Settings:
             embedded_pg_port=_int(e, "SHOPFLOW_EMBEDDED_PG_PORT", DEFAULT_EMBEDDED_PG_PORT, 1),
             job_attempts=_int(e, "SHOPFLOW_JOB_ATTEMPTS", DEFAULT_JOB_ATTEMPTS, 1),
             job_backoff_ms=_int(e, "SHOPFLOW_JOB_BACKOFF_MS", DEFAULT_JOB_BACKOFF_MS, 0),
+            job_infra_retries=_int(e, "SHOPFLOW_JOB_INFRA_RETRIES", DEFAULT_JOB_INFRA_RETRIES, 0),
             api_processes=_int(e, "SHOPFLOW_API_PROCESSES", DEFAULT_API_PROCESSES, 1),
             email_workers=_int(e, "SHOPFLOW_EMAIL_WORKERS", DEFAULT_EMAIL_WORKERS, 1),
             inventory_concurrency=_int(
@@ -198,6 +258,36 @@ class Settings:
             alert_webhook_url=_opt(e, "ALERT_WEBHOOK_URL"),
             log_level=(e.get("SHOPFLOW_LOG_LEVEL") or "INFO").upper(),
             namespace=e.get("SHOPFLOW_NAMESPACE") or "shopflow",
+            # --- observability ---
+            metrics_dir=Path(e["PROMETHEUS_MULTIPROC_DIR"]).resolve()
+            if e.get("PROMETHEUS_MULTIPROC_DIR") else None,
+            monitor_interval_s=_float(e, "SHOPFLOW_MONITOR_INTERVAL_S", DEFAULT_MONITOR_INTERVAL_S),
+            monitor_backlog_threshold=_int(
+                e, "SHOPFLOW_MONITOR_BACKLOG_THRESHOLD", DEFAULT_MONITOR_BACKLOG_THRESHOLD, 1
+            ),
+            monitor_backlog_thresholds=_pairs(e, "SHOPFLOW_MONITOR_BACKLOG_THRESHOLDS"),
+            monitor_oldest_age_threshold_s=_float(
+                e, "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S", DEFAULT_MONITOR_OLDEST_AGE_THRESHOLD_S
+            ),
+            monitor_oldest_age_thresholds_s=_pairs(e, "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S"),
+            monitor_failure_rate_threshold=_float(
+                e, "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD", DEFAULT_MONITOR_FAILURE_RATE_THRESHOLD
+            ),
+            monitor_failure_rate_window_s=_int(
+                e, "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S", DEFAULT_MONITOR_FAILURE_RATE_WINDOW_S, 60
+            ),
+            monitor_failure_rate_min_jobs=_int(
+                e, "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS", DEFAULT_MONITOR_FAILURE_RATE_MIN_JOBS, 1
+            ),
+            monitor_no_consumer_grace_s=_float(
+                e, "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S", DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
+            ),
+            alert_webhook_timeout_s=_float(
+                e, "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S", DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
+            ),
+            alert_webhook_attempts=_int(
+                e, "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS", DEFAULT_ALERT_WEBHOOK_ATTEMPTS, 1
+            ),
             # --- scheduling ---
             schedulers=_int(e, "SHOPFLOW_SCHEDULERS", DEFAULT_SCHEDULERS, 1),
             scheduler_tick_s=_float(e, "SHOPFLOW_SCHEDULER_TICK_S", DEFAULT_SCHEDULER_TICK_S),
@@ -236,6 +326,7 @@ class Settings:
             "SHOPFLOW_EMBEDDED_PG_PORT": str(self.embedded_pg_port),
             "SHOPFLOW_JOB_ATTEMPTS": str(self.job_attempts),
             "SHOPFLOW_JOB_BACKOFF_MS": str(self.job_backoff_ms),
+            "SHOPFLOW_JOB_INFRA_RETRIES": str(self.job_infra_retries),
             "SHOPFLOW_API_PROCESSES": str(self.api_processes),
             "SHOPFLOW_EMAIL_WORKERS": str(self.email_workers),
             "SHOPFLOW_INVENTORY_CONCURRENCY": str(self.inventory_concurrency),
@@ -267,6 +358,23 @@ class Settings:
             "WAREHOUSE_URL": self.warehouse_url, "ALERT_WEBHOOK_URL": self.alert_webhook_url,
         }
         env.update({k: v for k, v in optional.items() if v})
+        # --- observability ---
+        env.update({
+            "SHOPFLOW_MONITOR_INTERVAL_S": str(self.monitor_interval_s),
+            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLD": str(self.monitor_backlog_threshold),
+            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLDS": _pairs_text(self.monitor_backlog_thresholds),
+            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S": str(self.monitor_oldest_age_threshold_s),
+            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S": _pairs_text(
+                self.monitor_oldest_age_thresholds_s),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD": str(self.monitor_failure_rate_threshold),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S": str(self.monitor_failure_rate_window_s),
+            "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS": str(self.monitor_failure_rate_min_jobs),
+            "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S": str(self.monitor_no_consumer_grace_s),
+            "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S": str(self.alert_webhook_timeout_s),
+            "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS": str(self.alert_webhook_attempts),
+        })
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> Settings:

@@ -9,6 +9,7 @@ order and exit 0.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
+import pykka
 from dramatiq.brokers.redis import RedisBroker
 
+from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor
@@ -48,6 +51,31 @@ class Concern:
 ConcernFactory = Callable[[ProcessContext], Sequence[Concern]]
 
 
+@dataclass
+class ActorPool:
+    """``size`` identical supervised actors served round-robin, one per worker thread.
+
+    A concern whose work is independent per message (one order at a time)
+    uses a pool so a worker's threads are not serialised behind one mailbox.
+    """
+
+    prefix: str
+    size: int
+    start: Callable[[], pykka.ActorRef[Any]]
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def children(self) -> list[ChildSpec]:
+        """One child spec per member, ids ``prefix-0`` .. ``prefix-(size-1)``."""
+        return [ChildSpec(f"{self.prefix}-{i}", self.start) for i in range(self.size)]
+
+    def next_id(self) -> str:
+        """The member that gets the next message."""
+        with self._lock:
+            return f"{self.prefix}-{next(self._turn) % self.size}"
+
+
 def _escalated(exc: BaseException) -> None:
     log.critical("root supervisor gave up, exiting so supervisord restarts us: %s", exc)
     os._exit(EXIT_ESCALATED)
@@ -62,6 +90,7 @@ def build_root(name: str, concerns: Sequence[Concern]) -> Supervisor:
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
+    install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
     concerns = factory(ctx)
     queues = {q for c in concerns for q in c.queues}
     root = build_root(name, concerns).start()

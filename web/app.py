@@ -26,7 +26,9 @@ from runtime import db, embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
 from runtime.errors import Conflict, NotFound, ValidationError
-from runtime.outbox import OutboxRelay
+from runtime.observability import metrics_handler
+from runtime.metrics import get_metrics
+from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 async def _relay(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     _, database_url = settings.require_urls()
+    metrics = get_metrics(settings)
+
+    def on_published(rows: list[OutboxRow]) -> None:
+        for row in rows:
+            metrics.outbox_events_published.labels(row.channel).inc()
+        oldest = min(row.created_at for row in rows)
+        metrics.outbox_lag.set((now_utc() - oldest).total_seconds())
+
     relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
-                        settings.outbox_poll_s)
+                        settings.outbox_poll_s, on_published=on_published)
     task = asyncio.create_task(relay.run(), name="outbox-relay")
     yield
     task.cancel()
@@ -163,6 +173,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/orders/{order_id}", get_order)
     app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_handler(settings))
     return app
 
 

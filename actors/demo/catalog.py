@@ -1,6 +1,6 @@
 """Demo data: real CDNOW orders, and a catalogue generated from a seed.
 
-The CDNOW file (ops/data/CDNOW_sample.txt, from the `lifetimes` package,
+The CDNOW files (ops/data/CDNOW_sample.txt and CDNOW_master.txt, from the `lifetimes` package,
 collected by Fader and Hardie) gives real customers, dates and basket sizes.
 It has no products, names, e-mails or stock; those are GENERATED here,
 deterministically from :data:`SEED`, so every run and every machine sees the
@@ -52,6 +52,7 @@ class Product:
 class CdnowOrder:
     """One line of the CDNOW file: a real purchase."""
 
+    source: str
     line_no: int
     customer_id: int
     day: date
@@ -60,11 +61,15 @@ class CdnowOrder:
 
     @property
     def external_ref(self) -> str:
-        return f"cdnow:{self.line_no}"
+        return f"cdnow-{self.source}:{self.line_no}"
 
 
-def generate_products(seed: int = SEED) -> list[Product]:
-    """The generated catalogue (same result for the same seed)."""
+def generate_products(seed: int = SEED, stock_multiplier: int = 1) -> list[Product]:
+    """The generated catalogue (same result for the same seed).
+
+    ``stock_multiplier`` scales every stock level (benchmarks use it so that
+    the full master file does not sell the shop out).
+    """
     rng = random.Random(seed)
     products = []
     for pid in range(1, PRODUCT_COUNT + 1):
@@ -72,20 +77,38 @@ def generate_products(seed: int = SEED) -> list[Product]:
         price = rng.randrange(990, 3991, 100)
         hit = pid <= 12
         stock = rng.randint(30, 60) if hit else rng.randint(80, 400)
-        products.append(Product(pid, f"CD-{pid:05d}", name, price, stock, f"WH-{pid:05d}"))
+        products.append(Product(pid, f"CD-{pid:05d}", name, price, stock * stock_multiplier,
+                                f"WH-{pid:05d}"))
     return products
 
 
+MASTER_FILE = DATA_FILE.with_name("CDNOW_master.txt")
+
+
+def _columns(parts: list[str], where: str) -> tuple[str, str, str, str]:
+    """customer, date, cds, value from a sample line (5 columns) or a master line (4)."""
+    if len(parts) == 5:
+        return parts[0], parts[2], parts[3], parts[4]
+    if len(parts) == 4:
+        return parts[0], parts[1], parts[2], parts[3]
+    raise ValueError(f"{where}: expected 4 or 5 columns, got {len(parts)}")
+
+
 def load_orders(path: Path = DATA_FILE, limit: int | None = None) -> list[CdnowOrder]:
-    """The CDNOW purchases in date order (stable for ties), at most ``limit``."""
+    """The CDNOW purchases in date order (stable for ties), at most ``limit``.
+
+    Reads both shipped files: the sample (5 columns, no header) and the
+    master file (4 columns, one header line).
+    """
     orders = []
+    source = "master" if path.name == MASTER_FILE.name else "sample"
     with path.open() as fh:
         for line_no, line in enumerate(fh, start=1):
             parts = line.split()
-            if len(parts) != 5:
-                raise ValueError(f"{path.name}:{line_no}: expected 5 columns, got {len(parts)}")
-            customer, _, day, cds, value = parts
-            orders.append(CdnowOrder(line_no, int(customer), datetime.strptime(day, "%Y%m%d").date(),
+            if line_no == 1 and parts and not parts[0].isdigit():
+                continue  # the master file's header
+            customer, day, cds, value = _columns(parts, f"{path.name}:{line_no}")
+            orders.append(CdnowOrder(source, line_no, int(customer), datetime.strptime(day, "%Y%m%d").date(),
                                      int(cds), float(value)))
     orders.sort(key=lambda o: (o.day, o.line_no))
     return orders[:limit] if limit else orders
@@ -116,9 +139,10 @@ def customer_email(customer_id: int) -> str:
     return f"cliente{customer_id:05d}@example.com.br"
 
 
-async def seed(conn: asyncpg.Connection, orders: list[CdnowOrder]) -> tuple[int, int]:
+async def seed(conn: asyncpg.Connection, orders: list[CdnowOrder],
+               stock_multiplier: int = 1) -> tuple[int, int]:
     """Insert the catalogue, stock and the orders' customers; a re-run changes nothing."""
-    products = generate_products()
+    products = generate_products(stock_multiplier=stock_multiplier)
     customers = sorted({o.customer_id for o in orders})
     async with conn.transaction():
         await conn.executemany(

@@ -34,6 +34,8 @@ from runtime.outbox import stream_key
 HTTP_CONCURRENCY = 16
 # How often the driver re-reads order states from PostgreSQL as a safety net.
 RECONCILE_EVERY_S = 1.0
+# How long the driver keeps retrying a call while the api or Redis is away.
+RETRY_WINDOW_S = 90.0
 DONE = frozenset({state.READY_TO_SHIP, state.FAILED, state.CANCELLED, state.SHIPPED, state.DELIVERED})
 
 
@@ -160,19 +162,34 @@ class Replay:
             tasks.append(asyncio.create_task(self._send_one(http, order, sem)))
         await asyncio.gather(*tasks)
 
+    async def _post(self, http: aiohttp.ClientSession, path: str,
+                    body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """POST with retries while the api is away (restart, crash): both calls are idempotent."""
+        deadline = time.monotonic() + RETRY_WINDOW_S
+        delay_s = 0.1
+        while True:
+            try:
+                async with http.post(f"{self.api_url}{path}", json=body) as resp:
+                    if resp.status < 500 or time.monotonic() > deadline:
+                        return resp.status, await resp.json(content_type=None)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
+
     async def _send_one(self, http: aiohttp.ClientSession, order: CdnowOrder, sem: asyncio.Semaphore) -> None:
         body = {"customer_id": order.customer_id, "external_ref": order.external_ref,
                 "items": [{"product_id": p, "quantity": q} for p, q in basket(order, self.products)]}
         try:
-            async with http.post(f"{self.api_url}/api/v1/orders", json=body) as resp:
-                data = await resp.json()
-                if resp.status not in (200, 201):
-                    self.state.http_errors[f"create {resp.status}"] += 1
-                    return
+            status, data = await self._post(http, "/api/v1/orders", body)
+            if status not in (200, 201):
+                self.state.http_errors[f"create {status}"] += 1
+                return
             self.state.order_ids[int(data["id"])] = order.line_no
             if data["status"] == state.RESERVED:
                 await self._pay(http, int(data["id"]))
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.state.http_errors[f"create {type(exc).__name__}"] += 1
         finally:
             sem.release()
@@ -182,10 +199,10 @@ class Replay:
             return
         self.state.paid.add(order_id)
         try:
-            async with http.post(f"{self.api_url}/api/v1/orders/{order_id}/payment") as resp:
-                if resp.status not in (200, 409):
-                    self.state.http_errors[f"payment {resp.status}"] += 1
-        except aiohttp.ClientError as exc:
+            status, _ = await self._post(http, f"/api/v1/orders/{order_id}/payment")
+            if status not in (200, 409):
+                self.state.http_errors[f"payment {status}"] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.state.paid.discard(order_id)
             self.state.http_errors[f"payment {type(exc).__name__}"] += 1
 
@@ -194,14 +211,21 @@ class Replay:
         while len(self.state.done) < self.state.total - sum(self.state.http_errors.values()):
             if time.monotonic() - started > self.timeout_s:
                 return
-            entries: Any = await self.redis.xread({self.stream: last_id}, count=1000, block=250)
+            try:
+                entries: Any = await self.redis.xread({self.stream: last_id}, count=1000, block=250)
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+                entries = []  # Redis is restarting: the DB reconciliation below keeps us going
+                await asyncio.sleep(0.2)
             for _, items in entries or []:
                 for entry_id, fields in items:
                     last_id = entry_id.decode()
                     if fields.get(b"type") == EVENT_STATUS_CHANGED.encode():
                         await self._on_event(http, json.loads(fields[b"payload"]), bar)
             if time.monotonic() >= next_reconcile:
-                await self._reconcile(http, bar)
+                try:
+                    await self._reconcile(http, bar)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pass  # PostgreSQL is restarting; try again next round
                 next_reconcile = time.monotonic() + RECONCILE_EVERY_S
 
     async def _on_event(self, http: aiohttp.ClientSession, payload: dict[str, Any], bar: tqdm) -> None:

@@ -27,6 +27,7 @@ from actors.demo.command import add_replay_arguments, run_demo
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.errors import ServiceError
+from runtime.metrics import prepare_metrics_dir
 from runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,11 +82,13 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     given = settings
     settings = embedded.ensure_services(settings)
     print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}", file=sys.stderr)
+    prepare_metrics_dir(settings)
     proc = start_supervisord(settings)
     code = 0
     try:
         wait_healthy(settings, proc)
-        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s))
+        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
+                                       data=args.data, stock_multiplier=args.stock_multiplier))
         print(summary.render())
         code = 0 if summary.complete else 1
         if not args.once:

@@ -12,8 +12,10 @@ from runtime.broker import QUEUE_EMAILS, declare_actor
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
 from runtime.settings import Settings
-from runtime.supervision import ChildSpec
-from runtime.worker import Asker, Concern
+from runtime.worker import ActorPool, Asker, Concern
+
+# Emailer actors per e-mail worker process (one per Dramatiq worker thread).
+EMAILER_ACTORS = 4
 
 
 def make_transport(settings: Settings) -> EmailTransport:
@@ -35,11 +37,14 @@ def concern(ctx: ProcessContext) -> Concern:
     def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("emailer", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
+    pool = ActorPool("emailer", EMAILER_ACTORS, start)
+
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def send_order_confirmation_job(order_id: int) -> None:
             """Thin Dramatiq actor: the confirmation e-mail of a paid order."""
-            ask("emailer", ("order_confirmation", int(order_id)))
+            ask(pool.next_id(), ("order_confirmation", int(order_id)))
 
-        declare_actor(broker, SEND_ORDER_CONFIRMATION, send_order_confirmation_job)
+        # critical: a confirmation that fails for good pages on-call (as the original did).
+        declare_actor(broker, SEND_ORDER_CONFIRMATION, send_order_confirmation_job, critical=True)
 
-    return Concern("emailer", [ChildSpec("emailer", start)], declare, (QUEUE_EMAILS,))
+    return Concern("emailer", pool.children, declare, (QUEUE_EMAILS,))

@@ -12,6 +12,7 @@ transport overwrites the same file; SendGrid is reconciled by its transport).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,12 +22,14 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from actors.emailer.transports import EmailTransport, OutgoingEmail
-from runtime.errors import NotFound, PermanentJobError, TransientJobError
+from runtime.errors import Busy, NotFound, PermanentJobError
 
 log = logging.getLogger(__name__)
 
 # How long one delivery attempt may hold a key before another may try.
-SEND_LEASE = timedelta(seconds=60)
+SEND_LEASE = timedelta(seconds=30)
+# How long a sent e-mail's outcome is retried against an unreachable database.
+RECORD_RETRY_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ async def _claim(conn: asyncpg.Connection, email: OutgoingEmail, kind: str, tran
         if row["status"] in ("sent", "failed"):
             return str(row["status"])
         if row["status"] == "sending" and row["leased"]:
-            raise TransientJobError(f"e-mail {email.idempotency_key} is being sent by another worker")
+            raise Busy(f"e-mail {email.idempotency_key} is being sent by another attempt (lease held)")
         await conn.execute(
             """UPDATE email_log SET status = 'sending', attempts = attempts + 1,
                       lease_until = now() + $2::interval WHERE idempotency_key = $1""",
@@ -87,8 +90,29 @@ async def deliver(
     except Exception as exc:
         await _record(pool, email.idempotency_key, "pending", error=f"{type(exc).__name__}: {exc}")
         raise
-    await _record(pool, email.idempotency_key, "sent", provider_id=result.provider_id)
+    await _record_sent(pool, email.idempotency_key, result.provider_id)
     return DeliveryOutcome(email.idempotency_key, "sent")
+
+
+async def _record_sent(pool: asyncpg.Pool, key: str, provider_id: str | None) -> None:
+    """Record a delivery that happened, riding out a short database outage.
+
+    If it cannot be recorded at all, the row stays ``sending`` with its lease;
+    the retry waits for the lease and sends again under the same key, which
+    the transports treat as the same e-mail.
+    """
+    deadline = asyncio.get_running_loop().time() + RECORD_RETRY_S
+    delay_s = 0.1
+    while True:
+        try:
+            await _record(pool, key, "sent", provider_id=provider_id)
+            return
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError, asyncpg.exceptions.OperatorInterventionError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
 
 
 async def _record(pool: asyncpg.Pool, key: str, status: str, provider_id: str | None = None,

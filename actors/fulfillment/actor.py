@@ -6,13 +6,17 @@ import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.fulfillment.adapters import LocalShippingGateway, ShippingGateway
-from actors.fulfillment.flow import advance
+from actors.fulfillment.flow import advance, order_age_s
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
+from actors.orders.state import READY_TO_SHIP
 from runtime.broker import QUEUE_FULFILLMENT, declare_actor
+from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
-from runtime.supervision import ChildSpec
-from runtime.worker import Asker, Concern
+from runtime.worker import ActorPool, Asker, Concern
+
+# Fulfilment actors in the flow worker (one per Dramatiq worker thread).
+FULFILLMENT_ACTORS = 4
 
 
 def make_gateway(ctx: ProcessContext) -> ShippingGateway:
@@ -23,18 +27,24 @@ def make_gateway(ctx: ProcessContext) -> ShippingGateway:
 def concern(ctx: ProcessContext) -> Concern:
     """The fulfilment flow actor."""
     gateway = make_gateway(ctx)
+    metrics = get_metrics(ctx.settings)
 
     async def handle(order_id: int) -> str:
-        return await advance(ctx.pool, gateway, order_id)
+        status = await advance(ctx.pool, gateway, order_id)
+        if status == READY_TO_SHIP:
+            metrics.order_latency.labels(status).observe(await order_age_s(ctx.pool, order_id))
+        return status
 
     def start() -> pykka.ActorRef[ServiceActor]:
         return ServiceActor.start("fulfillment", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
 
+    pool = ActorPool("fulfillment", FULFILLMENT_ACTORS, start)
+
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def advance_fulfillment(order_id: int) -> None:
             """Thin Dramatiq actor: one step of the order's fulfilment."""
-            ask("fulfillment", int(order_id))
+            ask(pool.next_id(), int(order_id))
 
         declare_actor(broker, ADVANCE_FULFILLMENT, advance_fulfillment)
 
-    return Concern("fulfillment", [ChildSpec("fulfillment", start)], declare, (QUEUE_FULFILLMENT,))
+    return Concern("fulfillment", pool.children, declare, (QUEUE_FULFILLMENT,))

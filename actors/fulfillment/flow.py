@@ -40,6 +40,13 @@ async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str
         return True
 
 
+async def order_age_s(pool: asyncpg.Pool, order_id: int) -> float:
+    """Seconds from the order's creation to now (its end-to-end latency when it is done)."""
+    age = await pool.fetchval(
+        "SELECT extract(epoch FROM clock_timestamp() - created_at) FROM orders WHERE id = $1", order_id)
+    return float(age or 0.0)
+
+
 async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -> str:
     """Take the order one step along the flow; return its status afterwards."""
     async with pool.acquire() as conn:
