@@ -22,8 +22,10 @@ from actors.housekeeping.messages import (
     CRON_HEARTBEAT,
     RELEASE_EXPIRED_RESERVATIONS,
 )
+from actors.housekeeping.metering import PrometheusMeter
 from actors.housekeeping.reservations import release_expired_reservations
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
+from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.scheduling.middleware import (
     RunObserver,
@@ -59,23 +61,26 @@ def concern(ctx: ProcessContext, meter: HousekeepingMeter | None = None,
 
     ``meter`` receives the cleanup counts; ``observer`` every scheduled run's
     outcome and duration (it is given to the scheduler middleware if this
-    concern is the one that adds it).
+    concern is the one that adds it). Both default to the process's
+    Prometheus metrics.
     """
     settings = ctx.settings
+    if meter is None or observer is None:
+        prometheus = PrometheusMeter(get_metrics(settings))
+        meter = meter or prometheus
+        observer = observer or prometheus
 
     async def handle(message: tuple[str, datetime]) -> Any:
         """Runs on the process loop, called from the housekeeping actor's thread."""
         kind, now = message
         if kind == CARTS:
             carts = await delete_expired_carts(ctx.pool, now, settings.cart_max_age_s)
-            if meter is not None:
-                meter.carts_deleted(carts.carts)
+            meter.carts_deleted(carts.carts)
             return asdict(carts)
         if kind == RESERVATIONS:
             released = await release_expired_reservations(
                 ctx.pool, now, settings.reservation_release_batch)
-            if meter is not None:
-                meter.reservations_released(released.reservations)
+            meter.reservations_released(released.reservations)
             return asdict(released)
         if kind == HEARTBEAT:
             return await beat(ctx.redis, settings.namespace, now, settings.cron_heartbeat_ttl_s)

@@ -110,7 +110,7 @@ class ScheduledRunMiddleware(Middleware):
         self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self._keys = Keys(namespace)
         self._late_after_s = late_after_s
-        self._observer = observer
+        self.observer = observer
         self._guard = self._redis.register_script(_GUARD)
         self._finish = self._redis.register_script(_FINISH)
         # Per worker thread: (message id, monotonic start) of the run in progress.
@@ -160,8 +160,8 @@ class ScheduledRunMiddleware(Middleware):
             args=[message.message_id, status, int(time.time() * 1000), error, result,
                   "1" if done else "0"],
         )
-        if self._observer is not None:
-            self._observer.run_finished(name, status, self._duration_s(message.message_id))
+        if self.observer is not None:
+            self.observer.run_finished(name, status, self._duration_s(message.message_id))
 
     def _duration_s(self, message_id: str) -> float | None:
         started: tuple[str, float] | None = getattr(self._started, "run", None)
@@ -209,10 +209,13 @@ def ensure_scheduled_run_middleware(broker: dramatiq.Broker, redis_url: str, nam
     Call before the worker starts. Concerns that consume scheduled jobs call
     it from their ``declare`` step, so their runs are recorded (and the
     overlap policy sees them finish) even in a process that did not add the
-    middleware itself.
+    middleware itself. An ``observer`` is attached to an existing middleware
+    that has none, so the order in which concerns declare does not matter.
     """
     for middleware in broker.middleware:
         if isinstance(middleware, ScheduledRunMiddleware):
+            if observer is not None and middleware.observer is None:
+                middleware.observer = observer
             return middleware
     added = ScheduledRunMiddleware(redis_url, namespace, observer=observer)
     broker.add_middleware(added)
