@@ -71,6 +71,8 @@ DEFAULT_SCHEDULER_TICK_S = 1.0
 DEFAULT_SCHEDULER_LEASE_S = 15.0
 # A slot run later than this counts as missed (misfire policy); above the lease.
 DEFAULT_SCHEDULER_MISFIRE_GRACE_S = 60.0
+# A slot claimed by a scheduler that died before sending it is sent again after this.
+DEFAULT_SCHEDULER_RESEND_AFTER_S = 30.0
 # The original system's schedules (Bull repeatables in America/Sao_Paulo).
 DEFAULT_SALES_REPORT_CRON = "0 8 * * *"
 DEFAULT_DAILY_REPORT_CRON = "0 9 * * *"
@@ -212,6 +214,7 @@ class Settings:
     scheduler_tick_s: float = DEFAULT_SCHEDULER_TICK_S
     scheduler_lease_s: float = DEFAULT_SCHEDULER_LEASE_S
     scheduler_misfire_grace_s: float = DEFAULT_SCHEDULER_MISFIRE_GRACE_S
+    scheduler_resend_after_s: float = DEFAULT_SCHEDULER_RESEND_AFTER_S
     sales_report_cron: str = DEFAULT_SALES_REPORT_CRON
     daily_report_cron: str = DEFAULT_DAILY_REPORT_CRON
     cart_cleanup_every_s: int = DEFAULT_CART_CLEANUP_EVERY_S
@@ -295,6 +298,9 @@ class Settings:
             scheduler_misfire_grace_s=_float(
                 e, "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S", DEFAULT_SCHEDULER_MISFIRE_GRACE_S
             ),
+            scheduler_resend_after_s=_float(
+                e, "SHOPFLOW_SCHEDULER_RESEND_AFTER_S", DEFAULT_SCHEDULER_RESEND_AFTER_S
+            ),
             sales_report_cron=_cron(e, "SHOPFLOW_SALES_REPORT_CRON", DEFAULT_SALES_REPORT_CRON),
             daily_report_cron=_cron(e, "SHOPFLOW_DAILY_REPORT_CRON", DEFAULT_DAILY_REPORT_CRON),
             cart_cleanup_every_s=_int(
@@ -343,6 +349,7 @@ class Settings:
             "SHOPFLOW_SCHEDULER_TICK_S": str(self.scheduler_tick_s),
             "SHOPFLOW_SCHEDULER_LEASE_S": str(self.scheduler_lease_s),
             "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S": str(self.scheduler_misfire_grace_s),
+            "SHOPFLOW_SCHEDULER_RESEND_AFTER_S": str(self.scheduler_resend_after_s),
             "SHOPFLOW_SALES_REPORT_CRON": self.sales_report_cron,
             "SHOPFLOW_DAILY_REPORT_CRON": self.daily_report_cron,
             "SHOPFLOW_CART_CLEANUP_EVERY_S": str(self.cart_cleanup_every_s),

@@ -138,7 +138,7 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event | None = None,
     scheduler = Scheduler(
         SchedulerStore(redis, settings.namespace), broker_sender(broker),
         shop_schedules(settings), lease_s=settings.scheduler_lease_s,
-        tick_s=settings.scheduler_tick_s,
+        tick_s=settings.scheduler_tick_s, resend_after_s=settings.scheduler_resend_after_s,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
