@@ -62,6 +62,29 @@ DEFAULT_MONITOR_NO_CONSUMER_GRACE_S = 60.0
 DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
 # Delivery attempts per webhook message (backoff 0.5 s, 1 s, ...); later checks retry undelivered pages.
 DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
+# --- scheduling ---
+# Scheduler processes under supervisord: one leads, the other stands by.
+DEFAULT_SCHEDULERS = 2
+# A scheduler instance wakes this often to renew its lease and fire due slots.
+DEFAULT_SCHEDULER_TICK_S = 1.0
+# A standby scheduler takes over this long after the leader's last renewal.
+DEFAULT_SCHEDULER_LEASE_S = 15.0
+# A slot run later than this counts as missed (misfire policy); above the lease.
+DEFAULT_SCHEDULER_MISFIRE_GRACE_S = 60.0
+# A slot claimed by a scheduler that died before sending it is sent again after this.
+DEFAULT_SCHEDULER_RESEND_AFTER_S = 30.0
+# The original system's schedules (Bull repeatables in America/Sao_Paulo).
+DEFAULT_SALES_REPORT_CRON = "0 8 * * *"
+DEFAULT_DAILY_REPORT_CRON = "0 9 * * *"
+DEFAULT_CART_CLEANUP_EVERY_S = 60 * 60
+DEFAULT_RESERVATION_RELEASE_EVERY_S = 15 * 60
+DEFAULT_CRON_HEARTBEAT_EVERY_S = 5 * 60
+# The heartbeat key outlives one missed beat; /health calls the scheduler stale after it.
+DEFAULT_CRON_HEARTBEAT_TTL_S = 10 * 60
+# Anonymous carts idle this long are deleted.
+DEFAULT_CART_MAX_AGE_S = 24 * 60 * 60
+# Expired reservations released per atomic statement.
+DEFAULT_RESERVATION_RELEASE_BATCH = 5_000
 
 
 # --- externals: stock sync, warehouse, carrier, SendGrid, abandoned carts (issue 7) ---
@@ -212,6 +235,18 @@ def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _cron(env: Mapping[str, str], name: str, default: str) -> str:
+    from runtime.errors import ValidationError
+    from runtime.scheduling.cron import CronExpr  # leaf module: imports only runtime.errors
+
+    value = env.get(name) or default
+    try:
+        CronExpr.parse(value)
+    except ValidationError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the runtime can be told, with the defaults of a fresh machine.
@@ -315,6 +350,20 @@ class Settings:
     recommendation_refresh_batch: int = DEFAULT_RECOMMENDATION_REFRESH_BATCH
     support_recent_orders: int = DEFAULT_SUPPORT_RECENT_ORDERS
     moderation_min_confidence: float = DEFAULT_MODERATION_MIN_CONFIDENCE
+    # --- scheduling ---
+    schedulers: int = DEFAULT_SCHEDULERS
+    scheduler_tick_s: float = DEFAULT_SCHEDULER_TICK_S
+    scheduler_lease_s: float = DEFAULT_SCHEDULER_LEASE_S
+    scheduler_misfire_grace_s: float = DEFAULT_SCHEDULER_MISFIRE_GRACE_S
+    scheduler_resend_after_s: float = DEFAULT_SCHEDULER_RESEND_AFTER_S
+    sales_report_cron: str = DEFAULT_SALES_REPORT_CRON
+    daily_report_cron: str = DEFAULT_DAILY_REPORT_CRON
+    cart_cleanup_every_s: int = DEFAULT_CART_CLEANUP_EVERY_S
+    reservation_release_every_s: int = DEFAULT_RESERVATION_RELEASE_EVERY_S
+    cron_heartbeat_every_s: int = DEFAULT_CRON_HEARTBEAT_EVERY_S
+    cron_heartbeat_ttl_s: int = DEFAULT_CRON_HEARTBEAT_TTL_S
+    cart_max_age_s: int = DEFAULT_CART_MAX_AGE_S
+    reservation_release_batch: int = DEFAULT_RESERVATION_RELEASE_BATCH
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -473,6 +522,34 @@ class Settings:
             moderation_min_confidence=_fraction(
                 e, "SHOPFLOW_MODERATION_MIN_CONFIDENCE", DEFAULT_MODERATION_MIN_CONFIDENCE
             ),
+            # --- scheduling ---
+            schedulers=_int(e, "SHOPFLOW_SCHEDULERS", DEFAULT_SCHEDULERS, 1),
+            scheduler_tick_s=_float(e, "SHOPFLOW_SCHEDULER_TICK_S", DEFAULT_SCHEDULER_TICK_S),
+            scheduler_lease_s=_float(e, "SHOPFLOW_SCHEDULER_LEASE_S", DEFAULT_SCHEDULER_LEASE_S),
+            scheduler_misfire_grace_s=_float(
+                e, "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S", DEFAULT_SCHEDULER_MISFIRE_GRACE_S
+            ),
+            scheduler_resend_after_s=_float(
+                e, "SHOPFLOW_SCHEDULER_RESEND_AFTER_S", DEFAULT_SCHEDULER_RESEND_AFTER_S
+            ),
+            sales_report_cron=_cron(e, "SHOPFLOW_SALES_REPORT_CRON", DEFAULT_SALES_REPORT_CRON),
+            daily_report_cron=_cron(e, "SHOPFLOW_DAILY_REPORT_CRON", DEFAULT_DAILY_REPORT_CRON),
+            cart_cleanup_every_s=_int(
+                e, "SHOPFLOW_CART_CLEANUP_EVERY_S", DEFAULT_CART_CLEANUP_EVERY_S, 1
+            ),
+            reservation_release_every_s=_int(
+                e, "SHOPFLOW_RESERVATION_RELEASE_EVERY_S", DEFAULT_RESERVATION_RELEASE_EVERY_S, 1
+            ),
+            cron_heartbeat_every_s=_int(
+                e, "SHOPFLOW_CRON_HEARTBEAT_EVERY_S", DEFAULT_CRON_HEARTBEAT_EVERY_S, 1
+            ),
+            cron_heartbeat_ttl_s=_int(
+                e, "SHOPFLOW_CRON_HEARTBEAT_TTL_S", DEFAULT_CRON_HEARTBEAT_TTL_S, 1
+            ),
+            cart_max_age_s=_int(e, "SHOPFLOW_CART_MAX_AGE_S", DEFAULT_CART_MAX_AGE_S, 1),
+            reservation_release_batch=_int(
+                e, "SHOPFLOW_RESERVATION_RELEASE_BATCH", DEFAULT_RESERVATION_RELEASE_BATCH, 1
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -498,6 +575,20 @@ class Settings:
             "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
             "SHOPFLOW_LOG_LEVEL": self.log_level,
             "SHOPFLOW_NAMESPACE": self.namespace,
+            # --- scheduling ---
+            "SHOPFLOW_SCHEDULERS": str(self.schedulers),
+            "SHOPFLOW_SCHEDULER_TICK_S": str(self.scheduler_tick_s),
+            "SHOPFLOW_SCHEDULER_LEASE_S": str(self.scheduler_lease_s),
+            "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S": str(self.scheduler_misfire_grace_s),
+            "SHOPFLOW_SCHEDULER_RESEND_AFTER_S": str(self.scheduler_resend_after_s),
+            "SHOPFLOW_SALES_REPORT_CRON": self.sales_report_cron,
+            "SHOPFLOW_DAILY_REPORT_CRON": self.daily_report_cron,
+            "SHOPFLOW_CART_CLEANUP_EVERY_S": str(self.cart_cleanup_every_s),
+            "SHOPFLOW_RESERVATION_RELEASE_EVERY_S": str(self.reservation_release_every_s),
+            "SHOPFLOW_CRON_HEARTBEAT_EVERY_S": str(self.cron_heartbeat_every_s),
+            "SHOPFLOW_CRON_HEARTBEAT_TTL_S": str(self.cron_heartbeat_ttl_s),
+            "SHOPFLOW_CART_MAX_AGE_S": str(self.cart_max_age_s),
+            "SHOPFLOW_RESERVATION_RELEASE_BATCH": str(self.reservation_release_batch),
         }
         optional = {
             "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,
