@@ -20,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from prometheus_client import values
 
 from runtime import db, embedded
 from runtime.settings import Settings
@@ -50,6 +51,19 @@ async def _build_template(server_url: str) -> None:
         await db.migrate(conn)
     finally:
         await conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _metrics_mode_per_test() -> Iterator[None]:
+    """Undo prometheus-client's process-wide multiprocess switch after each test.
+
+    ``runtime.metrics.get_metrics`` flips the value class for the whole
+    process; without this, metrics a later test builds on its own registry
+    would read values left in the earlier test's files.
+    """
+    yield
+    values.ValueClass = values.MutexValue  # type: ignore[attr-defined]
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 @pytest.fixture(scope="session")
