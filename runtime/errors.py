@@ -62,3 +62,16 @@ class MailboxFull(TransientJobError):
 
 class QueueFull(ShopflowError):
     """A bounded queue is at its maximum length; the message was not enqueued."""
+
+
+# --- web ---
+class Unauthenticated(ShopflowError):
+    """No credentials, or credentials that are malformed, forged or expired (HTTP 401)."""
+
+
+class Forbidden(ShopflowError):
+    """Valid credentials that do not allow this request (HTTP 403)."""
+
+
+class NotAvailable(ShopflowError):
+    """A capability this process was not wired with (HTTP 503): e.g. no jobs admin plugged in."""

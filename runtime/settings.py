@@ -40,6 +40,17 @@ DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS = 30_000
 DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
+# --- web ---
+# A signed access token is valid this long unless `shopflow token --ttl-s` says otherwise.
+DEFAULT_TOKEN_TTL_S = 24 * 3600
+# Events a WebSocket client may have waiting before it counts as a slow consumer and is closed.
+DEFAULT_WS_SEND_QUEUE_MAX = 1_000
+# Seconds between WebSocket protocol pings; a peer silent for this long is dropped.
+DEFAULT_WS_HEARTBEAT_S = 20.0
+# Largest WebSocket frame a client may send (control messages are tiny).
+DEFAULT_WS_MAX_FRAME_BYTES = 64 * 1024
+# How long one XREAD blocks waiting for new events before looping.
+DEFAULT_NOTIFIER_BLOCK_MS = 1_000
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -115,6 +126,13 @@ class Settings:
     alert_webhook_url: str | None = None
     log_level: str = "INFO"
     namespace: str = "shopflow"
+    # --- web ---
+    token_secret: str | None = None
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    ws_send_queue_max: int = DEFAULT_WS_SEND_QUEUE_MAX
+    ws_heartbeat_s: float = DEFAULT_WS_HEARTBEAT_S
+    ws_max_frame_bytes: int = DEFAULT_WS_MAX_FRAME_BYTES
+    notifier_block_ms: int = DEFAULT_NOTIFIER_BLOCK_MS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -152,6 +170,15 @@ class Settings:
             alert_webhook_url=_opt(e, "ALERT_WEBHOOK_URL"),
             log_level=(e.get("SHOPFLOW_LOG_LEVEL") or "INFO").upper(),
             namespace=e.get("SHOPFLOW_NAMESPACE") or "shopflow",
+            # --- web ---
+            token_secret=_opt(e, "SHOPFLOW_TOKEN_SECRET"),
+            token_ttl_s=_int(e, "SHOPFLOW_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, 1),
+            ws_send_queue_max=_int(e, "SHOPFLOW_WS_SEND_QUEUE_MAX", DEFAULT_WS_SEND_QUEUE_MAX, 1),
+            ws_heartbeat_s=_float(e, "SHOPFLOW_WS_HEARTBEAT_S", DEFAULT_WS_HEARTBEAT_S),
+            ws_max_frame_bytes=_int(
+                e, "SHOPFLOW_WS_MAX_FRAME_BYTES", DEFAULT_WS_MAX_FRAME_BYTES, 1024
+            ),
+            notifier_block_ms=_int(e, "SHOPFLOW_NOTIFIER_BLOCK_MS", DEFAULT_NOTIFIER_BLOCK_MS, 10),
         )
 
     def with_urls(self, redis_url: str, database_url: str) -> "Settings":

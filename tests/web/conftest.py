@@ -1,0 +1,136 @@
+"""Fixtures for the web tests: a minimal app with the web face, real servers, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from actors.notifier.streams import append_event
+from runtime.settings import Settings
+from web.auth import SIGNER_KEY, TokenSigner
+from web.realtime import NOTIFIER_KEY, setup_realtime
+
+TEST_SECRET = b"test-secret-for-web-tests-only-0123456789"
+
+
+@pytest.fixture
+def web_settings(settings: Settings) -> Settings:
+    """Test settings with a fixed secret, short heartbeats and quick XREAD blocks."""
+    return replace(settings, token_secret=TEST_SECRET.decode(), notifier_block_ms=200,
+                   ws_heartbeat_s=5.0)
+
+
+@pytest.fixture
+def signer() -> TokenSigner:
+    return TokenSigner(TEST_SECRET)
+
+
+def build_app(settings: Settings, signer: TokenSigner | None = None) -> web.Application:
+    """The minimal app the web tests serve (create_app will call the same setup_* functions)."""
+    app = web.Application()
+    if signer is not None:
+        app[SIGNER_KEY] = signer
+    setup_realtime(app, settings)
+    return app
+
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    """Start apps on 127.0.0.1 (real sockets); all are closed at the end of the test."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> TestServer:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def realtime_server(web_settings: Settings, signer: TokenSigner,
+                          start_server: ServerFactory) -> TestServer:
+    return await start_server(build_app(web_settings, signer))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def redis(web_settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(web_settings.redis_url or "", decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+class Publisher:
+    """Writes events the way the outbox relay does."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+        self.redis = redis
+        self.namespace = namespace
+
+    async def __call__(self, channel: str, payload: dict[str, Any], event_type: str = "test",
+                       maxlen: int | None = None) -> str:
+        return await append_event(self.redis, self.namespace, channel, event_type, payload,
+                                  maxlen=maxlen)
+
+
+@pytest.fixture
+def publish(redis: aioredis.Redis, web_settings: Settings) -> Publisher:
+    return Publisher(redis, web_settings.namespace)
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The next text frame as JSON (fails the test on close or timeout)."""
+    msg = await ws.receive(timeout=timeout_s)
+    assert msg.type == aiohttp.WSMsgType.TEXT, f"expected text, got {msg.type} {msg.data!r}"
+    data: dict[str, Any] = msg.json()
+    return data
+
+
+async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str,
+                  timeout_s: float = 5.0) -> dict[str, Any]:
+    """The next message of type ``kind``, skipping others."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            data = await next_json(ws, timeout_s)
+            if data["type"] == kind:
+                return data
+
+
+async def subscribe(ws: aiohttp.ClientWebSocketResponse, channel: str,
+                    **extra: Any) -> dict[str, Any]:
+    await ws.send_json({"type": "subscribe", "channel": channel, **extra})
+    return await next_of(ws, "subscribed")
+
+
+async def close_code(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5.0) -> int | None:
+    """Read until the server closes; the close code it sent."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                return ws.close_code
+
+
+def notifier_of(server: TestServer):  # type: ignore[no-untyped-def]
+    return server.app[NOTIFIER_KEY]
