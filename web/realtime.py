@@ -73,8 +73,11 @@ class BadMessage(Exception):
 class Connection:
     """One WebSocket client: its principal, bounded send queue and writer task."""
 
-    def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.ws = ws
+        # Kept to cut a client that will not even take a close frame.
+        self._transport = transport
         self.principal = principal
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_max)
         self._writer: asyncio.Task[None] | None = None
@@ -139,10 +142,14 @@ class Connection:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.ws.close(code=code, message=reason.encode()[:120])
-        except TimeoutError:
-            transport = self.ws._req.transport if self.ws._req is not None else None
-            if transport is not None:
-                transport.abort()
+        except Exception as exc:  # the peer is gone or stuck: nothing left to tell it
+            log.debug("websocket close ended with %r", exc)
+        finally:
+            # A client that does not read never lets the close frame (or
+            # anything buffered before it) drain, and a plain transport close
+            # waits for that drain; abort so the socket and its buffers go now.
+            if isinstance(self._transport, asyncio.WriteTransport):
+                self._transport.abort()
 
     async def finish(self) -> None:
         """Stop every task this connection started and wait for them."""
@@ -226,7 +233,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated: missing, bad or "
                                                           b"expired token")
         return ws
-    conn = Connection(ws, principal, settings.ws_send_queue_max)
+    conn = Connection(ws, principal, settings.ws_send_queue_max, request.transport)
     connections: set[Connection] = request.app[CONNECTIONS_KEY]
     connections.add(conn)
     conn.start()

@@ -134,3 +134,48 @@ async def close_code(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5.0
 
 def notifier_of(server: TestServer):  # type: ignore[no-untyped-def]
     return server.app[NOTIFIER_KEY]
+
+
+def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One client→server WebSocket frame (FIN set, masked as RFC 6455 requires)."""
+    import os
+    import struct
+
+    mask = os.urandom(4)
+    header = bytes([0x80 | opcode])
+    if len(payload) < 126:
+        header += bytes([0x80 | len(payload)])
+    elif len(payload) < 65536:
+        header += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    else:
+        header += bytes([0x80 | 127]) + struct.pack("!Q", len(payload))
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + body
+
+
+async def raw_ws_connect(host: str, port: int, path: str, rcvbuf_bytes: int = 4096) -> Any:
+    """A hand-made WebSocket client on a tiny receive buffer that reads only the handshake.
+
+    It exists to be a client that stops reading: aiohttp's own client keeps
+    draining the socket, and loopback buffers are large, so it would take
+    hundreds of megabytes before the server noticed.
+    """
+    import base64
+    import os
+    import socket as socket_mod
+
+    loop = asyncio.get_running_loop()
+    sock = socket_mod.socket()
+    sock.setsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVBUF, rcvbuf_bytes)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    await loop.sock_sendall(sock, request.encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += await loop.sock_recv(sock, 1)
+    assert received.startswith(b"HTTP/1.1 101"), received
+    return sock
