@@ -42,6 +42,49 @@ def build_app(settings: Settings, signer: TokenSigner | None = None) -> web.Appl
     return app
 
 
+def build_full_app(settings: Settings, signer: TokenSigner | None = None,
+                   with_stubs: bool = True) -> web.Application:
+    """The app with the whole web face; stubs stand in for other concerns' seams."""
+    from tests.web import stubs
+    from web import seams
+    from web.api_extra import setup_api
+    from web.dashboard import setup_dashboard
+
+    app = build_app(settings, signer)
+    setup_api(app, settings)
+    setup_dashboard(app)
+    if with_stubs:
+        app[seams.JOBS_ADMIN] = stubs.StubJobsAdmin()
+        app[seams.SCHEDULES] = stubs.StubSchedules()
+        app[seams.SUPERVISION] = stubs.StubSupervision()
+        app[seams.RECOMMENDER] = stubs.StubRecommender()
+        app[seams.SUPPORT_DESK] = stubs.StubSupportDesk()
+        app[seams.REVIEW_MODERATION] = stubs.StubModeration()
+    return app
+
+
+SEED_SQL = """
+INSERT INTO customers (id, name, email) VALUES (1, 'Ana', 'ana@example.com'),
+                                              (2, 'Bruno', 'bruno@example.com');
+INSERT INTO products (id, sku, name, price_cents) VALUES (1, 'CD-1', 'Album One', 1990),
+                                                        (2, 'CD-2', 'Album Two', 2500),
+                                                        (3, 'CD-3', 'Album Three', 999);
+INSERT INTO inventory (product_id, quantity, external_id, synced_at)
+     VALUES (1, 10, 'W-1', now()), (2, 5, 'W-2', NULL), (3, 0, NULL, NULL);
+"""
+
+
+async def seed(settings: Settings) -> None:
+    """Two customers and three products."""
+    from runtime import db
+
+    conn = await db.connect(settings.database_url or "")
+    try:
+        await conn.execute(SEED_SQL)
+    finally:
+        await conn.close()
+
+
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
