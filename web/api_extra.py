@@ -381,7 +381,7 @@ async def recent_events(request: web.Request) -> web.Response:
         raise NotFound(f"no channel {channel}")
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
     settings = request.app[API_SETTINGS_KEY]
-    entries = await request.app[REDIS_KEY].xrevrange(
+    entries: Any = await request.app[REDIS_KEY].xrevrange(
         stream_key(settings.namespace, channel), count=limit)
     events = [_event_json(channel, entry_id, fields) for entry_id, fields in entries]
     visible = [e for e in events if e is not None and may_receive(principal, channel,

@@ -237,7 +237,7 @@ def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Entry point (``shopflow.commands``): adds ``shopflow token``."""
     from runtime.cli import add_command
 

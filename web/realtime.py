@@ -58,7 +58,7 @@ CLOSE_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 10.0
 
 NOTIFIER_KEY = web.AppKey("notifier", Notifier)
-CONNECTIONS_KEY = web.AppKey("ws_connections", set)  # type: ignore[type-arg]
+CONNECTIONS_KEY = web.AppKey("ws_connections", set)
 WS_SETTINGS_KEY = web.AppKey("ws_settings", Settings)
 
 
@@ -94,9 +94,12 @@ class Connection:
         self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
 
     async def _write_loop(self) -> None:
-        while True:
-            text = await self._queue.get()
-            await self.ws.send_str(text)
+        try:
+            while True:
+                text = await self._queue.get()
+                await self.ws.send_str(text)
+        except ConnectionError:
+            return  # the peer went away; the read loop ends the connection
 
     def send(self, message: dict[str, Any]) -> bool:
         """Queue a control message (same queue as events, so order is kept)."""
@@ -142,7 +145,7 @@ class Connection:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.ws.close(code=code, message=reason.encode()[:120])
-        except Exception as exc:  # the peer is gone or stuck: nothing left to tell it
+        except Exception as exc:  # noqa: BLE001 - the peer is gone or stuck: nothing to tell
             log.debug("websocket close ended with %r", exc)
         finally:
             # A client that does not read never lets the close frame (or
@@ -157,8 +160,12 @@ class Connection:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("websocket task %s failed", task.get_name())
         if self._closing is not None:
             with contextlib.suppress(Exception):
                 await self._closing
@@ -401,4 +408,4 @@ async def run_supervised(notifier: Notifier, max_restarts: int = 5,
             log.exception("notifier crashed; restarting it (restart %d)", len(crashes))
 
 
-__all__ = ["setup_realtime", "NOTIFIER_KEY", "WSCloseCode"]
+__all__ = ["NOTIFIER_KEY", "WSCloseCode", "setup_realtime"]

@@ -13,6 +13,7 @@ keeps the last stream id it has been given and only ever moves it forward.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ class Notifier:
 
     def __init__(
         self,
-        redis: "aioredis.Redis",
+        redis: aioredis.Redis,
         namespace: str,
         block_ms: int = 1_000,
         channels: Iterable[str] = CHANNELS,
@@ -133,6 +134,7 @@ class Notifier:
         delay_s = RECONNECT_MIN_S
         while True:
             try:
+                await self._redis.ping()
                 if not self._ready.is_set():
                     await self._resolve_cursors()
                     self._ready.set()
@@ -157,9 +159,9 @@ class Notifier:
 
     async def _tail(self) -> None:
         while True:
-            streams = {stream_key(self._namespace, c): id_text(self._cursors[c])
-                       for c in self._channels}
-            reply = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)
+            streams: dict[Any, Any] = {stream_key(self._namespace, c): id_text(self._cursors[c])
+                                       for c in self._channels}
+            reply: Any = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)
             self._set_connected(True)
             for key, entries in reply or []:
                 channel = _text(key).rsplit(":", 1)[-1]
@@ -273,7 +275,7 @@ class Notifier:
         while sub.active:
             start = "(" + id_text(sub.last_id)
             batch = await self._with_redis(
-                lambda: self._redis.xrange(key, min=start, max="+", count=READ_BATCH))
+                functools.partial(self._redis.xrange, key, min=start, max="+", count=READ_BATCH))
             for entry_id, fields in batch or []:
                 event = parse_entry(sub.channel, _text(entry_id), _text_fields(fields))
                 stream_id = parse_id(_text(entry_id))

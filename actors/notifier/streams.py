@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -80,7 +80,7 @@ def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEv
 
 
 async def append_event(
-    redis: "aioredis.Redis",
+    redis: aioredis.Redis,
     namespace: str,
     channel: str,
     event_type: str,
@@ -90,12 +90,12 @@ async def append_event(
     maxlen: int | None = None,
 ) -> str:
     """XADD one event in the relay's format; returns its stream id."""
-    fields = {
+    fields: dict[Any, Any] = {
         "id": str(event_id),
         "type": event_type,
         "payload": json.dumps(payload),
         "correlation_id": correlation_id,
-        "at": datetime.now(timezone.utc).isoformat(),
+        "at": datetime.now(UTC).isoformat(),
     }
     entry_id = await redis.xadd(stream_key(namespace, channel), fields, maxlen=maxlen,
                                 approximate=False)

@@ -86,7 +86,7 @@ async def test_cart_input_is_validated(ana: Caller, staff: Caller) -> None:
     _, cart = await ana("POST", "/api/v1/carts", json={})
     items = f"/api/v1/carts/{cart['id']}/items"
     for body in ({"quantity": 0}, {"quantity": "2"}, {"quantity": True}, {}, [1]):
-        status, answer = await ana("PUT", f"{items}/1", json=body)
+        status, _ = await ana("PUT", f"{items}/1", json=body)
         assert status == 422, body
     assert (await ana("PUT", f"{items}/999", json={"quantity": 1}))[0] == 404
     assert (await ana("GET", "/api/v1/carts/99999999999999999999"))[0] == 404

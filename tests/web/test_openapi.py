@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Self
 
 import aiohttp
 import hypothesis
@@ -70,7 +71,7 @@ class ThreadedServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner = web.AppRunner(app)
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> Self:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
         return self
@@ -109,26 +110,32 @@ def test_fuzz_with_schemathesis_finds_no_server_errors(fuzz_server: ThreadedServ
     for result in schema.get_all_operations():
         operation = result.ok()
         for role, mode in runs:
-            headers = {"Authorization": f"Bearer {tokens[role]}"}
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis.settings(max_examples=FUZZ_EXAMPLES_PER_OPERATION, deadline=None,
-                                 database=None, derandomize=True,
-                                 suppress_health_check=list(HealthCheck))
-            def fuzz(case: schemathesis.Case) -> None:
-                case.headers = {**(case.headers or {}), **headers}
-                response = case.call(base_url=base_url)
-                if response.status_code >= 500:
-                    failures.append(f"{role} {case.method} {case.formatted_path} -> "
-                                    f"{response.status_code}: {response.text[:200]}")
-                if mode is schemathesis.GenerationMode.NEGATIVE:
-                    return  # invalid input: any documented 4xx will do, only 5xx is a bug
-                case.validate_response(response, checks=[
-                    schemathesis.checks.not_a_server_error,
-                    schemathesis.checks.status_code_conformance,
-                    schemathesis.checks.content_type_conformance,
-                    schemathesis.checks.response_schema_conformance,
-                ])
-
+            fuzz = _fuzzer(operation, mode, role, tokens[role], base_url, failures)
             fuzz()
     assert failures == []
+
+
+def _fuzzer(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode, role: str,
+            token: str, base_url: str, failures: list[str]) -> Callable[[], None]:
+    """A Hypothesis test of one operation, as one role, in one generation mode."""
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES_PER_OPERATION, deadline=None,
+                         database=None, derandomize=True,
+                         suppress_health_check=list(HealthCheck))
+    def fuzz(case: schemathesis.Case) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+        response = case.call(base_url=base_url)
+        if response.status_code >= 500:
+            failures.append(f"{role} {case.method} {case.formatted_path} -> "
+                            f"{response.status_code}: {response.text[:200]}")
+        if mode is schemathesis.GenerationMode.NEGATIVE:
+            return  # invalid input: any documented 4xx will do, only 5xx is a bug
+        case.validate_response(response, checks=[
+            schemathesis.checks.not_a_server_error,
+            schemathesis.checks.status_code_conformance,
+            schemathesis.checks.content_type_conformance,
+            schemathesis.checks.response_schema_conformance,
+        ])
+
+    return fuzz  # type: ignore[no-any-return]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 
+from runtime.settings import Settings
 from tests.web.conftest import (
     Publisher,
     ServerFactory,
@@ -13,10 +13,8 @@ from tests.web.conftest import (
     close_code,
     next_json,
     next_of,
-    notifier_of,
     subscribe,
 )
-from runtime.settings import Settings
 from web.auth import TokenSigner
 
 

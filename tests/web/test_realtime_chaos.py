@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,11 +18,10 @@ from tests.web.conftest import (
     Publisher,
     ServerFactory,
     build_app,
-    close_code,
     masked_frame,
-    raw_ws_connect,
     next_of,
     notifier_of,
+    raw_ws_connect,
     subscribe,
 )
 from web.auth import TokenSigner
