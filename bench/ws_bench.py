@@ -80,6 +80,7 @@ def _baseline_app(redis_url: str, namespace: str) -> Any:
     """The minimal broadcast loop: one XREAD task, a set of sockets, send to each in turn."""
     import redis.asyncio as aioredis
     from aiohttp import web
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     clients: set[web.WebSocketResponse] = set()
 
@@ -101,7 +102,10 @@ def _baseline_app(redis_url: str, namespace: str) -> Any:
         async def loop() -> None:
             last = "$"
             while True:
-                reply = await client.xread({key: last}, block=1000, count=500)
+                try:
+                    reply = await client.xread({key: last}, block=1000, count=500)
+                except RedisConnectionError:
+                    return  # Redis stopped at the end of the run (the baseline does not resume)
                 for _, entries in reply or []:
                     for entry_id, fields in entries:
                         last = entry_id

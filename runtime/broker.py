@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -26,7 +28,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from runtime.errors import PermanentJobError
+from runtime.errors import Busy, PermanentJobError
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,40 @@ ALL_QUEUES = (
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
 
 
-def _retry_when(max_retries: int) -> Callable[[int, BaseException], bool]:
-    """Retry transient failures up to ``max_retries``; never retry a permanent one."""
+# Errors that say "a server is away" (a restart, a failover) or "someone else holds
+# this work right now", not "this job is wrong".
+_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    Busy,
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # seen when a connection breaks mid-operation
+    asyncpg.exceptions.OperatorInterventionError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True for failures caused by an unreachable or restarting server."""
+    return isinstance(exc, _INFRASTRUCTURE_ERRORS)
+
+
+def _retry_when(max_retries: int, infra_retries: int) -> Callable[[int, BaseException], bool]:
+    """Retry failures up to ``max_retries``; never a permanent one.
+
+    A job that failed because PostgreSQL or Redis was restarting did nothing
+    wrong, so it gets ``infra_retries`` tries (with the same capped
+    exponential backoff) before it is given up: an outage of minutes loses no
+    job, while a job that fails on its own merits still stops after its
+    attempts.
+    """
 
     def should_retry(retries_so_far: int, exc: BaseException) -> bool:
         if isinstance(exc, PermanentJobError):
             return False
+        if is_infrastructure_error(exc):
+            return retries_so_far < infra_retries
         return retries_so_far < max_retries
 
     return should_retry
@@ -72,8 +102,8 @@ def default_middleware(settings: Settings) -> list[Middleware]:
         Retries(
             max_retries=max_retries,
             min_backoff=settings.job_backoff_ms,
-            max_backoff=max(settings.job_backoff_ms * 64, 1),
-            retry_when=_retry_when(max_retries),
+            max_backoff=max(settings.job_backoff_ms * 16, 1),
+            retry_when=_retry_when(max_retries, settings.job_infra_retries),
         ),
         CurrentMessage(),
     ]
@@ -89,7 +119,7 @@ def setup_broker(
     call it per test).
     """
     redis_url, _ = settings.require_urls()
-    broker = RedisBroker(
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
         url=redis_url,
         namespace=f"{settings.namespace}-jobs",
         middleware=[*default_middleware(settings), *extra_middleware],

@@ -28,7 +28,7 @@ COMMAND_GROUP = "shopflow.commands"
 
 
 def add_command(
-    subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     handler: Handler,
     help_text: str,

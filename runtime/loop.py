@@ -33,7 +33,7 @@ class LoopBridge:
             raise RuntimeError("LoopBridge is not started")
         return self._loop
 
-    def start(self) -> "LoopBridge":
+    def start(self) -> LoopBridge:
         """Start the loop thread and wait until the loop runs."""
         if self._thread is not None:
             return self

@@ -81,7 +81,7 @@ class Supervisor:
         self.max_seconds = max_seconds
         self._on_escalate = on_escalate
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         """Start every child in declaration order."""
         for spec in self._specs:
             self._refs[spec.id] = spec.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -58,7 +59,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     database_url = os.environ.get("TEST_DATABASE_URL")
     started = None
     if not (redis_url and database_url):
-        var = tmp_path_factory.mktemp("embedded")
+        # Not under pytest's temp root: another pytest session on the machine can
+        # reset its permissions, and PostgreSQL runs as another user here.
+        var = Path(tempfile.mkdtemp(prefix="shopflow-test-"))
         paths = embedded.EmbeddedPaths(var)
         rport, pport = _free_port(), _free_port()
         redis_url = redis_url or embedded.ensure_redis(paths, rport)
@@ -70,6 +73,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         paths, rport = started
         embedded.stop_redis(paths, rport)
         embedded.stop_postgres(paths)
+        embedded.remove_data(paths)
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """Helpers for JSON handlers: input validation and translating errors to 4xx.
 
 Every handler of the extra API is wrapped by :func:`json_errors`, so a domain
-error becomes its HTTP status with a JSON body ``{"error", "message"}`` even
-in an app without the lead's error middleware, and bad input can never
-surface as a 500.
+error becomes its HTTP status with the API's error body
+``{"error": {"status", "message", "code", "field"?}}`` (the shape of
+``web/app.py``'s middleware) whatever middleware the app has, and bad input
+can never surface as a 500.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ _STATUS: list[tuple[type[ShopflowError], int, str]] = [
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    """The API's one error shape."""
-    body: dict[str, Any] = {"error": code, "message": message}
+    """The API's one error shape (the same as web/app.py's): ``{"error": {status, message, code}}``."""
+    error: dict[str, Any] = {"status": status, "message": message, "code": code}
     if field is not None:
-        body["field"] = field
+        error["field"] = field
+    body = {"error": error}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return web.json_response(body, status=status, headers=headers)
 

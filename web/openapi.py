@@ -28,9 +28,10 @@ def ref(name: str) -> Schema:
 
 
 SCHEMAS: dict[str, Schema] = {
-    "Error": {"type": "object", "required": ["error", "message"], "properties": {
-        "error": {"type": "string"}, "message": {"type": "string"},
-        "field": {"type": "string"}}},
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["status", "message"], "properties": {
+            "status": {"type": "integer"}, "message": {"type": "string"},
+            "code": {"type": "string"}, "field": {"type": ["string", "null"]}}}}},
     "Me": {"type": "object", "required": ["role", "customer_id", "expires_at"], "properties": {
         "role": {"enum": ["customer", "staff"]},
         "customer_id": {"type": ["integer", "null"]}, "expires_at": {"type": "integer"}}},
@@ -85,9 +86,18 @@ SCHEMAS: dict[str, Schema] = {
         "id": {"type": "string"}, "channel": {"enum": list(CHANNELS)},
         "event": {"type": ["string", "null"]}, "payload": OBJ,
         "at": {"type": ["string", "null"]}}},
-    "Order": {"type": "object", "required": ["id", "customer_id", "status"], "properties": {
+    "Order": {"type": "object", "required": ["id", "customer_id", "status", "items", "history"],
+              "properties": {
         "id": {"type": "integer"}, "customer_id": {"type": "integer"},
-        "status": {"type": "string"}, "total_cents": {"type": "integer"}}},
+        "status": {"type": "string"}, "status_reason": {"type": ["string", "null"]},
+        "total_cents": {"type": "integer"}, "external_ref": {"type": ["string", "null"]},
+        "correlation_id": {"type": "string"}, "created_at": TIME, "updated_at": TIME,
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "product_id": {"type": "integer"}, "quantity": {"type": "integer"},
+            "unit_price_cents": {"type": "integer"}}}},
+        "history": {"type": "array", "items": {"type": "object", "properties": {
+            "from_status": {"type": ["string", "null"]}, "to_status": {"type": "string"},
+            "reason": {"type": ["string", "null"]}, "at": TIME}}}}},
     "Health": {"type": "object"},
 }
 
@@ -129,10 +139,12 @@ ERRORS: dict[str, Schema] = {
 
 
 def op(summary: str, tag: str, ok_status: str, ok: Schema, auth: str = "any",
-       params: list[Schema] | None = None, body: Schema | None = None) -> Schema:
-    """One operation: ``auth`` is any (customer or staff), staff, or none."""
+       params: list[Schema] | None = None, body: Schema | None = None,
+       also: dict[str, Schema] | None = None) -> Schema:
+    """One operation: ``auth`` is any (customer or staff), staff, or none (public)."""
+    errors = ERRORS if auth != "none" else {"default": ERRORS["default"]}
     operation: Schema = {"summary": summary, "tags": [tag], "parameters": params or [],
-                         "responses": {ok_status: ok, **(ERRORS if auth != "none" else {})}}
+                         "responses": {ok_status: ok, **(also or {}), **errors}}
     if auth == "none":
         operation["security"] = []
     elif auth == "staff":
@@ -152,13 +164,18 @@ JOB_ID = _path("job_id", {"type": "string", "minLength": 1, "maxLength": 200})
 OPERATIONS: dict[tuple[str, str], Schema] = {
     # --- owned by web/app.py (documented here so the document stays whole) ---
     ("GET", "/health"): op("Liveness and readiness of the process and its servers", "health",
-                           "200", _resp("healthy", ref("Health")), auth="none"),
+                           "200", _resp("healthy", ref("Health")), auth="none",
+                           also={"503": _resp("Redis or PostgreSQL unreachable",
+                                              ref("Health"))}),
     ("POST", "/api/v1/orders"): op(
         "Place an order (starts stock reservation)", "orders", "201",
-        _resp("the order", ref("Order")),
-        body=_body(["items"], {"customer_id": ID, "items": {"type": "array", "items": _body(
-            ["product_id", "quantity"], {"product_id": ID, "quantity": {"type": "integer",
-                                                                          "minimum": 1}})}})),
+        _resp("the new order", ref("Order")),
+        also={"200": _resp("the order already placed with this external_ref", ref("Order"))},
+        body=_body(["customer_id", "items"], {
+            "customer_id": ID, "external_ref": {"type": "string", "minLength": 1},
+            "items": {"type": "array", "minItems": 1, "items": _body(
+                ["product_id", "quantity"], {"product_id": ID,
+                                             "quantity": {"type": "integer", "minimum": 1}})}})),
     ("POST", "/api/v1/orders/{order_id}/payment"): op(
         "Confirm an order's payment", "orders", "200", _resp("the order", ref("Order")),
         params=[_path("order_id")], body=OBJ),

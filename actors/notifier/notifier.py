@@ -222,7 +222,7 @@ class Notifier:
         if since is not None:
             resync = await self._check_retention(channel, since)
             if resync is not None:
-                sub.last_id = self._cursors[channel]
+                sub.last_id = parse_id(resync.last_id) or self._cursors[channel]
         await announce(id_text(sub.last_id), resync)
         if since is not None and resync is None:
             await self._catch_up(sub)
@@ -257,10 +257,12 @@ class Notifier:
         if info is None:
             return None if since == (0, 0) else Resync(channel, "unknown_since", current)
         newest = parse_id(_text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
+        # After a resync the client reloads state, so live events start after the newest entry.
+        restart = id_text(max(newest, self._cursors[channel]))
         if since > newest:
-            return Resync(channel, "unknown_since", current)
+            return Resync(channel, "unknown_since", restart)
         if _entries_lost_after(info, since, newest):
-            return Resync(channel, "retention", current)
+            return Resync(channel, "retention", restart)
         return None
 
     async def _catch_up(self, sub: Subscription) -> None:

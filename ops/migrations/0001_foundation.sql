@@ -114,6 +114,8 @@ CREATE TABLE email_log (
     provider_id      text,
     error            text,
     attempts         integer NOT NULL DEFAULT 0,
+    -- While 'sending', no other delivery may start before this time.
+    lease_until      timestamptz,
     correlation_id   uuid,
     created_at       timestamptz NOT NULL DEFAULT now(),
     sent_at          timestamptz

@@ -53,7 +53,7 @@ def staff(http: aiohttp.ClientSession, api: TestServer, signer: TokenSigner) -> 
 
 async def test_no_token_is_401_with_json(http: aiohttp.ClientSession, api: TestServer) -> None:
     status, body = await Caller(http, api, None)("GET", "/api/v1/carts")
-    assert status == 401 and body["error"] == "unauthenticated"
+    assert status == 401 and body["error"]["code"] == "unauthenticated"
     status, body = await Caller(http, api, "sf1.forged.sig")("GET", "/api/v1/me")
     assert status == 401
 
@@ -79,7 +79,7 @@ async def test_cart_lifecycle_and_ownership(ana: Caller, bruno: Caller, staff: C
 
     assert (await ana("DELETE", cart_path))[0] == 204
     status, body = await ana("PUT", f"{cart_path}/items/3", json={"quantity": 1})
-    assert status == 409 and body["error"] == "conflict"
+    assert status == 409 and body["error"]["code"] == "conflict"
 
 
 async def test_cart_input_is_validated(ana: Caller, staff: Caller) -> None:
@@ -91,7 +91,7 @@ async def test_cart_input_is_validated(ana: Caller, staff: Caller) -> None:
     assert (await ana("PUT", f"{items}/999", json={"quantity": 1}))[0] == 404
     assert (await ana("GET", "/api/v1/carts/99999999999999999999"))[0] == 404
     status, body = await staff("POST", "/api/v1/carts", json={})
-    assert status == 422 and body["field"] == "customer_id"
+    assert status == 422 and body["error"]["field"] == "customer_id"
     assert (await staff("POST", "/api/v1/carts", json={"customer_id": 424242}))[0] == 422
 
 
@@ -122,7 +122,7 @@ async def test_staff_endpoints_need_staff(ana: Caller, staff: Caller, api: TestS
     for path in ("/api/v1/queues", "/api/v1/jobs", "/api/v1/schedules",
                  "/api/v1/supervision", "/api/v1/stock-sync"):
         status, body = await ana("GET", path)
-        assert status == 403 and body["error"] == "forbidden", path
+        assert status == 403 and body["error"]["code"] == "forbidden", path
         assert (await staff("GET", path))[0] == 200, path
     _, sync = await staff("GET", "/api/v1/stock-sync")
     assert sync["products"] == 3 and sync["linked"] == 2 and sync["never_synced"] == 2
@@ -151,7 +151,7 @@ async def test_unwired_seams_answer_503(web_settings: Settings, signer: TokenSig
     server = await start_server(build_full_app(web_settings, signer, with_stubs=False))
     staff = Caller(http, server, signer.issue("staff", None, 60))
     status, body = await staff("GET", "/api/v1/queues")
-    assert status == 503 and "jobs admin" in body["message"]
+    assert status == 503 and "jobs admin" in body["error"]["message"]
 
 
 async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,

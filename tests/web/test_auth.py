@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,17 @@ def test_generated_secret_is_private_and_stable(tmp_path: Path) -> None:
     assert load_secret(configured) == b"x" * 20
 
 
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """cli.main sets up logging on the captured stderr; put the root logger back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_logging")
 def test_shopflow_token_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SHOPFLOW_VAR_DIR", str(tmp_path / "var"))

@@ -66,7 +66,7 @@ async function loadQueues() {
 async function jobAction(method, path, row) {
   const { status: code, body } = await api(method, path);
   if (code === 202 || code === 204 || code === 404) row.remove();
-  else status(body?.message ?? `job action failed (${code})`);
+  else status(body?.error?.message ?? `job action failed (${code})`);
   $("#jobs-empty").hidden = $("#jobs tbody").children.length > 0;
 }
 
@@ -151,7 +151,7 @@ async function loadFeed(channel, list, format) {
 }
 
 function unavailable(selector, body, colspan) {
-  const text = body?.message ?? "not available";
+  const text = body?.error?.message ?? "not available";
   const node = $(selector);
   node.replaceChildren(colspan ? el("tr", {}, el("td", { colspan }, text))
                                : el("li", { class: "muted" }, text));

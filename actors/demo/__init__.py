@@ -1,0 +1,1 @@
+"""The demo: real CDNOW orders replayed through the running runtime."""

@@ -1,0 +1,80 @@
+"""``shopflow demo``: seed the demo shop and replay real orders through a running runtime."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import redis.asyncio as aioredis
+
+from actors.demo import catalog
+from actors.demo.replay import Replay, Summary
+from runtime import db, embedded
+from runtime.cli import add_command, run_migrations
+from runtime.settings import Settings
+
+
+DATA_FILES = {"sample": catalog.DATA_FILE, "master": catalog.MASTER_FILE}
+
+
+async def seed_demo(settings: Settings, limit: int | None, data: str = "sample",
+                    stock_multiplier: int = 1) -> list[catalog.CdnowOrder]:
+    """Migrate, then insert the generated catalogue and the replayed orders' customers."""
+    await run_migrations(settings)
+    orders = catalog.load_orders(DATA_FILES[data], limit=limit)
+    _, database_url = settings.require_urls()
+    conn = await db.connect(database_url)
+    try:
+        await catalog.seed(conn, orders, stock_multiplier)
+    finally:
+        await conn.close()
+    return orders
+
+
+async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_s: float,
+                   api_url: str | None = None, progress: bool = True, data: str = "sample",
+                   stock_multiplier: int = 1) -> Summary:
+    """Seed and replay; return the summary (the caller prints it)."""
+    orders = await seed_demo(settings, limit, data, stock_multiplier)
+    redis_url, database_url = settings.require_urls()
+    pool = await db.create_pool(database_url, min_size=1, max_size=4)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        url = api_url or f"http://{settings.http_host}:{settings.http_port}"
+        replay = Replay(url, pool, client, settings.namespace, orders, day_s, timeout_s,
+                        progress_to=sys.stderr if progress else None)
+        return await replay.run()
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """The replay options shared by ``demo`` and ``up``."""
+    parser.add_argument("--limit", type=int, default=None,
+                        help="replay only the first N orders by date (default: all 6,919)")
+    parser.add_argument("--day-s", type=float, default=0.02,
+                        help="seconds of replay per day of CDNOW data (time compression; default 0.02)")
+    parser.add_argument("--timeout-s", type=float, default=900.0,
+                        help="give up waiting for outcomes after this long (default 900)")
+    parser.add_argument("--data", choices=sorted(DATA_FILES), default="sample",
+                        help="which CDNOW file: the 6,919-order sample (default) or the 69,659-order master")
+    parser.add_argument("--stock-multiplier", type=int, default=1,
+                        help="scale the generated stock levels (benchmarks use 100 so nothing sells out)")
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    settings = embedded.ensure_services(settings)
+    summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s, args.api_url,
+                                   data=args.data, stock_multiplier=args.stock_multiplier))
+    print(summary.render())
+    return 0 if summary.complete else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Plug ``shopflow demo`` into the command line."""
+    parser = add_command(sub, "demo", _cmd_demo,
+                         "seed the demo shop and replay real CDNOW orders through a running runtime")
+    add_replay_arguments(parser)
+    parser.add_argument("--api-url", default=None, help="base URL of the HTTP API (default from settings)")

@@ -1,0 +1,117 @@
+"""``shopflow up``: the one command that brings the whole runtime up on this machine.
+
+Steps: start (or reuse) the embedded Redis and PostgreSQL unless URLs are
+set, apply migrations, seed the demo shop, start the process tree under
+supervisord with the repository's supervisord.conf, wait for /health, replay
+real CDNOW orders, print the summary. Then it keeps running until Ctrl-C (or,
+with ``--once``, stops everything and exits 0 when every order has an
+outcome). What it started, it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from actors.demo.command import add_replay_arguments, run_demo
+from runtime import embedded
+from runtime.cli import add_command
+from runtime.errors import ServiceError
+from runtime.metrics import prepare_metrics_dir
+from runtime.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
+HEALTH_TIMEOUT_S = 60.0
+
+
+def _bin(name: str) -> str:
+    found = Path(sys.executable).with_name(name)
+    return str(found) if found.exists() else (shutil.which(name) or name)
+
+
+def start_supervisord(settings: Settings) -> subprocess.Popen[bytes]:
+    """Run supervisord in the foreground as our child, with the settings in its environment."""
+    (settings.var_dir / "log").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **settings.to_env()}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.Popen([_bin("supervisord"), "-c", str(SUPERVISORD_CONF)], env=env,
+                            start_new_session=True)
+
+
+def wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
+    """Wait for GET /health to answer 200, or fail clearly."""
+    url = f"http://{settings.http_host}:{settings.http_port}/health"
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"supervisord exited with {proc.returncode}; see {settings.var_dir}/log/")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    print(f"runtime healthy: {json.loads(resp.read())['checks']}", file=sys.stderr)
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise ServiceError(f"{url} did not answer 200 within {HEALTH_TIMEOUT_S}s; see {settings.var_dir}/log/")
+
+
+def stop_supervisord(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM supervisord: it stops every program gracefully, then exits."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    given = settings
+    settings = embedded.ensure_services(settings)
+    print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}", file=sys.stderr)
+    prepare_metrics_dir(settings)
+    proc = start_supervisord(settings)
+    code = 0
+    try:
+        wait_healthy(settings, proc)
+        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
+                                       data=args.data, stock_multiplier=args.stock_multiplier))
+        print(summary.render())
+        code = 0 if summary.complete else 1
+        if not args.once:
+            print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health  "
+                  "(Ctrl-C stops it)", file=sys.stderr)
+            proc.wait()
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        stop_supervisord(proc)
+        paths = embedded.EmbeddedPaths(settings.var_dir)
+        if given.redis_url is None:
+            embedded.stop_redis(paths, settings.embedded_redis_port)
+        if given.database_url is None:
+            embedded.stop_postgres(paths)
+    return code
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Plug ``shopflow up`` into the command line."""
+    parser = add_command(sub, "up", _cmd_up,
+                         "start everything (embedded Redis/PostgreSQL, migrations, demo data, the "
+                         "process tree under supervisord) and replay real orders")
+    add_replay_arguments(parser)
+    parser.add_argument("--once", action="store_true",
+                        help="stop everything and exit when the replay is done (0 if every order has an outcome)")

@@ -1,0 +1,1 @@
+"""E-mail: one e-mail per logical key, through a pluggable transport."""

@@ -1,0 +1,87 @@
+"""The fulfilment flow, one step per message.
+
+Each step checks where the order is, does that step's work and moves the
+order on in one transaction that also queues the next step through the
+outbox. A step that finds the order already past it does nothing, so a
+retried or duplicated message is harmless. Calls to outside services happen
+before the transaction, with idempotency keys, so a retry repeats no side
+effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from actors.fulfillment.adapters import ShippingGateway
+from actors.fulfillment.messages import ADVANCE_FULFILLMENT
+from actors.inventory.reservations import allocate_for_order
+from actors.orders import service as orders
+from actors.orders import state
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str,
+                work: Step | None = None, next_step: bool = True) -> bool:
+    """Lock the order; if it is still ``expected`` do ``work`` and move it. False if it was not."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await orders.lock_order(conn, order_id)
+        if row["status"] != expected:
+            return False
+        if work is not None:
+            await work(conn)
+        jobs = [ADVANCE_FULFILLMENT.as_job(order_id)] if next_step else []
+        await orders.transition(conn, order_id, to_status, jobs=jobs)
+        return True
+
+
+async def order_age_s(pool: asyncpg.Pool, order_id: int) -> float:
+    """Seconds from the order's creation to now (its end-to-end latency when it is done)."""
+    age = await pool.fetchval(
+        "SELECT extract(epoch FROM clock_timestamp() - created_at) FROM orders WHERE id = $1", order_id)
+    return float(age or 0.0)
+
+
+async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -> str:
+    """Take the order one step along the flow; return its status afterwards."""
+    async with pool.acquire() as conn:
+        status = await conn.fetchval("SELECT status FROM orders WHERE id = $1", order_id)
+        correlation_id = await conn.fetchval("SELECT correlation_id FROM orders WHERE id = $1", order_id)
+    if status is None:
+        return "missing"
+    if status == state.PAID:
+        async def allocate(conn: asyncpg.Connection) -> None:
+            await allocate_for_order(conn, order_id, correlation_id)
+        await _move(pool, order_id, state.PAID, state.ALLOCATED, allocate)
+        return state.ALLOCATED
+    if status == state.ALLOCATED:
+        await _move(pool, order_id, state.ALLOCATED, state.PROCESSING)
+        return state.PROCESSING
+    if status == state.PROCESSING:
+        label = await gateway.create_label(order_id, f"label:{order_id}")
+
+        async def store_label(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                """INSERT INTO shipments (order_id, carrier, tracking_code, label_url)
+                   VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO NOTHING""",
+                order_id, label.carrier, label.tracking_code, label.label_url,
+            )
+        await _move(pool, order_id, state.PROCESSING, state.LABEL_CREATED, store_label)
+        return state.LABEL_CREATED
+    if status == state.LABEL_CREATED:
+        packing_ref = await gateway.request_packing(order_id, f"packing:{order_id}")
+
+        async def store_packing(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE shipments SET packing_ref = $2, updated_at = now() WHERE order_id = $1",
+                order_id, packing_ref,
+            )
+        await _move(pool, order_id, state.LABEL_CREATED, state.READY_TO_SHIP, store_packing,
+                    next_step=False)
+        return state.READY_TO_SHIP
+    return str(status)

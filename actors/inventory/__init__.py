@@ -1,0 +1,1 @@
+"""Inventory: stock reservation per order, allocation at fulfilment."""

@@ -1,0 +1,97 @@
+"""The queue monitor: every ``monitor_interval_s``, read, measure, alert."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from actors.monitor.queue_stats import QueueReader, QueueStats
+from actors.monitor.rules import Thresholds, evaluate
+from runtime.alerts import Alert, Alerter
+from runtime.metrics import Metrics
+from runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATES = ("waiting", "active", "delayed", "failed")
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What one check saw and which alerts it fired or resolved (notifications sent)."""
+
+    stats: tuple[QueueStats, ...]
+    firing: tuple[Alert, ...]
+    notified: tuple[tuple[Alert, bool], ...]
+
+
+class QueueMonitor:
+    """Checks ``queues`` on a timer; one instance per process, on its event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        alerter: Alerter,
+        metrics: Metrics,
+        queues: Sequence[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._reader = QueueReader(settings, redis)
+        self._alerter = alerter
+        self._metrics = metrics
+        self._queues = tuple(queues)
+        self._limits = Thresholds.from_settings(settings)
+        self._clock = clock
+
+    async def check(self) -> CheckReport:
+        """Check every queue once: update the gauges, fire and resolve alerts."""
+        now_ms = int(self._clock() * 1000)
+        workers = await self._reader.workers(now_ms)
+        for queue, count in (await self._reader.new_stalled(workers)).items():
+            self._metrics.job_stalls.labels(queue).inc(count)
+        stats = [await self._reader.read(queue, workers, now_ms) for queue in self._queues]
+        firing: list[Alert] = []
+        notified: list[tuple[Alert, bool]] = []
+        for queue_stats in stats:
+            self._measure(queue_stats)
+            for alert, fires in evaluate(queue_stats, self._limits):
+                if fires:
+                    firing.append(alert)
+                if await self._alerter.update(alert, fires):
+                    notified.append((alert, fires))
+        self._metrics.monitor_last_check.set(now_ms / 1000)
+        return CheckReport(tuple(stats), tuple(firing), tuple(notified))
+
+    def _measure(self, stats: QueueStats) -> None:
+        m = self._metrics
+        counts = {"waiting": stats.waiting, "active": stats.active, "delayed": stats.delayed,
+                  "failed": stats.failed}
+        for state in STATES:
+            m.queue_jobs.labels(stats.queue, state).set(counts[state])
+        m.queue_oldest_job_age.labels(stats.queue).set(stats.oldest_waiting_age_s or 0.0)
+        m.queue_consumers.labels(stats.queue).set(stats.consumers)
+        m.queue_failure_ratio.labels(stats.queue).set(stats.failure_ratio or 0.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check every ``monitor_interval_s`` until ``stop`` is set.
+
+        A check that fails on Redis is logged and the next one tries again:
+        the monitor outlives a Redis restart instead of crashing its supervisor.
+        """
+        while not stop.is_set():
+            try:
+                await self.check()
+            except RedisError:
+                log.exception("queue check failed; next check in %ss",
+                              self._settings.monitor_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.monitor_interval_s)

@@ -1,0 +1,1 @@
+"""Orders: the checked status state machine and the order services."""

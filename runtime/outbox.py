@@ -1,0 +1,187 @@
+"""The transactional outbox and its relay.
+
+A state change and the events and jobs it causes are written in ONE
+PostgreSQL transaction (:func:`emit` inserts into ``outbox`` on the caller's
+connection). After commit, the relay publishes each row to a Redis Stream per
+channel (so late or reconnecting listeners resume from an id) and enqueues its
+Dramatiq job, then marks the row published. A crash between commit and
+publish loses nothing (the row is still unpublished); a rollback publishes
+nothing (the row never existed). A crash after publishing but before marking
+can publish a row twice: stream readers de-duplicate on the outbox ``id``
+field and jobs are idempotent.
+
+Only one relay publishes at a time (a transaction-scoped advisory lock), so
+events leave in commit order per channel even with a relay in every api
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import dramatiq
+import redis.asyncio as aioredis
+
+from runtime.broker import enqueue_job
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "shopflow_outbox"
+# Arbitrary constant: the advisory lock that makes one relay publish at a time.
+_RELAY_LOCK_KEY = 0x5F0F_0002
+# Rows published per relay transaction.
+RELAY_BATCH = 200
+# Each channel's stream keeps about this many events for resuming listeners.
+STREAM_MAXLEN = 100_000
+
+
+def stream_key(namespace: str, channel: str) -> str:
+    """The Redis Stream that carries ``channel``'s events."""
+    return f"{namespace}:events:{channel}"
+
+
+async def emit(
+    conn: asyncpg.Connection,
+    channel: str,
+    event_type: str,
+    payload: dict[str, Any],
+    job: dict[str, Any] | None = None,
+    correlation_id: uuid.UUID | str | None = None,
+) -> int:
+    """Record an event (and optionally a job) in the caller's open transaction."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("outbox.emit must run inside the transaction of the change it reports")
+    row_id: int = await conn.fetchval(
+        """INSERT INTO outbox (channel, event_type, payload, job, correlation_id)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        channel, event_type, payload, job,
+        uuid.UUID(str(correlation_id)) if correlation_id else None,
+    )
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return row_id
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One committed, unpublished outbox row."""
+
+    id: int
+    channel: str
+    event_type: str
+    payload: dict[str, Any]
+    job: dict[str, Any] | None
+    correlation_id: uuid.UUID | None
+    created_at: datetime
+
+
+def stream_fields(row: OutboxRow) -> dict[str, str]:
+    """The stream entry for a row: the contract every listener reads."""
+    return {
+        "id": str(row.id),
+        "type": row.event_type,
+        "payload": json.dumps(row.payload),
+        "correlation_id": str(row.correlation_id or ""),
+        "at": row.created_at.astimezone(UTC).isoformat(),
+    }
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows; runs as a task on the process's loop."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        database_url: str,
+        redis: aioredis.Redis,
+        broker: dramatiq.Broker,
+        namespace: str,
+        poll_s: float = 1.0,
+        on_published: Callable[[list[OutboxRow]], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._database_url = database_url
+        self._redis = redis
+        self._broker = broker
+        self._namespace = namespace
+        self._poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._on_published = on_published
+
+    async def publish_batch(self) -> int:
+        """Publish up to :data:`RELAY_BATCH` rows; return how many (0 if another relay holds the lock)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK_KEY):
+                return 0
+            records = await conn.fetch(
+                """SELECT id, channel, event_type, payload, job, correlation_id, created_at
+                   FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1""",
+                RELAY_BATCH,
+            )
+            if not records:
+                return 0
+            rows = [OutboxRow(**dict(r)) for r in records]
+            await self._publish(rows)
+            await conn.execute(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                [r.id for r in rows],
+            )
+        if self._on_published:
+            self._on_published(rows)
+        return len(rows)
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
+                      maxlen=STREAM_MAXLEN, approximate=True)
+        await pipe.execute()
+        jobs = [row.job for row in rows if row.job]
+        if jobs:
+            await asyncio.to_thread(self._enqueue_all, jobs)
+
+    def _enqueue_all(self, jobs: list[dict[str, Any]]) -> None:
+        for job in jobs:
+            enqueue_job(self._broker, job)
+
+    async def run(self) -> None:
+        """Relay forever: wake on NOTIFY, poll as a safety net, back off on errors."""
+        listener: asyncpg.Connection | None = None
+        try:
+            while True:
+                if listener is None or listener.is_closed():
+                    listener = await self._listen()  # (re)connect after a PostgreSQL restart
+                try:
+                    while await self.publish_batch() == RELAY_BATCH:
+                        pass
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
+                    log.warning("outbox relay could not publish, will retry: %s", exc)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            if listener is not None and not listener.is_closed():
+                await listener.close()
+
+    async def _listen(self) -> asyncpg.Connection | None:
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(self._database_url)
+            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            return conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("outbox relay runs without LISTEN (polling only) for now: %s", exc)
+            return None
+
+
+def now_utc() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)

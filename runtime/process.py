@@ -1,0 +1,65 @@
+"""What one runtime process owns: its loop, database pool, Redis client and broker.
+
+Built by :meth:`ProcessContext.start` after the process has its settings,
+closed by :meth:`ProcessContext.stop` in reverse order. Threads (Dramatiq
+workers, pykka actors) use ``ctx.run(coro)`` to reach the pool and Redis on
+the process's one event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from dramatiq.brokers.redis import RedisBroker
+
+from runtime import db
+from runtime.broker import setup_broker
+from runtime.loop import LoopBridge
+from runtime.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class ProcessContext:
+    """The shared resources of one process; pass it to the concerns that need them."""
+
+    settings: Settings
+    bridge: LoopBridge
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    broker: RedisBroker
+
+    @classmethod
+    def start(cls, settings: Settings, pool_size: int = 10) -> ProcessContext:
+        """Open everything; the settings must carry both URLs."""
+        redis_url, database_url = settings.require_urls()
+        bridge = LoopBridge().start()
+
+        async def open_async() -> tuple[asyncpg.Pool, aioredis.Redis]:
+            pool = await db.create_pool(database_url, min_size=1, max_size=pool_size)
+            client = aioredis.Redis.from_url(redis_url)
+            return pool, client
+
+        pool, client = bridge.run(open_async())
+        broker = setup_broker(settings)
+        return cls(settings, bridge, pool, client, broker)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run a coroutine on the process loop from a thread."""
+        return self.bridge.run(coro, timeout_s or self.settings.actor_ask_timeout_s)
+
+    def stop(self) -> None:
+        """Close the broker, Redis and the pool, then the loop."""
+        self.broker.close()
+
+        async def close_async() -> None:
+            await self.redis.aclose()
+            await self.pool.close()
+
+        self.bridge.run(close_async(), 30)
+        self.bridge.stop()

@@ -1,0 +1,198 @@
+"""Correlation: one id follows an order through every step, and ``shopflow trace`` tells it.
+
+Every order has a ``correlation_id`` (orders table). The flow copies it onto
+what the order causes: outbox events (``outbox.correlation_id``), e-mails
+(``email_log.correlation_id``), log lines (:func:`order_log_context`), and the
+steps that leave no row elsewhere (:func:`record_trail`, table
+``order_trail``). :func:`load_trail` reads all of them back in time order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from runtime import db, embedded
+from runtime.cli import add_command
+from runtime.errors import NotFound
+from runtime.logs import log_context
+from runtime.settings import Settings
+
+# Ties between rows at the same instant are told in this order.
+_SOURCE_ORDER = {"order": 0, "status": 1, "event": 2, "email": 3, "trail": 4}
+
+
+@dataclass(frozen=True)
+class TrailEntry:
+    """One step of an order's story."""
+
+    at: datetime
+    source: str  # order, status, event, email, trail
+    step: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    row_id: int = 0
+
+    def sort_key(self) -> tuple[datetime, int, int]:
+        """Time first; at the same instant, cause before effect by source."""
+        return self.at, _SOURCE_ORDER.get(self.source, 9), self.row_id
+
+
+@contextmanager
+def order_log_context(order_id: int, correlation_id: uuid.UUID | str | None) -> Iterator[None]:
+    """Every log line inside carries the order id and its correlation id."""
+    with log_context(order_id=order_id,
+                     correlation_id=str(correlation_id) if correlation_id else None):
+        yield
+
+
+async def record_trail(
+    conn: asyncpg.Connection,
+    order_id: int,
+    source: str,
+    step: str,
+    detail: dict[str, Any] | None = None,
+) -> int:
+    """Add a step to the order's trail (in the caller's transaction, if any); returns its id.
+
+    The correlation id is copied from the order, so callers need only the order id.
+    ``conn`` must have the runtime's JSON codecs (``runtime.db``): ``detail`` is a dict.
+    """
+    row_id: int | None = await conn.fetchval(
+        """INSERT INTO order_trail (order_id, correlation_id, source, step, detail)
+           SELECT id, correlation_id, $2, $3, $4::jsonb FROM orders WHERE id = $1
+           RETURNING id""",
+        order_id, source, step, detail or {},
+    )
+    if row_id is None:
+        raise NotFound(f"order {order_id} does not exist")
+    return row_id
+
+
+async def load_trail(conn: asyncpg.Connection, order_id: int) -> tuple[dict[str, Any], list[TrailEntry]]:
+    """The order row and every step of its story, oldest first."""
+    order = await conn.fetchrow(
+        """SELECT id, customer_id, status, total_cents, external_ref, correlation_id, created_at
+           FROM orders WHERE id = $1""", order_id)
+    if order is None:
+        raise NotFound(f"order {order_id} does not exist")
+    cid = order["correlation_id"]
+    entries = [TrailEntry(order["created_at"], "order", "created",
+                          {"customer_id": order["customer_id"],
+                           "total_cents": order["total_cents"],
+                           "external_ref": order["external_ref"]})]
+    entries += await _status_history(conn, order_id)
+    entries += await _events(conn, order_id, cid)
+    entries += await _emails(conn, order_id, cid)
+    entries += await _trail_rows(conn, order_id)
+    return dict(order), sorted(entries, key=TrailEntry.sort_key)
+
+
+async def _status_history(conn: asyncpg.Connection, order_id: int) -> list[TrailEntry]:
+    rows = await conn.fetch(
+        """SELECT id, from_status, to_status, reason, at FROM order_status_history
+           WHERE order_id = $1""", order_id)
+    return [TrailEntry(r["at"], "status", f"{r['from_status'] or '-'} -> {r['to_status']}",
+                       {"reason": r["reason"]} if r["reason"] else {}, r["id"]) for r in rows]
+
+
+async def _events(conn: asyncpg.Connection, order_id: int, cid: uuid.UUID) -> list[TrailEntry]:
+    rows = await conn.fetch(
+        """SELECT id, channel, event_type, job, created_at, published_at FROM outbox
+           WHERE correlation_id = $1""", cid)
+    out = []
+    for r in rows:
+        detail: dict[str, Any] = {"published_at": r["published_at"].isoformat()
+                                  if r["published_at"] else "not yet"}
+        job = _json(r["job"])
+        if job:
+            detail["job"] = f"{job.get('queue')}/{job.get('actor')}"
+        out.append(TrailEntry(r["created_at"], "event", f"{r['channel']}: {r['event_type']}",
+                              detail, r["id"]))
+    return out
+
+
+async def _emails(conn: asyncpg.Connection, order_id: int, cid: uuid.UUID) -> list[TrailEntry]:
+    rows = await conn.fetch(
+        """SELECT id, kind, recipient, subject, status, transport, attempts, error, created_at,
+                  sent_at FROM email_log WHERE correlation_id = $1 OR order_id = $2""",
+        cid, order_id)
+    out = []
+    for r in rows:
+        detail = {"to": r["recipient"], "subject": r["subject"], "transport": r["transport"],
+                  "attempts": r["attempts"]}
+        if r["error"]:
+            detail["error"] = r["error"]
+        out.append(TrailEntry(r["created_at"], "email", f"{r['kind']} ({r['status']})", detail,
+                              r["id"]))
+        if r["sent_at"]:
+            out.append(TrailEntry(r["sent_at"], "email", f"{r['kind']} sent",
+                                  {"transport": r["transport"]}, r["id"]))
+    return out
+
+
+async def _trail_rows(conn: asyncpg.Connection, order_id: int) -> list[TrailEntry]:
+    rows = await conn.fetch(
+        "SELECT id, source, step, detail, at FROM order_trail WHERE order_id = $1", order_id)
+    return [TrailEntry(r["at"], "trail", f"{r['source']}: {r['step']}", _json(r["detail"]) or {},
+                       r["id"]) for r in rows]
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def format_trail(order: dict[str, Any], entries: list[TrailEntry], zone: ZoneInfo) -> str:
+    """The story as text, one step a line, times in the shop's zone."""
+    lines = [f"order {order['id']}  status {order['status']}  correlation {order['correlation_id']}"]
+    for e in entries:
+        at = e.at.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        detail = "  ".join(f"{k}={v}" for k, v in e.detail.items() if v is not None)
+        lines.append(f"{at}  {e.source:<6}  {e.step}" + (f"  [{detail}]" if detail else ""))
+    return "\n".join(lines)
+
+
+def trail_as_json(order: dict[str, Any], entries: list[TrailEntry]) -> dict[str, Any]:
+    """The story as JSON-ready data (for ``--json`` and a dashboard view)."""
+    return {
+        "order": {k: (v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(
+            v, uuid.UUID) else v) for k, v in order.items()},
+        "trail": [{"at": e.at.isoformat(), "source": e.source, "step": e.step,
+                   "detail": e.detail} for e in entries],
+    }
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``shopflow trace ORDER_ID`` (entry point of the ``shopflow.commands`` group)."""
+    parser = add_command(subparsers, "trace", _cmd_trace,
+                         "print an order's whole story: status changes, events, e-mails, steps")
+    parser.add_argument("order_id", type=int, help="the order's id")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    settings = embedded.ensure_services(settings)
+    _, database_url = settings.require_urls()
+
+    async def load() -> tuple[dict[str, Any], list[TrailEntry]]:
+        conn = await db.connect(database_url)
+        try:
+            return await load_trail(conn, args.order_id)
+        finally:
+            await conn.close()
+
+    order, entries = asyncio.run(load())
+    if args.json:
+        print(json.dumps(trail_as_json(order, entries), indent=2, default=str))
+    else:
+        print(format_trail(order, entries, settings.zone))
+    return 0

@@ -1,0 +1,152 @@
+"""The stock-sync daemon: schedule, hangs, malformed answers, restarts, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+
+import asyncpg
+import pykka
+import pytest
+from prometheus_client import CollectorRegistry
+
+from actors.stock_sync.daemon import RunRecord, StockSyncActor, StockSyncDaemon, build_daemon
+from runtime.loop import LoopBridge
+from runtime.metrics import render_metrics
+from runtime.settings import Settings
+from tests.actors.stock_sync.conftest import Warehouse, link_products
+
+
+def _daemon_settings(settings: Settings, warehouse: Warehouse, interval_s: float) -> Settings:
+    return replace(settings, warehouse_url=warehouse.url, stock_sync_interval_s=interval_s,
+                   external_read_timeout_s=0.15, external_connect_timeout_s=0.5,
+                   external_attempts=2, external_backoff_s=0.01, stock_sync_batch_size=10,
+                   stock_sync_concurrency=2, breaker_failures=100)
+
+
+class Runs:
+    """Collects run records; lets the test wait for the n-th without sleeping."""
+
+    def __init__(self, daemon_stop_after: int) -> None:
+        self.records: list[RunRecord] = []
+        self.enough = threading.Event()
+        self.stop_after = daemon_stop_after
+        self.daemon: StockSyncDaemon | None = None
+        self.hooks: dict[int, object] = {}
+
+    def __call__(self, record: RunRecord) -> None:
+        self.records.append(record)
+        hook = self.hooks.get(len(self.records))
+        if callable(hook):
+            hook()
+        if len(self.records) >= self.stop_after and self.daemon is not None:
+            self.daemon.stop.set()
+            self.enough.set()
+
+
+async def _run_daemon(settings: Settings, runs: Runs) -> StockSyncDaemon:
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(build_daemon, settings, CollectorRegistry(), bridge, on_run=runs)
+    runs.daemon = daemon
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(daemon.run_forever), 30) == 0
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+    return daemon
+
+
+@pytest.mark.slow
+async def test_hanging_warehouse_each_poll_fails_in_time_and_next_runs_on_schedule(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 15)
+    warehouse.set_faults(hang_rate=1.0)
+    interval_s = 0.8
+    runs = Runs(daemon_stop_after=3)
+    daemon = await _run_daemon(_daemon_settings(settings, warehouse, interval_s), runs)
+
+    assert [r.tick for r in runs.records] == [0, 1, 2]  # no tick skipped: none overran
+    for record in runs.records:
+        assert record.report is not None and record.report.outcome == "failed"
+        assert set(record.report.error_kinds) == {"timeout"}
+        assert record.report.duration_s < interval_s
+    assert daemon.health.last_success_s is None
+
+
+@pytest.mark.slow
+async def test_malformed_answers_do_not_kill_the_actor(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 15)
+    warehouse.set_faults(malformed_rate=1.0)
+    runs = Runs(daemon_stop_after=3)
+    runs.hooks[2] = lambda: warehouse.set_faults()
+    daemon = await _run_daemon(_daemon_settings(settings, warehouse, 0.3), runs)
+
+    outcomes = [r.report.outcome for r in runs.records if r.report]
+    assert outcomes == ["failed", "failed", "ok"]
+    [child] = daemon.root.snapshot()
+    assert child.restarts == 0  # the same actor served every run
+    assert daemon.health.last_success_s is not None
+    assert await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL") > 0
+
+
+async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
+                                         warehouse: Warehouse) -> None:
+    await link_products(pool, 3)
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(build_daemon, _daemon_settings(settings, warehouse, 1.0),
+                                     CollectorRegistry(), bridge)
+    try:
+        first = await asyncio.to_thread(daemon.run_once)
+        [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
+        ref.tell("not a message it knows")  # raises in on_receive: the actor crashes
+        await asyncio.to_thread(ref.actor_stopped.wait, 10)
+        second = await asyncio.to_thread(daemon.run_once)
+        assert first.report is not None and second.report is not None
+        assert second.report.outcome == "ok"
+        assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1)]
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+
+
+@pytest.mark.slow
+async def test_sigterm_finishes_the_current_batch_and_exits_0(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 40)
+    warehouse.set_faults(latency_ms=600)
+    env = {
+        **os.environ, "REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or "",
+        "WAREHOUSE_URL": warehouse.url, "SHOPFLOW_STOCK_SYNC_INTERVAL_S": "5",
+        "SHOPFLOW_STOCK_SYNC_BATCH_SIZE": "10", "SHOPFLOW_STOCK_SYNC_CONCURRENCY": "1",
+        "SHOPFLOW_STOCK_SYNC_METRICS_PORT": "0", "SHOPFLOW_VAR_DIR": str(settings.var_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.var_dir / "metrics"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runtime.cli", "stock-sync", env=env,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(20):
+            while warehouse.lookups() < 1:  # the first batch is in flight
+                await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert b'"outcome": "stopped"' in stderr
+    assert warehouse.lookups() == 1
+    synced = await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL")
+    assert 1 <= synced <= 10  # the batch in flight was committed, nothing after it
+
+    # The process wrote its metrics where the api's /metrics sums them.
+    body, _ = render_metrics(replace(settings, metrics_dir=settings.var_dir / "metrics"))
+    text = body.decode()
+    assert 'shopflow_stock_sync_runs_total{outcome="stopped"} 1.0' in text
+    assert f"shopflow_stock_sync_products_changed_total {float(synced)}" in text
+    assert "shopflow_stock_sync_products_checked_total 10.0" in text

@@ -1,0 +1,186 @@
+"""sync_once against the real warehouse simulator and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from actors.stock_sync.daemon import Schedule
+from actors.stock_sync.metrics import build_metrics
+from actors.stock_sync.sync import SyncDeps, sync_once, sync_overdue
+from actors.stock_sync.warehouse_client import parse_stock_answer
+from ops.simulators.warehouse import quantity_for
+from runtime.circuit import BreakerState, CircuitBreaker
+from runtime.errors import MalformedResponse
+from tests.actors.stock_sync.conftest import Warehouse, link_products, make_client
+
+
+async def _outbox(pool: asyncpg.Pool, event_type: str) -> list[dict]:
+    rows = await pool.fetch("SELECT payload FROM outbox WHERE event_type = $1 ORDER BY id", event_type)
+    return [r["payload"] for r in rows]
+
+
+async def test_normal_sync_writes_only_changes_and_emits_events(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    ext_ids = await link_products(pool, 250)
+    registry = CollectorRegistry()
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url),
+                    metrics=build_metrics(registry), batch_size=40, concurrency=3)
+
+    report = await sync_once(deps)
+
+    expected = {e: quantity_for(11, e, 0) for e in ext_ids}
+    rows = await pool.fetch("SELECT external_id, quantity FROM inventory")
+    assert {r["external_id"]: r["quantity"] for r in rows} == expected
+    assert report.outcome == "ok" and report.batches == 7 and report.checked == 250
+    changed = sum(1 for q in expected.values() if q != 0)
+    assert report.changed == changed
+    assert len(await _outbox(pool, "stock-updated")) == changed
+    assert warehouse.lookups() == 7
+    assert registry.get_sample_value("shopflow_stock_sync_products_changed_total") == changed
+    assert registry.get_sample_value("shopflow_stock_sync_last_success_timestamp_seconds") > 0
+
+    again = await sync_once(deps)
+    assert again.changed == 0 and again.outcome == "ok"
+    assert len(await _outbox(pool, "stock-updated")) == changed
+
+    warehouse.state.generation += 1
+    moved = sum(1 for e in ext_ids if quantity_for(11, e, 1) != expected[e])
+    third = await sync_once(deps)
+    assert third.changed == moved and 0 < moved < 60
+
+
+async def test_warehouse_below_reservations_opens_a_conflict(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 3, quantity=20, reserved=10)
+    warehouse.state.pinned.update({"EXT-1": 3, "EXT-2": 30, "EXT-3": 10})
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url))
+
+    report = await sync_once(deps)
+
+    qty = {r["product_id"]: r["quantity"] for r in await pool.fetch("SELECT * FROM inventory")}
+    assert qty == {1: 10, 2: 30, 3: 10}
+    assert report.conflicts_opened == 1
+    conflicts = await pool.fetch("SELECT * FROM stock_conflicts")
+    assert [(c["product_id"], c["warehouse_quantity"], c["reserved_quantity"], c["status"])
+            for c in conflicts] == [(1, 3, 10, "open")]
+    alerts = await _outbox(pool, "stock-conflict")
+    assert len(alerts) == 1 and alerts[0]["applied_quantity"] == 10
+
+    # Seen again: still one open conflict, no second alert, nothing written.
+    again = await sync_once(deps)
+    assert again.conflicts_opened == 0 and again.changed == 0
+    assert len(await _outbox(pool, "stock-conflict")) == 1
+    assert await pool.fetchval("SELECT count(*) FROM stock_conflicts WHERE status = 'open'") == 1
+
+    warehouse.state.pinned["EXT-1"] = 12
+    healed = await sync_once(deps)
+    assert healed.conflicts_resolved == 1
+    assert await pool.fetchval("SELECT quantity FROM inventory WHERE product_id = 1") == 12
+    assert await pool.fetchval("SELECT status FROM stock_conflicts") == "resolved"
+    assert len(await _outbox(pool, "stock-conflict-resolved")) == 1
+
+
+async def test_malformed_answers_change_nothing(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 30)
+    warehouse.set_faults(malformed_rate=1.0)
+    registry = CollectorRegistry()
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url),
+                    metrics=build_metrics(registry), batch_size=10)
+
+    report = await sync_once(deps)
+
+    assert report.outcome == "failed" and set(report.error_kinds) == {"malformed"}
+    assert await pool.fetchval("SELECT sum(quantity) FROM inventory") == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    assert registry.get_sample_value("shopflow_stock_sync_batch_errors_total",
+                                     {"kind": "malformed"}) == 3
+    assert registry.get_sample_value("shopflow_stock_sync_errors_total") == 3
+    assert registry.get_sample_value("shopflow_stock_sync_last_success_timestamp_seconds") == 0
+
+    warehouse.set_faults()
+    assert (await sync_once(deps)).outcome == "ok"
+
+
+@pytest.mark.parametrize("text", [
+    "<html>", "[1]", '{"items": [{"id": "A", "quantity": "3"}]}',
+    '{"items": [{"id": "A", "quantity": -1}]}', '{"items": [{"id": "Z", "quantity": 1}]}',
+    '{"items": [{"id": "A", "quantity": 1}, {"id": "A", "quantity": 2}]}',
+    '{"items": [], "missing": "A"}', '{"items": [{"id": "A", "quantity": true}]}',
+])
+def test_parse_rejects_anything_but_the_documented_shape(text: str) -> None:
+    with pytest.raises(MalformedResponse):
+        parse_stock_answer(text, ["A", "B"])
+
+
+def test_parse_accepts_the_documented_shape() -> None:
+    answer = parse_stock_answer('{"items": [{"id": "A", "quantity": 4}], "missing": ["B"]}', ["A", "B"])
+    assert answer.quantities == {"A": 4} and answer.missing == ("B",)
+
+
+async def test_hanging_warehouse_fails_within_the_read_timeout(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 5)
+    warehouse.set_faults(hang_rate=1.0)
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url,
+                                                     read_timeout_s=0.2, attempts=2))
+    report = await sync_once(deps)
+    assert report.outcome == "failed" and report.error_kinds == ("timeout",)
+    # Two attempts of 0.2 s plus backoff; far below any 1 s interval.
+    assert report.duration_s < 1.0
+
+
+async def test_breaker_opens_fails_fast_and_closes_again(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 50)
+    now = [1000.0]
+    breaker = CircuitBreaker("warehouse", failure_threshold=2, reset_timeout_s=30,
+                             clock=lambda: now[0])
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url, breaker, attempts=1),
+                    batch_size=10, concurrency=1)
+    warehouse.set_faults(error_rate=1.0, error_status=503)
+
+    failing = await sync_once(deps)
+    assert breaker.state is BreakerState.OPEN
+    assert failing.error_kinds == ("http", "http", "circuit_open", "circuit_open", "circuit_open")
+    assert warehouse.lookups() == 2
+
+    warehouse.set_faults()
+    still_open = await sync_once(deps)
+    assert set(still_open.error_kinds) == {"circuit_open"} and warehouse.lookups() == 2
+
+    now[0] += 30
+    assert breaker.state is BreakerState.HALF_OPEN
+    recovered = await sync_once(deps)
+    assert recovered.outcome == "ok" and breaker.state is BreakerState.CLOSED
+
+
+async def test_unknown_ids_are_reported_not_written(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 4, quantity=7)
+    warehouse.state.unknown.add("EXT-2")
+    report = await sync_once(SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url)))
+    assert report.missing == 1 and report.outcome == "ok"
+    assert await pool.fetchval("SELECT quantity FROM inventory WHERE product_id = 2") == 7
+
+
+def test_overdue_after_n_intervals_without_success() -> None:
+    assert not sync_overdue(None, now_s=80, interval_s=30, alert_after_intervals=3, started_at_s=0)
+    assert sync_overdue(None, now_s=91, interval_s=30, alert_after_intervals=3, started_at_s=0)
+    assert not sync_overdue(100, now_s=150, interval_s=30, alert_after_intervals=3, started_at_s=0)
+    assert sync_overdue(100, now_s=191, interval_s=30, alert_after_intervals=3, started_at_s=0)
+
+
+@pytest.mark.parametrize(("finished_at", "next_tick", "due_at", "skipped"), [
+    (0.3, 1, 30.0, 0),    # a normal run: the next one is due on the grid
+    (29.9, 1, 30.0, 0),   # a long run that still fits
+    (31.0, 2, 60.0, 1),   # overran tick 1's start: tick 1 is skipped, not run late
+    (95.0, 4, 120.0, 3),  # a very long run: ticks 1..3 skipped
+])
+def test_fixed_rate_schedule(finished_at: float, next_tick: int, due_at: float, skipped: int) -> None:
+    schedule = Schedule(interval_s=30.0, start_s=0.0)
+    assert schedule.advance(finished_at) == skipped
+    assert (schedule.tick, schedule.due_at()) == (next_tick, due_at)

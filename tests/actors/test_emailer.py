@@ -1,0 +1,84 @@
+"""One confirmation e-mail per order, whatever the retries and races."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+
+from actors.emailer.emails import deliver, format_brl, send_order_confirmation
+from actors.emailer.transports import OutboxTransport, OutgoingEmail, SendResult
+from runtime.errors import PermanentJobError
+from tests.factories import make_order, make_shop
+
+ZONE = ZoneInfo("America/Sao_Paulo")
+
+
+def test_brl_formatting() -> None:
+    assert format_brl(123456) == "R$ 1.234,56"
+    assert format_brl(5) == "R$ 0,05"
+
+
+async def test_retries_and_concurrent_duplicates_send_one_email(pool: asyncpg.Pool, tmp_path: Path) -> None:
+    async with pool.acquire() as conn:
+        await make_shop(conn, {1: 5})
+        order_id = await make_order(conn, 1, {1: 2})
+    transport = OutboxTransport(tmp_path)
+    first = await send_order_confirmation(pool, transport, order_id, ZONE)
+    results = await asyncio.gather(
+        *(send_order_confirmation(pool, transport, order_id, ZONE) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert first.result == "sent"
+    assert all(getattr(r, "result", None) == "already_sent" for r in results)
+    files = list(tmp_path.glob("*.eml"))
+    assert len(files) == 1
+    text = files[0].read_text()
+    assert "R$ 39,80" in text and f"#{order_id}" in text
+    assert await pool.fetchval("SELECT count(*) FROM email_log") == 1
+    assert await pool.fetchval("SELECT attempts FROM email_log") == 1
+
+
+class FlakyTransport:
+    """Fails the first call after 'accepting' it, like a timeout after the provider got it."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def send(self, email: OutgoingEmail) -> SendResult:
+        self.calls.append(email.idempotency_key)
+        if len(self.calls) == 1:
+            raise TimeoutError("read timed out")
+        return SendResult("provider-1")
+
+
+async def test_a_failed_attempt_is_retried_and_recorded_once_sent(pool: asyncpg.Pool) -> None:
+    transport = FlakyTransport()
+    email = OutgoingEmail("k-1", "a@example.com.br", "s", "t")
+    with pytest.raises(TimeoutError):
+        await deliver(pool, transport, email, "test")
+    assert await pool.fetchval("SELECT status FROM email_log WHERE idempotency_key = 'k-1'") == "pending"
+    assert (await deliver(pool, transport, email, "test")).result == "sent"
+    assert (await deliver(pool, transport, email, "test")).result == "already_sent"
+    assert transport.calls == ["k-1", "k-1"]
+
+
+class RejectingTransport:
+    name = "rejecting"
+
+    async def send(self, email: OutgoingEmail) -> SendResult:
+        raise PermanentJobError("400 invalid address")
+
+
+async def test_a_permanent_failure_is_recorded_and_not_sent_again(pool: asyncpg.Pool) -> None:
+    email = OutgoingEmail("k-2", "not-an-address", "s", "t")
+    with pytest.raises(PermanentJobError):
+        await deliver(pool, RejectingTransport(), email, "test")
+    assert (await deliver(pool, RejectingTransport(), email, "test")).result == "failed"
+    row = await pool.fetchrow("SELECT status, error FROM email_log WHERE idempotency_key = 'k-2'")
+    assert row["status"] == "failed" and "invalid address" in row["error"]

@@ -1,0 +1,126 @@
+"""200 reservations for 50 units, two real worker processes, redelivery and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import redis
+
+from actors.inventory.messages import RESERVE_STOCK
+from runtime import db
+from runtime.broker import QUEUE_INVENTORY, setup_broker
+from runtime.settings import Settings
+from tests.factories import inventory, make_order, make_shop
+from tests.support import spawn, stop, wait_until
+
+ORDERS = 200
+STOCK = 50
+
+
+async def _seed(settings: Settings) -> list[int]:
+    conn = await db.connect(settings.database_url or "")
+    try:
+        await make_shop(conn, {1: STOCK}, customers=ORDERS)
+        return [await make_order(conn, c, {1: 1}) for c in range(1, ORDERS + 1)]
+    finally:
+        await conn.close()
+
+
+def _outcomes(settings: Settings) -> dict[str, int]:
+    async def q() -> dict[str, int]:
+        conn = await db.connect(settings.database_url or "")
+        try:
+            rows = await conn.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
+            return {r["status"]: r["n"] for r in rows}
+        finally:
+            await conn.close()
+    return asyncio.run(q())
+
+
+def _check_invariants(settings: Settings) -> None:
+    async def q() -> None:
+        conn = await db.connect(settings.database_url or "")
+        try:
+            assert await inventory(conn, 1) == (STOCK, STOCK)
+            assert await conn.fetchval("SELECT count(*) FROM inventory_reservations") == STOCK
+            failed = await conn.fetch("SELECT status_reason FROM orders WHERE status = 'failed'")
+            assert len(failed) == ORDERS - STOCK
+            assert all(r["status_reason"].startswith("insufficient stock: product 1") for r in failed)
+            # One history row per move: nobody was reserved or failed twice.
+            assert await conn.fetchval(
+                "SELECT count(*) FROM order_status_history WHERE to_status <> 'pending'") == ORDERS
+        finally:
+            await conn.close()
+    asyncio.run(q())
+
+
+def _drained(settings: Settings) -> bool:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ns = f"{settings.namespace}-jobs"
+    waiting = client.llen(f"{ns}:{QUEUE_INVENTORY}") + client.zcard(f"{ns}:{QUEUE_INVENTORY}.DQ")
+    in_flight = sum(client.scard(k) for k in client.scan_iter(f"{ns}:__acks__.*"))
+    return bool(waiting == 0 and in_flight == 0)
+
+
+@pytest.fixture
+def worker_settings(settings: Settings) -> Iterator[Settings]:
+    yield replace(settings, inventory_concurrency=5)
+
+
+def _send_all(settings: Settings, order_ids: list[int]) -> None:
+    broker = setup_broker(settings)
+    try:
+        for order_id in order_ids:
+            RESERVE_STOCK.send(broker, order_id)
+    finally:
+        broker.close()
+
+
+@pytest.mark.slow
+def test_two_workers_reserve_exactly_the_stock_and_redelivery_changes_nothing(worker_settings: Settings) -> None:
+    settings = worker_settings
+    order_ids = asyncio.run(_seed(settings))
+    workers = [spawn(settings, "worker", "--kind", "inventory", log_name=f"inv{i}") for i in range(2)]
+    try:
+        _send_all(settings, order_ids)
+        wait_until(lambda: _outcomes(settings).get("pending", 0) == 0, 90, "every order to get an outcome")
+        assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
+        _check_invariants(settings)
+        _send_all(settings, order_ids)  # every message delivered a second time
+        wait_until(lambda: _drained(settings), 90, "the redelivered messages to be processed")
+        assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
+        _check_invariants(settings)
+    finally:
+        for w in workers:
+            assert stop(w) == 0
+
+
+@pytest.mark.chaos
+def test_sigkill_of_a_worker_mid_run_loses_nothing(worker_settings: Settings) -> None:
+    settings = worker_settings
+    order_ids = asyncio.run(_seed(settings))
+    victim = spawn(settings, "worker", "--kind", "inventory", log_name="victim")
+    survivor = spawn(settings, "worker", "--kind", "inventory", log_name="survivor")
+    replacement = None
+    try:
+        _send_all(settings, order_ids)
+        wait_until(lambda: sum(v for k, v in _outcomes(settings).items() if k != "pending") >= 20,
+                   60, "the run to be under way")
+        assert _outcomes(settings).get("pending", 0) > 0, "the kill must land while work remains"
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        replacement = spawn(settings, "worker", "--kind", "inventory", log_name="replacement")
+        wait_until(lambda: _outcomes(settings).get("pending", 0) == 0, 120,
+                   "every order to get an outcome after the kill")
+        wait_until(lambda: _drained(settings), 60, "queues to drain")
+        assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
+        _check_invariants(settings)
+    finally:
+        for w in (survivor, replacement):
+            if w is not None:
+                assert stop(w) == 0

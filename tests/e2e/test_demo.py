@@ -1,0 +1,70 @@
+"""The README's first command on real CDNOW orders: `shopflow up --once --limit 300`.
+
+It runs the real process tree under supervisord with the repository's
+supervisord.conf, against this test's Redis and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from runtime import db
+from runtime.settings import Settings
+from tests.support import SHOPFLOW, free_port
+
+LIMIT = 300
+
+
+async def _facts(settings: Settings) -> dict[str, object]:
+    conn = await db.connect(settings.database_url or "")
+    try:
+        return {
+            "orders": await conn.fetchval("SELECT count(*) FROM orders"),
+            "open": await conn.fetchval(
+                "SELECT count(*) FROM orders WHERE status NOT IN ('ready_to_ship', 'failed')"),
+            "failed_without_reason": await conn.fetchval(
+                "SELECT count(*) FROM orders WHERE status = 'failed' AND coalesce(status_reason, '') = ''"),
+            "shipped": await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'ready_to_ship'"),
+            "emails": await conn.fetchval(
+                "SELECT count(*) FROM email_log WHERE kind = 'order_confirmation' AND status = 'sent'"),
+            "emails_per_order_max": await conn.fetchval(
+                "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM email_log GROUP BY order_id) x"),
+            "reserved_mismatch": await conn.fetchval(
+                """SELECT count(*) FROM inventory i WHERE i.reserved_quantity <>
+                   coalesce((SELECT sum(quantity) FROM inventory_reservations r WHERE r.product_id = i.product_id), 0)
+                   OR i.reserved_quantity < 0 OR i.reserved_quantity > i.quantity"""),
+        }
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) -> None:
+    settings = replace(settings, http_port=free_port(), warehouse_sim_port=free_port(),
+                       api_processes=2, email_workers=1,
+                       job_backoff_ms=200)
+    env = {**os.environ, **settings.to_env()}
+    done = subprocess.run([SHOPFLOW, "up", "--once", "--limit", str(LIMIT), "--day-s", "0.005",
+                           "--timeout-s", "240"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ShopFlow replay summary" in done.stdout
+    assert "latency (create → ready_to_ship)" in done.stdout
+    facts = asyncio.run(_facts(settings))
+    assert facts["orders"] == LIMIT
+    assert facts["open"] == 0
+    assert facts["failed_without_reason"] == 0
+    assert facts["emails"] == facts["shipped"]  # every paid order: exactly one e-mail
+    assert facts["emails_per_order_max"] == 1
+    assert facts["reserved_mismatch"] == 0
+    eml = list(Path(settings.mail_dir).glob("*.eml"))
+    assert len(eml) == facts["shipped"]
+    # supervisord stopped every program it started, each cleanly (exit status 0).
+    log = (settings.var_dir / "log" / "supervisord.log").read_text()
+    for program in ("api-0", "api-1", "email-worker-0", "inventory-worker", "flow-worker"):
+        assert f"stopped: {program} (exit status 0)" in log, program

@@ -1,0 +1,137 @@
+"""Alerts page once per incident, resolve once, and reach a real webhook receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from runtime.alerts import Alert, Alerter, Severity, alerts_stream, page_job_failed
+from runtime.broker import setup_broker
+from runtime.settings import Settings
+from tests.runtime.metrics_helpers import kill_process, process_env, start_process, stop_process
+from tests.runtime.metrics_worker import CRITICAL, PERMANENT
+from tests.runtime.webhook_receiver import Receiver, webhook_receiver
+
+BACKLOG = Alert("QueueBacklog", Severity.WARNING, "1,234 jobs wait in emails",
+                labels={"queue": "emails"}, details={"waiting": 1234})
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with webhook_receiver() as r:
+        yield r
+
+
+def _statuses(receiver: Receiver) -> list[tuple[str, str]]:
+    return [(b["status"], b["alerts"][0]["labels"]["alertname"]) for b in receiver.bodies]
+
+
+async def test_pages_once_per_incident_and_resolves_once(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    settings = replace(settings, alert_webhook_url=receiver.url)
+    other_client = aioredis.Redis.from_url(settings.redis_url or "")
+    one, two = Alerter(settings, redis_client), Alerter(settings, other_client)  # two processes
+    try:
+        assert await one.fire(BACKLOG) is True
+        assert await two.fire(BACKLOG) is False
+        assert await one.fire(replace(BACKLOG, details={"waiting": 1500})) is False
+        assert list(await one.open_incidents()) == [BACKLOG.fingerprint]
+        results = await asyncio.gather(one.resolve(BACKLOG), two.resolve(BACKLOG))
+        assert sorted(results) == [False, True], "exactly one process sends the resolve"
+        assert await one.resolve(BACKLOG) is False
+        assert await two.fire(BACKLOG) is True, "a new incident after the old one cleared"
+    finally:
+        await other_client.aclose()
+    bodies = await receiver.wait_for(3)
+    assert _statuses(receiver) == [("firing", "QueueBacklog"), ("resolved", "QueueBacklog"),
+                                   ("firing", "QueueBacklog")]
+    first = bodies[0]["alerts"][0]
+    assert first["labels"] == {"alertname": "QueueBacklog", "severity": "warning",
+                               "queue": "emails"}
+    assert first["fingerprint"] == BACKLOG.fingerprint
+    assert bodies[1]["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
+    events: Any = await redis_client.xrange(alerts_stream(settings.namespace))
+    assert [e[1][b"type"] for e in events] == [b"alert.firing", b"alert.resolved",
+                                              b"alert.firing"]
+
+
+async def test_a_page_the_webhook_refused_is_retried_by_the_next_check(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_webhook_attempts=1,
+                       alert_webhook_timeout_s=2.0)
+    alerter = Alerter(settings, redis_client, clock=lambda: now_s[0])
+    receiver.status = 503
+    assert await alerter.fire(BACKLOG) is False
+    receiver.status = 200
+    assert await alerter.fire(BACKLOG) is False, "another delivery may still be under way"
+    now_s[0] += 60
+    assert await alerter.fire(BACKLOG) is True
+    assert await alerter.fire(BACKLOG) is False
+    await receiver.wait_for(1)
+    assert _statuses(receiver) == [("firing", "QueueBacklog")]
+
+
+async def test_without_a_webhook_the_log_and_dashboard_get_it(
+    settings: Settings, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    alerter = Alerter(settings, redis_client)
+    assert await alerter.fire(BACKLOG) is True
+    assert await alerter.fire(BACKLOG) is False
+    assert await redis_client.xlen(alerts_stream(settings.namespace)) == 1
+    assert [r.message for r in caplog.records if r.name == "runtime.alerts"] == [
+        "alert firing: 1,234 jobs wait in emails"]
+
+
+async def test_page_job_failed_pages_once_per_job(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    settings = replace(settings, alert_webhook_url=receiver.url)
+    alerter = Alerter(settings, redis_client)
+    args = ("emails", "send_order_confirmation", "msg-1", "SendGrid said 503")
+    assert await page_job_failed(alerter, *args, order_id=42) is True
+    assert await page_job_failed(alerter, *args, order_id=42) is False
+    assert await page_job_failed(alerter, "emails", "send_order_confirmation", "msg-2",
+                                 "boom") is True
+    bodies = await receiver.wait_for(2)
+    alert = bodies[0]["alerts"][0]
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["labels"]["alertname"] == "JobFailedForGood"
+    assert "order 42" in alert["annotations"]["summary"]
+
+
+@pytest.mark.slow
+async def test_a_critical_actor_failing_for_good_pages_from_a_real_worker(
+    settings: Settings, receiver: Receiver
+) -> None:
+    settings = replace(settings, alert_webhook_url=receiver.url, job_attempts=1)
+    producer = setup_broker(settings)
+    worker = await asyncio.to_thread(start_process, ["-m", "tests.runtime.metrics_worker"],
+                                     process_env(settings))
+    try:
+        CRITICAL.send(producer, 7)
+        PERMANENT.send(producer, 8)  # not critical: no page
+        CRITICAL.send(producer, 9)
+        bodies = await receiver.wait_for(2)
+        assert {b["alerts"][0]["labels"]["actor"] for b in bodies} == {"obs_critical"}
+        assert all(b["alerts"][0]["labels"]["severity"] == "critical" for b in bodies)
+        assert await asyncio.to_thread(stop_process, worker) == 0
+        assert len(receiver.bodies) == 2
+    finally:
+        if worker.poll() is None:
+            kill_process(worker)
+        producer.close()

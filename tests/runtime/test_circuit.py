@@ -1,0 +1,79 @@
+"""The circuit breaker's state machine, with a clock the test moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.circuit import BreakerState, CircuitBreaker
+from runtime.errors import CircuitOpen
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opens_after_threshold_and_half_opens_after_timeout() -> None:
+    clock = Clock()
+    changes: list[tuple[BreakerState, BreakerState]] = []
+    breaker = CircuitBreaker("svc", failure_threshold=3, reset_timeout_s=10, clock=clock,
+                             on_change=lambda name, old, new: changes.append((old, new)))
+    for _ in range(2):
+        breaker.before_call()
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.before_call()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen) as info:
+        breaker.before_call()
+    assert info.value.retry_after_s == pytest.approx(10)
+    clock.now = 10
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.before_call()
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # only one trial call at a time
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    assert changes == [(BreakerState.CLOSED, BreakerState.OPEN),
+                       (BreakerState.OPEN, BreakerState.HALF_OPEN),
+                       (BreakerState.HALF_OPEN, BreakerState.CLOSED)]
+
+
+def test_failed_trial_reopens_for_a_full_timeout() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", failure_threshold=1, reset_timeout_s=5, clock=clock)
+    breaker.before_call()
+    breaker.record_failure()
+    clock.now = 5
+    breaker.before_call()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    clock.now = 9
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.snapshot().times_opened == 2
+
+
+def test_success_resets_the_consecutive_count() -> None:
+    breaker = CircuitBreaker("svc", failure_threshold=2)
+    for ok in (False, True, False, True):
+        breaker.before_call()
+        breaker.record_success() if ok else breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_call_counts_only_failures_the_predicate_accepts() -> None:
+    breaker = CircuitBreaker("svc", failure_threshold=1)
+
+    async def bad_request() -> None:
+        raise ValueError("our fault")
+
+    with pytest.raises(ValueError):
+        await breaker.call(bad_request, is_failure=lambda exc: not isinstance(exc, ValueError))
+    assert breaker.state is BreakerState.CLOSED
+    with pytest.raises(ValueError):
+        await breaker.call(bad_request)
+    assert breaker.state is BreakerState.OPEN

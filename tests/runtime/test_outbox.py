@@ -1,0 +1,57 @@
+"""The transactional outbox: a rollback sends nothing, a crash before relaying loses nothing."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from runtime.broker import JobSpec, setup_broker
+from runtime.outbox import OutboxRelay, emit, stream_key
+from runtime.settings import Settings
+
+JOB = JobSpec("maintenance", "noop")
+
+
+async def _relay(settings: Settings, pool: asyncpg.Pool) -> tuple[OutboxRelay, aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    broker = setup_broker(settings)
+    return OutboxRelay(pool, settings.database_url or "", client, broker, settings.namespace), client
+
+
+async def test_rolled_back_change_publishes_nothing(settings: Settings, pool: asyncpg.Pool) -> None:
+    relay, client = await _relay(settings, pool)
+    with pytest.raises(RuntimeError):
+        async with pool.acquire() as conn, conn.transaction():
+            await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
+            raise RuntimeError("the change failed after writing its event")
+    assert await relay.publish_batch() == 0
+    assert await client.xlen(stream_key(settings.namespace, "test")) == 0
+    await client.aclose()
+
+
+async def test_committed_events_survive_until_a_relay_publishes_them_in_order(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        for n in range(3):
+            async with conn.transaction():
+                await emit(conn, "test", "thing.happened", {"n": n}, job=JOB.as_job(n))
+    # No relay ran (as if the process died right after commit): the rows wait.
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 3
+    relay, client = await _relay(settings, pool)
+    assert await relay.publish_batch() == 3
+    assert await relay.publish_batch() == 0
+    entries = await client.xrange(stream_key(settings.namespace, "test"))
+    assert [json.loads(f[b"payload"])["n"] for _, f in entries] == [0, 1, 2]
+    jobs = await client.llen(f"{settings.namespace}-jobs:maintenance")
+    assert jobs == 3
+    await client.aclose()
+
+
+async def test_emit_outside_a_transaction_is_refused(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(RuntimeError, match="inside the transaction"):
+            await emit(conn, "test", "x", {})

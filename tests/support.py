@@ -1,0 +1,70 @@
+"""Helpers for tests that run real runtime processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from runtime.settings import Settings
+
+SHOPFLOW = shutil.which("shopflow") or str(Path(sys.executable).with_name("shopflow"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_http_port(settings: Settings) -> Settings:
+    """Settings with a free HTTP port of its own."""
+    return replace(settings, http_port=free_port())
+
+
+def spawn(settings: Settings, *args: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``shopflow ARGS`` with ``settings`` in its environment; logs go to var/."""
+    env = {**os.environ, **settings.to_env()}
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.var_dir / f"{log_name or '-'.join(args).replace('/', '_')}.log"
+    log = log_path.open("ab")
+    return subprocess.Popen([SHOPFLOW, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
+    """SIGTERM the process and wait for it; SIGKILL if it does not stop in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.05) -> None:
+    """Poll ``predicate`` until true; fail the test with ``what`` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def http_ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False

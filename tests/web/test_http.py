@@ -1,0 +1,89 @@
+"""The HTTP API on a real server: orders, payment, status, health, and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from runtime.settings import Settings
+from tests.factories import make_shop
+from web.app import create_app
+
+
+@pytest.fixture
+async def client(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
+    async with pool.acquire() as conn:
+        await make_shop(conn, {1: 10, 2: 3})
+    async with TestClient(TestServer(create_app(settings))) as c:
+        yield c
+
+
+async def _counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
+    return (await pool.fetchval("SELECT count(*) FROM orders"),
+            await pool.fetchval("SELECT count(*) FROM outbox"),
+            await pool.fetchval("SELECT sum(reserved_quantity) FROM inventory"))
+
+
+async def test_create_read_and_pay_an_order(client: TestClient, pool: asyncpg.Pool) -> None:
+    resp = await client.post("/api/v1/orders", json={"customer_id": 1, "items": [{"product_id": 1, "quantity": 2}]})
+    assert resp.status == 201
+    order = await resp.json()
+    assert order["status"] == "pending" and order["total_cents"] == 2 * 1990
+    resp = await client.get(f"/api/v1/orders/{order['id']}")
+    assert (await resp.json())["history"][0]["to_status"] == "pending"
+    resp = await client.post(f"/api/v1/orders/{order['id']}/payment")
+    assert resp.status == 409  # not reserved yet: a clear conflict, not a silent success
+    assert "reserved" in (await resp.json())["error"]["message"]
+
+
+async def test_health_reports_both_servers_with_latency(client: TestClient) -> None:
+    resp = await client.get("/health")
+    body = await resp.json()
+    assert resp.status == 200
+    assert body["checks"]["redis"]["ok"] and body["checks"]["postgres"]["ok"]
+    assert body["checks"]["postgres"]["latency_ms"] >= 0
+
+
+BAD_BODIES = [
+    pytest.param(b'{"items": [{"product_id": 1, "quantity": 1}]}', 422, "customer_id", id="missing-field"),
+    pytest.param(b'{"customer_id": "x", "items": [{"product_id": 1, "quantity": 1}]}', 422, "integer", id="wrong-type"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": -3}]}', 422, "positive", id="negative-quantity"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 424242, "quantity": 1}]}', 422, "unknown product", id="unknown-product"),
+    pytest.param(b'{"customer_id": 99, "items": [{"product_id": 1, "quantity": 1}]}', 422, "unknown customer", id="unknown-customer"),
+    pytest.param(b'{"customer_id": 1, "items": [', 400, "not valid JSON", id="invalid-json"),
+    pytest.param(b'\xff\xfe', 400, "not valid JSON", id="not-utf8"),
+    pytest.param(b'[1, 2]', 422, "JSON object", id="not-an-object"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "x": ' + b'"a"' + b' }', 422, "unknown field", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_BODIES)
+async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(
+    client: TestClient, pool: asyncpg.Pool, body: bytes, status: int, message: str
+) -> None:
+    before = await _counts(pool)
+    resp = await client.post("/api/v1/orders", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == status
+    error = (await resp.json())["error"]
+    assert message in error["message"]
+    assert await _counts(pool) == before
+
+
+async def test_a_one_megabyte_body_is_refused(client: TestClient, pool: asyncpg.Pool) -> None:
+    before = await _counts(pool)
+    big = json.dumps({"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "pad": "x" * 1_000_000})
+    resp = await client.post("/api/v1/orders", data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert "too large" in (await resp.json())["error"]["message"]
+    assert await _counts(pool) == before
+
+
+@pytest.mark.parametrize("path", ["/api/v1/orders/abc", "/api/v1/orders/999999", "/api/v1/orders/-1"])
+async def test_unknown_orders_are_404(client: TestClient, path: str) -> None:
+    resp = await client.get(path)
+    assert resp.status == 404
+    assert "does not exist" in (await resp.json())["error"]["message"]

@@ -1,0 +1,195 @@
+"""The aiohttp application: HTTP API, health, and the outbox relay of this api process.
+
+``create_app(settings)`` builds a fresh app; resources (database pool, Redis,
+broker, relay task) are opened and closed in ``cleanup_ctx``. Handlers only
+parse, call the order workflow and translate domain errors to HTTP answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from dramatiq.brokers.redis import RedisBroker
+
+from actors.orders import workflow
+from actors.orders.service import get_order as fetch_order
+from runtime import db, embedded
+from runtime.broker import setup_broker
+from runtime.cli import add_command
+from runtime.errors import Conflict, NotFound, ValidationError
+from runtime.observability import metrics_handler
+from runtime.metrics import get_metrics
+from runtime.outbox import OutboxRelay, OutboxRow, now_utc
+from runtime.scheduling.health import scheduler_health
+from runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+BROKER = web.AppKey("broker", RedisBroker)
+# Request bodies above this are refused with 413 before they are read.
+MAX_BODY_BYTES = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    """The one error shape of the API: ``{"error": {"status", "message", ...}}``."""
+    return web.json_response({"error": {"status": status, "message": message, **extra}}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate domain errors to HTTP answers; never leak a traceback."""
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return json_error(422, str(exc), field=exc.field)
+    except NotFound as exc:
+        return json_error(404, str(exc))
+    except Conflict as exc:
+        return json_error(409, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return json_error(exc.status, exc.reason)
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal error; it has been logged")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, or a 400 that says what is wrong with it."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise web.HTTPBadRequest(reason=f"body is not valid JSON: {exc}") from None
+
+
+def _order_id(request: web.Request) -> int:
+    raw = request.match_info["order_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise web.HTTPNotFound(reason=f"order {raw!r} does not exist")
+    return int(raw)
+
+
+async def create_order(request: web.Request) -> web.Response:
+    """POST /api/v1/orders: create an order; its stock reservation is queued."""
+    order, created = await workflow.place_order(request.app[POOL], await read_json(request))
+    return web.json_response(order, status=201 if created else 200)
+
+
+async def confirm_payment(request: web.Request) -> web.Response:
+    """POST /api/v1/orders/{id}/payment: confirm payment of a reserved order (idempotent)."""
+    order, _ = await workflow.pay_order(request.app[POOL], _order_id(request))
+    return web.json_response(order)
+
+
+async def get_order(request: web.Request) -> web.Response:
+    """GET /api/v1/orders/{id}: the order, its items and its status history."""
+    async with request.app[POOL].acquire() as conn:
+        return web.json_response(await fetch_order(conn, _order_id(request)))
+
+
+async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check, timeout=2.0)
+        return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    except Exception as exc:  # a health check reports every failure as data
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: Redis and PostgreSQL reachable, with latencies; 503 if either is not."""
+    pool = request.app[POOL]
+    checks = {
+        "redis": await _timed(request.app[REDIS].ping()),
+        "postgres": await _timed(pool.fetchval("SELECT 1")),
+    }
+    ok = all(c["ok"] for c in checks.values())
+    if checks["redis"]["ok"]:
+        scheduler = await scheduler_health(request.app[REDIS], request.app[SETTINGS].namespace, now_utc())
+        checks["scheduler"] = scheduler.as_json()  # stale cron is reported, not a 503 of the api
+    return web.json_response({"status": "ok" if ok else "degraded", "checks": checks},
+                             status=200 if ok else 503)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis_url, database_url = settings.require_urls()
+    app[POOL] = await db.create_pool(database_url, min_size=1, max_size=10)
+    app[REDIS] = aioredis.Redis.from_url(redis_url)
+    app[BROKER] = setup_broker(settings)
+    yield
+    app[BROKER].close()
+    await app[REDIS].aclose()
+    await app[POOL].close()
+
+
+async def _relay(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    _, database_url = settings.require_urls()
+    metrics = get_metrics(settings)
+
+    def on_published(rows: list[OutboxRow]) -> None:
+        for row in rows:
+            metrics.outbox_events_published.labels(row.channel).inc()
+        oldest = min(row.created_at for row in rows)
+        metrics.outbox_lag.set((now_utc() - oldest).total_seconds())
+
+    relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
+                        settings.outbox_poll_s, on_published=on_published)
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def create_app(settings: Settings) -> web.Application:
+    """A new application for ``settings`` (which must carry both URLs)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_relay)
+    app.router.add_post("/api/v1/orders", create_order)
+    app.router.add_get("/api/v1/orders/{order_id}", get_order)
+    app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_handler(settings))
+    return app
+
+
+def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    settings = embedded.ensure_services(settings)
+    app = create_app(settings)
+    web.run_app(app, host=settings.http_host, port=settings.http_port, reuse_port=True,
+                print=None, access_log=None, shutdown_timeout=10)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Plug ``shopflow web`` into the command line."""
+    add_command(sub, "web", _cmd_web,
+                "run an api process: HTTP API, /health and the outbox relay (SO_REUSEPORT)")
