@@ -147,3 +147,14 @@ class LlmInvalidOutput(AgentError):
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(message or reason)
         self.reason = reason
+# --- web ---
+class Unauthenticated(ShopflowError):
+    """No credentials, or credentials that are malformed, forged or expired (HTTP 401)."""
+
+
+class Forbidden(ShopflowError):
+    """Valid credentials that do not allow this request (HTTP 403)."""
+
+
+class NotAvailable(ShopflowError):
+    """A capability this process was not wired with (HTTP 503): e.g. no jobs admin plugged in."""

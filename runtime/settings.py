@@ -158,6 +158,17 @@ DEFAULT_RECOMMENDATION_REFRESH_BATCH = 500
 DEFAULT_SUPPORT_RECENT_ORDERS = 5
 # Moderation: below this confidence a review waits for a person.
 DEFAULT_MODERATION_MIN_CONFIDENCE = 0.8
+# --- web ---
+# A signed access token is valid this long unless `shopflow token --ttl-s` says otherwise.
+DEFAULT_TOKEN_TTL_S = 24 * 3600
+# Events a WebSocket client may have waiting before it counts as a slow consumer and is closed.
+DEFAULT_WS_SEND_QUEUE_MAX = 1_000
+# Seconds between WebSocket protocol pings; a peer silent for this long is dropped.
+DEFAULT_WS_HEARTBEAT_S = 20.0
+# Largest WebSocket frame a client may send (control messages are tiny).
+DEFAULT_WS_MAX_FRAME_BYTES = 64 * 1024
+# How long one XREAD blocks waiting for new events before looping.
+DEFAULT_NOTIFIER_BLOCK_MS = 1_000
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -364,6 +375,13 @@ class Settings:
     cron_heartbeat_ttl_s: int = DEFAULT_CRON_HEARTBEAT_TTL_S
     cart_max_age_s: int = DEFAULT_CART_MAX_AGE_S
     reservation_release_batch: int = DEFAULT_RESERVATION_RELEASE_BATCH
+    # --- web ---
+    token_secret: str | None = None
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    ws_send_queue_max: int = DEFAULT_WS_SEND_QUEUE_MAX
+    ws_heartbeat_s: float = DEFAULT_WS_HEARTBEAT_S
+    ws_max_frame_bytes: int = DEFAULT_WS_MAX_FRAME_BYTES
+    notifier_block_ms: int = DEFAULT_NOTIFIER_BLOCK_MS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -550,6 +568,15 @@ class Settings:
             reservation_release_batch=_int(
                 e, "SHOPFLOW_RESERVATION_RELEASE_BATCH", DEFAULT_RESERVATION_RELEASE_BATCH, 1
             ),
+            # --- web ---
+            token_secret=_opt(e, "SHOPFLOW_TOKEN_SECRET"),
+            token_ttl_s=_int(e, "SHOPFLOW_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, 1),
+            ws_send_queue_max=_int(e, "SHOPFLOW_WS_SEND_QUEUE_MAX", DEFAULT_WS_SEND_QUEUE_MAX, 1),
+            ws_heartbeat_s=_float(e, "SHOPFLOW_WS_HEARTBEAT_S", DEFAULT_WS_HEARTBEAT_S),
+            ws_max_frame_bytes=_int(
+                e, "SHOPFLOW_WS_MAX_FRAME_BYTES", DEFAULT_WS_MAX_FRAME_BYTES, 1024
+            ),
+            notifier_block_ms=_int(e, "SHOPFLOW_NOTIFIER_BLOCK_MS", DEFAULT_NOTIFIER_BLOCK_MS, 10),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -622,6 +649,16 @@ class Settings:
         })
         if self.carrier_url:
             env["CARRIER_URL"] = self.carrier_url
+        # --- web ---
+        env.update({
+            "SHOPFLOW_TOKEN_TTL_S": str(self.token_ttl_s),
+            "SHOPFLOW_WS_SEND_QUEUE_MAX": str(self.ws_send_queue_max),
+            "SHOPFLOW_WS_HEARTBEAT_S": str(self.ws_heartbeat_s),
+            "SHOPFLOW_WS_MAX_FRAME_BYTES": str(self.ws_max_frame_bytes),
+            "SHOPFLOW_NOTIFIER_BLOCK_MS": str(self.notifier_block_ms),
+        })
+        if self.token_secret:
+            env["SHOPFLOW_TOKEN_SECRET"] = self.token_secret
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> Settings:
