@@ -6,10 +6,14 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from actors.agents import jobs as agents
+from actors.carts import actor as carts
 from actors.emailer import actor as emailer
 from actors.fulfillment import actor as fulfillment
+from actors.housekeeping import actor as housekeeping
 from actors.inventory import actor as inventory
 from actors.monitor import actor as monitor
+from actors.reports import actor as reports
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.process import ProcessContext
@@ -26,9 +30,13 @@ class WorkerKind:
 
 
 WORKER_KINDS: dict[str, WorkerKind] = {
+    "agents": WorkerKind((agents.concern,), lambda s: 4),
     "email": WorkerKind((emailer.concern,), lambda s: 4),
     "inventory": WorkerKind((inventory.concern,), lambda s: s.inventory_concurrency),
-    "flow": WorkerKind((fulfillment.concern, monitor.concern), lambda s: 4),
+    "flow": WorkerKind(
+        (fulfillment.concern, monitor.concern, carts.concern, housekeeping.concern, reports.concern),
+        lambda s: 4,
+    ),
 }
 
 

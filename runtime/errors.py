@@ -114,6 +114,52 @@ class OutcomeUnknown(TransientJobError):
         self.retry_after_s = retry_after_s
 
 
+# --- agents ---
+
+
+class AgentError(ShopflowError):
+    """An LLM agent could not get a trustworthy answer from the model."""
+
+
+class LlmUnavailable(AgentError, TransientJobError):
+    """The model cannot be asked now: no key, API failing or timing out, circuit open.
+
+    ``reason`` is a short label (``no_api_key``, ``timeout``, ``api_error``,
+    ``circuit_open``) used in metrics and in the answer's fallback label.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class LlmLimited(AgentError):
+    """A rate limit or the daily token budget stops the call (``reason`` says which)."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class LlmInvalidOutput(AgentError):
+    """The model answered, but not with something we may trust (cut, prose, off-schema)."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+# --- web ---
+class Unauthenticated(ShopflowError):
+    """No credentials, or credentials that are malformed, forged or expired (HTTP 401)."""
+
+
+class Forbidden(ShopflowError):
+    """Valid credentials that do not allow this request (HTTP 403)."""
+
+
+class NotAvailable(ShopflowError):
+    """A capability this process was not wired with (HTTP 503): e.g. no jobs admin plugged in."""
+
+
 # --- supervision ---
 
 

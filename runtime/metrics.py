@@ -103,9 +103,7 @@ class Metrics:
     websocket_events_sent: Counter
     outbox_lag: Gauge
     outbox_events_published: Counter
-    # LLM agents.
-    llm_tokens: Counter
-    llm_requests: Counter
+    # LLM agents: their metrics are built by actors/agents/metrics.py (shopflow_agent_*).
     # Alerts.
     alerts: Counter
     alert_deliveries: Counter
@@ -179,11 +177,6 @@ def _build(registry: CollectorRegistry) -> Metrics:
                          "event.", multiprocess_mode="livemax", registry=r),
         outbox_events_published=Counter("shopflow_outbox_events_published", "Outbox events "
                                          "published to Redis.", ["channel"], registry=r),
-        llm_tokens=Counter("shopflow_llm_tokens", "LLM tokens by agent, direction (input, "
-                           "output) and source (anthropic, offline).",
-                           ["agent", "direction", "source"], registry=r),
-        llm_requests=Counter("shopflow_llm_requests", "LLM requests by agent and outcome.",
-                             ["agent", "outcome"], registry=r),
         alerts=Counter("shopflow_alerts", "Alert notifications by name, severity and status "
                        "(firing, resolved).", ["alertname", "severity", "status"], registry=r),
         alert_deliveries=Counter("shopflow_alert_deliveries", "Webhook deliveries by outcome.",

@@ -62,6 +62,29 @@ DEFAULT_MONITOR_NO_CONSUMER_GRACE_S = 60.0
 DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
 # Delivery attempts per webhook message (backoff 0.5 s, 1 s, ...); later checks retry undelivered pages.
 DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
+# --- scheduling ---
+# Scheduler processes under supervisord: one leads, the other stands by.
+DEFAULT_SCHEDULERS = 2
+# A scheduler instance wakes this often to renew its lease and fire due slots.
+DEFAULT_SCHEDULER_TICK_S = 1.0
+# A standby scheduler takes over this long after the leader's last renewal.
+DEFAULT_SCHEDULER_LEASE_S = 15.0
+# A slot run later than this counts as missed (misfire policy); above the lease.
+DEFAULT_SCHEDULER_MISFIRE_GRACE_S = 60.0
+# A slot claimed by a scheduler that died before sending it is sent again after this.
+DEFAULT_SCHEDULER_RESEND_AFTER_S = 30.0
+# The original system's schedules (Bull repeatables in America/Sao_Paulo).
+DEFAULT_SALES_REPORT_CRON = "0 8 * * *"
+DEFAULT_DAILY_REPORT_CRON = "0 9 * * *"
+DEFAULT_CART_CLEANUP_EVERY_S = 60 * 60
+DEFAULT_RESERVATION_RELEASE_EVERY_S = 15 * 60
+DEFAULT_CRON_HEARTBEAT_EVERY_S = 5 * 60
+# The heartbeat key outlives one missed beat; /health calls the scheduler stale after it.
+DEFAULT_CRON_HEARTBEAT_TTL_S = 10 * 60
+# Anonymous carts idle this long are deleted.
+DEFAULT_CART_MAX_AGE_S = 24 * 60 * 60
+# Expired reservations released per atomic statement.
+DEFAULT_RESERVATION_RELEASE_BATCH = 5_000
 
 
 # --- externals: stock sync, warehouse, carrier, SendGrid, abandoned carts (issue 7) ---
@@ -110,6 +133,56 @@ DEFAULT_MAILBOX_PUT_TIMEOUT_S = 2.0
 # Each process republishes its supervision tree to Redis this often; entries expire after the TTL.
 DEFAULT_TREE_PUBLISH_INTERVAL_S = 5.0
 DEFAULT_TREE_TTL_S = 15
+
+# --- agents ---
+# A current Claude model listed by the installed anthropic SDK (2.16); the
+# original's model id has been retired. Any id the API accepts works here.
+DEFAULT_LLM_MODEL = "claude-sonnet-5-5"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+# One model call may take this long before it counts as failed.
+DEFAULT_LLM_TIMEOUT_S = 20.0
+# The SDK's own retries (transport errors, 429/529 with retry-after) per call.
+DEFAULT_LLM_MAX_RETRIES = 2
+# Output cap of one answer; our tool answers are short JSON objects.
+DEFAULT_LLM_MAX_OUTPUT_TOKENS = 1_024
+# Over a rate limit a call waits ("wait") up to the max wait, or answers from
+# the fallback at once ("fallback").
+DEFAULT_LLM_ON_LIMIT = "wait"
+DEFAULT_LLM_MAX_WAIT_S = 20.0
+# Cost estimate in US dollars per million tokens (set to your price list).
+DEFAULT_LLM_INPUT_USD_PER_MTOK = 3.0
+DEFAULT_LLM_OUTPUT_USD_PER_MTOK = 15.0
+# After this many failed calls in a row an agent skips the API for the cooldown.
+DEFAULT_LLM_CIRCUIT_FAILURES = 5
+DEFAULT_LLM_CIRCUIT_COOLDOWN_S = 60
+# Per-agent limits: requests and tokens per minute, tokens per shop-zone day.
+DEFAULT_AGENT_RPM = 50
+DEFAULT_AGENT_TPM = 40_000
+DEFAULT_AGENT_DAILY_TOKENS = 2_000_000
+# Recommendations: how many, from how many candidates, cached how long.
+DEFAULT_RECOMMENDATION_COUNT = 5
+DEFAULT_RECOMMENDATION_CANDIDATES = 30
+DEFAULT_RECOMMENDATION_CACHE_TTL_S = 6 * 3600
+# A fallback answer is cached briefly so the model's answer replaces it soon.
+DEFAULT_RECOMMENDATION_FALLBACK_TTL_S = 300
+# The refresh job recomputes customers who ordered within this many days.
+DEFAULT_RECOMMENDATION_ACTIVE_DAYS = 90
+DEFAULT_RECOMMENDATION_REFRESH_BATCH = 500
+# Support: how many of the customer's latest orders the agent may see.
+DEFAULT_SUPPORT_RECENT_ORDERS = 5
+# Moderation: below this confidence a review waits for a person.
+DEFAULT_MODERATION_MIN_CONFIDENCE = 0.8
+# --- web ---
+# A signed access token is valid this long unless `shopflow token --ttl-s` says otherwise.
+DEFAULT_TOKEN_TTL_S = 24 * 3600
+# Events a WebSocket client may have waiting before it counts as a slow consumer and is closed.
+DEFAULT_WS_SEND_QUEUE_MAX = 1_000
+# Seconds between WebSocket protocol pings; a peer silent for this long is dropped.
+DEFAULT_WS_HEARTBEAT_S = 20.0
+# Largest WebSocket frame a client may send (control messages are tiny).
+DEFAULT_WS_MAX_FRAME_BYTES = 64 * 1024
+# How long one XREAD blocks waiting for new events before looping.
+DEFAULT_NOTIFIER_BLOCK_MS = 1_000
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -175,6 +248,32 @@ def _zone(env: Mapping[str, str], name: str, default: str) -> str:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{name} must be an IANA time zone such as {default}, got {value!r}") from None
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value > 1:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+    return value
+
+
+def _cron(env: Mapping[str, str], name: str, default: str) -> str:
+    from runtime.errors import ValidationError
+    from runtime.scheduling.cron import CronExpr  # leaf module: imports only runtime.errors
+
+    value = env.get(name) or default
+    try:
+        CronExpr.parse(value)
+    except ValidationError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
     return value
 
 
@@ -252,6 +351,56 @@ class Settings:
     sendgrid_template_cart_reminder: str | None = None
     sendgrid_template_daily_report: str | None = None
     cart_idle_s: int = DEFAULT_CART_IDLE_S
+    # --- agents ---
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
+    llm_model: str = DEFAULT_LLM_MODEL
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
+    llm_max_retries: int = DEFAULT_LLM_MAX_RETRIES
+    llm_max_output_tokens: int = DEFAULT_LLM_MAX_OUTPUT_TOKENS
+    llm_on_limit: str = DEFAULT_LLM_ON_LIMIT
+    llm_max_wait_s: float = DEFAULT_LLM_MAX_WAIT_S
+    llm_input_usd_per_mtok: float = DEFAULT_LLM_INPUT_USD_PER_MTOK
+    llm_output_usd_per_mtok: float = DEFAULT_LLM_OUTPUT_USD_PER_MTOK
+    llm_circuit_failures: int = DEFAULT_LLM_CIRCUIT_FAILURES
+    llm_circuit_cooldown_s: int = DEFAULT_LLM_CIRCUIT_COOLDOWN_S
+    recommendation_rpm: int = DEFAULT_AGENT_RPM
+    recommendation_tpm: int = DEFAULT_AGENT_TPM
+    recommendation_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    support_rpm: int = DEFAULT_AGENT_RPM
+    support_tpm: int = DEFAULT_AGENT_TPM
+    support_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    moderation_rpm: int = DEFAULT_AGENT_RPM
+    moderation_tpm: int = DEFAULT_AGENT_TPM
+    moderation_daily_tokens: int = DEFAULT_AGENT_DAILY_TOKENS
+    recommendation_count: int = DEFAULT_RECOMMENDATION_COUNT
+    recommendation_candidates: int = DEFAULT_RECOMMENDATION_CANDIDATES
+    recommendation_cache_ttl_s: int = DEFAULT_RECOMMENDATION_CACHE_TTL_S
+    recommendation_fallback_ttl_s: int = DEFAULT_RECOMMENDATION_FALLBACK_TTL_S
+    recommendation_active_days: int = DEFAULT_RECOMMENDATION_ACTIVE_DAYS
+    recommendation_refresh_batch: int = DEFAULT_RECOMMENDATION_REFRESH_BATCH
+    support_recent_orders: int = DEFAULT_SUPPORT_RECENT_ORDERS
+    moderation_min_confidence: float = DEFAULT_MODERATION_MIN_CONFIDENCE
+    # --- scheduling ---
+    schedulers: int = DEFAULT_SCHEDULERS
+    scheduler_tick_s: float = DEFAULT_SCHEDULER_TICK_S
+    scheduler_lease_s: float = DEFAULT_SCHEDULER_LEASE_S
+    scheduler_misfire_grace_s: float = DEFAULT_SCHEDULER_MISFIRE_GRACE_S
+    scheduler_resend_after_s: float = DEFAULT_SCHEDULER_RESEND_AFTER_S
+    sales_report_cron: str = DEFAULT_SALES_REPORT_CRON
+    daily_report_cron: str = DEFAULT_DAILY_REPORT_CRON
+    cart_cleanup_every_s: int = DEFAULT_CART_CLEANUP_EVERY_S
+    reservation_release_every_s: int = DEFAULT_RESERVATION_RELEASE_EVERY_S
+    cron_heartbeat_every_s: int = DEFAULT_CRON_HEARTBEAT_EVERY_S
+    cron_heartbeat_ttl_s: int = DEFAULT_CRON_HEARTBEAT_TTL_S
+    cart_max_age_s: int = DEFAULT_CART_MAX_AGE_S
+    reservation_release_batch: int = DEFAULT_RESERVATION_RELEASE_BATCH
+    # --- web ---
+    token_secret: str | None = None
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    ws_send_queue_max: int = DEFAULT_WS_SEND_QUEUE_MAX
+    ws_heartbeat_s: float = DEFAULT_WS_HEARTBEAT_S
+    ws_max_frame_bytes: int = DEFAULT_WS_MAX_FRAME_BYTES
+    notifier_block_ms: int = DEFAULT_NOTIFIER_BLOCK_MS
     # --- supervision ---
     supervisor_max_restarts: int = DEFAULT_SUPERVISOR_MAX_RESTARTS
     supervisor_max_seconds: float = DEFAULT_SUPERVISOR_MAX_SECONDS
@@ -363,6 +512,100 @@ class Settings:
             sendgrid_template_cart_reminder=_opt(e, "SENDGRID_TEMPLATE_CART_REMINDER"),
             sendgrid_template_daily_report=_opt(e, "SENDGRID_TEMPLATE_DAILY_REPORT"),
             cart_idle_s=_int(e, "SHOPFLOW_CART_IDLE_S", DEFAULT_CART_IDLE_S, 1),
+            # --- agents ---
+            anthropic_base_url=e.get("ANTHROPIC_BASE_URL") or DEFAULT_ANTHROPIC_BASE_URL,
+            llm_model=e.get("SHOPFLOW_LLM_MODEL") or DEFAULT_LLM_MODEL,
+            llm_timeout_s=_float(e, "SHOPFLOW_LLM_TIMEOUT_S", DEFAULT_LLM_TIMEOUT_S),
+            llm_max_retries=_int(e, "SHOPFLOW_LLM_MAX_RETRIES", DEFAULT_LLM_MAX_RETRIES, 0),
+            llm_max_output_tokens=_int(
+                e, "SHOPFLOW_LLM_MAX_OUTPUT_TOKENS", DEFAULT_LLM_MAX_OUTPUT_TOKENS, 64
+            ),
+            llm_on_limit=_choice(e, "SHOPFLOW_LLM_ON_LIMIT", DEFAULT_LLM_ON_LIMIT, ("wait", "fallback")),
+            llm_max_wait_s=_float(e, "SHOPFLOW_LLM_MAX_WAIT_S", DEFAULT_LLM_MAX_WAIT_S),
+            llm_input_usd_per_mtok=_float(
+                e, "SHOPFLOW_LLM_INPUT_USD_PER_MTOK", DEFAULT_LLM_INPUT_USD_PER_MTOK
+            ),
+            llm_output_usd_per_mtok=_float(
+                e, "SHOPFLOW_LLM_OUTPUT_USD_PER_MTOK", DEFAULT_LLM_OUTPUT_USD_PER_MTOK
+            ),
+            llm_circuit_failures=_int(e, "SHOPFLOW_LLM_CIRCUIT_FAILURES", DEFAULT_LLM_CIRCUIT_FAILURES, 1),
+            llm_circuit_cooldown_s=_int(
+                e, "SHOPFLOW_LLM_CIRCUIT_COOLDOWN_S", DEFAULT_LLM_CIRCUIT_COOLDOWN_S, 1
+            ),
+            recommendation_rpm=_int(e, "SHOPFLOW_RECOMMENDATION_RPM", DEFAULT_AGENT_RPM, 1),
+            recommendation_tpm=_int(e, "SHOPFLOW_RECOMMENDATION_TPM", DEFAULT_AGENT_TPM, 1),
+            recommendation_daily_tokens=_int(
+                e, "SHOPFLOW_RECOMMENDATION_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0
+            ),
+            support_rpm=_int(e, "SHOPFLOW_SUPPORT_RPM", DEFAULT_AGENT_RPM, 1),
+            support_tpm=_int(e, "SHOPFLOW_SUPPORT_TPM", DEFAULT_AGENT_TPM, 1),
+            support_daily_tokens=_int(e, "SHOPFLOW_SUPPORT_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0),
+            moderation_rpm=_int(e, "SHOPFLOW_MODERATION_RPM", DEFAULT_AGENT_RPM, 1),
+            moderation_tpm=_int(e, "SHOPFLOW_MODERATION_TPM", DEFAULT_AGENT_TPM, 1),
+            moderation_daily_tokens=_int(
+                e, "SHOPFLOW_MODERATION_DAILY_TOKENS", DEFAULT_AGENT_DAILY_TOKENS, 0
+            ),
+            recommendation_count=_int(
+                e, "SHOPFLOW_RECOMMENDATION_COUNT", DEFAULT_RECOMMENDATION_COUNT, 1
+            ),
+            recommendation_candidates=_int(
+                e, "SHOPFLOW_RECOMMENDATION_CANDIDATES", DEFAULT_RECOMMENDATION_CANDIDATES, 1
+            ),
+            recommendation_cache_ttl_s=_int(
+                e, "SHOPFLOW_RECOMMENDATION_CACHE_TTL_S", DEFAULT_RECOMMENDATION_CACHE_TTL_S, 1
+            ),
+            recommendation_fallback_ttl_s=_int(
+                e, "SHOPFLOW_RECOMMENDATION_FALLBACK_TTL_S", DEFAULT_RECOMMENDATION_FALLBACK_TTL_S, 1
+            ),
+            recommendation_active_days=_int(
+                e, "SHOPFLOW_RECOMMENDATION_ACTIVE_DAYS", DEFAULT_RECOMMENDATION_ACTIVE_DAYS, 1
+            ),
+            recommendation_refresh_batch=_int(
+                e, "SHOPFLOW_RECOMMENDATION_REFRESH_BATCH", DEFAULT_RECOMMENDATION_REFRESH_BATCH, 1
+            ),
+            support_recent_orders=_int(
+                e, "SHOPFLOW_SUPPORT_RECENT_ORDERS", DEFAULT_SUPPORT_RECENT_ORDERS, 1
+            ),
+            moderation_min_confidence=_fraction(
+                e, "SHOPFLOW_MODERATION_MIN_CONFIDENCE", DEFAULT_MODERATION_MIN_CONFIDENCE
+            ),
+            # --- scheduling ---
+            schedulers=_int(e, "SHOPFLOW_SCHEDULERS", DEFAULT_SCHEDULERS, 1),
+            scheduler_tick_s=_float(e, "SHOPFLOW_SCHEDULER_TICK_S", DEFAULT_SCHEDULER_TICK_S),
+            scheduler_lease_s=_float(e, "SHOPFLOW_SCHEDULER_LEASE_S", DEFAULT_SCHEDULER_LEASE_S),
+            scheduler_misfire_grace_s=_float(
+                e, "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S", DEFAULT_SCHEDULER_MISFIRE_GRACE_S
+            ),
+            scheduler_resend_after_s=_float(
+                e, "SHOPFLOW_SCHEDULER_RESEND_AFTER_S", DEFAULT_SCHEDULER_RESEND_AFTER_S
+            ),
+            sales_report_cron=_cron(e, "SHOPFLOW_SALES_REPORT_CRON", DEFAULT_SALES_REPORT_CRON),
+            daily_report_cron=_cron(e, "SHOPFLOW_DAILY_REPORT_CRON", DEFAULT_DAILY_REPORT_CRON),
+            cart_cleanup_every_s=_int(
+                e, "SHOPFLOW_CART_CLEANUP_EVERY_S", DEFAULT_CART_CLEANUP_EVERY_S, 1
+            ),
+            reservation_release_every_s=_int(
+                e, "SHOPFLOW_RESERVATION_RELEASE_EVERY_S", DEFAULT_RESERVATION_RELEASE_EVERY_S, 1
+            ),
+            cron_heartbeat_every_s=_int(
+                e, "SHOPFLOW_CRON_HEARTBEAT_EVERY_S", DEFAULT_CRON_HEARTBEAT_EVERY_S, 1
+            ),
+            cron_heartbeat_ttl_s=_int(
+                e, "SHOPFLOW_CRON_HEARTBEAT_TTL_S", DEFAULT_CRON_HEARTBEAT_TTL_S, 1
+            ),
+            cart_max_age_s=_int(e, "SHOPFLOW_CART_MAX_AGE_S", DEFAULT_CART_MAX_AGE_S, 1),
+            reservation_release_batch=_int(
+                e, "SHOPFLOW_RESERVATION_RELEASE_BATCH", DEFAULT_RESERVATION_RELEASE_BATCH, 1
+            ),
+            # --- web ---
+            token_secret=_opt(e, "SHOPFLOW_TOKEN_SECRET"),
+            token_ttl_s=_int(e, "SHOPFLOW_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, 1),
+            ws_send_queue_max=_int(e, "SHOPFLOW_WS_SEND_QUEUE_MAX", DEFAULT_WS_SEND_QUEUE_MAX, 1),
+            ws_heartbeat_s=_float(e, "SHOPFLOW_WS_HEARTBEAT_S", DEFAULT_WS_HEARTBEAT_S),
+            ws_max_frame_bytes=_int(
+                e, "SHOPFLOW_WS_MAX_FRAME_BYTES", DEFAULT_WS_MAX_FRAME_BYTES, 1024
+            ),
+            notifier_block_ms=_int(e, "SHOPFLOW_NOTIFIER_BLOCK_MS", DEFAULT_NOTIFIER_BLOCK_MS, 10),
             # --- supervision ---
             supervisor_max_restarts=_int(
                 e, "SHOPFLOW_SUPERVISOR_MAX_RESTARTS", DEFAULT_SUPERVISOR_MAX_RESTARTS, 0),
@@ -406,6 +649,20 @@ class Settings:
             "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
             "SHOPFLOW_LOG_LEVEL": self.log_level,
             "SHOPFLOW_NAMESPACE": self.namespace,
+            # --- scheduling ---
+            "SHOPFLOW_SCHEDULERS": str(self.schedulers),
+            "SHOPFLOW_SCHEDULER_TICK_S": str(self.scheduler_tick_s),
+            "SHOPFLOW_SCHEDULER_LEASE_S": str(self.scheduler_lease_s),
+            "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S": str(self.scheduler_misfire_grace_s),
+            "SHOPFLOW_SCHEDULER_RESEND_AFTER_S": str(self.scheduler_resend_after_s),
+            "SHOPFLOW_SALES_REPORT_CRON": self.sales_report_cron,
+            "SHOPFLOW_DAILY_REPORT_CRON": self.daily_report_cron,
+            "SHOPFLOW_CART_CLEANUP_EVERY_S": str(self.cart_cleanup_every_s),
+            "SHOPFLOW_RESERVATION_RELEASE_EVERY_S": str(self.reservation_release_every_s),
+            "SHOPFLOW_CRON_HEARTBEAT_EVERY_S": str(self.cron_heartbeat_every_s),
+            "SHOPFLOW_CRON_HEARTBEAT_TTL_S": str(self.cron_heartbeat_ttl_s),
+            "SHOPFLOW_CART_MAX_AGE_S": str(self.cart_max_age_s),
+            "SHOPFLOW_RESERVATION_RELEASE_BATCH": str(self.reservation_release_batch),
             # --- supervision ---
             "SHOPFLOW_SUPERVISOR_MAX_RESTARTS": str(self.supervisor_max_restarts),
             "SHOPFLOW_SUPERVISOR_MAX_SECONDS": str(self.supervisor_max_seconds),
@@ -440,6 +697,25 @@ class Settings:
         })
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        # --- externals (issue 7) ---
+        env.update({
+            "SHOPFLOW_STOCK_SYNC_INTERVAL_S": str(self.stock_sync_interval_s),
+            "SHOPFLOW_WAREHOUSE_SIM_PORT": str(self.warehouse_sim_port),
+            "SHOPFLOW_CARRIER_SIM_PORT": str(self.carrier_sim_port),
+            "SHOPFLOW_CART_IDLE_S": str(self.cart_idle_s),
+        })
+        if self.carrier_url:
+            env["CARRIER_URL"] = self.carrier_url
+        # --- web ---
+        env.update({
+            "SHOPFLOW_TOKEN_TTL_S": str(self.token_ttl_s),
+            "SHOPFLOW_WS_SEND_QUEUE_MAX": str(self.ws_send_queue_max),
+            "SHOPFLOW_WS_HEARTBEAT_S": str(self.ws_heartbeat_s),
+            "SHOPFLOW_WS_MAX_FRAME_BYTES": str(self.ws_max_frame_bytes),
+            "SHOPFLOW_NOTIFIER_BLOCK_MS": str(self.notifier_block_ms),
+        })
+        if self.token_secret:
+            env["SHOPFLOW_TOKEN_SECRET"] = self.token_secret
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> Settings:

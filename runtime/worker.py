@@ -24,6 +24,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
+from runtime.scheduling.middleware import ensure_scheduled_run_middleware
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor
 
@@ -91,6 +92,8 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
     install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
+    # Every worker reports scheduled runs finishing, whatever queue they land on.
+    ensure_scheduled_run_middleware(ctx.broker, settings.redis_url or "", settings.namespace)
     concerns = factory(ctx)
     queues = {q for c in concerns for q in c.queues}
     root = build_root(name, concerns).start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from prometheus_client import values
 
 from runtime import db, embedded
 from runtime.settings import Settings
@@ -51,6 +53,19 @@ async def _build_template(server_url: str) -> None:
         await conn.close()
 
 
+@pytest.fixture(autouse=True)
+def _metrics_mode_per_test() -> Iterator[None]:
+    """Undo prometheus-client's process-wide multiprocess switch after each test.
+
+    ``runtime.metrics.get_metrics`` flips the value class for the whole
+    process; without this, metrics a later test builds on its own registry
+    would read values left in the earlier test's files.
+    """
+    yield
+    values.ValueClass = values.MutexValue  # type: ignore[attr-defined]
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(redis_url, postgres server url) for the whole session, migrated template ready."""
@@ -58,7 +73,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     database_url = os.environ.get("TEST_DATABASE_URL")
     started = None
     if not (redis_url and database_url):
-        var = tmp_path_factory.mktemp("embedded")
+        # Not under pytest's temp root: another pytest session on the machine can
+        # reset its permissions, and PostgreSQL runs as another user here.
+        var = Path(tempfile.mkdtemp(prefix="shopflow-test-"))
         paths = embedded.EmbeddedPaths(var)
         rport, pport = _free_port(), _free_port()
         redis_url = redis_url or embedded.ensure_redis(paths, rport)
@@ -70,6 +87,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         paths, rport = started
         embedded.stop_redis(paths, rport)
         embedded.stop_postgres(paths)
+        embedded.remove_data(paths)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from runtime.errors import Conflict, NotFound, ValidationError
 from runtime.observability import metrics_handler
 from runtime.metrics import get_metrics
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
+from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ async def health(request: web.Request) -> web.Response:
         "postgres": await _timed(pool.fetchval("SELECT 1")),
     }
     ok = all(c["ok"] for c in checks.values())
+    if checks["redis"]["ok"]:
+        scheduler = await scheduler_health(request.app[REDIS], request.app[SETTINGS].namespace, now_utc())
+        checks["scheduler"] = scheduler.as_json()  # stale cron is reported, not a 503 of the api
     return web.json_response({"status": "ok" if ok else "degraded", "checks": checks},
                              status=200 if ok else 503)
 

@@ -14,9 +14,7 @@ from actors.carts.reminders import (
     send_reminder_email,
     sweep_idle_carts,
 )
-from actors.emailer.actor import make_transport
-from actors.emailer.sendgrid_transport import make_sendgrid_transport
-from actors.emailer.transports import EmailTransport
+from actors.emailer.actor import make_process_transport
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
@@ -26,14 +24,9 @@ from runtime.worker import Asker, Concern
 ACTOR_ID = "carts"
 
 
-def reminder_transport(ctx: ProcessContext) -> EmailTransport:
-    """SendGrid when SENDGRID_API_KEY is set, else the emailer's default transport."""
-    return make_sendgrid_transport(ctx.settings, ctx.pool) or make_transport(ctx.settings)
-
-
 def concern(ctx: ProcessContext) -> Concern:
     """One carts actor; its handler dispatches on the message kind."""
-    transport = reminder_transport(ctx)
+    transport = make_process_transport(ctx)
     idle_s = ctx.settings.cart_idle_s
 
     async def handle(message: tuple[Any, ...]) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -184,3 +184,46 @@ async def send_order_confirmation(
         except NotFound as exc:
             raise PermanentJobError(str(exc)) from None
     return await deliver(pool, transport, email, "order_confirmation", order_id, correlation_id)
+
+
+# Who gets the daily sales report (the original mailed the team's list).
+REPORT_RECIPIENT = "equipe@shopflow.example"
+
+
+def daily_report_email(report: dict[str, Any]) -> OutgoingEmail:
+    """The daily sales report e-mail, from a stored report (actors.reports.sales.load_report)."""
+    day = str(report["report_date"])
+    top = report.get("top_products") or []
+    lines = [f"  {i}. {p['name']} ({p['sku']}): {p['units']} un., {format_brl(int(p['revenue_cents']))}"
+             for i, p in enumerate(top, start=1)]
+    text = "\n".join([
+        f"Relatório de vendas de {day} ({report['timezone']})",
+        "",
+        f"Pedidos: {report['orders_count']} (concluídos {report['completed_orders']}, "
+        f"falhos {report['failed_orders']}, cancelados {report['cancelled_orders']})",
+        f"Receita: {format_brl(int(report['revenue_cents']))}",
+        f"Ticket médio: {format_brl(int(report['average_basket_cents']))}",
+        "",
+        "Mais vendidos:",
+        *(lines or ["  (nenhuma venda concluída)"]),
+    ])
+    return OutgoingEmail(
+        idempotency_key=f"daily-report:{day}", to=REPORT_RECIPIENT,
+        subject=f"Vendas de {day}", text=text, template="daily_report",
+        template_data={k: v for k, v in report.items() if k != "top_products"} | {"top_products": top},
+    )
+
+
+async def send_daily_report(pool: asyncpg.Pool, transport: EmailTransport, report_date_iso: str) -> DeliveryOutcome:
+    """Mail the stored report of ``report_date_iso`` to the team, once per day."""
+    from actors.reports.sales import load_report  # the reports concern's published reader
+
+    try:
+        day = date.fromisoformat(report_date_iso)
+    except ValueError:
+        raise PermanentJobError(f"not a date: {report_date_iso!r}") from None
+    async with pool.acquire() as conn:
+        report = await load_report(conn, day)
+    if report is None:
+        raise PermanentJobError(f"no sales report stored for {day}")
+    return await deliver(pool, transport, daily_report_email(report), "daily_report")

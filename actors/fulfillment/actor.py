@@ -5,7 +5,10 @@ from __future__ import annotations
 import pykka
 from dramatiq.brokers.redis import RedisBroker
 
+import aiohttp
+
 from actors.fulfillment.adapters import LocalShippingGateway, ShippingGateway
+from actors.shipping.gateway import build_shipping_gateway
 from actors.fulfillment.flow import advance, order_age_s
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
 from actors.orders.state import READY_TO_SHIP
@@ -20,8 +23,18 @@ FULFILLMENT_ACTORS = 4
 
 
 def make_gateway(ctx: ProcessContext) -> ShippingGateway:
-    """The offline gateway; HTTP gateways plug in here when configured."""
-    return LocalShippingGateway()
+    """The carrier and warehouse over HTTP when CARRIER_URL is set, else the offline gateway.
+
+    The HTTP gateway's session lives on the process loop; it is closed with
+    the process (the loop stops after the worker).
+    """
+    if not ctx.settings.carrier_url:
+        return LocalShippingGateway()
+
+    async def open_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
+
+    return build_shipping_gateway(ctx.settings, ctx.run(open_session()))
 
 
 def concern(ctx: ProcessContext) -> Concern:

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import xmlrpc.client
@@ -81,12 +82,12 @@ async def _prepare(settings: Settings) -> None:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Iterator[Tree]:
-    var = tmp_path / "var"
+def tree() -> Iterator[Tree]:
+    var = Path(tempfile.mkdtemp(prefix="shopflow-chaos-"))
     base = Settings.from_env({"SHOPFLOW_VAR_DIR": str(var)})
     settings = replace(
         base, embedded_redis_port=free_port(), embedded_pg_port=free_port(), http_port=free_port(),
-        api_processes=2, email_workers=1, job_backoff_ms=200, broker_heartbeat_timeout_ms=3_000,
+        warehouse_sim_port=free_port(), api_processes=2, email_workers=1, job_backoff_ms=200, broker_heartbeat_timeout_ms=3_000,
         broker_maintenance_chance=200_000, outbox_poll_s=0.2, namespace="chaos",
     )
     paths = embedded.EmbeddedPaths(var)
@@ -101,6 +102,7 @@ def tree(tmp_path: Path) -> Iterator[Tree]:
         stop_supervisord(proc)
         embedded.stop_redis(paths, settings.embedded_redis_port)
         embedded.stop_postgres(paths)
+        embedded.remove_data(paths)
 
 
 class Load:

@@ -46,7 +46,8 @@ async def _facts(settings: Settings) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) -> None:
-    settings = replace(settings, http_port=free_port(), api_processes=2, email_workers=1,
+    settings = replace(settings, http_port=free_port(), warehouse_sim_port=free_port(),
+                       api_processes=2, email_workers=1,
                        job_backoff_ms=200)
     env = {**os.environ, **settings.to_env()}
     done = subprocess.run([SHOPFLOW, "up", "--once", "--limit", str(LIMIT), "--day-s", "0.005",

@@ -1,0 +1,102 @@
+"""The event streams' wire format: keys, ids and entries.
+
+The outbox relay (runtime/outbox.py) XADDs one entry per event with the
+fields ``id`` (outbox id), ``type``, ``payload`` (JSON text),
+``correlation_id`` and ``at`` (ISO UTC). :func:`append_event` writes the
+same shape; tests and the benchmark use it in place of the relay.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+# "<milliseconds>-<sequence>", both unsigned 64-bit at most.
+_STREAM_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+ZERO_ID = "0-0"
+
+StreamId = tuple[int, int]
+
+
+def stream_key(namespace: str, channel: str) -> str:
+    """The Redis key of one channel's stream."""
+    return f"{namespace}:events:{channel}"
+
+
+def parse_id(text: str) -> StreamId | None:
+    """``"123-4"`` as ``(123, 4)`` for comparing; ``None`` if it is not a stream id."""
+    match = _STREAM_ID.match(text)
+    if match is None:
+        return None
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms >= 2**64 or seq >= 2**64:
+        return None
+    return ms, seq
+
+
+def id_text(stream_id: StreamId) -> str:
+    """The inverse of :func:`parse_id`."""
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of a channel's stream, parsed once and shared by every subscriber."""
+
+    channel: str
+    stream_id: StreamId
+    payload: dict[str, Any]
+    # The message every subscriber is sent, serialised once per event, not once per client.
+    wire_text: str
+
+
+def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEvent | None:
+    """The event in a raw entry, or ``None`` for an entry that is not one (logged by the caller)."""
+    stream_id = parse_id(entry_id)
+    if stream_id is None:
+        return None
+    try:
+        payload = json.loads(fields.get("payload", ""))
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    message = {
+        "type": "event",
+        "channel": channel,
+        "id": entry_id,
+        "event_id": fields.get("id"),
+        "event": fields.get("type"),
+        "payload": payload,
+        "correlation_id": fields.get("correlation_id") or None,
+        "at": fields.get("at"),
+    }
+    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")))
+
+
+async def append_event(
+    redis: aioredis.Redis,
+    namespace: str,
+    channel: str,
+    event_type: str,
+    payload: dict[str, Any],
+    event_id: int | str = "",
+    correlation_id: str = "",
+    maxlen: int | None = None,
+) -> str:
+    """XADD one event in the relay's format; returns its stream id."""
+    fields: dict[Any, Any] = {
+        "id": str(event_id),
+        "type": event_type,
+        "payload": json.dumps(payload),
+        "correlation_id": correlation_id,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    entry_id = await redis.xadd(stream_key(namespace, channel), fields, maxlen=maxlen,
+                                approximate=False)
+    return entry_id if isinstance(entry_id, str) else entry_id.decode()

@@ -1,0 +1,214 @@
+"""The gateway against the fake Messages API: retries, timeouts, untrusted answers, limits.
+
+Each case goes through the real SDK over HTTP and then through an agent, so
+the outcome asserted is what a customer would get, not just "no exception".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from actors.agents import recommendation as reco
+from actors.agents.llm import Tool
+from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
+from tests.actors.agents.conftest import Clock, MakeDeps, metric
+from tests.actors.agents.fake_anthropic import (
+    FakeAnthropic,
+    cut_text,
+    cut_tool,
+    hang,
+    prose,
+    status,
+    tool,
+)
+
+pytestmark = pytest.mark.usefixtures("shop")
+
+PING = Tool("submit_ping", "Answer the ping.", {
+    "type": "object", "additionalProperties": False, "required": ["pong"],
+    "properties": {"pong": {"type": "integer", "minimum": 0}},
+})
+
+
+async def test_429_is_retried_after_the_retry_after_delay(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(llm_max_retries=2)
+    fake_llm.push(status(429, "rate_limit_error", {"retry-after": "1"}), tool({"pong": 1}))
+    reply = await deps.llm.ask("support", "sys", "ping", PING)
+    assert reply.data == {"pong": 1}
+    first, second = fake_llm.requests
+    assert second.at_s - first.at_s >= 0.95  # the server asked for 1 s and got it
+    assert metric(deps, "shopflow_agent_calls_total", agent="support", outcome="ok") == 1
+
+
+async def test_529_overloaded_is_retried_then_answered(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(llm_max_retries=2)
+    fake_llm.push(status(529, "overloaded_error", {"retry-after-ms": "50"}), tool({"pong": 2}))
+    assert (await deps.llm.ask("support", "sys", "ping", PING)).data == {"pong": 2}
+    assert len(fake_llm.requests) == 2
+
+
+async def test_529_that_persists_falls_back_and_is_counted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(llm_max_retries=1)
+    fake_llm.default = status(529, "overloaded_error", {"retry-after-ms": "20"})
+    answer = await reco.recommend(deps, 1)
+    assert answer.source == "fallback" and answer.fallback_reason == "api_error"
+    assert answer.items[0].product_id == 2  # the SQL ranking answered
+    assert len(fake_llm.requests) == 2  # one try plus the SDK's one retry
+    assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="api_error") == 1
+    assert metric(deps, "shopflow_agent_fallbacks_total", agent="recommendation", reason="api_error") == 1
+
+
+async def test_a_job_with_attempts_left_raises_instead_of_falling_back(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    deps = make_deps()
+    fake_llm.default = status(529, "overloaded_error")
+    with pytest.raises(LlmUnavailable) as info:
+        await reco.recommend(deps, 1, prefer_retry=True)
+    assert info.value.reason == "api_error"
+    assert await reco.cached_recommendations(deps, 1) is None
+
+
+async def test_hang_past_the_timeout_falls_back(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(llm_timeout_s=0.3)
+    fake_llm.default = hang()
+    answer = await reco.recommend(deps, 1)
+    assert answer.source == "fallback" and answer.fallback_reason == "timeout"
+    assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="timeout") == 1
+    # nothing is charged for a call that never answered
+    assert await deps.limits.budget_used("recommendation", deps.clock()) == 0
+
+
+async def test_tool_call_cut_at_max_tokens_is_not_trusted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps()
+    # the part that arrived is even schema-valid: it must still not be used
+    fake_llm.push(cut_tool({"picks": [{"product_id": 6, "reason": "Because"}]}))
+    answer = await reco.recommend(deps, 1)
+    assert answer.source == "fallback" and answer.fallback_reason == "invalid_output:truncated"
+    assert metric(deps, "shopflow_agent_invalid_outputs_total", agent="recommendation", reason="truncated") == 1
+
+
+async def test_text_cut_at_max_tokens_is_not_trusted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps()
+    fake_llm.push(cut_text('{"picks": [{"product_id": 6, "reason": "Beca'))
+    with pytest.raises(LlmInvalidOutput) as info:
+        await deps.llm.ask("recommendation", "sys", "x", reco.recommendations_tool(5))
+    assert info.value.reason == "truncated"
+
+
+async def test_prose_is_not_trusted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps()
+    fake_llm.push(prose('Sure! {"pong": 3}'))
+    with pytest.raises(LlmInvalidOutput) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "no_tool_call"
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("pong=3", "not_json"),
+    ({"pong": "three"}, "schema"),
+    ({"pong": -1}, "schema"),
+    ({"pong": 3, "extra": True}, "schema"),
+    ({}, "schema"),
+])
+async def test_tool_input_that_is_not_json_or_out_of_schema_is_not_trusted(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic, bad: object, reason: str
+) -> None:
+    deps = make_deps()
+    fake_llm.push(tool(bad))
+    with pytest.raises(LlmInvalidOutput) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == reason
+    assert metric(deps, "shopflow_agent_invalid_outputs_total", agent="support", reason=reason) == 1
+
+
+async def test_budget_running_out_mid_day_falls_back_until_the_shop_day_ends(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic, clock: Clock
+) -> None:
+    deps = make_deps(recommendation_daily_tokens=5_000, llm_max_output_tokens=500)
+    fake_llm.default = tool({"picks": [{"product_id": 7, "reason": "r"}]}, input_tokens=2_000,
+                            output_tokens=300)
+    first = await reco.recommend(deps, 1)  # noon in São Paulo
+    assert first.source == "model"
+    assert await deps.limits.budget_used("recommendation", clock()) == 2_300  # estimate replaced by usage
+    second = await reco.recommend(deps, 2)
+    assert second.source == "model", second
+    # 4,600 used: the next call's estimate (its input plus 500 output tokens) no longer fits
+    third = await reco.recommend(deps, 3)
+    assert third.source == "fallback" and third.fallback_reason == "budget"
+    assert len(fake_llm.requests) == 2
+    assert metric(deps, "shopflow_agent_fallbacks_total", agent="recommendation", reason="budget") == 1
+    clock.now += timedelta(hours=11, minutes=30)  # 02:30 UTC = 23:30 in São Paulo: same shop day
+    assert (await reco.recommend(deps, 3, refresh=True)).fallback_reason == "budget"
+    clock.now += timedelta(hours=1)  # 00:30 in São Paulo: a new day, a new budget
+    assert (await reco.recommend(deps, 3, refresh=True)).source == "model"
+    # other agents have budgets of their own
+    assert await deps.limits.budget_used("support", clock()) == 0
+
+
+async def test_over_the_rate_limit_falls_back_when_set_to(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(support_rpm=2, llm_on_limit="fallback")
+    fake_llm.default = tool({"pong": 1})
+    for _ in range(2):
+        await deps.llm.ask("support", "sys", "ping", PING)
+    with pytest.raises(LlmLimited) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "rate"
+    assert len(fake_llm.requests) == 2
+    # the refused call gave its budget reservation back
+    assert await deps.limits.budget_used("support", deps.clock()) == 2 * 160
+
+
+async def test_over_the_rate_limit_waits_for_the_next_slot(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    # 120 requests per minute: a slot every 0.5 s; the third call waits for it
+    deps = make_deps(support_rpm=120, llm_on_limit="wait", llm_max_wait_s=5.0)
+    fake_llm.default = tool({"pong": 1})
+    await deps.limits.take_rate("support", _limits(deps), 0)  # drain the bucket to one slot...
+    for _ in range(118):
+        await deps.limits.take_rate("support", _limits(deps), 0)
+    await deps.llm.ask("support", "sys", "ping", PING)  # ...the last one
+    await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
+    first, second = fake_llm.requests
+    assert second.at_s - first.at_s >= 0.3
+
+
+async def test_rate_limits_are_shared_by_every_process(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    # two gateways (two worker processes) on one Redis share one limit
+    a, b = make_deps(support_rpm=3, llm_on_limit="fallback"), make_deps(support_rpm=3, llm_on_limit="fallback")
+    fake_llm.default = tool({"pong": 1})
+    results = []
+    for gateway in (a.llm, b.llm, a.llm, b.llm):
+        try:
+            await gateway.ask("support", "sys", "ping", PING)
+            results.append("ok")
+        except LlmLimited:
+            results.append("limited")
+    assert results == ["ok", "ok", "ok", "limited"]
+
+
+async def test_repeated_failures_open_the_circuit(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(llm_circuit_failures=2)
+    fake_llm.default = status(500, "api_error")
+    for _ in range(2):
+        with pytest.raises(LlmUnavailable):
+            await deps.llm.ask("support", "sys", "ping", PING)
+    with pytest.raises(LlmUnavailable) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "circuit_open"
+    assert len(fake_llm.requests) == 2
+
+
+async def test_without_a_key_nothing_is_sent(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+    deps = make_deps(anthropic_api_key=None)
+    with pytest.raises(LlmUnavailable) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "no_api_key" and not fake_llm.requests
+
+
+def _limits(deps):  # type: ignore[no-untyped-def]
+    from actors.agents.llm import agent_limits
+
+    return agent_limits(deps.settings, "support")

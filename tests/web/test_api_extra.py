@@ -1,0 +1,166 @@
+"""The extra HTTP API against a real server, real PostgreSQL and real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from runtime.settings import Settings
+from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
+from web import seams
+from web.auth import TokenSigner
+
+
+@pytest.fixture
+async def api(web_settings: Settings, signer: TokenSigner,
+              start_server: ServerFactory) -> TestServer:
+    await seed(web_settings)
+    return await start_server(build_full_app(web_settings, signer))
+
+
+class Caller:
+    """An HTTP client holding one token."""
+
+    def __init__(self, http: aiohttp.ClientSession, server: TestServer, token: str | None):
+        self.http, self.server, self.token = http, server, token
+
+    async def __call__(self, method: str, path: str, json: Any = None,
+                       **kwargs: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with self.http.request(method, self.server.make_url(path), json=json,
+                                     headers=headers, **kwargs) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else None
+            return resp.status, body
+
+
+@pytest.fixture
+def ana(http: aiohttp.ClientSession, api: TestServer, signer: TokenSigner) -> Caller:
+    return Caller(http, api, signer.issue("customer", 1, 60))
+
+
+@pytest.fixture
+def bruno(http: aiohttp.ClientSession, api: TestServer, signer: TokenSigner) -> Caller:
+    return Caller(http, api, signer.issue("customer", 2, 60))
+
+
+@pytest.fixture
+def staff(http: aiohttp.ClientSession, api: TestServer, signer: TokenSigner) -> Caller:
+    return Caller(http, api, signer.issue("staff", None, 60))
+
+
+async def test_no_token_is_401_with_json(http: aiohttp.ClientSession, api: TestServer) -> None:
+    status, body = await Caller(http, api, None)("GET", "/api/v1/carts")
+    assert status == 401 and body["error"]["code"] == "unauthenticated"
+    status, body = await Caller(http, api, "sf1.forged.sig")("GET", "/api/v1/me")
+    assert status == 401
+
+
+async def test_cart_lifecycle_and_ownership(ana: Caller, bruno: Caller, staff: Caller) -> None:
+    status, cart = await ana("POST", "/api/v1/carts", json={})
+    assert status == 201 and cart["customer_id"] == 1 and cart["items"] == []
+    cart_path = f"/api/v1/carts/{cart['id']}"
+    status, cart = await ana("PUT", f"{cart_path}/items/1", json={"quantity": 2})
+    assert status == 200 and cart["total_cents"] == 2 * 1990
+    status, cart = await ana("PUT", f"{cart_path}/items/2", json={"quantity": 1})
+    assert [i["product_id"] for i in cart["items"]] == [1, 2]
+    status, cart = await ana("DELETE", f"{cart_path}/items/1")
+    assert cart["total_cents"] == 2500
+
+    assert (await bruno("GET", cart_path))[0] == 404  # not yours: not found
+    assert (await bruno("PUT", f"{cart_path}/items/1", json={"quantity": 1}))[0] == 404
+    assert (await staff("GET", cart_path))[0] == 200
+    status, listed = await ana("GET", "/api/v1/carts")
+    assert [c["id"] for c in listed["carts"]] == [cart["id"]]
+    assert (await bruno("GET", "/api/v1/carts"))[1]["carts"] == []
+    assert (await bruno("GET", "/api/v1/carts?customer_id=1"))[0] == 403
+
+    assert (await ana("DELETE", cart_path))[0] == 204
+    status, body = await ana("PUT", f"{cart_path}/items/3", json={"quantity": 1})
+    assert status == 409 and body["error"]["code"] == "conflict"
+
+
+async def test_cart_input_is_validated(ana: Caller, staff: Caller) -> None:
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    items = f"/api/v1/carts/{cart['id']}/items"
+    for body in ({"quantity": 0}, {"quantity": "2"}, {"quantity": True}, {}, [1]):
+        status, _ = await ana("PUT", f"{items}/1", json=body)
+        assert status == 422, body
+    assert (await ana("PUT", f"{items}/999", json={"quantity": 1}))[0] == 404
+    assert (await ana("GET", "/api/v1/carts/99999999999999999999"))[0] == 404
+    status, body = await staff("POST", "/api/v1/carts", json={})
+    assert status == 422 and body["error"]["field"] == "customer_id"
+    assert (await staff("POST", "/api/v1/carts", json={"customer_id": 424242}))[0] == 422
+
+
+async def test_review_submission_starts_moderation(ana: Caller, bruno: Caller,
+                                                   staff: Caller, api: TestServer) -> None:
+    status, answer = await ana("POST", "/api/v1/reviews",
+                               json={"product_id": 1, "rating": 5, "body": "Great record"})
+    assert status == 202 and answer["moderation"] == "requested"
+    review = answer["review"]
+    assert review["status"] == "pending" and review["customer_id"] == 1
+    assert api.app[seams.REVIEW_MODERATION].requested == [review["id"]]  # type: ignore[attr-defined]
+    assert (await bruno("GET", f"/api/v1/reviews/{review['id']}"))[0] == 404
+    assert (await staff("GET", f"/api/v1/reviews/{review['id']}"))[0] == 200
+    _, listed = await ana("GET", "/api/v1/products/1/reviews")
+    assert listed["reviews"] == []  # not approved yet
+    assert (await ana("GET", "/api/v1/products/1/reviews?status=pending"))[0] == 403
+    _, listed = await staff("GET", "/api/v1/products/1/reviews?status=pending")
+    assert [r["id"] for r in listed["reviews"]] == [review["id"]]
+    for bad in ({"product_id": 1, "rating": 6, "body": "x"},
+                {"product_id": 1, "rating": 3, "body": "nul\u0000byte"},
+                {"product_id": 77, "rating": 3, "body": "no such product"}):
+        assert (await ana("POST", "/api/v1/reviews", json=bad))[0] == 422, bad
+    assert (await staff("POST", "/api/v1/reviews",
+                        json={"product_id": 1, "rating": 3, "body": "x"}))[0] == 403
+
+
+async def test_staff_endpoints_need_staff(ana: Caller, staff: Caller, api: TestServer) -> None:
+    for path in ("/api/v1/queues", "/api/v1/jobs", "/api/v1/schedules",
+                 "/api/v1/supervision", "/api/v1/stock-sync"):
+        status, body = await ana("GET", path)
+        assert status == 403 and body["error"]["code"] == "forbidden", path
+        assert (await staff("GET", path))[0] == 200, path
+    _, sync = await staff("GET", "/api/v1/stock-sync")
+    assert sync["products"] == 3 and sync["linked"] == 2 and sync["never_synced"] == 2
+    _, jobs = await staff("GET", "/api/v1/jobs?state=failed")
+    assert {j["id"] for j in jobs["jobs"]} == {"job-1", "job-2"}
+    assert (await staff("POST", "/api/v1/jobs/job-1/retry"))[0] == 202
+    assert (await staff("POST", "/api/v1/jobs/job-1/retry"))[0] == 404
+    assert (await staff("DELETE", "/api/v1/jobs/job-2"))[0] == 204
+    assert api.app[seams.JOBS_ADMIN].retried == ["job-1"]  # type: ignore[attr-defined]
+
+
+async def test_recommendations_and_support_are_per_customer(ana: Caller, staff: Caller) -> None:
+    assert (await ana("GET", "/api/v1/customers/1/recommendations"))[0] == 200
+    assert (await ana("GET", "/api/v1/customers/2/recommendations"))[0] == 404
+    assert (await staff("GET", "/api/v1/customers/2/recommendations"))[0] == 200
+    status, answer = await ana("POST", "/api/v1/support/questions",
+                               json={"question": "Where is my order?"})
+    assert status == 201 and "offline" in answer["source"]
+    assert (await ana("POST", "/api/v1/support/questions",
+                      json={"question": "x", "customer_id": 2}))[0] == 403
+
+
+async def test_unwired_seams_answer_503(web_settings: Settings, signer: TokenSigner,
+                                        start_server: ServerFactory,
+                                        http: aiohttp.ClientSession) -> None:
+    server = await start_server(build_full_app(web_settings, signer, with_stubs=False))
+    staff = Caller(http, server, signer.issue("staff", None, 60))
+    status, body = await staff("GET", "/api/v1/queues")
+    assert status == 503 and "jobs admin" in body["error"]["message"]
+
+
+async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
+                                                     publish: Publisher) -> None:
+    await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+    await publish("order-status-changed", {"order_id": 6, "customer_id": 2})
+    _, mine = await ana("GET", "/api/v1/events/order-status-changed")
+    assert [e["payload"]["order_id"] for e in mine["events"]] == [5]
+    _, everything = await staff("GET", "/api/v1/events/order-status-changed?limit=10")
+    assert [e["payload"]["order_id"] for e in everything["events"]] == [6, 5]
+    assert (await ana("GET", "/api/v1/events/jobs"))[1]["events"] == []
+    assert (await ana("GET", "/api/v1/events/nope"))[0] == 404

@@ -1,0 +1,102 @@
+"""The dashboard in real headless Chromium (Debian's package driven by Playwright).
+
+Skipped cleanly when Chromium or Playwright is absent; `apt-get install -y chromium`
+and the test extras (`pip install -e '.[test]'`) bring both (docs/web.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from runtime.settings import Settings
+from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
+from web import seams
+from web.auth import TokenSigner
+
+CHROMIUM = os.environ.get("SHOPFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+playwright_api = pytest.importorskip("playwright.async_api")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed"),
+]
+WAIT_MS = 10_000
+
+
+@pytest.fixture
+async def dashboard(web_settings: Settings, signer: TokenSigner,
+                    start_server: ServerFactory) -> TestServer:
+    await seed(web_settings)
+    return await start_server(build_full_app(web_settings, signer))
+
+
+async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSigner,
+                                          publish: Publisher, tmp_path: Path) -> None:
+    base = str(dashboard.make_url("/"))
+    problems: list[str] = []
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            await page.goto(base)
+            await page.fill("#token", signer.issue("staff", None, 3600))
+            await page.click("#login button[type=submit]")
+            await page.wait_for_function(
+                "document.querySelector('#live').textContent === 'live'", timeout=WAIT_MS)
+            await page.wait_for_selector("tr[data-queue=emails]", timeout=WAIT_MS)
+            assert await page.text_content("tr[data-queue=emails] td:nth-child(2)") == "3"
+
+            # Live counts move when events arrive over the WebSocket.
+            await publish("queues", {"queue": "emails", "pending": 7, "failed": 2, "dead": 0,
+                                     "delayed": 0, "processed_per_min": 30.5})
+            await page.wait_for_function(
+                "document.querySelector('tr[data-queue=emails] td:nth-child(2)')"
+                ".textContent === '7'", timeout=WAIT_MS)
+            for n in range(3):
+                await publish("order-status-changed", {"order_id": 100 + n, "customer_id": 1,
+                                                       "from_status": "pending",
+                                                       "to_status": "reserved"})
+            await page.wait_for_function(
+                "document.querySelector('#order-count').textContent === '3'", timeout=WAIT_MS)
+            await publish("alerts", {"severity": "critical", "message": "emails queue stuck"})
+            await page.wait_for_selector("#alerts li:has-text('emails queue stuck')",
+                                         timeout=WAIT_MS)
+
+            # The retry button calls the jobs endpoint.
+            admin = dashboard.app[seams.JOBS_ADMIN]
+            await page.click("tr[data-job=job-1] button.retry")
+            await asyncio.wait_for(admin.retried_event.wait(), WAIT_MS / 1000)  # type: ignore[attr-defined]
+            assert admin.retried == ["job-1"]  # type: ignore[attr-defined]
+            await page.wait_for_selector("tr[data-job=job-1]", state="detached",
+                                         timeout=WAIT_MS)
+
+            shot = tmp_path / "dashboard-laptop.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+
+            # The token survives a reload; the page fits a phone.
+            await page.set_viewport_size({"width": 390, "height": 844})
+            await page.reload()
+            await page.wait_for_function(
+                "document.querySelector('#live').textContent === 'live'", timeout=WAIT_MS)
+            width = await page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"horizontal scroll on a phone: {width}px"
+            phone = tmp_path / "dashboard-phone.png"
+            await page.screenshot(path=str(phone), full_page=True)
+            assert phone.stat().st_size > 5_000
+            target = os.environ.get("SHOPFLOW_SCREENSHOT_DIR")
+            if target:
+                shutil.copy(shot, Path(target) / shot.name)
+                shutil.copy(phone, Path(target) / phone.name)
+        finally:
+            await browser.close()
+    assert problems == []

@@ -1,0 +1,209 @@
+"""The WebSocket notifier against a real server, real Redis and real clients."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from runtime.settings import Settings
+from tests.web.conftest import (
+    Publisher,
+    ServerFactory,
+    build_app,
+    close_code,
+    next_json,
+    next_of,
+    subscribe,
+)
+from web.auth import TokenSigner
+
+
+def ws_url(server: TestServer, token: str | None = None) -> str:
+    base = str(server.make_url("/ws"))
+    return base if token is None else f"{base}?token={token}"
+
+
+async def test_connect_without_token_is_closed_4401(realtime_server: TestServer,
+                                                    http: aiohttp.ClientSession) -> None:
+    async with http.ws_connect(ws_url(realtime_server)) as ws:
+        assert await close_code(ws) == 4401
+
+
+async def test_forged_and_expired_tokens_are_closed_4401(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner) -> None:
+    forged = TokenSigner(b"another-secret-entirely-0123456789").issue("staff", None, 60)
+    expired = TokenSigner(signer._secret, clock=lambda: 1_000.0).issue("staff", None, 60)
+    for token in (forged, expired, "garbage", "sf1.x.y"):
+        async with http.ws_connect(ws_url(realtime_server, token)) as ws:
+            assert await close_code(ws) == 4401
+
+
+async def test_welcome_lists_the_channels_the_role_may_use(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner) -> None:
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 7, 60))) as ws:
+        welcome = await next_json(ws)
+        assert welcome["type"] == "welcome"
+        assert welcome["customer_id"] == 7
+        assert welcome["channels"] == ["order-status-changed", "stock-updated"]
+
+
+async def test_customer_sees_only_own_orders_staff_sees_all(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    url_alice = ws_url(realtime_server, signer.issue("customer", 1, 60))
+    url_staff = ws_url(realtime_server, signer.issue("staff", None, 60))
+    async with http.ws_connect(url_alice) as alice, http.ws_connect(url_staff) as staff:
+        await subscribe(alice, "order-status-changed")
+        await subscribe(staff, "order-status-changed")
+        for order_id, customer_id in ((10, 2), (11, 1), (12, 2), (13, 1)):
+            await publish("order-status-changed", {"order_id": order_id,
+                                                   "customer_id": customer_id,
+                                                   "to_status": "paid"})
+        seen_alice = [(await next_of(alice, "event"))["payload"]["order_id"] for _ in range(2)]
+        seen_staff = [(await next_of(staff, "event"))["payload"]["order_id"] for _ in range(4)]
+        assert seen_alice == [11, 13]
+        assert seen_staff == [10, 11, 12, 13]
+        await alice.send_json({"type": "ping", "ref": "p1"})
+        assert await next_json(alice) == {"type": "pong", "ref": "p1"}  # nothing else queued
+
+
+async def test_customer_subscribing_to_a_staff_channel_is_closed_4403(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner) -> None:
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        await next_of(ws, "welcome")
+        await ws.send_json({"type": "subscribe", "channel": "jobs"})
+        assert await close_code(ws) == 4403
+
+
+async def test_stock_filter_by_product(realtime_server: TestServer,
+                                       http: aiohttp.ClientSession, signer: TokenSigner,
+                                       publish: Publisher) -> None:
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        await subscribe(ws, "stock-updated", keys=[2, 3])
+        for product_id in (1, 2, 4, 3):
+            await publish("stock-updated", {"product_id": product_id, "quantity": 5})
+        got = [(await next_of(ws, "event"))["payload"]["product_id"] for _ in range(2)]
+        assert got == [2, 3]
+
+
+async def test_reconnect_with_since_gets_exactly_what_was_missed(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    url = ws_url(realtime_server, signer.issue("customer", 1, 60))
+    async with http.ws_connect(url) as ws:
+        await subscribe(ws, "stock-updated")
+        await publish("stock-updated", {"product_id": 1, "n": 0})
+        last_seen = (await next_of(ws, "event"))["id"]
+    for n in range(1, 6):
+        await publish("stock-updated", {"product_id": 1, "n": n})
+    async with http.ws_connect(url) as ws:
+        await subscribe(ws, "stock-updated", since=last_seen)
+        replayed = [(await next_of(ws, "event"))["payload"]["n"] for _ in range(5)]
+        await publish("stock-updated", {"product_id": 1, "n": 6})
+        live = (await next_of(ws, "event"))["payload"]["n"]
+        assert replayed + [live] == [1, 2, 3, 4, 5, 6]
+        await ws.send_json({"type": "ping"})
+        assert (await next_json(ws))["type"] == "pong"  # no duplicates queued
+
+
+async def test_since_past_retention_gets_resync(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    first = await publish("stock-updated", {"product_id": 1}, maxlen=3)
+    for _ in range(5):
+        last = await publish("stock-updated", {"product_id": 1}, maxlen=3)
+    url = ws_url(realtime_server, signer.issue("staff", None, 60))
+    async with http.ws_connect(url) as ws:
+        await ws.send_json({"type": "subscribe", "channel": "stock-updated", "since": first})
+        resync = await next_of(ws, "resync")
+        assert resync["reason"] == "retention"
+        assert resync["last_id"] == last
+        await next_of(ws, "subscribed")
+        await publish("stock-updated", {"product_id": 9})
+        assert (await next_of(ws, "event"))["payload"]["product_id"] == 9
+
+
+async def test_two_api_processes_each_client_gets_each_event_once_in_order(
+        web_settings: Settings, signer: TokenSigner, start_server: ServerFactory,
+        http: aiohttp.ClientSession, publish: Publisher) -> None:
+    server_a = await start_server(build_app(web_settings, signer))
+    server_b = await start_server(build_app(web_settings, signer))
+    token = signer.issue("staff", None, 60)
+    async with http.ws_connect(ws_url(server_a, token)) as on_a, \
+            http.ws_connect(ws_url(server_b, token)) as on_b:
+        await subscribe(on_a, "order-status-changed")
+        await subscribe(on_b, "order-status-changed")
+        for n in range(20):
+            await publish("order-status-changed", {"order_id": n, "customer_id": 1})
+        for ws in (on_a, on_b):
+            got = [(await next_of(ws, "event"))["payload"]["order_id"] for _ in range(20)]
+            assert got == list(range(20))
+        # A client of A moves to B mid-stream and resumes from the last id it saw.
+        last_on_a = None
+        await publish("order-status-changed", {"order_id": 20, "customer_id": 1})
+        last_on_a = (await next_of(on_a, "event"))["id"]
+    await publish("order-status-changed", {"order_id": 21, "customer_id": 1})
+    async with http.ws_connect(ws_url(server_b, token)) as moved:
+        await subscribe(moved, "order-status-changed", since=last_on_a)
+        assert (await next_of(moved, "event"))["payload"]["order_id"] == 21
+
+
+async def test_bad_input_gets_errors_and_never_hurts_others(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    token = signer.issue("staff", None, 60)
+    async with http.ws_connect(ws_url(realtime_server, token)) as good:
+        await subscribe(good, "stock-updated")
+        async with http.ws_connect(ws_url(realtime_server, token)) as bad:
+            await next_of(bad, "welcome")
+            cases = [
+                ("not json", "bad_json"),
+                ("[1, 2]", "bad_message"),
+                ('{"type": "dance"}', "bad_message"),
+                ('{"type": "subscribe", "channel": 5}', "bad_message"),
+                ('{"type": "subscribe", "channel": "gossip"}', "unknown_channel"),
+                ('{"type": "subscribe", "channel": "jobs", "since": "yesterday"}', "bad_since"),
+                ('{"type": "subscribe", "channel": "stock-updated", "keys": "all"}',
+                 "bad_message"),
+                ('{"type": "subscribe", "channel": "jobs", "keys": [1]}', "bad_message"),
+            ]
+            for frame, code in cases:
+                await bad.send_str(frame)
+                error = await next_of(bad, "error")
+                assert error["code"] == code, frame
+        for frame_kind, expected in (("binary", 1003), ("huge", 1009), ("utf8", 1007)):
+            async with http.ws_connect(ws_url(realtime_server, token)) as bad:
+                await next_of(bad, "welcome")
+                if frame_kind == "binary":
+                    await bad.send_bytes(b"\x00\x01")
+                elif frame_kind == "huge":
+                    await bad.send_str("x" * (realtime_server.app[
+                        __import__("web.realtime").realtime.WS_SETTINGS_KEY
+                    ].ws_max_frame_bytes + 1))
+                else:
+                    await bad.send_frame(b'{"type": "\xff\xfe"}', aiohttp.WSMsgType.TEXT)
+                assert await close_code(bad) == expected, frame_kind
+        await publish("stock-updated", {"product_id": 5})
+        assert (await next_of(good, "event"))["payload"]["product_id"] == 5
+
+
+async def test_garbage_flood_is_closed_4400(realtime_server: TestServer,
+                                            http: aiohttp.ClientSession,
+                                            signer: TokenSigner) -> None:
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("staff", None, 60))) as ws:
+        for _ in range(10):
+            await ws.send_str("{")
+        assert await close_code(ws) == 4400
+
+
+async def test_token_expiring_mid_connection_is_closed_4401(
+        web_settings: Settings, start_server: ServerFactory, http: aiohttp.ClientSession,
+        publish: Publisher) -> None:
+    now = [10_000.0]
+    signer = TokenSigner(web_settings.token_secret.encode(), clock=lambda: now[0])  # type: ignore[union-attr]
+    server = await start_server(build_app(web_settings, signer))
+    async with http.ws_connect(ws_url(server, signer.issue("staff", None, 30))) as ws:
+        await subscribe(ws, "stock-updated")
+        now[0] += 31
+        await publish("stock-updated", {"product_id": 1})
+        assert await close_code(ws) == 4401

@@ -1,0 +1,58 @@
+"""Ready-made implementations of the :mod:`web.seams` Protocols for concerns already on main.
+
+``create_app`` plugs them in (see docs/web.md, "Wiring"); each one is a thin
+translation from a concern's own function to the JSON the API documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import dramatiq
+import redis.asyncio as aioredis
+
+from actors.agents.messages import MODERATE_REVIEW
+from actors.housekeeping.schedules import shop_schedules
+from runtime.scheduling.overview import schedules_overview
+from runtime.settings import Settings
+
+JsonDict = dict[str, Any]
+
+
+class ScheduleOverview:
+    """:class:`web.seams.ScheduleView` over the scheduler's store in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+
+    async def schedules(self) -> list[JsonDict]:
+        """Built-in and repeatable schedules, each with ``next_run_at`` and ``last_run_at``."""
+        views = await schedules_overview(
+            self._redis, self._settings.namespace, shop_schedules(self._settings),
+            datetime.now(UTC), self._settings.timezone)
+        return [_schedule_json(view) for view in views]
+
+
+def _schedule_json(view: JsonDict) -> JsonDict:
+    next_runs = view.get("next_runs") or []
+    last = view.get("last_run") or {}
+    return {
+        **view,
+        "cron": view.get("describe", ""),
+        "next_run_at": next_runs[0]["utc"] if next_runs else None,
+        "last_run_at": last.get("started_at"),
+    }
+
+
+class BrokerModeration:
+    """:class:`web.seams.ReviewModeration` that sends the agents' MODERATE_REVIEW message."""
+
+    def __init__(self, broker: dramatiq.Broker) -> None:
+        self._broker = broker
+
+    async def request_moderation(self, review_id: int) -> None:
+        """Enqueue the moderation (Dramatiq's enqueue blocks on Redis: run it off the loop)."""
+        await asyncio.to_thread(MODERATE_REVIEW.send, self._broker, review_id)

@@ -1,0 +1,465 @@
+"""The versioned JSON API beyond orders: carts, reviews, support, recommendations,
+jobs and queues, schedules, the supervision tree, stock sync, recent events.
+
+Carts, reviews, support history, stock sync status and recent events are
+plain SQL/Redis reads and writes here. Everything another concern owns goes
+through the Protocols in :mod:`web.seams`. Customer endpoints see only the
+caller's own data (someone else's cart is "not found", not "forbidden", so ids
+leak nothing); staff endpoints need a staff token. ``web/openapi.py``
+documents every route, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from actors.notifier.channels import CHANNELS, may_receive
+from actors.notifier.streams import stream_key
+from runtime import db
+from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.settings import Settings
+from web import seams
+from web.auth import Principal, authenticate, ensure_signer, require_staff
+from web.httpkit import (
+    int_value,
+    json_errors,
+    ok,
+    path_id,
+    query_choice,
+    query_int,
+    read_json,
+    text_value,
+)
+
+PREFIX = "/api/v1"
+POOL_KEY = web.AppKey("api_pool", asyncpg.Pool)
+REDIS_KEY = web.AppKey("api_redis", aioredis.Redis)
+# Bounds on client input.
+MAX_CART_QUANTITY = 1_000
+MAX_REVIEW_CHARS = 5_000
+MAX_QUESTION_CHARS = 2_000
+MAX_LIST_LIMIT = 100
+JOB_STATES = ("failed", "dead", "pending", "delayed", "succeeded")
+REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
+# The api's own pool, when create_app did not hand one over (small: requests are short).
+OWN_POOL_MAX = 5
+
+T = TypeVar("T")
+
+
+def _seam(request: web.Request, key: web.AppKey[T], what: str) -> T:
+    value = request.app.get(key)
+    if value is None:
+        raise NotAvailable(f"{what} is not wired into this api process")
+    return value
+
+
+def _pool(request: web.Request) -> asyncpg.Pool:
+    return request.app[POOL_KEY]
+
+
+def _customer_scope(principal: Principal, requested: Any) -> int:
+    """The customer a request acts for: customers act for themselves, staff must say who."""
+    if principal.is_staff:
+        if requested is None:
+            raise ValidationError("staff must give customer_id", field="customer_id")
+        return int_value(requested, "customer_id")
+    if requested is not None and requested != principal.customer_id:
+        raise Forbidden("customers act only for themselves")
+    assert principal.customer_id is not None
+    return principal.customer_id
+
+
+# --- me ---------------------------------------------------------------------------------
+
+
+async def get_me(request: web.Request) -> web.Response:
+    """Who the token says the caller is (the dashboard checks its token with this)."""
+    principal = authenticate(request)
+    return ok({"role": principal.role, "customer_id": principal.customer_id,
+               "expires_at": principal.expires_at_s})
+
+
+# --- carts ------------------------------------------------------------------------------
+
+_CART_SQL = "SELECT id, customer_id, status, created_at, updated_at FROM carts WHERE id = $1"
+_ITEMS_SQL = """
+    SELECT ci.product_id, p.name, ci.quantity, p.price_cents AS unit_price_cents,
+           ci.quantity * p.price_cents AS line_total_cents
+      FROM cart_items ci JOIN products p ON p.id = ci.product_id
+     WHERE ci.cart_id = $1 ORDER BY ci.product_id"""
+
+
+async def _load_cart(conn: asyncpg.Connection, principal: Principal, cart_id: int,
+                     lock: bool = False) -> asyncpg.Record:
+    row = await conn.fetchrow(_CART_SQL + (" FOR UPDATE" if lock else ""), cart_id)
+    if row is None or not principal.may_see_customer(row["customer_id"]):
+        raise NotFound(f"no cart {cart_id}")
+    return row
+
+
+async def _cart_json(conn: asyncpg.Connection, cart: asyncpg.Record) -> dict[str, Any]:
+    items = [dict(r) for r in await conn.fetch(_ITEMS_SQL, cart["id"])]
+    return {**dict(cart), "items": items,
+            "total_cents": sum(i["line_total_cents"] for i in items)}
+
+
+async def create_cart(request: web.Request) -> web.Response:
+    """Open a cart for the caller (staff: for the customer named in the body)."""
+    principal = authenticate(request)
+    body = await read_json(request)
+    customer_id = _customer_scope(principal, body.get("customer_id"))
+    async with _pool(request).acquire() as conn:
+        cart = await conn.fetchrow(
+            "INSERT INTO carts (customer_id) VALUES ($1) "
+            "RETURNING id, customer_id, status, created_at, updated_at", customer_id)
+        return ok(await _cart_json(conn, cart), status=201)
+
+
+async def list_carts(request: web.Request) -> web.Response:
+    """The caller's carts, newest first (staff: any customer's, via ?customer_id=)."""
+    principal = authenticate(request)
+    raw = request.query.get("customer_id")
+    requested = query_int(request, "customer_id", 0, 1, 2**63 - 1) if raw is not None else None
+    customer_id = _customer_scope(principal, requested)
+    limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
+    async with _pool(request).acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT id, customer_id, status, created_at, updated_at FROM carts "
+            "WHERE customer_id = $1 ORDER BY id DESC LIMIT $2", customer_id, limit)
+        return ok({"carts": [await _cart_json(conn, r) for r in rows]})
+
+
+async def get_cart(request: web.Request) -> web.Response:
+    """One cart with its items and total."""
+    principal = authenticate(request)
+    cart_id = path_id(request, "cart_id")
+    async with _pool(request).acquire() as conn:
+        return ok(await _cart_json(conn, await _load_cart(conn, principal, cart_id)))
+
+
+async def put_cart_item(request: web.Request) -> web.Response:
+    """Set a product's quantity in an open cart (adds it if absent)."""
+    principal = authenticate(request)
+    cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
+    body = await read_json(request)
+    quantity = int_value(body.get("quantity"), "quantity", 1, MAX_CART_QUANTITY)
+    async with _pool(request).acquire() as conn, conn.transaction():
+        cart = await _open_cart(conn, principal, cart_id)
+        if await conn.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
+            raise NotFound(f"no product {product_id}")
+        await conn.execute(
+            "INSERT INTO cart_items (cart_id, product_id, quantity) VALUES ($1, $2, $3) "
+            "ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+            cart_id, product_id, quantity)
+        cart = await _touch(conn, cart_id)
+        return ok(await _cart_json(conn, cart))
+
+
+async def delete_cart_item(request: web.Request) -> web.Response:
+    """Remove a product from an open cart (removing an absent one is a no-op)."""
+    principal = authenticate(request)
+    cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
+    async with _pool(request).acquire() as conn, conn.transaction():
+        await _open_cart(conn, principal, cart_id)
+        await conn.execute("DELETE FROM cart_items WHERE cart_id = $1 AND product_id = $2",
+                           cart_id, product_id)
+        return ok(await _cart_json(conn, await _touch(conn, cart_id)))
+
+
+async def abandon_cart(request: web.Request) -> web.Response:
+    """Abandon an open cart (idempotent); a checked-out cart cannot be abandoned."""
+    principal = authenticate(request)
+    cart_id = path_id(request, "cart_id")
+    async with _pool(request).acquire() as conn, conn.transaction():
+        cart = await _load_cart(conn, principal, cart_id, lock=True)
+        if cart["status"] == "checked_out":
+            raise Conflict(f"cart {cart_id} is checked out")
+        await conn.execute("UPDATE carts SET status = 'abandoned', updated_at = now() "
+                           "WHERE id = $1", cart_id)
+    return web.Response(status=204)
+
+
+async def _open_cart(conn: asyncpg.Connection, principal: Principal,
+                     cart_id: int) -> asyncpg.Record:
+    cart = await _load_cart(conn, principal, cart_id, lock=True)
+    if cart["status"] != "open":
+        raise Conflict(f"cart {cart_id} is {cart['status']}")
+    return cart
+
+
+async def _touch(conn: asyncpg.Connection, cart_id: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "UPDATE carts SET updated_at = now() WHERE id = $1 "
+        "RETURNING id, customer_id, status, created_at, updated_at", cart_id)
+
+
+# --- reviews ----------------------------------------------------------------------------
+
+_REVIEW_COLUMNS = ("id, customer_id, product_id, rating, body, status, moderation, "
+                   "created_at, moderated_at")
+
+
+async def submit_review(request: web.Request) -> web.Response:
+    """A customer reviews a product; the review waits for moderation (202)."""
+    principal = authenticate(request)
+    if principal.is_staff:
+        raise Forbidden("reviews are written by customers")
+    body = await read_json(request)
+    product_id = int_value(body.get("product_id"), "product_id")
+    rating = int_value(body.get("rating"), "rating", 1, 5)
+    text = text_value(body.get("body"), "body", MAX_REVIEW_CHARS)
+    async with _pool(request).acquire() as conn:
+        if await conn.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
+            raise ValidationError(f"no product {product_id}", field="product_id")
+        row = await conn.fetchrow(
+            f"INSERT INTO reviews (customer_id, product_id, rating, body) "
+            f"VALUES ($1, $2, $3, $4) RETURNING {_REVIEW_COLUMNS}",
+            principal.customer_id, product_id, rating, text)
+    moderation = request.app.get(seams.REVIEW_MODERATION)
+    requested = "unavailable"
+    if moderation is not None:
+        await moderation.request_moderation(row["id"])
+        requested = "requested"
+    return ok({"review": dict(row), "moderation": requested}, status=202)
+
+
+async def get_review(request: web.Request) -> web.Response:
+    """One review: its author or staff."""
+    principal = authenticate(request)
+    review_id = path_id(request, "review_id")
+    row = await _pool(request).fetchrow(
+        f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE id = $1", review_id)
+    if row is None or not principal.may_see_customer(row["customer_id"]):
+        raise NotFound(f"no review {review_id}")
+    return ok(dict(row))
+
+
+async def list_product_reviews(request: web.Request) -> web.Response:
+    """A product's approved reviews; staff may list any status with ?status=."""
+    principal = authenticate(request)
+    product_id = path_id(request, "product_id")
+    status = query_choice(request, "status", REVIEW_STATUSES, "approved")
+    if status != "approved" and not principal.is_staff:
+        raise Forbidden("only staff see reviews that are not approved")
+    limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
+    rows = await _pool(request).fetch(
+        f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE product_id = $1 AND status = $2 "
+        "ORDER BY id DESC LIMIT $3", product_id, status, limit)
+    return ok({"reviews": [dict(r) for r in rows]})
+
+
+# --- support and recommendations --------------------------------------------------------
+
+
+async def ask_support(request: web.Request) -> web.Response:
+    """A customer asks a question; the support agent answers (and stores it)."""
+    principal = authenticate(request)
+    body = await read_json(request)
+    customer_id = _customer_scope(principal, body.get("customer_id"))
+    question = text_value(body.get("question"), "question", MAX_QUESTION_CHARS)
+    desk = _seam(request, seams.SUPPORT_DESK, "the support agent")
+    return ok(await desk.ask(customer_id, question), status=201)
+
+
+async def list_support(request: web.Request) -> web.Response:
+    """The caller's past questions and answers, newest first."""
+    principal = authenticate(request)
+    raw = request.query.get("customer_id")
+    requested = query_int(request, "customer_id", 0, 1, 2**63 - 1) if raw is not None else None
+    customer_id = _customer_scope(principal, requested)
+    limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
+    rows = await _pool(request).fetch(
+        "SELECT id, customer_id, question, answer, source, created_at FROM support_interactions "
+        "WHERE customer_id = $1 ORDER BY id DESC LIMIT $2", customer_id, limit)
+    return ok({"questions": [dict(r) for r in rows]})
+
+
+async def get_recommendations(request: web.Request) -> web.Response:
+    """Recommendations for a customer: the customer themself or staff."""
+    principal = authenticate(request)
+    customer_id = path_id(request, "customer_id")
+    if not principal.may_see_customer(customer_id):
+        raise NotFound(f"no customer {customer_id}")
+    limit = query_int(request, "limit", 5, 1, 50)
+    recommender = _seam(request, seams.RECOMMENDER, "the recommendation agent")
+    return ok(await recommender.recommend(customer_id, limit))
+
+
+# --- staff: jobs, queues, schedules, supervision, stock sync, events ---------------------
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    """Every queue with its counts and throughput."""
+    require_staff(request)
+    admin = _seam(request, seams.JOBS_ADMIN, "the jobs admin")
+    return ok({"queues": await admin.queues()})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs in a state (failed by default), optionally of one queue."""
+    require_staff(request)
+    state = query_choice(request, "state", JOB_STATES, "failed")
+    queue = request.query.get("queue")
+    if queue is not None:
+        queue = text_value(queue, "queue", 100)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    admin = _seam(request, seams.JOBS_ADMIN, "the jobs admin")
+    return ok({"jobs": await admin.list_jobs(state or "failed", queue, limit)})
+
+
+def _job_id(request: web.Request) -> str:
+    return text_value(request.match_info["job_id"], "job_id", 200)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """One job with its history."""
+    require_staff(request)
+    job_id = _job_id(request)
+    job = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return ok(job)
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    """Enqueue a failed or dead job again."""
+    require_staff(request)
+    job_id = _job_id(request)
+    if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").retry_job(job_id):
+        raise NotFound(f"no job {job_id}")
+    return ok({"job_id": job_id, "retried": True}, status=202)
+
+
+async def remove_job(request: web.Request) -> web.Response:
+    """Delete a failed or dead job."""
+    require_staff(request)
+    job_id = _job_id(request)
+    if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").remove_job(job_id):
+        raise NotFound(f"no job {job_id}")
+    return web.Response(status=204)
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    """The cron schedules with their next runs."""
+    require_staff(request)
+    view = _seam(request, seams.SCHEDULES, "the scheduler view")
+    return ok({"schedules": await view.schedules()})
+
+
+async def get_supervision(request: web.Request) -> web.Response:
+    """The supervision tree with restart counts."""
+    require_staff(request)
+    return ok(await _seam(request, seams.SUPERVISION, "the supervision view").tree())
+
+
+async def get_stock_sync(request: web.Request) -> web.Response:
+    """How fresh the stock synced from the warehouse is."""
+    require_staff(request)
+    row = await _pool(request).fetchrow(
+        """SELECT count(*) AS products,
+                  count(*) FILTER (WHERE external_id IS NOT NULL) AS linked,
+                  count(*) FILTER (WHERE synced_at IS NULL) AS never_synced,
+                  max(synced_at) AS last_synced_at,
+                  min(synced_at) AS oldest_synced_at
+             FROM inventory""")
+    return ok(dict(row))
+
+
+async def recent_events(request: web.Request) -> web.Response:
+    """The newest events of a channel (the dashboard's start state before live updates)."""
+    principal = authenticate(request)
+    channel = request.match_info["channel"]
+    if channel not in CHANNELS:
+        raise NotFound(f"no channel {channel}")
+    limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
+    settings = request.app[API_SETTINGS_KEY]
+    entries: Any = await request.app[REDIS_KEY].xrevrange(
+        stream_key(settings.namespace, channel), count=limit)
+    events = [_event_json(channel, entry_id, fields) for entry_id, fields in entries]
+    visible = [e for e in events if e is not None and may_receive(principal, channel,
+                                                                       e["payload"])]
+    return ok({"channel": channel, "events": visible})
+
+
+def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(fields.get("payload", ""))
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    return {"id": entry_id, "channel": channel, "event": fields.get("type"),
+            "payload": payload, "at": fields.get("at")}
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+API_SETTINGS_KEY = web.AppKey("api_settings", Settings)
+
+ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/me", get_me),
+    ("POST", "/carts", create_cart),
+    ("GET", "/carts", list_carts),
+    ("GET", "/carts/{cart_id}", get_cart),
+    ("DELETE", "/carts/{cart_id}", abandon_cart),
+    ("PUT", "/carts/{cart_id}/items/{product_id}", put_cart_item),
+    ("DELETE", "/carts/{cart_id}/items/{product_id}", delete_cart_item),
+    ("POST", "/reviews", submit_review),
+    ("GET", "/reviews/{review_id}", get_review),
+    ("GET", "/products/{product_id}/reviews", list_product_reviews),
+    ("POST", "/support/questions", ask_support),
+    ("GET", "/support/questions", list_support),
+    ("GET", "/customers/{customer_id}/recommendations", get_recommendations),
+    ("GET", "/queues", list_queues),
+    ("GET", "/jobs", list_jobs),
+    ("GET", "/jobs/{job_id}", get_job),
+    ("POST", "/jobs/{job_id}/retry", retry_job),
+    ("DELETE", "/jobs/{job_id}", remove_job),
+    ("GET", "/schedules", list_schedules),
+    ("GET", "/supervision", get_supervision),
+    ("GET", "/stock-sync", get_stock_sync),
+    ("GET", "/events/{channel}", recent_events),
+]
+
+
+def setup_api(app: web.Application, settings: Settings) -> None:
+    """Add the extra API routes and the OpenAPI document; open a pool/Redis if none is given.
+
+    ``create_app`` may hand over its own pool and Redis client by setting
+    ``app[POOL_KEY]`` / ``app[REDIS_KEY]`` in a cleanup context registered
+    before this one; otherwise the API opens (and closes) its own.
+    """
+    from web.openapi import add_openapi_route
+
+    ensure_signer(app, settings)
+    app[API_SETTINGS_KEY] = settings
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, PREFIX + path, json_errors(handler))
+    add_openapi_route(app)
+    app.cleanup_ctx.append(_resources_ctx(settings))
+
+
+def _resources_ctx(settings: Settings) -> Any:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis_url, database_url = settings.require_urls()
+        async with contextlib.AsyncExitStack() as stack:
+            if POOL_KEY not in app:
+                pool = await db.create_pool(database_url, min_size=1, max_size=OWN_POOL_MAX)
+                stack.push_async_callback(pool.close)
+                app[POOL_KEY] = pool
+            if REDIS_KEY not in app:
+                client = aioredis.Redis.from_url(redis_url, decode_responses=True,
+                                                 encoding_errors="replace")
+                stack.push_async_callback(client.aclose)
+                app[REDIS_KEY] = client
+            yield
+
+    return resources

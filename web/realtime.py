@@ -1,0 +1,411 @@
+"""The WebSocket at ``/ws``: authenticated, resumable, bounded live events.
+
+Protocol (JSON text frames; docs/web.md has the full table):
+
+client → server
+    ``{"type": "subscribe", "channel": C, "since": "<stream id>"?, "keys": [int]?, "ref": R?}``
+    ``{"type": "unsubscribe", "channel": C, "ref": R?}``
+    ``{"type": "ping", "ref": R?}``
+server → client
+    ``welcome``, ``subscribed``, ``unsubscribed``, ``resync``, ``event``, ``pong``, ``error``
+
+Close codes (all documented in docs/web.md): 1001 server shutting down,
+1003 binary frame, 1007 invalid UTF-8, 1009 frame too big, 4400 too many bad
+messages, 4401 unauthenticated or token expired, 4403 forbidden channel,
+4429 slow consumer (send queue full).
+
+Each connection has one bounded send queue drained by one writer task, so a
+client that stops reading fills only its own queue and is closed before it
+can grow the server's memory; other clients never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from actors.notifier.channels import CHANNELS, FILTER_FIELDS, STAFF_ONLY, Viewer, may_subscribe
+from actors.notifier.notifier import Notifier, Resync
+from actors.notifier.streams import StreamId, parse_id
+from runtime.errors import Unauthenticated
+from runtime.settings import Settings
+from web.auth import Principal, bearer_token, ensure_signer
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_BAD_PROTOCOL = 4400
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_SLOW_CONSUMER = 4429
+# After this many bad messages in a row the client is broken or hostile: close it.
+MAX_CONSECUTIVE_ERRORS = 10
+# A subscription filter longer than this is refused (it is a list scan per event).
+MAX_FILTER_KEYS = 1_000
+# Backlog replay waits at most this long for room in a client's send queue.
+BACKLOG_PUT_TIMEOUT_S = 5.0
+# Closing a client that does not read must not hang the server.
+CLOSE_TIMEOUT_S = 2.0
+# How long the process waits for the notifier to learn where the streams end.
+READY_TIMEOUT_S = 10.0
+
+NOTIFIER_KEY = web.AppKey("notifier", Notifier)
+CONNECTIONS_KEY = web.AppKey("ws_connections", set)
+WS_SETTINGS_KEY = web.AppKey("ws_settings", Settings)
+
+
+class BadMessage(Exception):
+    """A client frame that is not a valid protocol message (answered with an error)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Connection:
+    """One WebSocket client: its principal, bounded send queue and writer task."""
+
+    def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
+                 transport: asyncio.BaseTransport | None = None) -> None:
+        self.ws = ws
+        # Kept to cut a client that will not even take a close frame.
+        self._transport = transport
+        self.principal = principal
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_max)
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.subscribed: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def viewer(self) -> Viewer:
+        """The principal, as the notifier's policy sees it."""
+        return self.principal
+
+    def start(self) -> None:
+        """Start the writer task (kept; cancelled and awaited by :meth:`finish`)."""
+        self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                text = await self._queue.get()
+                await self.ws.send_str(text)
+        except ConnectionError:
+            return  # the peer went away; the read loop ends the connection
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue a control message (same queue as events, so order is kept)."""
+        return self.offer(json.dumps(message, separators=(",", ":")))
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text`` now, or close the client as a slow consumer if its queue is full."""
+        if self._closing is not None:
+            return False
+        try:
+            self._queue.put_nowait(text)
+            return True
+        except asyncio.QueueFull:
+            self.refuse(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full")
+            return False
+
+    async def offer_backlog(self, text: str) -> bool:
+        """Queue replayed events, waiting a bounded time for room."""
+        if self._closing is not None:
+            return False
+        try:
+            async with asyncio.timeout(BACKLOG_PUT_TIMEOUT_S):
+                await self._queue.put(text)
+            return True
+        except TimeoutError:
+            self.refuse(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full")
+            return False
+
+    @property
+    def refused(self) -> bool:
+        """True once the server decided to close this client (with its own code)."""
+        return self._closing is not None
+
+    def refuse(self, code: int, reason: str) -> None:
+        """Close this client with ``code`` (once); the read loop then ends."""
+        if self._closing is None:
+            log.info("closing websocket: %d %s", code, reason)
+            self._closing = asyncio.create_task(self._close(code, reason), name="ws-close")
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+        except Exception as exc:  # noqa: BLE001 - the peer is gone or stuck: nothing to tell
+            log.debug("websocket close ended with %r", exc)
+        finally:
+            # A client that does not read never lets the close frame (or
+            # anything buffered before it) drain, and a plain transport close
+            # waits for that drain; abort so the socket and its buffers go now.
+            if isinstance(self._transport, asyncio.WriteTransport):
+                self._transport.abort()
+
+    async def finish(self) -> None:
+        """Stop every task this connection started and wait for them."""
+        tasks = [t for t in (self._writer, *self.subscribed.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("websocket task %s failed", task.get_name())
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await self._closing
+
+
+# --- message parsing ----------------------------------------------------------------
+
+
+def parse_message(text: str) -> dict[str, Any]:
+    """The client's message as a dict, or :class:`BadMessage` saying what is wrong."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise BadMessage("bad_json", "frames must be JSON text") from None
+    if not isinstance(message, dict):
+        raise BadMessage("bad_message", "a message must be a JSON object")
+    kind = message.get("type")
+    if kind not in ("subscribe", "unsubscribe", "ping"):
+        raise BadMessage("bad_message", "type must be subscribe, unsubscribe or ping")
+    ref = message.get("ref")
+    if ref is not None and not (isinstance(ref, (str, int)) and len(str(ref)) <= 64):
+        raise BadMessage("bad_message", "ref must be a short string or number")
+    if kind != "ping":
+        channel = message.get("channel")
+        if not isinstance(channel, str):
+            raise BadMessage("bad_message", "channel must be a string")
+        if channel not in CHANNELS:
+            raise BadMessage("unknown_channel", f"channels are {', '.join(CHANNELS)}")
+    return message
+
+
+def parse_since(message: dict[str, Any]) -> StreamId | None:
+    """The ``since`` stream id of a subscribe message, if any."""
+    since = message.get("since")
+    if since is None:
+        return None
+    parsed = parse_id(since) if isinstance(since, str) else None
+    if parsed is None:
+        raise BadMessage("bad_since", "since must be a stream id like '1700000000000-0'")
+    return parsed
+
+
+def parse_keys(message: dict[str, Any]) -> frozenset[int] | None:
+    """The optional filter: order ids or product ids, depending on the channel."""
+    keys = message.get("keys")
+    if keys is None:
+        return None
+    channel = message["channel"]
+    if channel not in FILTER_FIELDS:
+        raise BadMessage("bad_message", f"channel {channel} takes no keys filter")
+    if not isinstance(keys, list) or len(keys) > MAX_FILTER_KEYS or not all(
+        isinstance(k, int) and not isinstance(k, bool) for k in keys
+    ):
+        raise BadMessage("bad_message", f"keys must be a list of at most {MAX_FILTER_KEYS} ids")
+    return frozenset(keys)
+
+
+# --- the handler ----------------------------------------------------------------------
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /ws``: authenticate, greet, then serve subscribe/unsubscribe/ping."""
+    settings = request.app[WS_SETTINGS_KEY]
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat_s,
+        max_msg_size=settings.ws_max_frame_bytes,
+        timeout=CLOSE_TIMEOUT_S,
+    )
+    await ws.prepare(request)
+    principal = _authenticate(request)
+    if principal is None:
+        await ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated: missing, bad or "
+                                                          b"expired token")
+        return ws
+    conn = Connection(ws, principal, settings.ws_send_queue_max, request.transport)
+    connections: set[Connection] = request.app[CONNECTIONS_KEY]
+    connections.add(conn)
+    conn.start()
+    conn.send({
+        "type": "welcome", "role": principal.role, "customer_id": principal.customer_id,
+        "channels": [c for c in CHANNELS if may_subscribe(principal, c)],
+        "expires_at": principal.expires_at_s,
+    })
+    try:
+        await _read_loop(request.app, conn)
+    finally:
+        connections.discard(conn)
+        request.app[NOTIFIER_KEY].drop(conn)
+        await conn.finish()
+    return ws
+
+
+def _authenticate(request: web.Request) -> Principal | None:
+    token = bearer_token(request)
+    if token is None:
+        return None
+    try:
+        return ensure_signer(request.app, request.app[WS_SETTINGS_KEY]).verify(token)
+    except Unauthenticated:
+        return None
+
+
+async def _read_loop(app: web.Application, conn: Connection) -> None:
+    errors_in_row = 0
+    async for frame in conn.ws:
+        if frame.type == WSMsgType.BINARY:
+            conn.refuse(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
+            break
+        if frame.type != WSMsgType.TEXT:
+            break
+        try:
+            await _handle(app, conn, parse_message(frame.data))
+            errors_in_row = 0
+        except BadMessage as exc:
+            errors_in_row += 1
+            conn.send({"type": "error", "code": exc.code, "message": str(exc)})
+            if errors_in_row >= MAX_CONSECUTIVE_ERRORS:
+                conn.refuse(CLOSE_BAD_PROTOCOL, "too many bad messages")
+                break
+    if conn.refused or conn.ws.close_code is not None:
+        return
+    with contextlib.suppress(Exception):
+        await conn.ws.close()
+
+
+async def _handle(app: web.Application, conn: Connection, message: dict[str, Any]) -> None:
+    ref = message.get("ref")
+    if conn.principal.expired(ensure_signer(app, app[WS_SETTINGS_KEY]).now_s()):
+        conn.refuse(CLOSE_UNAUTHENTICATED, "token expired")
+        return
+    if message["type"] == "ping":
+        conn.send({"type": "pong", "ref": ref})
+        return
+    channel: str = message["channel"]
+    notifier = app[NOTIFIER_KEY]
+    if message["type"] == "unsubscribe":
+        _cancel_subscription(conn, channel)
+        notifier.unsubscribe(conn, channel)
+        conn.send({"type": "unsubscribed", "channel": channel, "ref": ref})
+        return
+    if not may_subscribe(conn.principal, channel):
+        if channel in STAFF_ONLY:
+            conn.refuse(CLOSE_FORBIDDEN, f"forbidden: {channel} is for staff only")
+            return
+        raise BadMessage("forbidden", f"not allowed to subscribe to {channel}")
+    since, keys = parse_since(message), parse_keys(message)
+    _cancel_subscription(conn, channel)
+    conn.subscribed[channel] = asyncio.create_task(
+        _subscribe(notifier, conn, channel, keys, since, ref), name=f"ws-subscribe-{channel}")
+
+
+def _cancel_subscription(conn: Connection, channel: str) -> None:
+    task = conn.subscribed.pop(channel, None)
+    if task is not None and not task.done():
+        task.cancel()
+
+
+async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
+                     keys: frozenset[int] | None, since: StreamId | None, ref: Any) -> None:
+    """Subscribe (replaying from ``since``) in its own task so the reader keeps reading."""
+
+    async def announce(last_id: str, resync: Resync | None) -> None:
+        if resync is not None:
+            conn.send({"type": "resync", "channel": channel, "reason": resync.reason,
+                       "last_id": resync.last_id, "ref": ref})
+        conn.send({"type": "subscribed", "channel": channel, "last_id": last_id, "ref": ref})
+
+    await notifier.subscribe(conn, channel, keys, since, announce)
+
+
+# --- wiring ---------------------------------------------------------------------------
+
+
+def setup_realtime(app: web.Application, settings: Settings) -> None:
+    """Add ``GET /ws`` and the notifier actor (started and stopped with the app)."""
+    ensure_signer(app, settings)
+    app[WS_SETTINGS_KEY] = settings
+    app[CONNECTIONS_KEY] = set()
+    app.router.add_get("/ws", websocket_handler)
+    app.cleanup_ctx.append(_notifier_ctx(settings))
+    app.on_shutdown.append(_close_connections)
+
+
+def _notifier_ctx(settings: Settings) -> Any:
+    async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
+        redis_url, _ = settings.require_urls()
+        client = aioredis.Redis.from_url(
+            redis_url, decode_responses=True, encoding_errors="replace",
+            socket_timeout=settings.notifier_block_ms / 1000 + 5, socket_connect_timeout=2,
+        )
+        signer = ensure_signer(app, settings)
+        notifier = Notifier(
+            client, settings.namespace, block_ms=settings.notifier_block_ms,
+            expired=lambda viewer: isinstance(viewer, Principal) and viewer.expired(
+                signer.now_s()),
+        )
+        app[NOTIFIER_KEY] = notifier
+        task = asyncio.create_task(run_supervised(notifier), name="notifier")
+        with contextlib.suppress(TimeoutError):
+            await notifier.wait_ready(READY_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await client.aclose()
+
+    return notifier_ctx
+
+
+async def _close_connections(app: web.Application) -> None:
+    """On shutdown tell every client to reconnect elsewhere (1001 going away)."""
+    conns = list(app.get(CONNECTIONS_KEY, ()))
+    for conn in conns:
+        conn.refuse(CLOSE_GOING_AWAY, "server shutting down")
+    await asyncio.gather(*(c.finish() for c in conns), return_exceptions=True)
+
+
+async def run_supervised(notifier: Notifier, max_restarts: int = 5,
+                         within_s: float = 60.0) -> None:
+    """The notifier's supervisor: restart it after a crash, give up past MaxR in MaxT.
+
+    Redis outages are handled inside ``run()``; this catches bugs, logs each
+    restart, and escalates (re-raises) if the actor keeps dying.
+    """
+    loop = asyncio.get_running_loop()
+    crashes: list[float] = []
+    while True:
+        try:
+            await notifier.run()
+            return
+        except Exception:
+            now = loop.time()
+            crashes = [t for t in crashes if now - t < within_s] + [now]
+            if len(crashes) > max_restarts:
+                log.critical("notifier crashed %d times in %.0fs; giving up", len(crashes),
+                             within_s)
+                raise
+            log.exception("notifier crashed; restarting it (restart %d)", len(crashes))
+
+
+__all__ = ["NOTIFIER_KEY", "WSCloseCode", "setup_realtime"]

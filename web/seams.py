@@ -1,0 +1,82 @@
+"""The small interfaces the HTTP API calls for features other concerns own.
+
+Jobs and queues, schedules, the supervision tree, recommendations, support
+answers and review moderation are built by other concerns. The API talks to
+them only through these Protocols, found in the app under the keys below, so
+each can be plugged in by ``create_app`` (or by a test, with a stub) without
+``web`` knowing their internals. A key left unset makes its endpoints answer
+503 ``not_available`` with a message naming what is missing.
+
+All methods are coroutines running on the api process's event loop; values
+are plain JSON-able dicts (the OpenAPI document describes their fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+JsonDict = dict[str, Any]
+
+
+class JobsAdmin(Protocol):
+    """Queues and jobs, as the jobs concern keeps them (issue: jobs)."""
+
+    async def queues(self) -> list[JsonDict]:
+        """One dict per queue: name, pending, delayed, failed, dead, processed_per_min."""
+
+    async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
+        """Jobs in ``state`` (failed, dead, pending, delayed, succeeded), newest first."""
+
+    async def get_job(self, job_id: str) -> JsonDict | None:
+        """One job with its history, or None."""
+
+    async def retry_job(self, job_id: str) -> bool:
+        """Enqueue a failed or dead job again; False if there is no such job."""
+
+    async def remove_job(self, job_id: str) -> bool:
+        """Delete a failed or dead job; False if there is no such job."""
+
+
+class ScheduleView(Protocol):
+    """The cron schedules (issue: scheduling)."""
+
+    async def schedules(self) -> list[JsonDict]:
+        """One dict per schedule: name, cron, actor, next_run_at, last_run_at."""
+
+
+class SupervisionView(Protocol):
+    """The supervision tree of the processes (issue: supervision)."""
+
+    async def tree(self) -> JsonDict:
+        """The tree: {name, kind, alive, restarts, children: [...]}."""
+
+
+class Recommender(Protocol):
+    """Product recommendations (issue: agents)."""
+
+    async def recommend(self, customer_id: int, limit: int) -> JsonDict:
+        """{customer_id, source, items: [{product_id, name, reason}]}."""
+
+
+class SupportDesk(Protocol):
+    """Answers to customers' support questions (issue: agents)."""
+
+    async def ask(self, customer_id: int, question: str) -> JsonDict:
+        """{id, answer, source}: the answer, stored as a support interaction."""
+
+
+class ReviewModeration(Protocol):
+    """Starts the moderation of a submitted review (issue: agents)."""
+
+    async def request_moderation(self, review_id: int) -> None:
+        """Queue the review for moderation (idempotent per review)."""
+
+
+JOBS_ADMIN = web.AppKey("jobs_admin", JobsAdmin)
+SCHEDULES = web.AppKey("schedules", ScheduleView)
+SUPERVISION = web.AppKey("supervision", SupervisionView)
+RECOMMENDER = web.AppKey("recommender", Recommender)
+SUPPORT_DESK = web.AppKey("support_desk", SupportDesk)
+REVIEW_MODERATION = web.AppKey("review_moderation", ReviewModeration)

@@ -1,0 +1,272 @@
+// ShopFlow operators' dashboard: start state from the JSON API, then live over /ws.
+// Plain browser JavaScript, no build step. The staff token is entered once and kept
+// in localStorage; every request sends it as a bearer token.
+"use strict";
+
+const TOKEN_KEY = "shopflow.staffToken";
+const API = "/api/v1";
+const FEED_MAX = 50;            // newest order events / alerts kept on screen
+const RECONNECT_MAX_MS = 10000; // WebSocket reconnect back-off cap
+const CHANNELS = ["queues", "jobs", "alerts", "order-status-changed", "stock-updated"];
+
+const $ = (sel) => document.querySelector(sel);
+const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, ws: null,
+                retryMs: 500, orderCount: 0, queues: new Map(), refetchTimer: null };
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+  }
+  return node;
+}
+
+function when(iso) {
+  if (!iso) return "—";
+  const date = new Date(iso);
+  return isNaN(date) ? String(iso) : date.toLocaleString();
+}
+
+function status(text) { $("#status").textContent = text; }
+
+async function api(method, path) {
+  const resp = await fetch(API + path, {
+    method, headers: { Authorization: `Bearer ${state.token}` } });
+  if (resp.status === 401) { logout("Token rejected or expired."); throw new Error("401"); }
+  const body = resp.headers.get("content-type")?.includes("json") ? await resp.json() : null;
+  return { status: resp.status, body };
+}
+
+// --- cards ---------------------------------------------------------------------------
+
+function renderQueues() {
+  const body = $("#queues tbody");
+  body.replaceChildren(...[...state.queues.values()].map((q) => el("tr",
+    { "data-queue": q.name },
+    el("td", {}, q.name),
+    el("td", { class: "num" }, q.pending ?? 0),
+    el("td", { class: "num" }, q.delayed ?? 0),
+    el("td", { class: "num" + ((q.failed ?? 0) > 0 ? " bad" : "") }, q.failed ?? 0),
+    el("td", { class: "num" + ((q.dead ?? 0) > 0 ? " bad" : "") }, q.dead ?? 0),
+    el("td", { class: "num" }, Number(q.processed_per_min ?? 0).toFixed(1)))));
+}
+
+async function loadQueues() {
+  const { status: code, body } = await api("GET", "/queues");
+  if (code !== 200) return unavailable("#queues tbody", body, 6);
+  state.queues = new Map(body.queues.map((q) => [q.name, q]));
+  renderQueues();
+}
+
+async function jobAction(method, path, row) {
+  const { status: code, body } = await api(method, path);
+  if (code === 202 || code === 204 || code === 404) row.remove();
+  else status(body?.error?.message ?? `job action failed (${code})`);
+  $("#jobs-empty").hidden = $("#jobs tbody").children.length > 0;
+}
+
+async function loadJobs() {
+  const rows = [];
+  for (const jobState of ["failed", "dead"]) {
+    const { status: code, body } = await api("GET", `/jobs?state=${jobState}`);
+    if (code !== 200) return unavailable("#jobs tbody", body, 6);
+    for (const job of body.jobs) {
+      const id = encodeURIComponent(job.id);
+      const row = el("tr", { "data-job": job.id });
+      row.append(el("td", {}, job.id), el("td", {}, job.queue), el("td", {}, job.actor),
+        el("td", {}, job.state ?? jobState), el("td", { class: "err" }, job.error ?? ""),
+        el("td", {},
+          el("button", { type: "button", class: "retry",
+                         onclick: () => jobAction("POST", `/jobs/${id}/retry`, row) }, "Retry"),
+          " ",
+          el("button", { type: "button", class: "remove danger",
+                         onclick: () => jobAction("DELETE", `/jobs/${id}`, row) }, "Remove")));
+      rows.push(row);
+    }
+  }
+  $("#jobs tbody").replaceChildren(...rows);
+  $("#jobs-empty").hidden = rows.length > 0;
+}
+
+async function loadSchedules() {
+  const { status: code, body } = await api("GET", "/schedules");
+  if (code !== 200) return unavailable("#schedules", body);
+  $("#schedules").replaceChildren(...body.schedules.map((s) => el("li", {},
+    el("strong", {}, s.name), " ", el("code", {}, s.cron ?? ""), el("br"),
+    el("span", { class: "muted" }, `next ${when(s.next_run_at)} · last ${when(s.last_run_at)}`))));
+}
+
+function treeNode(node) {
+  const label = el("li", { class: node.alive === false ? "dead" : "" },
+    `${node.name} `, el("span", { class: "muted" }, `${node.kind ?? ""}`),
+    " ", el("span", { class: "pill" + ((node.restarts ?? 0) > 0 ? " off" : "") },
+      `${node.restarts ?? 0} restarts`));
+  if (node.children?.length) label.append(el("ul", {}, ...node.children.map(treeNode)));
+  return label;
+}
+
+async function loadTree() {
+  const { status: code, body } = await api("GET", "/supervision");
+  if (code !== 200) return unavailable("#tree", body);
+  $("#tree").replaceChildren(treeNode(body));
+}
+
+async function loadStockSync() {
+  const { status: code, body } = await api("GET", "/stock-sync");
+  if (code !== 200) return unavailable("#stock-sync", body);
+  $("#stock-sync").replaceChildren(
+    el("dt", {}, "products"), el("dd", {}, body.products),
+    el("dt", {}, "linked to warehouse"), el("dd", {}, body.linked),
+    el("dt", {}, "never synced"), el("dd", { class: body.never_synced ? "bad" : "" },
+                                     body.never_synced),
+    el("dt", {}, "last sync"), el("dd", {}, when(body.last_synced_at)),
+    el("dt", {}, "oldest sync"), el("dd", {}, when(body.oldest_synced_at)));
+}
+
+function addFeedItem(list, text, at) {
+  list.prepend(el("li", {}, text, " ", el("span", { class: "muted" }, when(at))));
+  while (list.children.length > FEED_MAX) list.lastChild.remove();
+}
+
+function orderText(p) {
+  return `order ${p.order_id} (customer ${p.customer_id}): ${p.from_status ?? "—"} → ` +
+         `${p.to_status ?? "?"}${p.reason ? ` (${p.reason})` : ""}`;
+}
+
+function alertText(event) {
+  const p = event.payload;
+  return `${p.severity ?? "alert"}: ${p.message ?? p.summary ?? event.event ?? ""}`;
+}
+
+async function loadFeed(channel, list, format) {
+  const { status: code, body } = await api("GET", `/events/${channel}?limit=${FEED_MAX}`);
+  if (code !== 200) return;
+  list.replaceChildren();
+  for (const event of body.events.slice().reverse()) addFeedItem(list, format(event), event.at);
+}
+
+function unavailable(selector, body, colspan) {
+  const text = body?.error?.message ?? "not available";
+  const node = $(selector);
+  node.replaceChildren(colspan ? el("tr", {}, el("td", { colspan }, text))
+                               : el("li", { class: "muted" }, text));
+}
+
+async function loadAll() {
+  await Promise.all([loadQueues(), loadJobs(), loadSchedules(), loadTree(), loadStockSync(),
+    loadFeed("alerts", $("#alerts"), alertText),
+    loadFeed("order-status-changed", $("#orders"), (e) => orderText(e.payload))
+      .then(() => { state.orderCount = $("#orders").children.length;
+                    $("#order-count").textContent = state.orderCount; })]);
+}
+
+// --- live updates ----------------------------------------------------------------------
+
+function scheduleRefetch() {
+  // Job events can come in bursts: refetch the job lists at most every 300 ms.
+  if (state.refetchTimer) return;
+  state.refetchTimer = setTimeout(() => {
+    state.refetchTimer = null;
+    loadJobs().catch(() => {});
+    loadQueues().catch(() => {});
+  }, 300);
+}
+
+function onEvent(message) {
+  state.lastIds[message.channel] = message.id;
+  const p = message.payload;
+  switch (message.channel) {
+    case "queues": {
+      const name = p.queue ?? p.name;
+      if (!name) break;
+      state.queues.set(name, { ...(state.queues.get(name) ?? {}), ...p, name });
+      renderQueues();
+      break;
+    }
+    case "jobs": scheduleRefetch(); break;
+    case "alerts": addFeedItem($("#alerts"), alertText(message), message.at); break;
+    case "order-status-changed":
+      state.orderCount += 1;
+      $("#order-count").textContent = state.orderCount;
+      addFeedItem($("#orders"), orderText(p), message.at);
+      break;
+    case "stock-updated": loadStockSync().catch(() => {}); break;
+  }
+}
+
+function setLive(on) {
+  const pill = $("#live");
+  pill.textContent = on ? "live" : "offline";
+  pill.className = "pill " + (on ? "on" : "off");
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(state.token)}`);
+  state.ws = ws;
+  ws.onmessage = (frame) => {
+    let message;
+    try { message = JSON.parse(frame.data); } catch { return; }
+    if (message.type === "welcome") {
+      setLive(true);
+      state.retryMs = 500;
+      for (const channel of CHANNELS) {
+        const since = state.lastIds[channel];
+        ws.send(JSON.stringify(since ? { type: "subscribe", channel, since }
+                                     : { type: "subscribe", channel }));
+      }
+    } else if (message.type === "event") onEvent(message);
+    else if (message.type === "resync") loadAll().catch(() => {});
+    else if (message.type === "error") status(`server: ${message.message}`);
+  };
+  ws.onclose = (event) => {
+    setLive(false);
+    if (state.ws !== ws) return;
+    if (event.code === 4401) { logout("Token rejected or expired."); return; }
+    setTimeout(() => { if (state.token) connect(); }, state.retryMs);
+    state.retryMs = Math.min(state.retryMs * 2, RECONNECT_MAX_MS);
+  };
+}
+
+// --- login ---------------------------------------------------------------------------------
+
+function logout(reason) {
+  localStorage.removeItem(TOKEN_KEY);
+  state.token = null;
+  const ws = state.ws;
+  state.ws = null;
+  ws?.close();
+  $("#board").hidden = true;
+  $("#logout").hidden = true;
+  $("#login").hidden = false;
+  $("#login-error").textContent = reason ?? "";
+}
+
+async function start() {
+  const { status: code, body } = await api("GET", "/me");
+  if (code !== 200 || body.role !== "staff") {
+    logout("That is not a staff token.");
+    return;
+  }
+  $("#login").hidden = true;
+  $("#board").hidden = false;
+  $("#logout").hidden = false;
+  await loadAll();
+  connect();
+  status("");
+}
+
+$("#login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.token = $("#token").value.trim();
+  localStorage.setItem(TOKEN_KEY, state.token);
+  start().catch(() => {});
+});
+$("#logout").addEventListener("click", () => logout());
+
+if (state.token) start().catch(() => {}); else logout();
