@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,12 +133,22 @@ def state_of(settings: Settings, name: str) -> tuple[str | None, int]:
     return (info["statename"], info["pid"]) if info else (None, 0)
 
 
-def next_entry(client: redis.Redis, key: str, timeout_s: float = 30) -> dict[str, str]:
-    """The first entry of a stream, waiting for it with XREAD BLOCK."""
-    reply = client.xread({key: "0"}, count=1, block=int(timeout_s * 1000))
-    assert reply, f"nothing arrived on {key} within {timeout_s}s"
-    _, entries = reply[0]
-    return {k.decode(): v.decode() for k, v in entries[0][1].items()}
+def next_entry(client: redis.Redis, key: str, timeout_s: float = 60) -> dict[str, str]:
+    """The first entry of a stream, waiting for it with XREAD BLOCK until the deadline.
+
+    Short blocks in a loop, so a busy or briefly unreachable Redis (other
+    tests restart theirs on this machine) delays the answer instead of failing it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            reply = client.xread({key: "0"}, count=1, block=2000)
+        except (redis.TimeoutError, redis.ConnectionError):
+            continue
+        if reply:
+            _, entries = reply[0]
+            return {k.decode(): v.decode() for k, v in entries[0][1].items()}
+    raise AssertionError(f"nothing arrived on {key} within {timeout_s}s")
 
 
 def alive(pid: int) -> bool:
