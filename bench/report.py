@@ -175,8 +175,9 @@ Machine: {m.cpus} CPUs ({m.cpu_model}), {m.memory_gib:.1f} GiB RAM, Linux {m.ker
 Python {m.python}, {server} (embedded, started by the run on a free port, AOF everysec).
 Load average at start: {load}. **The machine is shared** (several engineers run
 tests and servers on the same {m.cpus} CPUs), so absolute figures are noisy; the
-ratios within one run are the meaningful part, and even they move by 10-20 %
-between runs.
+ratios within one run are the meaningful part, and even they move a lot
+between runs (enqueue and p99 columns by up to 2-3x; see "Run-to-run
+variation" below).
 
 ## Peers: no-op jobs
 
@@ -184,7 +185,7 @@ One worker process with {SLOTS} threads/slots per peer (RQ: {SLOTS} processes, i
 threads), all on the same Redis server (each peer its own database), one at a
 time. The job body is the same function for all (`bench/body.py`: take
 `time.time()`, append to a buffer). Enqueue: {cfg.jobs:,} jobs sent one by one from one
-thread with no worker running. Drain: the worker then starts on that backlog
+thread with no worker running (median rate of 5 equal chunks). Drain: the worker then starts on that backlog
 (jobs started per second from first to last start). Latency: enqueue-to-start at
 a steady {cfg.rate_hz:.0f} jobs/s for {cfg.steady_s:.0f} s. First job after idle: the worker idle
 {cfg.idle_s:.0f} s, then one job ({cfg.idle_samples} samples). Ratios in brackets are against raw
