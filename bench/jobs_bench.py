@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -92,9 +93,9 @@ class Records:
     def wait_for(self, expected: int, timeout_s: float, since: float = 0.0) -> list[tuple[float, float]]:
         """Wait until ``expected`` records of jobs enqueued at/after ``since`` arrived, then take them."""
         deadline = time.monotonic() + timeout_s
-        while self._client.llen(self._key) < expected and time.monotonic() < deadline:
+        while cast(int, self._client.llen(self._key)) < expected and time.monotonic() < deadline:
             time.sleep(COLLECT_POLL_S)
-        raw = self._client.lrange(self._key, 0, -1)
+        raw = cast(list[bytes], self._client.lrange(self._key, 0, -1))
         self._client.delete(self._key)
         pairs = [tuple(map(float, item.split())) for item in raw]
         return [(enq, start) for enq, start in pairs if enq >= since]
@@ -145,7 +146,7 @@ def run_peer(peer: Peer, env: BenchEnv, results: redis.Redis, cfg: JobsConfig,
         _drain(out, records, cfg, started_at)
         _steady(out, producer, records, cfg)
         _idle(out, producer, records, cfg)
-    except Exception as exc:  # a peer that breaks loses its row, not the run
+    except Exception as exc:  # noqa: BLE001 - a peer that breaks loses its row, not the run
         out.problems.append(f"{type(exc).__name__}: {exc}")
     finally:
         if proc is not None:

@@ -14,7 +14,7 @@ import itertools
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from bench.body import noop, noop_async
 from bench.harness import AsyncProducer, BenchEnv, Peer, Producer, SyncProducer
@@ -60,7 +60,7 @@ class RawDramatiq(Peer):
         import dramatiq
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(url=env.redis_url, namespace="bench-dramatiq")
+        broker = RedisBroker(url=env.redis_url, namespace="bench-dramatiq")  # type: ignore[no-untyped-call]
         actor = dramatiq.Actor(noop, broker=broker, actor_name=ACTOR_NAME, queue_name=env.queue,
                                priority=0, options={})
         return broker, actor
@@ -116,7 +116,7 @@ class RuntimeFoundation(Peer):
     setup = ("runtime.broker.setup_broker (AgeLimit, TimeLimit, ShutdownNotifications, Callbacks, "
              "Pipelines, Retries, CurrentMessage), declare_actor, dramatiq.Worker(worker_threads=8, "
              "worker_timeout=runtime.worker.IDLE_POLL_MS=100)")
-    distributions = ("dramatiq",)
+    distributions: ClassVar[tuple[str, ...]] = ("dramatiq",)
 
     def run_worker(self, env: BenchEnv) -> None:
         import dramatiq
@@ -244,7 +244,7 @@ class _RQProducer(SyncProducer):
         self._queue.enqueue(noop, enqueued_at)
 
     def close(self) -> None:
-        self._redis.close()
+        self._redis.close()  # type: ignore[no-untyped-call]
 
 
 class RQPeer(Peer):

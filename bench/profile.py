@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="shopflow-profile-") as tmp:
-        with throwaway_redis(Path(tmp)) as (url, _port):
-            results_url = _db_url(url, 0)
-            for index, key in enumerate(args.peers.split(","), start=1):
-                peer_url = _db_url(url, index)
-                print(profile_worker(key, peer_url, results_url, args.jobs, args.duration_s, args.out),
-                      flush=True)
-                print(profile_producer(key, peer_url, results_url, args.producer_jobs), flush=True)
+    with (tempfile.TemporaryDirectory(prefix="shopflow-profile-") as tmp,
+          throwaway_redis(Path(tmp)) as (url, _port)):
+        results_url = _db_url(url, 0)
+        for index, key in enumerate(args.peers.split(","), start=1):
+            peer_url = _db_url(url, index)
+            print(profile_worker(key, peer_url, results_url, args.jobs, args.duration_s, args.out),
+                  flush=True)
+            print(profile_producer(key, peer_url, results_url, args.producer_jobs), flush=True)
     return 0
 
 

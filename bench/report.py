@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
@@ -38,12 +39,12 @@ def machine_details() -> Machine:
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
         model = found.group(1).strip() if found else model
     mem_kib = 0
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
-        found = re.search(r"^MemTotal:\s*(\d+) kB", meminfo.read_text(), re.M)
+        found = re.search(r"^MemTotal:\s*(\d+) kB", meminfo.read_text(), re.MULTILINE)
         mem_kib = int(found.group(1)) if found else 0
     return Machine(
         when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -54,7 +55,7 @@ def machine_details() -> Machine:
 
 
 def server_version(redis_url: str) -> str:
-    info = redis.Redis.from_url(redis_url).info("server")
+    info = cast(dict[str, Any], redis.Redis.from_url(redis_url).info("server"))
     return f"valkey {info.get('valkey_version') or info.get('redis_version')}"
 
 
@@ -92,8 +93,8 @@ def peers_table(peers: list[PeerResult], ceil: CeilingResult | None) -> str:
     base = next((p for p in peers if p.key == BASELINE_KEY and not p.skipped), None)
     lpush_1 = ceil.rps.get(("LPUSH", 1)) if ceil else None
     rows = [
-        "| peer | enqueue jobs/s | drain jobs/s | latency p50 ms @ steady | p99 ms | "
-        "first job after idle, ms (median) | enqueue vs LPUSH -c 1 |",
+        ("| peer | enqueue jobs/s | drain jobs/s | latency p50 ms @ steady | p99 ms | "
+        "first job after idle, ms (median) | enqueue vs LPUSH -c 1 |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in peers:
@@ -102,11 +103,11 @@ def peers_table(peers: list[PeerResult], ceil: CeilingResult | None) -> str:
             continue
         b = base
         rows.append(
-            f"| {p.name} | {_f(p.enqueue_per_s)}{_ratio(p.enqueue_per_s, b and b.enqueue_per_s)} "
-            f"| {_f(p.drain_per_s)}{_ratio(p.drain_per_s, b and b.drain_per_s)} "
-            f"| {_f(p.p50_ms, '{:.1f}')}{_ratio(p.p50_ms, b and b.p50_ms)} "
-            f"| {_f(p.p99_ms, '{:.1f}')}{_ratio(p.p99_ms, b and b.p99_ms)} "
-            f"| {_f(p.idle_median_ms, '{:.0f}')}{_ratio(p.idle_median_ms, b and b.idle_median_ms)} "
+            f"| {p.name} | {_f(p.enqueue_per_s)}{_ratio(p.enqueue_per_s, b.enqueue_per_s if b else None)} "
+            f"| {_f(p.drain_per_s)}{_ratio(p.drain_per_s, b.drain_per_s if b else None)} "
+            f"| {_f(p.p50_ms, '{:.1f}')}{_ratio(p.p50_ms, b.p50_ms if b else None)} "
+            f"| {_f(p.p99_ms, '{:.1f}')}{_ratio(p.p99_ms, b.p99_ms if b else None)} "
+            f"| {_f(p.idle_median_ms, '{:.0f}')}{_ratio(p.idle_median_ms, b.idle_median_ms if b else None)} "
             f"| {_f(p.enqueue_per_s / lpush_1 * 100 if p.enqueue_per_s and lpush_1 else None, '{:.0f} %')} |"
         )
     return "\n".join(rows)
@@ -144,10 +145,10 @@ def reservations_table(res: ReservationsResult | None) -> str:
     if res is None:
         return "Not run (`--skip reservations`)."
     rows = [
-        f"{res.orders:,} orders over {res.products} hot products ({res.stock_per_product:,} units each, "
+        (f"{res.orders:,} orders over {res.products} hot products ({res.stock_per_product:,} units each, "
         f"demand about 1.4x the stock), PostgreSQL {res.server} (embedded, fsync on), "
         "each order reserved by `actors.inventory.reservations.reserve_for_order` (one transaction, "
-        "rows locked in product order, outbox events written).",
+        "rows locked in product order, outbox events written)."),
         "",
         "| concurrent reservers | orders/s | ratio to 1 | reserved | failed (shortage) | invariants |",
         "| ---: | ---: | ---: | ---: | ---: | --- |",
@@ -158,8 +159,8 @@ def reservations_table(res: ReservationsResult | None) -> str:
             f"{k} ({v})" for k, v in lv.violations.items() if v)
         rows.append(f"| {lv.reservers} | {lv.per_s:,.0f} | {_ratio(lv.per_s, base).strip(' ()')} "
                     f"| {lv.reserved:,} | {lv.failed:,} | {held} |")
-    rows += ["", "Invariants checked in SQL after each level (each query counts violating rows; "
-             "all were 0 where it says held):", ""]
+    rows += ["", ("Invariants checked in SQL after each level (each query counts violating rows; "
+             "all were 0 where it says held):"), ""]
     rows += [f"- {name}" for name in INVARIANTS]
     return "\n".join(rows)
 
