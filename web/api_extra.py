@@ -25,6 +25,7 @@ from actors.notifier.streams import stream_key
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
 from runtime.settings import Settings
+from actors.agents.moderation import submit_review as store_review_for_moderation
 from web import seams
 from web.auth import Principal, authenticate, ensure_signer, require_staff
 from web.httpkit import (
@@ -216,18 +217,14 @@ async def submit_review(request: web.Request) -> web.Response:
     product_id = int_value(body.get("product_id"), "product_id")
     rating = int_value(body.get("rating"), "rating", 1, 5)
     text = text_value(body.get("body"), "body", MAX_REVIEW_CHARS)
-    async with _pool(request).acquire() as conn:
-        if await conn.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
-            raise ValidationError(f"no product {product_id}", field="product_id")
-        row = await conn.fetchrow(
-            f"INSERT INTO reviews (customer_id, product_id, rating, body) "
-            f"VALUES ($1, $2, $3, $4) RETURNING {_REVIEW_COLUMNS}",
-            principal.customer_id, product_id, rating, text)
-    moderation = request.app.get(seams.REVIEW_MODERATION)
-    requested = "unavailable"
-    if moderation is not None:
-        await moderation.request_moderation(row["id"])
-        requested = "requested"
+    pool = _pool(request)
+    if await pool.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
+        raise ValidationError(f"no product {product_id}", field="product_id")
+    # The review and its moderation job commit together (the job rides on the outbox).
+    assert principal.customer_id is not None
+    review_id = await store_review_for_moderation(pool, principal.customer_id, product_id, rating, text)
+    row = await pool.fetchrow(f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE id = $1", review_id)
+    requested = "requested"
     return ok({"review": dict(row), "moderation": requested}, status=202)
 
 

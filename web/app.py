@@ -25,12 +25,16 @@ from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
-from runtime.errors import Conflict, NotFound, ValidationError
+from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, Unauthenticated, ValidationError
 from runtime.observability import metrics_handler
 from runtime.metrics import get_metrics
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
+from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
+from web.dashboard import setup_dashboard
+from web.realtime import setup_realtime
+from web.wiring import plug_seams
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(422, str(exc), field=exc.field)
     except NotFound as exc:
         return json_error(404, str(exc))
+    except Unauthenticated as exc:
+        return json_error(401, str(exc))
+    except Forbidden as exc:
+        return json_error(403, str(exc))
+    except NotAvailable as exc:
+        return json_error(503, str(exc))
     except Conflict as exc:
         return json_error(409, str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -139,6 +149,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = await db.create_pool(database_url, min_size=1, max_size=10)
     app[REDIS] = aioredis.Redis.from_url(redis_url)
     app[BROKER] = setup_broker(settings)
+    # The extra API and the seams share this process's resources.
+    app[POOL_KEY] = app[POOL]
+    app[REDIS_KEY] = app[REDIS]
+    plug_seams(app, settings, app[POOL], app[REDIS], app[BROKER])
     yield
     app[BROKER].close()
     await app[REDIS].aclose()
@@ -178,6 +192,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_handler(settings))
+    setup_realtime(app, settings)  # GET /ws and this process's notifier
+    setup_api(app, settings)  # the rest of /api/v1 and /api/v1/openapi.json
+    setup_dashboard(app)  # GET / and /static/
     return app
 
 

@@ -215,6 +215,9 @@ FAULTS: dict[str, Callable[[Tree], None]] = {
     "sigkill email-worker": _kill("email-worker:email-worker-0"),
     "sigkill inventory-worker": _kill("inventory-worker"),
     "sigkill flow-worker": _kill("flow-worker"),
+    "sigkill agents-worker": _kill("agents-worker"),
+    "sigkill scheduler": _kill("scheduler:scheduler-0"),
+    "sigkill stock-sync": _kill("stock-sync"),
     "redis restart": Tree.restart_redis,
     "postgresql restart": Tree.restart_postgres,
 }

@@ -1,0 +1,68 @@
+"""Plugging the concerns into the web seams of one api process.
+
+The handlers in ``web/api_extra.py`` talk to small Protocols (``web/seams.py``);
+this module gives each its real implementation on this process's pool, Redis
+and broker. Concerns that are not there yet leave their seam empty and their
+endpoints answer 503.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from dramatiq.brokers.redis import RedisBroker
+
+from actors.agents.deps import AgentDeps, build_deps
+from actors.agents.metrics import create_agent_metrics
+from actors.agents.recommendation import recommend
+from actors.agents.support import answer_support
+from runtime.metrics import get_metrics
+from runtime.settings import Settings
+from web import seams
+from web.adapters import BrokerModeration, ScheduleOverview
+
+JsonDict = dict[str, Any]
+
+
+class AgentRecommender:
+    """Recommendations computed in the api process (cached per customer in Redis)."""
+
+    def __init__(self, deps: AgentDeps) -> None:
+        self._deps = deps
+
+    async def recommend(self, customer_id: int, limit: int) -> JsonDict:
+        result = await recommend(self._deps, customer_id)
+        data: JsonDict = {
+            "customer_id": result.customer_id, "source": result.source,
+            "fallback_reason": result.fallback_reason, "generated_at": result.generated_at,
+            "items": [asdict(item) for item in result.items[:limit]],
+        }
+        return data
+
+
+class AgentSupportDesk:
+    """Support answers; each interaction is logged by the agent."""
+
+    def __init__(self, deps: AgentDeps) -> None:
+        self._deps = deps
+
+    async def ask(self, customer_id: int, question: str) -> JsonDict:
+        answer = await answer_support(self._deps, customer_id, question)
+        return {"id": answer.interaction_id, "answer": answer.answer, "source": answer.source,
+                "source_detail": answer.source_detail}
+
+
+def plug_seams(app: web.Application, settings: Settings, pool: asyncpg.Pool,
+               redis: aioredis.Redis, broker: RedisBroker) -> None:
+    """Set every seam this process can serve (call once the resources are open)."""
+    get_metrics(settings)  # multiprocess mode first, so the agents' metrics are summed too
+    deps = build_deps(settings, pool, redis, create_agent_metrics(CollectorRegistry(auto_describe=False)))
+    app[seams.RECOMMENDER] = AgentRecommender(deps)
+    app[seams.SUPPORT_DESK] = AgentSupportDesk(deps)
+    app[seams.SCHEDULES] = ScheduleOverview(redis, settings)
+    app[seams.REVIEW_MODERATION] = BrokerModeration(broker)
