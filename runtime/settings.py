@@ -230,11 +230,6 @@ def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
 def _pairs_text(pairs: tuple[tuple[str, float], ...]) -> str:
     """The ``queue=number,...`` form :func:`_pairs` reads."""
     return ",".join(f"{key}={value:g}" for key, value in pairs)
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = (env.get(name) or default).strip().lower()
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:

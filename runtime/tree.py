@@ -17,6 +17,7 @@ the outbox relay's field layout: ``id``, ``type``, ``payload`` (JSON),
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -267,3 +268,50 @@ def _render_children(children: list[dict[str, Any]], indent: str) -> list[str]:
                      f"{depth}")
         lines.extend(_render_children(child["children"], indent + "│   "))
     return lines
+
+
+def view_tree(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot as one tree of ``{name, kind, alive, restarts, state, children}`` nodes.
+
+    The shape the web's supervision view expects: supervisord → processes →
+    supervisors → actors (and nested supervisors), each node with its own
+    details (pid, strategy, mailbox depth) beside the common keys.
+    """
+    sd = snapshot["supervisord"]
+    processes = [_process_node(p["name"], p["state"] == "RUNNING", p["state"], p["pid"],
+                               p.get("supervisors", []))
+                 for p in snapshot["processes"]]
+    processes += [_process_node(f"{p['process']}@{p['host']}", True, "RUNNING", p["pid"],
+                                p["supervisors"])
+                  for p in snapshot["other_processes"]]
+    return {"name": "supervisord", "kind": "supervisord", "alive": bool(sd.get("reachable")),
+            "restarts": 0, "state": sd.get("state") or sd.get("error"), "at": snapshot["at"],
+            "children": processes}
+
+
+def _process_node(name: str, alive: bool, state: str, pid: int | None,
+                  supervisors: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "kind": "process", "alive": alive, "restarts": 0, "state": state,
+            "pid": pid, "children": [_supervisor_node(s) for s in supervisors]}
+
+
+def _supervisor_node(sup: dict[str, Any]) -> dict[str, Any]:
+    children = [_child_node(c) for c in sup["children"]]
+    return {"name": sup["name"], "kind": "supervisor", "alive": sup["state"] == "running",
+            "restarts": sum(c["restarts"] for c in children), "state": sup["state"],
+            "strategy": sup["strategy"], "children": children}
+
+
+def _child_node(child: dict[str, Any]) -> dict[str, Any]:
+    return {**child, "name": child["id"], "children": [_child_node(c) for c in child["children"]]}
+
+
+class SupervisionTreeView:
+    """The web's supervision seam: ``await view.tree()`` (blocking work in a thread)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def tree(self) -> dict[str, Any]:
+        """supervisord's processes and each one's supervisors and actors, as one tree."""
+        return view_tree(await asyncio.to_thread(tree_snapshot, self._settings))

@@ -13,7 +13,13 @@ from prometheus_client import CollectorRegistry
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, build_supervision_metrics
 from runtime.supervisor_events import serve
-from runtime.tree import TreeReporter, redis_event_publisher, render_tree, tree_snapshot
+from runtime.tree import (
+    TreeReporter,
+    redis_event_publisher,
+    render_tree,
+    tree_snapshot,
+    view_tree,
+)
 
 from .helpers import Events, Journal, Worker
 
@@ -84,6 +90,14 @@ def test_processes_publish_their_tree_and_the_view_merges_it(settings: Settings)
     assert root["children"][0] | {"mailbox_depth": 0} == {
         "id": "reserver", "alive": True, "restarts": 0, "state": "running", "kind": "actor",
         "mailbox_depth": 0, "mailbox_size": 100, "last_exit": None, "children": []}
+    view = view_tree(snapshot)
+    assert (view["kind"], view["alive"]) == ("supervisord", False)
+    (proc_node,) = view["children"]
+    assert proc_node["kind"] == "process" and proc_node["name"].startswith("inventory-worker@")
+    (sup_node,) = proc_node["children"]
+    assert (sup_node["name"], sup_node["kind"], sup_node["restarts"]) == (
+        "inventory-worker-root", "supervisor", 0)
+    assert sup_node["children"][0]["name"] == "reserver"
     text = render_tree(snapshot)
     assert "inventory-worker-root [one_for_one, running]" in text
     assert "reserver running restarts 0 mailbox 0/100" in text
