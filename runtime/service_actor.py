@@ -11,18 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import pykka
-
+from runtime.actor import MailboxConfig, SupervisedActor
 from runtime.loop import LoopBridge
 
 Handler = Callable[[Any], Coroutine[Any, Any, Any]]
 
 
-class ServiceActor(pykka.ThreadingActor):
-    """Runs ``handler(message)`` for each message; runs in its own thread."""
+class ServiceActor(SupervisedActor):
+    """Runs ``handler(message)`` for each message; runs in its own thread.
 
-    def __init__(self, name: str, handler: Handler, bridge: LoopBridge, timeout_s: float) -> None:
-        super().__init__()
+    A bounded mailbox; an unexpected (non-ShopflowError) exception crashes it:
+    the asker gets ActorCrashed (retried by Dramatiq) and the supervisor restarts it.
+    """
+
+    def __init__(self, name: str, handler: Handler, bridge: LoopBridge, timeout_s: float,
+                 mailbox: MailboxConfig | None = None) -> None:
+        super().__init__(mailbox=mailbox)
         self.name = name
         self._handler = handler
         self._bridge = bridge

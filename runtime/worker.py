@@ -26,7 +26,9 @@ from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
 from runtime.scheduling.middleware import ensure_scheduled_run_middleware
 from runtime.settings import Settings
-from runtime.supervision import ChildSpec, Supervisor
+from runtime.metrics import get_metrics
+from runtime.root import SharedSupervisionMetrics, attach_process_supervision
+from runtime.supervision import ChildSpec, Supervisor, supervisor_options
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,12 @@ def _escalated(exc: BaseException) -> None:
     os._exit(EXIT_ESCALATED)
 
 
-def build_root(name: str, concerns: Sequence[Concern]) -> Supervisor:
+def build_root(name: str, concerns: Sequence[Concern],
+               settings: Settings | None = None) -> Supervisor:
     """The process's root supervisor over every concern's children, in order."""
     children = [child for concern in concerns for child in concern.children]
-    return Supervisor(f"{name}-root", children, on_escalate=_escalated)
+    options = supervisor_options(settings) if settings is not None else {}
+    return Supervisor(f"{name}-root", children, on_escalate=_escalated, **options)
 
 
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:
@@ -96,7 +100,11 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     ensure_scheduled_run_middleware(ctx.broker, settings.redis_url or "", settings.namespace)
     concerns = factory(ctx)
     queues = {q for c in concerns for q in c.queues}
-    root = build_root(name, concerns).start()
+    root = build_root(name, concerns, settings)
+    reporting = attach_process_supervision(
+        settings, name, root, SharedSupervisionMetrics(get_metrics(settings)))
+    root.start()
+    reporting.start()
     timeout_s = settings.actor_ask_timeout_s
     for concern in concerns:
         concern.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, timeout_s))
@@ -111,6 +119,7 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     log.info("worker %s stopping", name)
     worker.stop(timeout=GRACEFUL_STOP_MS)
     root.stop()
+    reporting.stop()
     ctx.stop()
     log.info("worker %s stopped", name)
     return 0
