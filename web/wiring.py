@@ -23,6 +23,7 @@ from actors.agents.recommendation import recommend
 from actors.agents.support import answer_support
 from runtime.metrics import get_metrics
 from runtime.settings import Settings
+from runtime.tree import SupervisionTreeView
 from web import seams
 from web.adapters import BrokerModeration, ScheduleOverview
 
@@ -65,4 +66,5 @@ def plug_seams(app: web.Application, settings: Settings, pool: asyncpg.Pool,
     app[seams.RECOMMENDER] = AgentRecommender(deps)
     app[seams.SUPPORT_DESK] = AgentSupportDesk(deps)
     app[seams.SCHEDULES] = ScheduleOverview(redis, settings)
+    app[seams.SUPERVISION] = SupervisionTreeView(settings)
     app[seams.REVIEW_MODERATION] = BrokerModeration(broker)
