@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 from dramatiq.brokers.redis import RedisBroker
+from prometheus_client import CollectorRegistry
 
 from actors.agents.deps import AgentDeps, build_deps
 from actors.agents.metrics import create_agent_metrics
