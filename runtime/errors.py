@@ -186,3 +186,14 @@ class SupervisorStartError(ShopflowError):
 
 class SupervisorGaveUp(ShopflowError):
     """Children restarted more than MaxR times in MaxT seconds; the supervisor escalates."""
+
+
+# --- jobs ---
+
+
+class JobCancelled(ShopflowError):
+    """Control signal: the job saw a cancellation request and stopped; not a failure.
+
+    A job raises it (``current_job().check_cancelled()``) after cleaning up;
+    the job ends ``cancelled`` and is not retried.
+    """

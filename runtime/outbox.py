@@ -31,6 +31,7 @@ import dramatiq
 import redis.asyncio as aioredis
 
 from runtime.broker import enqueue_job
+from runtime.errors import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +144,19 @@ class OutboxRelay:
             pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
                       maxlen=STREAM_MAXLEN, approximate=True)
         await pipe.execute()
-        jobs = [row.job for row in rows if row.job]
+        jobs = [(row.id, 0, row.job) for row in rows if row.job]
         if jobs:
             await asyncio.to_thread(self._enqueue_all, jobs)
 
-    def _enqueue_all(self, jobs: list[dict[str, Any]]) -> None:
-        for job in jobs:
-            enqueue_job(self._broker, job)
+    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]) -> None:
+        """Enqueue each row's job under an id derived from the row, never blocking.
+
+        A row published twice (a crash after publishing, before marking) finds
+        its job already there; a full queue raises QueueFull, which leaves the
+        batch unmarked for the next round instead of stalling the relay.
+        """
+        for row_id, n, job in jobs:
+            enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False)
 
     async def run(self) -> None:
         """Relay forever: wake on NOTIFY, poll as a safety net, back off on errors."""
@@ -161,11 +168,12 @@ class OutboxRelay:
                 try:
                     while await self.publish_batch() == RELAY_BATCH:
                         pass
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError,
+                        QueueFull) as exc:
                     log.warning("outbox relay could not publish, will retry: %s", exc)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._wake.clear()
         finally:

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
-from dramatiq.brokers.redis import RedisBroker
 
 from runtime import db
 from runtime.broker import setup_broker
+from runtime.jobs.broker import JobBroker
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 
@@ -32,7 +32,7 @@ class ProcessContext:
     bridge: LoopBridge
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    broker: RedisBroker
+    broker: JobBroker
 
     @classmethod
     def start(cls, settings: Settings, pool_size: int = 10) -> ProcessContext:

@@ -39,8 +39,25 @@ DEFAULT_ACTOR_ASK_TIMEOUT_S = 60.0
 DEFAULT_MAILBOX_SIZE = 100
 # A worker silent for this long is presumed dead and its jobs are redelivered.
 DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS = 30_000
-# Out of a million broker commands, how many also run the dead-worker sweep.
-DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
+# --- jobs (runtime/jobs) ---
+# Every worker's keeper beats, renews limit leases and sweeps dead workers this often.
+DEFAULT_JOB_SWEEP_INTERVAL_S = 5.0
+# A job that has killed its worker this many times is quarantined (poison pill).
+DEFAULT_JOB_POISON_DEATHS = 3
+# Finished jobs kept per queue, as the original (Bull's removeOnComplete 100 / removeOnFail 500).
+DEFAULT_JOB_KEEP_COMPLETED = 100
+DEFAULT_JOB_KEEP_FAILED = 500
+# A finished job id blocks re-sends under the same id this long.
+DEFAULT_JOB_DEDUP_S = 24 * 3600
+# A job held back by a concurrency or rate limit waits this long in its worker, then requeues.
+DEFAULT_JOB_LIMIT_WAIT_MS = 1_000
+# An idle consumer blocks on its queue's wake-up list this long before looking again.
+DEFAULT_WORKER_IDLE_TIMEOUT_MS = 1_000
+# Queue bounds: 0 = unbounded; a producer facing a full queue waits ("block") up to the
+# timeout or gets QueueFull at once ("fail").
+DEFAULT_QUEUE_MAX_LENGTH = 0
+DEFAULT_QUEUE_FULL_POLICY = "block"
+DEFAULT_QUEUE_FULL_TIMEOUT_S = 5.0
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
 # --- observability ---
@@ -298,7 +315,18 @@ class Settings:
     actor_ask_timeout_s: float = DEFAULT_ACTOR_ASK_TIMEOUT_S
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     broker_heartbeat_timeout_ms: int = DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS
-    broker_maintenance_chance: int = DEFAULT_BROKER_MAINTENANCE_CHANCE
+    job_sweep_interval_s: float = DEFAULT_JOB_SWEEP_INTERVAL_S
+    job_poison_deaths: int = DEFAULT_JOB_POISON_DEATHS
+    job_keep_completed: int = DEFAULT_JOB_KEEP_COMPLETED
+    job_keep_failed: int = DEFAULT_JOB_KEEP_FAILED
+    job_dedup_s: int = DEFAULT_JOB_DEDUP_S
+    job_limit_wait_ms: int = DEFAULT_JOB_LIMIT_WAIT_MS
+    worker_idle_timeout_ms: int = DEFAULT_WORKER_IDLE_TIMEOUT_MS
+    queue_max_length: int = DEFAULT_QUEUE_MAX_LENGTH
+    # Per-queue bounds: ((queue, max), ...), sorted; tuples keep Settings hashable.
+    queue_max_lengths: tuple[tuple[str, float], ...] = ()
+    queue_full_policy: str = DEFAULT_QUEUE_FULL_POLICY
+    queue_full_timeout_s: float = DEFAULT_QUEUE_FULL_TIMEOUT_S
     outbox_poll_s: float = DEFAULT_OUTBOX_POLL_S
     sendgrid_api_key: str | None = None
     anthropic_api_key: str | None = None
@@ -434,9 +462,21 @@ class Settings:
             broker_heartbeat_timeout_ms=_int(
                 e, "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS", DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS, 1000
             ),
-            broker_maintenance_chance=_int(
-                e, "SHOPFLOW_BROKER_MAINTENANCE_CHANCE", DEFAULT_BROKER_MAINTENANCE_CHANCE, 0
-            ),
+            job_sweep_interval_s=_float(e, "SHOPFLOW_JOB_SWEEP_INTERVAL_S",
+                                        DEFAULT_JOB_SWEEP_INTERVAL_S),
+            job_poison_deaths=_int(e, "SHOPFLOW_JOB_POISON_DEATHS", DEFAULT_JOB_POISON_DEATHS, 1),
+            job_keep_completed=_int(e, "SHOPFLOW_JOB_KEEP_COMPLETED", DEFAULT_JOB_KEEP_COMPLETED, 0),
+            job_keep_failed=_int(e, "SHOPFLOW_JOB_KEEP_FAILED", DEFAULT_JOB_KEEP_FAILED, 0),
+            job_dedup_s=_int(e, "SHOPFLOW_JOB_DEDUP_S", DEFAULT_JOB_DEDUP_S, 0),
+            job_limit_wait_ms=_int(e, "SHOPFLOW_JOB_LIMIT_WAIT_MS", DEFAULT_JOB_LIMIT_WAIT_MS, 0),
+            worker_idle_timeout_ms=_int(e, "SHOPFLOW_WORKER_IDLE_TIMEOUT_MS",
+                                        DEFAULT_WORKER_IDLE_TIMEOUT_MS, 10),
+            queue_max_length=_int(e, "SHOPFLOW_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH, 0),
+            queue_max_lengths=_pairs(e, "SHOPFLOW_QUEUE_MAX_LENGTHS"),
+            queue_full_policy=_choice(e, "SHOPFLOW_QUEUE_FULL_POLICY", DEFAULT_QUEUE_FULL_POLICY,
+                                      ("block", "fail")),
+            queue_full_timeout_s=_float(e, "SHOPFLOW_QUEUE_FULL_TIMEOUT_S",
+                                        DEFAULT_QUEUE_FULL_TIMEOUT_S),
             outbox_poll_s=_float(e, "SHOPFLOW_OUTBOX_POLL_S", DEFAULT_OUTBOX_POLL_S),
             sendgrid_api_key=_opt(e, "SENDGRID_API_KEY"),
             anthropic_api_key=_opt(e, "ANTHROPIC_API_KEY"),
@@ -640,7 +680,17 @@ class Settings:
             "SHOPFLOW_ACTOR_ASK_TIMEOUT_S": str(self.actor_ask_timeout_s),
             "SHOPFLOW_MAILBOX_SIZE": str(self.mailbox_size),
             "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS": str(self.broker_heartbeat_timeout_ms),
-            "SHOPFLOW_BROKER_MAINTENANCE_CHANCE": str(self.broker_maintenance_chance),
+            "SHOPFLOW_JOB_SWEEP_INTERVAL_S": str(self.job_sweep_interval_s),
+            "SHOPFLOW_JOB_POISON_DEATHS": str(self.job_poison_deaths),
+            "SHOPFLOW_JOB_KEEP_COMPLETED": str(self.job_keep_completed),
+            "SHOPFLOW_JOB_KEEP_FAILED": str(self.job_keep_failed),
+            "SHOPFLOW_JOB_DEDUP_S": str(self.job_dedup_s),
+            "SHOPFLOW_JOB_LIMIT_WAIT_MS": str(self.job_limit_wait_ms),
+            "SHOPFLOW_WORKER_IDLE_TIMEOUT_MS": str(self.worker_idle_timeout_ms),
+            "SHOPFLOW_QUEUE_MAX_LENGTH": str(self.queue_max_length),
+            "SHOPFLOW_QUEUE_MAX_LENGTHS": _pairs_text(self.queue_max_lengths),
+            "SHOPFLOW_QUEUE_FULL_POLICY": self.queue_full_policy,
+            "SHOPFLOW_QUEUE_FULL_TIMEOUT_S": str(self.queue_full_timeout_s),
             "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
             "SHOPFLOW_LOG_LEVEL": self.log_level,
             "SHOPFLOW_NAMESPACE": self.namespace,

@@ -119,7 +119,7 @@ def settings(servers: tuple[str, str], tmp_path: Path) -> Iterator[Settings]:
         namespace=f"sf{name}",
         job_backoff_ms=100,
         broker_heartbeat_timeout_ms=3_000,
-        broker_maintenance_chance=200_000,
+        job_sweep_interval_s=0.5,
         outbox_poll_s=0.2,
     )
     asyncio.run(drop())

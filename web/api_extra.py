@@ -20,12 +20,13 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.notifier.channels import CHANNELS, may_receive
 from actors.notifier.streams import stream_key
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.jobs.store import JOB_STATES
 from runtime.settings import Settings
-from actors.agents.moderation import submit_review as store_review_for_moderation
 from web import seams
 from web.auth import Principal, authenticate, ensure_signer, require_staff
 from web.httpkit import (
@@ -47,7 +48,8 @@ MAX_CART_QUANTITY = 1_000
 MAX_REVIEW_CHARS = 5_000
 MAX_QUESTION_CHARS = 2_000
 MAX_LIST_LIMIT = 100
-JOB_STATES = ("failed", "dead", "pending", "delayed", "succeeded")
+# A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
+MAX_JOB_ARGS = 32
 REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
 # The api's own pool, when create_app did not hand one over (small: requests are short).
 OWN_POOL_MAX = 5
@@ -327,7 +329,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    """Enqueue a failed or dead job again."""
+    """Enqueue a failed, dead or cancelled job again with fresh attempts."""
     require_staff(request)
     job_id = _job_id(request)
     if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").retry_job(job_id):
@@ -336,12 +338,66 @@ async def retry_job(request: web.Request) -> web.Response:
 
 
 async def remove_job(request: web.Request) -> web.Response:
-    """Delete a failed or dead job."""
+    """Delete a job that is not running."""
     require_staff(request)
     job_id = _job_id(request)
     if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").remove_job(job_id):
         raise NotFound(f"no job {job_id}")
     return web.Response(status=204)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a job that has not started, or ask a running one to stop."""
+    require_staff(request)
+    job_id = _job_id(request)
+    status = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").cancel_job(job_id)
+    return ok({"job_id": job_id, "status": status}, status=202)
+
+
+async def send_job(request: web.Request) -> web.Response:
+    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis."""
+    require_staff(request)
+    body = await read_json(request)
+    queue = text_value(body.get("queue"), "queue", 100)
+    actor = text_value(body.get("actor"), "actor", 200)
+    args = body.get("args", [])
+    if not isinstance(args, list) or len(args) > MAX_JOB_ARGS:
+        raise ValidationError(f"args must be a list of at most {MAX_JOB_ARGS} JSON values",
+                              field="args")
+    options = body.get("options", {})
+    if not isinstance(options, dict):
+        raise ValidationError("options must be an object of job options", field="options")
+    sent = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").send_job(
+        queue, actor, args, options)
+    return ok(sent, status=200 if sent.get("duplicate") else 201)
+
+
+def _queue(request: web.Request) -> str:
+    return text_value(request.match_info["queue"], "queue", 100)
+
+
+async def pause_queue(request: web.Request) -> web.Response:
+    """Stop workers taking jobs of a queue; producers may still send."""
+    require_staff(request)
+    queue = _queue(request)
+    changed = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").pause_queue(queue)
+    return ok({"queue": queue, "paused": True, "changed": changed})
+
+
+async def resume_queue(request: web.Request) -> web.Response:
+    """Let workers take jobs of a queue again."""
+    require_staff(request)
+    queue = _queue(request)
+    changed = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").resume_queue(queue)
+    return ok({"queue": queue, "paused": False, "changed": changed})
+
+
+async def empty_dead(request: web.Request) -> web.Response:
+    """Delete the dead (quarantined) jobs of a queue."""
+    require_staff(request)
+    queue = _queue(request)
+    deleted = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").empty_dead(queue)
+    return ok({"queue": queue, "deleted": deleted})
 
 
 async def list_schedules(request: web.Request) -> web.Response:
@@ -416,9 +472,14 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/support/questions", list_support),
     ("GET", "/customers/{customer_id}/recommendations", get_recommendations),
     ("GET", "/queues", list_queues),
+    ("POST", "/queues/{queue}/pause", pause_queue),
+    ("POST", "/queues/{queue}/resume", resume_queue),
+    ("DELETE", "/queues/{queue}/dead", empty_dead),
     ("GET", "/jobs", list_jobs),
+    ("POST", "/jobs", send_job),
     ("GET", "/jobs/{job_id}", get_job),
     ("POST", "/jobs/{job_id}/retry", retry_job),
+    ("POST", "/jobs/{job_id}/cancel", cancel_job),
     ("DELETE", "/jobs/{job_id}", remove_job),
     ("GET", "/schedules", list_schedules),
     ("GET", "/supervision", get_supervision),

@@ -18,16 +18,23 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from dramatiq.brokers.redis import RedisBroker
 
 from actors.orders import workflow
 from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
-from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, Unauthenticated, ValidationError
-from runtime.observability import metrics_handler
+from runtime.errors import (
+    Conflict,
+    Forbidden,
+    NotAvailable,
+    NotFound,
+    Unauthenticated,
+    ValidationError,
+)
+from runtime.jobs.broker import JobBroker
 from runtime.metrics import get_metrics
+from runtime.observability import metrics_handler
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
@@ -41,7 +48,7 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
-BROKER = web.AppKey("broker", RedisBroker)
+BROKER = web.AppKey("broker", JobBroker)
 # Request bodies above this are refused with 413 before they are read.
 MAX_BODY_BYTES = 64 * 1024
 
