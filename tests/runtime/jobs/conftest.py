@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dramatiq
 import pytest
@@ -17,6 +17,8 @@ from runtime.jobs.hooks import JobEvent
 from runtime.jobs.store import JobStore
 from runtime.jobs.worker import make_worker
 from runtime.settings import Settings
+
+from .procs import Workers
 
 
 @dataclass
@@ -79,7 +81,21 @@ def running(broker: JobBroker) -> Callable[..., object]:
 
 
 @pytest.fixture
-async def store(settings: Settings, broker: JobBroker) -> JobStore:
+async def store(settings: Settings, broker: JobBroker) -> AsyncIterator[JobStore]:
     client = aioredis.Redis.from_url(settings.redis_url or "")
     yield JobStore(client, broker.keys, ALL_QUEUES, broker.config.bounds)
     await client.aclose()
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    """Short heartbeats and sweeps, so a dead worker is noticed in about two seconds."""
+    return replace(settings, broker_heartbeat_timeout_ms=1_500, job_sweep_interval_s=0.25,
+                   job_poison_deaths=3)
+
+
+@pytest.fixture
+def workers(fast: Settings) -> Iterator[Workers]:
+    w = Workers(fast)
+    yield w
+    w.stop_all()
