@@ -9,7 +9,14 @@ defined notion of *crash*, which pykka does not have:
 - an exception escaping a handler for an ``ask`` is, by default, a **crash**
   unless it is a :class:`~runtime.errors.ShopflowError` (a domain or job error
   the caller must see: validation, not found, conflict, permanent/transient
-  job errors). On a crash the asker gets :class:`~runtime.errors.ActorCrashed`
+  job errors) or an **infrastructure error** (a connection error of asyncpg,
+  redis or the OS, as :func:`runtime.broker.is_infrastructure_error` lists
+  them): a server that is away is not the actor's fault and a restart would
+  not bring it back, so the asker gets
+  :class:`~runtime.errors.InfrastructureUnavailable` (a transient job error,
+  the driver's error as ``__cause__``) and the actor lives on; a PostgreSQL
+  outage therefore cannot use up a supervisor's restart intensity and end the
+  process. On a crash the asker gets :class:`~runtime.errors.ActorCrashed`
   (an ``ActorUnavailable``, hence a transient job error) with the original
   exception as ``__cause__``: the thin Dramatiq actor raises, Dramatiq does
   not acknowledge the message as done and retries it under its attempts and
@@ -41,7 +48,8 @@ import pykka
 from pykka import ActorRegistry, messages
 from pykka._threading import ThreadingFuture
 
-from runtime.errors import ActorCrashed, ShopflowError
+from runtime.broker import is_infrastructure_error
+from runtime.errors import ActorCrashed, InfrastructureUnavailable, ShopflowError
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
 from runtime.settings import Settings
@@ -91,7 +99,28 @@ class _CrashPolicy:
             return True
         if not asked:
             return True
-        return not isinstance(exc, ShopflowError)
+        return not (isinstance(exc, ShopflowError) or is_infrastructure_error(exc))
+
+    def error_for_asker(self, exc: BaseException) -> BaseException:
+        """What the asker gets for a handler error that is not a crash.
+
+        Domain and job errors go back as they are; an infrastructure error is
+        translated to :class:`InfrastructureUnavailable` with the driver's
+        error as ``__cause__`` (the retry layer reads it), so the thin
+        Dramatiq actor retries the job later instead of failing it as broken.
+        """
+        if isinstance(exc, ShopflowError) or not is_infrastructure_error(exc):
+            return exc
+        log.warning("actor %s: a server is unavailable (%r); the asker will retry",
+                    self.actor_ref, exc)
+        error = InfrastructureUnavailable(f"{self.actor_ref}: server unavailable: {exc!r}")
+        error.__cause__ = exc
+        return error
+
+    def _answer_not_crash(self, reply_to: Any, exc: BaseException) -> None:
+        """Hand a non-crash handler error back to the asker; the actor lives on."""
+        error = self.error_for_asker(exc)
+        reply_to.set_exception(exc_info=(type(error), error, error.__traceback__))
 
     def fail(self, reason: str) -> None:
         """Mark this actor failed from inside a handler: it crashes and is restarted."""
@@ -150,7 +179,7 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
             except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
-                    envelope.reply_to.set_exception()
+                    self._answer_not_crash(envelope.reply_to, exc)
                     continue
                 self._record_crash("crash", exc, envelope.reply_to)
                 self._call_on_failure()
@@ -240,7 +269,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
             response = await self._dispatch(envelope.message)
         except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
-                envelope.reply_to.set_exception()
+                self._answer_not_crash(envelope.reply_to, exc)
                 return
             self._record_crash("crash", exc, envelope.reply_to)
             await self._safe_on_failure(exc)
