@@ -1,8 +1,10 @@
 """The aiohttp application: HTTP API, health, and the outbox relay of this api process.
 
 ``create_app(settings)`` builds a fresh app; resources (database pool, Redis,
-broker, relay task) are opened and closed in ``cleanup_ctx``. Handlers only
-parse, call the order workflow and translate domain errors to HTTP answers.
+broker) are opened and closed in ``cleanup_ctx``; the outbox relay and the
+notifier are actors under the process's root supervisor
+(:mod:`web.supervision`). Handlers only parse, call the order workflow and
+translate domain errors to HTTP answers.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pykka
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from actors.orders import workflow
 from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
+from runtime.actor import TaskActor
 from runtime.broker import setup_broker
 from runtime.cli import add_command
 from runtime.errors import (
@@ -33,14 +37,17 @@ from runtime.errors import (
     ValidationError,
 )
 from runtime.jobs.broker import JobBroker
+from runtime.loop import LoopBridge
 from runtime.metrics import get_metrics
 from runtime.observability import metrics_handler
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart
 from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
 from web.dashboard import setup_dashboard
 from web.realtime import setup_realtime
+from web.supervision import add_child, exit_on_escalation, use_shared_metrics
 from web.wiring import plug_seams
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,8 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 BROKER = web.AppKey("broker", JobBroker)
 # Request bodies above this are refused with 413 before they are read.
 MAX_BODY_BYTES = 64 * 1024
+# The outbox relay's id under the api's root supervisor.
+RELAY_CHILD = "outbox-relay"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -131,7 +140,7 @@ async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
     try:
         await asyncio.wait_for(check, timeout=2.0)
         return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-    except Exception as exc:  # a health check reports every failure as data
+    except Exception as exc:  # noqa: BLE001 - a health check reports every failure as data
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -166,7 +175,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].close()
 
 
-async def _relay(app: web.Application) -> AsyncIterator[None]:
+def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The outbox relay as a supervised async actor: ``OutboxRelay.run`` is its life.
+
+    Outages of PostgreSQL and Redis are ridden out inside ``run()``; anything
+    else escaping it (a bug, a row it cannot handle) crashes the actor and the
+    root restarts it with a fresh relay: a log line, a metric and an event,
+    never a task that silently stopped. Unpublished rows wait in the outbox.
+    """
     settings = app[SETTINGS]
     _, database_url = settings.require_urls()
     metrics = get_metrics(settings)
@@ -177,15 +193,12 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
         oldest = min(row.created_at for row in rows)
         metrics.outbox_lag.set((now_utc() - oldest).total_seconds())
 
-    relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
-                        settings.outbox_poll_s, on_published=on_published)
-    task = asyncio.create_task(relay.run(), name="outbox-relay")
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    def start() -> pykka.ActorRef[Any]:
+        relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
+                            settings.outbox_poll_s, on_published=on_published)
+        return TaskActor.start(bridge, RELAY_CHILD, relay.run)
+
+    return ChildSpec(RELAY_CHILD, start, Restart.PERMANENT)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -193,7 +206,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
-    app.cleanup_ctx.append(_relay)
+    use_shared_metrics(app, settings)
+    add_child(app, settings, relay_child)  # the api's root supervisor, with the notifier
     app.router.add_post("/api/v1/orders", create_order)
     app.router.add_get("/api/v1/orders/{order_id}", get_order)
     app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
@@ -208,6 +222,7 @@ def create_app(settings: Settings) -> web.Application:
 def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     settings = embedded.ensure_services(settings)
     app = create_app(settings)
+    exit_on_escalation(app, settings)  # root gave up: exit 70, supervisord restarts us
     web.run_app(app, host=settings.http_host, port=settings.http_port, reuse_port=True,
                 print=None, access_log=None, shutdown_timeout=10)
     return 0

@@ -34,9 +34,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from actors.notifier.channels import CHANNELS, FILTER_FIELDS, STAFF_ONLY, Viewer, may_subscribe
 from actors.notifier.notifier import Notifier, Resync
 from actors.notifier.streams import StreamId, parse_id
+from runtime.actor import TaskActor
 from runtime.errors import Unauthenticated
+from runtime.loop import LoopBridge
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart
 from web.auth import Principal, bearer_token, ensure_signer
+from web.supervision import add_child
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ BACKLOG_PUT_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 # How long the process waits for the notifier to learn where the streams end.
 READY_TIMEOUT_S = 10.0
+# The notifier's id under the api's root supervisor.
+NOTIFIER_CHILD = "notifier"
 
 NOTIFIER_KEY = web.AppKey("notifier", Notifier)
 CONNECTIONS_KEY = web.AppKey("ws_connections", set)
@@ -340,16 +346,19 @@ async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
 
 
 def setup_realtime(app: web.Application, settings: Settings) -> None:
-    """Add ``GET /ws`` and the notifier actor (started and stopped with the app)."""
+    """Add ``GET /ws`` and the notifier actor (a child of the api's root supervisor)."""
     ensure_signer(app, settings)
     app[WS_SETTINGS_KEY] = settings
     app[CONNECTIONS_KEY] = set()
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_notifier_ctx(settings))
     app.on_shutdown.append(_close_connections)
+    add_child(app, settings, notifier_child)
 
 
 def _notifier_ctx(settings: Settings) -> Any:
+    """The notifier's Redis client and state, open for the app's life (its actor runs it)."""
+
     async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
         redis_url, _ = settings.require_urls()
         client = aioredis.Redis.from_url(
@@ -357,24 +366,41 @@ def _notifier_ctx(settings: Settings) -> Any:
             socket_timeout=settings.notifier_block_ms / 1000 + 5, socket_connect_timeout=2,
         )
         signer = ensure_signer(app, settings)
-        notifier = Notifier(
+        app[NOTIFIER_KEY] = Notifier(
             client, settings.namespace, block_ms=settings.notifier_block_ms,
             expired=lambda viewer: isinstance(viewer, Principal) and viewer.expired(
                 signer.now_s()),
         )
-        app[NOTIFIER_KEY] = notifier
-        task = asyncio.create_task(run_supervised(notifier), name="notifier")
-        with contextlib.suppress(TimeoutError):
-            await notifier.wait_ready(READY_TIMEOUT_S)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await client.aclose()
 
     return notifier_ctx
+
+
+def notifier_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The notifier as a supervised async actor: ``Notifier.run`` is its life.
+
+    Redis outages are ridden out inside ``run()``; anything else escaping it
+    crashes the actor and the root restarts it (log line, metric, event). The
+    ``Notifier`` object outlives its incarnations: a restart resumes tailing
+    from the cursors it had and keeps the connections' subscriptions, so no
+    client notices beyond the event that broke it. Its start waits (at most
+    :data:`READY_TIMEOUT_S`) until the stream ends are known, so ``/ws``
+    serves subscriptions at once.
+    """
+    notifier = app[NOTIFIER_KEY]
+
+    async def ready() -> None:
+        with contextlib.suppress(TimeoutError):  # Redis is away: run() keeps trying
+            await notifier.wait_ready(READY_TIMEOUT_S)
+
+    return ChildSpec(
+        NOTIFIER_CHILD,
+        lambda: TaskActor.start(bridge, NOTIFIER_CHILD, notifier.run, ready=ready),
+        Restart.PERMANENT, start_timeout_s=READY_TIMEOUT_S + 5,
+    )
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -383,29 +409,6 @@ async def _close_connections(app: web.Application) -> None:
     for conn in conns:
         conn.refuse(CLOSE_GOING_AWAY, "server shutting down")
     await asyncio.gather(*(c.finish() for c in conns), return_exceptions=True)
-
-
-async def run_supervised(notifier: Notifier, max_restarts: int = 5,
-                         within_s: float = 60.0) -> None:
-    """The notifier's supervisor: restart it after a crash, give up past MaxR in MaxT.
-
-    Redis outages are handled inside ``run()``; this catches bugs, logs each
-    restart, and escalates (re-raises) if the actor keeps dying.
-    """
-    loop = asyncio.get_running_loop()
-    crashes: list[float] = []
-    while True:
-        try:
-            await notifier.run()
-            return
-        except Exception:
-            now = loop.time()
-            crashes = [t for t in crashes if now - t < within_s] + [now]
-            if len(crashes) > max_restarts:
-                log.critical("notifier crashed %d times in %.0fs; giving up", len(crashes),
-                             within_s)
-                raise
-            log.exception("notifier crashed; restarting it (restart %d)", len(crashes))
 
 
 __all__ = ["NOTIFIER_KEY", "WSCloseCode", "setup_realtime"]

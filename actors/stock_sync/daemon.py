@@ -7,9 +7,13 @@ Process layout (one OS process under supervisord, program ``stock-sync``):
   ticks it missed rather than bunch runs together. It owns SIGTERM/SIGINT.
 - the **StockSyncActor** (a pykka thread) is asked to run one sync per tick,
   through the process's root :class:`runtime.supervision.Supervisor`
-  (child ``stock-syncer``, restart type permanent): a crashed actor is
-  restarted on the next tick; when the supervisor gives up it escalates and
-  the process exits with ``EXIT_ESCALATED`` so supervisord restarts it.
+  (``stock-sync-root``, child ``stock-syncer``, restart type permanent): a
+  crashed actor is restarted on the next tick; when the supervisor gives up
+  it escalates and the process exits with code 70 so supervisord restarts it.
+  The root is wired like a worker's
+  (:func:`runtime.root.attach_process_supervision`): every restart is a log
+  line, an event in Redis and a metric, and the tree is published for
+  ``shopflow tree``.
 - the **loop thread** (:class:`runtime.loop.LoopBridge`) owns every async
   resource: the asyncpg pool, the aiohttp session, and, when no
   ``WAREHOUSE_URL`` is set, the warehouse simulator the syncer talks to.
@@ -24,7 +28,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -43,14 +46,20 @@ from actors.stock_sync.metrics import StockSyncMetrics, build_metrics
 from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
+from runtime.actor import SupervisedActor
 from runtime.circuit import CircuitBreaker
 from runtime.errors import ActorUnavailable, ServiceError
 from runtime.http import RetryPolicy
 from runtime.loop import LoopBridge
 from runtime.metrics import Metrics, get_metrics, render_metrics
+from runtime.root import (
+    ProcessSupervision,
+    SharedSupervisionMetrics,
+    attach_process_supervision,
+    exit_process_on_escalate,
+)
 from runtime.settings import Settings
-from runtime.supervision import ChildSpec, Restart, Supervisor
-from runtime.worker import EXIT_ESCALATED
+from runtime.supervision import ChildSpec, EscalationHook, MetricsSink, Restart, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,8 @@ ASK_MARGIN_S = 5.0
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 CHILD_ID = "stock-syncer"
+# The daemon's name in the supervision tree (``shopflow tree``).
+PROCESS_NAME = "stock-sync"
 # The simulator's seed when the runtime starts it itself.
 SIMULATOR_SEED = 7
 
@@ -72,11 +83,13 @@ class SyncNow:
     """Message: run one sync and answer with its :class:`SyncReport`."""
 
 
-class StockSyncActor(pykka.ThreadingActor):
-    """Thin actor around :func:`sync_once`; its mailbox serialises runs.
+class StockSyncActor(SupervisedActor):
+    """Thin actor around :func:`sync_once`; its (bounded) mailbox serialises runs.
 
     ``on_receive`` runs in the actor's own thread and hands the coroutine to
-    the process's loop through the bridge.
+    the process's loop through the bridge. A bug escaping it crashes the actor
+    (the supervisor restarts it, with the cause in the restart's reason); a
+    database outage goes back to the daemon as a failed run.
     """
 
     def __init__(self, bridge: LoopBridge, deps: SyncDeps, ask_timeout_s: float) -> None:
@@ -185,9 +198,14 @@ class StockSyncDaemon:
     stop: threading.Event = field(default_factory=threading.Event)
     on_run: Callable[[RunRecord], None] | None = None
     clock: Callable[[], float] = time.monotonic
+    # Where restarts are counted (the shared metrics in production, see build_daemon).
+    supervision_metrics: MetricsSink | None = None
+    # What a root that gave up does: end the process with exit code 70 (tests record it).
+    on_escalate: EscalationHook = field(default_factory=exit_process_on_escalate)
     breaker: CircuitBreaker = field(init=False)
     health: SyncHealth = field(init=False)
     root: Supervisor = field(init=False)
+    reporting: ProcessSupervision = field(init=False)
     _overdue: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -200,8 +218,16 @@ class StockSyncDaemon:
         child = ChildSpec(CHILD_ID, lambda: StockSyncActor.start(
             self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S), Restart.PERMANENT,
             shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
-        self.root = Supervisor("stock-sync-root", [child], max_restarts=MAX_RESTARTS,
-                               max_seconds=RESTART_WINDOW_S, on_escalate=_escalated).start()
+        self.root = Supervisor(f"{PROCESS_NAME}-root", [child], max_restarts=MAX_RESTARTS,
+                               max_seconds=RESTART_WINDOW_S, on_escalate=self.on_escalate)
+        self.reporting = attach_process_supervision(s, PROCESS_NAME, self.root,
+                                                    self.supervision_metrics)
+        try:
+            self.root.start()
+        except BaseException:
+            self.reporting.stop()
+            raise
+        self.reporting.start()
 
     @property
     def budget_s(self) -> float:
@@ -267,14 +293,10 @@ class StockSyncDaemon:
         return 0
 
     def close(self) -> None:
-        """Stop the supervision tree, then close the loop's resources."""
+        """Stop the supervision tree and its reporting, then close the loop's resources."""
         self.root.stop()
+        self.reporting.stop()
         self.bridge.run(self.resources.close(), timeout_s=10)
-
-
-def _escalated(exc: BaseException) -> None:
-    log.critical("stock-sync root supervisor gave up; exiting so supervisord restarts us: %s", exc)
-    os._exit(EXIT_ESCALATED)
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBridge,
@@ -282,10 +304,12 @@ def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBr
     """Open the resources on ``bridge`` and build the daemon (not yet running).
 
     ``shared`` is the process's :func:`runtime.metrics.get_metrics` object in
-    production (the api's ``/metrics`` sums it with every other process);
-    tests leave it out and read ``registry``.
+    production (the api's ``/metrics`` sums it with every other process,
+    supervision's restarts included); tests leave it out and read ``registry``.
     """
     resources = bridge.run(open_resources(settings), timeout_s=30)
+    if shared is not None:
+        kwargs.setdefault("supervision_metrics", SharedSupervisionMetrics(shared))
     return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared), **kwargs)
 
 

@@ -20,6 +20,7 @@ import redis
 from runtime.errors import (
     Busy,
     ExternalServiceError,
+    InfrastructureUnavailable,
     OutcomeUnknown,
     PermanentJobError,
 )
@@ -33,6 +34,7 @@ MAX_HONOURED_RETRY_AFTER_S = 3_600.0
 # being reconciled) or "someone else holds this work right now", not "this job is wrong".
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     Busy,
+    InfrastructureUnavailable,  # an actor's handler met one of the errors below
     ExternalServiceError,
     OutcomeUnknown,
     ConnectionError,

@@ -7,18 +7,30 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 
 import asyncpg
 import pykka
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 
-from actors.stock_sync.daemon import RunRecord, StockSyncActor, StockSyncDaemon, build_daemon
+from actors.stock_sync.daemon import (
+    CHILD_ID,
+    PROCESS_NAME,
+    RunRecord,
+    StockSyncActor,
+    StockSyncDaemon,
+    build_daemon,
+)
+from runtime.errors import ActorUnavailable
 from runtime.loop import LoopBridge
 from runtime.metrics import render_metrics
 from runtime.settings import Settings
+from runtime.tree import process_key
 from tests.actors.stock_sync.conftest import Warehouse, link_products
+from tests.support import next_supervision_event, published_root
 
 
 def _daemon_settings(settings: Settings, warehouse: Warehouse, interval_s: float) -> Settings:
@@ -101,14 +113,51 @@ async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
     daemon = await asyncio.to_thread(build_daemon, _daemon_settings(settings, warehouse, 1.0),
                                      CollectorRegistry(), bridge)
     try:
+        # The tree is published for `shopflow tree`, like a worker's.
+        root = await asyncio.to_thread(published_root, settings, PROCESS_NAME)
+        assert root["name"] == "stock-sync-root"
+        assert [c["id"] for c in root["children"]] == [CHILD_ID]
         first = await asyncio.to_thread(daemon.run_once)
         [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
         ref.tell("not a message it knows")  # raises in on_receive: the actor crashes
         await asyncio.to_thread(ref.actor_stopped.wait, 10)
+        # The restart is an event in Redis, not only a log line.
+        restart = await asyncio.to_thread(next_supervision_event, settings, "restart", CHILD_ID)
+        assert restart["process"] == PROCESS_NAME and "TypeError" in restart["reason"]
         second = await asyncio.to_thread(daemon.run_once)
         assert first.report is not None and second.report is not None
         assert second.report.outcome == "ok"
         assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1)]
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:  # a clean stop removes the process from the view
+        assert not client.exists(process_key(settings.namespace, PROCESS_NAME, os.getpid()))
+    finally:
+        client.close()
+
+
+async def test_a_root_that_gives_up_escalates_out_of_the_daemon(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    escalated = threading.Event()
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(
+        build_daemon, _daemon_settings(settings, warehouse, 1.0), CollectorRegistry(), bridge,
+        on_escalate=lambda error: escalated.set())
+    try:
+        while not escalated.is_set():  # more crashes than MAX_RESTARTS in the window
+            try:
+                ref = await asyncio.to_thread(daemon.root.wait_for_ref, CHILD_ID,
+                                              time.monotonic() + 10)
+            except ActorUnavailable:
+                break  # the root gave up meanwhile
+            ref.tell("not a message it knows")
+            await asyncio.to_thread(ref.actor_stopped.wait, 10)
+        assert await asyncio.to_thread(escalated.wait, 10)
+        alert = await asyncio.to_thread(next_supervision_event, settings, "escalation", None,
+                                        "alerts")
+        assert alert["supervisor"] == "stock-sync-root" and alert["process"] == PROCESS_NAME
     finally:
         await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(bridge.stop)
