@@ -203,6 +203,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("DELETE", "/api/v1/carts/{cart_id}/items/{product_id}"): op(
         "Remove a product from a cart", "carts", "200", _resp("the cart", ref("Cart")),
         params=[CART_ID, PRODUCT_ID]),
+    ("POST", "/api/v1/carts/{cart_id}/checkout"): op(
+        "Check out a cart: place its order (starts stock reservation), cancel its reminder",
+        "carts", "201", _resp("the new order", ref("Order")), params=[CART_ID],
+        also={"200": _resp("the order this cart was already checked out as", ref("Order"))}),
     ("POST", "/api/v1/reviews"): op(
         "Submit a review (starts moderation)", "reviews", "202",
         _resp("accepted", {"type": "object", "required": ["review", "moderation"],

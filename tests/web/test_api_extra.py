@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from actors.agents.messages import MODERATE_REVIEW
-from web.api_extra import POOL_KEY
-
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from actors.agents.messages import MODERATE_REVIEW
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
+from web.api_extra import POOL_KEY
 from web.auth import TokenSigner
 
 
@@ -168,3 +167,19 @@ async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
     assert [e["payload"]["order_id"] for e in everything["events"]] == [6, 5]
     assert (await ana("GET", "/api/v1/events/jobs"))[1]["events"] == []
     assert (await ana("GET", "/api/v1/events/nope"))[0] == 404
+
+
+async def test_checkout_is_for_the_owner_and_places_one_order(ana: Caller, bruno: Caller,
+                                                              staff: Caller) -> None:
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    checkout = f"/api/v1/carts/{cart['id']}/checkout"
+    assert (await ana("POST", checkout))[0] == 409  # empty
+    await ana("PUT", f"/api/v1/carts/{cart['id']}/items/2", json={"quantity": 3})
+    assert (await bruno("POST", checkout))[0] == 404  # not yours: not found
+    status, order = await staff("POST", checkout)
+    assert status == 201 and order["customer_id"] == 1 and order["total_cents"] == 3 * 2500
+    status, again = await ana("POST", checkout)
+    assert (status, again["id"]) == (200, order["id"])
+    status, cart = await ana("GET", f"/api/v1/carts/{cart['id']}")
+    assert cart["status"] == "checked_out"
+    assert (await ana("DELETE", f"/api/v1/carts/{cart['id']}"))[0] == 409
