@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -121,6 +121,10 @@ def settings(servers: tuple[str, str], tmp_path: Path) -> Iterator[Settings]:
         broker_heartbeat_timeout_ms=3_000,
         broker_maintenance_chance=200_000,
         outbox_poll_s=0.2,
+        # Processes that serve a simulator themselves (no WAREHOUSE_URL / CARRIER_URL)
+        # get ports of their own: tests of other sessions may run on this machine.
+        warehouse_sim_port=_free_port(),
+        carrier_sim_port=_free_port(),
     )
     asyncio.run(drop())
 

@@ -44,7 +44,7 @@ from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
 from runtime.circuit import CircuitBreaker
-from runtime.errors import ActorUnavailable, ServiceError
+from runtime.errors import ActorUnavailable
 from runtime.http import RetryPolicy
 from runtime.loop import LoopBridge
 from runtime.metrics import Metrics, get_metrics, render_metrics
@@ -63,8 +63,6 @@ ASK_MARGIN_S = 5.0
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 CHILD_ID = "stock-syncer"
-# The simulator's seed when the runtime starts it itself.
-SIMULATOR_SEED = 7
 
 
 @dataclass(frozen=True)
@@ -110,36 +108,26 @@ class Resources:
 
 
 async def open_resources(settings: Settings) -> Resources:
-    """Pool, HTTP session and (without WAREHOUSE_URL) a local warehouse simulator."""
+    """Pool, HTTP session and (without WAREHOUSE_URL) a local warehouse simulator.
+
+    The simulator is started on ``SHOPFLOW_WAREHOUSE_SIM_PORT``, or the one
+    already listening there is used (the flow worker's, or ``shopflow
+    simulators``): ``ops/simulators/embedded.py``.
+    """
+    from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
+    from ops.simulators.warehouse import create_warehouse_app
+
     _, database_url = settings.require_urls()
     pool = await db.create_pool(database_url, min_size=1, max_size=settings.stock_sync_concurrency + 1)
     session = aiohttp.ClientSession()
     simulator = None
     url = settings.warehouse_url
     if url is None:
-        try:
-            simulator, url = await start_simulator(settings.warehouse_sim_port)
-            log.info("no WAREHOUSE_URL set: started the warehouse simulator at %s", url)
-        except ServiceError:
-            # Most likely `shopflow simulators` (supervisord program) holds the port already.
-            url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
-            log.info("no WAREHOUSE_URL set and port %d is taken: using the simulator there",
-                     settings.warehouse_sim_port)
+        url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
+        simulator = await start_or_reuse("warehouse", create_warehouse_app(seed=SIMULATOR_SEED),
+                                         settings.warehouse_sim_port)
+        log.info("no WAREHOUSE_URL set: syncing from the warehouse simulator at %s", url)
     return Resources(pool, session, url, simulator)
-
-
-async def start_simulator(port: int) -> tuple[web.AppRunner, str]:
-    """The warehouse simulator on 127.0.0.1:``port`` (the default embedded run)."""
-    from ops.simulators.warehouse import create_warehouse_app
-
-    runner = web.AppRunner(create_warehouse_app(seed=SIMULATOR_SEED), shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ServiceError(f"cannot start the warehouse simulator on port {port}: {exc}") from exc
-    return runner, f"http://127.0.0.1:{port}"
 
 
 @dataclass
