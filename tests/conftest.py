@@ -125,6 +125,8 @@ def settings(servers: tuple[str, str], tmp_path: Path) -> Iterator[Settings]:
         # get ports of their own: tests of other sessions may run on this machine.
         warehouse_sim_port=_free_port(),
         carrier_sim_port=_free_port(),
+        # Incidents resolve at the first clear check unless a test is about the hysteresis.
+        alert_resolve_after_s=0,
     )
     asyncio.run(drop())
 

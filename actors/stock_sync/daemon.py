@@ -11,8 +11,14 @@ Process layout (one OS process under supervisord, program ``stock-sync``):
   restarted on the next tick; when the supervisor gives up it escalates and
   the process exits with ``EXIT_ESCALATED`` so supervisord restarts it.
 - the **loop thread** (:class:`runtime.loop.LoopBridge`) owns every async
-  resource: the asyncpg pool, the aiohttp session, and, when no
-  ``WAREHOUSE_URL`` is set, the warehouse simulator the syncer talks to.
+  resource: the asyncpg pool, the aiohttp session, the Redis client of the
+  alerter, and, when no ``WAREHOUSE_URL`` is set, the warehouse simulator
+  the syncer talks to.
+
+After every run the daemon hands the alert condition ("no successful sync
+for N intervals") to :class:`runtime.alerts.Alerter` on the loop, without
+waiting: it pages once when the condition starts (``StockSyncOverdue``,
+critical) and resolves once when it has cleared.
 
 SIGTERM sets the stop flag: the batches in flight finish (their
 transactions commit), the rest of the run is skipped, the daemon exits 0.
@@ -30,12 +36,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import pykka
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +51,7 @@ from actors.stock_sync.metrics import StockSyncMetrics, build_metrics
 from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
+from runtime.alerts import Alert, AlertDispatcher, Alerter, Severity
 from runtime.circuit import CircuitBreaker
 from runtime.errors import ActorUnavailable
 from runtime.http import RetryPolicy
@@ -63,6 +72,9 @@ ASK_MARGIN_S = 5.0
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 CHILD_ID = "stock-syncer"
+# The alert raised while no sync succeeds (ops/prometheus/alerts.yml has the same
+# condition, from the metrics, as ShopflowStockSyncStale).
+OVERDUE_ALERT = "StockSyncOverdue"
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,12 @@ class Resources:
     pool: asyncpg.Pool
     session: aiohttp.ClientSession
     warehouse_url: str
+    redis: aioredis.Redis
     simulator: web.AppRunner | None = None
 
     async def close(self) -> None:
         """Close in reverse order of opening."""
+        await self.redis.aclose()
         await self.session.close()
         await self.pool.close()
         if self.simulator is not None:
@@ -117,8 +131,9 @@ async def open_resources(settings: Settings) -> Resources:
     from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
     from ops.simulators.warehouse import create_warehouse_app
 
-    _, database_url = settings.require_urls()
+    redis_url, database_url = settings.require_urls()
     pool = await db.create_pool(database_url, min_size=1, max_size=settings.stock_sync_concurrency + 1)
+    redis = aioredis.Redis.from_url(redis_url)
     session = aiohttp.ClientSession()
     simulator = None
     url = settings.warehouse_url
@@ -127,7 +142,7 @@ async def open_resources(settings: Settings) -> Resources:
         simulator = await start_or_reuse("warehouse", create_warehouse_app(seed=SIMULATOR_SEED),
                                          settings.warehouse_sim_port)
         log.info("no WAREHOUSE_URL set: syncing from the warehouse simulator at %s", url)
-    return Resources(pool, session, url, simulator)
+    return Resources(pool, session, url, redis, simulator)
 
 
 @dataclass
@@ -173,9 +188,14 @@ class StockSyncDaemon:
     stop: threading.Event = field(default_factory=threading.Event)
     on_run: Callable[[RunRecord], None] | None = None
     clock: Callable[[], float] = time.monotonic
+    # Wall time of the alert condition and its incidents (tests pass their own).
+    wall_clock: Callable[[], float] = time.time
+    shared: Metrics | None = None
     breaker: CircuitBreaker = field(init=False)
     health: SyncHealth = field(init=False)
     root: Supervisor = field(init=False)
+    alerter: Alerter = field(init=False)
+    alerts: AlertDispatcher = field(init=False)
     _overdue: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -184,7 +204,10 @@ class StockSyncDaemon:
                                       reset_timeout_s=s.breaker_reset_s,
                                       on_change=self.metrics.breaker_changed)
         self.metrics.breaker.labels(circuit="warehouse").set(0)
-        self.health = SyncHealth(s.stock_sync_interval_s, s.stock_sync_alert_intervals, time.time())
+        self.health = SyncHealth(s.stock_sync_interval_s, s.stock_sync_alert_intervals,
+                                 self.wall_clock())
+        self.alerter = Alerter(s, self.resources.redis, self.shared, clock=self.wall_clock)
+        self.alerts = AlertDispatcher(self.bridge)
         child = ChildSpec(CHILD_ID, lambda: StockSyncActor.start(
             self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S), Restart.PERMANENT,
             shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
@@ -224,23 +247,38 @@ class StockSyncDaemon:
             self.metrics.runs.labels(outcome="failed").inc()
             record = RunRecord(tick, due_s or started, started, None, repr(exc))
         if record.report is not None:
-            self.health.record(record.report, time.time())
+            self.health.record(record.report, self.wall_clock())
         self._check_overdue()
         if self.on_run is not None:
             self.on_run(record)
         return record
 
     def _check_overdue(self) -> None:
+        """Gauge, log and alert (paged once, resolved once) for the overdue condition."""
         overdue = self.overdue()
         self.metrics.overdue.set(1 if overdue else 0)
         if overdue and not self._overdue:
             log.error("no stock sync succeeded for %d intervals", self.health.alert_after_intervals,
                       extra={"alert": "stock-sync-overdue"})
         self._overdue = overdue
+        # The alerter decides whether this check pages or resolves; this thread does not wait.
+        self.alerts.submit(self.alerter.update(self.overdue_alert(), overdue),
+                           what="stock-sync overdue alert", key=OVERDUE_ALERT)
 
     def overdue(self) -> bool:
         """The alert condition: no successful sync for the configured number of intervals."""
-        return self.health.overdue(time.time())
+        return self.health.overdue(self.wall_clock())
+
+    def overdue_alert(self) -> Alert:
+        """The incident the condition raises (same labels every time: one incident)."""
+        h = self.health
+        last = h.last_success_s
+        return Alert(
+            OVERDUE_ALERT, Severity.CRITICAL,
+            f"no stock sync succeeded for {h.alert_after_intervals} intervals "
+            f"({h.alert_after_intervals * h.interval_s:g} s); stock may drift from the warehouse",
+            details={"last_success_at": None if last is None else _iso_s(last),
+                     "interval_s": h.interval_s, "warehouse_url": self.resources.warehouse_url})
 
     def run_forever(self) -> int:
         """Run on schedule until the stop flag is set; return the exit code."""
@@ -255,9 +293,15 @@ class StockSyncDaemon:
         return 0
 
     def close(self) -> None:
-        """Stop the supervision tree, then close the loop's resources."""
+        """Stop the supervision tree, let alerts in flight finish, close the loop's resources."""
         self.root.stop()
+        if not self.alerts.drain(self.alerter.max_delivery_s() + 1.0):
+            log.error("stock-sync alerts still undelivered at shutdown")
         self.bridge.run(self.resources.close(), timeout_s=10)
+
+
+def _iso_s(at_s: float) -> str:
+    return datetime.fromtimestamp(at_s, UTC).isoformat()
 
 
 def _escalated(exc: BaseException) -> None:
@@ -274,7 +318,8 @@ def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBr
     tests leave it out and read ``registry``.
     """
     resources = bridge.run(open_resources(settings), timeout_s=30)
-    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared), **kwargs)
+    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared),
+                           shared=shared, **kwargs)
 
 
 async def start_metrics_endpoint(settings: Settings, port: int) -> web.AppRunner:

@@ -12,8 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from runtime.alerts import Alert, Alerter, Severity
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
@@ -38,7 +40,9 @@ async def dashboard(web_settings: Settings, signer: TokenSigner,
 
 
 async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSigner,
-                                          publish: Publisher, tmp_path: Path) -> None:
+                                          publish: Publisher, tmp_path: Path,
+                                          web_settings: Settings,
+                                          redis: aioredis.Redis) -> None:
     base = str(dashboard.make_url("/"))
     problems: list[str] = []
     async with playwright_api.async_playwright() as pw:
@@ -70,6 +74,19 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
             await publish("alerts", {"severity": "critical", "message": "emails queue stuck"})
             await page.wait_for_selector("#alerts li:has-text('emails queue stuck')",
                                          timeout=WAIT_MS)
+            # What the Alerter itself writes (labels/annotations), firing then resolved.
+            alerter = Alerter(web_settings, redis)
+            backlog = Alert("QueueBacklog", Severity.WARNING, "1,234 jobs wait in emails",
+                            labels={"queue": "emails"})
+            assert await alerter.fire(backlog)
+            fired = "warning: QueueBacklog — 1,234 jobs wait in emails"
+            await page.wait_for_selector(f"#alerts li:has-text('{fired}')", timeout=WAIT_MS)
+            assert await alerter.resolve(backlog)
+            await page.wait_for_selector(
+                "#alerts li:has-text('resolved: QueueBacklog — 1,234 jobs wait in emails')",
+                timeout=WAIT_MS)
+            texts = await page.locator("#alerts li").all_text_contents()
+            assert not any("undefined" in t for t in texts), texts
 
             # The retry button calls the jobs endpoint.
             admin = dashboard.app[seams.JOBS_ADMIN]

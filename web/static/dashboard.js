@@ -138,9 +138,29 @@ function orderText(p) {
          `${p.to_status ?? "?"}${p.reason ? ` (${p.reason})` : ""}`;
 }
 
+// The alerts stream carries the Alerter's notifications (payload in Alertmanager's
+// webhook shape: status, labels.{alertname, severity, ...}, annotations.summary) and
+// plain events of other writers (process.fatal, stock-conflict, fulfillment.failed).
+const ALERT_EVENTS = {
+  "process.fatal": (p) => ["critical", `program ${p.processname ?? "?"} is FATAL (${p.host ?? ""})`],
+  "stock-conflict": (p) => ["warning", `stock conflict on product ${p.product_id}: warehouse ` +
+    `${p.warehouse_quantity}, reserved ${p.reserved_quantity}`],
+  "stock-conflict-resolved": (p) => ["info", `stock conflict on product ${p.product_id} resolved`],
+  "fulfillment.failed": (p) => ["critical", `order ${p.order_id}: ${p.reason ?? p.step ?? ""}`],
+};
+
 function alertText(event) {
-  const p = event.payload;
-  return `${p.severity ?? "alert"}: ${p.message ?? p.summary ?? event.event ?? ""}`;
+  const p = event.payload ?? {};
+  if (p.labels) {
+    const { alertname, severity } = p.labels;
+    const resolved = p.status === "resolved" || event.event === "alert.resolved";
+    return `${resolved ? "resolved" : (severity ?? "alert")}: ${alertname ?? "alert"} — ` +
+           `${p.annotations?.summary ?? ""}`;
+  }
+  const known = ALERT_EVENTS[event.event];
+  const [severity, text] = known ? known(p)
+    : [p.severity ?? "alert", p.message ?? p.summary ?? p.reason ?? event.event ?? ""];
+  return `${severity}: ${text}`;
 }
 
 async function loadFeed(channel, list, format) {
