@@ -21,6 +21,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.carts import carts
 from actors.notifier.channels import CHANNELS, may_receive
@@ -213,6 +214,13 @@ async def list_product_reviews(request: web.Request) -> web.Response:
     return ok({"reviews": [dict(r) for r in rows]})
 
 
+async def list_flagged_reviews(request: web.Request) -> web.Response:
+    """Staff: the newest moderation results that did not approve, with an excerpt of each review."""
+    require_staff(request)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    return ok({"reviews": await flagged_reviews(_pool(request), limit)})
+
+
 # --- support and recommendations --------------------------------------------------------
 
 
@@ -373,6 +381,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/reviews", submit_review),
     ("GET", "/reviews/{review_id}", get_review),
     ("GET", "/products/{product_id}/reviews", list_product_reviews),
+    ("GET", "/moderation/flagged", list_flagged_reviews),
     ("POST", "/support/questions", ask_support),
     ("GET", "/support/questions", list_support),
     ("GET", "/customers/{customer_id}/recommendations", get_recommendations),
