@@ -62,7 +62,7 @@ def _metrics_mode_per_test() -> Iterator[None]:
     would read values left in the earlier test's files.
     """
     yield
-    values.ValueClass = values.MutexValue  # type: ignore[attr-defined]
+    values.ValueClass = values.MutexValue
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
