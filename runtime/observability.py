@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from runtime.alerts import Alerter, job_failure_pager
+from runtime.alerts import Alerter, job_failure_pager, order_id_from_args
 from runtime.jobs.broker import JobBroker
 from runtime.jobs.hooks import JobEvent
 from runtime.metrics import Metrics, get_metrics, render_metrics
@@ -24,12 +24,17 @@ def install_job_metrics(ctx: ProcessContext) -> MetricsMiddleware:
     """Add the metrics middleware to the process's broker, paging for ``critical`` actors.
 
     Call it before declaring actors: the middleware owns the ``critical``
-    actor option, and Dramatiq rejects options no middleware owns.
+    actor option, and Dramatiq rejects options no middleware owns. A page is
+    delivered on the process loop, never on the consumer thread that saw the
+    failure; it names the job's order when the actor takes an ``order_id``.
+    Pages still in flight when the process stops are waited for
+    (``ProcessContext.on_stop``).
     """
     metrics = get_metrics(ctx.settings)
     alerter = Alerter(ctx.settings, ctx.redis, metrics)
-    middleware = MetricsMiddleware(ctx.settings,
-                                   on_failed_for_good=job_failure_pager(alerter, ctx.bridge))
+    pager = job_failure_pager(alerter, ctx.bridge, order_id_from_args(ctx.broker))
+    ctx.on_stop(pager.aclose)
+    middleware = MetricsMiddleware(ctx.settings, on_failed_for_good=pager)
     ctx.broker.add_middleware(middleware)
     count_sweeps(ctx.broker, metrics)
     return middleware

@@ -79,6 +79,9 @@ DEFAULT_MONITOR_NO_CONSUMER_GRACE_S = 60.0
 DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
 # Delivery attempts per webhook message (backoff 0.5 s, 1 s, ...); later checks retry undelivered pages.
 DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
+# An incident resolves only once its condition stayed clear this long: a condition
+# flapping at its threshold stays one incident (one page, one resolve). 0 = at once.
+DEFAULT_ALERT_RESOLVE_AFTER_S = 120
 # --- scheduling ---
 # Scheduler processes under supervisord: one leads, the other stands by.
 DEFAULT_SCHEDULERS = 2
@@ -349,6 +352,7 @@ class Settings:
     monitor_no_consumer_grace_s: float = DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
     alert_webhook_timeout_s: float = DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
     alert_webhook_attempts: int = DEFAULT_ALERT_WEBHOOK_ATTEMPTS
+    alert_resolve_after_s: int = DEFAULT_ALERT_RESOLVE_AFTER_S
     # --- externals (issue 7) ---
     stock_sync_interval_s: float = DEFAULT_STOCK_SYNC_INTERVAL_S
     stock_sync_batch_size: int = DEFAULT_STOCK_SYNC_BATCH_SIZE
@@ -513,6 +517,9 @@ class Settings:
             ),
             alert_webhook_attempts=_int(
                 e, "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS", DEFAULT_ALERT_WEBHOOK_ATTEMPTS, 1
+            ),
+            alert_resolve_after_s=_int(
+                e, "SHOPFLOW_ALERT_RESOLVE_AFTER_S", DEFAULT_ALERT_RESOLVE_AFTER_S, 0
             ),
             # --- externals (issue 7) ---
             stock_sync_interval_s=_float(e, "SHOPFLOW_STOCK_SYNC_INTERVAL_S",
@@ -739,6 +746,7 @@ class Settings:
             "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S": str(self.monitor_no_consumer_grace_s),
             "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S": str(self.alert_webhook_timeout_s),
             "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS": str(self.alert_webhook_attempts),
+            "SHOPFLOW_ALERT_RESOLVE_AFTER_S": str(self.alert_resolve_after_s),
         })
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)

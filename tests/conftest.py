@@ -141,6 +141,12 @@ def settings(servers: tuple[str, str], tmp_path: Path) -> Iterator[Settings]:
         broker_heartbeat_timeout_ms=3_000,
         job_sweep_interval_s=0.5,
         outbox_poll_s=0.2,
+        # Processes that serve a simulator themselves (no WAREHOUSE_URL / CARRIER_URL)
+        # get ports of their own: tests of other sessions may run on this machine.
+        warehouse_sim_port=_free_port(),
+        carrier_sim_port=_free_port(),
+        # Incidents resolve at the first clear check unless a test is about the hysteresis.
+        alert_resolve_after_s=0,
     )
     asyncio.run(drop())
 

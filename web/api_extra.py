@@ -1,8 +1,9 @@
 """The versioned JSON API beyond orders: carts, reviews, support, recommendations,
 jobs and queues, schedules, the supervision tree, stock sync, recent events.
 
-Carts, reviews, support history, stock sync status and recent events are
-plain SQL/Redis reads and writes here. Everything another concern owns goes
+Cart changes and checkout call the carts concern and the orders workflow
+(each change commits with its reminder job). Reviews, support history, stock
+sync status and recent events are plain SQL/Redis reads here. Everything another concern owns goes
 through the Protocols in :mod:`web.seams`. Customer endpoints see only the
 caller's own data (someone else's cart is "not found", not "forbidden", so ids
 leak nothing); staff endpoints need a staff token. ``web/openapi.py``
@@ -20,11 +21,14 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
+from actors.carts import carts
 from actors.notifier.channels import CHANNELS, may_receive
 from actors.notifier.streams import stream_key
+from actors.orders import workflow
 from runtime import db
-from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.errors import Forbidden, NotAvailable, NotFound, ValidationError
 from runtime.jobs.store import JOB_STATES
 from runtime.settings import Settings
 from web import seams
@@ -91,27 +95,8 @@ async def get_me(request: web.Request) -> web.Response:
 
 
 # --- carts ------------------------------------------------------------------------------
-
-_CART_SQL = "SELECT id, customer_id, status, created_at, updated_at FROM carts WHERE id = $1"
-_ITEMS_SQL = """
-    SELECT ci.product_id, p.name, ci.quantity, p.price_cents AS unit_price_cents,
-           ci.quantity * p.price_cents AS line_total_cents
-      FROM cart_items ci JOIN products p ON p.id = ci.product_id
-     WHERE ci.cart_id = $1 ORDER BY ci.product_id"""
-
-
-async def _load_cart(conn: asyncpg.Connection, principal: Principal, cart_id: int,
-                     lock: bool = False) -> asyncpg.Record:
-    row = await conn.fetchrow(_CART_SQL + (" FOR UPDATE" if lock else ""), cart_id)
-    if row is None or not principal.may_see_customer(row["customer_id"]):
-        raise NotFound(f"no cart {cart_id}")
-    return row
-
-
-async def _cart_json(conn: asyncpg.Connection, cart: asyncpg.Record) -> dict[str, Any]:
-    items = [dict(r) for r in await conn.fetch(_ITEMS_SQL, cart["id"])]
-    return {**dict(cart), "items": items,
-            "total_cents": sum(i["line_total_cents"] for i in items)}
+# Cart changes live in actors/carts/carts.py (each commits with its reminder job);
+# checkout in actors/orders/workflow.py. The handlers parse, call and answer.
 
 
 async def create_cart(request: web.Request) -> web.Response:
@@ -120,10 +105,7 @@ async def create_cart(request: web.Request) -> web.Response:
     body = await read_json(request)
     customer_id = _customer_scope(principal, body.get("customer_id"))
     async with _pool(request).acquire() as conn:
-        cart = await conn.fetchrow(
-            "INSERT INTO carts (customer_id) VALUES ($1) "
-            "RETURNING id, customer_id, status, created_at, updated_at", customer_id)
-        return ok(await _cart_json(conn, cart), status=201)
+        return ok(await carts.create_cart(conn, customer_id), status=201)
 
 
 async def list_carts(request: web.Request) -> web.Response:
@@ -134,10 +116,7 @@ async def list_carts(request: web.Request) -> web.Response:
     customer_id = _customer_scope(principal, requested)
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
     async with _pool(request).acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT id, customer_id, status, created_at, updated_at FROM carts "
-            "WHERE customer_id = $1 ORDER BY id DESC LIMIT $2", customer_id, limit)
-        return ok({"carts": [await _cart_json(conn, r) for r in rows]})
+        return ok({"carts": await carts.list_carts(conn, customer_id, limit)})
 
 
 async def get_cart(request: web.Request) -> web.Response:
@@ -145,7 +124,8 @@ async def get_cart(request: web.Request) -> web.Response:
     principal = authenticate(request)
     cart_id = path_id(request, "cart_id")
     async with _pool(request).acquire() as conn:
-        return ok(await _cart_json(conn, await _load_cart(conn, principal, cart_id)))
+        cart = await carts.load_cart(conn, cart_id, principal.may_see_customer)
+        return ok(await carts.cart_view(conn, cart))
 
 
 async def put_cart_item(request: web.Request) -> web.Response:
@@ -154,54 +134,35 @@ async def put_cart_item(request: web.Request) -> web.Response:
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
     body = await read_json(request)
     quantity = int_value(body.get("quantity"), "quantity", 1, MAX_CART_QUANTITY)
-    async with _pool(request).acquire() as conn, conn.transaction():
-        cart = await _open_cart(conn, principal, cart_id)
-        if await conn.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
-            raise NotFound(f"no product {product_id}")
-        await conn.execute(
-            "INSERT INTO cart_items (cart_id, product_id, quantity) VALUES ($1, $2, $3) "
-            "ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
-            cart_id, product_id, quantity)
-        cart = await _touch(conn, cart_id)
-        return ok(await _cart_json(conn, cart))
+    async with _pool(request).acquire() as conn:
+        return ok(await carts.set_item(conn, cart_id, product_id, quantity,
+                                       principal.may_see_customer))
 
 
 async def delete_cart_item(request: web.Request) -> web.Response:
     """Remove a product from an open cart (removing an absent one is a no-op)."""
     principal = authenticate(request)
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
-    async with _pool(request).acquire() as conn, conn.transaction():
-        await _open_cart(conn, principal, cart_id)
-        await conn.execute("DELETE FROM cart_items WHERE cart_id = $1 AND product_id = $2",
-                           cart_id, product_id)
-        return ok(await _cart_json(conn, await _touch(conn, cart_id)))
+    async with _pool(request).acquire() as conn:
+        return ok(await carts.remove_item(conn, cart_id, product_id, principal.may_see_customer))
 
 
 async def abandon_cart(request: web.Request) -> web.Response:
     """Abandon an open cart (idempotent); a checked-out cart cannot be abandoned."""
     principal = authenticate(request)
     cart_id = path_id(request, "cart_id")
-    async with _pool(request).acquire() as conn, conn.transaction():
-        cart = await _load_cart(conn, principal, cart_id, lock=True)
-        if cart["status"] == "checked_out":
-            raise Conflict(f"cart {cart_id} is checked out")
-        await conn.execute("UPDATE carts SET status = 'abandoned', updated_at = now() "
-                           "WHERE id = $1", cart_id)
+    async with _pool(request).acquire() as conn:
+        await carts.abandon(conn, cart_id, principal.may_see_customer)
     return web.Response(status=204)
 
 
-async def _open_cart(conn: asyncpg.Connection, principal: Principal,
-                     cart_id: int) -> asyncpg.Record:
-    cart = await _load_cart(conn, principal, cart_id, lock=True)
-    if cart["status"] != "open":
-        raise Conflict(f"cart {cart_id} is {cart['status']}")
-    return cart
-
-
-async def _touch(conn: asyncpg.Connection, cart_id: int) -> asyncpg.Record:
-    return await conn.fetchrow(
-        "UPDATE carts SET updated_at = now() WHERE id = $1 "
-        "RETURNING id, customer_id, status, created_at, updated_at", cart_id)
+async def checkout_cart(request: web.Request) -> web.Response:
+    """Place the order of an open cart (201); again for the same cart: its order (200)."""
+    principal = authenticate(request)
+    cart_id = path_id(request, "cart_id")
+    order, created = await workflow.checkout_cart(_pool(request), cart_id,
+                                                  principal.may_see_customer)
+    return ok(order, status=201 if created else 200)
 
 
 # --- reviews ----------------------------------------------------------------------------
@@ -253,6 +214,13 @@ async def list_product_reviews(request: web.Request) -> web.Response:
         f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE product_id = $1 AND status = $2 "
         "ORDER BY id DESC LIMIT $3", product_id, status, limit)
     return ok({"reviews": [dict(r) for r in rows]})
+
+
+async def list_flagged_reviews(request: web.Request) -> web.Response:
+    """Staff: the newest moderation results that did not approve, with an excerpt of each review."""
+    require_staff(request)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    return ok({"reviews": await flagged_reviews(_pool(request), limit)})
 
 
 # --- support and recommendations --------------------------------------------------------
@@ -465,9 +433,11 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("DELETE", "/carts/{cart_id}", abandon_cart),
     ("PUT", "/carts/{cart_id}/items/{product_id}", put_cart_item),
     ("DELETE", "/carts/{cart_id}/items/{product_id}", delete_cart_item),
+    ("POST", "/carts/{cart_id}/checkout", checkout_cart),
     ("POST", "/reviews", submit_review),
     ("GET", "/reviews/{review_id}", get_review),
     ("GET", "/products/{product_id}/reviews", list_product_reviews),
+    ("GET", "/moderation/flagged", list_flagged_reviews),
     ("POST", "/support/questions", ask_support),
     ("GET", "/support/questions", list_support),
     ("GET", "/customers/{customer_id}/recommendations", get_recommendations),

@@ -52,6 +52,17 @@ SCHEMAS: dict[str, Schema] = {
         "body": {"type": "string"},
         "status": {"enum": ["pending", "approved", "rejected", "manual_review"]},
         "moderation": {}, "created_at": TIME, "moderated_at": TIME}},
+    "FlaggedReview": {"type": "object", "required": ["review_id", "status", "source",
+                                                     "categories", "current_status"],
+                      "properties": {
+        "review_id": {"type": "integer"},
+        "status": {"enum": ["rejected", "manual_review"]},
+        "source": {"type": "string"}, "confidence": {"type": ["number", "null"]},
+        "categories": {"type": "array", "items": {"type": "string"}},
+        "reason": {"type": ["string", "null"]}, "created_at": TIME,
+        "product_id": {"type": "integer"}, "rating": {"type": "integer"},
+        "excerpt": {"type": "string"},
+        "current_status": {"enum": ["pending", "approved", "rejected", "manual_review"]}}},
     "SupportInteraction": {"type": "object", "required": ["id", "question"], "properties": {
         "id": {"type": "integer"}, "customer_id": {"type": "integer"},
         "question": {"type": "string"}, "answer": {"type": ["string", "null"]},
@@ -219,6 +230,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("DELETE", "/api/v1/carts/{cart_id}/items/{product_id}"): op(
         "Remove a product from a cart", "carts", "200", _resp("the cart", ref("Cart")),
         params=[CART_ID, PRODUCT_ID]),
+    ("POST", "/api/v1/carts/{cart_id}/checkout"): op(
+        "Check out a cart: place its order (starts stock reservation), cancel its reminder",
+        "carts", "201", _resp("the new order", ref("Order")), params=[CART_ID],
+        also={"200": _resp("the order this cart was already checked out as", ref("Order"))}),
     ("POST", "/api/v1/reviews"): op(
         "Submit a review (starts moderation)", "reviews", "202",
         _resp("accepted", {"type": "object", "required": ["review", "moderation"],
@@ -236,6 +251,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         _resp("reviews", _list_of("reviews", "Review")),
         params=[PRODUCT_ID, _query("status", {"enum": ["pending", "approved", "rejected",
                                                        "manual_review"]}), LIMIT]),
+    ("GET", "/api/v1/moderation/flagged"): op(
+        "Reviews moderation did not approve (rejected or held for a person), newest first",
+        "reviews", "200", _resp("flagged reviews", _list_of("reviews", "FlaggedReview")),
+        auth="staff", params=[LIMIT]),
     ("POST", "/api/v1/support/questions"): op(
         "Ask support a question", "support", "201", _resp("the answer", ref("SupportAnswer")),
         body=_body(["question"], {"customer_id": ID, "question": {

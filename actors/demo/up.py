@@ -28,7 +28,6 @@ from actors.demo.command import add_replay_arguments, run_demo
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.errors import ServiceError
-from runtime.metrics import prepare_metrics_dir
 from runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +83,6 @@ def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
     with embedded.running_services(given) as settings:
         print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",
               file=sys.stderr)
-        prepare_metrics_dir(settings)
         proc = start_supervisord(settings)
         code = 0
         try:

@@ -15,9 +15,11 @@ STOCK_UPDATED = "stock-updated"
 JOBS = "jobs"
 QUEUES = "queues"
 ALERTS = "alerts"
-CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS)
-# Operator channels: job and queue state and alerts are nobody else's business.
-STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS})
+# Review submitted / moderated (actors/agents/moderation.py): the dashboard's flagged list.
+REVIEWS = "reviews"
+CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS, REVIEWS)
+# Operator channels: job and queue state, alerts and moderation are nobody else's business.
+STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS, REVIEWS})
 # The payload field a client may filter each channel on, e.g. product_ids for stock.
 FILTER_FIELDS: Mapping[str, str] = {
     ORDER_STATUS_CHANGED: "order_id",

@@ -12,8 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from runtime import db
+from runtime.alerts import Alert, Alerter, Severity
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
@@ -30,6 +33,24 @@ pytestmark = [
 WAIT_MS = 10_000
 
 
+async def flag_review(settings: Settings, body: str, status: str, reason: str,
+                      categories: list[str]) -> int:
+    """A review and the moderation result that held or rejected it, as the agent stores them."""
+    conn = await db.connect(settings.database_url or "")
+    try:
+        async with conn.transaction():
+            review_id: int = await conn.fetchval(
+                "INSERT INTO reviews (customer_id, product_id, rating, body, status) "
+                "VALUES (1, 2, 1, $1, $2) RETURNING id", body, status)
+            await conn.execute(
+                "INSERT INTO moderation_log (review_id, status, source, approved, confidence, "
+                "categories, reason) VALUES ($1, $2, 'model', false, 0.91, $3, $4)",
+                review_id, status, categories, reason)
+    finally:
+        await conn.close()
+    return review_id
+
+
 @pytest.fixture
 async def dashboard(web_settings: Settings, signer: TokenSigner,
                     start_server: ServerFactory) -> TestServer:
@@ -38,9 +59,14 @@ async def dashboard(web_settings: Settings, signer: TokenSigner,
 
 
 async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSigner,
-                                          publish: Publisher, tmp_path: Path) -> None:
+                                          publish: Publisher, tmp_path: Path,
+                                          web_settings: Settings,
+                                          redis: aioredis.Redis) -> None:
     base = str(dashboard.make_url("/"))
     problems: list[str] = []
+    rejected = await flag_review(web_settings, "You are all idiots, buy at spam.example",
+                                 "rejected", "Insults and advertises.",
+                                 ["personal_attack", "spam_or_promotion"])
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -70,6 +96,33 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
             await publish("alerts", {"severity": "critical", "message": "emails queue stuck"})
             await page.wait_for_selector("#alerts li:has-text('emails queue stuck')",
                                          timeout=WAIT_MS)
+            # What the Alerter itself writes (labels/annotations), firing then resolved.
+            alerter = Alerter(web_settings, redis)
+            backlog = Alert("QueueBacklog", Severity.WARNING, "1,234 jobs wait in emails",
+                            labels={"queue": "emails"})
+            assert await alerter.fire(backlog)
+            fired = "warning: QueueBacklog — 1,234 jobs wait in emails"
+            await page.wait_for_selector(f"#alerts li:has-text('{fired}')", timeout=WAIT_MS)
+            assert await alerter.resolve(backlog)
+            await page.wait_for_selector(
+                "#alerts li:has-text('resolved: QueueBacklog — 1,234 jobs wait in emails')",
+                timeout=WAIT_MS)
+            texts = await page.locator("#alerts li").all_text_contents()
+            assert not any("undefined" in t for t in texts), texts
+
+            # Flagged reviews: the start state, then a moderation event refetches the list.
+            row = f"#flagged tr[data-review='{rejected}']"
+            await page.wait_for_selector(row, timeout=WAIT_MS)
+            assert "Insults and advertises." in (await page.text_content(row) or "")
+            assert "personal_attack, spam_or_promotion" in (await page.text_content(row) or "")
+            held = await flag_review(web_settings, "Meh, write me at ana@example.com",
+                                     "manual_review", "Low confidence.", ["personal_data"])
+            await publish("reviews", {"review_id": held, "status": "manual_review",
+                                      "source": "model", "categories": ["personal_data"]},
+                          event_type="review-moderated")
+            await page.wait_for_selector(f"#flagged tr[data-review='{held}']", timeout=WAIT_MS)
+            assert await page.locator("#flagged tbody tr").count() == 2
+            assert await page.is_hidden("#flagged-empty")
 
             # The retry button calls the jobs endpoint.
             admin = dashboard.app[seams.JOBS_ADMIN]

@@ -30,6 +30,7 @@ from runtime.metrics import render_metrics
 from runtime.settings import Settings
 from runtime.tree import process_key
 from tests.actors.stock_sync.conftest import Warehouse, link_products
+from tests.runtime.webhook_receiver import webhook_receiver
 from tests.support import next_supervision_event, published_root
 
 
@@ -199,3 +200,43 @@ async def test_sigterm_finishes_the_current_batch_and_exits_0(
     assert 'shopflow_stock_sync_runs_total{outcome="stopped"} 1.0' in text
     assert f"shopflow_stock_sync_products_changed_total {float(synced)}" in text
     assert "shopflow_stock_sync_products_checked_total 10.0" in text
+
+
+async def test_no_sync_for_n_intervals_pages_once_and_resolves_once(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 3)
+    now_s = [10_000.0]
+    async with webhook_receiver() as receiver:
+        settings = replace(_daemon_settings(settings, warehouse, 30.0),
+                           stock_sync_alert_intervals=2, alert_webhook_url=receiver.url,
+                           alert_resolve_after_s=60)
+        warehouse.set_faults(error_rate=1.0, error_status=503)
+        bridge = LoopBridge("test-stock-sync").start()
+        daemon = await asyncio.to_thread(build_daemon, settings, CollectorRegistry(), bridge,
+                                         wall_clock=lambda: now_s[0])
+
+        async def tick(advance_s: float) -> RunRecord:
+            now_s[0] += advance_s
+            record = await asyncio.to_thread(daemon.run_once)
+            assert await asyncio.to_thread(daemon.alerts.drain, 20)
+            return record
+
+        try:
+            assert (await tick(0)).report.outcome == "failed"  # type: ignore[union-attr]
+            assert receiver.bodies == [], "one failed interval is not yet an incident"
+            await tick(61)  # two intervals without a success: page
+            [page] = await receiver.wait_for(1)
+            await tick(30)  # still overdue: no second page
+            warehouse.set_faults()
+            assert (await tick(30)).report.outcome == "ok"  # type: ignore[union-attr]
+            assert len(receiver.bodies) == 1, "cleared, but not for the resolve hysteresis yet"
+            await tick(61)
+            await receiver.wait_for(2)
+        finally:
+            await asyncio.to_thread(daemon.close)
+            await asyncio.to_thread(bridge.stop)
+    assert [b["status"] for b in receiver.bodies] == ["firing", "resolved"]
+    alert = page["alerts"][0]
+    assert (alert["labels"]["alertname"], alert["labels"]["severity"]) == ("StockSyncOverdue",
+                                                                           "critical")
+    assert "no stock sync succeeded for 2 intervals" in alert["annotations"]["summary"]
