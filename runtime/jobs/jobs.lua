@@ -127,6 +127,12 @@ local function message_priority(msg)
     return tonumber(options.priority) or 0
 end
 
+-- The end time as a score that keeps jobs ending in the same millisecond in order.
+local function ended_score(queue)
+    local seq = redis.call("incr", qkey(queue, "endseq")) % 1000
+    return now + seq / 1000
+end
+
 local function stat(queue, field, n)
     redis.call("hincrby", qkey(queue, "stats"), field, n or 1)
 end
@@ -402,7 +408,7 @@ local function cmd_finish(a)
     elseif short(detail.error) then
         redis.call("hset", key, "error", short(detail.error))
     end
-    redis.call("zadd", qkey(queue, index_of(state)), now, job_id)
+    redis.call("zadd", qkey(queue, index_of(state)), ended_score(queue), job_id)
     stat(queue, state)
     local started = tonumber(redis.call("hget", key, "started_ms")) or now
     event(job_id, queue, actor, state, {attempt = detail.attempt, error = short(detail.error),

@@ -31,7 +31,9 @@ class Workers:
     settings: Settings
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, threads: int = 1) -> subprocess.Popen[bytes]:
+    def start(self, threads: int = 1, wait_ready: bool = True) -> subprocess.Popen[bytes]:
+        """Start a worker; wait until it has booted unless ``wait_ready`` is False
+        (a poison pill may end it before it can say so)."""
         env = {**os.environ, **self.settings.to_env()}
         log = (self.settings.var_dir / f"worker-{len(self.procs)}.log")
         self.settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,8 @@ class Workers:
              str(threads)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
             stderr=log.open("ab"), start_new_session=True)
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready", f"worker did not start: see {log}"
+        if wait_ready:
+            assert proc.stdout.readline().strip() == b"ready", f"worker did not start: see {log}"
         self.procs.append(proc)
         return proc
 

@@ -42,7 +42,7 @@ def test_a_poison_pill_is_quarantined_while_other_jobs_keep_flowing(
     quarantined = state_is(fast, pill.job_id, "dead")
     for _restart in range(8):
         # Play supervisord: start a worker; the pill may kill it, then start another.
-        current = workers.start()
+        current = workers.start(wait_ready=False)
         wait_until(lambda p=current: p.poll() is not None or quarantined(), 30,  # type: ignore[misc]
                    "the pill to kill the worker or be quarantined")
         if quarantined():

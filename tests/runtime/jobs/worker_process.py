@@ -88,8 +88,8 @@ def main() -> int:
     worker = make_worker(broker, QUEUES, args.threads)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("ready", flush=True)  # before start: a poison pill may end us at once
     worker.start()
+    print("ready", flush=True)  # booted: actors registered, keeper running
     stop.wait()
     worker.stop(timeout=10_000)
     broker.close()
