@@ -24,6 +24,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from runtime.errors import ValidationError
 from runtime.jobs.broker import JobBroker, JobConfig, QueueBounds, Submitted
 from runtime.jobs.middleware import JobsMiddleware
 from runtime.jobs.options import RetryPolicy, check_options, delay_of
@@ -167,6 +168,10 @@ def enqueue_job(broker: dramatiq.Broker, job: dict[str, Any], job_id: str | None
     ``job_id`` is used when the job names none: the relay passes one derived
     from the outbox row, so a row published twice enqueues its job once.
     """
+    if not (isinstance(job, dict) and isinstance(job.get("queue"), str)
+            and isinstance(job.get("actor"), str) and isinstance(job.get("args", []), list)
+            and isinstance(job.get("options") or {}, dict)):
+        raise ValidationError(f"not a job (queue, actor, args, options): {job!r:.200}")
     spec = JobSpec(queue=job["queue"], actor=job["actor"])
     options = dict(job.get("options") or {})
     if job_id is not None:

@@ -31,7 +31,7 @@ import dramatiq
 import redis.asyncio as aioredis
 
 from runtime.broker import enqueue_job
-from runtime.errors import QueueFull
+from runtime.errors import QueueFull, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -129,34 +129,48 @@ class OutboxRelay:
             if not records:
                 return 0
             rows = [OutboxRow(**dict(r)) for r in records]
-            await self._publish(rows)
+            rejected = await self._publish(rows)
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                 [r.id for r in rows],
             )
+            if rejected:
+                await conn.executemany("UPDATE outbox SET publish_error = $2 WHERE id = $1",
+                                       sorted(rejected.items()))
         if self._on_published:
             self._on_published(rows)
         return len(rows)
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _publish(self, rows: list[OutboxRow]) -> dict[int, str]:
+        """XADD every row's event and enqueue its job; return rows whose job was set aside."""
         pipe = self._redis.pipeline(transaction=False)
         for row in rows:
             pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
                       maxlen=STREAM_MAXLEN, approximate=True)
         await pipe.execute()
         jobs = [(row.id, 0, row.job) for row in rows if row.job]
-        if jobs:
-            await asyncio.to_thread(self._enqueue_all, jobs)
+        if not jobs:
+            return {}
+        return await asyncio.to_thread(self._enqueue_all, jobs)
 
-    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]) -> None:
+    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]) -> dict[int, str]:
         """Enqueue each row's job under an id derived from the row, never blocking.
 
         A row published twice (a crash after publishing, before marking) finds
         its job already there; a full queue raises QueueFull, which leaves the
-        batch unmarked for the next round instead of stalling the relay.
+        batch unmarked for the next round instead of stalling the relay. A job
+        that can never be enqueued (ValidationError) is set aside and returned
+        with the reason, so one bad row cannot hold up every event behind it.
         """
+        rejected: dict[int, str] = {}
         for row_id, n, job in jobs:
-            enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False)
+            try:
+                enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False)
+            except ValidationError as exc:
+                log.error("outbox row %d: its job was set aside, it can never be enqueued: %s",
+                          row_id, exc, extra={"outbox_id": row_id, "job": job})
+                rejected[row_id] = str(exc)
+        return rejected
 
     async def run(self) -> None:
         """Relay forever: wake on NOTIFY, poll as a safety net, back off on errors."""

@@ -44,6 +44,16 @@ def spawn(settings: Settings, *args: str, log_name: str | None = None) -> subpro
                             start_new_session=True)
 
 
+def spawn_module(settings: Settings, module: str, log_name: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m MODULE`` (a test harness around a runtime command) like :func:`spawn`."""
+    env = {**os.environ, **settings.to_env()}
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    log = (settings.var_dir / f"{log_name}.log").open("ab")
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "-m", module], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
     """SIGTERM the process and wait for it; SIGKILL if it does not stop in time."""
     if proc.poll() is None:

@@ -38,7 +38,8 @@ _INDEXED = ("completed", "failed", "dead", "cancelled")
 MAX_LIST = 500
 # Record fields shown as numbers / as times.
 _INT_FIELDS = ("attempt", "max_attempts", "priority", "deaths")
-_TIME_FIELDS = ("created_ms", "enqueued_ms", "started_ms", "finished_ms", "run_at_ms")
+_TIME_FIELDS = {"created_ms": "created_at", "enqueued_ms": "enqueued_at",
+                "started_ms": "started_at", "finished_ms": "finished_at", "run_at_ms": "run_at"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ def job_view(record: dict[str, str], message_json: str | None = None) -> dict[st
     for name in _INT_FIELDS:
         if record.get(name) not in (None, ""):
             view[name] = int(record[name])
-    for name in _TIME_FIELDS:
-        view[name.removesuffix("_ms") + "_at"] = _iso(record.get(name))
+    for name, shown in _TIME_FIELDS.items():
+        view[shown] = _iso(record.get(name))
     for name in ("error", "reason", "worker"):
         if record.get(name):
             view[name] = record[name]

@@ -1,8 +1,9 @@
 """The api process's root supervisor: the outbox relay and the notifier are supervised actors.
 
-Real server, real PostgreSQL and Redis. Failures are real too: an outbox row
-the relay cannot enqueue (a job without a queue) and a subscriber that
-breaks while the notifier hands it an event.
+Real server, real PostgreSQL and Redis. The failures are bugs injected into
+this test process only: a relay whose publish raises, and a subscriber that
+breaks while the notifier hands it an event. (A row whose job can never be
+enqueued is not a crash: tests/runtime/test_outbox.py shows it set aside.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from actors.notifier.channels import Viewer
 from runtime import db
-from runtime.outbox import emit
+from runtime.outbox import OutboxRelay, emit
 from runtime.root import EXIT_ESCALATED
 from runtime.settings import Settings
 from runtime.tree import process_key, render_tree, tree_snapshot
@@ -28,7 +29,7 @@ from tests.support import (
     http_ready,
     next_supervision_event,
     published_root,
-    spawn,
+    spawn_module,
     stop,
     with_http_port,
 )
@@ -50,13 +51,26 @@ async def event(settings: Settings, kind: str, child: str | None,
     return await asyncio.to_thread(next_supervision_event, settings, kind, child, stream, WAIT_S)
 
 
-async def insert_unenqueueable_row(settings: Settings) -> int:
-    """An outbox row whose job names no queue: enqueueing it raises (a bug, not an outage)."""
+class RelayBreaks:
+    """Makes the relay's publish raise a bug while ``broken`` (patched on the class)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.broken = False
+        real = OutboxRelay.publish_batch
+
+        async def publish_batch(relay: OutboxRelay) -> int:
+            if self.broken:
+                raise RuntimeError("a bug in the relay (injected by the test)")
+            return await real(relay)
+
+        monkeypatch.setattr(OutboxRelay, "publish_batch", publish_batch)
+
+
+async def insert_row(settings: Settings) -> int:
     conn = await db.connect(settings.database_url or "")
     try:
         async with conn.transaction():
-            return await emit(conn, "test-channel", "test.event", {"n": 1},
-                              job={"actor": "nowhere", "args": []})
+            return await emit(conn, "test-channel", "test.event", {"n": 1})
     finally:
         await conn.close()
 
@@ -97,17 +111,20 @@ async def test_the_api_runs_its_relay_and_notifier_under_one_published_root(
 
 
 async def test_a_crashed_relay_is_restarted_visibly_and_publishes_again(
-        web_settings: Settings, start_server: ServerFactory, pool: asyncpg.Pool) -> None:
+        web_settings: Settings, start_server: ServerFactory, pool: asyncpg.Pool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     settings = replace(web_settings, supervisor_max_restarts=1_000)  # only restarts here
+    breaks = RelayBreaks(monkeypatch)
     server = await start_server(create_app(settings))
     await published_api_root(settings)
 
-    row_id = await insert_unenqueueable_row(settings)
+    breaks.broken = True
+    row_id = await insert_row(settings)
     restart = await event(settings, "restart", RELAY_CHILD)
-    assert "KeyError" in restart["reason"] and restart["process"] == PROCESS_NAME
+    assert "RuntimeError" in restart["reason"] and restart["process"] == PROCESS_NAME
 
-    # The row is repaired: a restarted relay publishes it (nothing was lost meanwhile).
-    await pool.execute("UPDATE outbox SET job = NULL WHERE id = $1", row_id)
+    # The bug is gone: a restarted relay publishes the row (nothing was lost meanwhile).
+    breaks.broken = False
     async with asyncio.timeout(WAIT_S):
         while await pool.fetchval("SELECT published_at FROM outbox WHERE id = $1",
                                   row_id) is None:
@@ -120,13 +137,13 @@ async def test_a_crashed_relay_is_restarted_visibly_and_publishes_again(
 async def test_the_api_process_exits_70_when_its_root_gives_up(
         web_settings: Settings) -> None:
     settings = with_http_port(web_settings)
-    proc = spawn(settings, "web", log_name="api-escalates")
+    proc = spawn_module(settings, "tests.web.crashing_api", log_name="api-escalates")
     try:
         async with asyncio.timeout(WAIT_S):
             while not http_ready(settings.http_port):
                 assert proc.poll() is None, "the api exited before it served"
                 await asyncio.sleep(0.05)
-        await insert_unenqueueable_row(settings)  # crashes every relay incarnation
+        await insert_row(settings)  # every relay incarnation crashes on it
         code = await asyncio.wait_for(asyncio.to_thread(proc.wait), WAIT_S)
     finally:
         stop(proc)
