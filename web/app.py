@@ -26,7 +26,7 @@ from actors.orders import workflow
 from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.actor import TaskActor
-from runtime.broker import setup_broker
+from runtime.broker import ALL_QUEUES, setup_broker
 from runtime.cli import add_command
 from runtime.errors import (
     Conflict,
@@ -37,6 +37,8 @@ from runtime.errors import (
     ValidationError,
 )
 from runtime.jobs.broker import JobBroker
+from runtime.jobs.feed import QueueFeed
+from runtime.jobs.store import JobStore
 from runtime.loop import LoopBridge
 from runtime.metrics import get_metrics
 from runtime.observability import metrics_handler
@@ -60,6 +62,8 @@ BROKER = web.AppKey("broker", JobBroker)
 MAX_BODY_BYTES = 64 * 1024
 # The outbox relay's id under the api's root supervisor.
 RELAY_CHILD = "outbox-relay"
+# The queue feed's id under the api's root supervisor.
+FEED_CHILD = "queue-feed"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -201,6 +205,20 @@ def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
     return ChildSpec(RELAY_CHILD, start, Restart.PERMANENT)
 
 
+def queue_feed_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The queue feed (live counts on the ``queues`` channel) as a supervised async actor."""
+    settings = app[SETTINGS]
+    broker = app[BROKER]
+
+    def start() -> pykka.ActorRef[Any]:
+        store = JobStore(app[REDIS], broker.keys,
+                         sorted(broker.get_declared_queues() | set(ALL_QUEUES)))
+        return TaskActor.start(bridge, FEED_CHILD, QueueFeed(store, app[REDIS],
+                                                            settings.namespace).run)
+
+    return ChildSpec(FEED_CHILD, start, Restart.PERMANENT)
+
+
 def create_app(settings: Settings) -> web.Application:
     """A new application for ``settings`` (which must carry both URLs)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
@@ -208,6 +226,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resources)
     use_shared_metrics(app, settings)
     add_child(app, settings, relay_child)  # the api's root supervisor, with the notifier
+    add_child(app, settings, queue_feed_child)
     app.router.add_post("/api/v1/orders", create_order)
     app.router.add_get("/api/v1/orders/{order_id}", get_order)
     app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)

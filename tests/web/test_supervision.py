@@ -34,7 +34,7 @@ from tests.support import (
     with_http_port,
 )
 from tests.web.conftest import Publisher, ServerFactory, build_app, next_of, subscribe
-from web.app import RELAY_CHILD, create_app
+from web.app import FEED_CHILD, RELAY_CHILD, create_app
 from web.auth import TokenSigner
 from web.realtime import NOTIFIER_CHILD, NOTIFIER_KEY
 from web.supervision import PROCESS_NAME, ROOT_NAME, root_of
@@ -82,7 +82,7 @@ async def test_the_api_runs_its_relay_and_notifier_under_one_published_root(
 
     root = await published_api_root(web_settings)
     assert root["name"] == ROOT_NAME and root["state"] == "running"
-    assert [c["id"] for c in root["children"]] == [RELAY_CHILD, NOTIFIER_CHILD]
+    assert [c["id"] for c in root["children"]] == [RELAY_CHILD, FEED_CHILD, NOTIFIER_CHILD]
 
     # GET /api/v1/supervision: this process (not supervisord's here) with its root and actors.
     headers = {"Authorization": f"Bearer {signer.issue('staff', None, 60)}"}
@@ -93,7 +93,7 @@ async def test_the_api_runs_its_relay_and_notifier_under_one_published_root(
     [supervisor] = process["children"]
     assert supervisor["name"] == ROOT_NAME and supervisor["alive"] is True
     assert [(a["name"], a["alive"]) for a in supervisor["children"]] == [
-        (RELAY_CHILD, True), (NOTIFIER_CHILD, True)]
+        (RELAY_CHILD, True), (FEED_CHILD, True), (NOTIFIER_CHILD, True)]
 
     # `shopflow tree` prints the same.
     text = render_tree(await asyncio.to_thread(tree_snapshot, web_settings))
@@ -129,7 +129,7 @@ async def test_a_crashed_relay_is_restarted_visibly_and_publishes_again(
         while await pool.fetchval("SELECT published_at FROM outbox WHERE id = $1",
                                   row_id) is None:
             await asyncio.sleep(0.05)
-    [relay, _] = root_of(server.app).snapshot()
+    [relay, _, _] = root_of(server.app).snapshot()
     assert relay.restarts >= 1 and relay.state in ("running", "restarting")
 
 
