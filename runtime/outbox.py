@@ -148,7 +148,8 @@ class OutboxRelay:
             pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
                       maxlen=STREAM_MAXLEN, approximate=True)
         await pipe.execute()
-        jobs = [(row.id, 0, row.job) for row in rows if row.job]
+        jobs = [(row.id, 0, _with_correlation(row.job, row.correlation_id))
+                for row in rows if row.job]
         if not jobs:
             return {}
         return await asyncio.to_thread(self._enqueue_all, jobs)
@@ -202,6 +203,16 @@ class OutboxRelay:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("outbox relay runs without LISTEN (polling only) for now: %s", exc)
             return None
+
+
+def _with_correlation(job: dict[str, Any], correlation_id: uuid.UUID | None) -> dict[str, Any]:
+    """The row's correlation id rides on its job, so the job's log lines carry it too."""
+    if correlation_id is None or not isinstance(job, dict):
+        return job
+    options = job.get("options")
+    if options is not None and not isinstance(options, dict):
+        return job  # malformed: enqueue_job sets it aside with the reason
+    return {**job, "options": {"correlation_id": str(correlation_id), **(options or {})}}
 
 
 def now_utc() -> datetime:

@@ -24,6 +24,7 @@ from dramatiq.brokers.redis import RedisBroker
 from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
+from runtime.trace import install_order_trail
 from runtime.process import ProcessContext
 from runtime.root import SharedSupervisionMetrics, attach_process_supervision
 from runtime.scheduling.middleware import ensure_scheduled_run_middleware
@@ -94,6 +95,7 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
     install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
+    install_order_trail(ctx.broker, ctx.pool, ctx.bridge)  # failed attempts on orders' trails
     # Every worker reports scheduled runs finishing, whatever queue they land on.
     ensure_scheduled_run_middleware(ctx.broker, settings.redis_url or "", settings.namespace)
     concerns = factory(ctx)

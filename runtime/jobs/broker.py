@@ -201,7 +201,7 @@ class JobBroker(RedisBroker):
         self.emit_after("enqueue", message, delay_ms)
         if not submitted.duplicate:
             self.hooks.emit(JobEvent(submitted.state, submitted.job_id, queue,
-                                     message.actor_name))
+                                     message.actor_name, args=tuple(message.args)))
         return submitted
 
     def _submit_within_bounds(self, args: list[Any], message: dramatiq.Message[Any],
@@ -248,7 +248,7 @@ class JobBroker(RedisBroker):
             # After the record changed, so a listener that reads the store sees the outcome.
             self.hooks.emit(JobEvent(event, job_id, queue, message.actor_name,
                                      int(message.options.get("retries", 0)) + 1,
-                                     dict(outcome.detail)))
+                                     dict(outcome.detail), tuple(message.args)))
 
 
 class JobConsumer(Consumer):

@@ -34,6 +34,8 @@ class JobEvent:
     actor: str
     attempt: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    # The job's arguments (for hooks that name the order a job is about).
+    args: tuple[Any, ...] = ()
 
 
 Hook = Callable[[JobEvent], None]

@@ -443,7 +443,7 @@ local function cmd_sweep(a)
                         redis.call("zrem", qkey(queue, "active"), job_id)
                         stat(queue, "stalled")
                         local found = {job_id = job_id, queue = queue, actor = actor,
-                            deaths = deaths, dead = deaths >= poison}
+                            deaths = deaths, dead = deaths >= poison, args = msg.args}
                         table.insert(stalled, found)
                         event(job_id, queue, actor, "stalled", {deaths = deaths, worker = w})
                         if deaths >= poison then

@@ -92,11 +92,12 @@ class JobKeeper:
         report = SweepReport(int(reply.get("requeued", 0)), tuple(
             JobEvent("dead" if item.get("dead") else "stalled", str(item["job_id"]),
                      str(item["queue"]), str(item.get("actor", "")), 0,
-                     {"deaths": int(item.get("deaths", 0))})
+                     {"deaths": int(item.get("deaths", 0))},
+                     tuple(item.get("args") or ()) if isinstance(item.get("args"), list) else ())
             for item in reply.get("stalled") or ()))
         for event in report.stalled:
             broker.hooks.emit(JobEvent("stalled", event.job_id, event.queue, event.actor, 0,
-                                       event.detail))
+                                       event.detail, event.args))
             if event.kind == "dead":
                 broker.hooks.emit(event)
         if report.requeued:

@@ -143,7 +143,8 @@ class JobsMiddleware(Middleware):
         max_attempts = jb.max_attempts(message._message)
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
                              max_attempts, jb.client, jb.keys, jb.jobs))
-        jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt))
+        jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
+                               args=tuple(message.args)))
 
     def _skip(self, jb: JobBroker, message: MessageProxy, job_id: str, reply: list[Any]) -> None:
         """Attach the outcome of a start that did not run, and raise SkipMessage."""
