@@ -49,8 +49,8 @@ import pykka
 from pykka import ActorRegistry, messages
 from pykka._threading import ThreadingFuture
 
-from runtime.jobs.retries import is_infrastructure_error
 from runtime.errors import ActorCrashed, InfrastructureUnavailable, ShopflowError
+from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
 from runtime.settings import Settings

@@ -26,12 +26,12 @@ import asyncpg
 
 from runtime import db, embedded
 from runtime.cli import add_command
+from runtime.errors import NotFound
 from runtime.jobs.args import int_arg
 from runtime.jobs.broker import JobBroker
 from runtime.jobs.hooks import JobEvent
-from runtime.loop import LoopBridge
-from runtime.errors import NotFound
 from runtime.logs import log_context
+from runtime.loop import LoopBridge
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,12 @@ from dramatiq.brokers.redis import RedisBroker
 from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
-from runtime.trace import install_order_trail
 from runtime.process import ProcessContext
 from runtime.root import SharedSupervisionMetrics, attach_process_supervision
 from runtime.scheduling.middleware import ensure_scheduled_run_middleware
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, supervisor_options
+from runtime.trace import install_order_trail
 
 log = logging.getLogger(__name__)
 

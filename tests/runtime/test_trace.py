@@ -160,7 +160,7 @@ async def test_failed_attempts_of_an_orders_jobs_join_its_trail(settings: Settin
             await asyncio.sleep(0.05)
         assert steps == ["job trace_test_label retrying", "job trace_test_label failed"]
         _, entries = await load_trail(conn, order_id)
-        failure = [e for e in entries if e.step == "jobs: job trace_test_label failed"][0]
+        failure = next(e for e in entries if e.step == "jobs: job trace_test_label failed")
         assert failure.detail["error"] == "TransientJobError: carrier timed out"
     finally:
         worker.stop()
