@@ -162,11 +162,12 @@ def declare_actor(
 
 
 def enqueue_job(broker: dramatiq.Broker, job: dict[str, Any], job_id: str | None = None,
-                block: bool | None = None) -> Submitted:
+                block: bool | None = None, dedup_s: int | None = None) -> Submitted:
     """Enqueue a job in the JSON form of :meth:`JobSpec.as_job` (the outbox relay uses it).
 
-    ``job_id`` is used when the job names none: the relay passes one derived
-    from the outbox row, so a row published twice enqueues its job once.
+    ``job_id`` (and its ``dedup_s``) are used when the job names none: the
+    relay passes one derived from the outbox row, so a row published twice
+    enqueues its job once.
     """
     if not (isinstance(job, dict) and isinstance(job.get("queue"), str)
             and isinstance(job.get("actor"), str) and isinstance(job.get("args", []), list)
@@ -174,8 +175,10 @@ def enqueue_job(broker: dramatiq.Broker, job: dict[str, Any], job_id: str | None
         raise ValidationError(f"not a job (queue, actor, args, options): {job!r:.200}")
     spec = JobSpec(queue=job["queue"], actor=job["actor"])
     options = dict(job.get("options") or {})
-    if job_id is not None:
-        options.setdefault("job_id", job_id)
+    if job_id is not None and "job_id" not in options:
+        options["job_id"] = job_id
+        if dedup_s is not None:
+            options.setdefault("dedup_s", dedup_s)
     return spec.send(broker, *job.get("args", []), block=block, **options)
 
 

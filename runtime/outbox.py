@@ -40,6 +40,10 @@ NOTIFY_CHANNEL = "shopflow_outbox"
 _RELAY_LOCK_KEY = 0x5F0F_0002
 # Rows published per relay transaction.
 RELAY_BATCH = 200
+# A relayed job's id refuses a re-publication this long after the job ended: long enough
+# for a relay that crashed between publishing and marking to come back, short enough that
+# the ids of a busy shop (several per order) do not fill Redis.
+RELAY_DEDUP_S = 600
 # Each channel's stream keeps about this many events for resuming listeners.
 STREAM_MAXLEN = 100_000
 
@@ -166,7 +170,8 @@ class OutboxRelay:
         rejected: dict[int, str] = {}
         for row_id, n, job in jobs:
             try:
-                enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False)
+                enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False,
+                            dedup_s=RELAY_DEDUP_S)
             except ValidationError as exc:
                 log.error("outbox row %d: its job was set aside, it can never be enqueued: %s",
                           row_id, exc, extra={"outbox_id": row_id, "job": job})
