@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
@@ -25,14 +24,15 @@ from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
-from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, Unauthenticated, ValidationError
-from runtime.observability import metrics_handler
+from runtime.errors import NotFound
 from runtime.metrics import get_metrics
+from runtime.observability import metrics_handler
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
 from web.dashboard import setup_dashboard
+from web.httpkit import MAX_BODY_BYTES, error_middleware, json_errors, read_json
 from web.realtime import setup_realtime
 from web.wiring import plug_seams
 
@@ -42,62 +42,12 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 BROKER = web.AppKey("broker", RedisBroker)
-# Request bodies above this are refused with 413 before they are read.
-MAX_BODY_BYTES = 64 * 1024
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    """The one error shape of the API: ``{"error": {"status", "message", ...}}``."""
-    return web.json_response({"error": {"status": status, "message": message, **extra}}, status=status)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate domain errors to HTTP answers; never leak a traceback."""
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        return json_error(422, str(exc), field=exc.field)
-    except NotFound as exc:
-        return json_error(404, str(exc))
-    except Unauthenticated as exc:
-        return json_error(401, str(exc))
-    except Forbidden as exc:
-        return json_error(403, str(exc))
-    except NotAvailable as exc:
-        return json_error(503, str(exc))
-    except Conflict as exc:
-        return json_error(409, str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return json_error(exc.status, exc.reason)
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, "internal error; it has been logged")
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(reason=f"body is not valid JSON: {exc}") from None
 
 
 def _order_id(request: web.Request) -> int:
     raw = request.match_info["order_id"]
     if not raw.isdigit() or len(raw) > 18:
-        raise web.HTTPNotFound(reason=f"order {raw!r} does not exist")
+        raise NotFound(f"order {raw!r} does not exist")
     return int(raw)
 
 
@@ -124,7 +74,7 @@ async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
     try:
         await asyncio.wait_for(check, timeout=2.0)
         return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-    except Exception as exc:  # a health check reports every failure as data
+    except Exception as exc:  # noqa: BLE001 - a health check reports every failure as data
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -187,9 +137,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_relay)
-    app.router.add_post("/api/v1/orders", create_order)
-    app.router.add_get("/api/v1/orders/{order_id}", get_order)
-    app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
+    app.router.add_post("/api/v1/orders", json_errors(create_order))
+    app.router.add_get("/api/v1/orders/{order_id}", json_errors(get_order))
+    app.router.add_post("/api/v1/orders/{order_id}/payment", json_errors(confirm_payment))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_handler(settings))
     setup_realtime(app, settings)  # GET /ws and this process's notifier

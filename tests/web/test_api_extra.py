@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from actors.agents.messages import MODERATE_REVIEW
-from web.api_extra import POOL_KEY
-
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from actors.agents.messages import MODERATE_REVIEW
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
+from web.api_extra import POOL_KEY
 from web.auth import TokenSigner
 
 
@@ -168,3 +167,17 @@ async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
     assert [e["payload"]["order_id"] for e in everything["events"]] == [6, 5]
     assert (await ana("GET", "/api/v1/events/jobs"))[1]["events"] == []
     assert (await ana("GET", "/api/v1/events/nope"))[0] == 404
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "bad_json"), (b"\xff", 400, "bad_json"), (b"", 400, "bad_json"),
+    (b"[1]", 422, "invalid"), (b'"text"', 422, "invalid"),
+])
+async def test_bodies_get_the_same_errors_as_the_orders_endpoints(
+        ana: Caller, body: bytes, status: int, code: str) -> None:
+    async with ana.http.post(ana.server.make_url("/api/v1/carts"), data=body,
+                             headers={"Authorization": f"Bearer {ana.token}",
+                                      "Content-Type": "application/json"}) as resp:
+        assert resp.status == status
+        error = (await resp.json())["error"]
+    assert error["status"] == status and error["code"] == code

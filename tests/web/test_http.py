@@ -12,14 +12,25 @@ from aiohttp.test_utils import TestClient, TestServer
 from runtime.settings import Settings
 from tests.factories import make_shop
 from web.app import create_app
+from web.auth import TokenSigner
 
 
 @pytest.fixture
-async def client(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
+async def client(web_settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
     async with pool.acquire() as conn:
         await make_shop(conn, {1: 10, 2: 3})
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(TestServer(create_app(web_settings))) as c:
         yield c
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def staff(signer: TokenSigner) -> dict[str, str]:
+    """Headers of a staff caller (a service such as the checkout)."""
+    return bearer(signer.issue("staff", None, 60))
 
 
 async def _counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
@@ -49,41 +60,61 @@ async def test_health_reports_both_servers_with_latency(client: TestClient) -> N
 
 
 BAD_BODIES = [
-    pytest.param(b'{"items": [{"product_id": 1, "quantity": 1}]}', 422, "customer_id", id="missing-field"),
-    pytest.param(b'{"customer_id": "x", "items": [{"product_id": 1, "quantity": 1}]}', 422, "integer", id="wrong-type"),
-    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": -3}]}', 422, "positive", id="negative-quantity"),
-    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 424242, "quantity": 1}]}', 422, "unknown product", id="unknown-product"),
-    pytest.param(b'{"customer_id": 99, "items": [{"product_id": 1, "quantity": 1}]}', 422, "unknown customer", id="unknown-customer"),
-    pytest.param(b'{"customer_id": 1, "items": [', 400, "not valid JSON", id="invalid-json"),
-    pytest.param(b'\xff\xfe', 400, "not valid JSON", id="not-utf8"),
-    pytest.param(b'[1, 2]', 422, "JSON object", id="not-an-object"),
-    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "x": ' + b'"a"' + b' }', 422, "unknown field", id="unknown-field"),
+    pytest.param(b'{"items": [{"product_id": 1, "quantity": 1}]}', 422, "invalid", "customer_id", id="missing-field"),
+    pytest.param(b'{"customer_id": "x", "items": [{"product_id": 1, "quantity": 1}]}', 422, "invalid", "integer", id="wrong-type"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": -3}]}', 422, "invalid", "positive", id="negative-quantity"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 424242, "quantity": 1}]}', 422, "invalid", "unknown product", id="unknown-product"),
+    pytest.param(b'{"customer_id": 99, "items": [{"product_id": 1, "quantity": 1}]}', 422, "invalid", "unknown customer", id="unknown-customer"),
+    pytest.param(b'{"customer_id": 1, "items": [', 400, "bad_json", "not valid JSON", id="invalid-json"),
+    pytest.param(b'\xff\xfe', 400, "bad_json", "not valid JSON", id="not-utf8"),
+    pytest.param(b'', 400, "bad_json", "not valid JSON", id="empty"),
+    pytest.param(b'[1, 2]', 422, "invalid", "JSON object", id="not-an-object"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "x": ' + b'"a"' + b' }', 422, "invalid", "unknown field", id="unknown-field"),
 ]
 
 
-@pytest.mark.parametrize("body, status, message", BAD_BODIES)
+@pytest.mark.parametrize("body, status, code, message", BAD_BODIES)
 async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(
-    client: TestClient, pool: asyncpg.Pool, body: bytes, status: int, message: str
+    client: TestClient, pool: asyncpg.Pool, staff: dict[str, str], body: bytes, status: int,
+    code: str, message: str,
 ) -> None:
     before = await _counts(pool)
-    resp = await client.post("/api/v1/orders", data=body, headers={"Content-Type": "application/json"})
+    resp = await client.post("/api/v1/orders", data=body,
+                             headers={"Content-Type": "application/json", **staff})
     assert resp.status == status
     error = (await resp.json())["error"]
+    assert error["status"] == status and error["code"] == code
     assert message in error["message"]
     assert await _counts(pool) == before
 
 
-async def test_a_one_megabyte_body_is_refused(client: TestClient, pool: asyncpg.Pool) -> None:
+async def test_a_one_megabyte_body_is_refused(client: TestClient, pool: asyncpg.Pool,
+                                              staff: dict[str, str]) -> None:
     before = await _counts(pool)
     big = json.dumps({"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "pad": "x" * 1_000_000})
-    resp = await client.post("/api/v1/orders", data=big, headers={"Content-Type": "application/json"})
+    resp = await client.post("/api/v1/orders", data=big,
+                             headers={"Content-Type": "application/json", **staff})
     assert resp.status == 413
-    assert "too large" in (await resp.json())["error"]["message"]
+    error = (await resp.json())["error"]
+    assert error["code"] == "too_large" and "too large" in error["message"]
     assert await _counts(pool) == before
 
 
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/api/v1/nothing-here", 404, "not_found"),
+    ("DELETE", "/api/v1/orders", 405, "method_not_allowed"),
+])
+async def test_aiohttp_own_errors_have_the_same_shape(client: TestClient, method: str, path: str,
+                                                      status: int, code: str) -> None:
+    resp = await client.request(method, path)
+    assert resp.status == status
+    assert (await resp.json())["error"] == {"status": status, "code": code,
+                                             "message": resp.reason}
+
+
 @pytest.mark.parametrize("path", ["/api/v1/orders/abc", "/api/v1/orders/999999", "/api/v1/orders/-1"])
-async def test_unknown_orders_are_404(client: TestClient, path: str) -> None:
-    resp = await client.get(path)
+async def test_unknown_orders_are_404(client: TestClient, staff: dict[str, str], path: str) -> None:
+    resp = await client.get(path, headers=staff)
     assert resp.status == 404
-    assert "does not exist" in (await resp.json())["error"]["message"]
+    error = (await resp.json())["error"]
+    assert error["code"] == "not_found" and "does not exist" in error["message"]
