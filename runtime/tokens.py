@@ -183,3 +183,8 @@ def _read_secret_file(path: Path) -> bytes:
 def signer_from_settings(settings: Settings) -> TokenSigner:
     """The process's signer: built once at start-up and kept in the app."""
     return TokenSigner(load_secret(settings))
+
+
+def staff_token(settings: Settings, ttl_s: int) -> str:
+    """A staff token valid ``ttl_s`` seconds, for the project's own API clients (the demo)."""
+    return signer_from_settings(settings).issue("staff", None, ttl_s)

@@ -2,7 +2,9 @@
 
 ``create_app(settings)`` builds a fresh app; resources (database pool, Redis,
 broker, relay task) are opened and closed in ``cleanup_ctx``. Handlers only
-parse, call the order workflow and translate domain errors to HTTP answers.
+check the caller's token, parse, call the order workflow and translate domain
+errors to HTTP answers. The orders endpoints need a token like the rest of
+``/api/v1``: staff (a service) for any order, a customer for their own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from aiohttp import web
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.orders import workflow
-from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.broker import setup_broker
 from runtime.cli import add_command
@@ -31,6 +32,7 @@ from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
+from web.auth import authenticate, ensure_signer
 from web.dashboard import setup_dashboard
 from web.httpkit import MAX_BODY_BYTES, error_middleware, json_errors, read_json
 from web.realtime import setup_realtime
@@ -51,22 +53,44 @@ def _order_id(request: web.Request) -> int:
     return int(raw)
 
 
+def _acting_for(request: web.Request) -> int | None:
+    """The customer a request acts for: ``None`` for staff (services, operators), who act for
+    anyone; a customer token's own id otherwise. No valid token is a 401."""
+    principal = authenticate(request)
+    return None if principal.is_staff else principal.customer_id
+
+
 async def create_order(request: web.Request) -> web.Response:
-    """POST /api/v1/orders: create an order; its stock reservation is queued."""
-    order, created = await workflow.place_order(request.app[POOL], await read_json(request))
+    """POST /api/v1/orders: create an order; its stock reservation is queued.
+
+    Staff (the checkout, the demo replay) order for any customer; a customer
+    token only for its own ``customer_id`` (403 otherwise).
+    """
+    for_customer = _acting_for(request)
+    order, created = await workflow.place_order(request.app[POOL], await read_json(request),
+                                                for_customer)
     return web.json_response(order, status=201 if created else 200)
 
 
 async def confirm_payment(request: web.Request) -> web.Response:
-    """POST /api/v1/orders/{id}/payment: confirm payment of a reserved order (idempotent)."""
-    order, _ = await workflow.pay_order(request.app[POOL], _order_id(request))
+    """POST /api/v1/orders/{id}/payment: confirm payment of a reserved order (idempotent).
+
+    Staff, or the customer who owns the order; anyone else gets 404.
+    """
+    for_customer = _acting_for(request)
+    order, _ = await workflow.pay_order(request.app[POOL], _order_id(request), for_customer)
     return web.json_response(order)
 
 
 async def get_order(request: web.Request) -> web.Response:
-    """GET /api/v1/orders/{id}: the order, its items and its status history."""
+    """GET /api/v1/orders/{id}: the order, its items and its status history.
+
+    Staff, or the customer who owns the order; anyone else gets 404.
+    """
+    for_customer = _acting_for(request)
     async with request.app[POOL].acquire() as conn:
-        return web.json_response(await fetch_order(conn, _order_id(request)))
+        return web.json_response(await workflow.read_order(conn, _order_id(request),
+                                                           for_customer))
 
 
 async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
@@ -135,6 +159,7 @@ def create_app(settings: Settings) -> web.Application:
     """A new application for ``settings`` (which must carry both URLs)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    ensure_signer(app, settings)  # every /api/v1 call carries a token (web/auth.py)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_relay)
     app.router.add_post("/api/v1/orders", json_errors(create_order))

@@ -129,26 +129,40 @@ def _query(name: str, schema: Schema) -> Schema:
 LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100})
 CUSTOMER_Q = _query("customer_id", ID)
 ERRORS: dict[str, Schema] = {
-    "401": _resp("missing, malformed or expired token", ref("Error")),
-    "403": _resp("the token's role may not do this", ref("Error")),
-    "404": _resp("no such thing (or not yours)", ref("Error")),
-    "422": _resp("invalid input; `field` names the culprit", ref("Error")),
-    "default": _resp("another error, same shape (409 conflict, 503 not available)",
+    "401": _resp("missing, malformed, forged or expired token (`unauthenticated`)",
+                 ref("Error")),
+    "403": _resp("the token's role may not do this (`forbidden`)", ref("Error")),
+    "404": _resp("no such thing, or not yours (`not_found`)", ref("Error")),
+    "422": _resp("JSON of the wrong shape or invalid fields (`invalid`); `field` names the "
+                 "culprit", ref("Error")),
+    "default": _resp("another error, same shape (409 `conflict`, 503 `not_available`)",
                      ref("Error")),
 }
+# Only operations that read a body can answer these.
+BODY_ERRORS: dict[str, Schema] = {
+    "400": _resp("the body is not JSON text (`bad_json`)", ref("Error")),
+    "413": _resp("the body is over 64 KiB (`too_large`)", ref("Error")),
+}
+WHO = {"any": "Needs a token (customer or staff).", "staff": "Needs a staff token.",
+       "none": "Public: no token needed."}
 
 
 def op(summary: str, tag: str, ok_status: str, ok: Schema, auth: str = "any",
        params: list[Schema] | None = None, body: Schema | None = None,
-       also: dict[str, Schema] | None = None) -> Schema:
-    """One operation: ``auth`` is any (customer or staff), staff, or none (public)."""
+       also: dict[str, Schema] | None = None, who: str | None = None) -> Schema:
+    """One operation: ``auth`` is any (customer or staff), staff, or none (public).
+
+    ``who`` replaces the standard sentence on who may call it, for operations
+    whose rule depends on what is asked for (a customer's own orders).
+    """
     errors = ERRORS if auth != "none" else {"default": ERRORS["default"]}
+    if body is not None:
+        errors = {**BODY_ERRORS, **errors}
     operation: Schema = {"summary": summary, "tags": [tag], "parameters": params or [],
+                         "description": who or WHO[auth],
                          "responses": {ok_status: ok, **(also or {}), **errors}}
     if auth == "none":
         operation["security"] = []
-    elif auth == "staff":
-        operation["description"] = "Needs a staff token."
     if body is not None:
         operation["requestBody"] = {"required": True, "content": _json(body)}
     return operation
@@ -170,18 +184,29 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("POST", "/api/v1/orders"): op(
         "Place an order (starts stock reservation)", "orders", "201",
         _resp("the new order", ref("Order")),
-        also={"200": _resp("the order already placed with this external_ref", ref("Order"))},
+        who="Staff (a service such as the checkout) may order for any customer; a customer "
+            "token only for its own `customer_id` (403 otherwise). Repeating an `external_ref` "
+            "returns that order (200), unless it is another customer's (409, not shown).",
+        also={"200": _resp("the order already placed with this external_ref", ref("Order")),
+              "409": _resp("a customer's external_ref names another customer's order",
+                           ref("Error"))},
         body=_body(["customer_id", "items"], {
-            "customer_id": ID, "external_ref": {"type": "string", "minLength": 1},
-            "items": {"type": "array", "minItems": 1, "items": _body(
+            "customer_id": ID, "external_ref": {"type": "string", "minLength": 1,
+                                                "maxLength": 100},
+            "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": _body(
                 ["product_id", "quantity"], {"product_id": ID,
-                                             "quantity": {"type": "integer", "minimum": 1}})}})),
+                                             "quantity": {"type": "integer", "minimum": 1,
+                                                          "maximum": 10_000}})}})),
     ("POST", "/api/v1/orders/{order_id}/payment"): op(
-        "Confirm an order's payment", "orders", "200", _resp("the order", ref("Order")),
-        params=[_path("order_id")], body=OBJ),
+        "Confirm a reserved order's payment (idempotent)", "orders", "200",
+        _resp("the order", ref("Order")), params=[_path("order_id")],
+        who="Staff, or the customer who owns the order; anyone else's order is 404.",
+        also={"409": _resp("the order is not reserved (yet)", ref("Error"))}),
     ("GET", "/api/v1/orders/{order_id}"): op(
-        "An order with its status", "orders", "200", _resp("the order", ref("Order")),
-        params=[_path("order_id")]),
+        "An order with its items and status history", "orders", "200",
+        _resp("the order", ref("Order")), params=[_path("order_id")],
+        who="Staff, or the customer who owns the order; anyone else's order is 404, "
+            "exactly as one that does not exist."),
     # --- web/api_extra.py ---
     ("GET", "/api/v1/me"): op("Who the token names", "auth", "200", _resp("the caller",
                                                                           ref("Me"))),

@@ -9,8 +9,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from actors.inventory.reservations import reserve_for_order
 from runtime.settings import Settings
-from tests.factories import make_shop
+from tests.factories import make_order, make_shop
 from web.app import create_app
 from web.auth import TokenSigner
 
@@ -39,16 +40,77 @@ async def _counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
             await pool.fetchval("SELECT sum(reserved_quantity) FROM inventory"))
 
 
-async def test_create_read_and_pay_an_order(client: TestClient, pool: asyncpg.Pool) -> None:
-    resp = await client.post("/api/v1/orders", json={"customer_id": 1, "items": [{"product_id": 1, "quantity": 2}]})
+async def test_create_read_and_pay_an_order(client: TestClient, staff: dict[str, str]) -> None:
+    resp = await client.post("/api/v1/orders", headers=staff,
+                             json={"customer_id": 1, "items": [{"product_id": 1, "quantity": 2}]})
     assert resp.status == 201
     order = await resp.json()
     assert order["status"] == "pending" and order["total_cents"] == 2 * 1990
-    resp = await client.get(f"/api/v1/orders/{order['id']}")
+    resp = await client.get(f"/api/v1/orders/{order['id']}", headers=staff)
     assert (await resp.json())["history"][0]["to_status"] == "pending"
-    resp = await client.post(f"/api/v1/orders/{order['id']}/payment")
+    resp = await client.post(f"/api/v1/orders/{order['id']}/payment", headers=staff)
     assert resp.status == 409  # not reserved yet: a clear conflict, not a silent success
-    assert "reserved" in (await resp.json())["error"]["message"]
+    error = (await resp.json())["error"]
+    assert error["code"] == "conflict" and "reserved" in error["message"]
+
+
+async def test_orders_endpoints_refuse_calls_without_a_valid_token(
+        client: TestClient, pool: asyncpg.Pool, staff: dict[str, str]) -> None:
+    async with pool.acquire() as conn:
+        order_id = await make_order(conn, 1, {1: 1})
+    body = {"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}]}
+    forged = TokenSigner(b"not-the-api-secret-0123456789").issue("staff", None, 60)
+    for headers in ({}, bearer(forged), bearer("garbage"), {"Authorization": "Basic eDp5"}):
+        before = await _counts(pool)
+        for method, path, json_body in (
+                ("POST", "/api/v1/orders", body),
+                ("GET", f"/api/v1/orders/{order_id}", None),
+                ("POST", f"/api/v1/orders/{order_id}/payment", None)):
+            resp = await client.request(method, path, json=json_body, headers=headers)
+            assert resp.status == 401, (method, path, headers)
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            assert (await resp.json())["error"]["code"] == "unauthenticated"
+        assert await _counts(pool) == before
+
+
+async def test_a_customer_sees_and_pays_only_their_own_orders(
+        client: TestClient, pool: asyncpg.Pool, signer: TokenSigner) -> None:
+    ana, bruno = (bearer(signer.issue("customer", cid, 60)) for cid in (1, 2))
+    async with pool.acquire() as conn:
+        order_id = await make_order(conn, 1, {1: 1})
+        assert (await reserve_for_order(conn, order_id, 900)).reserved
+    missing = await client.get("/api/v1/orders/999999", headers=bruno)
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=bruno)
+    assert resp.status == missing.status == 404  # not yours looks exactly like not there
+    assert (await resp.json())["error"]["message"] == f"order {order_id} does not exist"
+    assert (await client.post(f"/api/v1/orders/{order_id}/payment", headers=bruno)).status == 404
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=ana)
+    assert resp.status == 200 and (await resp.json())["status"] == "reserved"  # bruno paid nothing
+    resp = await client.post(f"/api/v1/orders/{order_id}/payment", headers=ana)
+    assert resp.status == 200 and (await resp.json())["status"] == "paid"
+
+
+async def test_a_customer_places_orders_only_for_themself(
+        client: TestClient, pool: asyncpg.Pool, signer: TokenSigner,
+        staff: dict[str, str]) -> None:
+    ana, bruno = (bearer(signer.issue("customer", cid, 60)) for cid in (1, 2))
+    line = [{"product_id": 1, "quantity": 1}]
+    before = await _counts(pool)
+    resp = await client.post("/api/v1/orders", headers=bruno,
+                             json={"customer_id": 1, "items": line})
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
+    assert await _counts(pool) == before
+    resp = await client.post("/api/v1/orders", headers=ana,
+                             json={"customer_id": 1, "items": line, "external_ref": "web-1"})
+    assert resp.status == 201
+    order = await resp.json()
+    # Re-using ana's external_ref does not hand her order to bruno.
+    resp = await client.post("/api/v1/orders", headers=bruno,
+                             json={"customer_id": 2, "items": line, "external_ref": "web-1"})
+    assert resp.status == 409 and str(order["id"]) not in await resp.text()
+    resp = await client.post("/api/v1/orders", headers=staff,
+                             json={"customer_id": 1, "items": line, "external_ref": "web-1"})
+    assert resp.status == 200 and (await resp.json())["id"] == order["id"]  # staff: idempotent
 
 
 async def test_health_reports_both_servers_with_latency(client: TestClient) -> None:
