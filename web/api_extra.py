@@ -20,12 +20,12 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.notifier.channels import CHANNELS, may_receive
-from actors.notifier.streams import stream_key
+from actors.notifier.streams import stream_key, text, text_fields
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
 from runtime.settings import Settings
-from actors.agents.moderation import submit_review as store_review_for_moderation
 from web import seams
 from web.auth import Principal, authenticate, ensure_signer, require_staff
 from web.httpkit import (
@@ -380,7 +380,9 @@ async def recent_events(request: web.Request) -> web.Response:
     settings = request.app[API_SETTINGS_KEY]
     entries: Any = await request.app[REDIS_KEY].xrevrange(
         stream_key(settings.namespace, channel), count=limit)
-    events = [_event_json(channel, entry_id, fields) for entry_id, fields in entries]
+    # The client may answer bytes (create_app's shared one does) or str: decode either way.
+    events = [_event_json(channel, text(entry_id), text_fields(fields))
+              for entry_id, fields in entries]
     visible = [e for e in events if e is not None and may_receive(principal, channel,
                                                                        e["payload"])]
     return ok({"channel": channel, "events": visible})

@@ -32,6 +32,8 @@ from actors.notifier.streams import (
     parse_entry,
     parse_id,
     stream_key,
+    text,
+    text_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ class Notifier:
         """Start each channel at its current end: a fresh process replays nothing."""
         for channel in self._channels:
             newest = await self._redis.xrevrange(stream_key(self._namespace, channel), count=1)
-            last = parse_id(_text(newest[0][0])) if newest else None
+            last = parse_id(text(newest[0][0])) if newest else None
             self._cursors[channel] = last or (0, 0)
 
     async def _tail(self) -> None:
@@ -164,9 +166,9 @@ class Notifier:
             reply: Any = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)
             self._set_connected(True)
             for key, entries in reply or []:
-                channel = _text(key).rsplit(":", 1)[-1]
+                channel = text(key).rsplit(":", 1)[-1]
                 for entry_id, fields in entries:
-                    self._dispatch(channel, _text(entry_id), fields)
+                    self._dispatch(channel, text(entry_id), fields)
             if reply:
                 self._notify_changed()
 
@@ -175,7 +177,7 @@ class Notifier:
         if stream_id is None or stream_id <= self._cursors.get(channel, (0, 0)):
             return
         self._cursors[channel] = stream_id
-        event = parse_entry(channel, entry_id, _text_fields(fields))
+        event = parse_entry(channel, entry_id, text_fields(fields))
         if event is None:
             log.error("skipping malformed event %s on %s", entry_id, channel)
             return
@@ -256,7 +258,7 @@ class Notifier:
         info = await self._with_redis(lambda: self._redis.xinfo_stream(key))
         if info is None:
             return None if since == (0, 0) else Resync(channel, "unknown_since", current)
-        newest = parse_id(_text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
+        newest = parse_id(text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
         # After a resync the client reloads state, so live events start after the newest entry.
         restart = id_text(max(newest, self._cursors[channel]))
         if since > newest:
@@ -279,8 +281,8 @@ class Notifier:
             batch = await self._with_redis(
                 functools.partial(self._redis.xrange, key, min=start, max="+", count=READ_BATCH))
             for entry_id, fields in batch or []:
-                event = parse_entry(sub.channel, _text(entry_id), _text_fields(fields))
-                stream_id = parse_id(_text(entry_id))
+                event = parse_entry(sub.channel, text(entry_id), text_fields(fields))
+                stream_id = parse_id(text(entry_id))
                 if stream_id is None or stream_id <= sub.last_id:
                     continue
                 sub.last_id = stream_id
@@ -350,21 +352,14 @@ def _entries_lost_after(info: dict[Any, Any], since: StreamId, newest: StreamId)
     only costs the client a needless resync). XDEL'd entries are covered by
     the ``max-deleted-entry-id`` that Redis 7+ and Valkey report.
     """
-    deleted = parse_id(_text(info.get("max-deleted-entry-id", ZERO_ID))) or (0, 0)
+    deleted = parse_id(text(info.get("max-deleted-entry-id", ZERO_ID))) or (0, 0)
     if deleted > since:
         return True
     first = info.get("first-entry")
-    first_id = parse_id(_text(first[0])) if first else None
+    first_id = parse_id(text(first[0])) if first else None
     if first_id is None:
         return since < newest
     added, length = info.get("entries-added"), info.get("length")
     nothing_removed = isinstance(added, int) and added == length
     return since < first_id and not nothing_removed
 
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _text_fields(fields: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in fields.items()}

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from actors.inventory.reservations import reserve_for_order
 from runtime.settings import Settings
 from tests.factories import make_order, make_shop
+from tests.web.conftest import Publisher
 from web.app import create_app
 from web.auth import TokenSigner
 
@@ -180,3 +181,19 @@ async def test_unknown_orders_are_404(client: TestClient, staff: dict[str, str],
     assert resp.status == 404
     error = (await resp.json())["error"]
     assert error["code"] == "not_found" and "does not exist" in error["message"]
+
+
+async def test_recent_events_through_create_app_wiring(
+        client: TestClient, signer: TokenSigner, staff: dict[str, str],
+        publish: Publisher) -> None:
+    """create_app shares one Redis client that answers bytes; the events endpoint reads it."""
+    first = await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+    await publish("order-status-changed", {"order_id": 6, "customer_id": 2})
+    resp = await client.get("/api/v1/events/order-status-changed?limit=10", headers=staff)
+    assert resp.status == 200
+    events = (await resp.json())["events"]
+    assert [(e["payload"]["order_id"], e["event"]) for e in events] == [(6, "test"), (5, "test")]
+    assert events[1]["id"] == first and events[1]["channel"] == "order-status-changed"
+    resp = await client.get("/api/v1/events/order-status-changed",
+                            headers=bearer(signer.issue("customer", 1, 60)))
+    assert [e["payload"]["order_id"] for e in (await resp.json())["events"]] == [5]
