@@ -2,7 +2,8 @@
 jobs and queues, schedules, the supervision tree, stock sync, recent events.
 
 Carts, reviews, support history, stock sync status and recent events are
-plain SQL/Redis reads and writes here. Everything another concern owns goes
+plain SQL/Redis reads and writes here; repeatable jobs are added and removed
+with the scheduler's own store functions (:mod:`runtime.scheduling`). Everything another concern owns goes
 through the Protocols in :mod:`web.seams`. Customer endpoints see only the
 caller's own data (someone else's cart is "not found", not "forbidden", so ids
 leak nothing); staff endpoints need a staff token. ``web/openapi.py``
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -21,12 +23,21 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from actors.agents.moderation import submit_review as store_review_for_moderation
+from actors.housekeeping.schedules import builtin_names
 from actors.notifier.channels import CHANNELS, may_receive
 from actors.notifier.streams import stream_key, text, text_fields
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.scheduling import (
+    SchedulerStore,
+    add_repeatable,
+    remove_repeatable,
+    repeatable_from_request,
+    schedule_view,
+)
 from runtime.settings import Settings
 from web import seams
+from web.adapters import schedule_json
 from web.auth import Principal, authenticate, ensure_signer, require_staff
 from web.httpkit import (
     int_value,
@@ -351,6 +362,37 @@ async def list_schedules(request: web.Request) -> web.Response:
     return ok({"schedules": await view.schedules()})
 
 
+async def add_schedule(request: web.Request) -> web.Response:
+    """Add a repeatable job (a cron expression in a zone, or every N seconds).
+
+    It is stored in Redis; every scheduler reads the store on each tick, so
+    the leader starts firing it without a restart, from its first slot after
+    now (no backfill). Built-in schedule names and taken names are a 409.
+    """
+    require_staff(request)
+    body = await read_json(request)
+    settings = request.app[API_SETTINGS_KEY]
+    redis = request.app[REDIS_KEY]
+    now = datetime.now(UTC)
+    schedule = await add_repeatable(
+        redis, settings.namespace, repeatable_from_request(body, settings.timezone), now,
+        reserved_names=builtin_names(settings))
+    state = await SchedulerStore(redis, settings.namespace).state(schedule.name)
+    return ok(schedule_json(schedule_view(schedule, state, now, settings.timezone)), status=201)
+
+
+async def remove_schedule(request: web.Request) -> web.Response:
+    """Remove a repeatable job; a run already sent still runs, no further slot is sent."""
+    require_staff(request)
+    name = request.match_info["name"]
+    settings = request.app[API_SETTINGS_KEY]
+    if name in builtin_names(settings):
+        raise Conflict(f"{name!r} is a built-in schedule and cannot be removed")
+    if not await remove_repeatable(request.app[REDIS_KEY], settings.namespace, name):
+        raise NotFound(f"no repeatable job named {name!r}")
+    return web.Response(status=204)
+
+
 async def get_supervision(request: web.Request) -> web.Response:
     """The supervision tree with restart counts."""
     require_staff(request)
@@ -423,6 +465,8 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/jobs/{job_id}/retry", retry_job),
     ("DELETE", "/jobs/{job_id}", remove_job),
     ("GET", "/schedules", list_schedules),
+    ("POST", "/schedules", add_schedule),
+    ("DELETE", "/schedules/{name}", remove_schedule),
     ("GET", "/supervision", get_supervision),
     ("GET", "/stock-sync", get_stock_sync),
     ("GET", "/events/{channel}", recent_events),

@@ -14,6 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from actors.notifier.channels import CHANNELS
+from runtime.broker import ALL_QUEUES
+from runtime.scheduling import MisfirePolicy, OverlapPolicy
+from runtime.scheduling.schedule import MAX_POLICY_S
+from runtime.scheduling.triggers import MAX_INTERVAL_S
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 Schema = dict[str, Any]
@@ -72,7 +76,8 @@ SCHEMAS: dict[str, Schema] = {
         "error": {"type": ["string", "null"]}}},
     "Schedule": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "cron": {"type": "string"},
-        "next_run_at": TIME, "last_run_at": TIME}},
+        "source": {"enum": ["builtin", "repeatable"]}, "queue": {"type": "string"},
+        "actor": {"type": "string"}, "next_run_at": TIME, "last_run_at": TIME}},
     "SupervisionNode": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "kind": {"type": "string"}, "alive": {"type": "boolean"},
         "restarts": {"type": "integer"},
@@ -173,6 +178,25 @@ def _body(required: list[str], props: Schema) -> Schema:
 
 
 CART_ID, PRODUCT_ID = _path("cart_id"), _path("product_id")
+# What runtime.scheduling.repeatable_from_request accepts: exactly one of cron or every_s.
+REPEATABLE_BODY: Schema = {
+    "type": "object", "required": ["name", "queue", "actor"],
+    "oneOf": [{"required": ["cron"]}, {"required": ["every_s"]}],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"},
+        "queue": {"enum": list(ALL_QUEUES)},
+        "actor": {"type": "string", "minLength": 1, "maxLength": 200},
+        "args": {"type": "array"},
+        "cron": {"type": "string", "description": "five fields, e.g. `*/15 * * * *`"},
+        "timezone": {"type": "string", "description": "IANA zone of `cron` (default: the "
+                                                      "shop's)"},
+        "every_s": {"type": "integer", "minimum": 1, "maximum": MAX_INTERVAL_S},
+        "misfire": {"enum": [p.value for p in MisfirePolicy]},
+        "overlap": {"enum": [p.value for p in OverlapPolicy]},
+        "misfire_grace_s": {"type": "number", "minimum": 0, "maximum": MAX_POLICY_S},
+        "max_runtime_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_POLICY_S},
+    },
+}
 JOB_ID = _path("job_id", {"type": "string", "minLength": 1, "maxLength": 200})
 
 OPERATIONS: dict[tuple[str, str], Schema] = {
@@ -276,6 +300,16 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("GET", "/api/v1/schedules"): op("Cron schedules with next runs", "schedules", "200",
                                      _resp("schedules", _list_of("schedules", "Schedule")),
                                      auth="staff"),
+    ("POST", "/api/v1/schedules"): op(
+        "Add a repeatable job; running schedulers pick it up on their next tick", "schedules",
+        "201", _resp("the stored schedule with its next runs", ref("Schedule")), auth="staff",
+        body=REPEATABLE_BODY,
+        also={"409": _resp("the name is a built-in schedule's or already taken", ref("Error"))}),
+    ("DELETE", "/api/v1/schedules/{name}"): op(
+        "Remove a repeatable job (a run already sent still runs)", "schedules", "204",
+        _resp("removed"), auth="staff",
+        params=[_path("name", {"type": "string", "minLength": 1, "maxLength": 100})],
+        also={"409": _resp("built-in schedules cannot be removed", ref("Error"))}),
     ("GET", "/api/v1/supervision"): op("The supervision tree", "supervision", "200",
                                        _resp("the tree", ref("SupervisionNode")), auth="staff"),
     ("GET", "/api/v1/stock-sync"): op("Stock sync freshness", "inventory", "200",

@@ -6,9 +6,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from actors.agents.messages import MODERATE_REVIEW
+from runtime.scheduling import list_repeatables
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
@@ -181,3 +183,32 @@ async def test_bodies_get_the_same_errors_as_the_orders_endpoints(
         assert resp.status == status
         error = (await resp.json())["error"]
     assert error["status"] == status and error["code"] == code
+
+
+async def test_repeatable_jobs_are_staff_only_validated_and_reserve_builtin_names(
+        ana: Caller, staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    body = {"name": "promo", "queue": "maintenance", "actor": "send_promo",
+            "cron": "0 10 * * 1", "timezone": "Europe/Lisbon"}
+    assert (await ana("POST", "/api/v1/schedules", json=body))[0] == 403
+    status, added = await staff("POST", "/api/v1/schedules", json=body)
+    assert status == 201 and added["zone"] == "Europe/Lisbon"
+    assert added["next_run_at"].endswith("+00:00") and "T10:00:00+" in added["next_runs"][0]["local"]
+    status, error = await staff("POST", "/api/v1/schedules", json=body)
+    assert status == 409 and error["error"]["code"] == "conflict"
+    status, _ = await staff("POST", "/api/v1/schedules", json={**body, "name": "cron-heartbeat"})
+    assert status == 409  # built-in names are reserved
+    for bad in ({}, {**body, "queue": "nope"}, {**body, "name": "bad name!"},
+                {**body, "every_s": 60}, {**body, "cron": "61 * * * *"},
+                {**body, "cron": "0 10 * * 1", "timezone": "Nowhere/City"},
+                {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 10**12},
+                {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60,
+                 "max_runtime_s": 10**9}):
+        status, error = await staff("POST", "/api/v1/schedules", json=bad)
+        assert status == 422 and error["error"]["code"] == "invalid", bad
+    assert (await ana("DELETE", "/api/v1/schedules/promo"))[0] == 403
+    assert (await staff("DELETE", "/api/v1/schedules/cron-heartbeat"))[0] == 409
+    assert (await staff("DELETE", "/api/v1/schedules/nothing"))[0] == 404
+    assert [s.name for s in await list_repeatables(redis, web_settings.namespace)] == ["promo"]
+    assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 204
+    assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 404
+    assert await list_repeatables(redis, web_settings.namespace) == []

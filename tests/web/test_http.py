@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
+import dramatiq
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.inventory.reservations import reserve_for_order
+from runtime.broker import QUEUE_MAINTENANCE
+from runtime.scheduling import Scheduler, SchedulerStore, connect_redis
 from runtime.settings import Settings
 from tests.factories import make_order, make_shop
 from tests.web.conftest import Publisher
@@ -197,3 +202,40 @@ async def test_recent_events_through_create_app_wiring(
     resp = await client.get("/api/v1/events/order-status-changed",
                             headers=bearer(signer.issue("customer", 1, 60)))
     assert [e["payload"]["order_id"] for e in (await resp.json())["events"]] == [5]
+
+
+async def test_repeatable_jobs_added_over_http_reach_a_running_scheduler(
+        client: TestClient, web_settings: Settings, staff: dict[str, str]) -> None:
+    """POST /schedules through create_app: listed at once, fired by a scheduler that was
+    already running (it reads the store every tick), gone after DELETE."""
+    redis = connect_redis(web_settings.redis_url or "")
+    sent: list[dramatiq.Message[Any]] = []
+
+    async def collect(message: dramatiq.Message[Any]) -> None:
+        sent.append(message)
+
+    scheduler = Scheduler(SchedulerStore(redis, web_settings.namespace), collect, [],
+                          instance_id="test-scheduler")
+    try:
+        now = datetime.now(UTC)
+        assert (await scheduler.tick(now)).sent == []  # running, nothing to do yet
+        body = {"name": "promo-mail", "queue": QUEUE_MAINTENANCE, "actor": "send_promo",
+                "args": [7], "every_s": 60, "misfire_grace_s": 3600}
+        resp = await client.post("/api/v1/schedules", json=body, headers=staff)
+        assert resp.status == 201, await resp.text()
+        added = await resp.json()
+        assert added["name"] == "promo-mail" and added["source"] == "repeatable"
+        assert added["next_run_at"] is not None
+        resp = await client.get("/api/v1/schedules", headers=staff)
+        listed = {s["name"]: s["source"] for s in (await resp.json())["schedules"]}
+        assert listed["promo-mail"] == "repeatable" and listed["cron-heartbeat"] == "builtin"
+
+        report = await scheduler.tick(now + timedelta(seconds=61))
+        assert report.sent and {name for name, _ in report.sent} == {"promo-mail"}
+        assert sent[0].actor_name == "send_promo" and sent[0].args == (7,)
+
+        resp = await client.delete("/api/v1/schedules/promo-mail", headers=staff)
+        assert resp.status == 204
+        assert (await scheduler.tick(now + timedelta(seconds=185))).sent == []
+    finally:
+        await redis.aclose()
