@@ -425,9 +425,22 @@ async def recent_events(request: web.Request) -> web.Response:
     # The client may answer bytes (create_app's shared one does) or str: decode either way.
     events = [_event_json(channel, text(entry_id), text_fields(fields))
               for entry_id, fields in entries]
-    visible = [e for e in events if e is not None and may_receive(principal, channel,
-                                                                       e["payload"])]
+    visible = [e for e in _first_copies(events) if may_receive(principal, channel,
+                                                                e["payload"])]
     return ok({"channel": channel, "events": visible})
+
+
+def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The events without repeats: a row the outbox relay published twice is shown once,
+    at its first entry, as the WebSocket delivers it (actors/notifier/notifier.py)."""
+    seen: set[str] = set()
+    kept: list[dict[str, Any]] = []
+    for event in reversed(newest_first):
+        if event is None or (event["event_id"] and event["event_id"] in seen):
+            continue
+        seen.add(event["event_id"])
+        kept.append(event)
+    return kept[::-1]
 
 
 def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
@@ -437,8 +450,8 @@ def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str
         return None
     if not isinstance(payload, dict):
         return None
-    return {"id": entry_id, "channel": channel, "event": fields.get("type"),
-            "payload": payload, "at": fields.get("at")}
+    return {"id": entry_id, "channel": channel, "event_id": fields.get("id") or None,
+            "event": fields.get("type"), "payload": payload, "at": fields.get("at")}
 
 
 # --- wiring -------------------------------------------------------------------------------

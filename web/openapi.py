@@ -89,6 +89,7 @@ SCHEMAS: dict[str, Schema] = {
         "oldest_synced_at": TIME}},
     "Event": {"type": "object", "required": ["id", "channel", "payload"], "properties": {
         "id": {"type": "string"}, "channel": {"enum": list(CHANNELS)},
+        "event_id": {"type": ["string", "null"], "description": "the outbox row's id"},
         "event": {"type": ["string", "null"]}, "payload": OBJ,
         "at": {"type": ["string", "null"]}}},
     "Order": {"type": "object", "required": ["id", "customer_id", "status", "items", "history"],

@@ -68,6 +68,9 @@ class StreamEvent:
     payload: dict[str, Any]
     # The message every subscriber is sent, serialised once per event, not once per client.
     wire_text: str
+    # The outbox row's id (the ``id`` field): a row the relay published twice has it twice.
+    # Empty for entries written without one (tests, the benchmark): never de-duplicated.
+    event_id: str = ""
 
 
 def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEvent | None:
@@ -91,7 +94,8 @@ def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEv
         "correlation_id": fields.get("correlation_id") or None,
         "at": fields.get("at"),
     }
-    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")))
+    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")),
+                       fields.get("id") or "")
 
 
 async def append_event(

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from actors.agents.messages import MODERATE_REVIEW
+from actors.notifier.streams import append_event
 from runtime.scheduling import list_repeatables
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
@@ -212,3 +213,12 @@ async def test_repeatable_jobs_are_staff_only_validated_and_reserve_builtin_name
     assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 204
     assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 404
     assert await list_repeatables(redis, web_settings.namespace) == []
+
+
+async def test_recent_events_show_a_twice_published_row_once(
+        staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    for row_id in (7, 8, 7, 9):  # row 7 published again by a relay that crashed
+        await append_event(redis, web_settings.namespace, "stock-updated", "stock.updated",
+                           {"product_id": row_id}, event_id=row_id)
+    _, body = await staff("GET", "/api/v1/events/stock-updated")
+    assert [e["event_id"] for e in body["events"]] == ["9", "8", "7"]
