@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import dramatiq
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.inventory.reservations import reserve_for_order
@@ -21,9 +22,11 @@ from tests.web.conftest import Publisher
 from web.app import create_app
 from web.auth import TokenSigner
 
+Client = TestClient[web.Request, web.Application]
+
 
 @pytest.fixture
-async def client(web_settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
+async def client(web_settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Client]:
     async with pool.acquire() as conn:
         await make_shop(conn, {1: 10, 2: 3})
     async with TestClient(TestServer(create_app(web_settings))) as c:
@@ -46,7 +49,7 @@ async def _counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
             await pool.fetchval("SELECT sum(reserved_quantity) FROM inventory"))
 
 
-async def test_create_read_and_pay_an_order(client: TestClient, staff: dict[str, str]) -> None:
+async def test_create_read_and_pay_an_order(client: Client, staff: dict[str, str]) -> None:
     resp = await client.post("/api/v1/orders", headers=staff,
                              json={"customer_id": 1, "items": [{"product_id": 1, "quantity": 2}]})
     assert resp.status == 201
@@ -61,7 +64,7 @@ async def test_create_read_and_pay_an_order(client: TestClient, staff: dict[str,
 
 
 async def test_orders_endpoints_refuse_calls_without_a_valid_token(
-        client: TestClient, pool: asyncpg.Pool, staff: dict[str, str]) -> None:
+        client: Client, pool: asyncpg.Pool, staff: dict[str, str]) -> None:
     async with pool.acquire() as conn:
         order_id = await make_order(conn, 1, {1: 1})
     body = {"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}]}
@@ -80,7 +83,7 @@ async def test_orders_endpoints_refuse_calls_without_a_valid_token(
 
 
 async def test_a_customer_sees_and_pays_only_their_own_orders(
-        client: TestClient, pool: asyncpg.Pool, signer: TokenSigner) -> None:
+        client: Client, pool: asyncpg.Pool, signer: TokenSigner) -> None:
     ana, bruno = (bearer(signer.issue("customer", cid, 60)) for cid in (1, 2))
     async with pool.acquire() as conn:
         order_id = await make_order(conn, 1, {1: 1})
@@ -97,7 +100,7 @@ async def test_a_customer_sees_and_pays_only_their_own_orders(
 
 
 async def test_a_customer_places_orders_only_for_themself(
-        client: TestClient, pool: asyncpg.Pool, signer: TokenSigner,
+        client: Client, pool: asyncpg.Pool, signer: TokenSigner,
         staff: dict[str, str]) -> None:
     ana, bruno = (bearer(signer.issue("customer", cid, 60)) for cid in (1, 2))
     line = [{"product_id": 1, "quantity": 1}]
@@ -119,7 +122,7 @@ async def test_a_customer_places_orders_only_for_themself(
     assert resp.status == 200 and (await resp.json())["id"] == order["id"]  # staff: idempotent
 
 
-async def test_health_reports_both_servers_with_latency(client: TestClient) -> None:
+async def test_health_reports_both_servers_with_latency(client: Client) -> None:
     resp = await client.get("/health")
     body = await resp.json()
     assert resp.status == 200
@@ -143,7 +146,7 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize("body, status, code, message", BAD_BODIES)
 async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(
-    client: TestClient, pool: asyncpg.Pool, staff: dict[str, str], body: bytes, status: int,
+    client: Client, pool: asyncpg.Pool, staff: dict[str, str], body: bytes, status: int,
     code: str, message: str,
 ) -> None:
     before = await _counts(pool)
@@ -156,7 +159,7 @@ async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(
     assert await _counts(pool) == before
 
 
-async def test_a_one_megabyte_body_is_refused(client: TestClient, pool: asyncpg.Pool,
+async def test_a_one_megabyte_body_is_refused(client: Client, pool: asyncpg.Pool,
                                               staff: dict[str, str]) -> None:
     before = await _counts(pool)
     big = json.dumps({"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "pad": "x" * 1_000_000})
@@ -172,7 +175,7 @@ async def test_a_one_megabyte_body_is_refused(client: TestClient, pool: asyncpg.
     ("GET", "/api/v1/nothing-here", 404, "not_found"),
     ("DELETE", "/api/v1/orders", 405, "method_not_allowed"),
 ])
-async def test_aiohttp_own_errors_have_the_same_shape(client: TestClient, method: str, path: str,
+async def test_aiohttp_own_errors_have_the_same_shape(client: Client, method: str, path: str,
                                                       status: int, code: str) -> None:
     resp = await client.request(method, path)
     assert resp.status == status
@@ -181,7 +184,7 @@ async def test_aiohttp_own_errors_have_the_same_shape(client: TestClient, method
 
 
 @pytest.mark.parametrize("path", ["/api/v1/orders/abc", "/api/v1/orders/999999", "/api/v1/orders/-1"])
-async def test_unknown_orders_are_404(client: TestClient, staff: dict[str, str], path: str) -> None:
+async def test_unknown_orders_are_404(client: Client, staff: dict[str, str], path: str) -> None:
     resp = await client.get(path, headers=staff)
     assert resp.status == 404
     error = (await resp.json())["error"]
@@ -189,7 +192,7 @@ async def test_unknown_orders_are_404(client: TestClient, staff: dict[str, str],
 
 
 async def test_recent_events_through_create_app_wiring(
-        client: TestClient, signer: TokenSigner, staff: dict[str, str],
+        client: Client, signer: TokenSigner, staff: dict[str, str],
         publish: Publisher) -> None:
     """create_app shares one Redis client that answers bytes; the events endpoint reads it."""
     first = await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
@@ -205,7 +208,7 @@ async def test_recent_events_through_create_app_wiring(
 
 
 async def test_repeatable_jobs_added_over_http_reach_a_running_scheduler(
-        client: TestClient, web_settings: Settings, staff: dict[str, str]) -> None:
+        client: Client, web_settings: Settings, staff: dict[str, str]) -> None:
     """POST /schedules through create_app: listed at once, fired by a scheduler that was
     already running (it reads the store every tick), gone after DELETE."""
     redis = connect_redis(web_settings.redis_url or "")
