@@ -3,8 +3,9 @@ jobs and queues, schedules, the supervision tree, stock sync, recent events.
 
 Carts, reviews, support history, stock sync status and recent events are
 plain SQL/Redis reads and writes here; repeatable jobs are added and removed
-with the scheduler's own store functions (:mod:`runtime.scheduling`). Everything another concern owns goes
-through the Protocols in :mod:`web.seams`. Customer endpoints see only the
+with the scheduler's own store functions (:mod:`runtime.scheduling`).
+Everything else another concern owns goes through the Protocols in
+:mod:`web.seams`. Customer endpoints see only the
 caller's own data (someone else's cart is "not found", not "forbidden", so ids
 leak nothing); staff endpoints need a staff token. ``web/openapi.py``
 documents every route, and a test keeps the two in step.
@@ -436,9 +437,13 @@ def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, A
     seen: set[str] = set()
     kept: list[dict[str, Any]] = []
     for event in reversed(newest_first):
-        if event is None or (event["event_id"] and event["event_id"] in seen):
+        if event is None:
             continue
-        seen.add(event["event_id"])
+        event_id = event["event_id"]
+        if event_id:
+            if event_id in seen:
+                continue
+            seen.add(event_id)
         kept.append(event)
     return kept[::-1]
 

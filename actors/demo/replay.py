@@ -1,9 +1,9 @@
 """Replay real CDNOW orders through the running runtime, as an outside client would.
 
 Orders are POSTed to the HTTP API in date order with time compressed
-(``day_s`` seconds of replay per day of data), with a staff token, as the
-shop's checkout service would (the orders endpoints refuse calls without one). The driver follows the
-order-status-changed stream: when an order is reserved it confirms the
+(``day_s`` seconds of replay per day of data), with a staff token as the
+shop's checkout service would send (the orders endpoints refuse calls
+without one). The driver follows the order-status-changed stream: when an order is reserved it confirms the
 payment (as the checkout would); it waits until every order has an outcome
 (ready_to_ship, or failed with a reason), then prints a summary measured from
 the database. Re-running the replay is safe: orders carry their CDNOW line as
