@@ -170,6 +170,17 @@ class NotAvailable(ShopflowError):
     """A capability this process was not wired with (HTTP 503): e.g. no jobs admin plugged in."""
 
 
+class MalformedRequest(ShopflowError):
+    """The request cannot even be read: a body that is not JSON text (HTTP 400).
+
+    Well-formed JSON with wrong or missing fields is a :class:`ValidationError` (422).
+    """
+
+
+class RequestTooLarge(ShopflowError):
+    """A request body over the API's size limit (HTTP 413); it was not read to the end."""
+
+
 # --- supervision ---
 
 

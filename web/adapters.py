@@ -35,10 +35,11 @@ class ScheduleOverview:
         views = await schedules_overview(
             self._redis, self._settings.namespace, shop_schedules(self._settings),
             datetime.now(UTC), self._settings.timezone)
-        return [_schedule_json(view) for view in views]
+        return [schedule_json(view) for view in views]
 
 
-def _schedule_json(view: JsonDict) -> JsonDict:
+def schedule_json(view: JsonDict) -> JsonDict:
+    """A :func:`runtime.scheduling.overview.schedule_view` dict with the API's summary fields."""
     next_runs = view.get("next_runs") or []
     last = view.get("last_run") or {}
     return {

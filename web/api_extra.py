@@ -3,7 +3,9 @@ jobs and queues, schedules, the supervision tree, stock sync, recent events.
 
 Cart changes and checkout call the carts concern and the orders workflow
 (each change commits with its reminder job). Reviews, support history, stock
-sync status and recent events are plain SQL/Redis reads here. Everything another concern owns goes
+sync status and recent events are plain SQL/Redis reads here; repeatable jobs
+are added and removed with the scheduler's own store functions
+(:mod:`runtime.scheduling`). Everything else another concern owns goes
 through the Protocols in :mod:`web.seams`. Customer endpoints see only the
 caller's own data (someone else's cart is "not found", not "forbidden", so ids
 leak nothing); staff endpoints need a staff token. ``web/openapi.py``
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -24,14 +27,23 @@ from aiohttp import web
 from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.carts import carts
+from actors.housekeeping.schedules import builtin_names
 from actors.notifier.channels import CHANNELS, may_receive
-from actors.notifier.streams import stream_key
+from actors.notifier.streams import stream_key, text, text_fields
 from actors.orders import workflow
 from runtime import db
-from runtime.errors import Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
 from runtime.jobs.store import JOB_STATES
+from runtime.scheduling import (
+    SchedulerStore,
+    add_repeatable,
+    remove_repeatable,
+    repeatable_from_request,
+    schedule_view,
+)
 from runtime.settings import Settings
 from web import seams
+from web.adapters import schedule_json
 from web.auth import Principal, authenticate, ensure_signer, require_staff
 from web.httpkit import (
     int_value,
@@ -375,6 +387,37 @@ async def list_schedules(request: web.Request) -> web.Response:
     return ok({"schedules": await view.schedules()})
 
 
+async def add_schedule(request: web.Request) -> web.Response:
+    """Add a repeatable job (a cron expression in a zone, or every N seconds).
+
+    It is stored in Redis; every scheduler reads the store on each tick, so
+    the leader starts firing it without a restart, from its first slot after
+    now (no backfill). Built-in schedule names and taken names are a 409.
+    """
+    require_staff(request)
+    body = await read_json(request)
+    settings = request.app[API_SETTINGS_KEY]
+    redis = request.app[REDIS_KEY]
+    now = datetime.now(UTC)
+    schedule = await add_repeatable(
+        redis, settings.namespace, repeatable_from_request(body, settings.timezone), now,
+        reserved_names=builtin_names(settings))
+    state = await SchedulerStore(redis, settings.namespace).state(schedule.name)
+    return ok(schedule_json(schedule_view(schedule, state, now, settings.timezone)), status=201)
+
+
+async def remove_schedule(request: web.Request) -> web.Response:
+    """Remove a repeatable job; a run already sent still runs, no further slot is sent."""
+    require_staff(request)
+    name = request.match_info["name"]
+    settings = request.app[API_SETTINGS_KEY]
+    if name in builtin_names(settings):
+        raise Conflict(f"{name!r} is a built-in schedule and cannot be removed")
+    if not await remove_repeatable(request.app[REDIS_KEY], settings.namespace, name):
+        raise NotFound(f"no repeatable job named {name!r}")
+    return web.Response(status=204)
+
+
 async def get_supervision(request: web.Request) -> web.Response:
     """The supervision tree with restart counts."""
     require_staff(request)
@@ -404,10 +447,29 @@ async def recent_events(request: web.Request) -> web.Response:
     settings = request.app[API_SETTINGS_KEY]
     entries: Any = await request.app[REDIS_KEY].xrevrange(
         stream_key(settings.namespace, channel), count=limit)
-    events = [_event_json(channel, entry_id, fields) for entry_id, fields in entries]
-    visible = [e for e in events if e is not None and may_receive(principal, channel,
-                                                                       e["payload"])]
+    # The client may answer bytes (create_app's shared one does) or str: decode either way.
+    events = [_event_json(channel, text(entry_id), text_fields(fields))
+              for entry_id, fields in entries]
+    visible = [e for e in _first_copies(events) if may_receive(principal, channel,
+                                                                e["payload"])]
     return ok({"channel": channel, "events": visible})
+
+
+def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The events without repeats: a row the outbox relay published twice is shown once,
+    at its first entry, as the WebSocket delivers it (actors/notifier/notifier.py)."""
+    seen: set[str] = set()
+    kept: list[dict[str, Any]] = []
+    for event in reversed(newest_first):
+        if event is None:
+            continue
+        event_id = event["event_id"]
+        if event_id:
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+        kept.append(event)
+    return kept[::-1]
 
 
 def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
@@ -417,8 +479,8 @@ def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str
         return None
     if not isinstance(payload, dict):
         return None
-    return {"id": entry_id, "channel": channel, "event": fields.get("type"),
-            "payload": payload, "at": fields.get("at")}
+    return {"id": entry_id, "channel": channel, "event_id": fields.get("id") or None,
+            "event": fields.get("type"), "payload": payload, "at": fields.get("at")}
 
 
 # --- wiring -------------------------------------------------------------------------------
@@ -452,6 +514,8 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/jobs/{job_id}/cancel", cancel_job),
     ("DELETE", "/jobs/{job_id}", remove_job),
     ("GET", "/schedules", list_schedules),
+    ("POST", "/schedules", add_schedule),
+    ("DELETE", "/schedules/{name}", remove_schedule),
     ("GET", "/supervision", get_supervision),
     ("GET", "/stock-sync", get_stock_sync),
     ("GET", "/events/{channel}", recent_events),

@@ -1,20 +1,21 @@
 """The aiohttp application: HTTP API, health, and the outbox relay of this api process.
 
 ``create_app(settings)`` builds a fresh app; resources (database pool, Redis,
-broker) are opened and closed in ``cleanup_ctx``; the outbox relay and the
-notifier are actors under the process's root supervisor
-(:mod:`web.supervision`). Handlers only parse, call the order workflow and
-translate domain errors to HTTP answers.
+broker) are opened and closed in ``cleanup_ctx``; the outbox relay, the queue
+feed and the notifier are actors under the process's root supervisor
+(:mod:`web.supervision`). Handlers only check the caller's token, parse, call
+the order workflow and translate domain errors to HTTP answers. The orders
+endpoints need a token like the rest of ``/api/v1``: staff (a service) for any
+order, a customer for their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
@@ -23,19 +24,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from actors.orders import workflow
-from actors.orders.service import get_order as fetch_order
 from runtime import db, embedded
 from runtime.actor import TaskActor
 from runtime.broker import ALL_QUEUES, setup_broker
 from runtime.cli import add_command
-from runtime.errors import (
-    Conflict,
-    Forbidden,
-    NotAvailable,
-    NotFound,
-    Unauthenticated,
-    ValidationError,
-)
+from runtime.errors import NotFound
 from runtime.jobs.broker import JobBroker
 from runtime.jobs.feed import QueueFeed
 from runtime.jobs.store import JobStore
@@ -47,7 +40,9 @@ from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Restart
 from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
+from web.auth import authenticate, ensure_signer
 from web.dashboard import setup_dashboard
+from web.httpkit import MAX_BODY_BYTES, error_middleware, json_errors, read_json
 from web.realtime import setup_realtime
 from web.supervision import add_child, exit_on_escalation, use_shared_metrics
 from web.wiring import plug_seams
@@ -58,85 +53,57 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 BROKER = web.AppKey("broker", JobBroker)
-# Request bodies above this are refused with 413 before they are read.
-MAX_BODY_BYTES = 64 * 1024
 # The outbox relay's id under the api's root supervisor.
 RELAY_CHILD = "outbox-relay"
 # The queue feed's id under the api's root supervisor.
 FEED_CHILD = "queue-feed"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    """The one error shape of the API: ``{"error": {"status", "message", ...}}``."""
-    return web.json_response({"error": {"status": status, "message": message, **extra}}, status=status)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate domain errors to HTTP answers; never leak a traceback."""
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        return json_error(422, str(exc), field=exc.field)
-    except NotFound as exc:
-        return json_error(404, str(exc))
-    except Unauthenticated as exc:
-        return json_error(401, str(exc))
-    except Forbidden as exc:
-        return json_error(403, str(exc))
-    except NotAvailable as exc:
-        return json_error(503, str(exc))
-    except Conflict as exc:
-        return json_error(409, str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return json_error(exc.status, exc.reason)
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, "internal error; it has been logged")
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(reason=f"body is not valid JSON: {exc}") from None
-
 
 def _order_id(request: web.Request) -> int:
     raw = request.match_info["order_id"]
     if not raw.isdigit() or len(raw) > 18:
-        raise web.HTTPNotFound(reason=f"order {raw!r} does not exist")
+        raise NotFound(f"order {raw!r} does not exist")
     return int(raw)
 
 
+def _acting_for(request: web.Request) -> int | None:
+    """The customer a request acts for: ``None`` for staff (services, operators), who act for
+    anyone; a customer token's own id otherwise. No valid token is a 401."""
+    principal = authenticate(request)
+    return None if principal.is_staff else principal.customer_id
+
+
 async def create_order(request: web.Request) -> web.Response:
-    """POST /api/v1/orders: create an order; its stock reservation is queued."""
-    order, created = await workflow.place_order(request.app[POOL], await read_json(request))
+    """POST /api/v1/orders: create an order; its stock reservation is queued.
+
+    Staff (the checkout, the demo replay) order for any customer; a customer
+    token only for its own ``customer_id`` (403 otherwise).
+    """
+    for_customer = _acting_for(request)
+    order, created = await workflow.place_order(request.app[POOL], await read_json(request),
+                                                for_customer)
     return web.json_response(order, status=201 if created else 200)
 
 
 async def confirm_payment(request: web.Request) -> web.Response:
-    """POST /api/v1/orders/{id}/payment: confirm payment of a reserved order (idempotent)."""
-    order, _ = await workflow.pay_order(request.app[POOL], _order_id(request))
+    """POST /api/v1/orders/{id}/payment: confirm payment of a reserved order (idempotent).
+
+    Staff, or the customer who owns the order; anyone else gets 404.
+    """
+    for_customer = _acting_for(request)
+    order, _ = await workflow.pay_order(request.app[POOL], _order_id(request), for_customer)
     return web.json_response(order)
 
 
 async def get_order(request: web.Request) -> web.Response:
-    """GET /api/v1/orders/{id}: the order, its items and its status history."""
+    """GET /api/v1/orders/{id}: the order, its items and its status history.
+
+    Staff, or the customer who owns the order; anyone else gets 404.
+    """
+    for_customer = _acting_for(request)
     async with request.app[POOL].acquire() as conn:
-        return web.json_response(await fetch_order(conn, _order_id(request)))
+        return web.json_response(await workflow.read_order(conn, _order_id(request),
+                                                           for_customer))
 
 
 async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
@@ -223,13 +190,14 @@ def create_app(settings: Settings) -> web.Application:
     """A new application for ``settings`` (which must carry both URLs)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    ensure_signer(app, settings)  # every /api/v1 call carries a token (web/auth.py)
     app.cleanup_ctx.append(_resources)
     use_shared_metrics(app, settings)
     add_child(app, settings, relay_child)  # the api's root supervisor, with the notifier
     add_child(app, settings, queue_feed_child)
-    app.router.add_post("/api/v1/orders", create_order)
-    app.router.add_get("/api/v1/orders/{order_id}", get_order)
-    app.router.add_post("/api/v1/orders/{order_id}/payment", confirm_payment)
+    app.router.add_post("/api/v1/orders", json_errors(create_order))
+    app.router.add_get("/api/v1/orders/{order_id}", json_errors(get_order))
+    app.router.add_post("/api/v1/orders/{order_id}/payment", json_errors(confirm_payment))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_handler(settings))
     setup_realtime(app, settings)  # GET /ws and this process's notifier

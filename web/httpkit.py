@@ -1,16 +1,29 @@
 """Helpers for JSON handlers: input validation and translating errors to 4xx.
 
-Every handler of the extra API is wrapped by :func:`json_errors`, so a domain
-error becomes its HTTP status with the API's error body
-``{"error": {"status", "message", "code", "field"?}}`` (the shape of
-``web/app.py``'s middleware) whatever middleware the app has, and bad input
-can never surface as a 500.
+The whole API (orders in ``web/app.py`` and the rest in ``web/api_extra.py``)
+answers errors in one shape, built only here::
+
+    {"error": {"status": 422, "message": "...", "code": "invalid", "field": "quantity"}}
+
+``field`` is present when one input field is to blame. The codes:
+``bad_json`` (400: the body is not JSON text), ``unauthenticated`` (401),
+``forbidden`` (403), ``not_found`` (404), ``method_not_allowed`` (405),
+``conflict`` (409), ``too_large`` (413: body over :data:`MAX_BODY_BYTES`),
+``invalid`` (422: JSON of the wrong shape, bad or unknown fields),
+``not_available`` / ``queue_full`` (503), ``internal`` (500, logged).
+
+Every handler is wrapped by :func:`json_errors`, so a domain error becomes its
+HTTP status whatever middleware the app has, and bad input can never surface
+as a 500; :func:`error_middleware` gives aiohttp's own errors (no such route,
+wrong method) and anything unexpected the same shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -21,13 +34,17 @@ from aiohttp import web
 from runtime.errors import (
     Conflict,
     Forbidden,
+    MalformedRequest,
     NotAvailable,
     NotFound,
     QueueFull,
+    RequestTooLarge,
     ShopflowError,
     Unauthenticated,
     ValidationError,
 )
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # PostgreSQL bigint: larger ids cannot exist, so they are "not found", not a crash.
@@ -36,6 +53,7 @@ MAX_ID = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
 
 _STATUS: list[tuple[type[ShopflowError], int, str]] = [
+    (MalformedRequest, 400, "bad_json"),
     (Unauthenticated, 401, "unauthenticated"),
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
@@ -43,11 +61,16 @@ _STATUS: list[tuple[type[ShopflowError], int, str]] = [
     (ValidationError, 422, "invalid"),
     (NotAvailable, 503, "not_available"),
     (QueueFull, 503, "queue_full"),
+    (RequestTooLarge, 413, "too_large"),
 ]
+# Codes for HTTP errors aiohttp raises itself (no such route, wrong method, ...).
+_CODE_BY_STATUS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden",
+                   404: "not_found", 405: "method_not_allowed", 409: "conflict",
+                   413: "too_large", 422: "invalid", 503: "not_available"}
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    """The API's one error shape (the same as web/app.py's): ``{"error": {status, message, code}}``."""
+    """The API's one error shape: ``{"error": {status, message, code, field?}}``."""
     error: dict[str, Any] = {"status": status, "message": message, "code": code}
     if field is not None:
         error["field"] = field
@@ -82,6 +105,28 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The app-wide net: aiohttp's HTTP errors and unexpected ones in the API's error shape.
+
+    Handlers wrapped by :func:`json_errors` never get here with a domain
+    error; this catches what happens outside them (an unknown path, a wrong
+    method) and bugs, which are logged and answered 500 without a traceback.
+    """
+    try:
+        return await json_errors(handler)(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _CODE_BY_STATUS.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; it has been logged")
+
+
 def dumps(value: Any) -> str:
     """JSON with datetimes as ISO 8601 strings."""
     return json.dumps(value, default=_default, separators=(",", ":"))
@@ -99,19 +144,33 @@ def ok(value: Any, status: int = 200) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 422 saying why not."""
+    """The request body as a JSON object: 413 if too large, 400 if not JSON, 422 if no object."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ValidationError(f"request body over {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ValidationError(f"request body over {MAX_BODY_BYTES} bytes")
+        raise RequestTooLarge(f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    raw = await _read_body(request)
     try:
-        body = json.loads(raw.decode("utf-8")) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("the body must be JSON") from None
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ValidationError("the body must be a JSON object")
     return body
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, read chunk by chunk; :class:`RequestTooLarge` past the limit.
+
+    A single ``content.read(n)`` returns whatever has arrived, not ``n`` bytes,
+    so a body sent in several packets must be read in a loop.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(MAX_BODY_BYTES + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    return b"".join(chunks)
 
 
 def int_value(raw: Any, name: str, minimum: int = 1, maximum: int = MAX_ID) -> int:

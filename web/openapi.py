@@ -14,6 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from actors.notifier.channels import CHANNELS
+from runtime.broker import ALL_QUEUES
+from runtime.scheduling import MisfirePolicy, OverlapPolicy
+from runtime.scheduling.schedule import MAX_POLICY_S
+from runtime.scheduling.triggers import MAX_INTERVAL_S
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 Schema = dict[str, Any]
@@ -98,7 +102,8 @@ SCHEMAS: dict[str, Schema] = {
         "duplicate": {"type": "boolean"}}},
     "Schedule": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "cron": {"type": "string"},
-        "next_run_at": TIME, "last_run_at": TIME}},
+        "source": {"enum": ["builtin", "repeatable"]}, "queue": {"type": "string"},
+        "actor": {"type": "string"}, "next_run_at": TIME, "last_run_at": TIME}},
     "SupervisionNode": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "kind": {"type": "string"}, "alive": {"type": "boolean"},
         "restarts": {"type": "integer"},
@@ -110,6 +115,7 @@ SCHEMAS: dict[str, Schema] = {
         "oldest_synced_at": TIME}},
     "Event": {"type": "object", "required": ["id", "channel", "payload"], "properties": {
         "id": {"type": "string"}, "channel": {"enum": list(CHANNELS)},
+        "event_id": {"type": ["string", "null"], "description": "the outbox row's id"},
         "event": {"type": ["string", "null"]}, "payload": OBJ,
         "at": {"type": ["string", "null"]}}},
     "Order": {"type": "object", "required": ["id", "customer_id", "status", "items", "history"],
@@ -155,26 +161,40 @@ def _query(name: str, schema: Schema) -> Schema:
 LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100})
 CUSTOMER_Q = _query("customer_id", ID)
 ERRORS: dict[str, Schema] = {
-    "401": _resp("missing, malformed or expired token", ref("Error")),
-    "403": _resp("the token's role may not do this", ref("Error")),
-    "404": _resp("no such thing (or not yours)", ref("Error")),
-    "422": _resp("invalid input; `field` names the culprit", ref("Error")),
-    "default": _resp("another error, same shape (409 conflict, 503 not available)",
+    "401": _resp("missing, malformed, forged or expired token (`unauthenticated`)",
+                 ref("Error")),
+    "403": _resp("the token's role may not do this (`forbidden`)", ref("Error")),
+    "404": _resp("no such thing, or not yours (`not_found`)", ref("Error")),
+    "422": _resp("JSON of the wrong shape or invalid fields (`invalid`); `field` names the "
+                 "culprit", ref("Error")),
+    "default": _resp("another error, same shape (409 `conflict`, 503 `not_available`)",
                      ref("Error")),
 }
+# Only operations that read a body can answer these.
+BODY_ERRORS: dict[str, Schema] = {
+    "400": _resp("the body is not JSON text (`bad_json`)", ref("Error")),
+    "413": _resp("the body is over 64 KiB (`too_large`)", ref("Error")),
+}
+WHO = {"any": "Needs a token (customer or staff).", "staff": "Needs a staff token.",
+       "none": "Public: no token needed."}
 
 
 def op(summary: str, tag: str, ok_status: str, ok: Schema, auth: str = "any",
        params: list[Schema] | None = None, body: Schema | None = None,
-       also: dict[str, Schema] | None = None) -> Schema:
-    """One operation: ``auth`` is any (customer or staff), staff, or none (public)."""
+       also: dict[str, Schema] | None = None, who: str | None = None) -> Schema:
+    """One operation: ``auth`` is any (customer or staff), staff, or none (public).
+
+    ``who`` replaces the standard sentence on who may call it, for operations
+    whose rule depends on what is asked for (a customer's own orders).
+    """
     errors = ERRORS if auth != "none" else {"default": ERRORS["default"]}
+    if body is not None:
+        errors = {**BODY_ERRORS, **errors}
     operation: Schema = {"summary": summary, "tags": [tag], "parameters": params or [],
+                         "description": who or WHO[auth],
                          "responses": {ok_status: ok, **(also or {}), **errors}}
     if auth == "none":
         operation["security"] = []
-    elif auth == "staff":
-        operation["description"] = "Needs a staff token."
     if body is not None:
         operation["requestBody"] = {"required": True, "content": _json(body)}
     return operation
@@ -185,6 +205,25 @@ def _body(required: list[str], props: Schema) -> Schema:
 
 
 CART_ID, PRODUCT_ID = _path("cart_id"), _path("product_id")
+# What runtime.scheduling.repeatable_from_request accepts: exactly one of cron or every_s.
+REPEATABLE_BODY: Schema = {
+    "type": "object", "required": ["name", "queue", "actor"],
+    "oneOf": [{"required": ["cron"]}, {"required": ["every_s"]}],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"},
+        "queue": {"enum": list(ALL_QUEUES)},
+        "actor": {"type": "string", "minLength": 1, "maxLength": 200},
+        "args": {"type": "array"},
+        "cron": {"type": "string", "description": "five fields, e.g. `*/15 * * * *`"},
+        "timezone": {"type": "string", "description": "IANA zone of `cron` (default: the "
+                                                      "shop's)"},
+        "every_s": {"type": "integer", "minimum": 1, "maximum": MAX_INTERVAL_S},
+        "misfire": {"enum": [p.value for p in MisfirePolicy]},
+        "overlap": {"enum": [p.value for p in OverlapPolicy]},
+        "misfire_grace_s": {"type": "number", "minimum": 0, "maximum": MAX_POLICY_S},
+        "max_runtime_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_POLICY_S},
+    },
+}
 JOB_ID = _path("job_id", {"type": "string", "minLength": 1, "maxLength": 200})
 QUEUE = _path("queue", {"type": "string", "minLength": 1, "maxLength": 100})
 
@@ -197,18 +236,29 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("POST", "/api/v1/orders"): op(
         "Place an order (starts stock reservation)", "orders", "201",
         _resp("the new order", ref("Order")),
-        also={"200": _resp("the order already placed with this external_ref", ref("Order"))},
+        who="Staff (a service such as the checkout) may order for any customer; a customer "
+            "token only for its own `customer_id` (403 otherwise). Repeating an `external_ref` "
+            "returns that order (200), unless it is another customer's (409, not shown).",
+        also={"200": _resp("the order already placed with this external_ref", ref("Order")),
+              "409": _resp("a customer's external_ref names another customer's order",
+                           ref("Error"))},
         body=_body(["customer_id", "items"], {
-            "customer_id": ID, "external_ref": {"type": "string", "minLength": 1},
-            "items": {"type": "array", "minItems": 1, "items": _body(
+            "customer_id": ID, "external_ref": {"type": "string", "minLength": 1,
+                                                "maxLength": 100},
+            "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": _body(
                 ["product_id", "quantity"], {"product_id": ID,
-                                             "quantity": {"type": "integer", "minimum": 1}})}})),
+                                             "quantity": {"type": "integer", "minimum": 1,
+                                                          "maximum": 10_000}})}})),
     ("POST", "/api/v1/orders/{order_id}/payment"): op(
-        "Confirm an order's payment", "orders", "200", _resp("the order", ref("Order")),
-        params=[_path("order_id")], body=OBJ),
+        "Confirm a reserved order's payment (idempotent)", "orders", "200",
+        _resp("the order", ref("Order")), params=[_path("order_id")],
+        who="Staff, or the customer who owns the order; anyone else's order is 404.",
+        also={"409": _resp("the order is not reserved (yet)", ref("Error"))}),
     ("GET", "/api/v1/orders/{order_id}"): op(
-        "An order with its status", "orders", "200", _resp("the order", ref("Order")),
-        params=[_path("order_id")]),
+        "An order with its items and status history", "orders", "200",
+        _resp("the order", ref("Order")), params=[_path("order_id")],
+        who="Staff, or the customer who owns the order; anyone else's order is 404, "
+            "exactly as one that does not exist."),
     # --- web/api_extra.py ---
     ("GET", "/api/v1/me"): op("Who the token names", "auth", "200", _resp("the caller",
                                                                           ref("Me"))),
@@ -319,6 +369,16 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("GET", "/api/v1/schedules"): op("Cron schedules with next runs", "schedules", "200",
                                      _resp("schedules", _list_of("schedules", "Schedule")),
                                      auth="staff"),
+    ("POST", "/api/v1/schedules"): op(
+        "Add a repeatable job; running schedulers pick it up on their next tick", "schedules",
+        "201", _resp("the stored schedule with its next runs", ref("Schedule")), auth="staff",
+        body=REPEATABLE_BODY,
+        also={"409": _resp("the name is a built-in schedule's or already taken", ref("Error"))}),
+    ("DELETE", "/api/v1/schedules/{name}"): op(
+        "Remove a repeatable job (a run already sent still runs)", "schedules", "204",
+        _resp("removed"), auth="staff",
+        params=[_path("name", {"type": "string", "minLength": 1, "maxLength": 100})],
+        also={"409": _resp("built-in schedules cannot be removed", ref("Error"))}),
     ("GET", "/api/v1/supervision"): op("The supervision tree", "supervision", "200",
                                        _resp("the tree", ref("SupervisionNode")), auth="staff"),
     ("GET", "/api/v1/stock-sync"): op("Stock sync freshness", "inventory", "200",

@@ -13,7 +13,10 @@ from actors.demo.replay import Replay, Summary
 from runtime import db, embedded
 from runtime.cli import add_command, run_migrations
 from runtime.settings import Settings
+from runtime.tokens import staff_token
 
+# The replay's token stays valid this long past its timeout (late payments, retries).
+TOKEN_SLACK_S = 3600
 
 DATA_FILES = {"sample": catalog.DATA_FILE, "master": catalog.MASTER_FILE}
 
@@ -42,8 +45,10 @@ async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_
     client = aioredis.Redis.from_url(redis_url)
     try:
         url = api_url or f"http://{settings.http_host}:{settings.http_port}"
+        # The replay plays the checkout service: a staff token that outlives the run.
+        token = staff_token(settings, max(settings.token_ttl_s, int(timeout_s) + TOKEN_SLACK_S))
         replay = Replay(url, pool, client, settings.namespace, orders, day_s, timeout_s,
-                        progress_to=sys.stderr if progress else None)
+                        progress_to=sys.stderr if progress else None, token=token)
         return await replay.run()
     finally:
         await client.aclose()
@@ -77,4 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(sub, "demo", _cmd_demo,
                          "seed the demo shop and replay real CDNOW orders through a running runtime")
     add_replay_arguments(parser)
-    parser.add_argument("--api-url", default=None, help="base URL of the HTTP API (default from settings)")
+    parser.add_argument("--api-url", default=None,
+                        help="base URL of the HTTP API (default from settings); the replay signs "
+                             "its staff token with this machine's token secret, so a remote api "
+                             "needs the same SHOPFLOW_TOKEN_SECRET")

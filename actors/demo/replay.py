@@ -1,8 +1,9 @@
 """Replay real CDNOW orders through the running runtime, as an outside client would.
 
 Orders are POSTed to the HTTP API in date order with time compressed
-(``day_s`` seconds of replay per day of data). The driver follows the
-order-status-changed stream: when an order is reserved it confirms the
+(``day_s`` seconds of replay per day of data), with a staff token as the
+shop's checkout service would send (the orders endpoints refuse calls
+without one). The driver follows the order-status-changed stream: when an order is reserved it confirms the
 payment (as the checkout would); it waits until every order has an outcome
 (ready_to_ship, or failed with a reason), then prints a summary measured from
 the database. Re-running the replay is safe: orders carry their CDNOW line as
@@ -88,8 +89,8 @@ class Summary:
             f"  e-mails           {self.emails} confirmation e-mail(s), {self.duplicate_emails} duplicate(s)",
             f"  reservations      {self.reservations} order(s) had their stock reserved",
             f"  throughput        {self.throughput:.1f} orders/s over {self.elapsed_s:.1f} s",
-            f"  latency (create → ready_to_ship)  p50 {self.percentile(50):.0f} ms"
-            f"  p95 {self.percentile(95):.0f} ms  p99 {self.percentile(99):.0f} ms",
+            (f"  latency (create → ready_to_ship)  p50 {self.percentile(50):.0f} ms"
+             f"  p95 {self.percentile(95):.0f} ms  p99 {self.percentile(99):.0f} ms"),
         ]
         if self.failures:
             lines.append("  failures:")
@@ -114,8 +115,10 @@ class Replay:
 
     def __init__(self, api_url: str, pool: asyncpg.Pool, redis: aioredis.Redis, namespace: str,
                  orders: list[CdnowOrder], day_s: float, timeout_s: float,
-                 progress_to: TextIO | None = sys.stderr) -> None:
+                 progress_to: TextIO | None = sys.stderr, *, token: str) -> None:
+        """``token`` is a staff token for the API (see :func:`runtime.tokens.staff_token`)."""
         self.api_url = api_url.rstrip("/")
+        self.token = token
         self.pool = pool
         self.redis = redis
         self.stream = stream_key(namespace, CHANNEL_ORDER_STATUS)
@@ -134,7 +137,8 @@ class Replay:
         bar = tqdm(total=len(self.orders), desc="orders done", unit="order", file=self.progress_to,
                    disable=self.progress_to is None, dynamic_ncols=True)
         connector = aiohttp.TCPConnector(limit=HTTP_CONCURRENCY)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
             sender = asyncio.create_task(self._send_all(http))
             try:
                 await self._follow(http, last_id, bar, started)
@@ -175,7 +179,7 @@ class Replay:
                 async with http.post(f"{self.api_url}{path}", json=body) as resp:
                     if resp.status < 500 or time.monotonic() > deadline:
                         return resp.status, await resp.json(content_type=None)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, TimeoutError):
                 if time.monotonic() > deadline:
                     raise
             await asyncio.sleep(delay_s)
@@ -192,7 +196,7 @@ class Replay:
             self.state.order_ids[int(data["id"])] = order.line_no
             if data["status"] == state.RESERVED:
                 self._pay_soon(http, int(data["id"]))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.state.http_errors[f"create {type(exc).__name__}"] += 1
         finally:
             sem.release()
@@ -212,7 +216,7 @@ class Replay:
             status, _ = await self._post(http, f"/api/v1/orders/{order_id}/payment")
             if status not in (200, 409):
                 self.state.http_errors[f"payment {status}"] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.state.paid.discard(order_id)
             self.state.http_errors[f"payment {type(exc).__name__}"] += 1
 

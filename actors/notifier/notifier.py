@@ -7,7 +7,14 @@ channels, and on a Redis error reconnects with back-off and resumes from the
 last id it dispatched, so a Redis restart loses nothing that Redis kept.
 
 Delivery is exactly-once and ordered per channel because each subscription
-keeps the last stream id it has been given and only ever moves it forward.
+keeps the last stream id it has been given and only ever moves it forward,
+and because an event is its outbox row, not its stream entry: the relay may
+publish a row twice (a crash between XADD and marking the row published,
+runtime/outbox.py), so only the first entry carrying an outbox ``id`` on a
+channel is delivered. Each notifier remembers the first stream id of the
+newest :data:`DEDUP_WINDOW` outbox ids per channel (learnt from the stream's
+tail at start, then from every entry it reads), so every api process makes
+the same choice for live events and for replays alike.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +40,8 @@ from actors.notifier.streams import (
     parse_entry,
     parse_id,
     stream_key,
+    text,
+    text_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,9 @@ READ_BATCH = 500
 # Reconnect back-off after a Redis error: starts small, doubles, capped.
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 2.0
+# Outbox ids remembered per channel for de-duplication. A re-published row follows its
+# first copy within one relay batch (RELAY_BATCH = 200 rows); ten batches leave room.
+DEDUP_WINDOW = 2_048
 # The errors that mean "Redis went away", as opposed to a bug.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -59,6 +72,33 @@ class Subscriber(Protocol):
 
     def refuse(self, code: int, reason: str) -> None:
         """Close the client with a close code (e.g. its token expired)."""
+
+
+class FirstSeen:
+    """The stream id of the first entry of each of the newest ``capacity`` outbox ids.
+
+    Bounded: the oldest ids are forgotten first. Touched only from the event loop.
+    """
+
+    def __init__(self, capacity: int = DEDUP_WINDOW) -> None:
+        self._first: OrderedDict[str, StreamId] = OrderedDict()
+        self._capacity = capacity
+
+    def is_repeat(self, event: StreamEvent) -> bool:
+        """True if an earlier entry of the stream carried the same outbox id."""
+        first = self._first.get(event.event_id) if event.event_id else None
+        return first is not None and first < event.stream_id
+
+    def record(self, event: StreamEvent) -> None:
+        """Remember ``event`` as the first entry of its outbox id unless an earlier one is known."""
+        if not event.event_id:
+            return
+        first = self._first.get(event.event_id)
+        if first is not None and first <= event.stream_id:
+            return
+        self._first[event.event_id] = event.stream_id
+        if len(self._first) > self._capacity:
+            self._first.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -101,6 +141,8 @@ class NotifierStats:
     reconnects: int
     events_dispatched: int
     cursors: dict[str, str] = field(default_factory=dict)
+    # Entries not delivered because an earlier entry carried the same outbox id.
+    duplicates_skipped: int = 0
 
 
 class Notifier:
@@ -120,6 +162,8 @@ class Notifier:
         self._channels = tuple(channels)
         self._expired = expired
         self._cursors: dict[str, StreamId] = {}
+        self._first_seen: dict[str, FirstSeen] = {c: FirstSeen() for c in self._channels}
+        self._duplicates = 0
         self._subs: dict[str, list[Subscription]] = {c: [] for c in self._channels}
         self._ready = asyncio.Event()
         self._connected = False
@@ -151,11 +195,20 @@ class Notifier:
             delay_s = RECONNECT_MIN_S
 
     async def _resolve_cursors(self) -> None:
-        """Start each channel at its current end: a fresh process replays nothing."""
+        """Start each channel at its current end: a fresh process replays nothing.
+
+        The stream's tail also teaches which outbox ids it already carries, so
+        a copy of one of them is known as a repeat, here as in older processes.
+        """
         for channel in self._channels:
-            newest = await self._redis.xrevrange(stream_key(self._namespace, channel), count=1)
-            last = parse_id(_text(newest[0][0])) if newest else None
+            newest: Any = await self._redis.xrevrange(stream_key(self._namespace, channel),
+                                                      count=DEDUP_WINDOW)
+            last = parse_id(text(newest[0][0])) if newest else None
             self._cursors[channel] = last or (0, 0)
+            for entry_id, fields in reversed(newest):
+                event = parse_entry(channel, text(entry_id), text_fields(fields))
+                if event is not None:
+                    self._first_seen[channel].record(event)
 
     async def _tail(self) -> None:
         while True:
@@ -164,9 +217,9 @@ class Notifier:
             reply: Any = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)
             self._set_connected(True)
             for key, entries in reply or []:
-                channel = _text(key).rsplit(":", 1)[-1]
+                channel = text(key).rsplit(":", 1)[-1]
                 for entry_id, fields in entries:
-                    self._dispatch(channel, _text(entry_id), fields)
+                    self._dispatch(channel, text(entry_id), fields)
             if reply:
                 self._notify_changed()
 
@@ -175,10 +228,17 @@ class Notifier:
         if stream_id is None or stream_id <= self._cursors.get(channel, (0, 0)):
             return
         self._cursors[channel] = stream_id
-        event = parse_entry(channel, entry_id, _text_fields(fields))
+        event = parse_entry(channel, entry_id, text_fields(fields))
         if event is None:
             log.error("skipping malformed event %s on %s", entry_id, channel)
             return
+        first_seen = self._first_seen[channel]
+        if first_seen.is_repeat(event):
+            self._duplicates += 1
+            log.info("skipping %s on %s: outbox event %s was already published",
+                     entry_id, channel, event.event_id)
+            return
+        first_seen.record(event)
         self._dispatched += 1
         for sub in list(self._subs.get(channel, ())):
             if sub.live:
@@ -256,7 +316,7 @@ class Notifier:
         info = await self._with_redis(lambda: self._redis.xinfo_stream(key))
         if info is None:
             return None if since == (0, 0) else Resync(channel, "unknown_since", current)
-        newest = parse_id(_text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
+        newest = parse_id(text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
         # After a resync the client reloads state, so live events start after the newest entry.
         restart = id_text(max(newest, self._cursors[channel]))
         if since > newest:
@@ -274,17 +334,22 @@ class Notifier:
         subscription's cursor and the notifier's.
         """
         key = stream_key(self._namespace, sub.channel)
+        shared = self._first_seen[sub.channel]
+        replayed = FirstSeen()  # repeats within the replay that the shared memory forgot
         while sub.active:
             start = "(" + id_text(sub.last_id)
             batch = await self._with_redis(
                 functools.partial(self._redis.xrange, key, min=start, max="+", count=READ_BATCH))
             for entry_id, fields in batch or []:
-                event = parse_entry(sub.channel, _text(entry_id), _text_fields(fields))
-                stream_id = parse_id(_text(entry_id))
+                event = parse_entry(sub.channel, text(entry_id), text_fields(fields))
+                stream_id = parse_id(text(entry_id))
                 if stream_id is None or stream_id <= sub.last_id:
                     continue
                 sub.last_id = stream_id
-                if event is None or not sub.wants(event):
+                if event is None or shared.is_repeat(event) or replayed.is_repeat(event):
+                    continue
+                replayed.record(event)
+                if not sub.wants(event):
                     continue
                 if not await sub.subscriber.offer_backlog(event.wire_text):
                     sub.active = False
@@ -327,6 +392,7 @@ class Notifier:
             reconnects=self._reconnects,
             events_dispatched=self._dispatched,
             cursors={c: id_text(i) for c, i in self._cursors.items()},
+            duplicates_skipped=self._duplicates,
         )
 
     async def wait_for(self, predicate: Callable[[NotifierStats], bool], timeout_s: float) -> None:
@@ -350,21 +416,14 @@ def _entries_lost_after(info: dict[Any, Any], since: StreamId, newest: StreamId)
     only costs the client a needless resync). XDEL'd entries are covered by
     the ``max-deleted-entry-id`` that Redis 7+ and Valkey report.
     """
-    deleted = parse_id(_text(info.get("max-deleted-entry-id", ZERO_ID))) or (0, 0)
+    deleted = parse_id(text(info.get("max-deleted-entry-id", ZERO_ID))) or (0, 0)
     if deleted > since:
         return True
     first = info.get("first-entry")
-    first_id = parse_id(_text(first[0])) if first else None
+    first_id = parse_id(text(first[0])) if first else None
     if first_id is None:
         return since < newest
     added, length = info.get("entries-added"), info.get("length")
     nothing_removed = isinstance(added, int) and added == length
     return since < first_id and not nothing_removed
 
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _text_fields(fields: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in fields.items()}

@@ -44,6 +44,21 @@ def id_text(stream_id: StreamId) -> str:
     return f"{stream_id[0]}-{stream_id[1]}"
 
 
+def text(value: Any) -> str:
+    """A Redis reply item as ``str``, whether or not the client decodes responses.
+
+    ``create_app`` shares one non-decoding client (bytes) across the api
+    process; the notifier has its own decoding one (str). Readers of the
+    streams must work with both.
+    """
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def text_fields(fields: dict[Any, Any]) -> dict[str, str]:
+    """A stream entry's fields with ``str`` keys and values, whatever the client returned."""
+    return {text(k): text(v) for k, v in fields.items()}
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """One entry of a channel's stream, parsed once and shared by every subscriber."""
@@ -53,6 +68,9 @@ class StreamEvent:
     payload: dict[str, Any]
     # The message every subscriber is sent, serialised once per event, not once per client.
     wire_text: str
+    # The outbox row's id (the ``id`` field): a row the relay published twice has it twice.
+    # Empty for entries written without one (tests, the benchmark): never de-duplicated.
+    event_id: str = ""
 
 
 def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEvent | None:
@@ -76,7 +94,8 @@ def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEv
         "correlation_id": fields.get("correlation_id") or None,
         "at": fields.get("at"),
     }
-    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")))
+    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")),
+                       fields.get("id") or "")
 
 
 async def append_event(

@@ -31,6 +31,8 @@ DEFAULT_MISFIRE_GRACE_S = 60.0
 # The longest a run may count as "still running" for the overlap policy, when the
 # worker never reports back (it died). Above Dramatiq's 10-minute time limit.
 DEFAULT_MAX_RUNTIME_S = 15 * 60
+# Upper bound of the two policy durations: a week (they become Redis expiries in ms).
+MAX_POLICY_S = 7 * 24 * 3600
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 
 
@@ -72,8 +74,12 @@ class Schedule:
             )
         if not self.job.actor:
             raise ValidationError("a schedule needs an actor name", field="actor")
-        if self.misfire_grace_s < 0 or self.max_runtime_s <= 0:
-            raise ValidationError("misfire_grace_s must be >= 0 and max_runtime_s > 0")
+        # "not (a <= x <= b)" also refuses NaN, which every comparison fails.
+        if not (0 <= self.misfire_grace_s <= MAX_POLICY_S
+                and 0 < self.max_runtime_s <= MAX_POLICY_S):
+            raise ValidationError(
+                f"misfire_grace_s must be 0 to {MAX_POLICY_S} and max_runtime_s above 0 "
+                f"and at most {MAX_POLICY_S}")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form a repeatable job is stored as."""
@@ -106,7 +112,7 @@ class Schedule:
             )
         except (KeyError, TypeError) as exc:
             raise ValidationError(f"malformed schedule: missing or bad {exc}") from None
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise ValidationError(f"malformed schedule: {exc}") from None
 
 

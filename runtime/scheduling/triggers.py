@@ -33,6 +33,8 @@ from runtime.scheduling.cron import CronExpr
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Far enough to find a 29 February that is also, say, a Monday.
 _MAX_SEARCH_DAYS = 366 * 29
+# The longest interval a schedule may have (ten years): slots stay far from datetime's limits.
+MAX_INTERVAL_S = 10 * 366 * 24 * 3600
 
 
 def require_aware(moment: datetime) -> datetime:
@@ -185,8 +187,9 @@ class IntervalTrigger:
     anchor: datetime = EPOCH
 
     def __post_init__(self) -> None:
-        if self.every_s < 1:
-            raise ValidationError("an interval must be at least 1 second", field="every_s")
+        if not 1 <= self.every_s <= MAX_INTERVAL_S:
+            raise ValidationError(f"an interval must be 1 to {MAX_INTERVAL_S} seconds",
+                                  field="every_s")
         require_aware(self.anchor)
 
     def next_after(self, moment: datetime) -> datetime:

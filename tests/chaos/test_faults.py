@@ -37,6 +37,7 @@ from actors.demo.up import start_supervisord, stop_supervisord, wait_healthy
 from runtime import db, embedded
 from runtime.broker import ALL_QUEUES
 from runtime.settings import Settings
+from runtime.tokens import staff_token
 from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.chaos
@@ -118,7 +119,7 @@ class Load:
     def _run(self) -> None:
         try:
             self.summary = asyncio.run(self._replay())
-        except BaseException as exc:  # handed to the test thread, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which re-raises it
             self.error = exc
 
     async def _replay(self) -> Summary:
@@ -129,7 +130,8 @@ class Load:
         try:
             self.replay = Replay(f"http://127.0.0.1:{self.settings.http_port}", pool, client,
                                  self.settings.namespace, load_orders(limit=ORDERS), DAY_S,
-                                 timeout_s=240, progress_to=None)
+                                 timeout_s=240, progress_to=None,
+                                 token=staff_token(self.settings, 3600))
             return await self.replay.run()
         finally:
             await client.aclose()

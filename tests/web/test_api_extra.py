@@ -6,9 +6,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from actors.agents.messages import MODERATE_REVIEW
+from actors.notifier.streams import append_event
+from runtime.scheduling import list_repeatables
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
@@ -212,3 +215,55 @@ async def test_staff_see_the_reviews_moderation_flagged(ana: Caller, staff: Call
     assert flagged["excerpt"].startswith("Great album!")
     assert (await ana("GET", "/api/v1/moderation/flagged"))[0] == 403
     assert (await staff("GET", "/api/v1/moderation/flagged?limit=0"))[0] == 422
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "bad_json"), (b"\xff", 400, "bad_json"), (b"", 400, "bad_json"),
+    (b"[1]", 422, "invalid"), (b'"text"', 422, "invalid"),
+])
+async def test_bodies_get_the_same_errors_as_the_orders_endpoints(
+        ana: Caller, body: bytes, status: int, code: str) -> None:
+    async with ana.http.post(ana.server.make_url("/api/v1/carts"), data=body,
+                             headers={"Authorization": f"Bearer {ana.token}",
+                                      "Content-Type": "application/json"}) as resp:
+        assert resp.status == status
+        error = (await resp.json())["error"]
+    assert error["status"] == status and error["code"] == code
+
+
+async def test_repeatable_jobs_are_staff_only_validated_and_reserve_builtin_names(
+        ana: Caller, staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    body = {"name": "promo", "queue": "maintenance", "actor": "send_promo",
+            "cron": "0 10 * * 1", "timezone": "Europe/Lisbon"}
+    assert (await ana("POST", "/api/v1/schedules", json=body))[0] == 403
+    status, added = await staff("POST", "/api/v1/schedules", json=body)
+    assert status == 201 and added["zone"] == "Europe/Lisbon"
+    assert added["next_run_at"].endswith("+00:00") and "T10:00:00+" in added["next_runs"][0]["local"]
+    status, error = await staff("POST", "/api/v1/schedules", json=body)
+    assert status == 409 and error["error"]["code"] == "conflict"
+    status, _ = await staff("POST", "/api/v1/schedules", json={**body, "name": "cron-heartbeat"})
+    assert status == 409  # built-in names are reserved
+    for bad in ({}, {**body, "queue": "nope"}, {**body, "name": "bad name!"},
+                {**body, "every_s": 60}, {**body, "cron": "61 * * * *"},
+                {**body, "cron": "0 10 * * 1", "timezone": "Nowhere/City"},
+                {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 10**12},
+                {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60,
+                 "max_runtime_s": 10**9}):
+        status, error = await staff("POST", "/api/v1/schedules", json=bad)
+        assert status == 422 and error["error"]["code"] == "invalid", bad
+    assert (await ana("DELETE", "/api/v1/schedules/promo"))[0] == 403
+    assert (await staff("DELETE", "/api/v1/schedules/cron-heartbeat"))[0] == 409
+    assert (await staff("DELETE", "/api/v1/schedules/nothing"))[0] == 404
+    assert [s.name for s in await list_repeatables(redis, web_settings.namespace)] == ["promo"]
+    assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 204
+    assert (await staff("DELETE", "/api/v1/schedules/promo"))[0] == 404
+    assert await list_repeatables(redis, web_settings.namespace) == []
+
+
+async def test_recent_events_show_a_twice_published_row_once(
+        staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    for row_id in (7, 8, 7, 9):  # row 7 published again by a relay that crashed
+        await append_event(redis, web_settings.namespace, "stock-updated", "stock.updated",
+                           {"product_id": row_id}, event_id=row_id)
+    _, body = await staff("GET", "/api/v1/events/stock-updated")
+    assert [e["event_id"] for e in body["events"]] == ["9", "8", "7"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from actors.notifier.streams import append_event
 from runtime.settings import Settings
 from tests.web.conftest import (
     Publisher,
@@ -13,6 +15,7 @@ from tests.web.conftest import (
     close_code,
     next_json,
     next_of,
+    notifier_of,
     subscribe,
 )
 from web.auth import TokenSigner
@@ -207,3 +210,44 @@ async def test_token_expiring_mid_connection_is_closed_4401(
         now[0] += 31
         await publish("stock-updated", {"product_id": 1})
         assert await close_code(ws) == 4401
+
+
+async def test_an_outbox_row_published_twice_reaches_each_client_once(
+        web_settings: Settings, signer: TokenSigner, start_server: ServerFactory,
+        http: aiohttp.ClientSession, redis: aioredis.Redis) -> None:
+    """The relay may XADD a row again after a crash (runtime/outbox.py). Clients get it once:
+    live, replayed with ``since``, and from an api process started after both copies."""
+
+    async def relay(row_id: int) -> str:
+        return await append_event(redis, web_settings.namespace, "order-status-changed",
+                                  "order.status_changed",
+                                  {"order_id": row_id, "customer_id": 1}, event_id=row_id)
+
+    token = signer.issue("staff", None, 60)
+    server_a = await start_server(build_app(web_settings, signer))
+    async with http.ws_connect(ws_url(server_a, token)) as live:
+        start = (await subscribe(live, "order-status-changed"))["last_id"]
+        first_copy = await relay(41)
+        await relay(42)
+        await relay(41)  # row 41 again: the relay crashed before marking it published
+        await relay(43)
+        assert [(await next_of(live, "event"))["event_id"] for _ in range(3)] == ["41", "42", "43"]
+        await live.send_json({"type": "ping"})
+        assert (await next_json(live))["type"] == "pong"  # the copy was never queued
+    assert notifier_of(server_a).stats().duplicates_skipped == 1
+
+    async with http.ws_connect(ws_url(server_a, token)) as resumed:
+        await subscribe(resumed, "order-status-changed", since=start)
+        assert [(await next_of(resumed, "event"))["event_id"] for _ in range(3)] == \
+            ["41", "42", "43"]
+        await resumed.send_json({"type": "ping"})
+        assert (await next_json(resumed))["type"] == "pong"
+
+    # A process started after both copies learns the first one from the stream's tail.
+    server_b = await start_server(build_app(web_settings, signer))
+    async with http.ws_connect(ws_url(server_b, token)) as moved:
+        await subscribe(moved, "order-status-changed", since=first_copy)
+        assert [(await next_of(moved, "event"))["event_id"] for _ in range(2)] == ["42", "43"]
+        await relay(42)  # and a live copy of an old row is skipped there too
+        await relay(44)
+        assert (await next_of(moved, "event"))["event_id"] == "44"

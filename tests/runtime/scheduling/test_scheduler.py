@@ -291,6 +291,13 @@ async def test_repeatables_are_added_listed_removed_and_picked_up_live(
     {"name": "x", "queue": "maintenance", "actor": "a", "cron": "0 0 * * *",
      "timezone": "Nowhere/City"},
     {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60, "args": "oops"},
+    {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 10**12},
+    {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60,
+     "max_runtime_s": float("inf")},
+    {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60,
+     "misfire_grace_s": float("nan")},
+    {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60, "max_runtime_s": 10**400},
+    {"name": "x", "queue": "maintenance", "actor": "a", "every_s": 60, "max_runtime_s": 1e9},
 ])
 def test_repeatable_requests_are_validated(body: Any) -> None:
     with pytest.raises(ValidationError):
