@@ -31,7 +31,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from actors.notifier.channels import CHANNELS, FILTER_FIELDS, STAFF_ONLY, Viewer, may_subscribe
+from actors.notifier.channels import (
+    CHANNELS,
+    FILTER_FIELDS,
+    STAFF_ONLY,
+    TEXT_KEYS,
+    Viewer,
+    may_subscribe,
+)
 from actors.notifier.notifier import Notifier, Resync
 from actors.notifier.streams import StreamId, parse_id
 from runtime.actor import TaskActor
@@ -52,6 +59,8 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4429
 # After this many bad messages in a row the client is broken or hostile: close it.
 MAX_CONSECUTIVE_ERRORS = 10
+# A job id or queue name in a filter is at most this long (job ids are up to 200).
+MAX_TEXT_KEY = 200
 # A subscription filter longer than this is refused (it is a list scan per event).
 MAX_FILTER_KEYS = 1_000
 # Backlog replay waits at most this long for room in a client's send queue.
@@ -214,18 +223,24 @@ def parse_since(message: dict[str, Any]) -> StreamId | None:
     return parsed
 
 
-def parse_keys(message: dict[str, Any]) -> frozenset[int] | None:
-    """The optional filter: order ids or product ids, depending on the channel."""
+def parse_keys(message: dict[str, Any]) -> frozenset[int | str] | None:
+    """The optional filter: order or product ids, or job ids or queue names (strings)."""
     keys = message.get("keys")
     if keys is None:
         return None
     channel = message["channel"]
     if channel not in FILTER_FIELDS:
         raise BadMessage("bad_message", f"channel {channel} takes no keys filter")
-    if not isinstance(keys, list) or len(keys) > MAX_FILTER_KEYS or not all(
-        isinstance(k, int) and not isinstance(k, bool) for k in keys
-    ):
-        raise BadMessage("bad_message", f"keys must be a list of at most {MAX_FILTER_KEYS} ids")
+    if channel in TEXT_KEYS:
+        valid = all(isinstance(k, str) and 0 < len(k) <= MAX_TEXT_KEY for k in keys) \
+            if isinstance(keys, list) else False
+        kind = f"names of at most {MAX_TEXT_KEY} characters"
+    else:
+        valid = isinstance(keys, list) and all(
+            isinstance(k, int) and not isinstance(k, bool) for k in keys)
+        kind = "ids"
+    if not valid or len(keys) > MAX_FILTER_KEYS:
+        raise BadMessage("bad_message", f"keys must be a list of at most {MAX_FILTER_KEYS} {kind}")
     return frozenset(keys)
 
 
@@ -330,7 +345,7 @@ def _cancel_subscription(conn: Connection, channel: str) -> None:
 
 
 async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
-                     keys: frozenset[int] | None, since: StreamId | None, ref: Any) -> None:
+                     keys: frozenset[int | str] | None, since: StreamId | None, ref: Any) -> None:
     """Subscribe (replaying from ``since``) in its own task so the reader keeps reading."""
 
     async def announce(last_id: str, resync: Resync | None) -> None:

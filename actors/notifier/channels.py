@@ -24,7 +24,11 @@ STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS, REVIEWS})
 FILTER_FIELDS: Mapping[str, str] = {
     ORDER_STATUS_CHANGED: "order_id",
     STOCK_UPDATED: "product_id",
+    JOBS: "job_id",  # follow one job's progress and outcome
+    QUEUES: "name",
 }
+# Channels whose filter keys are names (strings); the others take integer ids.
+TEXT_KEYS: frozenset[str] = frozenset({JOBS, QUEUES})
 
 
 class Viewer(Protocol):

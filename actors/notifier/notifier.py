@@ -108,7 +108,7 @@ class Subscription:
     subscriber: Subscriber
     channel: str
     # Only events whose payload[FILTER_FIELDS[channel]] is in here; None means all.
-    keys: frozenset[int] | None
+    keys: frozenset[int | str] | None
     last_id: StreamId
     live: bool = False
     active: bool = True
@@ -117,7 +117,8 @@ class Subscription:
         """Filter and authorization, checked for every event."""
         if self.keys is not None:
             value = event.payload.get(FILTER_FIELDS.get(self.channel, ""))
-            if not isinstance(value, int) or value not in self.keys:
+            if isinstance(value, bool) or not isinstance(value, int | str) \
+                    or value not in self.keys:
                 return False
         return may_receive(self.subscriber.viewer, self.channel, event.payload)
 
@@ -262,7 +263,7 @@ class Notifier:
         self,
         subscriber: Subscriber,
         channel: str,
-        keys: frozenset[int] | None,
+        keys: frozenset[int | str] | None,
         since: StreamId | None,
         announce: Callable[[str, Resync | None], Awaitable[None]],
     ) -> Subscription:

@@ -92,7 +92,7 @@ class QueueFeed:
                 continue
             self._last[queue.name] = snapshot
             pipe.xadd(self._stream, {
-                "id": queue.name, "type": "queue.counts", "payload": json.dumps(snapshot),
+                "id": "", "type": "queue.counts", "payload": json.dumps(snapshot),
                 "correlation_id": "", "at": datetime.now(UTC).isoformat(),
             }, maxlen=FEED_MAXLEN, approximate=True)
             changed += 1

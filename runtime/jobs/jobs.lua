@@ -60,8 +60,10 @@ local function event(job_id, queue, actor, kind, extra)
         for k, v in pairs(extra) do payload[k] = v end
     end
     local text = cjson.encode(payload)
+    -- "id" is the outbox row's id on outbox events; job events have none (the job id is in
+    -- the payload), so the notifier's de-duplication of re-published rows leaves them alone.
     redis.call("xadd", events, "MAXLEN", "~", EVENTS_MAXLEN, "*",
-        "id", job_id, "type", "job." .. kind, "payload", text, "correlation_id", "", "at", now_iso)
+        "id", "", "type", "job." .. kind, "payload", text, "correlation_id", "", "at", now_iso)
     local hist = hist_key(job_id)
     redis.call("lpush", hist, cjson.encode({at = now, event = kind, detail = extra or {}}))
     redis.call("ltrim", hist, 0, HISTORY - 1)
@@ -617,7 +619,7 @@ local function cmd_pause(a)
     if changed == 1 then
         local kind = "resumed"
         if on == "1" then kind = "paused" end
-        redis.call("xadd", events, "MAXLEN", "~", EVENTS_MAXLEN, "*", "id", queue,
+        redis.call("xadd", events, "MAXLEN", "~", EVENTS_MAXLEN, "*", "id", "",
             "type", "queue." .. kind, "payload", cjson.encode({queue = queue, event = kind}),
             "correlation_id", "", "at", now_iso)
     end

@@ -236,11 +236,11 @@ class JobStore:
                 for entry_id, fields in entries:
                     last = text(entry_id)
                     f = {text(k): text(v) for k, v in fields.items()}
-                    if job_id is not None and f.get("id") != job_id:
-                        continue
                     try:
                         payload = json.loads(f.get("payload", "{}"))
                     except ValueError:
+                        continue
+                    if job_id is not None and payload.get("job_id") != job_id:
                         continue
                     yield {"stream_id": last, "type": f.get("type"), "at": f.get("at"),
                            **payload}

@@ -153,3 +153,77 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
         finally:
             await browser.close()
     assert problems == []
+
+
+async def test_dashboard_on_the_real_job_layer(web_settings: Settings, signer: TokenSigner,
+                                               start_server: ServerFactory) -> None:
+    """Real jobs: counts move live as a worker runs them; Retry re-runs a failed job."""
+    import threading
+
+    from runtime.broker import ALL_QUEUES, QUEUE_ANALYTICS, JobSpec, declare_actor, setup_broker
+    from runtime.errors import PermanentJobError
+    from runtime.jobs.feed import QueueFeed
+    from runtime.jobs.store import JobStore
+    from runtime.jobs.worker import make_worker
+    from web.adapters import StoreJobsAdmin
+
+    await seed(web_settings)
+    broker = setup_broker(web_settings)
+    client = aioredis.Redis.from_url(web_settings.redis_url or "")
+    store = JobStore(client, broker.keys, ALL_QUEUES)
+    app = build_full_app(web_settings, signer)
+    app[seams.JOBS_ADMIN] = StoreJobsAdmin(store)
+    server = await start_server(app)
+    feed = asyncio.create_task(QueueFeed(store, client, web_settings.namespace, 0.2).run())
+    broken, finished = [True], threading.Event()
+
+    def export(n: int) -> None:
+        if broken[0]:
+            raise PermanentJobError("the report bucket is gone")
+        finished.set()
+
+    spec = JobSpec(QUEUE_ANALYTICS, "dash_export")
+    declare_actor(broker, spec, export)
+    worker = make_worker(broker, {QUEUE_ANALYTICS}, 1)
+    worker.start()
+    failed = spec.send(broker, 1)
+    problems: list[str] = []
+    row = "tr[data-queue=analytics]"
+    try:
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda exc: problems.append(str(exc)))
+                await page.goto(str(server.make_url("/")))
+                await page.fill("#token", signer.issue("staff", None, 3600))
+                await page.click("#login button[type=submit]")
+                await page.wait_for_selector(f"tr[data-job='{failed.job_id}']", timeout=WAIT_MS)
+                # Live: a paused queue fills up on screen, then drains when resumed.
+                await store.pause(QUEUE_ANALYTICS)
+                for n in range(5):
+                    spec.send(broker, 10 + n)
+                await page.wait_for_function(
+                    f"document.querySelector('{row} td:nth-child(2)')?.textContent === '5'",
+                    timeout=WAIT_MS)
+                await store.resume(QUEUE_ANALYTICS)
+                await page.wait_for_function(
+                    f"document.querySelector('{row} td:nth-child(2)')?.textContent === '0'",
+                    timeout=WAIT_MS)
+                # Retry, for real: the job runs again and leaves the failed list.
+                broken[0] = False
+                await page.click(f"tr[data-job='{failed.job_id}'] button.retry")
+                assert await asyncio.to_thread(finished.wait, WAIT_MS / 1000)
+                await page.wait_for_selector(f"tr[data-job='{failed.job_id}']",
+                                             state="detached", timeout=WAIT_MS)
+                job = await store.get(failed.job_id)
+                assert job is not None and job["state"] == "completed"
+            finally:
+                await browser.close()
+    finally:
+        feed.cancel()
+        worker.stop()
+        broker.close()
+        await client.aclose()
+    assert problems == []

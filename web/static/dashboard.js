@@ -7,8 +7,10 @@ const TOKEN_KEY = "shopflow.staffToken";
 const API = "/api/v1";
 const FEED_MAX = 50;            // newest order events / alerts kept on screen
 const RECONNECT_MAX_MS = 10000; // WebSocket reconnect back-off cap
-const CHANNELS = ["queues", "jobs", "alerts", "order-status-changed", "stock-updated",
-                  "reviews"];
+// Not "jobs": it carries every step of every job (thousands a second when busy); the
+// "queues" channel's counts (one entry per changed queue per second) tell when the
+// failed and dead lists moved.
+const CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews"];
 
 const $ = (sel) => document.querySelector(sel);
 const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, ws: null,
@@ -217,13 +219,12 @@ async function loadAll() {
 
 // --- live updates ----------------------------------------------------------------------
 
-function scheduleRefetch() {
-  // Job events can come in bursts: refetch the job lists at most every 300 ms.
+function scheduleFailedRefetch() {
+  // Failed and dead counts move in bursts: refetch those lists at most every 300 ms.
   if (state.refetchTimer) return;
   state.refetchTimer = setTimeout(() => {
     state.refetchTimer = null;
     loadJobs().catch(() => {});
-    loadQueues().catch(() => {});
   }, 300);
 }
 
@@ -234,11 +235,13 @@ function onEvent(message) {
     case "queues": {
       const name = p.queue ?? p.name;
       if (!name) break;
-      state.queues.set(name, { ...(state.queues.get(name) ?? {}), ...p, name });
+      const before = state.queues.get(name) ?? {};
+      state.queues.set(name, { ...before, ...p, name });
       renderQueues();
+      if ((p.failed ?? before.failed) !== before.failed ||
+          (p.dead ?? before.dead) !== before.dead) scheduleFailedRefetch();
       break;
     }
-    case "jobs": scheduleRefetch(); break;
     case "alerts": addFeedItem($("#alerts"), alertText(message), message.at); break;
     case "order-status-changed":
       state.orderCount += 1;

@@ -33,7 +33,7 @@ async def test_changed_counts_are_published_once_and_by_one_feed(
         entries = await client.xrange(queues_stream(settings.namespace))
         last = json.loads(entries[-1][1][b"payload"])
         assert (entries[-1][1][b"id"], last["name"], last["waiting"], last["pending"]) == (
-            b"emails", "emails", 3, 3)
+            b"", "emails", 3, 3)
         assert entries[-1][1][b"type"] == b"queue.counts"
     finally:
         await client.aclose()

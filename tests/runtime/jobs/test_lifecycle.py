@@ -34,7 +34,8 @@ def stream_types(settings: Settings, job_id: str) -> list[str]:
         entries = client.xrange(f"{settings.namespace}:events:jobs")
     finally:
         client.close()
-    return [f[b"type"].decode() for _, f in entries if f[b"id"].decode() == job_id]
+    return [f[b"type"].decode() for _, f in entries
+            if json.loads(f[b"payload"]).get("job_id") == job_id]
 
 
 async def test_a_job_runs_once_and_its_record_and_events_tell_its_story(
