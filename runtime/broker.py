@@ -28,7 +28,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from runtime.errors import Busy, PermanentJobError
+from runtime.errors import Busy, ExternalServiceError, OutcomeUnknown, PermanentJobError
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,14 @@ ALL_QUEUES = (
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
 
 
-# Errors that say "a server is away" (a restart, a failover) or "someone else holds
-# this work right now", not "this job is wrong".
+# Errors that say "a server is away" (a restart, a failover), "an outside service is
+# down or slow" (SendGrid 5xx/429, a warehouse timeout, an open circuit, an e-mail
+# whose outcome is still being reconciled) or "someone else holds this work right
+# now", not "this job is wrong". Other transient errors keep the job's own attempts.
 _INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     Busy,
+    ExternalServiceError,
+    OutcomeUnknown,
     ConnectionError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -66,18 +70,18 @@ _INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
-    """True for failures caused by an unreachable or restarting server."""
+    """True for failures caused by an unreachable, restarting or failing server or service."""
     return isinstance(exc, _INFRASTRUCTURE_ERRORS)
 
 
 def _retry_when(max_retries: int, infra_retries: int) -> Callable[[int, BaseException], bool]:
     """Retry failures up to ``max_retries``; never a permanent one.
 
-    A job that failed because PostgreSQL or Redis was restarting did nothing
-    wrong, so it gets ``infra_retries`` tries (with the same capped
-    exponential backoff) before it is given up: an outage of minutes loses no
-    job, while a job that fails on its own merits still stops after its
-    attempts.
+    A job that failed because PostgreSQL or Redis was restarting, or because
+    an outside service was down (a transient error), did nothing wrong, so it
+    gets ``infra_retries`` tries (with the same capped exponential backoff)
+    before it is given up: an outage of minutes loses no job, while a job that
+    fails on its own merits still stops after its attempts.
     """
 
     def should_retry(retries_so_far: int, exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ from runtime.errors import ConfigError
 # backoff starting at 2 s (Bull's `attempts: 3, backoff: {type: exponential, delay: 2000}`).
 DEFAULT_JOB_ATTEMPTS = 3
 DEFAULT_JOB_BACKOFF_MS = 2_000
-# Retries for a job that failed only because PostgreSQL or Redis was away:
+# Retries for a job that failed only because PostgreSQL, Redis or an outside service was away:
 # with the backoff capped at 16x the base (32 s) this rides out ~10 minutes.
 DEFAULT_JOB_INFRA_RETRIES = 25
 # Process counts of the original PM2 ecosystem file.

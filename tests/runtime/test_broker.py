@@ -6,7 +6,13 @@ import asyncpg
 import redis
 
 from runtime.broker import _retry_when, is_infrastructure_error
-from runtime.errors import PermanentJobError
+from runtime.errors import (
+    CircuitOpen,
+    ExternalRequestRejected,
+    ExternalServiceError,
+    OutcomeUnknown,
+    PermanentJobError,
+)
 
 
 def test_permanent_errors_are_never_retried() -> None:
@@ -27,3 +33,15 @@ def test_server_outages_get_the_infrastructure_budget() -> None:
         assert is_infrastructure_error(exc)
         assert should(10, exc)
         assert not should(25, exc)
+
+
+def test_outside_service_outages_get_the_infrastructure_budget() -> None:
+    """A SendGrid or warehouse outage of minutes must not use up a job's own attempts."""
+    should = _retry_when(2, 25)
+    for exc in (ExternalServiceError("sendgrid: 503 Service Unavailable", status=503),
+                CircuitOpen("warehouse: circuit open"),
+                OutcomeUnknown("no answer after the request went out")):
+        assert is_infrastructure_error(exc)
+        assert should(10, exc)
+        assert not should(25, exc)
+    assert not should(0, ExternalRequestRejected("sendgrid: 400 bad address", status=400))
