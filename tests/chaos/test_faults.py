@@ -48,6 +48,7 @@ from runtime.broker import ALL_QUEUES
 from runtime.settings import Settings
 from tests.actors.agents.fake_anthropic import FakeAnthropic, hang
 from tests.actors.sendgrid.fake_sendgrid import API_KEY, create_fake_sendgrid
+from tests.chaos.conftest import failed
 from tests.support import free_port, wait_until
 from web.auth import signer_from_settings
 
@@ -229,8 +230,20 @@ async def _prepare(settings: Settings) -> None:
         await conn.close()
 
 
+def _dump_outside_record(externals: Externals, var: Path) -> None:
+    """What the outside services saw, next to the logs of a failed test."""
+    async def read() -> dict[str, Any]:
+        fake = externals.sendgrid
+        return {
+            "sendgrid_requests": [r["body"].get("custom_args", {}) for r in fake.requests],
+            "sendgrid_accepted": [a.body.get("custom_args", {}) for a in fake.accepted],
+            "sendgrid_script_left": list(map(str, fake.script)),
+        }
+    (var / "outside-record.json").write_text(json.dumps(externals.call(read()), indent=1))
+
+
 @pytest.fixture
-def tree() -> Iterator[Tree]:
+def tree(request: pytest.FixtureRequest) -> Iterator[Tree]:
     var = Path(tempfile.mkdtemp(prefix="shopflow-chaos-"))
     externals = Externals()
     externals.start()
@@ -257,10 +270,16 @@ def tree() -> Iterator[Tree]:
         yield t
     finally:
         stop_supervisord(proc)
+        keep = failed(request.node)
+        if keep:
+            _dump_outside_record(externals, var)
         externals.stop()
         embedded.stop_redis(paths, settings.embedded_redis_port)
         embedded.stop_postgres(paths)
-        embedded.remove_data(paths)
+        if keep:
+            print(f"\nchaos: kept {var} (logs under log/, data of Redis and PostgreSQL)")
+        else:
+            embedded.remove_data(paths)
 
 
 class Load:
@@ -276,7 +295,7 @@ class Load:
     def _run(self) -> None:
         try:
             self.summary = asyncio.run(self._replay())
-        except BaseException as exc:  # handed to the test thread, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test thread, which re-raises it
             self.error = exc
 
     async def _replay(self) -> Summary:
