@@ -9,8 +9,6 @@ what lets every concern publish the messages it accepts in a small module.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +29,6 @@ from dramatiq.middleware import (
 )
 
 from runtime.errors import Busy, ExternalServiceError, OutcomeUnknown, PermanentJobError
-from runtime.metrics import Metrics, get_metrics
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,11 +49,6 @@ ALL_QUEUES = (
 
 # A job that ran longer than this is killed by Dramatiq's TimeLimit (10 min).
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
-# Message option set at a job's first enqueue (epoch ms): later enqueues of the same
-# job (each retry, a delayed job falling due) carry it, so they are not sent again.
-FIRST_SENT_OPTION = "first_sent_ms"
-# Label value for a queue this broker never declared (bounded labels).
-_UNKNOWN_QUEUE = "unknown"
 
 
 # Errors that say "a server is away" (a restart, a failover), "an outside service is
@@ -102,44 +94,6 @@ def _retry_when(max_retries: int, infra_retries: int) -> Callable[[int, BaseExce
     return should_retry
 
 
-class SentJobs(Middleware):
-    """Counts every job once, when a producer first enqueues it (``shopflow_jobs_sent_total``).
-
-    Together with ``shopflow_jobs_total`` (each job's end: completed, skipped
-    or failed for good, counted by the workers) it is the ledger of the job
-    system: once the queues are idle, jobs sent = jobs ended for every queue
-    and actor; fewer ends means a job was lost. Dramatiq enqueues a job again
-    for each retry and when a delayed job falls due; those copies carry
-    :data:`FIRST_SENT_OPTION` and are not counted. A job that failed to
-    enqueue (Redis away) is not counted either; the producer sends it again.
-    Hooks run on the sending thread (a producer's, or a worker thread retrying).
-    """
-
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
-        self._settings = settings
-        self._metrics = metrics
-        self._call = threading.local()
-
-    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        """Mark a job's first enqueue; the mark travels with the message from then on."""
-        first = FIRST_SENT_OPTION not in message.options
-        self._call.first = first
-        if first:
-            message.options[FIRST_SENT_OPTION] = int(time.time() * 1000)
-
-    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        """Count the job if this enqueue, now in Redis, was its first."""
-        if not getattr(self._call, "first", False):
-            return
-        self._call.first = False
-        queue = message.queue_name.removesuffix(".DQ")
-        if queue not in broker.get_declared_queues():
-            queue = _UNKNOWN_QUEUE
-        if self._metrics is None:
-            self._metrics = get_metrics(self._settings)
-        self._metrics.jobs_sent.labels(queue, message.actor_name).inc()
-
-
 def default_middleware(settings: Settings) -> list[Middleware]:
     """The middleware stack every ShopFlow broker gets, in order."""
     max_retries = settings.job_attempts - 1
@@ -156,7 +110,6 @@ def default_middleware(settings: Settings) -> list[Middleware]:
             retry_when=_retry_when(max_retries, settings.job_infra_retries),
         ),
         CurrentMessage(),
-        SentJobs(settings),
     ]
 
 

@@ -68,8 +68,7 @@ OUTCOME_SKIPPED = "skipped"
 class Metrics:
     """Every metric of the runtime, for one process. Build it with :func:`get_metrics`."""
 
-    # Jobs (recorded for every actor by runtime.metrics_middleware; sent by runtime.broker).
-    jobs_sent: Counter
+    # Jobs (recorded for every actor by runtime.metrics_middleware).
     jobs: Counter
     job_duration: Histogram
     job_retries: Counter
@@ -114,9 +113,6 @@ def _build(registry: CollectorRegistry) -> Metrics:
     """Create every metric on ``registry`` (a private one: values live in the files)."""
     r = registry
     return Metrics(
-        jobs_sent=Counter("shopflow_jobs_sent", "Jobs sent by producers, once each (not their "
-                          "retries); once queues are idle it equals shopflow_jobs_total.",
-                          ["queue", "actor"], registry=r),
         jobs=Counter("shopflow_jobs", "Jobs that ended, by outcome (completed, failed for good, "
                      "skipped).", ["queue", "actor", "outcome"], registry=r),
         job_duration=Histogram("shopflow_job_duration_seconds", "Time one job attempt ran.",
