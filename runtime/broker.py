@@ -4,11 +4,22 @@ Nothing here runs at import time. :func:`setup_broker` builds a broker with
 the runtime's middleware; :class:`JobSpec` names an actor (queue + actor name)
 so a producer can send to it without importing the actor's code, which is
 what lets every concern publish the messages it accepts in a small module.
+
+The broker keeps a **job ledger** in Redis (:class:`LedgerBroker`): per
+queue, how many jobs were sent, how many messages were enqueued again (a
+retry, a delayed job falling due), acknowledged and rejected. Each count is
+written in the same MULTI/EXEC transaction as the broker command it counts,
+so a process killed at any moment cannot make the ledger disagree with what
+Redis holds. A job ends once: ``ended = acked + rejected - enqueued again``,
+and once the queues are idle ``sent == ended`` for every queue, or a job was
+lost (fewer ends) or ran to its end twice (more). :func:`read_ledger` reads it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +28,7 @@ import asyncpg
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis, q_name
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -49,6 +61,9 @@ ALL_QUEUES = (
 
 # A job that ran longer than this is killed by Dramatiq's TimeLimit (10 min).
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
+# Message option set at a job's first enqueue (epoch ms). Later enqueues of the same job
+# (each retry, a delayed job falling due) carry it: the ledger counts them as "again".
+FIRST_SENT_OPTION = "first_sent_ms"
 
 
 # Errors that say "a server is away" (a restart, a failover), "an outside service is
@@ -94,6 +109,92 @@ def _retry_when(max_retries: int, infra_retries: int) -> Callable[[int, BaseExce
     return should_retry
 
 
+def ledger_key(broker_namespace: str) -> str:
+    """The Redis hash ``<queue>:<count>`` -> n of the job ledger (next to Dramatiq's keys)."""
+    return f"{broker_namespace}:__ledger__"
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One queue's ledger: counts since the Redis data was created."""
+
+    queue: str
+    sent: int = 0
+    again: int = 0  # the same job enqueued again: a retry, or a delayed job falling due
+    acked: int = 0
+    rejected: int = 0  # failed for good: to the dead-letter queue
+
+    @property
+    def ended(self) -> int:
+        """Jobs that ended: completed, skipped or failed for good, each once."""
+        return self.acked + self.rejected - self.again
+
+    @property
+    def open(self) -> int:
+        """Jobs waiting, delayed or running now (after the fact: lost ones too)."""
+        return self.sent - self.ended
+
+
+def read_ledger(client: redis.Redis, broker_namespace: str) -> dict[str, LedgerRow]:
+    """Every queue's :class:`LedgerRow` (queues that never saw a job are left out)."""
+    counts: dict[str, dict[str, int]] = {}
+    for raw_field, raw_value in client.hgetall(ledger_key(broker_namespace)).items():
+        text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+        queue, _, name = text.rpartition(":")
+        counts.setdefault(queue, {})[name] = int(raw_value)
+    return {queue: LedgerRow(queue, **values) for queue, values in sorted(counts.items())}
+
+
+class LedgerBroker(RedisBroker):
+    """Dramatiq's Redis broker, keeping the job ledger (module doc) with every command.
+
+    ``enqueue`` runs on the sending thread (a producer, or a worker retrying
+    or handing over a due message); ``do_ack``/``do_nack`` on consumer threads.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        self._ledger_key = ledger_key(self.namespace)
+        self._sending = threading.local()
+
+    def enqueue(self, message: dramatiq.Message[Any], *,
+                delay: int | None = None) -> dramatiq.Message[Any]:
+        """Enqueue; a message without :data:`FIRST_SENT_OPTION` is a new job and gets it."""
+        first = FIRST_SENT_OPTION not in message.options
+        if first:
+            message = message.copy(options={FIRST_SENT_OPTION: int(time.time() * 1000)})
+        self._sending.count = "sent" if first else "again"
+        try:
+            return super().enqueue(message, delay=delay)
+        finally:
+            self._sending.count = "again"
+
+    def do_enqueue(self, queue_name: str, message_id: str, message_data: bytes) -> None:
+        self._counted("enqueue", queue_name, getattr(self._sending, "count", "again"),
+                      message_id, message_data)
+
+    def do_ack(self, queue_name: str, message_id: str) -> None:
+        self._counted("ack", queue_name, "acked", message_id)
+
+    def do_nack(self, queue_name: str, message_id: str) -> None:
+        self._counted("nack", queue_name, "rejected", message_id)
+
+    def _counted(self, command: str, queue_name: str, count: str, *args: Any) -> None:
+        """Dramatiq's dispatch script for ``command`` and the ledger count, in one transaction.
+
+        The script's arguments are those of ``RedisBroker._dispatch`` (dramatiq 2.2.1).
+        """
+        pipe = self.client.pipeline(transaction=True)
+        self.scripts["dispatch"](keys=[self.namespace], args=[
+            command, current_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
+            self.dead_message_ttl, self._should_do_maintenance(command),
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
+            *args,
+        ], client=pipe)
+        pipe.hincrby(self._ledger_key, f"{q_name(queue_name)}:{count}", 1)
+        pipe.execute()
+
+
 def default_middleware(settings: Settings) -> list[Middleware]:
     """The middleware stack every ShopFlow broker gets, in order."""
     max_retries = settings.job_attempts - 1
@@ -116,14 +217,14 @@ def default_middleware(settings: Settings) -> list[Middleware]:
 def setup_broker(
     settings: Settings, extra_middleware: Iterable[Middleware] = ()
 ) -> RedisBroker:
-    """A Redis broker for ``settings.redis_url`` with the runtime's middleware.
+    """A Redis broker for ``settings.redis_url`` with the runtime's middleware and job ledger.
 
     It is also made Dramatiq's global broker, because Dramatiq's worker and
     message-sending code look it up there; call this once per process (tests
     call it per test).
     """
     redis_url, _ = settings.require_urls()
-    broker = RedisBroker(  # type: ignore[no-untyped-call]
+    broker = LedgerBroker(
         url=redis_url,
         namespace=f"{settings.namespace}-jobs",
         middleware=[*default_middleware(settings), *extra_middleware],
