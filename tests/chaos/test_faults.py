@@ -16,10 +16,12 @@ checks, over everything the tree has done so far:
 - no e-mail went out twice (email_log, and what SendGrid accepted), and every
   shipped order's confirmation was accepted; no order packed or labelled twice;
 - the inventory invariants hold and every outbox row was published;
-- the job ledger balances: jobs sent = jobs completed + skipped + failed for
-  good, per queue and actor, read from ``/metrics`` (``shopflow_jobs_sent_total``
-  against ``shopflow_jobs_total``), and none failed for good (no dead letters);
-- every program is RUNNING again under supervisord.
+- the job ledger balances: jobs sent = jobs ended (completed, skipped or failed
+  for good), per queue, from the ledger the broker keeps in Redis in the same
+  transaction as every enqueue and acknowledgement (so no SIGKILL can skew it),
+  and none failed for good (no dead letters);
+- every program is RUNNING again under supervisord, and none died besides the
+  one the test killed (no worker escalated out of its root supervisor).
 
 Time to recover (from the end of the fault to the first order shipped, e-mail
 accepted or model answer again, and until every program is RUNNING) is printed
@@ -52,7 +54,6 @@ import asyncpg
 import pytest
 import redis
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 from supervisor.xmlrpc import SupervisorTransport
 
 from actors.demo.catalog import CdnowOrder, load_orders, seed
@@ -63,7 +64,7 @@ from ops.simulators.carrier import CARRIER_KEY, create_carrier_app
 from ops.simulators.faults import FAULTS_KEY
 from ops.simulators.warehouse import WAREHOUSE_KEY, create_warehouse_app
 from runtime import db, embedded
-from runtime.broker import ALL_QUEUES
+from runtime.broker import ALL_QUEUES, LedgerRow, read_ledger
 from runtime.settings import Settings
 from tests.actors.agents.fake_anthropic import FakeAnthropic, Step, hang, tool
 from tests.actors.sendgrid.fake_sendgrid import API_KEY, create_fake_sendgrid
@@ -208,6 +209,10 @@ class Tree:
     def all_running(self) -> bool:
         return all(p["statename"] == "RUNNING" for p in self.rpc().getAllProcessInfo())
 
+    def pids(self) -> dict[str, int]:
+        """The pid of every program process, by ``group:name``."""
+        return {f"{p['group']}:{p['name']}": int(p["pid"]) for p in self.rpc().getAllProcessInfo()}
+
     def restart_redis(self) -> None:
         embedded.stop_redis(self.paths, self.settings.embedded_redis_port)
         embedded.ensure_redis(self.paths, self.settings.embedded_redis_port)
@@ -258,7 +263,7 @@ class Tree:
 
     def submit_review(self) -> None:
         """A customer reviews a product: its moderation is a job for the agents worker."""
-        customer_id = asyncio.run(_a_customer(self.settings, set()))
+        customer_id = asyncio.run(_a_customer(self.settings, self.asked_customers))
         token = signer_from_settings(self.settings).issue("customer", customer_id, 600)
         body = json.dumps({"product_id": 1, "rating": 4, "body": "Bom disco, chegou rápido."})
         request = urllib.request.Request(
@@ -267,21 +272,16 @@ class Tree:
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 202
 
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Every sample of the api's ``/metrics`` (all processes of the tree, summed)."""
-        url = f"http://127.0.0.1:{self.settings.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
 
 async def _a_customer(settings: Settings, not_in: set[int]) -> int:
+    """A customer without orders yet: the recommendations refresh never cached an answer for
+    them (it covers customers who ordered), so asking means asking the model now."""
     conn = await db.connect(settings.database_url or "")
     try:
         return int(await conn.fetchval(
-            "SELECT id FROM customers WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT 1",
-            sorted(not_in)))
+            """SELECT c.id FROM customers c WHERE c.id <> ALL($1::bigint[])
+                  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id)
+                ORDER BY c.id DESC LIMIT 1""", sorted(not_in)))
     finally:
         await conn.close()
 
@@ -323,6 +323,14 @@ def _start_tree() -> Tree:
         sendgrid_reconcile_grace_s=2.0,
         anthropic_api_key="sk-ant-chaos", anthropic_base_url=externals.anthropic_url,
         llm_timeout_s=1.0, llm_max_retries=0,
+        # The 6-hourly recommendations refresh (00:00, 06:00... UTC) fans out one job per
+        # active customer, i.e. every customer of these tests; at the default 50 requests
+        # a minute it would take many minutes, so a run crossing those hours would wait
+        # for it. The fake API has no limits; the limiter has tests of its own.
+        recommendation_rpm=100_000, recommendation_tpm=100_000_000,
+        # Like breaker_reset_s above: an agent's circuit opened by the hang (the refresh's
+        # jobs fail in a row) tries the API again after 2 s, not the default minute.
+        llm_circuit_cooldown_s=2,
     )
     paths = embedded.EmbeddedPaths(var)
     settings = embedded.ensure_services(settings)
@@ -582,59 +590,46 @@ def _check_outside_effects(tree: Tree) -> None:
     assert confirmations == sorted(f"{CONFIRMATION_PREFIX}{i}" for i in shipped)
 
 
-Ledger = dict[tuple[str, str], float]
+def _ledger(tree: Tree) -> dict[str, LedgerRow]:
+    client = redis.Redis.from_url(tree.settings.redis_url or "")
+    try:
+        return read_ledger(client, f"{tree.settings.namespace}-jobs")
+    finally:
+        client.close()
 
 
-def _job_ledger(tree: Tree) -> tuple[Ledger, Ledger, float]:
-    """(sent, ended, failed for good) by (queue, actor), from the tree's ``/metrics``."""
-    sent: Ledger = {}
-    ended: Ledger = {}
-    failed_for_good = 0.0
-    for (name, labels), value in tree.metrics().items():
-        tags = dict(labels)
-        if name == "shopflow_jobs_sent_total":
-            key = (tags["queue"], tags["actor"])
-            sent[key] = sent.get(key, 0.0) + value
-        elif name == "shopflow_jobs_total":
-            key = (tags["queue"], tags["actor"])
-            ended[key] = ended.get(key, 0.0) + value
-            if tags["outcome"] == "failed":
-                failed_for_good += value
-    return sent, ended, failed_for_good
+def _check_jobs_balance(tree: Tree) -> dict[str, int]:
+    """Jobs sent = jobs ended (completed, skipped or failed for good), for every queue; none dead.
 
-
-def _check_jobs_balance(tree: Tree) -> float:
-    """Jobs sent = completed + skipped + failed for good, for every queue and actor; none failed.
-
-    Returns how many jobs the tree has sent so far.
-
-    Jobs may still be finishing (retries, redeliveries after the heartbeat
-    timeout), so it waits for the ledger to balance; a job that was lost never
-    ends, and the assertion shows which queue and actor it belonged to.
+    The ledger is written by the broker in the same transaction as each
+    enqueue and acknowledgement (runtime.broker.LedgerBroker), so no kill can
+    skew it. Jobs may still be finishing (retries, redeliveries after the
+    heartbeat timeout), so it waits; a lost job never ends, a job run to its
+    end twice ends twice, and the assertion names the queue. Returns totals.
     """
-    last: list[tuple[Ledger, Ledger, float]] = []
+    last: list[dict[str, LedgerRow]] = [{}]
 
     def balanced() -> bool:
-        last[:] = [_job_ledger(tree)]
-        sent, ended, _ = last[0]
-        return sum(sent.values()) > 0 and sent == ended
+        last[0] = _ledger(tree)
+        return bool(last[0]) and all(row.open == 0 for row in last[0].values())
 
     try:
         wait_until(balanced, RECOVER_TIMEOUT_S, "jobs sent = jobs ended", every_s=0.5)
     except AssertionError:
-        sent, ended, _ = last[0]
-        diff = {k: (sent.get(k, 0.0), ended.get(k, 0.0)) for k in sent.keys() | ended.keys()
-                if sent.get(k, 0.0) != ended.get(k, 0.0)}
-        raise AssertionError(f"jobs sent != jobs ended, (sent, ended) by queue and actor: {diff}") from None
-    assert last[0][2] == 0, f"{last[0][2]} job(s) failed for good"
+        unbalanced = {q: (r.sent, r.ended) for q, r in last[0].items() if r.open != 0}
+        raise AssertionError(f"jobs sent != jobs ended, (sent, ended) by queue: {unbalanced}") from None
+    rows = last[0].values()
+    dead = {r.queue: r.rejected for r in rows if r.rejected}
+    assert not dead, f"jobs failed for good (dead-lettered), by queue: {dead}"
     client = redis.Redis.from_url(tree.settings.redis_url or "")
     try:
         ns = f"{tree.settings.namespace}-jobs"
-        dead = {q: client.zcard(f"{ns}:{q}.XQ") for q in ALL_QUEUES}
+        dead_letters = {q: client.zcard(f"{ns}:{q}.XQ") for q in ALL_QUEUES}
     finally:
         client.close()
-    assert sum(dead.values()) == 0, f"dead letters: {dead}"
-    return sum(last[0][0].values())
+    assert sum(dead_letters.values()) == 0, f"dead letters: {dead_letters}"
+    return {"sent": sum(r.sent for r in rows), "ended": sum(r.ended for r in rows),
+            "retried_or_delayed": sum(r.again for r in rows)}
 
 
 # --- the test ---------------------------------------------------------------------------------
@@ -674,11 +669,16 @@ def _recovery(tree: Tree, load: Load, fault: Fault, killed_pid: int | None) -> d
     return times
 
 
+def _same_program(name: str, killed: str | None) -> bool:
+    """``group:name`` is the killed program (``killed`` may be given as ``name`` alone)."""
+    return killed is not None and (name == killed or name == f"{killed}:{killed}")
+
+
 def _record(settings: Settings, name: str, fault: Fault, times: dict[str, float],
-            summary: Summary, jobs: float) -> None:
+            summary: Summary, jobs: dict[str, int]) -> None:
     line = json.dumps({"fault": name, "flow": fault.flow,
                        **{k: round(v, 2) for k, v in sorted(times.items())},
-                       "orders": summary.by_status, "jobs_so_far": int(jobs)})
+                       "orders": summary.by_status, "jobs_so_far": jobs})
     print(f"\nchaos: {line}")
     with (settings.var_dir / "chaos-recovery.jsonl").open("a") as fh:
         fh.write(line + "\n")
@@ -697,6 +697,7 @@ def test_orders_survive(tree: Tree, name: str) -> None:
                RECOVER_TIMEOUT_S, "steady load")
     assert load.thread.is_alive(), "the load ended before the fault"
     killed_pid = tree.pid_of(fault.killed) if fault.killed else None
+    pids = tree.pids()
     fault.inject(tree)  # returns when the fault is over (outside services: after the outage)
     times = _recovery(tree, load, fault, killed_pid)
     summary = load.finish()
@@ -707,5 +708,8 @@ def test_orders_survive(tree: Tree, name: str) -> None:
     _check_outside_effects(tree)
     jobs = _check_jobs_balance(tree)
     wait_until(tree.all_running, 60, "every program RUNNING again")
+    restarted = sorted(name for name, pid in tree.pids().items()
+                       if pids.get(name) != pid and not _same_program(name, fault.killed))
+    assert restarted == [], f"processes that died besides the one killed: {restarted}"
     _record(tree.settings, name, fault, times, summary, jobs)
 
