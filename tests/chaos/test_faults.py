@@ -80,6 +80,10 @@ OUTAGE_S = 6.0  # how long an outside service stays down or hung
 WARM_UP_ORDERS = 20  # orders done before the fault is injected
 RECOVER_TIMEOUT_S = 120.0
 CONFIRMATION_PREFIX = "order-confirmation:"
+# Customers who never order (CDNOW ids stop at 23,570): the ones asked for recommendations
+# and writing reviews; each is asked once. The tests ask about 15.
+FIRST_BROWSER_ID = 900_001
+BROWSERS = 200
 
 
 def _model_answer(body: dict[str, Any]) -> Step:
@@ -274,14 +278,16 @@ class Tree:
 
 
 async def _a_customer(settings: Settings, not_in: set[int]) -> int:
-    """A customer without orders yet: the recommendations refresh never cached an answer for
-    them (it covers customers who ordered), so asking means asking the model now."""
+    """One of the customers who never order (seeded for this): the recommendations refresh
+    never cached an answer for them (it covers customers who ordered), so asking for their
+    recommendations means asking the model now."""
     conn = await db.connect(settings.database_url or "")
     try:
-        return int(await conn.fetchval(
-            """SELECT c.id FROM customers c WHERE c.id <> ALL($1::bigint[])
-                  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id)
-                ORDER BY c.id DESC LIMIT 1""", sorted(not_in)))
+        found = await conn.fetchval(
+            """SELECT id FROM customers WHERE id >= $1 AND id <> ALL($2::bigint[])
+                ORDER BY id LIMIT 1""", FIRST_BROWSER_ID, sorted(not_in))
+        assert found is not None, "more asks than browsing customers seeded (BROWSERS)"
+        return int(found)
     finally:
         await conn.close()
 
@@ -303,6 +309,10 @@ async def _prepare(settings: Settings) -> None:
     try:
         await db.migrate(conn)
         await seed(conn, load_orders(limit=ORDERS * len(FAULTS)))
+        await conn.executemany(
+            "INSERT INTO customers (id, name, email) VALUES ($1, $2, $3)",
+            [(i, f"Visitante {i}", f"visitante{i}@example.com.br")
+             for i in range(FIRST_BROWSER_ID, FIRST_BROWSER_ID + BROWSERS)])
     finally:
         await conn.close()
 
