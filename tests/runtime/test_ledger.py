@@ -27,6 +27,13 @@ def _ledger(settings: Settings) -> dict[str, LedgerRow]:
         client.close()
 
 
+def _redelivery_env(settings: Settings) -> dict[str, str]:
+    """The test's short heartbeat timeout and frequent sweeps, for the worker processes too:
+    the new worker is the one that finds the dead one's jobs and requeues them."""
+    return {"SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS": str(settings.broker_heartbeat_timeout_ms),
+            "SHOPFLOW_BROKER_MAINTENANCE_CHANCE": str(settings.broker_maintenance_chance)}
+
+
 def _idle(settings: Settings) -> bool:
     rows = _ledger(settings).values()
     return bool(rows) and all(row.open == 0 for row in rows)
@@ -64,7 +71,8 @@ def test_retries_delays_and_failures_each_end_a_job_once(settings: Settings) -> 
 def test_a_worker_killed_mid_stream_loses_no_job_and_ends_none_twice(settings: Settings) -> None:
     """SIGKILL while jobs run and are acknowledged: the next worker ends the rest, each once."""
     producer = setup_broker(settings)
-    worker = start_process(WORKER, process_env(settings))
+    env = process_env(settings, **_redelivery_env(settings))
+    worker = start_process(WORKER, env)
     try:
         for n in range(2000):
             OK.send(producer, n)
@@ -72,7 +80,7 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_ends_none_twice(settings: S
         kill_process(worker)
         after_kill = _ledger(settings)["inventory"]
         assert 0 < after_kill.ended < 2000, after_kill
-        worker = start_process(WORKER, process_env(settings))
+        worker = start_process(WORKER, env)
         wait_until(lambda: _idle(settings), 60, "the jobs of the killed worker to be redelivered")
         assert _ledger(settings)["inventory"] == LedgerRow("inventory", sent=2000, acked=2000)
         assert stop_process(worker) == 0
