@@ -8,7 +8,7 @@ what lets every concern publish the messages it accepts in a small module.
 The broker keeps a **job ledger** in Redis (:class:`LedgerBroker`): per
 queue, how many jobs were sent, how many messages were enqueued again (a
 retry, a delayed job falling due), acknowledged and rejected. Each count is
-written in the same MULTI/EXEC transaction as the broker command it counts,
+written by the same Redis script call as the broker command it counts,
 so a process killed at any moment cannot make the ledger disagree with what
 Redis holds. A job ends once: ``ended = acked + rejected - enqueued again``,
 and once the queues are idle ``sent == ended`` for every queue, or a job was
@@ -145,16 +145,32 @@ def read_ledger(client: redis.Redis, broker_namespace: str) -> dict[str, LedgerR
     return {queue: LedgerRow(queue, **values) for queue, values in sorted(counts.items())}
 
 
+# Appended to Dramatiq's dispatch script for the commands the ledger counts: KEYS[2] is
+# the ledger hash, the last argument the count to add one to (enqueue, ack and nack read
+# only their first one or two arguments and never return early, so it runs after their
+# writes, in the same script call). ARGV is read, not changed (Redis 7 may protect it).
+_LEDGER_EPILOGUE = b"""
+-- ShopFlow job ledger (runtime/broker.py LedgerBroker)
+redis.call("hincrby", KEYS[2], ARGV[#ARGV], 1)
+"""
+
+
 class LedgerBroker(RedisBroker):
     """Dramatiq's Redis broker, keeping the job ledger (module doc) with every command.
 
     ``enqueue`` runs on the sending thread (a producer, or a worker retrying
     or handing over a due message); ``do_ack``/``do_nack`` on consumer threads.
+    Each counted command is one script call, as in Dramatiq: its own script
+    with the count added (it relies on dramatiq 2.2.1's ``dispatch.lua``
+    arguments and on its enqueue/ack/nack branches not returning early).
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._ledger_key = ledger_key(self.namespace)
+        raw = self.scripts["dispatch"].script
+        source = raw.encode() if isinstance(raw, str) else bytes(raw)
+        self._counted_dispatch = self.client.register_script(source + _LEDGER_EPILOGUE)
         self._sending = threading.local()
 
     def enqueue(self, message: dramatiq.Message[Any], *,
@@ -170,29 +186,26 @@ class LedgerBroker(RedisBroker):
             self._sending.count = "again"
 
     def do_enqueue(self, queue_name: str, message_id: str, message_data: bytes) -> None:
-        self._counted("enqueue", queue_name, getattr(self._sending, "count", "again"),
+        self._counted(queue_name, "enqueue", getattr(self._sending, "count", "again"),
                       message_id, message_data)
 
     def do_ack(self, queue_name: str, message_id: str) -> None:
-        self._counted("ack", queue_name, "acked", message_id)
+        self._counted(queue_name, "ack", "acked", message_id)
 
     def do_nack(self, queue_name: str, message_id: str) -> None:
-        self._counted("nack", queue_name, "rejected", message_id)
+        self._counted(queue_name, "nack", "rejected", message_id)
 
-    def _counted(self, command: str, queue_name: str, count: str, *args: Any) -> None:
-        """Dramatiq's dispatch script for ``command`` and the ledger count, in one transaction.
+    def _counted(self, queue_name: str, command: str, count: str, *args: Any) -> None:
+        """Dramatiq's ``command`` and the ledger count, in one script call.
 
-        The script's arguments are those of ``RedisBroker._dispatch`` (dramatiq 2.2.1).
+        The arguments are those ``RedisBroker._dispatch`` passes (dramatiq 2.2.1).
         """
-        pipe = self.client.pipeline(transaction=True)
-        self.scripts["dispatch"](keys=[self.namespace], args=[
+        self._counted_dispatch(keys=[self.namespace, self._ledger_key], args=[
             command, current_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
             self.dead_message_ttl, self._should_do_maintenance(command),
             self._max_unpack_size(),  # type: ignore[no-untyped-call]
-            *args,
-        ], client=pipe)
-        pipe.hincrby(self._ledger_key, f"{q_name(queue_name)}:{count}", 1)
-        pipe.execute()
+            *args, f"{q_name(queue_name)}:{count}",
+        ])
 
 
 def default_middleware(settings: Settings) -> list[Middleware]:

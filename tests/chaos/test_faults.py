@@ -17,8 +17,8 @@ checks, over everything the tree has done so far:
   shipped order's confirmation was accepted; no order packed or labelled twice;
 - the inventory invariants hold and every outbox row was published;
 - the job ledger balances: jobs sent = jobs ended (completed, skipped or failed
-  for good), per queue, from the ledger the broker keeps in Redis in the same
-  transaction as every enqueue and acknowledgement (so no SIGKILL can skew it),
+  for good), per queue, from the ledger the broker keeps in Redis with every
+  enqueue and acknowledgement, in the same script call (so no SIGKILL can skew it),
   and none failed for good (no dead letters);
 - every program is RUNNING again under supervisord, and none died besides the
   one the test killed (no worker escalated out of its root supervisor).
@@ -611,7 +611,7 @@ def _ledger(tree: Tree) -> dict[str, LedgerRow]:
 def _check_jobs_balance(tree: Tree) -> dict[str, int]:
     """Jobs sent = jobs ended (completed, skipped or failed for good), for every queue; none dead.
 
-    The ledger is written by the broker in the same transaction as each
+    The ledger is written by the broker in the same script call as each
     enqueue and acknowledgement (runtime.broker.LedgerBroker), so no kill can
     skew it. Jobs may still be finishing (retries, redeliveries after the
     heartbeat timeout), so it waits; a lost job never ends, a job run to its
