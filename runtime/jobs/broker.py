@@ -46,7 +46,7 @@ from runtime.jobs.options import (
     DEFAULT_KEEP_FAILED,
     RetryPolicy,
 )
-from runtime.jobs.outcome import Outcome, take_outcome
+from runtime.jobs.outcome import Outcome, peek_outcome, take_outcome
 from runtime.jobs.script import JobKeys, JobScript, events_stream
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,32 @@ def submitted_from(reply: list[Any], message: dramatiq.Message[Any]) -> Submitte
     return Submitted(job_id, str(reply[1]), reply[0] == "duplicate", message)
 
 
+class HeldMessages:
+    """The message ids this process has fetched and not yet let go, by queue (any thread).
+
+    Redis keeps the same set per worker (its acks). They differ only when a
+    reply was lost on the way (Redis restarting mid-fetch): Redis then lists a
+    message as ours that no thread of ours will ever run. The keeper finds
+    those orphans by comparing the two and hands them back.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, queue: str, rids: Iterable[str]) -> None:
+        with self._lock:
+            self._ids.setdefault(queue, set()).update(rids)
+
+    def discard(self, queue: str, rids: Iterable[str]) -> None:
+        with self._lock:
+            self._ids.get(queue, set()).difference_update(rids)
+
+    def snapshot(self, queue: str) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._ids.get(queue, ()))
+
+
 # The in-process event each recorded outcome causes (requeue and ack cause none).
 _EVENT_OF = {"completed": "completed", "skipped": "skipped", "failed": "failed",
              "cancelled": "cancelled", "retry": "retrying"}
@@ -152,6 +178,7 @@ class JobBroker(RedisBroker):
         self.keys = JobKeys(namespace, events_key or events_stream(namespace))
         self.jobs = JobScript(self.client, self.keys)
         self.hooks = JobHooks()
+        self.held = HeldMessages()
 
     @property
     def consumer_class(self) -> type[JobConsumer]:
@@ -223,6 +250,12 @@ class JobBroker(RedisBroker):
             time.sleep(min(wait_s, left_s))
             wait_s = min(wait_s * 2, FULL_QUEUE_MAX_WAIT_S)
 
+    def reject_garbage(self, queue: str, rid: str) -> None:
+        """Record a message body nobody can read as a failed job (its id is the Redis id)."""
+        self.jobs("finish", queue, rid, rid, "", self.broker_id, "failed",
+                  json.dumps({"error": "the message body is not a Dramatiq message"}),
+                  self.config.keep_failed, 0, "[]", "", "", 0, 0)
+
     def finish(self, queue: str, message: MessageProxy, outcome: Outcome) -> None:
         """Record ``outcome`` and let go of the message, in one step (consumer side)."""
         job_id = str(message.options.get("job_id") or message.message_id)
@@ -265,7 +298,7 @@ class JobConsumer(Consumer):
         self.queue_name = queue_name
         self.prefetch = max(1, prefetch)
         self.idle_timeout_s = idle_timeout_ms / 1000
-        self.message_cache: list[bytes] = []
+        self.message_cache: list[tuple[str, bytes]] = []
         self._outstanding: set[str] = set()
         self._lock = threading.Lock()
         self._slot_freed = threading.Event()
@@ -284,27 +317,31 @@ class JobConsumer(Consumer):
 
     def ack(self, message: MessageProxy) -> None:
         """Finish a job that did not fail for good (worker thread)."""
-        outcome = take_outcome(message) or Outcome("ack")
-        try:
-            self.broker.finish(self.queue_name, message, outcome)
-        except redis.ConnectionError as exc:
-            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-        finally:
-            self._done(message)
+        self._finish(message, peek_outcome(message) or Outcome("ack"))
 
     def nack(self, message: MessageProxy) -> None:
         """Finish a job that failed for good (worker thread)."""
-        outcome = take_outcome(message)
+        outcome = peek_outcome(message)
         if outcome is None or outcome.kind != "failed":
             exc = getattr(message, "_exception", None)
             outcome = Outcome("failed", {"error": f"{type(exc).__name__}: {exc}" if exc
                                          else "rejected"})
+        self._finish(message, outcome)
+
+    def _finish(self, message: MessageProxy, outcome: Outcome) -> None:
+        """Record the outcome; on a Redis error keep it, for Dramatiq retries the ack.
+
+        The outcome stays on the message until the finish went through: Dramatiq
+        calls ack again after a connection error, and that call must record the
+        same outcome, not a bare "let go".
+        """
         try:
             self.broker.finish(self.queue_name, message, outcome)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-        finally:
-            self._done(message)
+        take_outcome(message)
+        self.broker.held.discard(self.queue_name, [str(message.options["redis_message_id"])])
+        self._done(message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Hand fetched-but-unstarted messages back to the head of the queue (shutdown)."""
@@ -318,17 +355,20 @@ class JobConsumer(Consumer):
             self.broker.jobs("requeue", self.queue_name, self.broker.broker_id, *rids)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        self.broker.held.discard(self.queue_name, rids)
 
     def close(self) -> None:
-        """Give back what was fetched but never handed to a worker thread."""
+        """Give back what was fetched but never handed to a worker thread.
+
+        If Redis is away the ids stay held in Redis but not here: the keeper
+        hands them back as orphans once Redis answers.
+        """
         cached, self.message_cache = self.message_cache, []
-        rids = []
-        for data in cached:
-            try:
-                rids.append(str(dramatiq.Message.decode(data).options["redis_message_id"]))
-            except Exception:  # noqa: BLE001 - a garbled body is swept back by the keeper later
-                log.warning("could not read a cached message of %s while closing", self.queue_name)
-        self._requeue_rids(rids)
+        rids = [rid for rid, _ in cached]
+        try:
+            self._requeue_rids(rids)
+        finally:
+            self.broker.held.discard(self.queue_name, rids)
 
     def __next__(self) -> MessageProxy | None:
         """The next message, or None after waiting up to the idle timeout."""
@@ -341,9 +381,12 @@ class JobConsumer(Consumer):
                 self._slot_freed.clear()
                 return None
             reply = self.broker.jobs("fetch", self.queue_name, self.broker.broker_id, room)
-            self.message_cache = [body.encode() if isinstance(body, str) else body
-                                  for body in reply[1:]]
+            pairs = reply[1:]
+            self.message_cache = [(str(pairs[i]), pairs[i + 1].encode()
+                                   if isinstance(pairs[i + 1], str) else pairs[i + 1])
+                                  for i in range(0, len(pairs) - 1, 2)]
             if self.message_cache:
+                self.broker.held.add(self.queue_name, [rid for rid, _ in self.message_cache])
                 return self._next_cached()
             self._wait_for_work(reply[0])
             return None
@@ -351,12 +394,14 @@ class JobConsumer(Consumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def _next_cached(self) -> MessageProxy | None:
-        data = self.message_cache.pop(0)
+        rid, data = self.message_cache.pop(0)
         try:
             message = dramatiq.Message.decode(data)
         except Exception:  # noqa: BLE001 - garbage from an outside producer must not stop the queue
-            log.error("dropping an undecodable message on queue %s: %r", self.queue_name,
-                      data[:200])
+            log.error("an undecodable message on queue %s was set aside as failed: %r",
+                      self.queue_name, data[:200])
+            self.broker.reject_garbage(self.queue_name, rid)
+            self.broker.held.discard(self.queue_name, [rid])
             return None
         with self._lock:
             self._outstanding.add(message.message_id)

@@ -250,7 +250,7 @@ local function promote(queue, limit)
     end
 end
 
--- fetch(queue, worker, count) -> {next_due_ms or "", message JSON...}
+-- fetch(queue, worker, count) -> {next_due_ms or "", id1, message JSON 1, id2, ...}
 local function cmd_fetch(a)
     local queue, worker, count = a[1], a[2], tonumber(a[3])
     redis.call("zadd", ns .. ":__heartbeats__", now, worker)
@@ -276,7 +276,13 @@ local function cmd_fetch(a)
     redis.call("sadd", ns .. ":__acks__." .. worker .. "." .. queue, unpack(ids))
     local bodies = redis.call("hmget", qkey(queue, "msgs"), unpack(ids))
     for i = 1, #ids do
-        if bodies[i] then table.insert(reply, bodies[i]) end
+        if bodies[i] then
+            table.insert(reply, ids[i])
+            table.insert(reply, bodies[i])
+        else
+            -- An id without a body (removed meanwhile): nothing to run, nothing to hold.
+            redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, ids[i])
+        end
     end
     return reply
 end

@@ -5,13 +5,17 @@ Every ``sweep_interval_s`` it
 1. writes the worker's heartbeat, so a process busy with long jobs (whose
    consumers do not poll) is never presumed dead: a slow job is not run twice;
 2. renews the leases of the concurrency-limit slots its running jobs hold;
-3. sweeps: what a worker silent for longer than the heartbeat timeout had
+3. sweeps (once it has itself been beating for a whole heartbeat timeout, so
+   that after a Redis outage, when every heartbeat looks old, live workers
+   have beaten again before anyone is judged): what a worker silent for
+   longer than the heartbeat timeout had
    fetched goes back to the head of its queue; a job that worker was
    *running* is reported ``stalled`` and counts a death, and a job that has
    killed its worker ``poison_deaths`` times is quarantined in the dead set
    with the reason instead of looping forever.
 
-A stall is therefore seen within heartbeat timeout + sweep interval. Any
+A stall is therefore seen within heartbeat timeout + sweep interval by a
+keeper that was already running (twice the timeout right after a restart). Any
 number of keepers may sweep at once (the sweep is one atomic script). A Redis
 error is logged and the next round tries again.
 """
@@ -51,6 +55,10 @@ class JobKeeper:
         self._held = held
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When this keeper's beats last started to get through without a gap (monotonic s).
+        self._beating_since: float | None = None
+        # Ids Redis listed as ours that no thread of ours held, at the last round, by queue.
+        self._suspects: dict[str, set[str]] = {}
 
     def start(self) -> None:
         """Start the thread (idempotent)."""
@@ -71,6 +79,7 @@ class JobKeeper:
             try:
                 self.beat()
             except (redis.RedisError, OSError) as exc:
+                self._beating_since = None
                 log.warning("job keeper could not reach Redis, will retry: %s", exc)
             except Exception:  # the keeper must outlive a bug in one round; it is logged
                 log.exception("job keeper round failed")
@@ -87,6 +96,14 @@ class JobKeeper:
             for key in keys:
                 pipe.zadd(broker.keys.limit(key), {rid: now_ms + lease_ms}, xx=True)
         pipe.execute()
+        self._reclaim_orphans()
+        if self._beating_since is None:
+            self._beating_since = time.monotonic()
+        if time.monotonic() - self._beating_since < lease_ms / 1000:
+            # After an outage every heartbeat in Redis is stale, the live workers' too:
+            # sweep only once this keeper has beaten for a whole timeout, by when every
+            # live worker has beaten again and only the dead look dead.
+            return SweepReport(0, ())
         reply = json.loads(broker.jobs("sweep", broker.config.heartbeat_timeout_ms,
                                        broker.config.poison_deaths))
         report = SweepReport(int(reply.get("requeued", 0)), tuple(
@@ -104,3 +121,28 @@ class JobKeeper:
             log.info("gave back %d job(s) held by dead workers (%d were running)",
                      report.requeued, len(report.stalled))
         return report
+
+    def _reclaim_orphans(self) -> int:
+        """Hand back messages Redis lists as this worker's that no thread of it holds.
+
+        A fetch whose reply was lost (Redis restarting mid-call) leaves such
+        ids: this worker is alive, so no sweep would ever take them back. An id
+        counts as orphaned when two rounds in a row see it unheld, which no
+        fetch in flight can outlast (a reply takes milliseconds).
+        """
+        broker = self._broker
+        queues = [q.decode() if isinstance(q, bytes) else str(q) for q in
+                  broker.client.smembers(f"{broker.keys.namespace}:__queues__.{broker.broker_id}")]
+        reclaimed = 0
+        for queue in queues:
+            listed = {r.decode() if isinstance(r, bytes) else str(r) for r in
+                      broker.client.smembers(broker.keys.acks(broker.broker_id, queue))}
+            unheld = listed - broker.held.snapshot(queue)
+            orphans = unheld & self._suspects.get(queue, set())
+            self._suspects[queue] = unheld - orphans
+            if orphans:
+                broker.jobs("requeue", queue, broker.broker_id, *sorted(orphans))
+                reclaimed += len(orphans)
+                log.warning("handed back %d message(s) of %s that a lost reply had left "
+                            "listed as this worker's", len(orphans), queue)
+        return reclaimed

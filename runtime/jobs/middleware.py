@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
 from dramatiq.middleware import Middleware, SkipMessage
@@ -128,8 +129,18 @@ class JobsMiddleware(Middleware):
         attempt = int(message.options.get("retries", 0)) + 1
         deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
         while True:
-            reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
-                            message.actor_name, jb.broker_id, attempt, limits_json)
+            try:
+                reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
+                                message.actor_name, jb.broker_id, attempt, limits_json)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Dramatiq would log and run the job anyway, without its record or its
+                # limits. Hand it back instead; the ack that does so is retried by
+                # Dramatiq until Redis answers again.
+                log.warning("job %s not started, Redis is away (%s); it goes back to its queue",
+                            job_id, exc)
+                set_outcome(message, self._next_run(jb, message, "requeue",
+                                                    MIN_REQUEUE_DELAY_MS * 10, retried=False))
+                raise SkipMessage(f"job {job_id}: Redis is away") from None
             if reply[0] == "run":
                 break
             if reply[0] == "limited" and time.monotonic() < deadline:

@@ -76,3 +76,65 @@ def test_delayed_jobs_survive_redis_and_worker_restarts(
     assert kept is not None and kept["state"] == "delayed" and kept["args"] == ["tomorrow"]
     due = datetime.fromisoformat(str(kept["run_at"]))
     assert due > datetime.now(UTC) + timedelta(hours=23)
+
+
+def test_a_redis_restart_mid_stream_loses_no_job_and_runs_none_twice(
+        own_redis: tuple[Settings, embedded.EmbeddedPaths, int]) -> None:
+    """Jobs in flight while Redis restarts: each ends exactly once, and the totals balance."""
+    import collections
+    import threading
+    import time
+
+    import redis as redis_sync
+
+    settings, paths, port = own_redis
+    settings = replace(settings, broker_heartbeat_timeout_ms=1_500, job_sweep_interval_s=0.25)
+    ran: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def work(tag: str) -> None:
+        time.sleep(0.02)
+        with lock:
+            ran[tag] += 1
+
+    broker = setup_broker(settings)
+    declare_actor(broker, LATER, work)
+    worker = make_worker(broker, {QUEUE_ANALYTICS}, 4)
+    worker.start()
+    producer = setup_broker(settings)
+    tags = [f"job-{n}" for n in range(150)]
+    try:
+        for n, tag in enumerate(tags):
+            if n == 60:
+                embedded.stop_redis(paths, port)  # mid-stream, jobs in flight
+                embedded.ensure_redis(paths, port)
+            while True:  # a producer that retries under the same job id, as the outbox does
+                try:
+                    LATER.send(producer, tag, job_id=tag)
+                    break
+                except redis_sync.exceptions.ConnectionError:
+                    time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(ran) < len(tags):
+            time.sleep(0.05)
+        counts = asyncio.run(_counts(settings))
+    finally:
+        worker.stop()
+        broker.close()
+        producer.close()
+    assert sorted(ran) == sorted(tags), "a job was lost"
+    assert max(ran.values()) == 1, [t for t, n in ran.items() if n > 1]
+    assert counts.totals.get("enqueued") == len(tags)
+    assert counts.totals.get("completed") == len(tags)
+    assert (counts.waiting, counts.active, counts.delayed) == (0, 0, 0)
+    assert counts.totals.get("stalled", 0) == 0, "a live worker was judged dead"
+
+
+async def _counts(settings: Settings) -> object:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        keys = setup_broker(settings).keys
+        [counts] = await JobStore(client, keys, ALL_QUEUES).counts([QUEUE_ANALYTICS])
+        return counts
+    finally:
+        await client.aclose()

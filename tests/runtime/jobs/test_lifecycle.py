@@ -414,3 +414,17 @@ async def test_garbage_and_unknown_actors_from_outside_producers_leave_a_record(
             await asyncio.sleep(0.05)
     assert job is not None and job["state"] == "failed"
     assert "no_such_actor" in job["error"]
+
+
+async def test_a_message_whose_fetch_reply_was_lost_is_handed_back_and_runs(
+        broker: JobBroker, seen: Seen, running: Callable[..., Any]) -> None:
+    """Redis moved it to this worker's list, but no thread got it (the reply was lost)."""
+    calls: list[str] = []
+    declare_actor(broker, ECHO, calls.append)
+    sent = ECHO.send(broker, "stranded")
+    # As a fetch whose reply never arrived: the id now sits among this worker's.
+    reply = broker.jobs("fetch", QUEUE_EMAILS, broker.broker_id, 1)
+    assert len(reply) == 3  # next due, the id, the body
+    with running({QUEUE_EMAILS}):
+        await asyncio.to_thread(seen.wait, "completed", sent.job_id)
+    assert calls == ["stranded"]
