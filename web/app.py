@@ -44,6 +44,8 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 BROKER = web.AppKey("broker", RedisBroker)
+# At shutdown the relay may finish the round it is in for this long before it is cancelled.
+RELAY_STOP_GRACE_S = 5.0
 
 
 def _order_id(request: web.Request) -> int:
@@ -148,11 +150,22 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
                         settings.outbox_poll_s, on_published=on_published)
     task = asyncio.create_task(relay.run(), name="outbox-relay")
     yield
-    task.cancel()
+    await stop_relay(relay, task)
+
+
+async def stop_relay(relay: OutboxRelay, task: asyncio.Task[None],
+                     grace_s: float = RELAY_STOP_GRACE_S) -> None:
+    """Stop the relay: it finishes its round (nothing half-published), then is cancelled if a
+    round outlasts ``grace_s`` (a database that stopped answering). Re-raises its errors."""
+    relay.stop()
+    await asyncio.wait({task}, timeout=grace_s)  # waits without cancelling anything
+    if not task.done():
+        task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        pass
+        if not task.cancelled():  # not the relay's cancel but ours (shutdown cut short)
+            raise
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -369,6 +369,7 @@ def _notifier_ctx(settings: Settings) -> Any:
         try:
             yield
         finally:
+            notifier.stop()  # ends it even if a library swallows the cancel below
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
