@@ -9,7 +9,14 @@ defined notion of *crash*, which pykka does not have:
 - an exception escaping a handler for an ``ask`` is, by default, a **crash**
   unless it is a :class:`~runtime.errors.ShopflowError` (a domain or job error
   the caller must see: validation, not found, conflict, permanent/transient
-  job errors). On a crash the asker gets :class:`~runtime.errors.ActorCrashed`
+  job errors) or an **infrastructure error** (a connection error of asyncpg,
+  redis or the OS, as :func:`runtime.jobs.retries.is_infrastructure_error` lists
+  them): a server that is away is not the actor's fault and a restart would
+  not bring it back, so the asker gets
+  :class:`~runtime.errors.InfrastructureUnavailable` (a transient job error,
+  the driver's error as ``__cause__``) and the actor lives on; a PostgreSQL
+  outage therefore cannot use up a supervisor's restart intensity and end the
+  process. On a crash the asker gets :class:`~runtime.errors.ActorCrashed`
   (an ``ActorUnavailable``, hence a transient job error) with the original
   exception as ``__cause__``: the thin Dramatiq actor raises, Dramatiq does
   not acknowledge the message as done and retries it under its attempts and
@@ -34,6 +41,7 @@ import asyncio
 import inspect
 import logging
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +49,8 @@ import pykka
 from pykka import ActorRegistry, messages
 from pykka._threading import ThreadingFuture
 
-from runtime.errors import ActorCrashed, ShopflowError
+from runtime.errors import ActorCrashed, InfrastructureUnavailable, ShopflowError
+from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
 from runtime.settings import Settings
@@ -91,7 +100,28 @@ class _CrashPolicy:
             return True
         if not asked:
             return True
-        return not isinstance(exc, ShopflowError)
+        return not (isinstance(exc, ShopflowError) or is_infrastructure_error(exc))
+
+    def error_for_asker(self, exc: BaseException) -> BaseException:
+        """What the asker gets for a handler error that is not a crash.
+
+        Domain and job errors go back as they are; an infrastructure error is
+        translated to :class:`InfrastructureUnavailable` with the driver's
+        error as ``__cause__`` (the retry layer reads it), so the thin
+        Dramatiq actor retries the job later instead of failing it as broken.
+        """
+        if isinstance(exc, ShopflowError) or not is_infrastructure_error(exc):
+            return exc
+        log.warning("actor %s: a server is unavailable (%r); the asker will retry",
+                    self.actor_ref, exc)
+        error = InfrastructureUnavailable(f"{self.actor_ref}: server unavailable: {exc!r}")
+        error.__cause__ = exc
+        return error
+
+    def _answer_not_crash(self, reply_to: Any, exc: BaseException) -> None:
+        """Hand a non-crash handler error back to the asker; the actor lives on."""
+        error = self.error_for_asker(exc)
+        reply_to.set_exception(exc_info=(type(error), error, error.__traceback__))
 
     def fail(self, reason: str) -> None:
         """Mark this actor failed from inside a handler: it crashes and is restarted."""
@@ -150,7 +180,7 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
             except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
-                    envelope.reply_to.set_exception()
+                    self._answer_not_crash(envelope.reply_to, exc)
                     continue
                 self._record_crash("crash", exc, envelope.reply_to)
                 self._call_on_failure()
@@ -240,7 +270,7 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
             response = await self._dispatch(envelope.message)
         except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
-                envelope.reply_to.set_exception()
+                self._answer_not_crash(envelope.reply_to, exc)
                 return
             self._record_crash("crash", exc, envelope.reply_to)
             await self._safe_on_failure(exc)
@@ -267,6 +297,110 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
             await self.on_failure(exc)
         except Exception:
             log.exception("on_failure of %s raised", self.actor_ref)
+
+
+@dataclass(frozen=True)
+class _TaskEnded:
+    """Message a :class:`TaskActor` sends itself when its task ended on its own."""
+
+    error: BaseException | None
+
+
+class TaskEnded(Exception):
+    """A :class:`TaskActor`'s task returned or was cancelled while nobody asked it to stop."""
+
+
+# How long a stopping TaskActor waits for its task to end after asking it to.
+DEFAULT_TASK_STOP_TIMEOUT_S = 5.0
+
+
+class TaskActor(AsyncActor):
+    """An async actor whose life is one long-running coroutine (a relay, a tailer, a ticker).
+
+    ``body()`` is started as a task on the loop in ``on_start`` and kept by
+    the actor. When the task raises, or returns, without the actor having been
+    asked to stop, the actor **crashes** with that error (an infrastructure
+    error included: the body was supposed to ride outages out itself), so its
+    supervisor restarts it by the child's restart type and intensity, with a
+    log line, a metric and an event; a fire-and-forget task would just be gone.
+    A restart calls ``body()`` again. ``ready()``, if given, is awaited in
+    ``on_start`` after the task started, so the supervisor starts the next
+    child only once this one is usable (keep it shorter than the child's
+    ``start_timeout_s``).
+
+    On a requested stop, ``stop()`` (if given) asks the body to end by itself
+    (set the event it waits on, say), and the task gets ``stop_timeout_s``
+    to do so before it is cancelled; without ``stop()`` it is cancelled at
+    once. Every hook runs on the loop.
+    """
+
+    def __init__(self, bridge: LoopBridge, name: str,
+                 body: Callable[[], Coroutine[Any, Any, None]], *,
+                 ready: Callable[[], Awaitable[None]] | None = None,
+                 stop: Callable[[], None] | None = None,
+                 stop_timeout_s: float = DEFAULT_TASK_STOP_TIMEOUT_S,
+                 mailbox: MailboxConfig | None = None) -> None:
+        super().__init__(bridge, mailbox=mailbox)
+        self.name = name
+        self._body = body
+        self._ready = ready
+        self._request_stop = stop
+        self._stop_timeout_s = stop_timeout_s
+        self._body_task: asyncio.Task[None] | None = None
+
+    async def on_start(self) -> None:  # type: ignore[override]
+        """Start the body's task (on the loop), then wait until it is ready."""
+        self._body_task = asyncio.create_task(self._body(), name=self.name)
+        self._body_task.add_done_callback(self._task_done)
+        if self._ready is not None:
+            await self._ready()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """Done callback (on the loop): an end nobody asked for becomes a crash message."""
+        if self.actor_stopped.is_set():
+            return  # stopping or crashed already: on_stop / on_failure own the task
+        error = TaskEnded(f"{self.name} was cancelled") if task.cancelled() else task.exception()
+        try:
+            self.actor_ref.tell(_TaskEnded(error))
+        except pykka.ActorDeadError:
+            pass  # the actor died meanwhile; its supervisor heard of it already
+
+    async def on_receive(self, message: Any) -> Any:
+        """Crash on :class:`_TaskEnded`; anything else is answered by :meth:`handle`."""
+        if isinstance(message, _TaskEnded):
+            raise message.error or TaskEnded(f"{self.name} returned while it should run")
+        return await self.handle(message)
+
+    async def handle(self, message: Any) -> Any:
+        """Answer a message sent to the running actor (none by default)."""
+        log.warning("unexpected message to %s: %r", self.name, message)
+        return None
+
+    async def on_stop(self) -> None:  # type: ignore[override]
+        """A requested stop: let the body end by itself within the timeout, then cancel it."""
+        if self._request_stop is not None:
+            self._request_stop()
+        await self._end_task(self._stop_timeout_s if self._request_stop is not None else 0.0)
+
+    async def on_failure(self, exc: BaseException) -> None:  # type: ignore[override]
+        """After a crash (the body's or another message's): cancel the body if it still runs."""
+        await self._end_task(0.0)
+
+    async def _end_task(self, grace_s: float) -> None:
+        task = self._body_task
+        if task is None:
+            return
+        if task.done():  # it ended by itself: that end was the crash, reported already
+            if not task.cancelled():
+                task.exception()
+            return
+        if grace_s > 0:
+            await asyncio.wait({task}, timeout=grace_s)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed while stopping", self.name, exc_info=task.exception())
 
 
 async def ask_async(ref: pykka.ActorRef[Any], message: Any, timeout_s: float) -> Any:

@@ -14,22 +14,36 @@ so every process on every host agrees on what is already open:
 
 A page the webhook did not accept is retried on the next ``fire`` of the same
 open incident, so an on-call webhook that was down still gets the page.
+
+**Hysteresis.** With ``SHOPFLOW_ALERT_RESOLVE_AFTER_S`` > 0 an incident is
+closed only by a ``resolve`` that comes that long after the first ``resolve``
+of an unbroken run of them; a ``fire`` in between cancels the pending close.
+A condition flapping at its threshold is therefore one incident: one page,
+and one resolve message once it has really cleared.
+
+Threads (Dramatiq's, the stock-sync main thread) never wait for a
+notification: :class:`AlertDispatcher` hands the work to the process's event
+loop, keeps every future and logs every failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
+import inspect
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
 import aiohttp
+import dramatiq
 import redis.asyncio as aioredis
 
 from runtime.loop import LoopBridge
@@ -47,6 +61,21 @@ JOB_FAILED_MEMORY_S = 7 * 24 * 3600
 WEBHOOK_BACKOFF_S = 0.5
 # Name of the alert raised by page_job_failed.
 JOB_FAILED_ALERT = "JobFailedForGood"
+# Incident record field: when the first resolve of the current clear run came (epoch s).
+CLEAR_SINCE = "clear_since_s"
+# Compare-and-set rounds before an incident update gives way to a concurrent one.
+CAS_ROUNDS = 5
+# The argument name that marks a job's order id (page_job_failed puts it in the page).
+ORDER_ID_ARG = "order_id"
+
+# Atomically replace (or, with an empty new value, delete) a hash field still
+# holding the value the caller read: KEYS[1] hash, ARGV field, expected, new.
+_CAS_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
 
 
 class Severity(str, Enum):
@@ -115,34 +144,50 @@ class Alerter:
         """Report that ``alert``'s condition holds; True if this call paged.
 
         Opens the incident and notifies only if it was not open already (or
-        its earlier page never reached the webhook).
+        its earlier page never reached the webhook). An open incident waiting
+        out its resolve hysteresis stays open, unpaged again.
         """
         now_s = self._clock()
-        record: dict[str, Any] = {"name": alert.name, "severity": alert.severity.value, "summary": alert.summary,
-                  "labels": dict(alert.labels), "details": dict(alert.details),
-                  "started_at": _iso(now_s), "paged": False}
-        record["attempted_s"] = now_s
+        record: dict[str, Any] = {
+            "name": alert.name, "severity": alert.severity.value, "summary": alert.summary,
+            "labels": dict(alert.labels), "details": dict(alert.details),
+            "started_at": _iso(now_s), "paged": False, "attempted_s": now_s}
         opened = await self._redis.hsetnx(self._key, alert.fingerprint, json.dumps(record))
         if not opened:
-            raw = await self._redis.hget(self._key, alert.fingerprint)
-            if raw is None:
-                return False  # closed a moment ago
-            record = json.loads(raw)
-            if record.get("paged") or now_s - record.get("attempted_s", 0) < self._delivery_s():
-                return False  # delivered, or another process is delivering it right now
-            record["attempted_s"] = now_s
-            await self._redis.hset(self._key, alert.fingerprint, json.dumps(record))
+            claimed = await self._claim_redelivery(alert, now_s)
+            if claimed is None:
+                return False
+            record = claimed
             log.info("retrying undelivered page", extra={"fingerprint": alert.fingerprint})
         paged = await self._notify(alert, "firing", record["started_at"], None)
         if paged:
-            record["paged"] = True
-            # Only mark it paged if it is still open (resolve may have run meanwhile).
-            if await self._redis.hexists(self._key, alert.fingerprint):
-                await self._redis.hset(self._key, alert.fingerprint, json.dumps(record))
+            # Only if it is still open (resolve may have closed it meanwhile).
+            await self._change(alert.fingerprint, lambda r: {**r, "paged": True})
         return paged
 
-    def _delivery_s(self) -> float:
+    async def _claim_redelivery(self, alert: Alert, now_s: float) -> dict[str, Any] | None:
+        """For an open incident: cancel a pending close; the record if this call should page."""
+        for _ in range(CAS_ROUNDS):
+            raw = await self._redis.hget(self._key, alert.fingerprint)
+            if raw is None:
+                return None  # closed a moment ago
+            record: dict[str, Any] = json.loads(raw)
+            held = record.pop(CLEAR_SINCE, None) is not None
+            redeliver = not record.get("paged") and (
+                now_s - record.get("attempted_s", 0) >= self._delivery_s())
+            if not (held or redeliver):
+                return None  # delivered, or another process is delivering it right now
+            if redeliver:
+                record["attempted_s"] = now_s
+            if await self._cas(alert.fingerprint, raw, json.dumps(record)):
+                return record if redeliver else None
+        return None
+
+    def max_delivery_s(self) -> float:
         """The longest one delivery can take: every attempt timing out, plus the pauses."""
+        return self._delivery_s()
+
+    def _delivery_s(self) -> float:
         attempts = self._settings.alert_webhook_attempts
         pauses_s = float(WEBHOOK_BACKOFF_S * 2.0 ** attempts)
         return attempts * self._settings.alert_webhook_timeout_s + pauses_s
@@ -150,18 +195,46 @@ class Alerter:
     async def resolve(self, alert: Alert) -> bool:
         """Report that ``alert``'s condition cleared; True if an open incident was closed.
 
-        Exactly one caller wins the close (HGET+HDEL in one transaction), so the
-        resolve message is sent once.
+        With a resolve hysteresis (``alert_resolve_after_s``) the first call
+        of a clear run only notes when it started; the incident closes on the
+        first call at least that long after. Exactly one caller wins the close
+        (compare-and-delete in Redis), so the resolve message is sent once.
         """
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self._key, alert.fingerprint)
-            pipe.hdel(self._key, alert.fingerprint)
-            raw, deleted = await pipe.execute()
-        if not deleted or raw is None:
-            return False
-        record = json.loads(raw)
-        await self._notify(alert, "resolved", record["started_at"], _iso(self._clock()))
-        return True
+        now_s = self._clock()
+        hold_s = self._settings.alert_resolve_after_s
+        for _ in range(CAS_ROUNDS):
+            raw = await self._redis.hget(self._key, alert.fingerprint)
+            if raw is None:
+                return False
+            record: dict[str, Any] = json.loads(raw)
+            clear_since = record.get(CLEAR_SINCE)
+            if hold_s > 0 and (clear_since is None or now_s - clear_since < hold_s):
+                if clear_since is not None:
+                    return False  # clear, but not for long enough yet
+                record[CLEAR_SINCE] = now_s
+                if await self._cas(alert.fingerprint, raw, json.dumps(record)):
+                    return False
+                continue
+            if await self._cas(alert.fingerprint, raw, ""):
+                await self._notify(alert, "resolved", record["started_at"], _iso(now_s))
+                return True
+        return False
+
+    async def _cas(self, fingerprint: str, expected: bytes | str, new: str) -> bool:
+        """Set (or with ``new == ""`` delete) the incident if it still reads ``expected``."""
+        done = await self._redis.eval(_CAS_SCRIPT, 1, self._key, fingerprint, expected, new)
+        return bool(done)
+
+    async def _change(self, fingerprint: str,
+                      change: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+        """Apply ``change`` to an open incident's record; False if it is not open."""
+        for _ in range(CAS_ROUNDS):
+            raw = await self._redis.hget(self._key, fingerprint)
+            if raw is None:
+                return False
+            if await self._cas(fingerprint, raw, json.dumps(change(json.loads(raw)))):
+                return True
+        return False
 
     async def update(self, alert: Alert, firing: bool) -> bool:
         """Fire or resolve by a check's result; True if a notification went out."""
@@ -280,18 +353,150 @@ async def page_job_failed(
     return await alerter.notify_once(alert)
 
 
-def job_failure_pager(
-    alerter: Alerter, bridge: LoopBridge, order_id_of: Callable[[FailedJob], int | None] = (
-        lambda job: None),
-) -> Callable[[FailedJob], None]:
-    """The ``on_failed_for_good`` callback of the metrics middleware, paging through ``alerter``.
+class AlertDispatcher:
+    """Runs alert work on the process's event loop without making the calling thread wait.
 
-    Runs on a Dramatiq consumer thread and waits for the page on the
-    process's event loop (``bridge``).
+    :meth:`submit` may be called from any thread (a Dramatiq worker thread, a
+    daemon's main thread); it returns at once. Every future is kept until it
+    finishes and every failure is logged with its traceback, so nothing is
+    fire-and-forget. Work submitted under the same ``key`` runs in submission
+    order (a fire is not overtaken by the resolve that follows it).
+    :meth:`drain` (from a thread) and :meth:`drain_async` (on the loop) wait
+    for what is pending, for a clean stop.
     """
 
-    def page(job: FailedJob) -> None:
-        bridge.run(page_job_failed(alerter, job.queue, job.actor, job.message_id, job.error,
-                                   order_id=order_id_of(job)))
+    def __init__(self, bridge: LoopBridge) -> None:
+        self._bridge = bridge
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._tails: dict[str, concurrent.futures.Future[Any]] = {}
 
-    return page
+    def submit(self, coro: Coroutine[Any, Any, Any], what: str,
+               key: str | None = None) -> concurrent.futures.Future[Any]:
+        """Schedule ``coro`` on the loop; ``what`` names it in the log if it fails."""
+        with self._lock:
+            previous = self._tails.get(key) if key is not None else None
+            try:
+                future = asyncio.run_coroutine_threadsafe(self._after(previous, coro),
+                                                          self._bridge.loop)
+            except BaseException:
+                coro.close()
+                raise
+            self._pending.add(future)
+            if key is not None:
+                self._tails[key] = future
+        future.add_done_callback(lambda done: self._finished(done, what, key))
+        return future
+
+    @staticmethod
+    async def _after(previous: concurrent.futures.Future[Any] | None,
+                     coro: Coroutine[Any, Any, Any]) -> Any:
+        if previous is not None and not previous.done():
+            await asyncio.wait([asyncio.wrap_future(previous)])
+        return await coro
+
+    def _finished(self, future: concurrent.futures.Future[Any], what: str,
+                  key: str | None) -> None:
+        with self._lock:
+            self._pending.discard(future)
+            if key is not None and self._tails.get(key) is future:
+                del self._tails[key]
+        if future.cancelled():
+            log.warning("%s was cancelled before it finished", what)
+        elif (exc := future.exception()) is not None:
+            log.error("%s failed: %s", what, exc, exc_info=exc)
+
+    def pending(self) -> int:
+        """How many submitted notifications have not finished."""
+        with self._lock:
+            return len(self._pending)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait (in a thread, not the loop's) until nothing is pending; False on timeout."""
+        with self._lock:
+            pending = list(self._pending)
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout_s)
+        return not not_done
+
+    async def drain_async(self, timeout_s: float) -> bool:
+        """Wait on the loop until nothing is pending; False on timeout."""
+        with self._lock:
+            pending = [asyncio.wrap_future(f) for f in self._pending]
+        if not pending:
+            return True
+        _, not_done = await asyncio.wait(pending, timeout=timeout_s)
+        return not not_done
+
+
+def order_id_from_args(broker: dramatiq.Broker) -> Callable[[FailedJob], int | None]:
+    """A failed job's order id: the argument its actor's function calls ``order_id``, if any.
+
+    Actors take their order as ``def ...(order_id: int)``; the function
+    signature says which positional argument it is, so no actor has to
+    declare it twice.
+    """
+
+    def order_id_of(job: FailedJob) -> int | None:
+        actor = broker.actors.get(job.actor)
+        if actor is None:
+            return None
+        try:
+            names = list(inspect.signature(actor.fn).parameters)
+        except (TypeError, ValueError):
+            return None
+        if ORDER_ID_ARG not in names or names.index(ORDER_ID_ARG) >= len(job.args):
+            return None
+        value = job.args[names.index(ORDER_ID_ARG)]
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return order_id_of
+
+
+class JobFailurePager:
+    """The ``on_failed_for_good`` callback of the metrics middleware: pages, never blocks.
+
+    Called on the Dramatiq thread that runs ``after_nack`` (in Dramatiq 2.2 the
+    worker thread that ran the job); it hands the page to the process's event
+    loop and returns, so a slow or unreachable webhook never holds up the
+    jobs behind it. Failures of a page are logged by the dispatcher.
+    """
+
+    def __init__(self, alerter: Alerter, bridge: LoopBridge,
+                 order_id_of: Callable[[FailedJob], int | None] = lambda job: None) -> None:
+        self._alerter = alerter
+        self._order_id_of = order_id_of
+        self.dispatcher = AlertDispatcher(bridge)
+
+    def __call__(self, job: FailedJob) -> None:
+        """Dramatiq's thread: queue the page on the loop and return at once."""
+        order_id = self._order_id_of(job)
+        self.dispatcher.submit(
+            page_job_failed(self._alerter, job.queue, job.actor, job.message_id, job.error,
+                            order_id=order_id),
+            what=f"page for job {job.message_id} ({job.actor})")
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait (from a thread) for pages still being delivered."""
+        return self.dispatcher.drain(self._timeout(timeout_s))
+
+    async def aclose(self) -> None:
+        """On the loop at shutdown: let pages in flight finish (bounded by one delivery)."""
+        if not await self.dispatcher.drain_async(self._timeout(None)):
+            log.error("pages still undelivered at shutdown: %d", self.dispatcher.pending())
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return timeout_s if timeout_s is not None else self._alerter.max_delivery_s() + 1.0
+
+
+def job_failure_pager(
+    alerter: Alerter, bridge: LoopBridge,
+    order_id_of: Callable[[FailedJob], int | None] = lambda job: None,
+) -> JobFailurePager:
+    """The ``on_failed_for_good`` callback of the metrics middleware, paging through ``alerter``.
+
+    Runs on a Dramatiq thread and does not wait for the page: it is
+    delivered on the process's event loop (``bridge``); see
+    :class:`JobFailurePager`. ``order_id_of`` finds the job's order (e.g.
+    :func:`order_id_from_args`), named in the page.
+    """
+    return JobFailurePager(alerter, bridge, order_id_of)

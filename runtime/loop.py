@@ -3,6 +3,11 @@
 Dramatiq worker threads and pykka actor threads must not start loops of their
 own (asyncpg pools and aiohttp sessions belong to one loop). They submit
 coroutines here and block on the result with a timeout.
+
+A process whose loop runs in its own thread (a worker) starts a bridge that
+owns the loop; a process whose main thread already runs a loop (aiohttp's
+``run_app``, ``asyncio.run``) adopts that loop with :meth:`LoopBridge.adopt`,
+so its async actors and its threads share the one loop too.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ class LoopBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._adopted = False
+
+    @classmethod
+    def adopt(cls, name: str = "shopflow-loop") -> LoopBridge:
+        """A bridge to the loop running in the calling thread (call it on that loop).
+
+        The bridge does not own the loop: :meth:`stop` only forgets it, and the
+        loop's owner (``asyncio.run``, aiohttp) keeps running and closing it.
+        """
+        bridge = cls(name)
+        bridge._loop = asyncio.get_running_loop()
+        bridge._thread = threading.current_thread()
+        bridge._adopted = True
+        bridge._ready.set()
+        return bridge
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -34,7 +54,7 @@ class LoopBridge:
         return self._loop
 
     def start(self) -> LoopBridge:
-        """Start the loop thread and wait until the loop runs."""
+        """Start the loop thread and wait until the loop runs (no-op once started or adopted)."""
         if self._thread is not None:
             return self
         self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
@@ -71,6 +91,10 @@ class LoopBridge:
     def stop(self) -> None:
         """Stop the loop and join its thread (call after closing what lives on it)."""
         if self._loop is None or self._thread is None:
+            return
+        if self._adopted:
+            self._thread = None
+            self._loop = None
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

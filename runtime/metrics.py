@@ -4,8 +4,9 @@ Each process writes its metric values to small memory-mapped files in one
 directory (prometheus-client's multiprocess mode); whoever serves ``/metrics``
 reads all files and adds them up. The rules that make the sums honest:
 
-- The directory is emptied once, by the process that starts the tree
-  (:func:`prepare_metrics_dir`), never by a process that merely restarts.
+- The directory is emptied once per start of the tree, by supervisord itself
+  before it spawns any program (:func:`prepare_metrics_dir`, called from
+  ``runtime/supervisord_startup.py``), never by a process that merely restarts.
 - Counters and histograms of a process that exits stay on disk and keep
   counting in the sum, so a restart never makes a counter go backwards.
 - Gauges that describe "now" (jobs in progress, mailbox depth, connections)
@@ -192,8 +193,10 @@ def metrics_dir(settings: Settings) -> Path:
 def prepare_metrics_dir(settings: Settings) -> Path:
     """Create the directory and delete every file in it; returns the directory.
 
-    Only the process that starts the whole tree calls this (before any child
-    starts): files of the previous run would otherwise be added to this one.
+    Only the start of the whole tree calls this, before any child starts
+    (supervisord, through ``runtime.supervisord_startup``; ``shopflow metrics
+    --reset`` by hand): files of the previous run would otherwise be added to
+    this one.
     """
     path = metrics_dir(settings)
     path.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
+from runtime.jobs.args import int_arg
 from runtime.logs import log_context
 from runtime.metrics import (
     OUTCOME_COMPLETED,
@@ -154,14 +155,18 @@ class MetricsMiddleware(Middleware):
         with self._lock:
             self._attempts[self._key(message)] = _Attempt(queue, actor, time.perf_counter())
         self.metrics.jobs_in_progress.labels(queue, actor).inc()
-        self._enter_job_log(message, queue, actor)
+        self._enter_job_log(broker, message, queue, actor)
 
-    def _enter_job_log(self, message: Any, queue: str, actor: str) -> None:
+    def _enter_job_log(self, broker: dramatiq.Broker, message: Any, queue: str, actor: str) -> None:
         """Put the job's ids on every log line of this worker thread until the job ends."""
         self._leave_job_log()
         stack = ExitStack()
-        stack.enter_context(log_context(job_id=message.message_id, queue=queue, actor=actor,
-                                        retries=message.options.get("retries", 0)))
+        actor_obj = broker.actors.get(message.actor_name)
+        stack.enter_context(log_context(
+            job_id=message.options.get("job_id") or message.message_id, queue=queue, actor=actor,
+            retries=message.options.get("retries", 0),
+            correlation_id=message.options.get("correlation_id"),
+            order_id=int_arg(actor_obj.fn if actor_obj else None, message.args)))
         self._job_logs.stack = stack
 
     def _leave_job_log(self) -> None:

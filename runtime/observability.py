@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from runtime.alerts import Alerter, job_failure_pager
-from runtime.metrics import get_metrics, render_metrics
-from runtime.metrics_middleware import MetricsMiddleware
+from runtime.alerts import Alerter, job_failure_pager, order_id_from_args
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.hooks import JobEvent
+from runtime.metrics import Metrics, get_metrics, render_metrics
+from runtime.metrics_middleware import UNKNOWN_LABEL, MetricsMiddleware
 from runtime.process import ProcessContext
 from runtime.settings import Settings
 
@@ -22,13 +24,30 @@ def install_job_metrics(ctx: ProcessContext) -> MetricsMiddleware:
     """Add the metrics middleware to the process's broker, paging for ``critical`` actors.
 
     Call it before declaring actors: the middleware owns the ``critical``
-    actor option, and Dramatiq rejects options no middleware owns.
+    actor option, and Dramatiq rejects options no middleware owns. A page is
+    delivered on the process loop, never on the consumer thread that saw the
+    failure; it names the job's order when the actor takes an ``order_id``.
+    Pages still in flight when the process stops are waited for
+    (``ProcessContext.on_stop``).
     """
-    alerter = Alerter(ctx.settings, ctx.redis, get_metrics(ctx.settings))
-    middleware = MetricsMiddleware(ctx.settings,
-                                   on_failed_for_good=job_failure_pager(alerter, ctx.bridge))
+    metrics = get_metrics(ctx.settings)
+    alerter = Alerter(ctx.settings, ctx.redis, metrics)
+    pager = job_failure_pager(alerter, ctx.bridge, order_id_from_args(ctx.broker))
+    ctx.on_stop(pager.aclose)
+    middleware = MetricsMiddleware(ctx.settings, on_failed_for_good=pager)
     ctx.broker.add_middleware(middleware)
+    count_sweeps(ctx.broker, metrics)
     return middleware
+
+
+def count_sweeps(broker: JobBroker, metrics: Metrics) -> None:
+    """Count what this process's job keeper finds: stalled jobs and quarantined poison pills."""
+    def labels(event: JobEvent) -> tuple[str, str]:
+        queue = event.queue if event.queue in broker.get_declared_queues() else UNKNOWN_LABEL
+        return queue, event.actor if event.actor in broker.actors else UNKNOWN_LABEL
+
+    broker.hooks.subscribe("stalled", lambda e: metrics.job_stalls.labels(labels(e)[0]).inc())
+    broker.hooks.subscribe("dead", lambda e: metrics.job_dead_letters.labels(*labels(e)).inc())
 
 
 def metrics_handler(settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -31,6 +31,7 @@ import dramatiq
 import redis.asyncio as aioredis
 
 from runtime.broker import enqueue_job
+from runtime.errors import QueueFull, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ NOTIFY_CHANNEL = "shopflow_outbox"
 _RELAY_LOCK_KEY = 0x5F0F_0002
 # Rows published per relay transaction.
 RELAY_BATCH = 200
+# A relayed job's id refuses a re-publication this long after the job ended: long enough
+# for a relay that crashed between publishing and marking to come back, short enough that
+# the ids of a busy shop (several per order) do not fill Redis.
+RELAY_DEDUP_S = 600
 # Each channel's stream keeps about this many events for resuming listeners.
 STREAM_MAXLEN = 100_000
 
@@ -129,28 +134,50 @@ class OutboxRelay:
             if not records:
                 return 0
             rows = [OutboxRow(**dict(r)) for r in records]
-            await self._publish(rows)
+            rejected = await self._publish(rows)
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                 [r.id for r in rows],
             )
+            if rejected:
+                await conn.executemany("UPDATE outbox SET publish_error = $2 WHERE id = $1",
+                                       sorted(rejected.items()))
         if self._on_published:
             self._on_published(rows)
         return len(rows)
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _publish(self, rows: list[OutboxRow]) -> dict[int, str]:
+        """XADD every row's event and enqueue its job; return rows whose job was set aside."""
         pipe = self._redis.pipeline(transaction=False)
         for row in rows:
             pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
                       maxlen=STREAM_MAXLEN, approximate=True)
         await pipe.execute()
-        jobs = [row.job for row in rows if row.job]
-        if jobs:
-            await asyncio.to_thread(self._enqueue_all, jobs)
+        jobs = [(row.id, 0, _with_correlation(row.job, row.correlation_id))
+                for row in rows if row.job]
+        if not jobs:
+            return {}
+        return await asyncio.to_thread(self._enqueue_all, jobs)
 
-    def _enqueue_all(self, jobs: list[dict[str, Any]]) -> None:
-        for job in jobs:
-            enqueue_job(self._broker, job)
+    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]) -> dict[int, str]:
+        """Enqueue each row's job under an id derived from the row, never blocking.
+
+        A row published twice (a crash after publishing, before marking) finds
+        its job already there; a full queue raises QueueFull, which leaves the
+        batch unmarked for the next round instead of stalling the relay. A job
+        that can never be enqueued (ValidationError) is set aside and returned
+        with the reason, so one bad row cannot hold up every event behind it.
+        """
+        rejected: dict[int, str] = {}
+        for row_id, n, job in jobs:
+            try:
+                enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False,
+                            dedup_s=RELAY_DEDUP_S)
+            except ValidationError as exc:
+                log.error("outbox row %d: its job was set aside, it can never be enqueued: %s",
+                          row_id, exc, extra={"outbox_id": row_id, "job": job})
+                rejected[row_id] = str(exc)
+        return rejected
 
     def stop(self) -> None:
         """Make :meth:`run` return after the round in progress (call on the relay's loop).
@@ -172,7 +199,8 @@ class OutboxRelay:
                 try:
                     while await self.publish_batch() == RELAY_BATCH:
                         pass
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError,
+                        QueueFull) as exc:
                     log.warning("outbox relay could not publish, will retry: %s", exc)
                 if not self._stopping:
                     await self._wait_for_wake()
@@ -202,6 +230,16 @@ class OutboxRelay:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("outbox relay runs without LISTEN (polling only) for now: %s", exc)
             return None
+
+
+def _with_correlation(job: dict[str, Any], correlation_id: uuid.UUID | None) -> dict[str, Any]:
+    """The row's correlation id rides on its job, so the job's log lines carry it too."""
+    if correlation_id is None or not isinstance(job, dict):
+        return job
+    options = job.get("options")
+    if options is not None and not isinstance(options, dict):
+        return job  # malformed: enqueue_job sets it aside with the reason
+    return {**job, "options": {"correlation_id": str(correlation_id), **(options or {})}}
 
 
 def now_utc() -> datetime:

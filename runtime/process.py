@@ -3,25 +3,32 @@
 Built by :meth:`ProcessContext.start` after the process has its settings,
 closed by :meth:`ProcessContext.stop` in reverse order. Threads (Dramatiq
 workers, pykka actors) use ``ctx.run(coro)`` to reach the pool and Redis on
-the process's one event loop.
+the process's one event loop. A concern that opens a resource of its own on
+that loop (an HTTP session, a simulator) hands its closer to
+:meth:`ProcessContext.on_stop`, so it is closed with the process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from dataclasses import dataclass
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
-from dramatiq.brokers.redis import RedisBroker
 
 from runtime import db
 from runtime.broker import setup_broker
+from runtime.jobs.broker import JobBroker
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# How long the closers handed to on_stop may take, all together.
+CLOSERS_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -32,7 +39,8 @@ class ProcessContext:
     bridge: LoopBridge
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    broker: RedisBroker
+    broker: JobBroker
+    _closers: AsyncExitStack = field(default_factory=AsyncExitStack, repr=False)
 
     @classmethod
     def start(cls, settings: Settings, pool_size: int = 10) -> ProcessContext:
@@ -53,8 +61,21 @@ class ProcessContext:
         """Run a coroutine on the process loop from a thread."""
         return self.bridge.run(coro, timeout_s or self.settings.actor_ask_timeout_s)
 
+    def on_stop(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Run ``close()`` on the process loop when the context stops (last added, first run).
+
+        Call it from any thread; the closers run before the broker, Redis and
+        the pool are closed, so they may still use them.
+        """
+        self._closers.push_async_callback(close)
+
     def stop(self) -> None:
-        """Close the broker, Redis and the pool, then the loop."""
+        """Run the closers handed to :meth:`on_stop`, close the broker, Redis and the pool,
+        then the loop. A closer that fails is logged; the rest still close."""
+        try:
+            self.bridge.run(self._closers.aclose(), CLOSERS_TIMEOUT_S)
+        except Exception:
+            log.exception("a resource of this process failed to close")
         self.broker.close()
 
         async def close_async() -> None:

@@ -2,11 +2,12 @@
 
 Two ways to own the root, depending on who owns the main thread:
 
-- :func:`run_root` when the command owns the main thread (``stock-sync``,
-  a test program): it starts the root, waits for SIGTERM/SIGINT or an
-  escalation, stops the tree in reverse order and returns the exit code
-  (0 after a signal, :data:`EXIT_ESCALATED` after an escalation) for the
-  command to return;
+- :func:`run_root` when the command owns the main thread (a test program):
+  it starts the root, waits for SIGTERM/SIGINT or an escalation, stops the
+  tree in reverse order and returns the exit code (0 after a signal,
+  :data:`EXIT_ESCALATED` after an escalation) for the command to return;
+  :func:`run_root_async` is the same for a command whose main thread runs an
+  event loop (``shopflow scheduler``), with async actors on that loop;
 - :func:`exit_process_on_escalate` as the root's ``on_escalate`` when
   something else owns the main thread (a Dramatiq worker, the aiohttp app):
   it logs, flushes the logs and ends the process with ``os._exit(70)``.
@@ -17,6 +18,7 @@ Two ways to own the root, depending on who owns the main thread:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -94,6 +96,45 @@ def run_root(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return _exit_code(supervisor, escalated)
+
+
+async def run_root_async(supervisor: Supervisor, stop: asyncio.Event,
+                         ready: Callable[[], None] | None = None) -> int:
+    """:func:`run_root` for a command whose main thread runs the event loop.
+
+    The root starts and stops in a worker thread, so children that are async
+    actors on this loop (:class:`runtime.actor.AsyncActor`) can run their
+    ``on_start``/``on_stop`` meanwhile. Waits until ``stop`` is set (the
+    command's signal handlers set it) or the root escalates, stops the tree
+    in reverse order and returns 0, or :data:`EXIT_ESCALATED` after an
+    escalation. A failed start raises
+    :class:`~runtime.errors.SupervisorStartError`.
+    """
+    loop = asyncio.get_running_loop()
+    escalated: list[BaseException] = []
+    gave_up = asyncio.Event()
+
+    def on_escalate(error: BaseException) -> None:  # the supervisor's thread
+        escalated.append(error)
+        loop.call_soon_threadsafe(gave_up.set)
+
+    supervisor.add_escalation_hook(on_escalate)
+    await asyncio.to_thread(supervisor.start)
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gave_up.wait())}
+    try:
+        if ready is not None:
+            ready()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.to_thread(supervisor.stop)
+    return _exit_code(supervisor, escalated)
+
+
+def _exit_code(supervisor: Supervisor, escalated: list[BaseException]) -> int:
+    """The process's exit code once its root stopped; logs how it ended."""
     if escalated:
         log.critical("root supervisor %s gave up, exiting with code %d: %s",
                      supervisor.name, EXIT_ESCALATED, escalated[0])

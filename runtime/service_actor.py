@@ -20,8 +20,12 @@ Handler = Callable[[Any], Coroutine[Any, Any, Any]]
 class ServiceActor(SupervisedActor):
     """Runs ``handler(message)`` for each message; runs in its own thread.
 
-    A bounded mailbox; an unexpected (non-ShopflowError) exception crashes it:
-    the asker gets ActorCrashed (retried by Dramatiq) and the supervisor restarts it.
+    A bounded mailbox; an unexpected exception crashes it: the asker gets
+    ActorCrashed (retried by Dramatiq) and the supervisor restarts it. Domain
+    and job errors (ShopflowError) go back to the asker as they are, and a
+    connection error of PostgreSQL, Redis or the OS goes back as
+    InfrastructureUnavailable: neither is a crash, so an outage does not
+    restart the actor (see :mod:`runtime.actor`).
     """
 
     def __init__(self, name: str, handler: Handler, bridge: LoopBridge, timeout_s: float,

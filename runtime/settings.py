@@ -18,7 +18,7 @@ from runtime.errors import ConfigError
 # backoff starting at 2 s (Bull's `attempts: 3, backoff: {type: exponential, delay: 2000}`).
 DEFAULT_JOB_ATTEMPTS = 3
 DEFAULT_JOB_BACKOFF_MS = 2_000
-# Retries for a job that failed only because PostgreSQL or Redis was away:
+# Retries for a job that failed only because PostgreSQL, Redis or an outside service was away:
 # with the backoff capped at 16x the base (32 s) this rides out ~10 minutes.
 DEFAULT_JOB_INFRA_RETRIES = 25
 # Process counts of the original PM2 ecosystem file.
@@ -39,8 +39,25 @@ DEFAULT_ACTOR_ASK_TIMEOUT_S = 60.0
 DEFAULT_MAILBOX_SIZE = 100
 # A worker silent for this long is presumed dead and its jobs are redelivered.
 DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS = 30_000
-# Out of a million broker commands, how many also run the dead-worker sweep.
-DEFAULT_BROKER_MAINTENANCE_CHANCE = 1_000
+# --- jobs (runtime/jobs) ---
+# Every worker's keeper beats, renews limit leases and sweeps dead workers this often.
+DEFAULT_JOB_SWEEP_INTERVAL_S = 5.0
+# A job that has killed its worker this many times is quarantined (poison pill).
+DEFAULT_JOB_POISON_DEATHS = 3
+# Finished jobs kept per queue, as the original (Bull's removeOnComplete 100 / removeOnFail 500).
+DEFAULT_JOB_KEEP_COMPLETED = 100
+DEFAULT_JOB_KEEP_FAILED = 500
+# A finished job id blocks re-sends under the same id this long.
+DEFAULT_JOB_DEDUP_S = 24 * 3600
+# A job held back by a concurrency or rate limit waits this long in its worker, then requeues.
+DEFAULT_JOB_LIMIT_WAIT_MS = 1_000
+# An idle consumer blocks on its queue's wake-up list this long before looking again.
+DEFAULT_WORKER_IDLE_TIMEOUT_MS = 1_000
+# Queue bounds: 0 = unbounded; a producer facing a full queue waits ("block") up to the
+# timeout or gets QueueFull at once ("fail").
+DEFAULT_QUEUE_MAX_LENGTH = 0
+DEFAULT_QUEUE_FULL_POLICY = "block"
+DEFAULT_QUEUE_FULL_TIMEOUT_S = 5.0
 # The outbox relay wakes on NOTIFY; this poll is only the safety net.
 DEFAULT_OUTBOX_POLL_S = 1.0
 # --- observability ---
@@ -62,6 +79,9 @@ DEFAULT_MONITOR_NO_CONSUMER_GRACE_S = 60.0
 DEFAULT_ALERT_WEBHOOK_TIMEOUT_S = 5.0
 # Delivery attempts per webhook message (backoff 0.5 s, 1 s, ...); later checks retry undelivered pages.
 DEFAULT_ALERT_WEBHOOK_ATTEMPTS = 3
+# An incident resolves only once its condition stayed clear this long: a condition
+# flapping at its threshold stays one incident (one page, one resolve). 0 = at once.
+DEFAULT_ALERT_RESOLVE_AFTER_S = 120
 # --- scheduling ---
 # Scheduler processes under supervisord: one leads, the other stands by.
 DEFAULT_SCHEDULERS = 2
@@ -229,7 +249,7 @@ def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
 
 def _pairs_text(pairs: tuple[tuple[str, float], ...]) -> str:
     """The ``queue=number,...`` form :func:`_pairs` reads."""
-    return ",".join(f"{key}={value:g}" for key, value in pairs)
+    return ",".join(f"{key}={value!r}" for key, value in pairs)
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -272,6 +292,142 @@ def _cron(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+# The environment variable behind every setting: ``to_env`` writes each one, so a
+# child process started with that environment reads back exactly the same Settings
+# (tests/runtime/test_settings.py checks every field round-trips through from_env).
+_ENV_NAMES: Mapping[str, str] = {
+    "redis_url": "REDIS_URL",
+    "database_url": "DATABASE_URL",
+    "var_dir": "SHOPFLOW_VAR_DIR",
+    "http_host": "SHOPFLOW_HTTP_HOST",
+    "http_port": "SHOPFLOW_HTTP_PORT",
+    "timezone": "SHOPFLOW_TIMEZONE",
+    "embedded_redis_port": "SHOPFLOW_EMBEDDED_REDIS_PORT",
+    "embedded_pg_port": "SHOPFLOW_EMBEDDED_PG_PORT",
+    "job_attempts": "SHOPFLOW_JOB_ATTEMPTS",
+    "job_backoff_ms": "SHOPFLOW_JOB_BACKOFF_MS",
+    "job_infra_retries": "SHOPFLOW_JOB_INFRA_RETRIES",
+    "api_processes": "SHOPFLOW_API_PROCESSES",
+    "email_workers": "SHOPFLOW_EMAIL_WORKERS",
+    "inventory_concurrency": "SHOPFLOW_INVENTORY_CONCURRENCY",
+    "reservation_ttl_s": "SHOPFLOW_RESERVATION_TTL_S",
+    "actor_ask_timeout_s": "SHOPFLOW_ACTOR_ASK_TIMEOUT_S",
+    "mailbox_size": "SHOPFLOW_MAILBOX_SIZE",
+    "broker_heartbeat_timeout_ms": "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS",
+    "job_sweep_interval_s": "SHOPFLOW_JOB_SWEEP_INTERVAL_S",
+    "job_poison_deaths": "SHOPFLOW_JOB_POISON_DEATHS",
+    "job_keep_completed": "SHOPFLOW_JOB_KEEP_COMPLETED",
+    "job_keep_failed": "SHOPFLOW_JOB_KEEP_FAILED",
+    "job_dedup_s": "SHOPFLOW_JOB_DEDUP_S",
+    "job_limit_wait_ms": "SHOPFLOW_JOB_LIMIT_WAIT_MS",
+    "worker_idle_timeout_ms": "SHOPFLOW_WORKER_IDLE_TIMEOUT_MS",
+    "queue_max_length": "SHOPFLOW_QUEUE_MAX_LENGTH",
+    "queue_max_lengths": "SHOPFLOW_QUEUE_MAX_LENGTHS",
+    "queue_full_policy": "SHOPFLOW_QUEUE_FULL_POLICY",
+    "queue_full_timeout_s": "SHOPFLOW_QUEUE_FULL_TIMEOUT_S",
+    "outbox_poll_s": "SHOPFLOW_OUTBOX_POLL_S",
+    "sendgrid_api_key": "SENDGRID_API_KEY",
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "warehouse_url": "WAREHOUSE_URL",
+    "alert_webhook_url": "ALERT_WEBHOOK_URL",
+    "log_level": "SHOPFLOW_LOG_LEVEL",
+    "namespace": "SHOPFLOW_NAMESPACE",
+    "metrics_dir": "PROMETHEUS_MULTIPROC_DIR",
+    "monitor_interval_s": "SHOPFLOW_MONITOR_INTERVAL_S",
+    "monitor_backlog_threshold": "SHOPFLOW_MONITOR_BACKLOG_THRESHOLD",
+    "monitor_backlog_thresholds": "SHOPFLOW_MONITOR_BACKLOG_THRESHOLDS",
+    "monitor_oldest_age_threshold_s": "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S",
+    "monitor_oldest_age_thresholds_s": "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S",
+    "monitor_failure_rate_threshold": "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD",
+    "monitor_failure_rate_window_s": "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S",
+    "monitor_failure_rate_min_jobs": "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS",
+    "monitor_no_consumer_grace_s": "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S",
+    "alert_webhook_timeout_s": "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S",
+    "alert_webhook_attempts": "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS",
+    "alert_resolve_after_s": "SHOPFLOW_ALERT_RESOLVE_AFTER_S",
+    "stock_sync_interval_s": "SHOPFLOW_STOCK_SYNC_INTERVAL_S",
+    "stock_sync_batch_size": "SHOPFLOW_STOCK_SYNC_BATCH_SIZE",
+    "stock_sync_concurrency": "SHOPFLOW_STOCK_SYNC_CONCURRENCY",
+    "stock_sync_alert_intervals": "SHOPFLOW_STOCK_SYNC_ALERT_INTERVALS",
+    "stock_sync_metrics_port": "SHOPFLOW_STOCK_SYNC_METRICS_PORT",
+    "external_connect_timeout_s": "SHOPFLOW_EXTERNAL_CONNECT_TIMEOUT_S",
+    "external_read_timeout_s": "SHOPFLOW_EXTERNAL_READ_TIMEOUT_S",
+    "external_attempts": "SHOPFLOW_EXTERNAL_ATTEMPTS",
+    "external_backoff_s": "SHOPFLOW_EXTERNAL_BACKOFF_S",
+    "breaker_failures": "SHOPFLOW_BREAKER_FAILURES",
+    "breaker_reset_s": "SHOPFLOW_BREAKER_RESET_S",
+    "warehouse_token": "WAREHOUSE_TOKEN",
+    "warehouse_sim_port": "SHOPFLOW_WAREHOUSE_SIM_PORT",
+    "carrier_url": "CARRIER_URL",
+    "carrier_token": "CARRIER_TOKEN",
+    "carrier_sim_port": "SHOPFLOW_CARRIER_SIM_PORT",
+    "sendgrid_host": "SENDGRID_HOST",
+    "sendgrid_from": "SENDGRID_FROM",
+    "sendgrid_timeout_s": "SENDGRID_TIMEOUT_S",
+    "sendgrid_reconcile_grace_s": "SENDGRID_RECONCILE_GRACE_S",
+    "sendgrid_template_order_confirmation": "SENDGRID_TEMPLATE_ORDER_CONFIRMATION",
+    "sendgrid_template_cart_reminder": "SENDGRID_TEMPLATE_CART_REMINDER",
+    "sendgrid_template_daily_report": "SENDGRID_TEMPLATE_DAILY_REPORT",
+    "cart_idle_s": "SHOPFLOW_CART_IDLE_S",
+    "anthropic_base_url": "ANTHROPIC_BASE_URL",
+    "llm_model": "SHOPFLOW_LLM_MODEL",
+    "llm_timeout_s": "SHOPFLOW_LLM_TIMEOUT_S",
+    "llm_max_retries": "SHOPFLOW_LLM_MAX_RETRIES",
+    "llm_max_output_tokens": "SHOPFLOW_LLM_MAX_OUTPUT_TOKENS",
+    "llm_on_limit": "SHOPFLOW_LLM_ON_LIMIT",
+    "llm_max_wait_s": "SHOPFLOW_LLM_MAX_WAIT_S",
+    "llm_input_usd_per_mtok": "SHOPFLOW_LLM_INPUT_USD_PER_MTOK",
+    "llm_output_usd_per_mtok": "SHOPFLOW_LLM_OUTPUT_USD_PER_MTOK",
+    "llm_circuit_failures": "SHOPFLOW_LLM_CIRCUIT_FAILURES",
+    "llm_circuit_cooldown_s": "SHOPFLOW_LLM_CIRCUIT_COOLDOWN_S",
+    "recommendation_rpm": "SHOPFLOW_RECOMMENDATION_RPM",
+    "recommendation_tpm": "SHOPFLOW_RECOMMENDATION_TPM",
+    "recommendation_daily_tokens": "SHOPFLOW_RECOMMENDATION_DAILY_TOKENS",
+    "support_rpm": "SHOPFLOW_SUPPORT_RPM",
+    "support_tpm": "SHOPFLOW_SUPPORT_TPM",
+    "support_daily_tokens": "SHOPFLOW_SUPPORT_DAILY_TOKENS",
+    "moderation_rpm": "SHOPFLOW_MODERATION_RPM",
+    "moderation_tpm": "SHOPFLOW_MODERATION_TPM",
+    "moderation_daily_tokens": "SHOPFLOW_MODERATION_DAILY_TOKENS",
+    "recommendation_count": "SHOPFLOW_RECOMMENDATION_COUNT",
+    "recommendation_candidates": "SHOPFLOW_RECOMMENDATION_CANDIDATES",
+    "recommendation_cache_ttl_s": "SHOPFLOW_RECOMMENDATION_CACHE_TTL_S",
+    "recommendation_fallback_ttl_s": "SHOPFLOW_RECOMMENDATION_FALLBACK_TTL_S",
+    "recommendation_active_days": "SHOPFLOW_RECOMMENDATION_ACTIVE_DAYS",
+    "recommendation_refresh_batch": "SHOPFLOW_RECOMMENDATION_REFRESH_BATCH",
+    "support_recent_orders": "SHOPFLOW_SUPPORT_RECENT_ORDERS",
+    "moderation_min_confidence": "SHOPFLOW_MODERATION_MIN_CONFIDENCE",
+    "schedulers": "SHOPFLOW_SCHEDULERS",
+    "scheduler_tick_s": "SHOPFLOW_SCHEDULER_TICK_S",
+    "scheduler_lease_s": "SHOPFLOW_SCHEDULER_LEASE_S",
+    "scheduler_misfire_grace_s": "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S",
+    "scheduler_resend_after_s": "SHOPFLOW_SCHEDULER_RESEND_AFTER_S",
+    "sales_report_cron": "SHOPFLOW_SALES_REPORT_CRON",
+    "daily_report_cron": "SHOPFLOW_DAILY_REPORT_CRON",
+    "cart_cleanup_every_s": "SHOPFLOW_CART_CLEANUP_EVERY_S",
+    "reservation_release_every_s": "SHOPFLOW_RESERVATION_RELEASE_EVERY_S",
+    "cron_heartbeat_every_s": "SHOPFLOW_CRON_HEARTBEAT_EVERY_S",
+    "cron_heartbeat_ttl_s": "SHOPFLOW_CRON_HEARTBEAT_TTL_S",
+    "cart_max_age_s": "SHOPFLOW_CART_MAX_AGE_S",
+    "reservation_release_batch": "SHOPFLOW_RESERVATION_RELEASE_BATCH",
+    "token_secret": "SHOPFLOW_TOKEN_SECRET",
+    "token_ttl_s": "SHOPFLOW_TOKEN_TTL_S",
+    "ws_send_queue_max": "SHOPFLOW_WS_SEND_QUEUE_MAX",
+    "ws_heartbeat_s": "SHOPFLOW_WS_HEARTBEAT_S",
+    "ws_max_frame_bytes": "SHOPFLOW_WS_MAX_FRAME_BYTES",
+    "notifier_block_ms": "SHOPFLOW_NOTIFIER_BLOCK_MS",
+    "supervisor_max_restarts": "SHOPFLOW_SUPERVISOR_MAX_RESTARTS",
+    "supervisor_max_seconds": "SHOPFLOW_SUPERVISOR_MAX_SECONDS",
+    "restart_backoff_base_s": "SHOPFLOW_RESTART_BACKOFF_BASE_S",
+    "restart_backoff_max_s": "SHOPFLOW_RESTART_BACKOFF_MAX_S",
+    "restart_backoff_reset_s": "SHOPFLOW_RESTART_BACKOFF_RESET_S",
+    "mailbox_overflow": "SHOPFLOW_MAILBOX_OVERFLOW",
+    "mailbox_put_timeout_s": "SHOPFLOW_MAILBOX_PUT_TIMEOUT_S",
+    "tree_publish_interval_s": "SHOPFLOW_TREE_PUBLISH_INTERVAL_S",
+    "tree_ttl_s": "SHOPFLOW_TREE_TTL_S",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the runtime can be told, with the defaults of a fresh machine.
@@ -298,7 +454,18 @@ class Settings:
     actor_ask_timeout_s: float = DEFAULT_ACTOR_ASK_TIMEOUT_S
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     broker_heartbeat_timeout_ms: int = DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS
-    broker_maintenance_chance: int = DEFAULT_BROKER_MAINTENANCE_CHANCE
+    job_sweep_interval_s: float = DEFAULT_JOB_SWEEP_INTERVAL_S
+    job_poison_deaths: int = DEFAULT_JOB_POISON_DEATHS
+    job_keep_completed: int = DEFAULT_JOB_KEEP_COMPLETED
+    job_keep_failed: int = DEFAULT_JOB_KEEP_FAILED
+    job_dedup_s: int = DEFAULT_JOB_DEDUP_S
+    job_limit_wait_ms: int = DEFAULT_JOB_LIMIT_WAIT_MS
+    worker_idle_timeout_ms: int = DEFAULT_WORKER_IDLE_TIMEOUT_MS
+    queue_max_length: int = DEFAULT_QUEUE_MAX_LENGTH
+    # Per-queue bounds: ((queue, max), ...), sorted; tuples keep Settings hashable.
+    queue_max_lengths: tuple[tuple[str, float], ...] = ()
+    queue_full_policy: str = DEFAULT_QUEUE_FULL_POLICY
+    queue_full_timeout_s: float = DEFAULT_QUEUE_FULL_TIMEOUT_S
     outbox_poll_s: float = DEFAULT_OUTBOX_POLL_S
     sendgrid_api_key: str | None = None
     anthropic_api_key: str | None = None
@@ -321,6 +488,7 @@ class Settings:
     monitor_no_consumer_grace_s: float = DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
     alert_webhook_timeout_s: float = DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
     alert_webhook_attempts: int = DEFAULT_ALERT_WEBHOOK_ATTEMPTS
+    alert_resolve_after_s: int = DEFAULT_ALERT_RESOLVE_AFTER_S
     # --- externals (issue 7) ---
     stock_sync_interval_s: float = DEFAULT_STOCK_SYNC_INTERVAL_S
     stock_sync_batch_size: int = DEFAULT_STOCK_SYNC_BATCH_SIZE
@@ -434,9 +602,21 @@ class Settings:
             broker_heartbeat_timeout_ms=_int(
                 e, "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS", DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS, 1000
             ),
-            broker_maintenance_chance=_int(
-                e, "SHOPFLOW_BROKER_MAINTENANCE_CHANCE", DEFAULT_BROKER_MAINTENANCE_CHANCE, 0
-            ),
+            job_sweep_interval_s=_float(e, "SHOPFLOW_JOB_SWEEP_INTERVAL_S",
+                                        DEFAULT_JOB_SWEEP_INTERVAL_S),
+            job_poison_deaths=_int(e, "SHOPFLOW_JOB_POISON_DEATHS", DEFAULT_JOB_POISON_DEATHS, 1),
+            job_keep_completed=_int(e, "SHOPFLOW_JOB_KEEP_COMPLETED", DEFAULT_JOB_KEEP_COMPLETED, 0),
+            job_keep_failed=_int(e, "SHOPFLOW_JOB_KEEP_FAILED", DEFAULT_JOB_KEEP_FAILED, 0),
+            job_dedup_s=_int(e, "SHOPFLOW_JOB_DEDUP_S", DEFAULT_JOB_DEDUP_S, 0),
+            job_limit_wait_ms=_int(e, "SHOPFLOW_JOB_LIMIT_WAIT_MS", DEFAULT_JOB_LIMIT_WAIT_MS, 0),
+            worker_idle_timeout_ms=_int(e, "SHOPFLOW_WORKER_IDLE_TIMEOUT_MS",
+                                        DEFAULT_WORKER_IDLE_TIMEOUT_MS, 10),
+            queue_max_length=_int(e, "SHOPFLOW_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH, 0),
+            queue_max_lengths=_pairs(e, "SHOPFLOW_QUEUE_MAX_LENGTHS"),
+            queue_full_policy=_choice(e, "SHOPFLOW_QUEUE_FULL_POLICY", DEFAULT_QUEUE_FULL_POLICY,
+                                      ("block", "fail")),
+            queue_full_timeout_s=_float(e, "SHOPFLOW_QUEUE_FULL_TIMEOUT_S",
+                                        DEFAULT_QUEUE_FULL_TIMEOUT_S),
             outbox_poll_s=_float(e, "SHOPFLOW_OUTBOX_POLL_S", DEFAULT_OUTBOX_POLL_S),
             sendgrid_api_key=_opt(e, "SENDGRID_API_KEY"),
             anthropic_api_key=_opt(e, "ANTHROPIC_API_KEY"),
@@ -473,6 +653,9 @@ class Settings:
             ),
             alert_webhook_attempts=_int(
                 e, "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS", DEFAULT_ALERT_WEBHOOK_ATTEMPTS, 1
+            ),
+            alert_resolve_after_s=_int(
+                e, "SHOPFLOW_ALERT_RESOLVE_AFTER_S", DEFAULT_ALERT_RESOLVE_AFTER_S, 0
             ),
             # --- externals (issue 7) ---
             stock_sync_interval_s=_float(e, "SHOPFLOW_STOCK_SYNC_INTERVAL_S",
@@ -622,95 +805,23 @@ class Settings:
         )
 
     def to_env(self) -> dict[str, str]:
-        """The environment that makes a child process read these same settings."""
-        env = {
-            "SHOPFLOW_VAR_DIR": str(self.var_dir),
-            "SHOPFLOW_HTTP_HOST": self.http_host,
-            "SHOPFLOW_HTTP_PORT": str(self.http_port),
-            "SHOPFLOW_TIMEZONE": self.timezone,
-            "SHOPFLOW_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
-            "SHOPFLOW_EMBEDDED_PG_PORT": str(self.embedded_pg_port),
-            "SHOPFLOW_JOB_ATTEMPTS": str(self.job_attempts),
-            "SHOPFLOW_JOB_BACKOFF_MS": str(self.job_backoff_ms),
-            "SHOPFLOW_JOB_INFRA_RETRIES": str(self.job_infra_retries),
-            "SHOPFLOW_API_PROCESSES": str(self.api_processes),
-            "SHOPFLOW_EMAIL_WORKERS": str(self.email_workers),
-            "SHOPFLOW_INVENTORY_CONCURRENCY": str(self.inventory_concurrency),
-            "SHOPFLOW_RESERVATION_TTL_S": str(self.reservation_ttl_s),
-            "SHOPFLOW_ACTOR_ASK_TIMEOUT_S": str(self.actor_ask_timeout_s),
-            "SHOPFLOW_MAILBOX_SIZE": str(self.mailbox_size),
-            "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS": str(self.broker_heartbeat_timeout_ms),
-            "SHOPFLOW_BROKER_MAINTENANCE_CHANCE": str(self.broker_maintenance_chance),
-            "SHOPFLOW_OUTBOX_POLL_S": str(self.outbox_poll_s),
-            "SHOPFLOW_LOG_LEVEL": self.log_level,
-            "SHOPFLOW_NAMESPACE": self.namespace,
-            # --- scheduling ---
-            "SHOPFLOW_SCHEDULERS": str(self.schedulers),
-            "SHOPFLOW_SCHEDULER_TICK_S": str(self.scheduler_tick_s),
-            "SHOPFLOW_SCHEDULER_LEASE_S": str(self.scheduler_lease_s),
-            "SHOPFLOW_SCHEDULER_MISFIRE_GRACE_S": str(self.scheduler_misfire_grace_s),
-            "SHOPFLOW_SCHEDULER_RESEND_AFTER_S": str(self.scheduler_resend_after_s),
-            "SHOPFLOW_SALES_REPORT_CRON": self.sales_report_cron,
-            "SHOPFLOW_DAILY_REPORT_CRON": self.daily_report_cron,
-            "SHOPFLOW_CART_CLEANUP_EVERY_S": str(self.cart_cleanup_every_s),
-            "SHOPFLOW_RESERVATION_RELEASE_EVERY_S": str(self.reservation_release_every_s),
-            "SHOPFLOW_CRON_HEARTBEAT_EVERY_S": str(self.cron_heartbeat_every_s),
-            "SHOPFLOW_CRON_HEARTBEAT_TTL_S": str(self.cron_heartbeat_ttl_s),
-            "SHOPFLOW_CART_MAX_AGE_S": str(self.cart_max_age_s),
-            "SHOPFLOW_RESERVATION_RELEASE_BATCH": str(self.reservation_release_batch),
-            # --- supervision ---
-            "SHOPFLOW_SUPERVISOR_MAX_RESTARTS": str(self.supervisor_max_restarts),
-            "SHOPFLOW_SUPERVISOR_MAX_SECONDS": str(self.supervisor_max_seconds),
-            "SHOPFLOW_RESTART_BACKOFF_BASE_S": str(self.restart_backoff_base_s),
-            "SHOPFLOW_RESTART_BACKOFF_MAX_S": str(self.restart_backoff_max_s),
-            "SHOPFLOW_RESTART_BACKOFF_RESET_S": str(self.restart_backoff_reset_s),
-            "SHOPFLOW_MAILBOX_OVERFLOW": self.mailbox_overflow,
-            "SHOPFLOW_MAILBOX_PUT_TIMEOUT_S": str(self.mailbox_put_timeout_s),
-            "SHOPFLOW_TREE_PUBLISH_INTERVAL_S": str(self.tree_publish_interval_s),
-            "SHOPFLOW_TREE_TTL_S": str(self.tree_ttl_s),
-        }
-        optional = {
-            "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,
-            "SENDGRID_API_KEY": self.sendgrid_api_key, "ANTHROPIC_API_KEY": self.anthropic_api_key,
-            "WAREHOUSE_URL": self.warehouse_url, "ALERT_WEBHOOK_URL": self.alert_webhook_url,
-        }
-        env.update({k: v for k, v in optional.items() if v})
-        # --- observability ---
-        env.update({
-            "SHOPFLOW_MONITOR_INTERVAL_S": str(self.monitor_interval_s),
-            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLD": str(self.monitor_backlog_threshold),
-            "SHOPFLOW_MONITOR_BACKLOG_THRESHOLDS": _pairs_text(self.monitor_backlog_thresholds),
-            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S": str(self.monitor_oldest_age_threshold_s),
-            "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S": _pairs_text(
-                self.monitor_oldest_age_thresholds_s),
-            "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD": str(self.monitor_failure_rate_threshold),
-            "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S": str(self.monitor_failure_rate_window_s),
-            "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS": str(self.monitor_failure_rate_min_jobs),
-            "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S": str(self.monitor_no_consumer_grace_s),
-            "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S": str(self.alert_webhook_timeout_s),
-            "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS": str(self.alert_webhook_attempts),
-        })
-        if self.metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
-        # --- externals (issue 7) ---
-        env.update({
-            "SHOPFLOW_STOCK_SYNC_INTERVAL_S": str(self.stock_sync_interval_s),
-            "SHOPFLOW_WAREHOUSE_SIM_PORT": str(self.warehouse_sim_port),
-            "SHOPFLOW_CARRIER_SIM_PORT": str(self.carrier_sim_port),
-            "SHOPFLOW_CART_IDLE_S": str(self.cart_idle_s),
-        })
-        if self.carrier_url:
-            env["CARRIER_URL"] = self.carrier_url
-        # --- web ---
-        env.update({
-            "SHOPFLOW_TOKEN_TTL_S": str(self.token_ttl_s),
-            "SHOPFLOW_WS_SEND_QUEUE_MAX": str(self.ws_send_queue_max),
-            "SHOPFLOW_WS_HEARTBEAT_S": str(self.ws_heartbeat_s),
-            "SHOPFLOW_WS_MAX_FRAME_BYTES": str(self.ws_max_frame_bytes),
-            "SHOPFLOW_NOTIFIER_BLOCK_MS": str(self.notifier_block_ms),
-        })
-        if self.token_secret:
-            env["SHOPFLOW_TOKEN_SECRET"] = self.token_secret
+        """The environment that makes a child process read these same settings.
+
+        Every setting is written, so a setting changed in code (``replace``)
+        reaches the children too, not only the ones that came from the
+        environment. A setting that is None is left out (its variable unset
+        means None), because some libraries read their variable themselves
+        and treat an empty value differently from none.
+        """
+        env: dict[str, str] = {}
+        for name, variable in _ENV_NAMES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                env[variable] = _pairs_text(value)
+            else:
+                env[variable] = str(value)
         return env
 
     def with_urls(self, redis_url: str, database_url: str) -> Settings:

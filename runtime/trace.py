@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +27,14 @@ import asyncpg
 from runtime import db, embedded
 from runtime.cli import add_command
 from runtime.errors import NotFound
+from runtime.jobs.args import int_arg
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.hooks import JobEvent
 from runtime.logs import log_context
+from runtime.loop import LoopBridge
 from runtime.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Ties between rows at the same instant are told in this order.
 _SOURCE_ORDER = {"order": 0, "status": 1, "event": 2, "email": 3, "trail": 4}
@@ -53,6 +61,47 @@ def order_log_context(order_id: int, correlation_id: uuid.UUID | str | None) -> 
     with log_context(order_id=order_id,
                      correlation_id=str(correlation_id) if correlation_id else None):
         yield
+
+
+# Job events that belong in an order's story (the rest are its normal steps).
+TRAIL_EVENTS = ("retrying", "failed", "stalled", "dead", "cancelled")
+
+
+def install_order_trail(broker: JobBroker, pool: asyncpg.Pool, bridge: LoopBridge) -> None:
+    """Record every failed, retried, stalled or cancelled attempt of an order's job on its trail.
+
+    Hooks run on Dramatiq's threads; the insert is handed to the process loop
+    without waiting, so a database that is down (often why the job failed)
+    never holds a worker thread. A failed insert is logged.
+    """
+    def on_event(event: JobEvent) -> None:
+        if event.kind not in TRAIL_EVENTS:
+            return
+        actor = broker.actors.get(event.actor)
+        order_id = int_arg(actor.fn if actor else None, event.args)
+        if order_id is None:
+            return
+        detail = {"job_id": event.job_id, "queue": event.queue, "attempt": event.attempt,
+                  **{k: v for k, v in event.detail.items() if k in ("error", "delay_ms",
+                                                                    "deaths", "reason")}}
+        coro = _record_quietly(pool, order_id, f"job {event.actor} {event.kind}", detail)
+        asyncio.run_coroutine_threadsafe(coro, bridge.loop).add_done_callback(_log_if_failed)
+
+    broker.hooks.subscribe(None, on_event)
+
+
+def _log_if_failed(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("recording a job event on an order's trail failed", exc_info=future.exception())
+
+
+async def _record_quietly(pool: asyncpg.Pool, order_id: int, step: str,
+                          detail: dict[str, Any]) -> None:
+    try:
+        async with pool.acquire() as conn:
+            await record_trail(conn, order_id, "jobs", step, detail)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("could not add %r to order %d's trail: %s", step, order_id, exc)
 
 
 async def record_trail(

@@ -18,17 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dramatiq
 import pykka
 from dramatiq.brokers.redis import RedisBroker
 
+from runtime.jobs.worker import make_worker
+from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
+from runtime.root import SharedSupervisionMetrics, attach_process_supervision
 from runtime.scheduling.middleware import ensure_scheduled_run_middleware
 from runtime.settings import Settings
-from runtime.metrics import get_metrics
-from runtime.root import SharedSupervisionMetrics, attach_process_supervision
 from runtime.supervision import ChildSpec, Supervisor, supervisor_options
+from runtime.trace import install_order_trail
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ Asker = Callable[[str, Any], Any]
 EXIT_ESCALATED = 70
 # How long a stopping worker lets running jobs finish before handing them back.
 GRACEFUL_STOP_MS = 20_000
-# Cap on an idle consumer's poll back-off (Dramatiq's default is 1 s).
-IDLE_POLL_MS = 100
 
 
 @dataclass(frozen=True)
@@ -96,6 +95,7 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
     install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
+    install_order_trail(ctx.broker, ctx.pool, ctx.bridge)  # failed attempts on orders' trails
     # Every worker reports scheduled runs finishing, whatever queue they land on.
     ensure_scheduled_run_middleware(ctx.broker, settings.redis_url or "", settings.namespace)
     concerns = factory(ctx)
@@ -108,8 +108,7 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     timeout_s = settings.actor_ask_timeout_s
     for concern in concerns:
         concern.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, timeout_s))
-    worker = dramatiq.Worker(ctx.broker, queues=queues, worker_threads=threads,
-                             worker_timeout=IDLE_POLL_MS)
+    worker = make_worker(ctx.broker, queues, threads)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
@@ -62,32 +62,52 @@ def _metrics_mode_per_test() -> Iterator[None]:
     would read values left in the earlier test's files.
     """
     yield
-    values.ValueClass = values.MutexValue  # type: ignore[attr-defined]
+    values.ValueClass = values.MutexValue
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
+@dataclass(frozen=True)
+class SessionServers:
+    """The session's servers; the ports are set for those it started embedded."""
+
+    redis_url: str
+    database_url: str
+    paths: embedded.EmbeddedPaths | None = None
+    redis_port: int | None = None
+    pg_port: int | None = None
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(redis_url, postgres server url) for the whole session, migrated template ready."""
+def session_servers() -> Iterator[SessionServers]:
+    """Redis and PostgreSQL for the whole session: TEST_*_URL, or embedded ones started here."""
     redis_url = os.environ.get("TEST_REDIS_URL")
     database_url = os.environ.get("TEST_DATABASE_URL")
-    started = None
-    if not (redis_url and database_url):
-        # Not under pytest's temp root: another pytest session on the machine can
-        # reset its permissions, and PostgreSQL runs as another user here.
-        var = Path(tempfile.mkdtemp(prefix="shopflow-test-"))
-        paths = embedded.EmbeddedPaths(var)
-        rport, pport = _free_port(), _free_port()
-        redis_url = redis_url or embedded.ensure_redis(paths, rport)
-        database_url = database_url or embedded.ensure_postgres(paths, pport)
-        started = (paths, rport)
-    asyncio.run(_build_template(database_url))
-    yield redis_url, database_url
-    if started is not None:
-        paths, rport = started
+    if redis_url and database_url:
+        yield SessionServers(redis_url, database_url)
+        return
+    # Not under pytest's temp root: another pytest session on the machine can
+    # reset its permissions, and PostgreSQL runs as another user here.
+    paths = embedded.EmbeddedPaths(Path(tempfile.mkdtemp(prefix="shopflow-test-")))
+    rport = None if redis_url else _free_port()
+    pport = None if database_url else _free_port()
+    if rport is not None:
+        redis_url = embedded.ensure_redis(paths, rport)
+    if pport is not None:
+        database_url = embedded.ensure_postgres(paths, pport)
+    assert redis_url and database_url
+    yield SessionServers(redis_url, database_url, paths, rport, pport)
+    if rport is not None:
         embedded.stop_redis(paths, rport)
+    if pport is not None:
         embedded.stop_postgres(paths)
-        embedded.remove_data(paths)
+    embedded.remove_data(paths)
+
+
+@pytest.fixture(scope="session")
+def servers(session_servers: SessionServers) -> tuple[str, str]:
+    """(redis_url, postgres server url) for the whole session, migrated template ready."""
+    asyncio.run(_build_template(session_servers.database_url))
+    return session_servers.redis_url, session_servers.database_url
 
 
 @pytest.fixture
@@ -119,8 +139,14 @@ def settings(servers: tuple[str, str], tmp_path: Path) -> Iterator[Settings]:
         namespace=f"sf{name}",
         job_backoff_ms=100,
         broker_heartbeat_timeout_ms=3_000,
-        broker_maintenance_chance=200_000,
+        job_sweep_interval_s=0.5,
         outbox_poll_s=0.2,
+        # Processes that serve a simulator themselves (no WAREHOUSE_URL / CARRIER_URL)
+        # get ports of their own: tests of other sessions may run on this machine.
+        warehouse_sim_port=_free_port(),
+        carrier_sim_port=_free_port(),
+        # Incidents resolve at the first clear check unless a test is about the hysteresis.
+        alert_resolve_after_s=0,
     )
     asyncio.run(drop())
 

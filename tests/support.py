@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from runtime.settings import Settings
 
@@ -38,6 +42,16 @@ def spawn(settings: Settings, *args: str, log_name: str | None = None) -> subpro
     log = log_path.open("ab")
     return subprocess.Popen([SHOPFLOW, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def spawn_module(settings: Settings, module: str, log_name: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m MODULE`` (a test harness around a runtime command) like :func:`spawn`."""
+    env = {**os.environ, **settings.to_env()}
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    log = (settings.var_dir / f"{log_name}.log").open("ab")
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "-m", module], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
@@ -68,3 +82,55 @@ def http_ready(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def published_root(settings: Settings, process: str, pid: int | None = None,
+                   timeout_s: float = 30.0) -> dict[str, Any]:
+    """A process's root supervisor as its TreeReporter published it, once every child runs.
+
+    Waits (polling Redis until the deadline) for the hash of ``process`` with
+    ``pid`` (this process by default), as ``shopflow tree`` reads it.
+    """
+    from runtime.tree import published_processes
+
+    wanted_pid = os.getpid() if pid is None else pid
+    client = redis.Redis.from_url(settings.redis_url or "")
+    found: list[dict[str, Any]] = []
+
+    def running() -> bool:
+        for entry in published_processes(client, settings.namespace):
+            if entry["process"] == process and entry["pid"] == wanted_pid and entry["supervisors"]:
+                root: dict[str, Any] = entry["supervisors"][0]
+                if root["children"] and all(c["state"] == "running" for c in root["children"]):
+                    found[:] = [root]
+                    return True
+        return False
+
+    try:
+        wait_until(running, timeout_s, f"{process} publishing its root with every child running")
+    finally:
+        client.close()
+    return found[0]
+
+
+def next_supervision_event(settings: Settings, kind: str, child: str | None = None,
+                           stream: str = "supervision", timeout_s: float = 30.0
+                           ) -> dict[str, Any]:
+    """The first ``supervision.<kind>`` event (of ``child``) on a Redis stream, by XREAD BLOCK."""
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    key = f"{settings.namespace}:events:{stream}"
+    last = "0"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            reply: Any = client.xread({key: last}, count=100, block=1000)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    payload: dict[str, Any] = json.loads(fields["payload"])
+                    if fields["type"] == f"supervision.{kind}" and (
+                            child is None or payload["child"] == child):
+                        return payload
+    finally:
+        client.close()
+    raise AssertionError(f"no supervision.{kind} event for {child} on {key} in {timeout_s}s")

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 
 from actors.agents.messages import MODERATE_REVIEW
 from actors.housekeeping.schedules import shop_schedules
+from runtime.errors import NotFound
+from runtime.jobs.store import JobStore
 from runtime.scheduling.overview import schedules_overview
 from runtime.settings import Settings
 
@@ -57,3 +59,59 @@ class BrokerModeration:
     async def request_moderation(self, review_id: int) -> None:
         """Enqueue the moderation (Dramatiq's enqueue blocks on Redis: run it off the loop)."""
         await asyncio.to_thread(MODERATE_REVIEW.send, self._broker, review_id)
+
+
+class StoreJobsAdmin:
+    """:class:`web.seams.JobsAdmin` over the job layer's :class:`JobStore`."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+
+    async def queues(self) -> list[JsonDict]:
+        return [c.as_json() for c in await self._store.counts()]
+
+    async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
+        """One queue's jobs, or every queue's merged (ended ones newest first)."""
+        if queue is not None:
+            return await self._store.list_jobs(queue, state, limit)
+        jobs: list[JsonDict] = []
+        for name in self._store.queues:
+            jobs.extend(await self._store.list_jobs(name, state, limit))
+        if state not in ("waiting", "delayed"):
+            jobs.sort(key=lambda j: j.get("finished_at") or j.get("started_at") or "",
+                      reverse=True)
+        return jobs[:limit]
+
+    async def get_job(self, job_id: str) -> JsonDict | None:
+        return await self._store.get(job_id)
+
+    async def retry_job(self, job_id: str) -> bool:
+        try:
+            await self._store.retry(job_id)
+        except NotFound:
+            return False
+        return True
+
+    async def remove_job(self, job_id: str) -> bool:
+        try:
+            await self._store.remove(job_id)
+        except NotFound:
+            return False
+        return True
+
+    async def cancel_job(self, job_id: str) -> str:
+        return await self._store.cancel(job_id)
+
+    async def pause_queue(self, queue: str) -> bool:
+        return await self._store.pause(queue)
+
+    async def resume_queue(self, queue: str) -> bool:
+        return await self._store.resume(queue)
+
+    async def empty_dead(self, queue: str | None) -> int:
+        return await self._store.empty_dead(queue)
+
+    async def send_job(self, queue: str, actor: str, args: list[Any],
+                       options: JsonDict) -> JsonDict:
+        sent = await self._store.send(queue, actor, args, options)
+        return {"job_id": sent.job_id, "state": sent.state, "duplicate": sent.duplicate}

@@ -1,11 +1,12 @@
 """The versioned JSON API beyond orders: carts, reviews, support, recommendations,
 jobs and queues, schedules, the supervision tree, stock sync, recent events.
 
-Carts, reviews, support history, stock sync status and recent events are
-plain SQL/Redis reads and writes here; repeatable jobs are added and removed
-with the scheduler's own store functions (:mod:`runtime.scheduling`).
-Everything else another concern owns goes through the Protocols in
-:mod:`web.seams`. Customer endpoints see only the
+Cart changes and checkout call the carts concern and the orders workflow
+(each change commits with its reminder job). Reviews, support history, stock
+sync status and recent events are plain SQL/Redis reads here; repeatable jobs
+are added and removed with the scheduler's own store functions
+(:mod:`runtime.scheduling`). Everything else another concern owns goes
+through the Protocols in :mod:`web.seams`. Customer endpoints see only the
 caller's own data (someone else's cart is "not found", not "forbidden", so ids
 leak nothing); staff endpoints need a staff token. ``web/openapi.py``
 documents every route, and a test keeps the two in step.
@@ -23,12 +24,16 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
+from actors.carts import carts
 from actors.housekeeping.schedules import builtin_names
 from actors.notifier.channels import CHANNELS, may_receive
 from actors.notifier.streams import stream_key, text, text_fields
+from actors.orders import workflow
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
+from runtime.jobs.store import JOB_STATES
 from runtime.scheduling import (
     SchedulerStore,
     add_repeatable,
@@ -59,7 +64,8 @@ MAX_CART_QUANTITY = 1_000
 MAX_REVIEW_CHARS = 5_000
 MAX_QUESTION_CHARS = 2_000
 MAX_LIST_LIMIT = 100
-JOB_STATES = ("failed", "dead", "pending", "delayed", "succeeded")
+# A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
+MAX_JOB_ARGS = 32
 REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
 # The api's own pool, when create_app did not hand one over (small: requests are short).
 OWN_POOL_MAX = 5
@@ -101,27 +107,8 @@ async def get_me(request: web.Request) -> web.Response:
 
 
 # --- carts ------------------------------------------------------------------------------
-
-_CART_SQL = "SELECT id, customer_id, status, created_at, updated_at FROM carts WHERE id = $1"
-_ITEMS_SQL = """
-    SELECT ci.product_id, p.name, ci.quantity, p.price_cents AS unit_price_cents,
-           ci.quantity * p.price_cents AS line_total_cents
-      FROM cart_items ci JOIN products p ON p.id = ci.product_id
-     WHERE ci.cart_id = $1 ORDER BY ci.product_id"""
-
-
-async def _load_cart(conn: asyncpg.Connection, principal: Principal, cart_id: int,
-                     lock: bool = False) -> asyncpg.Record:
-    row = await conn.fetchrow(_CART_SQL + (" FOR UPDATE" if lock else ""), cart_id)
-    if row is None or not principal.may_see_customer(row["customer_id"]):
-        raise NotFound(f"no cart {cart_id}")
-    return row
-
-
-async def _cart_json(conn: asyncpg.Connection, cart: asyncpg.Record) -> dict[str, Any]:
-    items = [dict(r) for r in await conn.fetch(_ITEMS_SQL, cart["id"])]
-    return {**dict(cart), "items": items,
-            "total_cents": sum(i["line_total_cents"] for i in items)}
+# Cart changes live in actors/carts/carts.py (each commits with its reminder job);
+# checkout in actors/orders/workflow.py. The handlers parse, call and answer.
 
 
 async def create_cart(request: web.Request) -> web.Response:
@@ -130,10 +117,7 @@ async def create_cart(request: web.Request) -> web.Response:
     body = await read_json(request)
     customer_id = _customer_scope(principal, body.get("customer_id"))
     async with _pool(request).acquire() as conn:
-        cart = await conn.fetchrow(
-            "INSERT INTO carts (customer_id) VALUES ($1) "
-            "RETURNING id, customer_id, status, created_at, updated_at", customer_id)
-        return ok(await _cart_json(conn, cart), status=201)
+        return ok(await carts.create_cart(conn, customer_id), status=201)
 
 
 async def list_carts(request: web.Request) -> web.Response:
@@ -144,10 +128,7 @@ async def list_carts(request: web.Request) -> web.Response:
     customer_id = _customer_scope(principal, requested)
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
     async with _pool(request).acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT id, customer_id, status, created_at, updated_at FROM carts "
-            "WHERE customer_id = $1 ORDER BY id DESC LIMIT $2", customer_id, limit)
-        return ok({"carts": [await _cart_json(conn, r) for r in rows]})
+        return ok({"carts": await carts.list_carts(conn, customer_id, limit)})
 
 
 async def get_cart(request: web.Request) -> web.Response:
@@ -155,7 +136,8 @@ async def get_cart(request: web.Request) -> web.Response:
     principal = authenticate(request)
     cart_id = path_id(request, "cart_id")
     async with _pool(request).acquire() as conn:
-        return ok(await _cart_json(conn, await _load_cart(conn, principal, cart_id)))
+        cart = await carts.load_cart(conn, cart_id, principal.may_see_customer)
+        return ok(await carts.cart_view(conn, cart))
 
 
 async def put_cart_item(request: web.Request) -> web.Response:
@@ -164,54 +146,35 @@ async def put_cart_item(request: web.Request) -> web.Response:
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
     body = await read_json(request)
     quantity = int_value(body.get("quantity"), "quantity", 1, MAX_CART_QUANTITY)
-    async with _pool(request).acquire() as conn, conn.transaction():
-        cart = await _open_cart(conn, principal, cart_id)
-        if await conn.fetchval("SELECT 1 FROM products WHERE id = $1", product_id) is None:
-            raise NotFound(f"no product {product_id}")
-        await conn.execute(
-            "INSERT INTO cart_items (cart_id, product_id, quantity) VALUES ($1, $2, $3) "
-            "ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
-            cart_id, product_id, quantity)
-        cart = await _touch(conn, cart_id)
-        return ok(await _cart_json(conn, cart))
+    async with _pool(request).acquire() as conn:
+        return ok(await carts.set_item(conn, cart_id, product_id, quantity,
+                                       principal.may_see_customer))
 
 
 async def delete_cart_item(request: web.Request) -> web.Response:
     """Remove a product from an open cart (removing an absent one is a no-op)."""
     principal = authenticate(request)
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
-    async with _pool(request).acquire() as conn, conn.transaction():
-        await _open_cart(conn, principal, cart_id)
-        await conn.execute("DELETE FROM cart_items WHERE cart_id = $1 AND product_id = $2",
-                           cart_id, product_id)
-        return ok(await _cart_json(conn, await _touch(conn, cart_id)))
+    async with _pool(request).acquire() as conn:
+        return ok(await carts.remove_item(conn, cart_id, product_id, principal.may_see_customer))
 
 
 async def abandon_cart(request: web.Request) -> web.Response:
     """Abandon an open cart (idempotent); a checked-out cart cannot be abandoned."""
     principal = authenticate(request)
     cart_id = path_id(request, "cart_id")
-    async with _pool(request).acquire() as conn, conn.transaction():
-        cart = await _load_cart(conn, principal, cart_id, lock=True)
-        if cart["status"] == "checked_out":
-            raise Conflict(f"cart {cart_id} is checked out")
-        await conn.execute("UPDATE carts SET status = 'abandoned', updated_at = now() "
-                           "WHERE id = $1", cart_id)
+    async with _pool(request).acquire() as conn:
+        await carts.abandon(conn, cart_id, principal.may_see_customer)
     return web.Response(status=204)
 
 
-async def _open_cart(conn: asyncpg.Connection, principal: Principal,
-                     cart_id: int) -> asyncpg.Record:
-    cart = await _load_cart(conn, principal, cart_id, lock=True)
-    if cart["status"] != "open":
-        raise Conflict(f"cart {cart_id} is {cart['status']}")
-    return cart
-
-
-async def _touch(conn: asyncpg.Connection, cart_id: int) -> asyncpg.Record:
-    return await conn.fetchrow(
-        "UPDATE carts SET updated_at = now() WHERE id = $1 "
-        "RETURNING id, customer_id, status, created_at, updated_at", cart_id)
+async def checkout_cart(request: web.Request) -> web.Response:
+    """Place the order of an open cart (201); again for the same cart: its order (200)."""
+    principal = authenticate(request)
+    cart_id = path_id(request, "cart_id")
+    order, created = await workflow.checkout_cart(_pool(request), cart_id,
+                                                  principal.may_see_customer)
+    return ok(order, status=201 if created else 200)
 
 
 # --- reviews ----------------------------------------------------------------------------
@@ -263,6 +226,13 @@ async def list_product_reviews(request: web.Request) -> web.Response:
         f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE product_id = $1 AND status = $2 "
         "ORDER BY id DESC LIMIT $3", product_id, status, limit)
     return ok({"reviews": [dict(r) for r in rows]})
+
+
+async def list_flagged_reviews(request: web.Request) -> web.Response:
+    """Staff: the newest moderation results that did not approve, with an excerpt of each review."""
+    require_staff(request)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    return ok({"reviews": await flagged_reviews(_pool(request), limit)})
 
 
 # --- support and recommendations --------------------------------------------------------
@@ -339,7 +309,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    """Enqueue a failed or dead job again."""
+    """Enqueue a failed, dead or cancelled job again with fresh attempts."""
     require_staff(request)
     job_id = _job_id(request)
     if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").retry_job(job_id):
@@ -348,12 +318,66 @@ async def retry_job(request: web.Request) -> web.Response:
 
 
 async def remove_job(request: web.Request) -> web.Response:
-    """Delete a failed or dead job."""
+    """Delete a job that is not running."""
     require_staff(request)
     job_id = _job_id(request)
     if not await _seam(request, seams.JOBS_ADMIN, "the jobs admin").remove_job(job_id):
         raise NotFound(f"no job {job_id}")
     return web.Response(status=204)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a job that has not started, or ask a running one to stop."""
+    require_staff(request)
+    job_id = _job_id(request)
+    status = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").cancel_job(job_id)
+    return ok({"job_id": job_id, "status": status}, status=202)
+
+
+async def send_job(request: web.Request) -> web.Response:
+    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis."""
+    require_staff(request)
+    body = await read_json(request)
+    queue = text_value(body.get("queue"), "queue", 100)
+    actor = text_value(body.get("actor"), "actor", 200)
+    args = body.get("args", [])
+    if not isinstance(args, list) or len(args) > MAX_JOB_ARGS:
+        raise ValidationError(f"args must be a list of at most {MAX_JOB_ARGS} JSON values",
+                              field="args")
+    options = body.get("options", {})
+    if not isinstance(options, dict):
+        raise ValidationError("options must be an object of job options", field="options")
+    sent = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").send_job(
+        queue, actor, args, options)
+    return ok(sent, status=200 if sent.get("duplicate") else 201)
+
+
+def _queue(request: web.Request) -> str:
+    return text_value(request.match_info["queue"], "queue", 100)
+
+
+async def pause_queue(request: web.Request) -> web.Response:
+    """Stop workers taking jobs of a queue; producers may still send."""
+    require_staff(request)
+    queue = _queue(request)
+    changed = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").pause_queue(queue)
+    return ok({"queue": queue, "paused": True, "changed": changed})
+
+
+async def resume_queue(request: web.Request) -> web.Response:
+    """Let workers take jobs of a queue again."""
+    require_staff(request)
+    queue = _queue(request)
+    changed = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").resume_queue(queue)
+    return ok({"queue": queue, "paused": False, "changed": changed})
+
+
+async def empty_dead(request: web.Request) -> web.Response:
+    """Delete the dead (quarantined) jobs of a queue."""
+    require_staff(request)
+    queue = _queue(request)
+    deleted = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").empty_dead(queue)
+    return ok({"queue": queue, "deleted": deleted})
 
 
 async def list_schedules(request: web.Request) -> web.Response:
@@ -471,16 +495,23 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("DELETE", "/carts/{cart_id}", abandon_cart),
     ("PUT", "/carts/{cart_id}/items/{product_id}", put_cart_item),
     ("DELETE", "/carts/{cart_id}/items/{product_id}", delete_cart_item),
+    ("POST", "/carts/{cart_id}/checkout", checkout_cart),
     ("POST", "/reviews", submit_review),
     ("GET", "/reviews/{review_id}", get_review),
     ("GET", "/products/{product_id}/reviews", list_product_reviews),
+    ("GET", "/moderation/flagged", list_flagged_reviews),
     ("POST", "/support/questions", ask_support),
     ("GET", "/support/questions", list_support),
     ("GET", "/customers/{customer_id}/recommendations", get_recommendations),
     ("GET", "/queues", list_queues),
+    ("POST", "/queues/{queue}/pause", pause_queue),
+    ("POST", "/queues/{queue}/resume", resume_queue),
+    ("DELETE", "/queues/{queue}/dead", empty_dead),
     ("GET", "/jobs", list_jobs),
+    ("POST", "/jobs", send_job),
     ("GET", "/jobs/{job_id}", get_job),
     ("POST", "/jobs/{job_id}/retry", retry_job),
+    ("POST", "/jobs/{job_id}/cancel", cancel_job),
     ("DELETE", "/jobs/{job_id}", remove_job),
     ("GET", "/schedules", list_schedules),
     ("POST", "/schedules", add_schedule),

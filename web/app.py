@@ -1,10 +1,12 @@
 """The aiohttp application: HTTP API, health, and the outbox relay of this api process.
 
 ``create_app(settings)`` builds a fresh app; resources (database pool, Redis,
-broker, relay task) are opened and closed in ``cleanup_ctx``. Handlers only
-check the caller's token, parse, call the order workflow and translate domain
-errors to HTTP answers. The orders endpoints need a token like the rest of
-``/api/v1``: staff (a service) for any order, a customer for their own.
+broker) are opened and closed in ``cleanup_ctx``; the outbox relay, the queue
+feed and the notifier are actors under the process's root supervisor
+(:mod:`web.supervision`). Handlers only check the caller's token, parse, call
+the order workflow and translate domain errors to HTTP answers. The orders
+endpoints need a token like the rest of ``/api/v1``: staff (a service) for any
+order, a customer for their own.
 """
 
 from __future__ import annotations
@@ -17,25 +19,32 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
+import pykka
 import redis.asyncio as aioredis
 from aiohttp import web
-from dramatiq.brokers.redis import RedisBroker
 
 from actors.orders import workflow
 from runtime import db, embedded
-from runtime.broker import setup_broker
+from runtime.actor import TaskActor
+from runtime.broker import ALL_QUEUES, setup_broker
 from runtime.cli import add_command
 from runtime.errors import NotFound
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.feed import QueueFeed
+from runtime.jobs.store import JobStore
+from runtime.loop import LoopBridge
 from runtime.metrics import get_metrics
 from runtime.observability import metrics_handler
 from runtime.outbox import OutboxRelay, OutboxRow, now_utc
 from runtime.scheduling.health import scheduler_health
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart
 from web.api_extra import POOL_KEY, REDIS_KEY, setup_api
 from web.auth import authenticate, ensure_signer
 from web.dashboard import setup_dashboard
 from web.httpkit import MAX_BODY_BYTES, error_middleware, json_errors, read_json
 from web.realtime import setup_realtime
+from web.supervision import add_child, exit_on_escalation, use_shared_metrics
 from web.wiring import plug_seams
 
 log = logging.getLogger(__name__)
@@ -43,9 +52,11 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
-BROKER = web.AppKey("broker", RedisBroker)
-# At shutdown the relay may finish the round it is in for this long before it is cancelled.
-RELAY_STOP_GRACE_S = 5.0
+BROKER = web.AppKey("broker", JobBroker)
+# The outbox relay's id under the api's root supervisor.
+RELAY_CHILD = "outbox-relay"
+# The queue feed's id under the api's root supervisor.
+FEED_CHILD = "queue-feed"
 
 
 def _order_id(request: web.Request) -> int:
@@ -135,7 +146,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].close()
 
 
-async def _relay(app: web.Application) -> AsyncIterator[None]:
+def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The outbox relay as a supervised async actor: ``OutboxRelay.run`` is its life.
+
+    Outages of PostgreSQL and Redis are ridden out inside ``run()``; anything
+    else escaping it (a bug, a row it cannot handle) crashes the actor and the
+    root restarts it with a fresh relay: a log line, a metric and an event,
+    never a task that silently stopped. Unpublished rows wait in the outbox.
+    """
     settings = app[SETTINGS]
     _, database_url = settings.require_urls()
     metrics = get_metrics(settings)
@@ -146,26 +164,27 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
         oldest = min(row.created_at for row in rows)
         metrics.outbox_lag.set((now_utc() - oldest).total_seconds())
 
-    relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
-                        settings.outbox_poll_s, on_published=on_published)
-    task = asyncio.create_task(relay.run(), name="outbox-relay")
-    yield
-    await stop_relay(relay, task)
+    def start() -> pykka.ActorRef[Any]:
+        relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
+                            settings.outbox_poll_s, on_published=on_published)
+        # stop=: the relay ends its round and returns, even if a cancel would be swallowed.
+        return TaskActor.start(bridge, RELAY_CHILD, relay.run, stop=relay.stop)
+
+    return ChildSpec(RELAY_CHILD, start, Restart.PERMANENT)
 
 
-async def stop_relay(relay: OutboxRelay, task: asyncio.Task[None],
-                     grace_s: float = RELAY_STOP_GRACE_S) -> None:
-    """Stop the relay: it finishes its round (nothing half-published), then is cancelled if a
-    round outlasts ``grace_s`` (a database that stopped answering). Re-raises its errors."""
-    relay.stop()
-    await asyncio.wait({task}, timeout=grace_s)  # waits without cancelling anything
-    if not task.done():
-        task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():  # not the relay's cancel but ours (shutdown cut short)
-            raise
+def queue_feed_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The queue feed (live counts on the ``queues`` channel) as a supervised async actor."""
+    settings = app[SETTINGS]
+    broker = app[BROKER]
+
+    def start() -> pykka.ActorRef[Any]:
+        store = JobStore(app[REDIS], broker.keys,
+                         sorted(broker.get_declared_queues() | set(ALL_QUEUES)))
+        return TaskActor.start(bridge, FEED_CHILD, QueueFeed(store, app[REDIS],
+                                                            settings.namespace).run)
+
+    return ChildSpec(FEED_CHILD, start, Restart.PERMANENT)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -174,7 +193,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     ensure_signer(app, settings)  # every /api/v1 call carries a token (web/auth.py)
     app.cleanup_ctx.append(_resources)
-    app.cleanup_ctx.append(_relay)
+    use_shared_metrics(app, settings)
+    add_child(app, settings, relay_child)  # the api's root supervisor, with the notifier
+    add_child(app, settings, queue_feed_child)
     app.router.add_post("/api/v1/orders", json_errors(create_order))
     app.router.add_get("/api/v1/orders/{order_id}", json_errors(get_order))
     app.router.add_post("/api/v1/orders/{order_id}/payment", json_errors(confirm_payment))
@@ -189,6 +210,7 @@ def create_app(settings: Settings) -> web.Application:
 def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     settings = embedded.ensure_services(settings)
     app = create_app(settings)
+    exit_on_escalation(app, settings)  # root gave up: exit 70, supervisord restarts us
     web.run_app(app, host=settings.http_host, port=settings.http_port, reuse_port=True,
                 print=None, access_log=None, shutdown_timeout=10)
     return 0

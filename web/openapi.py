@@ -56,6 +56,17 @@ SCHEMAS: dict[str, Schema] = {
         "body": {"type": "string"},
         "status": {"enum": ["pending", "approved", "rejected", "manual_review"]},
         "moderation": {}, "created_at": TIME, "moderated_at": TIME}},
+    "FlaggedReview": {"type": "object", "required": ["review_id", "status", "source",
+                                                     "categories", "current_status"],
+                      "properties": {
+        "review_id": {"type": "integer"},
+        "status": {"enum": ["rejected", "manual_review"]},
+        "source": {"type": "string"}, "confidence": {"type": ["number", "null"]},
+        "categories": {"type": "array", "items": {"type": "string"}},
+        "reason": {"type": ["string", "null"]}, "created_at": TIME,
+        "product_id": {"type": "integer"}, "rating": {"type": "integer"},
+        "excerpt": {"type": "string"},
+        "current_status": {"enum": ["pending", "approved", "rejected", "manual_review"]}}},
     "SupportInteraction": {"type": "object", "required": ["id", "question"], "properties": {
         "id": {"type": "integer"}, "customer_id": {"type": "integer"},
         "question": {"type": "string"}, "answer": {"type": ["string", "null"]},
@@ -67,13 +78,28 @@ SCHEMAS: dict[str, Schema] = {
         "customer_id": {"type": "integer"}, "source": {"type": "string"},
         "items": {"type": "array", "items": OBJ}}},
     "Queue": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string"}, "pending": {"type": "integer"},
-        "delayed": {"type": "integer"}, "failed": {"type": "integer"},
-        "dead": {"type": "integer"}, "processed_per_min": {"type": "number"}}},
+        "name": {"type": "string"}, "waiting": {"type": "integer"},
+        "pending": {"type": "integer", "description": "the same as waiting"},
+        "active": {"type": "integer"}, "delayed": {"type": "integer"},
+        "completed": {"type": "integer", "description": "kept completed jobs (keep-last-N)"},
+        "failed": {"type": "integer"}, "dead": {"type": "integer"},
+        "cancelled": {"type": "integer"}, "paused": {"type": "boolean"},
+        "totals": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "processed_per_min": {"type": "number"}}},
     "Job": {"type": "object", "required": ["id"], "properties": {
         "id": {"type": "string"}, "queue": {"type": "string"}, "actor": {"type": "string"},
-        "state": {"type": "string"}, "attempts": {"type": "integer"},
-        "error": {"type": ["string", "null"]}}},
+        "state": {"enum": ["waiting", "delayed", "active", "completed", "skipped", "failed",
+                           "dead", "cancelled"]},
+        "attempt": {"type": "integer"}, "max_attempts": {"type": "integer"},
+        "priority": {"type": "integer"}, "deaths": {"type": "integer"},
+        "created_at": TIME, "enqueued_at": TIME, "started_at": TIME, "finished_at": TIME,
+        "run_at": TIME, "error": {"type": ["string", "null"]}, "reason": {"type": "string"},
+        "cancel_requested": {"type": "boolean"}, "progress": {}, "result": {},
+        "args": {"type": "array"}, "options": OBJ,
+        "history": {"type": "array", "items": OBJ}}},
+    "JobSent": {"type": "object", "required": ["job_id", "state", "duplicate"], "properties": {
+        "job_id": {"type": "string"}, "state": {"type": "string"},
+        "duplicate": {"type": "boolean"}}},
     "Schedule": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "cron": {"type": "string"},
         "source": {"enum": ["builtin", "repeatable"]}, "queue": {"type": "string"},
@@ -199,6 +225,7 @@ REPEATABLE_BODY: Schema = {
     },
 }
 JOB_ID = _path("job_id", {"type": "string", "minLength": 1, "maxLength": 200})
+QUEUE = _path("queue", {"type": "string", "minLength": 1, "maxLength": 100})
 
 OPERATIONS: dict[tuple[str, str], Schema] = {
     # --- owned by web/app.py (documented here so the document stays whole) ---
@@ -253,6 +280,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     ("DELETE", "/api/v1/carts/{cart_id}/items/{product_id}"): op(
         "Remove a product from a cart", "carts", "200", _resp("the cart", ref("Cart")),
         params=[CART_ID, PRODUCT_ID]),
+    ("POST", "/api/v1/carts/{cart_id}/checkout"): op(
+        "Check out a cart: place its order (starts stock reservation), cancel its reminder",
+        "carts", "201", _resp("the new order", ref("Order")), params=[CART_ID],
+        also={"200": _resp("the order this cart was already checked out as", ref("Order"))}),
     ("POST", "/api/v1/reviews"): op(
         "Submit a review (starts moderation)", "reviews", "202",
         _resp("accepted", {"type": "object", "required": ["review", "moderation"],
@@ -270,6 +301,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         _resp("reviews", _list_of("reviews", "Review")),
         params=[PRODUCT_ID, _query("status", {"enum": ["pending", "approved", "rejected",
                                                        "manual_review"]}), LIMIT]),
+    ("GET", "/api/v1/moderation/flagged"): op(
+        "Reviews moderation did not approve (rejected or held for a person), newest first",
+        "reviews", "200", _resp("flagged reviews", _list_of("reviews", "FlaggedReview")),
+        auth="staff", params=[LIMIT]),
     ("POST", "/api/v1/support/questions"): op(
         "Ask support a question", "support", "201", _resp("the answer", ref("SupportAnswer")),
         body=_body(["question"], {"customer_id": ID, "question": {
@@ -285,18 +320,51 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
                                                        "maximum": 50})]),
     ("GET", "/api/v1/queues"): op("Queues with counts and throughput", "jobs", "200",
                                   _resp("queues", _list_of("queues", "Queue")), auth="staff"),
+    ("POST", "/api/v1/queues/{queue}/pause"): op(
+        "Pause a queue (it keeps accepting jobs; workers take none)", "jobs", "200",
+        _resp("paused", {"type": "object", "required": ["queue", "paused", "changed"]}),
+        auth="staff", params=[QUEUE]),
+    ("POST", "/api/v1/queues/{queue}/resume"): op(
+        "Resume a paused queue", "jobs", "200",
+        _resp("resumed", {"type": "object", "required": ["queue", "paused", "changed"]}),
+        auth="staff", params=[QUEUE]),
+    ("DELETE", "/api/v1/queues/{queue}/dead"): op(
+        "Empty a queue's dead-letter set", "jobs", "200",
+        _resp("emptied", {"type": "object", "required": ["queue", "deleted"]}),
+        auth="staff", params=[QUEUE]),
     ("GET", "/api/v1/jobs"): op(
         "Jobs in a state", "jobs", "200", _resp("jobs", _list_of("jobs", "Job")), auth="staff",
-        params=[_query("state", {"enum": ["failed", "dead", "pending", "delayed",
-                                          "succeeded"]}),
+        params=[_query("state", {"enum": ["waiting", "delayed", "active", "completed",
+                                          "failed", "dead", "cancelled"]}),
                 _query("queue", {"type": "string", "minLength": 1, "maxLength": 100}), LIMIT]),
+    ("POST", "/api/v1/jobs"): op(
+        "Enqueue a job for a declared actor (docs/jobs.md: the message contract)", "jobs",
+        "201", _resp("enqueued", ref("JobSent")), auth="staff",
+        also={"200": _resp("a job with this job_id already waits, runs or just completed",
+                           ref("JobSent")),
+              "503": _resp("the queue is full (queue_full) or the jobs admin is missing",
+                           ref("Error"))},
+        body=_body(["queue", "actor"], {
+            "queue": {"type": "string", "minLength": 1, "maxLength": 100},
+            "actor": {"type": "string", "minLength": 1, "maxLength": 200},
+            "args": {"type": "array", "maxItems": 32},
+            "options": {"type": "object", "description": "job options: job_id, attempts, "
+                        "backoff, backoff_ms, backoff_max_ms, jitter, delay_ms, priority, "
+                        "timeout_ms, keep_completed, keep_failed, limit_key, dedup_s, "
+                        "critical, correlation_id"}})),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): op(
+        "Cancel a job (a running one is asked to stop)", "jobs", "202",
+        _resp("cancelled or requested", {"type": "object", "required": ["job_id", "status"],
+                                         "properties": {"status": {"enum": [
+                                             "cancelled", "requested"]}}}),
+        auth="staff", params=[JOB_ID]),
     ("GET", "/api/v1/jobs/{job_id}"): op("One job", "jobs", "200", _resp("the job", ref("Job")),
                                          auth="staff", params=[JOB_ID]),
     ("POST", "/api/v1/jobs/{job_id}/retry"): op(
-        "Retry a failed or dead job", "jobs", "202",
+        "Retry a failed, dead or cancelled job", "jobs", "202",
         _resp("re-enqueued", {"type": "object", "required": ["job_id", "retried"]}),
         auth="staff", params=[JOB_ID]),
-    ("DELETE", "/api/v1/jobs/{job_id}"): op("Remove a failed or dead job", "jobs", "204",
+    ("DELETE", "/api/v1/jobs/{job_id}"): op("Remove a job that is not running", "jobs", "204",
                                             _resp("removed"), auth="staff", params=[JOB_ID]),
     ("GET", "/api/v1/schedules"): op("Cron schedules with next runs", "schedules", "200",
                                      _resp("schedules", _list_of("schedules", "Schedule")),

@@ -31,12 +31,23 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from actors.notifier.channels import CHANNELS, FILTER_FIELDS, STAFF_ONLY, Viewer, may_subscribe
+from actors.notifier.channels import (
+    CHANNELS,
+    FILTER_FIELDS,
+    STAFF_ONLY,
+    TEXT_KEYS,
+    Viewer,
+    may_subscribe,
+)
 from actors.notifier.notifier import Notifier, Resync
 from actors.notifier.streams import StreamId, parse_id
+from runtime.actor import TaskActor
 from runtime.errors import Unauthenticated
+from runtime.loop import LoopBridge
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart
 from web.auth import Principal, bearer_token, ensure_signer
+from web.supervision import add_child
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,8 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4429
 # After this many bad messages in a row the client is broken or hostile: close it.
 MAX_CONSECUTIVE_ERRORS = 10
+# A job id or queue name in a filter is at most this long (job ids are up to 200).
+MAX_TEXT_KEY = 200
 # A subscription filter longer than this is refused (it is a list scan per event).
 MAX_FILTER_KEYS = 1_000
 # Backlog replay waits at most this long for room in a client's send queue.
@@ -56,6 +69,8 @@ BACKLOG_PUT_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 # How long the process waits for the notifier to learn where the streams end.
 READY_TIMEOUT_S = 10.0
+# The notifier's id under the api's root supervisor.
+NOTIFIER_CHILD = "notifier"
 
 NOTIFIER_KEY = web.AppKey("notifier", Notifier)
 CONNECTIONS_KEY = web.AppKey("ws_connections", set)
@@ -208,18 +223,24 @@ def parse_since(message: dict[str, Any]) -> StreamId | None:
     return parsed
 
 
-def parse_keys(message: dict[str, Any]) -> frozenset[int] | None:
-    """The optional filter: order ids or product ids, depending on the channel."""
+def parse_keys(message: dict[str, Any]) -> frozenset[int | str] | None:
+    """The optional filter: order or product ids, or job ids or queue names (strings)."""
     keys = message.get("keys")
     if keys is None:
         return None
     channel = message["channel"]
     if channel not in FILTER_FIELDS:
         raise BadMessage("bad_message", f"channel {channel} takes no keys filter")
-    if not isinstance(keys, list) or len(keys) > MAX_FILTER_KEYS or not all(
-        isinstance(k, int) and not isinstance(k, bool) for k in keys
-    ):
-        raise BadMessage("bad_message", f"keys must be a list of at most {MAX_FILTER_KEYS} ids")
+    if channel in TEXT_KEYS:
+        valid = all(isinstance(k, str) and 0 < len(k) <= MAX_TEXT_KEY for k in keys) \
+            if isinstance(keys, list) else False
+        kind = f"names of at most {MAX_TEXT_KEY} characters"
+    else:
+        valid = isinstance(keys, list) and all(
+            isinstance(k, int) and not isinstance(k, bool) for k in keys)
+        kind = "ids"
+    if not valid or len(keys) > MAX_FILTER_KEYS:
+        raise BadMessage("bad_message", f"keys must be a list of at most {MAX_FILTER_KEYS} {kind}")
     return frozenset(keys)
 
 
@@ -324,7 +345,7 @@ def _cancel_subscription(conn: Connection, channel: str) -> None:
 
 
 async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
-                     keys: frozenset[int] | None, since: StreamId | None, ref: Any) -> None:
+                     keys: frozenset[int | str] | None, since: StreamId | None, ref: Any) -> None:
     """Subscribe (replaying from ``since``) in its own task so the reader keeps reading."""
 
     async def announce(last_id: str, resync: Resync | None) -> None:
@@ -340,16 +361,19 @@ async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
 
 
 def setup_realtime(app: web.Application, settings: Settings) -> None:
-    """Add ``GET /ws`` and the notifier actor (started and stopped with the app)."""
+    """Add ``GET /ws`` and the notifier actor (a child of the api's root supervisor)."""
     ensure_signer(app, settings)
     app[WS_SETTINGS_KEY] = settings
     app[CONNECTIONS_KEY] = set()
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_notifier_ctx(settings))
     app.on_shutdown.append(_close_connections)
+    add_child(app, settings, notifier_child)
 
 
 def _notifier_ctx(settings: Settings) -> Any:
+    """The notifier's Redis client and state, open for the app's life (its actor runs it)."""
+
     async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
         redis_url, _ = settings.require_urls()
         client = aioredis.Redis.from_url(
@@ -357,25 +381,43 @@ def _notifier_ctx(settings: Settings) -> Any:
             socket_timeout=settings.notifier_block_ms / 1000 + 5, socket_connect_timeout=2,
         )
         signer = ensure_signer(app, settings)
-        notifier = Notifier(
+        app[NOTIFIER_KEY] = Notifier(
             client, settings.namespace, block_ms=settings.notifier_block_ms,
             expired=lambda viewer: isinstance(viewer, Principal) and viewer.expired(
                 signer.now_s()),
         )
-        app[NOTIFIER_KEY] = notifier
-        task = asyncio.create_task(run_supervised(notifier), name="notifier")
-        with contextlib.suppress(TimeoutError):
-            await notifier.wait_ready(READY_TIMEOUT_S)
         try:
             yield
         finally:
-            notifier.stop()  # ends it even if a library swallows the cancel below
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await client.aclose()
 
     return notifier_ctx
+
+
+def notifier_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
+    """The notifier as a supervised async actor: ``Notifier.run`` is its life.
+
+    Redis outages are ridden out inside ``run()``; anything else escaping it
+    crashes the actor and the root restarts it (log line, metric, event). The
+    ``Notifier`` object outlives its incarnations: a restart resumes tailing
+    from the cursors it had and keeps the connections' subscriptions, so no
+    client notices beyond the event that broke it. Its start waits (at most
+    :data:`READY_TIMEOUT_S`) until the stream ends are known, so ``/ws``
+    serves subscriptions at once.
+    """
+    notifier = app[NOTIFIER_KEY]
+
+    async def ready() -> None:
+        with contextlib.suppress(TimeoutError):  # Redis is away: run() keeps trying
+            await notifier.wait_ready(READY_TIMEOUT_S)
+
+    return ChildSpec(
+        NOTIFIER_CHILD,
+        # stop=: run() returns within one XREAD block even if the cancel would be swallowed.
+        lambda: TaskActor.start(bridge, NOTIFIER_CHILD, notifier.run, ready=ready,
+                                stop=notifier.stop),
+        Restart.PERMANENT, start_timeout_s=READY_TIMEOUT_S + 5,
+    )
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -384,29 +426,6 @@ async def _close_connections(app: web.Application) -> None:
     for conn in conns:
         conn.refuse(CLOSE_GOING_AWAY, "server shutting down")
     await asyncio.gather(*(c.finish() for c in conns), return_exceptions=True)
-
-
-async def run_supervised(notifier: Notifier, max_restarts: int = 5,
-                         within_s: float = 60.0) -> None:
-    """The notifier's supervisor: restart it after a crash, give up past MaxR in MaxT.
-
-    Redis outages are handled inside ``run()``; this catches bugs, logs each
-    restart, and escalates (re-raises) if the actor keeps dying.
-    """
-    loop = asyncio.get_running_loop()
-    crashes: list[float] = []
-    while True:
-        try:
-            await notifier.run()
-            return
-        except Exception:
-            now = loop.time()
-            crashes = [t for t in crashes if now - t < within_s] + [now]
-            if len(crashes) > max_restarts:
-                log.critical("notifier crashed %d times in %.0fs; giving up", len(crashes),
-                             within_s)
-                raise
-            log.exception("notifier crashed; restarting it (restart %d)", len(crashes))
 
 
 __all__ = ["NOTIFIER_KEY", "WSCloseCode", "setup_realtime"]

@@ -21,22 +21,42 @@ JsonDict = dict[str, Any]
 
 
 class JobsAdmin(Protocol):
-    """Queues and jobs, as the jobs concern keeps them (issue: jobs)."""
+    """Queues and jobs, as the job layer keeps them (runtime/jobs, docs/jobs.md).
+
+    Methods raise the runtime's errors (NotFound, Conflict, ValidationError,
+    QueueFull), which the handlers translate to HTTP answers.
+    """
 
     async def queues(self) -> list[JsonDict]:
-        """One dict per queue: name, pending, delayed, failed, dead, processed_per_min."""
+        """One dict per queue: name, waiting (pending), active, delayed, failed, dead, paused."""
 
     async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
-        """Jobs in ``state`` (failed, dead, pending, delayed, succeeded), newest first."""
+        """Jobs in ``state``: waiting ones in run order, ended ones newest first."""
 
     async def get_job(self, job_id: str) -> JsonDict | None:
         """One job with its history, or None."""
 
     async def retry_job(self, job_id: str) -> bool:
-        """Enqueue a failed or dead job again; False if there is no such job."""
+        """Enqueue a failed, dead or cancelled job again; False if there is no such job."""
 
     async def remove_job(self, job_id: str) -> bool:
-        """Delete a failed or dead job; False if there is no such job."""
+        """Delete a job that is not running; False if there is no such job."""
+
+    async def cancel_job(self, job_id: str) -> str:
+        """``cancelled`` (it had not started) or ``requested`` (the running job will stop)."""
+
+    async def pause_queue(self, queue: str) -> bool:
+        """Stop workers taking jobs of ``queue``; True if it was running."""
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Let workers take jobs of ``queue`` again; True if it was paused."""
+
+    async def empty_dead(self, queue: str | None) -> int:
+        """Delete the dead (quarantined) jobs of one queue or all; how many."""
+
+    async def send_job(self, queue: str, actor: str, args: list[Any],
+                       options: JsonDict) -> JsonDict:
+        """Enqueue a job: {job_id, state, duplicate}."""
 
 
 class ScheduleView(Protocol):

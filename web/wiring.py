@@ -14,18 +14,20 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
 from actors.agents.deps import AgentDeps, build_deps
 from actors.agents.metrics import create_agent_metrics
 from actors.agents.recommendation import recommend
 from actors.agents.support import answer_support
+from runtime.broker import ALL_QUEUES
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.store import JobStore
 from runtime.metrics import get_metrics
 from runtime.settings import Settings
 from runtime.tree import SupervisionTreeView
 from web import seams
-from web.adapters import BrokerModeration, ScheduleOverview
+from web.adapters import BrokerModeration, ScheduleOverview, StoreJobsAdmin
 
 JsonDict = dict[str, Any]
 
@@ -59,7 +61,7 @@ class AgentSupportDesk:
 
 
 def plug_seams(app: web.Application, settings: Settings, pool: asyncpg.Pool,
-               redis: aioredis.Redis, broker: RedisBroker) -> None:
+               redis: aioredis.Redis, broker: JobBroker) -> None:
     """Set every seam this process can serve (call once the resources are open)."""
     get_metrics(settings)  # multiprocess mode first, so the agents' metrics are summed too
     deps = build_deps(settings, pool, redis, create_agent_metrics(CollectorRegistry(auto_describe=False)))
@@ -68,3 +70,6 @@ def plug_seams(app: web.Application, settings: Settings, pool: asyncpg.Pool,
     app[seams.SCHEDULES] = ScheduleOverview(redis, settings)
     app[seams.SUPERVISION] = SupervisionTreeView(settings)
     app[seams.REVIEW_MODERATION] = BrokerModeration(broker)
+    app[seams.JOBS_ADMIN] = StoreJobsAdmin(
+        JobStore(redis, broker.keys, sorted(broker.get_declared_queues() | set(ALL_QUEUES)),
+                 broker.config.bounds))

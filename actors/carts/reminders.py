@@ -5,14 +5,16 @@
 default) gets exactly one reminder e-mail, ever.
 
 - Every change to a cart calls :func:`schedule_reminder` (via the
-  ``CART_CHANGED`` message): it records the cart's version (``updated_at``) in
+  ``CART_CHANGED`` message that the functions of ``actors/carts/carts.py``
+  put in the outbox with the change): it records the cart's version (``updated_at``) in
   ``cart_reminders`` and, in the same transaction, emits an outbox event whose
   job is ``REMINDER_DUE(cart_id, version)`` delayed by ``idle_s``.
 - When the job fires, :func:`fire_reminder` locks the cart and its reminder
   row and sends only if the reminder is still ``scheduled``, the cart is
   still open and non-empty, and its version is still the one the job was
-  scheduled for. A checkout cancels the reminder; a change supersedes the old
-  job (the change scheduled a new one).
+  scheduled for. A checkout cancels the reminder in its own transaction
+  (:func:`actors.carts.carts.check_out`); a change supersedes the old job
+  (the change scheduled a new one).
 - Deciding to send means: the reminder row becomes ``sent`` and the
   ``SEND_CART_REMINDER`` job is written to the outbox, in one transaction. A
   redelivered or duplicated ``REMINDER_DUE`` finds the row ``sent`` and does

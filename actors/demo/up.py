@@ -5,7 +5,8 @@ set, apply migrations, seed the demo shop, start the process tree under
 supervisord with the repository's supervisord.conf, wait for /health, replay
 real CDNOW orders, print the summary. Then it keeps running until Ctrl-C (or,
 with ``--once``, stops everything and exits 0 when every order has an
-outcome). What it started, it stops.
+outcome). What it started, it stops; an embedded server it found running
+(reused) is left running.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from actors.demo.command import add_replay_arguments, run_demo
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.errors import ServiceError
-from runtime.metrics import prepare_metrics_dir
 from runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,32 +78,28 @@ def stop_supervisord(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    given = settings
-    settings = embedded.ensure_services(settings)
-    print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}", file=sys.stderr)
-    prepare_metrics_dir(settings)
-    proc = start_supervisord(settings)
-    code = 0
-    try:
-        wait_healthy(settings, proc)
-        summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
-                                       data=args.data, stock_multiplier=args.stock_multiplier))
-        print(summary.render())
-        code = 0 if summary.complete else 1
-        if not args.once:
-            print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health  "
-                  "(Ctrl-C stops it)", file=sys.stderr)
-            proc.wait()
-    except KeyboardInterrupt:
-        code = 130
-    finally:
-        stop_supervisord(proc)
-        paths = embedded.EmbeddedPaths(settings.var_dir)
-        if given.redis_url is None:
-            embedded.stop_redis(paths, settings.embedded_redis_port)
-        if given.database_url is None:
-            embedded.stop_postgres(paths)
+def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
+    # Embedded servers this command started are stopped on the way out; reused ones stay up.
+    with embedded.running_services(given) as settings:
+        print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",
+              file=sys.stderr)
+        proc = start_supervisord(settings)
+        code = 0
+        try:
+            wait_healthy(settings, proc)
+            summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
+                                           data=args.data,
+                                           stock_multiplier=args.stock_multiplier))
+            print(summary.render())
+            code = 0 if summary.complete else 1
+            if not args.once:
+                print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health"
+                      "  (Ctrl-C stops it)", file=sys.stderr)
+                proc.wait()
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            stop_supervisord(proc)
     return code
 
 

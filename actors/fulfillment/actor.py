@@ -2,39 +2,88 @@
 
 from __future__ import annotations
 
-import pykka
-from dramatiq.brokers.redis import RedisBroker
+import logging
+from dataclasses import dataclass, field
 
 import aiohttp
+import pykka
+from aiohttp import web
+from dramatiq.brokers.redis import RedisBroker
 
-from actors.fulfillment.adapters import LocalShippingGateway, ShippingGateway
-from actors.shipping.gateway import build_shipping_gateway
+from actors.fulfillment.adapters import ShippingGateway
 from actors.fulfillment.flow import advance, order_age_s
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
 from actors.orders.state import READY_TO_SHIP
+from actors.shipping.gateway import build_shipping_gateway
 from runtime.broker import QUEUE_FULFILLMENT, declare_actor
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
+from runtime.settings import Settings
 from runtime.worker import ActorPool, Asker, Concern
+
+log = logging.getLogger(__name__)
 
 # Fulfilment actors in the flow worker (one per Dramatiq worker thread).
 FULFILLMENT_ACTORS = 4
+# How long opening the gateway's resources (session, simulators) may take.
+OPEN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ShippingResources:
+    """What the HTTP gateway lives on: its session and the simulators this process serves."""
+
+    session: aiohttp.ClientSession
+    simulators: list[web.AppRunner] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Close the session, then stop the simulators (reverse order of opening)."""
+        await self.session.close()
+        for runner in reversed(self.simulators):
+            await runner.cleanup()
+
+
+async def open_shipping(settings: Settings) -> ShippingResources:
+    """The session and, without CARRIER_URL / WAREHOUSE_URL, the simulators to talk to.
+
+    Like the stock-sync daemon with the warehouse: a simulator is started on
+    its fixed port, or the one already listening there is used.
+    """
+    from ops.simulators.carrier import create_carrier_app
+    from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
+    from ops.simulators.warehouse import create_warehouse_app
+
+    simulators: list[web.AppRunner] = []
+    try:
+        if settings.carrier_url is None:
+            runner = await start_or_reuse("carrier", create_carrier_app(seed=SIMULATOR_SEED),
+                                          settings.carrier_sim_port)
+            simulators += [runner] if runner else []
+        if settings.warehouse_url is None:  # packing requests go to the warehouse
+            runner = await start_or_reuse("warehouse",
+                                          create_warehouse_app(seed=SIMULATOR_SEED),
+                                          settings.warehouse_sim_port)
+            simulators += [runner] if runner else []
+    except BaseException:
+        for started in reversed(simulators):
+            await started.cleanup()
+        raise
+    return ShippingResources(aiohttp.ClientSession(), simulators)
 
 
 def make_gateway(ctx: ProcessContext) -> ShippingGateway:
-    """The carrier and warehouse over HTTP when CARRIER_URL is set, else the offline gateway.
+    """The carrier and the warehouse over HTTP: the real services, or their simulators.
 
-    The HTTP gateway's session lives on the process loop; it is closed with
-    the process (the loop stops after the worker).
+    The session and any simulator live on the process loop and are closed
+    when the context stops (:meth:`ProcessContext.on_stop`).
     """
-    if not ctx.settings.carrier_url:
-        return LocalShippingGateway()
-
-    async def open_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession()
-
-    return build_shipping_gateway(ctx.settings, ctx.run(open_session()))
+    resources = ctx.run(open_shipping(ctx.settings), OPEN_TIMEOUT_S)
+    ctx.on_stop(resources.close)
+    gateway = build_shipping_gateway(ctx.settings, resources.session)
+    log.info("shipping over HTTP: carrier %s, packing %s", gateway.carrier_url,
+             gateway.warehouse_url)
+    return gateway
 
 
 def concern(ctx: ProcessContext) -> Concern:

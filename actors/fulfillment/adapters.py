@@ -1,9 +1,10 @@
 """The outside services the flow calls: shipping labels and warehouse packing.
 
 Each call carries an idempotency key, so repeating it (a retry after a
-timeout) returns the first answer instead of a second label. The local
-gateway is the default on a fresh machine: it makes a deterministic label and
-packing reference without any network.
+timeout) returns the first answer instead of a second label. The flow worker
+uses the HTTP gateway (``actors/shipping/gateway.py``) against the real
+services or their simulators; the local gateway makes a deterministic label
+and packing reference without any network, for code that wants none.
 """
 
 from __future__ import annotations

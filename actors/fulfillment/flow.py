@@ -6,12 +6,21 @@ outbox. A step that finds the order already past it does nothing, so a
 retried or duplicated message is harmless. Calls to outside services happen
 before the transaction, with idempotency keys, so a retry repeats no side
 effect.
+
+A transient failure of an outside service (timeout, 5xx, open breaker)
+raises, so the job is retried and the order waits where it is; the next
+attempt sends the same idempotency key and gets the same label. A permanent
+refusal (a 4xx other than 408/425/429) will not get better by retrying: the
+order moves to ``failed`` with the service's answer as its reason, and a
+``fulfillment.failed`` event on the ``alerts`` channel puts it on the
+dashboard, all in one transaction. The order is never left waiting silently.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
@@ -20,14 +29,21 @@ from actors.fulfillment.messages import ADVANCE_FULFILLMENT
 from actors.inventory.reservations import allocate_for_order
 from actors.orders import service as orders
 from actors.orders import state
+from runtime.errors import ExternalRequestRejected
+from runtime.outbox import emit
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[asyncpg.Connection], Awaitable[None]]
+T = TypeVar("T")
+# Where a permanently failed step is reported for staff (the dashboard's alert feed).
+ALERTS_CHANNEL = "alerts"
+EVENT_FULFILLMENT_FAILED = "fulfillment.failed"
 
 
 async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str,
-                work: Step | None = None, next_step: bool = True) -> bool:
+                work: Step | None = None, next_step: bool = True,
+                reason: str | None = None) -> bool:
     """Lock the order; if it is still ``expected`` do ``work`` and move it. False if it was not."""
     async with pool.acquire() as conn, conn.transaction():
         row = await orders.lock_order(conn, order_id)
@@ -36,8 +52,27 @@ async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str
         if work is not None:
             await work(conn)
         jobs = [ADVANCE_FULFILLMENT.as_job(order_id)] if next_step else []
-        await orders.transition(conn, order_id, to_status, jobs=jobs)
+        await orders.transition(conn, order_id, to_status, reason, jobs=jobs)
         return True
+
+
+async def _call_or_fail(pool: asyncpg.Pool, order_id: int, status: str, step: str,
+                        call: Callable[[], Awaitable[T]]) -> T | None:
+    """``call()``; if the service refuses for good, fail the order (None) instead of raising."""
+    try:
+        return await call()
+    except ExternalRequestRejected as exc:
+        reason, http_status = f"{step} failed: {exc}", exc.status
+    log.error("order %d: %s", order_id, reason,
+              extra={"order_id": order_id, "step": step, "http_status": http_status})
+
+    async def report(conn: asyncpg.Connection) -> None:
+        await emit(conn, ALERTS_CHANNEL, EVENT_FULFILLMENT_FAILED,
+                   {"order_id": order_id, "step": step, "from_status": status,
+                    "http_status": http_status, "reason": reason})
+
+    await _move(pool, order_id, status, state.FAILED, report, next_step=False, reason=reason)
+    return None
 
 
 async def order_age_s(pool: asyncpg.Pool, order_id: int) -> float:
@@ -63,7 +98,10 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
         await _move(pool, order_id, state.ALLOCATED, state.PROCESSING)
         return state.PROCESSING
     if status == state.PROCESSING:
-        label = await gateway.create_label(order_id, f"label:{order_id}")
+        label = await _call_or_fail(pool, order_id, status, "shipping label", lambda: (
+            gateway.create_label(order_id, f"label:{order_id}")))
+        if label is None:
+            return state.FAILED
 
         async def store_label(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -74,7 +112,10 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
         await _move(pool, order_id, state.PROCESSING, state.LABEL_CREATED, store_label)
         return state.LABEL_CREATED
     if status == state.LABEL_CREATED:
-        packing_ref = await gateway.request_packing(order_id, f"packing:{order_id}")
+        packing_ref = await _call_or_fail(pool, order_id, status, "packing request", lambda: (
+            gateway.request_packing(order_id, f"packing:{order_id}")))
+        if packing_ref is None:
+            return state.FAILED
 
         async def store_packing(conn: asyncpg.Connection) -> None:
             await conn.execute(

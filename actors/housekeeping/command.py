@@ -1,7 +1,11 @@
 """``shopflow schedules`` and ``shopflow scheduler``.
 
 ``shopflow scheduler`` runs one scheduler instance (run two or more: one
-leads, the others stand by). ``shopflow schedules`` lists every schedule,
+leads, the others stand by). The instance is the ``scheduler`` actor (an
+async actor on the process's loop) under the process's root supervisor
+``scheduler-root``: a crash is restarted with a log line, a metric and an
+event, the tree is published for ``shopflow tree``, and a root that gives up
+ends the process with exit code 70 so supervisord restarts it. ``shopflow schedules`` lists every schedule,
 built-in and repeatable, with its next three runs in its own zone and in
 UTC, its last run and counters; ``--add JSON`` / ``--remove NAME`` manage
 repeatable jobs.
@@ -14,13 +18,21 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
+
+import pykka
 
 from actors.housekeeping.schedules import builtin_names, shop_schedules
 from runtime import embedded
+from runtime.actor import TaskActor
 from runtime.broker import setup_broker
 from runtime.cli import add_command
+from runtime.loop import LoopBridge
+from runtime.metrics import get_metrics
+from runtime.root import SharedSupervisionMetrics, attach_process_supervision, run_root_async
 from runtime.scheduling import (
     Schedule,
     Scheduler,
@@ -35,8 +47,14 @@ from runtime.scheduling import (
 from runtime.scheduling.overview import display_zone, schedules_overview
 from runtime.scheduling.store import LeaseInfo, ScheduleState, list_repeatables
 from runtime.settings import Settings
+from runtime.supervision import ChildSpec, Restart, Supervisor, supervisor_options
 
 NEXT_RUNS = 3
+# The scheduler's names in the supervision tree (``shopflow tree``).
+PROCESS_NAME = "scheduler"
+CHILD_ID = "scheduler"
+# A stopping scheduler gives its lease up (one Redis call); this is plenty.
+SCHEDULER_STOP_TIMEOUT_S = 10.0
 
 
 def _when(moment: datetime | None, zone: ZoneInfo) -> str:
@@ -129,9 +147,53 @@ def _cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_schedules(args, settings))
 
 
+def scheduler_child(bridge: LoopBridge, scheduler: Scheduler) -> ChildSpec:
+    """The scheduler as a supervised async actor: ``scheduler.run`` is its life.
+
+    Each incarnation gets its own stop event; a requested stop sets it, so the
+    instance gives its lease up before the actor ends.
+    """
+
+    def start() -> pykka.ActorRef[Any]:
+        stop = asyncio.Event()
+        return TaskActor.start(bridge, CHILD_ID, lambda: scheduler.run(stop), stop=stop.set,
+                               stop_timeout_s=SCHEDULER_STOP_TIMEOUT_S)
+
+    return ChildSpec(CHILD_ID, start, Restart.PERMANENT,
+                     shutdown_timeout_s=SCHEDULER_STOP_TIMEOUT_S + 5)
+
+
+def scheduler_root(settings: Settings, bridge: LoopBridge, scheduler: Scheduler) -> Supervisor:
+    """The scheduler process's root supervisor (not started)."""
+    return Supervisor(f"{PROCESS_NAME}-root", [scheduler_child(bridge, scheduler)],
+                      **supervisor_options(settings))
+
+
+async def supervise_scheduler(settings: Settings, scheduler: Scheduler, stop: asyncio.Event,
+                              ready: Callable[[Supervisor], None] | None = None) -> int:
+    """Run ``scheduler`` under the process's root until ``stop``; the exit code (70: gave up)."""
+    root = scheduler_root(settings, LoopBridge.adopt(), scheduler)
+    reporting = attach_process_supervision(
+        settings, PROCESS_NAME, root, SharedSupervisionMetrics(get_metrics(settings)))
+
+    def started() -> None:
+        reporting.start()
+        if ready is not None:
+            ready(root)
+
+    try:
+        return await run_root_async(root, stop, ready=started)
+    finally:
+        await asyncio.to_thread(reporting.stop)
+
+
 async def run_scheduler(settings: Settings, stop: asyncio.Event | None = None,
-                        once: bool = False) -> int:
-    """Run one scheduler instance until ``stop`` (or SIGTERM/SIGINT); one tick with ``once``."""
+                        once: bool = False,
+                        ready: Callable[[Supervisor], None] | None = None) -> int:
+    """Run one scheduler instance until ``stop`` (or SIGTERM/SIGINT); one tick with ``once``.
+
+    ``ready(root)`` is called once the supervision tree runs (tests wait on it).
+    """
     redis_url, _ = settings.require_urls()
     redis = connect_redis(redis_url)
     broker = setup_broker(settings)
@@ -150,9 +212,8 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event | None = None,
             await scheduler.store.release_lease(scheduler.instance_id)
             print(json.dumps({"leader": report.leader,
                               "sent": [[n, s.isoformat()] for n, s in report.sent]}))
-        else:
-            await scheduler.run(stop)
-        return 0
+            return 0
+        return await supervise_scheduler(settings, scheduler, stop, ready)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

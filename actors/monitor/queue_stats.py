@@ -1,14 +1,15 @@
-"""Read a queue's state straight from Dramatiq's Redis keys.
+"""Read a queue's state straight from the job store's Redis keys.
 
-The layout (see dramatiq/brokers/redis/dispatch.lua), under the broker
-namespace ``{namespace}-jobs``:
+The layout (see runtime/jobs/jobs.lua), under the broker namespace
+``{namespace}-jobs``:
 
-- ``:{queue}``: list of waiting message ids, oldest at the head;
-- ``:{queue}.msgs``: hash id -> message JSON (waiting and fetched-unacked);
-- ``:{queue}.DQ`` / ``.DQ.msgs``: the delay queue (retries, delayed jobs);
-- ``:{queue}.XQ``: sorted set of dead-lettered ids by time;
+- ``:{queue}``, ``:{queue}.hi``, ``:{queue}.lo``: waiting message ids (priority 0, >0, <0);
+- ``:{queue}.msgs``: hash id -> message JSON (waiting, delayed and fetched);
+- ``:{queue}.delayed``: delayed jobs and retries by due time;
+- ``:{queue}.active``, ``.failed``, ``.dead``: job ids by state;
+- ``:job:{id}``: the job's record (``run_at_ms``: when it became due);
 - ``:__heartbeats__``: sorted set broker id -> last heartbeat (ms);
-- ``:__acks__.{broker id}.{queue}``: ids a broker fetched and has not acked.
+- ``:__acks__.{broker id}.{queue}``: ids a broker fetched and has not finished.
 
 Heartbeats come from producers as well as workers, so which queues a live
 worker consumes is read from the registry the metrics middleware keeps.
@@ -31,9 +32,6 @@ from runtime.metrics_middleware import (
     outcomes_key,
 )
 from runtime.settings import Settings
-
-# Stalled message ids already counted are remembered this long.
-STALLED_MEMORY_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -129,30 +127,48 @@ class QueueReader:
         q = f"{self._ns}:{queue}"
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.llen(q)
-            pipe.hlen(f"{q}.DQ.msgs")
-            pipe.zcard(f"{q}.XQ")
+            pipe.zcard(f"{q}.hi")
+            pipe.zcard(f"{q}.lo")
+            pipe.zcard(f"{q}.delayed")
+            pipe.zcard(f"{q}.failed")
+            pipe.zcard(f"{q}.dead")
+            pipe.zcard(f"{q}.active")
             pipe.lindex(q, 0)
-            waiting, delayed, failed, head_id = await pipe.execute()
+            pipe.zrange(f"{q}.hi", 0, 0)
+            pipe.zrange(f"{q}.lo", 0, 0)
+            plain, hi, lo, delayed, failed, dead, active, head, hi_head, lo_head = \
+                await pipe.execute()
+        heads = [h for h in (head, *hi_head, *lo_head) if h is not None]
         attempts, failures = await self._outcomes(queue, now_ms // 1000)
         return QueueStats(
-            queue=queue, waiting=int(waiting), active=workers.held(queue, alive=True),
-            delayed=int(delayed), failed=int(failed),
-            oldest_waiting_age_s=await self._age_s(q, head_id, now_ms),
+            queue=queue, waiting=int(plain) + int(hi) + int(lo), active=int(active),
+            delayed=int(delayed), failed=int(failed) + int(dead),
+            oldest_waiting_age_s=await self._age_s(q, heads, now_ms),
             consumers=workers.consumers_of(queue), stalled=workers.held(queue, alive=False),
             attempts_in_window=attempts, failures_in_window=failures,
         )
 
-    async def _age_s(self, q: str, head_id: Any, now_ms: int) -> float | None:
-        """Age of the head message: since it was enqueued, or since its eta for a retry."""
-        if head_id is None:
+    async def _age_s(self, q: str, head_ids: list[Any], now_ms: int) -> float | None:
+        """How long the longest-waiting head job has been due (enqueued, or its retry due)."""
+        if not head_ids:
             return None
-        raw = await self._redis.hget(f"{q}.msgs", head_id)
-        if raw is None:
-            return None  # fetched between the two reads: not waiting any more
-        message = json.loads(raw)
-        since_ms = max(int(message.get("message_timestamp", now_ms)),
-                       int(message.get("options", {}).get("eta") or 0))
-        return max(0.0, (now_ms - since_ms) / 1000)
+        bodies = await self._redis.hmget(f"{q}.msgs", head_ids)
+        job_ids = []
+        for raw in bodies:
+            if raw is None:
+                continue  # fetched between the two reads: not waiting any more
+            message = json.loads(raw)
+            job_ids.append(str(message.get("options", {}).get("job_id")
+                               or message.get("message_id")))
+        if not job_ids:
+            return None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(f"{self._ns}:job:{job_id}", "run_at_ms")
+            due = [int(d) for d in await pipe.execute() if d is not None]
+        if not due:
+            return None
+        return max(0.0, (now_ms - min(due)) / 1000)
 
     async def _outcomes(self, queue: str, now_s: int) -> tuple[int, int]:
         """(attempts, failed attempts) in the failure-rate window, from the minute buckets."""
@@ -169,21 +185,6 @@ class QueueReader:
                 if _text(outcome) in (OUTCOME_FAILED, OUTCOME_RETRIED):
                     failures += int(n)
         return attempts, failures
-
-    async def new_stalled(self, workers: Workers) -> dict[str, int]:
-        """Per queue, stalled message ids (held by dead brokers) not counted before."""
-        dead_keys = [(b, q) for (b, q), n in workers.acks.items()
-                     if n and b not in workers.live and not q.endswith(".DQ")]
-        seen_key = f"{self._settings.namespace}:monitor:stalled-seen"
-        out: dict[str, int] = {}
-        for broker_id, queue in dead_keys:
-            ids = await self._redis.smembers(f"{self._ns}:__acks__.{broker_id}.{queue}")
-            if ids:
-                added = await self._redis.sadd(seen_key, *ids)
-                out[queue] = out.get(queue, 0) + int(added)
-        if dead_keys:
-            await self._redis.expire(seen_key, STALLED_MEMORY_S)
-        return out
 
 
 def _text(value: bytes | str) -> str:

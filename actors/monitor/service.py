@@ -56,8 +56,6 @@ class QueueMonitor:
         """Check every queue once: update the gauges, fire and resolve alerts."""
         now_ms = int(self._clock() * 1000)
         workers = await self._reader.workers(now_ms)
-        for queue, count in (await self._reader.new_stalled(workers)).items():
-            self._metrics.job_stalls.labels(queue).inc(count)
         stats = [await self._reader.read(queue, workers, now_ms) for queue in self._queues]
         firing: list[Alert] = []
         notified: list[tuple[Alert, bool]] = []

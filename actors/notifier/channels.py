@@ -15,14 +15,20 @@ STOCK_UPDATED = "stock-updated"
 JOBS = "jobs"
 QUEUES = "queues"
 ALERTS = "alerts"
-CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS)
-# Operator channels: job and queue state and alerts are nobody else's business.
-STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS})
+# Review submitted / moderated (actors/agents/moderation.py): the dashboard's flagged list.
+REVIEWS = "reviews"
+CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS, REVIEWS)
+# Operator channels: job and queue state, alerts and moderation are nobody else's business.
+STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS, REVIEWS})
 # The payload field a client may filter each channel on, e.g. product_ids for stock.
 FILTER_FIELDS: Mapping[str, str] = {
     ORDER_STATUS_CHANGED: "order_id",
     STOCK_UPDATED: "product_id",
+    JOBS: "job_id",  # follow one job's progress and outcome
+    QUEUES: "name",
 }
+# Channels whose filter keys are names (strings); the others take integer ids.
+TEXT_KEYS: frozenset[str] = frozenset({JOBS, QUEUES})
 
 
 class Viewer(Protocol):

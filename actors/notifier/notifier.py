@@ -108,7 +108,7 @@ class Subscription:
     subscriber: Subscriber
     channel: str
     # Only events whose payload[FILTER_FIELDS[channel]] is in here; None means all.
-    keys: frozenset[int] | None
+    keys: frozenset[int | str] | None
     last_id: StreamId
     live: bool = False
     active: bool = True
@@ -117,7 +117,8 @@ class Subscription:
         """Filter and authorization, checked for every event."""
         if self.keys is not None:
             value = event.payload.get(FILTER_FIELDS.get(self.channel, ""))
-            if not isinstance(value, int) or value not in self.keys:
+            if isinstance(value, bool) or not isinstance(value, int | str) \
+                    or value not in self.keys:
                 return False
         return may_receive(self.subscriber.viewer, self.channel, event.payload)
 
@@ -175,16 +176,18 @@ class Notifier:
     # --- the actor's life ------------------------------------------------------
 
     def stop(self) -> None:
-        """Make :meth:`run` return within one ``XREAD`` block (call on the notifier's loop).
+        """Make the running :meth:`run` return within one ``XREAD`` block (on the loop).
 
         The owner still cancels the task to cut the block short; the flag makes
         the notifier stop even when that cancel is swallowed, as redis-py's
-        ``asyncio.wait_for`` around socket writes can on Python 3.11.
+        ``asyncio.wait_for`` around socket writes can on Python 3.11. A later
+        :meth:`run` (a restart) runs again.
         """
         self._stopping = True
 
     async def run(self) -> None:
         """Tail every channel until stopped or cancelled, reconnecting on any Redis outage."""
+        self._stopping = False  # this object outlives its actor's incarnations
         delay_s = RECONNECT_MIN_S
         while not self._stopping:
             try:
@@ -272,7 +275,7 @@ class Notifier:
         self,
         subscriber: Subscriber,
         channel: str,
-        keys: frozenset[int] | None,
+        keys: frozenset[int | str] | None,
         since: StreamId | None,
         announce: Callable[[str, Resync | None], Awaitable[None]],
     ) -> Subscription:

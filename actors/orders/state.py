@@ -2,10 +2,14 @@
 
 ```
 pending ──reserve──▶ reserved ──pay──▶ paid ──▶ allocated ──▶ processing ──▶ label_created ──▶ ready_to_ship ──▶ shipped ──▶ delivered
-   │                    │
-   └──▶ failed          └──▶ cancelled (reservation expired or cancelled)
-pending ──▶ cancelled
+   │                    │                 │                       │               │
+   └──▶ failed          └──▶ cancelled    └──▶ failed             └──▶ failed     └──▶ failed
+pending ──▶ cancelled   (reservation expired or cancelled)
 ```
+
+``processing``/``label_created`` → ``failed``: the carrier or the warehouse
+refused the order's label or packing request for good (a 4xx); the reason
+says which and why.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ TRANSITIONS: Mapping[str, frozenset[str]] = MappingProxyType({
     RESERVED: frozenset({PAID, CANCELLED}),
     PAID: frozenset({ALLOCATED, FAILED}),
     ALLOCATED: frozenset({PROCESSING}),
-    PROCESSING: frozenset({LABEL_CREATED}),
-    LABEL_CREATED: frozenset({READY_TO_SHIP}),
+    PROCESSING: frozenset({LABEL_CREATED, FAILED}),
+    LABEL_CREATED: frozenset({READY_TO_SHIP, FAILED}),
     READY_TO_SHIP: frozenset({SHIPPED}),
     SHIPPED: frozenset({DELIVERED}),
     DELIVERED: frozenset(),

@@ -10,9 +10,10 @@ exponential backoff, Retry-After honoured); a 4xx is permanent and never
 retried. Answers are validated; anything else is a :class:`MalformedResponse`.
 
 :class:`HttpShippingGateway` implements the fulfilment flow's
-``ShippingGateway`` Protocol (``actors/fulfillment/adapters.py``), whose
-``LocalShippingGateway`` stays the offline default; :func:`build_shipping_gateway`
-is the factory to use when CARRIER_URL / WAREHOUSE_URL are set.
+``ShippingGateway`` Protocol (``actors/fulfillment/adapters.py``);
+:func:`build_shipping_gateway` is its factory, used by the flow worker in
+every run: against CARRIER_URL / WAREHOUSE_URL, or, unset, the simulators on
+their ports (the flow worker serves them itself when nobody else does).
 """
 
 from __future__ import annotations

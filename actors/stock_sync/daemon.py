@@ -7,12 +7,22 @@ Process layout (one OS process under supervisord, program ``stock-sync``):
   ticks it missed rather than bunch runs together. It owns SIGTERM/SIGINT.
 - the **StockSyncActor** (a pykka thread) is asked to run one sync per tick,
   through the process's root :class:`runtime.supervision.Supervisor`
-  (child ``stock-syncer``, restart type permanent): a crashed actor is
-  restarted on the next tick; when the supervisor gives up it escalates and
-  the process exits with ``EXIT_ESCALATED`` so supervisord restarts it.
+  (``stock-sync-root``, child ``stock-syncer``, restart type permanent): a
+  crashed actor is restarted on the next tick; when the supervisor gives up
+  it escalates and the process exits with code 70 so supervisord restarts it.
+  The root is wired like a worker's
+  (:func:`runtime.root.attach_process_supervision`): every restart is a log
+  line, an event in Redis and a metric, and the tree is published for
+  ``shopflow tree``.
 - the **loop thread** (:class:`runtime.loop.LoopBridge`) owns every async
-  resource: the asyncpg pool, the aiohttp session, and, when no
-  ``WAREHOUSE_URL`` is set, the warehouse simulator the syncer talks to.
+  resource: the asyncpg pool, the aiohttp session, the Redis client of the
+  alerter, and, when no ``WAREHOUSE_URL`` is set, the warehouse simulator
+  the syncer talks to.
+
+After every run the daemon hands the alert condition ("no successful sync
+for N intervals") to :class:`runtime.alerts.Alerter` on the loop, without
+waiting: it pages once when the condition starts (``StockSyncOverdue``,
+critical) and resolves once when it has cleared.
 
 SIGTERM sets the stop flag: the batches in flight finish (their
 transactions commit), the rest of the run is skipped, the daemon exits 0.
@@ -24,18 +34,19 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import pykka
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -43,14 +54,21 @@ from actors.stock_sync.metrics import StockSyncMetrics, build_metrics
 from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
+from runtime.actor import SupervisedActor
+from runtime.alerts import Alert, AlertDispatcher, Alerter, Severity
 from runtime.circuit import CircuitBreaker
-from runtime.errors import ActorUnavailable, ServiceError
+from runtime.errors import ActorUnavailable
 from runtime.http import RetryPolicy
 from runtime.loop import LoopBridge
 from runtime.metrics import Metrics, get_metrics, render_metrics
+from runtime.root import (
+    ProcessSupervision,
+    SharedSupervisionMetrics,
+    attach_process_supervision,
+    exit_process_on_escalate,
+)
 from runtime.settings import Settings
-from runtime.supervision import ChildSpec, Restart, Supervisor
-from runtime.worker import EXIT_ESCALATED
+from runtime.supervision import ChildSpec, EscalationHook, MetricsSink, Restart, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +81,11 @@ ASK_MARGIN_S = 5.0
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 CHILD_ID = "stock-syncer"
-# The simulator's seed when the runtime starts it itself.
-SIMULATOR_SEED = 7
+# The daemon's name in the supervision tree (``shopflow tree``).
+PROCESS_NAME = "stock-sync"
+# The alert raised while no sync succeeds (ops/prometheus/alerts.yml has the same
+# condition, from the metrics, as ShopflowStockSyncStale).
+OVERDUE_ALERT = "StockSyncOverdue"
 
 
 @dataclass(frozen=True)
@@ -72,11 +93,13 @@ class SyncNow:
     """Message: run one sync and answer with its :class:`SyncReport`."""
 
 
-class StockSyncActor(pykka.ThreadingActor):
-    """Thin actor around :func:`sync_once`; its mailbox serialises runs.
+class StockSyncActor(SupervisedActor):
+    """Thin actor around :func:`sync_once`; its (bounded) mailbox serialises runs.
 
     ``on_receive`` runs in the actor's own thread and hands the coroutine to
-    the process's loop through the bridge.
+    the process's loop through the bridge. A bug escaping it crashes the actor
+    (the supervisor restarts it, with the cause in the restart's reason); a
+    database outage goes back to the daemon as a failed run.
     """
 
     def __init__(self, bridge: LoopBridge, deps: SyncDeps, ask_timeout_s: float) -> None:
@@ -99,10 +122,12 @@ class Resources:
     pool: asyncpg.Pool
     session: aiohttp.ClientSession
     warehouse_url: str
+    redis: aioredis.Redis
     simulator: web.AppRunner | None = None
 
     async def close(self) -> None:
         """Close in reverse order of opening."""
+        await self.redis.aclose()
         await self.session.close()
         await self.pool.close()
         if self.simulator is not None:
@@ -110,36 +135,27 @@ class Resources:
 
 
 async def open_resources(settings: Settings) -> Resources:
-    """Pool, HTTP session and (without WAREHOUSE_URL) a local warehouse simulator."""
-    _, database_url = settings.require_urls()
+    """Pool, HTTP session and (without WAREHOUSE_URL) a local warehouse simulator.
+
+    The simulator is started on ``SHOPFLOW_WAREHOUSE_SIM_PORT``, or the one
+    already listening there is used (the flow worker's, or ``shopflow
+    simulators``): ``ops/simulators/embedded.py``.
+    """
+    from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
+    from ops.simulators.warehouse import create_warehouse_app
+
+    redis_url, database_url = settings.require_urls()
     pool = await db.create_pool(database_url, min_size=1, max_size=settings.stock_sync_concurrency + 1)
+    redis = aioredis.Redis.from_url(redis_url)
     session = aiohttp.ClientSession()
     simulator = None
     url = settings.warehouse_url
     if url is None:
-        try:
-            simulator, url = await start_simulator(settings.warehouse_sim_port)
-            log.info("no WAREHOUSE_URL set: started the warehouse simulator at %s", url)
-        except ServiceError:
-            # Most likely `shopflow simulators` (supervisord program) holds the port already.
-            url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
-            log.info("no WAREHOUSE_URL set and port %d is taken: using the simulator there",
-                     settings.warehouse_sim_port)
-    return Resources(pool, session, url, simulator)
-
-
-async def start_simulator(port: int) -> tuple[web.AppRunner, str]:
-    """The warehouse simulator on 127.0.0.1:``port`` (the default embedded run)."""
-    from ops.simulators.warehouse import create_warehouse_app
-
-    runner = web.AppRunner(create_warehouse_app(seed=SIMULATOR_SEED), shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ServiceError(f"cannot start the warehouse simulator on port {port}: {exc}") from exc
-    return runner, f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
+        simulator = await start_or_reuse("warehouse", create_warehouse_app(seed=SIMULATOR_SEED),
+                                         settings.warehouse_sim_port)
+        log.info("no WAREHOUSE_URL set: syncing from the warehouse simulator at %s", url)
+    return Resources(pool, session, url, redis, simulator)
 
 
 @dataclass
@@ -185,9 +201,19 @@ class StockSyncDaemon:
     stop: threading.Event = field(default_factory=threading.Event)
     on_run: Callable[[RunRecord], None] | None = None
     clock: Callable[[], float] = time.monotonic
+    # Where restarts are counted (the shared metrics in production, see build_daemon).
+    supervision_metrics: MetricsSink | None = None
+    # What a root that gave up does: end the process with exit code 70 (tests record it).
+    on_escalate: EscalationHook = field(default_factory=exit_process_on_escalate)
+    # Wall time of the alert condition and its incidents (tests pass their own).
+    wall_clock: Callable[[], float] = time.time
+    shared: Metrics | None = None
     breaker: CircuitBreaker = field(init=False)
     health: SyncHealth = field(init=False)
     root: Supervisor = field(init=False)
+    reporting: ProcessSupervision = field(init=False)
+    alerter: Alerter = field(init=False)
+    alerts: AlertDispatcher = field(init=False)
     _overdue: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -196,12 +222,23 @@ class StockSyncDaemon:
                                       reset_timeout_s=s.breaker_reset_s,
                                       on_change=self.metrics.breaker_changed)
         self.metrics.breaker.labels(circuit="warehouse").set(0)
-        self.health = SyncHealth(s.stock_sync_interval_s, s.stock_sync_alert_intervals, time.time())
+        self.health = SyncHealth(s.stock_sync_interval_s, s.stock_sync_alert_intervals,
+                                 self.wall_clock())
+        self.alerter = Alerter(s, self.resources.redis, self.shared, clock=self.wall_clock)
+        self.alerts = AlertDispatcher(self.bridge)
         child = ChildSpec(CHILD_ID, lambda: StockSyncActor.start(
             self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S), Restart.PERMANENT,
             shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
-        self.root = Supervisor("stock-sync-root", [child], max_restarts=MAX_RESTARTS,
-                               max_seconds=RESTART_WINDOW_S, on_escalate=_escalated).start()
+        self.root = Supervisor(f"{PROCESS_NAME}-root", [child], max_restarts=MAX_RESTARTS,
+                               max_seconds=RESTART_WINDOW_S, on_escalate=self.on_escalate)
+        self.reporting = attach_process_supervision(s, PROCESS_NAME, self.root,
+                                                    self.supervision_metrics)
+        try:
+            self.root.start()
+        except BaseException:
+            self.reporting.stop()
+            raise
+        self.reporting.start()
 
     @property
     def budget_s(self) -> float:
@@ -236,23 +273,38 @@ class StockSyncDaemon:
             self.metrics.runs.labels(outcome="failed").inc()
             record = RunRecord(tick, due_s or started, started, None, repr(exc))
         if record.report is not None:
-            self.health.record(record.report, time.time())
+            self.health.record(record.report, self.wall_clock())
         self._check_overdue()
         if self.on_run is not None:
             self.on_run(record)
         return record
 
     def _check_overdue(self) -> None:
+        """Gauge, log and alert (paged once, resolved once) for the overdue condition."""
         overdue = self.overdue()
         self.metrics.overdue.set(1 if overdue else 0)
         if overdue and not self._overdue:
             log.error("no stock sync succeeded for %d intervals", self.health.alert_after_intervals,
                       extra={"alert": "stock-sync-overdue"})
         self._overdue = overdue
+        # The alerter decides whether this check pages or resolves; this thread does not wait.
+        self.alerts.submit(self.alerter.update(self.overdue_alert(), overdue),
+                           what="stock-sync overdue alert", key=OVERDUE_ALERT)
 
     def overdue(self) -> bool:
         """The alert condition: no successful sync for the configured number of intervals."""
-        return self.health.overdue(time.time())
+        return self.health.overdue(self.wall_clock())
+
+    def overdue_alert(self) -> Alert:
+        """The incident the condition raises (same labels every time: one incident)."""
+        h = self.health
+        last = h.last_success_s
+        return Alert(
+            OVERDUE_ALERT, Severity.CRITICAL,
+            f"no stock sync succeeded for {h.alert_after_intervals} intervals "
+            f"({h.alert_after_intervals * h.interval_s:g} s); stock may drift from the warehouse",
+            details={"last_success_at": None if last is None else _iso_s(last),
+                     "interval_s": h.interval_s, "warehouse_url": self.resources.warehouse_url})
 
     def run_forever(self) -> int:
         """Run on schedule until the stop flag is set; return the exit code."""
@@ -267,14 +319,16 @@ class StockSyncDaemon:
         return 0
 
     def close(self) -> None:
-        """Stop the supervision tree, then close the loop's resources."""
+        """Stop the supervision tree and its reporting, let alerts in flight finish, close."""
         self.root.stop()
+        self.reporting.stop()
+        if not self.alerts.drain(self.alerter.max_delivery_s() + 1.0):
+            log.error("stock-sync alerts still undelivered at shutdown")
         self.bridge.run(self.resources.close(), timeout_s=10)
 
 
-def _escalated(exc: BaseException) -> None:
-    log.critical("stock-sync root supervisor gave up; exiting so supervisord restarts us: %s", exc)
-    os._exit(EXIT_ESCALATED)
+def _iso_s(at_s: float) -> str:
+    return datetime.fromtimestamp(at_s, UTC).isoformat()
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBridge,
@@ -282,11 +336,14 @@ def build_daemon(settings: Settings, registry: CollectorRegistry, bridge: LoopBr
     """Open the resources on ``bridge`` and build the daemon (not yet running).
 
     ``shared`` is the process's :func:`runtime.metrics.get_metrics` object in
-    production (the api's ``/metrics`` sums it with every other process);
-    tests leave it out and read ``registry``.
+    production (the api's ``/metrics`` sums it with every other process,
+    supervision's restarts included); tests leave it out and read ``registry``.
     """
     resources = bridge.run(open_resources(settings), timeout_s=30)
-    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared), **kwargs)
+    if shared is not None:
+        kwargs.setdefault("supervision_metrics", SharedSupervisionMetrics(shared))
+    return StockSyncDaemon(settings, bridge, resources, build_metrics(registry, shared),
+                           shared=shared, **kwargs)
 
 
 async def start_metrics_endpoint(settings: Settings, port: int) -> web.AppRunner:

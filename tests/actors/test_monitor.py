@@ -159,8 +159,6 @@ async def test_monitor_reads_real_queues_and_pages_once(
             (NO_CONSUMER, "emails", True), (NO_CONSUMER, "inventory", True),
             (FAILURE_RATE, "support", False)}
         assert (await monitor.check()).notified == ()
-        assert value(scrape(settings), "shopflow_job_stalls_total", queue="support") == 1, (
-            "the blocked job is held by a broker whose heartbeat looks stopped: counted once")
         snap = scrape(settings)
         assert value(snap, "shopflow_queue_jobs", queue="emails", state="waiting") == 6
         assert (value(snap, "shopflow_queue_oldest_job_age_seconds", queue="emails") or 0) >= 400

@@ -16,6 +16,7 @@ import pytest
 
 from runtime import db
 from runtime.settings import Settings
+from runtime.trace import TrailEntry, load_trail
 from tests.support import SHOPFLOW, free_port
 
 LIMIT = 300
@@ -44,6 +45,28 @@ async def _facts(settings: Settings) -> dict[str, object]:
         await conn.close()
 
 
+FLOW = ["pending", "reserved", "paid", "allocated", "processing", "label_created",
+        "ready_to_ship"]
+
+
+def _one_orders_story_is_whole(settings: Settings) -> None:
+    """`shopflow trace`'s view of a shipped order: every status, its events and its e-mail."""
+    async def story() -> tuple[dict[str, object], list[TrailEntry]]:
+        conn = await db.connect(settings.database_url or "")
+        try:
+            order_id = await conn.fetchval(
+                "SELECT min(id) FROM orders WHERE status = 'ready_to_ship'")
+            return await load_trail(conn, order_id)
+        finally:
+            await conn.close()
+
+    _order, entries = asyncio.run(story())
+    statuses = [e.step.split("->")[-1].strip() for e in entries if e.source == "status"]
+    assert statuses == FLOW, statuses
+    assert [e for e in entries if e.source == "email"], "the confirmation e-mail is in the story"
+    assert len([e for e in entries if e.source == "event"]) >= len(FLOW) - 1
+
+
 @pytest.mark.slow
 def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) -> None:
     settings = replace(settings, http_port=free_port(), warehouse_sim_port=free_port(),
@@ -51,7 +74,8 @@ def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) 
                        job_backoff_ms=200)
     env = {**os.environ, **settings.to_env()}
     done = subprocess.run([SHOPFLOW, "up", "--once", "--limit", str(LIMIT), "--day-s", "0.005",
-                           "--timeout-s", "240"], env=env, capture_output=True, text=True, timeout=300)
+                           "--timeout-s", "240"], check=False, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ShopFlow replay summary" in done.stdout
     assert "latency (create → ready_to_ship)" in done.stdout
@@ -62,6 +86,7 @@ def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) 
     assert facts["emails"] == facts["shipped"]  # every paid order: exactly one e-mail
     assert facts["emails_per_order_max"] == 1
     assert facts["reserved_mismatch"] == 0
+    _one_orders_story_is_whole(settings)
     eml = list(Path(settings.mail_dir).glob("*.eml"))
     assert len(eml) == facts["shipped"]
     # supervisord stopped every program it started, each cleanly (exit status 0).

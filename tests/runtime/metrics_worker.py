@@ -61,6 +61,8 @@ def main() -> int:
     sys.stdin.read()
     worker.stop()
     broker.close()
+    if on_failed is not None:
+        on_failed.drain()  # pages are delivered on the loop: let the last ones finish
     if redis_client is not None:
         bridge.run(redis_client.aclose())
     bridge.stop()

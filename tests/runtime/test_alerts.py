@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from dramatiq import Worker
 
-from runtime.alerts import Alert, Alerter, Severity, alerts_stream, page_job_failed
-from runtime.broker import setup_broker
+from runtime.alerts import (
+    Alert,
+    Alerter,
+    Severity,
+    alerts_stream,
+    job_failure_pager,
+    page_job_failed,
+)
+from runtime.broker import QUEUE_EMAILS, JobSpec, declare_actor, setup_broker
+from runtime.errors import PermanentJobError
+from runtime.loop import LoopBridge
+from runtime.metrics_middleware import FailedJob
+from runtime.observability import install_job_metrics
+from runtime.process import ProcessContext
 from runtime.settings import Settings
 from tests.runtime.metrics_helpers import kill_process, process_env, start_process, stop_process
 from tests.runtime.metrics_worker import CRITICAL, PERMANENT
 from tests.runtime.webhook_receiver import Receiver, webhook_receiver
+from tests.support import free_port
 
 BACKLOG = Alert("QueueBacklog", Severity.WARNING, "1,234 jobs wait in emails",
                 labels={"queue": "emails"}, details={"waiting": 1234})
@@ -135,3 +151,91 @@ async def test_a_critical_actor_failing_for_good_pages_from_a_real_worker(
         if worker.poll() is None:
             kill_process(worker)
         producer.close()
+
+
+async def test_a_flapping_condition_pages_once_and_resolves_once(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_resolve_after_s=120)
+    other_client = aioredis.Redis.from_url(settings.redis_url or "")
+    one = Alerter(settings, redis_client, clock=lambda: now_s[0])
+    two = Alerter(settings, other_client, clock=lambda: now_s[0])  # another process
+    try:
+        notified = []
+        for firing in (True, False, True, False, True, False):  # a check every 60 s, flapping
+            notified.append(await one.update(BACKLOG, firing))
+            now_s[0] += 60
+        assert notified == [True, False, False, False, False, False], "one page, no resolve yet"
+        assert list(await one.open_incidents()) == [BACKLOG.fingerprint]
+        assert await one.update(BACKLOG, False) is False, "clear for 60 s of the 120"
+        now_s[0] += 60
+        results = await asyncio.gather(one.resolve(BACKLOG), two.resolve(BACKLOG))
+        assert sorted(results) == [False, True], "clear for 120 s: exactly one resolve"
+        assert await one.open_incidents() == {}
+    finally:
+        await other_client.aclose()
+    await receiver.wait_for(2)
+    assert _statuses(receiver) == [("firing", "QueueBacklog"), ("resolved", "QueueBacklog")]
+
+
+FAILS_FOR_ORDER = JobSpec(QUEUE_EMAILS, "obs_fails_for_order")
+CONSUMED = JobSpec(QUEUE_EMAILS, "obs_consumed")
+
+
+async def test_a_slow_webhook_does_not_stall_consumption_and_the_page_names_the_order(
+    settings: Settings, receiver: Receiver
+) -> None:
+    # The on-call webhook hangs until the test lets go, well inside the POST's timeout.
+    settings = replace(settings, alert_webhook_url=receiver.url, job_attempts=1,
+                       alert_webhook_timeout_s=120.0)
+    receiver.hold = asyncio.Event()
+    consumed = threading.Event()
+
+    def fails_for_order(order_id: int) -> None:
+        raise PermanentJobError(f"order {order_id} cannot be confirmed")
+
+    def consume(n: int) -> None:
+        consumed.set()
+
+    ctx = await asyncio.to_thread(ProcessContext.start, settings, 2)
+    install_job_metrics(ctx)
+    declare_actor(ctx.broker, FAILS_FOR_ORDER, fails_for_order, critical=True)
+    declare_actor(ctx.broker, CONSUMED, consume)
+    # One worker thread: had the page held the thread that saw the failure, nothing would run.
+    worker = Worker(ctx.broker, queues={QUEUE_EMAILS}, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        FAILS_FOR_ORDER.send(ctx.broker, 42)
+        await asyncio.wait_for(receiver.arrived.wait(), 20)  # the page is at the webhook, hanging
+        CONSUMED.send(ctx.broker, 1)
+        assert await asyncio.to_thread(consumed.wait, 20), (
+            "the next job ran while the page was still hanging")
+        assert receiver.bodies == []
+        receiver.hold.set()
+        [body] = await receiver.wait_for(1)
+    finally:
+        receiver.hold.set()
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(ctx.stop)
+    alert = body["alerts"][0]
+    assert alert["labels"]["actor"] == "obs_fails_for_order"
+    assert "(order 42)" in alert["annotations"]["summary"]
+    assert '"order_id": 42' in alert["annotations"]["details"]
+
+
+async def test_a_page_that_fails_is_logged_not_lost(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = LoopBridge("test-pager").start()
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")
+    pager = job_failure_pager(Alerter(settings, unreachable), bridge)
+    job = FailedJob("emails", "send_order_confirmation", "msg-9", (7,), "boom", 2)
+    try:
+        await asyncio.to_thread(pager, job)  # returns at once: the page runs on the loop
+        assert await asyncio.to_thread(pager.drain, 30)
+    finally:
+        await asyncio.to_thread(bridge.run, unreachable.aclose())
+        await asyncio.to_thread(bridge.stop)
+    [record] = [r for r in caplog.records if "page for job msg-9" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None

@@ -108,3 +108,35 @@ async def test_a_stopped_relay_returns_after_its_round(settings: Settings,
     finally:
         task.cancel()
         await client.aclose()
+
+
+async def test_a_row_published_twice_enqueues_its_job_once(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
+    relay, client = await _relay(settings, pool)
+    assert await relay.publish_batch() == 1
+    # As if the relay crashed after publishing, before marking the row.
+    await pool.execute("UPDATE outbox SET published_at = NULL")
+    assert await relay.publish_batch() == 1
+    assert await client.llen(f"{settings.namespace}-jobs:maintenance") == 1
+    await client.aclose()
+
+
+async def test_a_row_whose_job_can_never_be_enqueued_is_set_aside_not_blocking(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            bad = await emit(conn, "test", "thing.happened", {"n": 0},
+                             job={"actor": "nowhere", "args": []})
+        async with conn.transaction():
+            await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
+    relay, client = await _relay(settings, pool)
+    assert await relay.publish_batch() == 2
+    row = await pool.fetchrow("SELECT published_at, publish_error FROM outbox WHERE id = $1", bad)
+    assert row["published_at"] is not None and "not a job" in row["publish_error"]
+    assert await client.llen(f"{settings.namespace}-jobs:maintenance") == 1
+    assert await client.xlen(stream_key(settings.namespace, "test")) == 2
+    await client.aclose()

@@ -118,3 +118,53 @@ def test_log_lines_carry_the_order_and_its_correlation_id() -> None:
         line = json.loads(JsonFormatter().format(record))
     assert (line["order_id"], line["correlation_id"]) == (
         42, "3f0c7c4e-0000-4000-8000-000000000000")
+
+
+async def test_failed_attempts_of_an_orders_jobs_join_its_trail(settings: Settings) -> None:
+    """A real worker: an order's job that retries and then fails leaves both on the trail."""
+    import threading
+
+    from runtime.broker import QUEUE_FULFILLMENT, JobSpec, declare_actor, setup_broker
+    from runtime.errors import TransientJobError
+    from runtime.jobs.worker import make_worker
+    from runtime.loop import LoopBridge
+    from runtime.trace import install_order_trail
+
+    conn = await db.connect(settings.database_url or "")
+    await conn.execute("INSERT INTO customers (id, name, email) VALUES (1, 'Ana', 'a@x')")
+    order_id = await conn.fetchval(
+        "INSERT INTO orders (customer_id, total_cents) VALUES (1, 4990) RETURNING id")
+    bridge = LoopBridge().start()
+    pool = bridge.run(db.create_pool(settings.database_url or "", min_size=1, max_size=2))
+    broker = setup_broker(settings)
+    install_order_trail(broker, pool, bridge)
+    failed = threading.Event()
+    broker.hooks.subscribe("failed", lambda e: failed.set())
+
+    def label(order_id: int) -> None:
+        raise TransientJobError("carrier timed out")
+
+    spec = JobSpec(QUEUE_FULFILLMENT, "trace_test_label")
+    declare_actor(broker, spec, label, attempts=2, backoff_ms=10)
+    worker = make_worker(broker, {QUEUE_FULFILLMENT}, 1)
+    worker.start()
+    try:
+        spec.send(broker, order_id)
+        assert await asyncio.to_thread(failed.wait, 20)
+        steps: list[str] = []
+        for _ in range(200):  # the trail insert is handed to the loop, not awaited by the worker
+            steps = [r["step"] for r in await conn.fetch(
+                "SELECT step FROM order_trail WHERE order_id = $1 ORDER BY id", order_id)]
+            if len(steps) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert steps == ["job trace_test_label retrying", "job trace_test_label failed"]
+        _, entries = await load_trail(conn, order_id)
+        failure = next(e for e in entries if e.step == "jobs: job trace_test_label failed")
+        assert failure.detail["error"] == "TransientJobError: carrier timed out"
+    finally:
+        worker.stop()
+        broker.close()
+        bridge.run(pool.close())
+        bridge.stop()
+        await conn.close()

@@ -11,16 +11,25 @@ from aiohttp import web
 
 
 class Receiver:
-    """Collects POSTed JSON bodies; answers ``status`` (set it to 500 to play down)."""
+    """Collects POSTed JSON bodies; answers ``status`` (set it to 500 to play down).
+
+    Set ``hold`` to an unset event to play a slow webhook: each request waits
+    for it before it is answered (``arrived`` is set as soon as one comes in).
+    """
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.status = 200
         self.url = ""
+        self.hold: asyncio.Event | None = None
+        self.arrived = asyncio.Event()
         self._arrived = asyncio.Condition()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
         if self.status < 300:
             async with self._arrived:
                 self.bodies.append(body)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from runtime.errors import NotFound
+
 JsonDict = dict[str, Any]
 
 
@@ -46,6 +48,43 @@ class StubJobsAdmin:
 
     async def remove_job(self, job_id: str) -> bool:
         return self.jobs.pop(job_id, None) is not None
+
+    async def cancel_job(self, job_id: str) -> str:
+        if job_id not in self.jobs:
+            raise NotFound(f"no job {job_id!r}")
+        self.jobs[job_id]["state"] = "cancelled"
+        return "cancelled"
+
+    async def pause_queue(self, queue: str) -> bool:
+        was = bool(self._queue(queue).get("paused"))
+        self.counts[queue]["paused"] = True
+        return not was
+
+    async def resume_queue(self, queue: str) -> bool:
+        was = bool(self._queue(queue).get("paused"))
+        self.counts[queue]["paused"] = False
+        return was
+
+    async def empty_dead(self, queue: str | None) -> int:
+        dead = [j for j, job in self.jobs.items()
+                if job["state"] == "dead" and queue in (None, job["queue"])]
+        for job_id in dead:
+            del self.jobs[job_id]
+        return len(dead)
+
+    async def send_job(self, queue: str, actor: str, args: list[Any],
+                       options: JsonDict) -> JsonDict:
+        self._queue(queue)
+        job_id = str(options.get("job_id") or f"job-{len(self.jobs) + 1}")
+        duplicate = job_id in self.jobs
+        self.jobs.setdefault(job_id, {"id": job_id, "queue": queue, "actor": actor,
+                                      "state": "waiting", "args": args})
+        return {"job_id": job_id, "state": self.jobs[job_id]["state"], "duplicate": duplicate}
+
+    def _queue(self, queue: str) -> JsonDict:
+        if queue not in self.counts:
+            raise NotFound(f"no queue {queue!r}")
+        return self.counts[queue]
 
 
 class StubSchedules:

@@ -172,6 +172,51 @@ async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
     assert (await ana("GET", "/api/v1/events/nope"))[0] == 404
 
 
+async def test_checkout_is_for_the_owner_and_places_one_order(ana: Caller, bruno: Caller,
+                                                              staff: Caller) -> None:
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    checkout = f"/api/v1/carts/{cart['id']}/checkout"
+    assert (await ana("POST", checkout))[0] == 409  # empty
+    await ana("PUT", f"/api/v1/carts/{cart['id']}/items/2", json={"quantity": 3})
+    assert (await bruno("POST", checkout))[0] == 404  # not yours: not found
+    status, order = await staff("POST", checkout)
+    assert status == 201 and order["customer_id"] == 1 and order["total_cents"] == 3 * 2500
+    status, again = await ana("POST", checkout)
+    assert (status, again["id"]) == (200, order["id"])
+    status, cart = await ana("GET", f"/api/v1/carts/{cart['id']}")
+    assert cart["status"] == "checked_out"
+    assert (await ana("DELETE", f"/api/v1/carts/{cart['id']}"))[0] == 409
+
+
+async def test_staff_see_the_reviews_moderation_flagged(ana: Caller, staff: Caller,
+                                                        web_settings: Settings) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from actors.agents.deps import open_deps
+    from actors.agents.moderation import moderate_review
+
+    _, spam = await ana("POST", "/api/v1/reviews", json={
+        "product_id": 1, "rating": 5,
+        "body": "Great album! Cheap copies at http://cds.example, call me on +55 11 98765-4321"})
+    _, fine = await ana("POST", "/api/v1/reviews", json={
+        "product_id": 2, "rating": 4, "body": "A lovely record, the second side is wonderful."})
+    async with open_deps(web_settings, CollectorRegistry()) as deps:  # no API key: offline judge
+        for review in (spam, fine):
+            await moderate_review(deps, review["review"]["id"])
+
+    status, body = await staff("GET", "/api/v1/moderation/flagged")
+    assert status == 200
+    [flagged] = body["reviews"]
+    assert flagged["review_id"] == spam["review"]["id"] and flagged["product_id"] == 1
+    assert flagged["status"] in ("rejected", "manual_review")
+    assert flagged["current_status"] == flagged["status"]
+    assert {"spam_or_promotion", "personal_data"} & set(flagged["categories"])
+    assert flagged["source"] == "fallback" and flagged["reason"]
+    assert flagged["excerpt"].startswith("Great album!")
+    assert (await ana("GET", "/api/v1/moderation/flagged"))[0] == 403
+    assert (await staff("GET", "/api/v1/moderation/flagged?limit=0"))[0] == 422
+
+
 @pytest.mark.parametrize("body, status, code", [
     (b"{not json", 400, "bad_json"), (b"\xff", 400, "bad_json"), (b"", 400, "bad_json"),
     (b"[1]", 422, "invalid"), (b'"text"', 422, "invalid"),

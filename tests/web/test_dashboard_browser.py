@@ -12,8 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from runtime import db
+from runtime.alerts import Alert, Alerter, Severity
 from runtime.settings import Settings
 from tests.web.conftest import Publisher, ServerFactory, build_full_app, seed
 from web import seams
@@ -30,6 +33,24 @@ pytestmark = [
 WAIT_MS = 10_000
 
 
+async def flag_review(settings: Settings, body: str, status: str, reason: str,
+                      categories: list[str]) -> int:
+    """A review and the moderation result that held or rejected it, as the agent stores them."""
+    conn = await db.connect(settings.database_url or "")
+    try:
+        async with conn.transaction():
+            review_id: int = await conn.fetchval(
+                "INSERT INTO reviews (customer_id, product_id, rating, body, status) "
+                "VALUES (1, 2, 1, $1, $2) RETURNING id", body, status)
+            await conn.execute(
+                "INSERT INTO moderation_log (review_id, status, source, approved, confidence, "
+                "categories, reason) VALUES ($1, $2, 'model', false, 0.91, $3, $4)",
+                review_id, status, categories, reason)
+    finally:
+        await conn.close()
+    return review_id
+
+
 @pytest.fixture
 async def dashboard(web_settings: Settings, signer: TokenSigner,
                     start_server: ServerFactory) -> TestServer:
@@ -38,9 +59,14 @@ async def dashboard(web_settings: Settings, signer: TokenSigner,
 
 
 async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSigner,
-                                          publish: Publisher, tmp_path: Path) -> None:
+                                          publish: Publisher, tmp_path: Path,
+                                          web_settings: Settings,
+                                          redis: aioredis.Redis) -> None:
     base = str(dashboard.make_url("/"))
     problems: list[str] = []
+    rejected = await flag_review(web_settings, "You are all idiots, buy at spam.example",
+                                 "rejected", "Insults and advertises.",
+                                 ["personal_attack", "spam_or_promotion"])
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -70,6 +96,33 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
             await publish("alerts", {"severity": "critical", "message": "emails queue stuck"})
             await page.wait_for_selector("#alerts li:has-text('emails queue stuck')",
                                          timeout=WAIT_MS)
+            # What the Alerter itself writes (labels/annotations), firing then resolved.
+            alerter = Alerter(web_settings, redis)
+            backlog = Alert("QueueBacklog", Severity.WARNING, "1,234 jobs wait in emails",
+                            labels={"queue": "emails"})
+            assert await alerter.fire(backlog)
+            fired = "warning: QueueBacklog — 1,234 jobs wait in emails"
+            await page.wait_for_selector(f"#alerts li:has-text('{fired}')", timeout=WAIT_MS)
+            assert await alerter.resolve(backlog)
+            await page.wait_for_selector(
+                "#alerts li:has-text('resolved: QueueBacklog — 1,234 jobs wait in emails')",
+                timeout=WAIT_MS)
+            texts = await page.locator("#alerts li").all_text_contents()
+            assert not any("undefined" in t for t in texts), texts
+
+            # Flagged reviews: the start state, then a moderation event refetches the list.
+            row = f"#flagged tr[data-review='{rejected}']"
+            await page.wait_for_selector(row, timeout=WAIT_MS)
+            assert "Insults and advertises." in (await page.text_content(row) or "")
+            assert "personal_attack, spam_or_promotion" in (await page.text_content(row) or "")
+            held = await flag_review(web_settings, "Meh, write me at ana@example.com",
+                                     "manual_review", "Low confidence.", ["personal_data"])
+            await publish("reviews", {"review_id": held, "status": "manual_review",
+                                      "source": "model", "categories": ["personal_data"]},
+                          event_type="review-moderated")
+            await page.wait_for_selector(f"#flagged tr[data-review='{held}']", timeout=WAIT_MS)
+            assert await page.locator("#flagged tbody tr").count() == 2
+            assert await page.is_hidden("#flagged-empty")
 
             # The retry button calls the jobs endpoint.
             admin = dashboard.app[seams.JOBS_ADMIN]
@@ -99,4 +152,78 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
                 shutil.copy(phone, Path(target) / phone.name)
         finally:
             await browser.close()
+    assert problems == []
+
+
+async def test_dashboard_on_the_real_job_layer(web_settings: Settings, signer: TokenSigner,
+                                               start_server: ServerFactory) -> None:
+    """Real jobs: counts move live as a worker runs them; Retry re-runs a failed job."""
+    import threading
+
+    from runtime.broker import ALL_QUEUES, QUEUE_ANALYTICS, JobSpec, declare_actor, setup_broker
+    from runtime.errors import PermanentJobError
+    from runtime.jobs.feed import QueueFeed
+    from runtime.jobs.store import JobStore
+    from runtime.jobs.worker import make_worker
+    from web.adapters import StoreJobsAdmin
+
+    await seed(web_settings)
+    broker = setup_broker(web_settings)
+    client = aioredis.Redis.from_url(web_settings.redis_url or "")
+    store = JobStore(client, broker.keys, ALL_QUEUES)
+    app = build_full_app(web_settings, signer)
+    app[seams.JOBS_ADMIN] = StoreJobsAdmin(store)
+    server = await start_server(app)
+    feed = asyncio.create_task(QueueFeed(store, client, web_settings.namespace, 0.2).run())
+    broken, finished = [True], threading.Event()
+
+    def export(n: int) -> None:
+        if broken[0]:
+            raise PermanentJobError("the report bucket is gone")
+        finished.set()
+
+    spec = JobSpec(QUEUE_ANALYTICS, "dash_export")
+    declare_actor(broker, spec, export)
+    worker = make_worker(broker, {QUEUE_ANALYTICS}, 1)
+    worker.start()
+    failed = spec.send(broker, 1)
+    problems: list[str] = []
+    row = "tr[data-queue=analytics]"
+    try:
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda exc: problems.append(str(exc)))
+                await page.goto(str(server.make_url("/")))
+                await page.fill("#token", signer.issue("staff", None, 3600))
+                await page.click("#login button[type=submit]")
+                await page.wait_for_selector(f"tr[data-job='{failed.job_id}']", timeout=WAIT_MS)
+                # Live: a paused queue fills up on screen, then drains when resumed.
+                await store.pause(QUEUE_ANALYTICS)
+                for n in range(5):
+                    spec.send(broker, 10 + n)
+                await page.wait_for_function(
+                    f"document.querySelector('{row} td:nth-child(2)')?.textContent === '5'",
+                    timeout=WAIT_MS)
+                await store.resume(QUEUE_ANALYTICS)
+                await page.wait_for_function(
+                    f"document.querySelector('{row} td:nth-child(2)')?.textContent === '0'",
+                    timeout=WAIT_MS)
+                # Retry, for real: the job runs again and leaves the failed list.
+                broken[0] = False
+                await page.click(f"tr[data-job='{failed.job_id}'] button.retry")
+                assert await asyncio.to_thread(finished.wait, WAIT_MS / 1000)
+                await page.wait_for_selector(f"tr[data-job='{failed.job_id}']",
+                                             state="detached", timeout=WAIT_MS)
+                job = await store.get(failed.job_id)
+                assert job is not None and job["state"] == "completed"
+            finally:
+                await browser.close()
+    finally:
+        feed.cancel()
+        worker.stop()
+        broker.close()
+        await client.aclose()
     assert problems == []

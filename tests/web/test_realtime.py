@@ -269,3 +269,34 @@ async def test_a_stopped_notifier_returns_without_being_cancelled(
             await task  # returns normally: nobody cancelled it
     finally:
         task.cancel()
+
+
+async def test_staff_follow_one_jobs_progress_and_outcome(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        web_settings: Settings) -> None:
+    """Job events come from the job layer itself (jobs.lua), filtered by job id."""
+    from runtime.broker import ALL_QUEUES, JobSpec, setup_broker
+    from runtime.jobs.store import JobStore
+
+    broker = setup_broker(web_settings)
+    spec = JobSpec("analytics", "rt_test_report")
+    client = aioredis.Redis.from_url(web_settings.redis_url or "")
+    store = JobStore(client, broker.keys, ALL_QUEUES)
+    try:
+        watched, other = spec.send(broker, job_id="report-1"), spec.send(broker, job_id="x-2")
+        async with http.ws_connect(ws_url(realtime_server, signer.issue("staff", None, 60))) as ws:
+            await subscribe(ws, "jobs", keys=[watched.job_id])
+            await store.progress(other.job_id, "50")
+            await store.progress(watched.job_id, '{"done": 1, "of": 4}')
+            await store.cancel(watched.job_id)
+            first, second = await next_of(ws, "event"), await next_of(ws, "event")
+        assert (first["event"], first["payload"]["progress"]) == ("job.progress",
+                                                                   {"done": 1, "of": 4})
+        assert (second["event"], second["payload"]["job_id"]) == ("job.cancelled", "report-1")
+        async with http.ws_connect(ws_url(realtime_server, signer.issue("staff", None, 60))) as ws:
+            await next_of(ws, "welcome")
+            await ws.send_json({"type": "subscribe", "channel": "jobs", "keys": [7]})
+            assert (await next_of(ws, "error"))["code"] == "bad_message"
+    finally:
+        await client.aclose()
+        broker.close()

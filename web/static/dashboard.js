@@ -7,11 +7,15 @@ const TOKEN_KEY = "shopflow.staffToken";
 const API = "/api/v1";
 const FEED_MAX = 50;            // newest order events / alerts kept on screen
 const RECONNECT_MAX_MS = 10000; // WebSocket reconnect back-off cap
-const CHANNELS = ["queues", "jobs", "alerts", "order-status-changed", "stock-updated"];
+// Not "jobs": it carries every step of every job (thousands a second when busy); the
+// "queues" channel's counts (one entry per changed queue per second) tell when the
+// failed and dead lists moved.
+const CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews"];
 
 const $ = (sel) => document.querySelector(sel);
 const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, ws: null,
-                retryMs: 500, orderCount: 0, queues: new Map(), refetchTimer: null };
+                retryMs: 500, orderCount: 0, queues: new Map(), refetchTimer: null,
+                flaggedTimer: null };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -128,6 +132,33 @@ async function loadStockSync() {
     el("dt", {}, "oldest sync"), el("dd", {}, when(body.oldest_synced_at)));
 }
 
+async function loadFlagged() {
+  const { status: code, body } = await api("GET", `/moderation/flagged?limit=${FEED_MAX}`);
+  if (code !== 200) return unavailable("#flagged tbody", body, 10);
+  const rows = body.reviews.map((r) => el("tr", { "data-review": r.review_id },
+    el("td", {}, `#${r.review_id}`),
+    el("td", {}, r.product_id ?? ""),
+    el("td", { class: "num" }, r.rating ?? ""),
+    el("td", { class: r.status === "rejected" ? "bad" : "" }, r.status),
+    el("td", {}, r.current_status ?? ""),
+    el("td", {}, r.source ?? ""),
+    el("td", { class: "num" }, r.confidence == null ? "—" : Number(r.confidence).toFixed(2)),
+    el("td", {}, (r.categories ?? []).join(", ")),
+    el("td", { class: "err" }, r.reason ?? ""),
+    el("td", { class: "muted" }, r.excerpt ?? "")));
+  $("#flagged tbody").replaceChildren(...rows);
+  $("#flagged-empty").hidden = rows.length > 0;
+}
+
+function scheduleFlaggedRefetch() {
+  // A moderation burst refetches the flagged list at most every 500 ms.
+  if (state.flaggedTimer) return;
+  state.flaggedTimer = setTimeout(() => {
+    state.flaggedTimer = null;
+    loadFlagged().catch(() => {});
+  }, 500);
+}
+
 function addFeedItem(list, text, at) {
   list.prepend(el("li", {}, text, " ", el("span", { class: "muted" }, when(at))));
   while (list.children.length > FEED_MAX) list.lastChild.remove();
@@ -138,9 +169,29 @@ function orderText(p) {
          `${p.to_status ?? "?"}${p.reason ? ` (${p.reason})` : ""}`;
 }
 
+// The alerts stream carries the Alerter's notifications (payload in Alertmanager's
+// webhook shape: status, labels.{alertname, severity, ...}, annotations.summary) and
+// plain events of other writers (process.fatal, stock-conflict, fulfillment.failed).
+const ALERT_EVENTS = {
+  "process.fatal": (p) => ["critical", `program ${p.processname ?? "?"} is FATAL (${p.host ?? ""})`],
+  "stock-conflict": (p) => ["warning", `stock conflict on product ${p.product_id}: warehouse ` +
+    `${p.warehouse_quantity}, reserved ${p.reserved_quantity}`],
+  "stock-conflict-resolved": (p) => ["info", `stock conflict on product ${p.product_id} resolved`],
+  "fulfillment.failed": (p) => ["critical", `order ${p.order_id}: ${p.reason ?? p.step ?? ""}`],
+};
+
 function alertText(event) {
-  const p = event.payload;
-  return `${p.severity ?? "alert"}: ${p.message ?? p.summary ?? event.event ?? ""}`;
+  const p = event.payload ?? {};
+  if (p.labels) {
+    const { alertname, severity } = p.labels;
+    const resolved = p.status === "resolved" || event.event === "alert.resolved";
+    return `${resolved ? "resolved" : (severity ?? "alert")}: ${alertname ?? "alert"} — ` +
+           `${p.annotations?.summary ?? ""}`;
+  }
+  const known = ALERT_EVENTS[event.event];
+  const [severity, text] = known ? known(p)
+    : [p.severity ?? "alert", p.message ?? p.summary ?? p.reason ?? event.event ?? ""];
+  return `${severity}: ${text}`;
 }
 
 async function loadFeed(channel, list, format) {
@@ -159,6 +210,7 @@ function unavailable(selector, body, colspan) {
 
 async function loadAll() {
   await Promise.all([loadQueues(), loadJobs(), loadSchedules(), loadTree(), loadStockSync(),
+    loadFlagged(),
     loadFeed("alerts", $("#alerts"), alertText),
     loadFeed("order-status-changed", $("#orders"), (e) => orderText(e.payload))
       .then(() => { state.orderCount = $("#orders").children.length;
@@ -167,13 +219,12 @@ async function loadAll() {
 
 // --- live updates ----------------------------------------------------------------------
 
-function scheduleRefetch() {
-  // Job events can come in bursts: refetch the job lists at most every 300 ms.
+function scheduleFailedRefetch() {
+  // Failed and dead counts move in bursts: refetch those lists at most every 300 ms.
   if (state.refetchTimer) return;
   state.refetchTimer = setTimeout(() => {
     state.refetchTimer = null;
     loadJobs().catch(() => {});
-    loadQueues().catch(() => {});
   }, 300);
 }
 
@@ -184,11 +235,13 @@ function onEvent(message) {
     case "queues": {
       const name = p.queue ?? p.name;
       if (!name) break;
-      state.queues.set(name, { ...(state.queues.get(name) ?? {}), ...p, name });
+      const before = state.queues.get(name) ?? {};
+      state.queues.set(name, { ...before, ...p, name });
       renderQueues();
+      if ((p.failed ?? before.failed) !== before.failed ||
+          (p.dead ?? before.dead) !== before.dead) scheduleFailedRefetch();
       break;
     }
-    case "jobs": scheduleRefetch(); break;
     case "alerts": addFeedItem($("#alerts"), alertText(message), message.at); break;
     case "order-status-changed":
       state.orderCount += 1;
@@ -196,6 +249,7 @@ function onEvent(message) {
       addFeedItem($("#orders"), orderText(p), message.at);
       break;
     case "stock-updated": loadStockSync().catch(() => {}); break;
+    case "reviews": if (message.event === "review-moderated") scheduleFlaggedRefetch(); break;
   }
 }
 

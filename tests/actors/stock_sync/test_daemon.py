@@ -7,18 +7,31 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 
 import asyncpg
 import pykka
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 
-from actors.stock_sync.daemon import RunRecord, StockSyncActor, StockSyncDaemon, build_daemon
+from actors.stock_sync.daemon import (
+    CHILD_ID,
+    PROCESS_NAME,
+    RunRecord,
+    StockSyncActor,
+    StockSyncDaemon,
+    build_daemon,
+)
+from runtime.errors import ActorUnavailable
 from runtime.loop import LoopBridge
 from runtime.metrics import render_metrics
 from runtime.settings import Settings
+from runtime.tree import process_key
 from tests.actors.stock_sync.conftest import Warehouse, link_products
+from tests.runtime.webhook_receiver import webhook_receiver
+from tests.support import next_supervision_event, published_root
 
 
 def _daemon_settings(settings: Settings, warehouse: Warehouse, interval_s: float) -> Settings:
@@ -101,14 +114,51 @@ async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
     daemon = await asyncio.to_thread(build_daemon, _daemon_settings(settings, warehouse, 1.0),
                                      CollectorRegistry(), bridge)
     try:
+        # The tree is published for `shopflow tree`, like a worker's.
+        root = await asyncio.to_thread(published_root, settings, PROCESS_NAME)
+        assert root["name"] == "stock-sync-root"
+        assert [c["id"] for c in root["children"]] == [CHILD_ID]
         first = await asyncio.to_thread(daemon.run_once)
         [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
         ref.tell("not a message it knows")  # raises in on_receive: the actor crashes
         await asyncio.to_thread(ref.actor_stopped.wait, 10)
+        # The restart is an event in Redis, not only a log line.
+        restart = await asyncio.to_thread(next_supervision_event, settings, "restart", CHILD_ID)
+        assert restart["process"] == PROCESS_NAME and "TypeError" in restart["reason"]
         second = await asyncio.to_thread(daemon.run_once)
         assert first.report is not None and second.report is not None
         assert second.report.outcome == "ok"
         assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1)]
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:  # a clean stop removes the process from the view
+        assert not client.exists(process_key(settings.namespace, PROCESS_NAME, os.getpid()))
+    finally:
+        client.close()
+
+
+async def test_a_root_that_gives_up_escalates_out_of_the_daemon(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    escalated = threading.Event()
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(
+        build_daemon, _daemon_settings(settings, warehouse, 1.0), CollectorRegistry(), bridge,
+        on_escalate=lambda error: escalated.set())
+    try:
+        while not escalated.is_set():  # more crashes than MAX_RESTARTS in the window
+            try:
+                ref = await asyncio.to_thread(daemon.root.wait_for_ref, CHILD_ID,
+                                              time.monotonic() + 10)
+            except ActorUnavailable:
+                break  # the root gave up meanwhile
+            ref.tell("not a message it knows")
+            await asyncio.to_thread(ref.actor_stopped.wait, 10)
+        assert await asyncio.to_thread(escalated.wait, 10)
+        alert = await asyncio.to_thread(next_supervision_event, settings, "escalation", None,
+                                        "alerts")
+        assert alert["supervisor"] == "stock-sync-root" and alert["process"] == PROCESS_NAME
     finally:
         await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(bridge.stop)
@@ -150,3 +200,43 @@ async def test_sigterm_finishes_the_current_batch_and_exits_0(
     assert 'shopflow_stock_sync_runs_total{outcome="stopped"} 1.0' in text
     assert f"shopflow_stock_sync_products_changed_total {float(synced)}" in text
     assert "shopflow_stock_sync_products_checked_total 10.0" in text
+
+
+async def test_no_sync_for_n_intervals_pages_once_and_resolves_once(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 3)
+    now_s = [10_000.0]
+    async with webhook_receiver() as receiver:
+        settings = replace(_daemon_settings(settings, warehouse, 30.0),
+                           stock_sync_alert_intervals=2, alert_webhook_url=receiver.url,
+                           alert_resolve_after_s=60)
+        warehouse.set_faults(error_rate=1.0, error_status=503)
+        bridge = LoopBridge("test-stock-sync").start()
+        daemon = await asyncio.to_thread(build_daemon, settings, CollectorRegistry(), bridge,
+                                         wall_clock=lambda: now_s[0])
+
+        async def tick(advance_s: float) -> RunRecord:
+            now_s[0] += advance_s
+            record = await asyncio.to_thread(daemon.run_once)
+            assert await asyncio.to_thread(daemon.alerts.drain, 20)
+            return record
+
+        try:
+            assert (await tick(0)).report.outcome == "failed"  # type: ignore[union-attr]
+            assert receiver.bodies == [], "one failed interval is not yet an incident"
+            await tick(61)  # two intervals without a success: page
+            [page] = await receiver.wait_for(1)
+            await tick(30)  # still overdue: no second page
+            warehouse.set_faults()
+            assert (await tick(30)).report.outcome == "ok"  # type: ignore[union-attr]
+            assert len(receiver.bodies) == 1, "cleared, but not for the resolve hysteresis yet"
+            await tick(61)
+            await receiver.wait_for(2)
+        finally:
+            await asyncio.to_thread(daemon.close)
+            await asyncio.to_thread(bridge.stop)
+    assert [b["status"] for b in receiver.bodies] == ["firing", "resolved"]
+    alert = page["alerts"][0]
+    assert (alert["labels"]["alertname"], alert["labels"]["severity"]) == ("StockSyncOverdue",
+                                                                           "critical")
+    assert "no stock sync succeeded for 2 intervals" in alert["annotations"]["summary"]

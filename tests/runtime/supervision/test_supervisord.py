@@ -1,10 +1,12 @@
-"""The repo's supervisord.conf under the real supervisord.
+"""The repo's supervisord.conf: its rules (static, fast) and under the real supervisord (chaos).
 
-The programs under test are the repo's own sections, copied verbatim from
+The static checks read the file only and run with the rest of the suite. The
+chaos tests run the repo's own sections, copied verbatim from
 supervisord.conf (inventory-worker running the real ``shopflow worker``, the
 ``supervisor-events`` listener); the FATAL case copies the stock-sync section
 with a command that exits at once. Waits are on supervisord's XML-RPC state,
-Redis Streams (XREAD BLOCK) and the database, each with a deadline.
+Redis Streams (XREAD BLOCK), the worker's log and the database, each with a
+deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,11 @@ PROCESS_KINDS = {
 }
 WORKER_GRACEFUL_STOP_S = 20  # runtime.worker.GRACEFUL_STOP_MS
 ORDERS = 6
+# Enough that some are still queued while the worker's threads all hold one.
+ORDERS_IN_FLIGHT_CASE = 12
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+# Only the tests that run supervisord are chaos; the static checks are not.
+chaos = [pytest.mark.chaos, pytest.mark.slow]
 
 
 def repo_conf() -> configparser.RawConfigParser:
@@ -82,9 +87,9 @@ def test_every_process_kind_is_a_bounded_restarting_program() -> None:
         assert section.get("stopsignal", "TERM") == "TERM", name
         if name.endswith("-worker"):
             assert int(section["stopwaitsecs"]) > WORKER_GRACEFUL_STOP_S, name
-    for section in conf.sections():
-        if section.startswith("program:"):  # may have children: stop and kill the group
-            assert conf[section]["stopasgroup"] == conf[section]["killasgroup"] == "true"
+    for title in conf.sections():
+        if title.startswith("program:"):  # may have children: stop and kill the group
+            assert conf[title]["stopasgroup"] == conf[title]["killasgroup"] == "true"
 
 
 def test_every_program_runs_a_command_that_exists() -> None:
@@ -99,8 +104,8 @@ def test_every_program_runs_a_command_that_exists() -> None:
                 f"{section}: `{conf[section]['command']}` is not a shopflow command")
 
 
-def test_conf(tmp_path: Path) -> Path:
-    """The repo's sections for the programs under test, plus an instantly-exiting one."""
+def test_conf(tmp_path: Path, with_crasher: bool = True) -> Path:
+    """The repo's sections for the programs under test, plus (maybe) an instantly-exiting one."""
     conf = repo_conf()
     keep = {"supervisord", "unix_http_server", "rpcinterface:supervisor", "supervisorctl",
             "program:inventory-worker", "eventlistener:supervisor-events"}
@@ -109,8 +114,9 @@ def test_conf(tmp_path: Path) -> Path:
             conf.remove_section(section)
     crasher = dict(conf["program:stock-sync"])
     conf.remove_section("program:stock-sync")
-    conf["program:crasher"] = {**crasher, "command": "sh -c 'exit 3'", "startsecs": "1",
-                               "startretries": "1"}
+    if with_crasher:
+        conf["program:crasher"] = {**crasher, "command": "sh -c 'exit 3'", "startsecs": "1",
+                                   "startretries": "1"}
     path = tmp_path / "supervisord.conf"
     with path.open("w") as f:
         conf.write(f)
@@ -142,7 +148,7 @@ def next_entry(client: redis.Redis, key: str, timeout_s: float = 60) -> dict[str
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            reply = client.xread({key: "0"}, count=1, block=2000)
+            reply: Any = client.xread({key: "0"}, count=1, block=2000)
         except (redis.TimeoutError, redis.ConnectionError):
             continue
         if reply:
@@ -159,14 +165,14 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def seed_orders(settings: Settings) -> list[int]:
+async def seed_orders(settings: Settings, count: int = ORDERS) -> list[int]:
     conn = await db.connect(settings.database_url or "")
     try:
         await conn.execute("INSERT INTO customers (id, name, email) VALUES (1, 'Ana', 'a@x.test')")
         await conn.execute("INSERT INTO products (id, sku, name, price_cents) VALUES (1, 's1', 'CD', 999)")
         await conn.execute("INSERT INTO inventory (product_id, quantity) VALUES (1, 1000)")
         ids = []
-        for _ in range(ORDERS):
+        for _ in range(count):
             order = orders.NewOrder(1, (orders.OrderLine(1, 1),))
             order_id, _ = await orders.create_order(conn, order, RESERVE_STOCK.as_job())
             ids.append(order_id)
@@ -183,24 +189,43 @@ async def statuses(settings: Settings) -> list[str]:
         await conn.close()
 
 
+StartSupervisord = Callable[[Path], "subprocess.Popen[bytes]"]
+
+
 @pytest.fixture
-def supervisord(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    conf = test_conf(tmp_path)
+def start_supervisord(settings: Settings) -> Iterator[StartSupervisord]:
+    """Start the real supervisord on a conf (as often as a test needs); all stopped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
     (settings.var_dir / "log").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings.to_env(),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("supervisord")), "-c", str(conf)],
-                            env=env, start_new_session=True)
-    yield proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+    def start(conf: Path) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("supervisord")), "-c", str(conf)],
+            env=env, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
+@pytest.fixture
+def supervisord(start_supervisord: StartSupervisord,
+                tmp_path: Path) -> subprocess.Popen[bytes]:
+    return start_supervisord(test_conf(tmp_path))
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
 def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
         settings: Settings, supervisord: subprocess.Popen[bytes]) -> None:
     client = redis.Redis.from_url(settings.redis_url or "")
@@ -245,3 +270,96 @@ def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
     supervisord.send_signal(signal.SIGTERM)
     assert supervisord.wait(90) == 0
     assert [pid for pid in pids if alive(pid)] == []
+
+
+async def backends_waiting_on_locks(settings: Settings) -> int:
+    """Sessions of the test's database blocked on a lock: jobs in flight, held by the test."""
+    conn = await db.connect(settings.database_url or "")
+    try:
+        count: int = await conn.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock'""")
+        return count
+    finally:
+        await conn.close()
+
+
+async def reservation_effects(settings: Settings) -> tuple[dict[int, int], int, int]:
+    """Per order how often it moved to reserved; reserved_quantity; reservation rows."""
+    conn = await db.connect(settings.database_url or "")
+    try:
+        moves = {r["order_id"]: r["n"] for r in await conn.fetch(
+            """SELECT o.id AS order_id, count(h.id) AS n FROM orders o
+               LEFT JOIN order_status_history h ON h.order_id = o.id AND h.to_status = 'reserved'
+               GROUP BY o.id""")}
+        reserved = await conn.fetchval("SELECT reserved_quantity FROM inventory WHERE product_id = 1")
+        rows = await conn.fetchval("SELECT count(*) FROM inventory_reservations")
+        return moves, int(reserved), int(rows)
+    finally:
+        await conn.close()
+
+
+def log_says(path: Path, text: str) -> bool:
+    try:
+        return text in path.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+def test_sigterm_with_jobs_in_flight_loses_none_and_runs_each_once(
+        settings: Settings, start_supervisord: StartSupervisord, tmp_path: Path) -> None:
+    """SIGTERM to the whole tree while every worker thread holds a job and more are queued.
+
+    The jobs in flight finish within the stop window, the queued ones are
+    handed back, the tree exits 0; after a restart every job has run, and
+    each has had its effect exactly once.
+    """
+    conf = test_conf(tmp_path, with_crasher=False)
+    order_ids = asyncio.run(seed_orders(settings, ORDERS_IN_FLIGHT_CASE))
+    threads = settings.inventory_concurrency
+    worker_log = settings.var_dir / "log" / "inventory-worker.log"
+    tree = start_supervisord(conf)
+    wait_until(lambda: state_of(settings, "inventory-worker")[0] == "RUNNING", 60,
+               "inventory-worker RUNNING")
+
+    async def hold_stock_then(release_when: Callable[[], bool]) -> None:
+        """Lock the product's stock row so every reservation blocks in flight, then release."""
+        blocker = await db.connect(settings.database_url or "")
+        try:
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1 FROM inventory WHERE product_id = 1 FOR UPDATE")
+                broker = setup_broker(settings)
+                try:
+                    for order_id in order_ids:
+                        RESERVE_STOCK.send(broker, order_id)
+                finally:
+                    broker.close()
+                async with asyncio.timeout(60):
+                    while await backends_waiting_on_locks(settings) < threads:
+                        await asyncio.sleep(0.05)
+                tree.send_signal(signal.SIGTERM)  # every thread holds a job right now
+                async with asyncio.timeout(60):
+                    while not release_when():
+                        await asyncio.sleep(0.05)
+        finally:
+            await blocker.close()
+
+    _, worker_pid = state_of(settings, "inventory-worker")
+    asyncio.run(hold_stock_then(lambda: log_says(worker_log, "inventory-worker stopping")))
+    assert tree.wait(90) == 0
+    assert not alive(worker_pid)
+    moves, reserved, _ = asyncio.run(reservation_effects(settings))
+    done_before_restart = sum(moves.values())
+    assert threads <= done_before_restart < ORDERS_IN_FLIGHT_CASE  # held ones finished
+    assert reserved == done_before_restart
+
+    tree = start_supervisord(conf)
+    wait_until(lambda: set(asyncio.run(statuses(settings))) == {"reserved"}, 90,
+               "every order reserved after the restart")
+    moves, reserved, reservation_rows = asyncio.run(reservation_effects(settings))
+    assert moves == {order_id: 1 for order_id in order_ids}
+    assert reserved == reservation_rows == ORDERS_IN_FLIGHT_CASE
+    tree.send_signal(signal.SIGTERM)
+    assert tree.wait(90) == 0

@@ -1,0 +1,217 @@
+"""``shopflow jobs``: job history and control from the command line.
+
+Every sub-command is a thin call of :class:`~runtime.jobs.store.JobStore`
+against the Redis of the settings (embedded servers are started if no URL
+is set, as every other command does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from runtime import embedded
+from runtime.broker import ALL_QUEUES, job_config
+from runtime.cli import add_command
+from runtime.errors import ValidationError
+from runtime.jobs.script import JobKeys, events_stream
+from runtime.jobs.store import JOB_STATES, JobStore
+from runtime.settings import Settings
+
+Action = Callable[[argparse.Namespace, JobStore], Awaitable[int]]
+
+
+def _store_for(settings: Settings, client: aioredis.Redis) -> JobStore:
+    keys = JobKeys(f"{settings.namespace}-jobs", events_stream(settings.namespace))
+    return JobStore(client, keys, ALL_QUEUES, job_config(settings).bounds)
+
+
+def _run(action: Action) -> Callable[[argparse.Namespace, Settings], int]:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        settings = embedded.ensure_services(settings)
+
+        async def main() -> int:
+            client = aioredis.Redis.from_url(settings.redis_url or "")
+            try:
+                return await action(args, _store_for(settings, client))
+            finally:
+                await client.aclose()
+
+        return asyncio.run(main())
+    return handler
+
+
+def _print(value: Any, as_json: bool) -> None:
+    print(json.dumps(value, indent=2, default=str) if as_json else value)
+
+
+async def _queues(args: argparse.Namespace, store: JobStore) -> int:
+    counts = await store.counts()
+    if args.json:
+        _print([c.as_json() for c in counts], True)
+        return 0
+    columns = ("waiting", "active", "delayed", "completed", "failed", "dead", "cancelled")
+    print(f"{'queue':<16}" + "".join(f"{c:>10}" for c in columns) + "  paused")
+    for c in counts:
+        row = c.as_json()
+        print(f"{c.name:<16}" + "".join(f"{row[col]:>10}" for col in columns)
+              + ("  yes" if c.paused else ""))
+    return 0
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    when = job.get("finished_at") or job.get("started_at") or job.get("enqueued_at") or ""
+    error = f"  {job['error']}" if job.get("error") else ""
+    return (f"{job['id']:<40} {job.get('state', ''):<10} {job.get('actor', ''):<30} "
+            f"attempt {job.get('attempt', 0)}  {when}{error}")
+
+
+async def _list(args: argparse.Namespace, store: JobStore) -> int:
+    jobs = await store.list_jobs(args.queue, args.state, args.limit)
+    if args.json:
+        _print(jobs, True)
+    else:
+        for job in jobs:
+            print(_job_line(job))
+        print(f"({len(jobs)} {args.state} job(s) in {args.queue})")
+    return 0
+
+
+async def _show(args: argparse.Namespace, store: JobStore) -> int:
+    job = await store.get(args.job_id)
+    if job is None:
+        print(f"no job {args.job_id!r}")
+        return 1
+    _print(job, True)
+    return 0
+
+
+async def _retry(args: argparse.Namespace, store: JobStore) -> int:
+    await store.retry(args.job_id)
+    print(f"job {args.job_id} is waiting again")
+    return 0
+
+
+async def _cancel(args: argparse.Namespace, store: JobStore) -> int:
+    status = await store.cancel(args.job_id)
+    print(f"job {args.job_id}: {'cancelled' if status == 'cancelled' else 'asked to stop'}")
+    return 0
+
+
+async def _remove(args: argparse.Namespace, store: JobStore) -> int:
+    status = await store.remove(args.job_id)
+    print(f"job {args.job_id}: {status}")
+    return 0
+
+
+async def _pause(args: argparse.Namespace, store: JobStore) -> int:
+    changed = await store.pause(args.queue)
+    print(f"queue {args.queue} paused" + ("" if changed else " (it already was)"))
+    return 0
+
+
+async def _resume(args: argparse.Namespace, store: JobStore) -> int:
+    changed = await store.resume(args.queue)
+    print(f"queue {args.queue} running" + ("" if changed else " (it was not paused)"))
+    return 0
+
+
+async def _dead(args: argparse.Namespace, store: JobStore) -> int:
+    if args.empty:
+        deleted = await store.empty_dead(args.queue)
+        print(f"deleted {deleted} dead job(s)")
+        return 0
+    for queue in [args.queue] if args.queue else store.queues:
+        for job in await store.list_jobs(queue, "dead", 500):
+            print(_job_line(job) + (f"  ({job['reason']})" if job.get("reason") else ""))
+    return 0
+
+
+def _option(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"options look like name=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name, value
+
+
+async def _send(args: argparse.Namespace, store: JobStore) -> int:
+    values = []
+    for raw in args.args:
+        try:
+            values.append(json.loads(raw))
+        except ValueError:
+            values.append(raw)
+    sent = await store.send(args.queue, args.actor, values, dict(args.option or []))
+    word = "already there" if sent.duplicate else sent.state
+    print(f"job {sent.job_id}: {word}")
+    return 0
+
+
+async def _watch(args: argparse.Namespace, store: JobStore) -> int:
+    try:
+        async for event in store.events(since="$", job_id=args.job_id):
+            print(json.dumps(event, default=str), flush=True)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    return 0
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValidationError("--limit must be at least 1")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Plug ``shopflow jobs`` and its sub-commands into the command line."""
+    def usage(args: argparse.Namespace, settings: Settings) -> int:
+        parser.print_help()
+        return 2
+
+    parser = add_command(sub, "jobs", usage,
+                         "job history and control: counts, list, show, retry, cancel, "
+                         "remove, pause, resume, dead letters, send, watch")
+    jobs = parser.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
+
+    def cmd(name: str, action: Action, help_text: str) -> argparse.ArgumentParser:
+        return add_command(jobs, name, _run(action), help_text)
+
+    q = cmd("queues", _queues, "counts of every queue (waiting, active, delayed, ...)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    ls = cmd("list", _list, "jobs of one queue in one state")
+    ls.add_argument("queue", choices=ALL_QUEUES)
+    ls.add_argument("--state", choices=JOB_STATES, default="failed", help="default: failed")
+    ls.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    show = cmd("show", _show, "one job: record, arguments, last events (JSON)")
+    show.add_argument("job_id")
+    for name, action, text in (
+            ("retry", _retry, "run a failed, dead or cancelled job again"),
+            ("cancel", _cancel, "cancel a waiting job, or ask a running one to stop"),
+            ("remove", _remove, "delete a job that is not running")):
+        cmd(name, action, text).add_argument("job_id")
+    cmd("pause", _pause, "stop workers taking jobs of a queue (it still accepts jobs)"
+        ).add_argument("queue", choices=ALL_QUEUES)
+    cmd("resume", _resume, "let workers take jobs of a paused queue").add_argument(
+        "queue", choices=ALL_QUEUES)
+    dead = cmd("dead", _dead, "list the dead (quarantined) jobs, or --empty the dead sets")
+    dead.add_argument("--queue", choices=ALL_QUEUES, help="only this queue")
+    dead.add_argument("--empty", action="store_true", help="delete them")
+    send = cmd("send", _send, "enqueue a job for a declared actor")
+    send.add_argument("queue", choices=ALL_QUEUES)
+    send.add_argument("actor")
+    send.add_argument("args", nargs="*", help="arguments, each JSON (or a plain string)")
+    send.add_argument("-o", "--option", type=_option, action="append",
+                      help="a job option, name=value (JSON value), e.g. -o priority=5")
+    watch = cmd("watch", _watch, "follow job events as JSON lines (Ctrl-C stops)")
+    watch.add_argument("job_id", nargs="?", help="only this job")

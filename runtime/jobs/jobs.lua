@@ -1,0 +1,664 @@
+-- ShopFlow job store: every state change of a job, atomically, next to Dramatiq's own keys.
+--
+-- jobs(keys=[ns, events], args=[command, now_ms, now_iso, ...command args])
+--
+-- ns is the Dramatiq namespace; events is the Redis Stream of job lifecycle
+-- events (the notifier's "jobs" channel). Dramatiq's layout is kept, so a
+-- message written the documented way (HSET ns:Q.msgs ID JSON; RPUSH ns:Q ID)
+-- is consumed like any other:
+--
+--   ns:Q                 list of waiting message ids, priority 0, oldest first   (Dramatiq)
+--   ns:Q.msgs            hash message id -> message JSON                         (Dramatiq)
+--   ns:__acks__.W.Q      set of ids worker W fetched and has not finished         (Dramatiq)
+--   ns:__heartbeats__    zset worker id -> last heartbeat (ms)                    (Dramatiq)
+--   ns:Q.hi / ns:Q.lo    zsets of waiting ids with priority > 0 / < 0
+--   ns:Q.seq             counter keeping equal priorities first-in first-out
+--   ns:Q.delayed         zset id -> due time (ms): delayed jobs and retries
+--   ns:Q.wake            list of wake-up tokens an idle consumer blocks on
+--   ns:Q.active          zset job id -> start time (ms)
+--   ns:Q.completed|failed|dead|cancelled   zsets job id -> end time (ms), trimmed to keep-last-N
+--   ns:Q.stats           hash of totals (enqueued, completed, failed, retried, stalled, dead, ...)
+--   ns:__queues__.W      set of the queues worker W consumes (for the stall sweep)
+--   ns:paused            set of paused queue names
+--   ns:job:J             hash: the record of job J (state, attempts, times, result, error, ...)
+--   ns:jobhist:J         list: the last events of job J, newest first
+--   ns:dedup:J           string with a time to live: J ran and may not be sent again yet
+--   ns:limit:NAME        zset token -> lease expiry (ms): a concurrency limit's holders
+--   ns:rate:NAME         zset token -> start time (ms): a rate limit's recent starts
+
+local ns = KEYS[1]
+local events = KEYS[2]
+local command = ARGV[1]
+local now = tonumber(ARGV[2])
+local now_iso = ARGV[3]
+
+local SEQ_SPAN = 100000000000000  -- 1e14: room for the sequence under each priority level
+local WAKE_TOKENS = 64
+local HISTORY = 20
+local EVENTS_MAXLEN = 10000
+local TEXT_MAX = 2000
+
+local function qkey(queue, suffix)
+    if suffix == "" then return ns .. ":" .. queue end
+    return ns .. ":" .. queue .. "." .. suffix
+end
+
+local function job_key(job_id) return ns .. ":job:" .. job_id end
+local function hist_key(job_id) return ns .. ":jobhist:" .. job_id end
+
+-- A string cut to TEXT_MAX; nil for anything else (cjson's null, numbers, tables).
+local function short(text)
+    if type(text) ~= "string" then return nil end
+    if string.len(text) > TEXT_MAX then return string.sub(text, 1, TEXT_MAX) end
+    return text
+end
+
+-- One lifecycle event: on the stream (for the dashboard and the notifier) and in the job's history.
+local function event(job_id, queue, actor, kind, extra)
+    local payload = {job_id = job_id, queue = queue, actor = actor, event = kind}
+    if extra then
+        for k, v in pairs(extra) do payload[k] = v end
+    end
+    local text = cjson.encode(payload)
+    -- "id" is the outbox row's id on outbox events; job events have none (the job id is in
+    -- the payload), so the notifier's de-duplication of re-published rows leaves them alone.
+    redis.call("xadd", events, "MAXLEN", "~", EVENTS_MAXLEN, "*",
+        "id", "", "type", "job." .. kind, "payload", text, "correlation_id", "", "at", now_iso)
+    local hist = hist_key(job_id)
+    redis.call("lpush", hist, cjson.encode({at = now, event = kind, detail = extra or {}}))
+    redis.call("ltrim", hist, 0, HISTORY - 1)
+end
+
+local function paused(queue)
+    return redis.call("sismember", ns .. ":paused", queue) == 1
+end
+
+local function wake(queue)
+    if paused(queue) then return end
+    local key = qkey(queue, "wake")
+    redis.call("lpush", key, "1")
+    redis.call("ltrim", key, 0, WAKE_TOKENS - 1)
+end
+
+-- Put a message id where a consumer finds it, by priority; at_head for redeliveries.
+local function push_waiting(queue, rid, priority, at_head)
+    priority = tonumber(priority) or 0
+    if priority == 0 then
+        if at_head then
+            redis.call("lpush", qkey(queue, ""), rid)
+        else
+            redis.call("rpush", qkey(queue, ""), rid)
+        end
+    else
+        local seq = redis.call("incr", qkey(queue, "seq"))
+        if at_head then seq = 0 end
+        if priority > 0 then
+            redis.call("zadd", qkey(queue, "hi"), (10 - priority) * SEQ_SPAN + seq, rid)
+        else
+            redis.call("zadd", qkey(queue, "lo"), (-priority) * SEQ_SPAN + seq, rid)
+        end
+    end
+    wake(queue)
+end
+
+local function remove_waiting(queue, rid)
+    local n = redis.call("lrem", qkey(queue, ""), 1, rid)
+    n = n + redis.call("zrem", qkey(queue, "hi"), rid)
+    n = n + redis.call("zrem", qkey(queue, "lo"), rid)
+    return n
+end
+
+local function waiting_count(queue)
+    return redis.call("llen", qkey(queue, "")) + redis.call("zcard", qkey(queue, "hi"))
+        + redis.call("zcard", qkey(queue, "lo"))
+end
+
+local function decode(text)
+    local ok, value = pcall(cjson.decode, text)
+    if ok and type(value) == "table" then return value end
+    return nil
+end
+
+local function message_job_id(msg)
+    local options = msg.options or {}
+    return options.job_id or msg.message_id
+end
+
+local function message_priority(msg)
+    local options = msg.options or {}
+    return tonumber(options.priority) or 0
+end
+
+-- The end time as a score that keeps jobs ending in the same millisecond in order.
+local function ended_score(queue)
+    local seq = redis.call("incr", qkey(queue, "endseq")) % 1000
+    return now + seq / 1000
+end
+
+local function stat(queue, field, n)
+    redis.call("hincrby", qkey(queue, "stats"), field, n or 1)
+end
+
+-- Keep the newest `keep` entries of a finished-jobs index; forget the records of the rest.
+local function trim(queue, state, keep, dedup_s)
+    local idx = qkey(queue, state)
+    local extra = redis.call("zcard", idx) - keep
+    if extra <= 0 then return end
+    local ids = redis.call("zrange", idx, 0, extra - 1)
+    redis.call("zremrangebyrank", idx, 0, extra - 1)
+    for _, job_id in ipairs(ids) do
+        local key = job_key(job_id)
+        local explicit = redis.call("hget", key, "explicit")
+        if explicit == "1" and dedup_s > 0 then
+            local ended = tonumber(redis.call("hget", key, "finished_ms")) or now
+            local left = dedup_s * 1000 - (now - ended)
+            if left > 0 then
+                redis.call("set", ns .. ":dedup:" .. job_id, state, "PX", left)
+            end
+        end
+        redis.call("del", key, hist_key(job_id))
+    end
+end
+
+local function record_fields(key, fields)
+    local flat = {}
+    for k, v in pairs(fields) do
+        table.insert(flat, k)
+        table.insert(flat, v)
+    end
+    redis.call("hset", key, unpack(flat))
+end
+
+local ACTIVE_STATES = {waiting = true, delayed = true, active = true}
+local DUPLICATE_STATES = {waiting = true, delayed = true, active = true, completed = true, skipped = true}
+local RETRYABLE_STATES = {failed = true, dead = true, cancelled = true}
+local INDEXED_STATES = {completed = true, skipped = true, failed = true, dead = true, cancelled = true}
+
+local function index_of(state)
+    if state == "skipped" then return "completed" end
+    return state
+end
+
+-- enqueue(queue, rid, job_id, actor, message, priority, eta_ms, max_len, explicit, max_attempts)
+-- -> {"enqueued", state} | {"duplicate", state, rid} | {"full", size}
+local function cmd_enqueue(a)
+    local queue, rid, job_id, actor, message = a[1], a[2], a[3], a[4], a[5]
+    local priority, eta, max_len = tonumber(a[6]), tonumber(a[7]), tonumber(a[8])
+    local explicit, max_attempts = a[9], a[10]
+    local key = job_key(job_id)
+    if explicit == "1" then
+        local state = redis.call("hget", key, "state")
+        if state and DUPLICATE_STATES[state] then
+            return {"duplicate", state, redis.call("hget", key, "rid") or ""}
+        end
+        local ran = redis.call("get", ns .. ":dedup:" .. job_id)
+        if ran then return {"duplicate", ran, ""} end
+        if state then
+            -- A failed, dead or cancelled job sent again under its id: a fresh run.
+            local old_queue = redis.call("hget", key, "queue") or queue
+            redis.call("zrem", qkey(old_queue, index_of(state)), job_id)
+            redis.call("del", key, hist_key(job_id))
+        end
+    end
+    if max_len > 0 then
+        local size = waiting_count(queue) + redis.call("zcard", qkey(queue, "delayed"))
+        if size >= max_len then return {"full", size} end
+    end
+    redis.call("hset", qkey(queue, "msgs"), rid, message)
+    local state = "waiting"
+    if eta > now then
+        state = "delayed"
+        redis.call("zadd", qkey(queue, "delayed"), eta, rid)
+    else
+        push_waiting(queue, rid, priority, false)
+    end
+    record_fields(key, {
+        id = job_id, queue = queue, actor = actor, state = state, rid = rid,
+        created_ms = now, enqueued_ms = now, attempt = 0, max_attempts = max_attempts,
+        priority = priority, explicit = explicit, deaths = 0, run_at_ms = math.max(eta, now),
+    })
+    stat(queue, "enqueued")
+    if state == "delayed" then
+        event(job_id, queue, actor, "delayed", {run_at_ms = eta, priority = priority})
+    else
+        event(job_id, queue, actor, "waiting", {priority = priority})
+    end
+    return {"enqueued", state}
+end
+
+-- Move due delayed messages of a queue to its waiting structures (at most `limit`).
+local function promote(queue, limit)
+    local delayed = qkey(queue, "delayed")
+    local due = redis.call("zrangebyscore", delayed, "-inf", now, "LIMIT", 0, limit)
+    if #due == 0 then return end
+    local msgs = qkey(queue, "msgs")
+    for _, rid in ipairs(due) do
+        redis.call("zrem", delayed, rid)
+        local text = redis.call("hget", msgs, rid)
+        local msg = text and decode(text)
+        if msg then
+            local job_id = message_job_id(msg)
+            local key = job_key(job_id)
+            if redis.call("exists", key) == 1 then
+                redis.call("hset", key, "state", "waiting")
+                event(job_id, queue, msg.actor_name or "", "waiting", {promoted = true})
+            end
+            push_waiting(queue, rid, message_priority(msg), false)
+        elseif text then
+            push_waiting(queue, rid, 0, false)
+        end
+    end
+end
+
+-- fetch(queue, worker, count) -> {next_due_ms or "", message JSON...}
+local function cmd_fetch(a)
+    local queue, worker, count = a[1], a[2], tonumber(a[3])
+    redis.call("zadd", ns .. ":__heartbeats__", now, worker)
+    redis.call("sadd", ns .. ":__queues__." .. worker, queue)
+    promote(queue, 1000)
+    local next_due = redis.call("zrange", qkey(queue, "delayed"), 0, 0, "WITHSCORES")
+    local reply = {next_due[2] or ""}
+    if paused(queue) or count <= 0 then return reply end
+    local ids = {}
+    local popped = redis.call("zpopmin", qkey(queue, "hi"), count)
+    for i = 1, #popped, 2 do table.insert(ids, popped[i]) end
+    if #ids < count then
+        local plain = redis.call("lpop", qkey(queue, ""), count - #ids)
+        if plain then
+            for _, rid in ipairs(plain) do table.insert(ids, rid) end
+        end
+    end
+    if #ids < count then
+        popped = redis.call("zpopmin", qkey(queue, "lo"), count - #ids)
+        for i = 1, #popped, 2 do table.insert(ids, popped[i]) end
+    end
+    if #ids == 0 then return reply end
+    redis.call("sadd", ns .. ":__acks__." .. worker .. "." .. queue, unpack(ids))
+    local bodies = redis.call("hmget", qkey(queue, "msgs"), unpack(ids))
+    for i = 1, #ids do
+        if bodies[i] then table.insert(reply, bodies[i]) end
+    end
+    return reply
+end
+
+-- Check every limit; take them all or none. limits: [{key, concurrency, rate, window_ms, lease_ms}]
+local function take_limits(limits, token)
+    for _, l in ipairs(limits) do
+        if (tonumber(l.concurrency) or 0) > 0 then
+            local key = ns .. ":limit:" .. l.key
+            redis.call("zremrangebyscore", key, "-inf", now)
+            if not redis.call("zscore", key, token) and
+                    redis.call("zcard", key) >= tonumber(l.concurrency) then
+                return 0
+            end
+        end
+        if (tonumber(l.rate) or 0) > 0 then
+            local key = ns .. ":rate:" .. l.key
+            local window = tonumber(l.window_ms)
+            redis.call("zremrangebyscore", key, "-inf", now - window)
+            if redis.call("zcard", key) >= tonumber(l.rate) then
+                local oldest = redis.call("zrange", key, 0, 0, "WITHSCORES")
+                return math.max(1, tonumber(oldest[2]) + window - now)
+            end
+        end
+    end
+    for _, l in ipairs(limits) do
+        if (tonumber(l.concurrency) or 0) > 0 then
+            redis.call("zadd", ns .. ":limit:" .. l.key, now + tonumber(l.lease_ms), token)
+        end
+        if (tonumber(l.rate) or 0) > 0 then
+            local key = ns .. ":rate:" .. l.key
+            redis.call("zadd", key, now, token .. ":" .. now)
+            redis.call("pexpire", key, tonumber(l.window_ms) * 2)
+        end
+    end
+    return -1
+end
+
+-- start(queue, rid, job_id, actor, worker, attempt, limits JSON)
+-- -> {"run"} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+local function cmd_start(a)
+    local queue, rid, job_id, actor, worker, attempt, limits = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    local key = job_key(job_id)
+    local state = redis.call("hget", key, "state")
+    if state == "completed" or state == "skipped" or state == "dead" or state == "cancelled" then
+        return {"done", state}
+    end
+    if redis.call("hget", key, "cancel_requested") == "1" then return {"cancelled"} end
+    if limits ~= "" then
+        local wait = take_limits(cjson.decode(limits), rid)
+        if wait >= 0 then return {"limited", tostring(wait)} end
+    end
+    if not state then
+        -- A message written straight to Redis by another producer: give it a record now.
+        record_fields(key, {id = job_id, queue = queue, actor = actor, created_ms = now,
+            enqueued_ms = now, explicit = "0", deaths = 0, priority = 0, max_attempts = 0})
+        stat(queue, "enqueued")
+    end
+    record_fields(key, {state = "active", rid = rid, started_ms = now, worker = worker,
+        attempt = attempt})
+    redis.call("zadd", qkey(queue, "active"), now, job_id)
+    event(job_id, queue, actor, "active", {attempt = tonumber(attempt), worker = worker})
+    return {"run"}
+end
+
+local function release_limits(limit_keys, token)
+    for _, name in ipairs(limit_keys) do
+        redis.call("zrem", ns .. ":limit:" .. name, token)
+    end
+end
+
+-- finish(queue, rid, job_id, actor, worker, outcome, detail JSON, keep, dedup_s, limit keys JSON,
+--        new_rid, new_message, eta_ms, priority) -> {"ok"} | {"lost"}
+-- outcome: completed | skipped | failed | cancelled | retry | requeue | ack
+local function cmd_finish(a)
+    local queue, rid, job_id, actor, worker, outcome = a[1], a[2], a[3], a[4], a[5], a[6]
+    local detail = decode(a[7]) or {}
+    local keep, dedup_s = tonumber(a[8]), tonumber(a[9])
+    local key = job_key(job_id)
+    local msgs = qkey(queue, "msgs")
+    release_limits(cjson.decode(a[10]), rid)
+    local held = redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, rid)
+    if held == 0 and outcome ~= "ack" then
+        -- The stall sweep took this message back (we were presumed dead). If it still
+        -- waits, take it out of the queue again and record our outcome; if another
+        -- worker has started or finished it since, that run owns the record.
+        local state = redis.call("hget", key, "state")
+        if state ~= "waiting" or redis.call("hget", key, "worker") ~= worker then
+            return {"lost"}
+        end
+        remove_waiting(queue, rid)
+    end
+    local message = redis.call("hget", msgs, rid)
+    redis.call("hdel", msgs, rid)
+    if outcome == "ack" then return {"ok"} end
+    redis.call("zrem", qkey(queue, "active"), job_id)
+    if redis.call("exists", key) == 0 then
+        -- Never started here (garbage or an unknown actor from another producer): still
+        -- leave a record of what happened to it, never a silent drop.
+        record_fields(key, {id = job_id, queue = queue, actor = actor, created_ms = now,
+            enqueued_ms = now, explicit = "0", deaths = 0, priority = 0, max_attempts = 0,
+            attempt = 0})
+    end
+    if outcome == "retry" or outcome == "requeue" then
+        local new_rid, new_message = a[11], a[12]
+        local eta, priority = tonumber(a[13]), tonumber(a[14])
+        redis.call("hset", msgs, new_rid, new_message)
+        local state = "waiting"
+        if eta > now then
+            state = "delayed"
+            redis.call("zadd", qkey(queue, "delayed"), eta, new_rid)
+        else
+            push_waiting(queue, new_rid, priority, outcome == "requeue")
+        end
+        record_fields(key, {state = state, rid = new_rid, run_at_ms = math.max(eta, now)})
+        if outcome == "retry" then
+            redis.call("hset", key, "error", short(detail.error) or "")
+            stat(queue, "retried")
+            event(job_id, queue, actor, "retrying", {attempt = detail.attempt,
+                error = short(detail.error), run_at_ms = eta})
+        end
+        return {"ok"}
+    end
+    local state = outcome
+    record_fields(key, {state = state, finished_ms = now})
+    -- The message stays with the record: to inspect an ended job and to retry a failed one.
+    if message then redis.call("hset", key, "message", message) end
+    if outcome == "completed" or outcome == "skipped" then
+        if short(detail.result) then redis.call("hset", key, "result", short(detail.result)) end
+        if short(detail.reason) then redis.call("hset", key, "reason", short(detail.reason)) end
+    elseif short(detail.error) then
+        redis.call("hset", key, "error", short(detail.error))
+    end
+    redis.call("zadd", qkey(queue, index_of(state)), ended_score(queue), job_id)
+    stat(queue, state)
+    local started = tonumber(redis.call("hget", key, "started_ms")) or now
+    event(job_id, queue, actor, state, {attempt = detail.attempt, error = short(detail.error),
+        result = short(detail.result), reason = short(detail.reason), duration_ms = now - started})
+    trim(queue, index_of(state), keep, dedup_s)
+    return {"ok"}
+end
+
+-- sweep(timeout_ms, poison_deaths) -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, dead}]}
+-- Give back what dead workers held; count a death for every job one was running.
+local function cmd_sweep(a)
+    local timeout, poison = tonumber(a[1]), tonumber(a[2])
+    local heartbeats = ns .. ":__heartbeats__"
+    local dead_workers = redis.call("zrangebyscore", heartbeats, 0, now - timeout)
+    local requeued = 0
+    local stalled = {}
+    for _, w in ipairs(dead_workers) do
+        local queues_key = ns .. ":__queues__." .. w
+        for _, queue in ipairs(redis.call("smembers", queues_key)) do
+            local acks = ns .. ":__acks__." .. w .. "." .. queue
+            local msgs = qkey(queue, "msgs")
+            for _, rid in ipairs(redis.call("smembers", acks)) do
+                local text = redis.call("hget", msgs, rid)
+                local msg = text and decode(text)
+                if msg then
+                    local job_id = message_job_id(msg)
+                    local key = job_key(job_id)
+                    local actor = msg.actor_name or ""
+                    if redis.call("hget", key, "state") == "active" and
+                            redis.call("hget", key, "worker") == w then
+                        local deaths = redis.call("hincrby", key, "deaths", 1)
+                        redis.call("zrem", qkey(queue, "active"), job_id)
+                        stat(queue, "stalled")
+                        local found = {job_id = job_id, queue = queue, actor = actor,
+                            deaths = deaths, dead = deaths >= poison, args = msg.args}
+                        table.insert(stalled, found)
+                        event(job_id, queue, actor, "stalled", {deaths = deaths, worker = w})
+                        if deaths >= poison then
+                            record_fields(key, {state = "dead", finished_ms = now, message = text,
+                                reason = "killed its worker " .. deaths .. " times (poison pill)"})
+                            redis.call("hdel", msgs, rid)
+                            redis.call("zadd", qkey(queue, "dead"), now, job_id)
+                            stat(queue, "dead")
+                            event(job_id, queue, actor, "dead", {deaths = deaths,
+                                reason = "poison pill"})
+                        else
+                            redis.call("hset", key, "state", "waiting")
+                            push_waiting(queue, rid, message_priority(msg), true)
+                            requeued = requeued + 1
+                        end
+                    else
+                        push_waiting(queue, rid, message_priority(msg), true)
+                        requeued = requeued + 1
+                    end
+                elseif text then
+                    push_waiting(queue, rid, 0, true)
+                    requeued = requeued + 1
+                end
+            end
+            redis.call("del", acks)
+        end
+        redis.call("del", queues_key)
+        redis.call("zrem", heartbeats, w)
+    end
+    if #stalled == 0 then return cjson.encode({requeued = requeued}) end
+    return cjson.encode({requeued = requeued, stalled = stalled})
+end
+
+-- requeue(queue, worker, rid...) -> count: a stopping worker hands back what it fetched
+-- but did not start, at the head of its queue.
+local function cmd_requeue(a)
+    local queue, worker = a[1], a[2]
+    local acks = ns .. ":__acks__." .. worker .. "." .. queue
+    local msgs = qkey(queue, "msgs")
+    local n = 0
+    for i = #a, 3, -1 do
+        local rid = a[i]
+        if redis.call("srem", acks, rid) > 0 then
+            local text = redis.call("hget", msgs, rid)
+            if text then
+                local msg = decode(text) or {}
+                push_waiting(queue, rid, message_priority(msg), true)
+                n = n + 1
+            end
+        end
+    end
+    return n
+end
+
+-- cancel(job_id) -> {"cancelled"} | {"requested"} | {"finished", state} | {"missing"}
+local function cmd_cancel(a)
+    local job_id = a[1]
+    local key = job_key(job_id)
+    local state = redis.call("hget", key, "state")
+    if not state then return {"missing"} end
+    if not ACTIVE_STATES[state] then return {"finished", state} end
+    local queue = redis.call("hget", key, "queue")
+    local actor = redis.call("hget", key, "actor") or ""
+    local rid = redis.call("hget", key, "rid") or ""
+    local removed = 0
+    if state == "waiting" then
+        removed = remove_waiting(queue, rid)
+    elseif state == "delayed" then
+        removed = redis.call("zrem", qkey(queue, "delayed"), rid)
+    end
+    if removed > 0 then
+        local message = redis.call("hget", qkey(queue, "msgs"), rid)
+        redis.call("hdel", qkey(queue, "msgs"), rid)
+        record_fields(key, {state = "cancelled", finished_ms = now, cancel_requested = 1})
+        if message then redis.call("hset", key, "message", message) end
+        redis.call("zadd", qkey(queue, "cancelled"), now, job_id)
+        stat(queue, "cancelled")
+        event(job_id, queue, actor, "cancelled", {while_state = state})
+        return {"cancelled"}
+    end
+    -- Running, or already fetched by a worker: it sees the request when it starts or checks.
+    redis.call("hset", key, "cancel_requested", 1)
+    event(job_id, queue, actor, "cancel_requested", {while_state = state})
+    return {"requested"}
+end
+
+-- retry(job_id, new_rid, new_message) -> {"enqueued"} | {"not_retryable", state} | {"missing"}
+local function cmd_retry(a)
+    local job_id, new_rid, new_message = a[1], a[2], a[3]
+    local key = job_key(job_id)
+    local state = redis.call("hget", key, "state")
+    if not state then return {"missing"} end
+    if not RETRYABLE_STATES[state] then return {"not_retryable", state} end
+    local queue = redis.call("hget", key, "queue")
+    local actor = redis.call("hget", key, "actor") or ""
+    redis.call("zrem", qkey(queue, index_of(state)), job_id)
+    redis.call("hset", qkey(queue, "msgs"), new_rid, new_message)
+    local msg = decode(new_message) or {}
+    push_waiting(queue, new_rid, message_priority(msg), false)
+    record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
+        cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
+    redis.call("hdel", key, "message", "finished_ms")
+    stat(queue, "enqueued")
+    event(job_id, queue, actor, "waiting", {retried_from = state})
+    return {"enqueued"}
+end
+
+-- remove(job_id) -> {"removed"} | {"active"} | {"requested"} | {"missing"}
+local function cmd_remove(a)
+    local job_id = a[1]
+    local key = job_key(job_id)
+    local state = redis.call("hget", key, "state")
+    if not state then return {"missing"} end
+    local queue = redis.call("hget", key, "queue")
+    local actor = redis.call("hget", key, "actor") or ""
+    local rid = redis.call("hget", key, "rid") or ""
+    if state == "active" then return {"active"} end
+    if state == "waiting" or state == "delayed" then
+        local removed = remove_waiting(queue, rid) + redis.call("zrem", qkey(queue, "delayed"), rid)
+        if removed == 0 then
+            redis.call("hset", key, "cancel_requested", 1)
+            return {"requested"}
+        end
+        redis.call("hdel", qkey(queue, "msgs"), rid)
+    else
+        redis.call("zrem", qkey(queue, index_of(state)), job_id)
+    end
+    redis.call("del", key)
+    stat(queue, "removed")
+    event(job_id, queue, actor, "removed", {while_state = state})
+    redis.call("del", hist_key(job_id))
+    return {"removed"}
+end
+
+-- progress(job_id, value JSON) -> {"ok"} | {"missing"}
+local function cmd_progress(a)
+    local job_id, value = a[1], a[2]
+    local key = job_key(job_id)
+    local state = redis.call("hget", key, "state")
+    if not state then return {"missing"} end
+    redis.call("hset", key, "progress", value)
+    local queue = redis.call("hget", key, "queue")
+    local actor = redis.call("hget", key, "actor") or ""
+    event(job_id, queue, actor, "progress", {progress = decode("[" .. value .. "]")[1]})
+    return {"ok"}
+end
+
+-- empty_dead(queue) -> number of jobs deleted
+local function cmd_empty_dead(a)
+    local queue = a[1]
+    local idx = qkey(queue, "dead")
+    local ids = redis.call("zrange", idx, 0, -1)
+    for _, job_id in ipairs(ids) do
+        redis.call("del", job_key(job_id), hist_key(job_id))
+    end
+    redis.call("del", idx)
+    if #ids > 0 then stat(queue, "removed", #ids) end
+    return #ids
+end
+
+-- pause(queue, "1"|"0") -> 1 if the state changed
+local function cmd_pause(a)
+    local queue, on = a[1], a[2]
+    local changed
+    if on == "1" then
+        changed = redis.call("sadd", ns .. ":paused", queue)
+    else
+        changed = redis.call("srem", ns .. ":paused", queue)
+        wake(queue)
+    end
+    if changed == 1 then
+        local kind = "resumed"
+        if on == "1" then kind = "paused" end
+        redis.call("xadd", events, "MAXLEN", "~", EVENTS_MAXLEN, "*", "id", "",
+            "type", "queue." .. kind, "payload", cjson.encode({queue = queue, event = kind}),
+            "correlation_id", "", "at", now_iso)
+    end
+    return changed
+end
+
+-- purge(queue) -> number of jobs dropped: every waiting and delayed job of a queue.
+local function cmd_purge(a)
+    local queue = a[1]
+    local msgs = qkey(queue, "msgs")
+    local rids = redis.call("lrange", qkey(queue, ""), 0, -1)
+    for _, suffix in ipairs({"hi", "lo", "delayed"}) do
+        for _, rid in ipairs(redis.call("zrange", qkey(queue, suffix), 0, -1)) do
+            table.insert(rids, rid)
+        end
+    end
+    for _, rid in ipairs(rids) do
+        local text = redis.call("hget", msgs, rid)
+        local msg = text and decode(text)
+        if msg then
+            local job_id = message_job_id(msg)
+            redis.call("del", job_key(job_id), hist_key(job_id))
+        end
+        redis.call("hdel", msgs, rid)
+    end
+    redis.call("del", qkey(queue, ""), qkey(queue, "hi"), qkey(queue, "lo"),
+        qkey(queue, "delayed"))
+    if #rids > 0 then stat(queue, "removed", #rids) end
+    return #rids
+end
+
+local COMMANDS = {
+    enqueue = cmd_enqueue, fetch = cmd_fetch, start = cmd_start, finish = cmd_finish,
+    sweep = cmd_sweep, requeue = cmd_requeue, cancel = cmd_cancel, retry = cmd_retry, remove = cmd_remove,
+    progress = cmd_progress, empty_dead = cmd_empty_dead, pause = cmd_pause, purge = cmd_purge,
+}
+
+local args = {}
+for i = 4, #ARGV do args[i - 3] = ARGV[i] end
+local handler = COMMANDS[command]
+if not handler then return redis.error_reply("unknown jobs command " .. tostring(command)) end
+return handler(args)

@@ -1,0 +1,75 @@
+"""`shopflow up` stops the embedded servers it started, and never one it only reused.
+
+Real embedded Redis in the test's own var dir; PostgreSQL is given by URL so
+the session's server is never at stake. The command is made to fail once
+the servers and the process tree are up (the tree never turns healthy),
+which is when its clean-up runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from actors.demo import up
+from runtime import embedded
+from runtime.embedded import EmbeddedPaths
+from runtime.errors import ServiceError
+from runtime.settings import Settings
+from tests.support import free_port, http_ready
+
+
+@pytest.fixture
+def up_settings(tmp_path: Path, servers: tuple[str, str]) -> Iterator[Settings]:
+    """No REDIS_URL (embedded, fresh var dir, free port); DATABASE_URL set."""
+    settings = replace(Settings.from_env({"SHOPFLOW_VAR_DIR": str(tmp_path / "var")}),
+                       embedded_redis_port=free_port(), database_url=servers[1])
+    yield settings
+    embedded.stop_redis(EmbeddedPaths(settings.var_dir), settings.embedded_redis_port)
+
+
+@pytest.fixture
+def supervisord_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process tree that exits at once and never answers /health."""
+
+    def start_tree(settings: Settings) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    def never_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait(30)
+        raise ServiceError("the tree cannot start (test)")
+
+    monkeypatch.setattr(up, "start_supervisord", start_tree)
+    monkeypatch.setattr(up, "wait_healthy", never_healthy)
+
+
+def run_up(settings: Settings) -> None:
+    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data=None,
+                              stock_multiplier=1, once=True)
+    with pytest.raises(ServiceError, match="cannot start"):
+        up._cmd_up(args, settings)
+
+
+def test_up_leaves_a_reused_embedded_server_running(up_settings: Settings,
+                                                     supervisord_fails: None) -> None:
+    paths, port = EmbeddedPaths(up_settings.var_dir), up_settings.embedded_redis_port
+    embedded.ensure_redis(paths, port)  # started by someone else (`shopflow services`, say)
+    pid = paths.redis_pidfile.read_text().split()[0]
+    run_up(up_settings)
+    assert http_ready(port), "up stopped a Redis it had only reused"
+    assert paths.redis_pidfile.read_text().split()[0] == pid
+
+
+def test_up_stops_the_embedded_server_it_started(up_settings: Settings,
+                                                 supervisord_fails: None) -> None:
+    port = up_settings.embedded_redis_port
+    assert not http_ready(port)
+    run_up(up_settings)
+    assert (EmbeddedPaths(up_settings.var_dir).redis_dir / "redis.log").exists()  # it ran
+    assert not http_ready(port), "up left running a Redis it started"
