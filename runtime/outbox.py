@@ -118,6 +118,7 @@ class OutboxRelay:
         self._namespace = namespace
         self._poll_s = poll_s
         self._wake = asyncio.Event()
+        self._stopping = False
         self._on_published = on_published
 
     async def publish_batch(self) -> int:
@@ -178,11 +179,21 @@ class OutboxRelay:
                 rejected[row_id] = str(exc)
         return rejected
 
+    def stop(self) -> None:
+        """Make :meth:`run` return after the round in progress (call on the relay's loop).
+
+        The owner may still cancel the task to cut a round short; the flag makes
+        the relay stop even where a library swallows that cancel (on Python 3.11
+        ``asyncio.wait_for``, which database drivers use inside, can).
+        """
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Relay forever: wake on NOTIFY, poll as a safety net, back off on errors."""
+        """Relay until :meth:`stop`: wake on NOTIFY, poll as a safety net, back off on errors."""
         listener: asyncpg.Connection | None = None
         try:
-            while True:
+            while not self._stopping:
                 if listener is None or listener.is_closed():
                     listener = await self._listen()  # (re)connect after a PostgreSQL restart
                 try:
@@ -191,14 +202,25 @@ class OutboxRelay:
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError,
                         QueueFull) as exc:
                     log.warning("outbox relay could not publish, will retry: %s", exc)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
+                if not self._stopping:
+                    await self._wait_for_wake()
         finally:
             if listener is not None and not listener.is_closed():
                 await listener.close()
+
+    async def _wait_for_wake(self) -> None:
+        """Sleep until a NOTIFY wakes the relay or the safety-net poll interval passes.
+
+        ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11, a cancel
+        arriving in the loop turn where the wake-up completes is swallowed by
+        ``wait_for``, and a cancelled relay would go on polling.
+        """
+        try:
+            async with asyncio.timeout(self._poll_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()
 
     async def _listen(self) -> asyncpg.Connection | None:
         try:

@@ -413,7 +413,9 @@ def notifier_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
 
     return ChildSpec(
         NOTIFIER_CHILD,
-        lambda: TaskActor.start(bridge, NOTIFIER_CHILD, notifier.run, ready=ready),
+        # stop=: run() returns within one XREAD block even if the cancel would be swallowed.
+        lambda: TaskActor.start(bridge, NOTIFIER_CHILD, notifier.run, ready=ready,
+                                stop=notifier.stop),
         Restart.PERMANENT, start_timeout_s=READY_TIMEOUT_S + 5,
     )
 

@@ -167,6 +167,7 @@ class Notifier:
         self._duplicates = 0
         self._subs: dict[str, list[Subscription]] = {c: [] for c in self._channels}
         self._ready = asyncio.Event()
+        self._stopping = False
         self._connected = False
         self._reconnects = 0
         self._dispatched = 0
@@ -174,10 +175,21 @@ class Notifier:
 
     # --- the actor's life ------------------------------------------------------
 
+    def stop(self) -> None:
+        """Make the running :meth:`run` return within one ``XREAD`` block (on the loop).
+
+        The owner still cancels the task to cut the block short; the flag makes
+        the notifier stop even when that cancel is swallowed, as redis-py's
+        ``asyncio.wait_for`` around socket writes can on Python 3.11. A later
+        :meth:`run` (a restart) runs again.
+        """
+        self._stopping = True
+
     async def run(self) -> None:
-        """Tail every channel until cancelled, reconnecting on any Redis outage."""
+        """Tail every channel until stopped or cancelled, reconnecting on any Redis outage."""
+        self._stopping = False  # this object outlives its actor's incarnations
         delay_s = RECONNECT_MIN_S
-        while True:
+        while not self._stopping:
             try:
                 await self._redis.ping()
                 if not self._ready.is_set():
@@ -212,7 +224,7 @@ class Notifier:
                     self._first_seen[channel].record(event)
 
     async def _tail(self) -> None:
-        while True:
+        while not self._stopping:
             streams: dict[Any, Any] = {stream_key(self._namespace, c): id_text(self._cursors[c])
                                        for c in self._channels}
             reply: Any = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import asyncpg
 import pytest
@@ -44,7 +46,7 @@ async def test_committed_events_survive_until_a_relay_publishes_them_in_order(
     relay, client = await _relay(settings, pool)
     assert await relay.publish_batch() == 3
     assert await relay.publish_batch() == 0
-    entries = await client.xrange(stream_key(settings.namespace, "test"))
+    entries: Any = await client.xrange(stream_key(settings.namespace, "test"))
     assert [json.loads(f[b"payload"])["n"] for _, f in entries] == [0, 1, 2]
     jobs = await client.llen(f"{settings.namespace}-jobs:maintenance")
     assert jobs == 3
@@ -55,6 +57,57 @@ async def test_emit_outside_a_transaction_is_refused(pool: asyncpg.Pool) -> None
     async with pool.acquire() as conn:
         with pytest.raises(RuntimeError, match="inside the transaction"):
             await emit(conn, "test", "x", {})
+
+
+class IdleSignallingRelay(OutboxRelay):
+    """Sets ``idle`` when a round found nothing to publish: the relay is about to wait."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.idle = asyncio.Event()
+
+    async def publish_batch(self) -> int:
+        published = await super().publish_batch()
+        if published == 0:
+            self.idle.set()
+        return published
+
+
+async def test_stopping_the_relay_as_a_notify_wakes_it_still_stops_it(
+        settings: Settings, pool: asyncpg.Pool) -> None:
+    """A wake-up (NOTIFY) and the cancel of shutdown in the same loop turn: the relay must
+    stop, not swallow the cancel and poll forever (asyncio.wait_for's 3.11 race)."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    relay = IdleSignallingRelay(pool, settings.database_url or "", client,
+                                setup_broker(settings), settings.namespace, poll_s=60.0)
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.wait_for(relay.idle.wait(), 10)  # it is now waiting for a wake-up
+        relay._wake.set()  # what the NOTIFY listener does
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        task.cancel()
+        await client.aclose()
+
+
+async def test_a_stopped_relay_returns_after_its_round(settings: Settings,
+                                                      pool: asyncpg.Pool) -> None:
+    """stop() ends run() without a cancel, so a cancel swallowed anywhere cannot keep it alive."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    relay = IdleSignallingRelay(pool, settings.database_url or "", client,
+                                setup_broker(settings), settings.namespace, poll_s=60.0)
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.wait_for(relay.idle.wait(), 10)
+        relay.stop()
+        async with asyncio.timeout(10):
+            await task  # returns normally, long before the 60 s poll
+    finally:
+        task.cancel()
+        await client.aclose()
 
 
 async def test_a_row_published_twice_enqueues_its_job_once(

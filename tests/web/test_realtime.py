@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from actors.notifier.notifier import Notifier
 from actors.notifier.streams import append_event
 from runtime.settings import Settings
 from tests.web.conftest import (
@@ -251,6 +254,21 @@ async def test_an_outbox_row_published_twice_reaches_each_client_once(
         await relay(42)  # and a live copy of an old row is skipped there too
         await relay(44)
         assert (await next_of(moved, "event"))["event_id"] == "44"
+
+
+async def test_a_stopped_notifier_returns_without_being_cancelled(
+        web_settings: Settings, redis: aioredis.Redis) -> None:
+    """stop() ends run() within one XREAD block, so a cancel swallowed inside the Redis client
+    (redis-py wraps socket writes in asyncio.wait_for) cannot keep a stopping app alive."""
+    notifier = Notifier(redis, web_settings.namespace, block_ms=200)
+    task = asyncio.create_task(notifier.run())
+    try:
+        await notifier.wait_ready(10)
+        notifier.stop()
+        async with asyncio.timeout(10):
+            await task  # returns normally: nobody cancelled it
+    finally:
+        task.cancel()
 
 
 async def test_staff_follow_one_jobs_progress_and_outcome(
