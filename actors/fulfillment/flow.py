@@ -14,19 +14,22 @@ refusal (a 4xx other than 408/425/429) will not get better by retrying: the
 order moves to ``failed`` with the service's answer as its reason, and a
 ``fulfillment.failed`` event on the ``alerts`` channel puts it on the
 dashboard, all in one transaction. The order is never left waiting silently.
+That transaction also gives the order's stock back (what its allocation took
+off ``quantity``), with ``stock-updated`` events: an order that will not ship
+holds no stock.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
 from actors.fulfillment.adapters import ShippingGateway
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
-from actors.inventory.reservations import allocate_for_order
+from actors.inventory.reservations import allocate_for_order, release_order_stock
 from actors.orders import service as orders
 from actors.orders import state
 from runtime.errors import ExternalRequestRejected
@@ -56,9 +59,13 @@ async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str
         return True
 
 
-async def _call_or_fail(pool: asyncpg.Pool, order_id: int, status: str, step: str,
-                        call: Callable[[], Awaitable[T]]) -> T | None:
-    """``call()``; if the service refuses for good, fail the order (None) instead of raising."""
+async def _call_or_fail(pool: asyncpg.Pool, order_id: int, correlation_id: Any, status: str,
+                        step: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    """``call()``; if the service refuses for good, fail the order (None) instead of raising.
+
+    Failing it gives its stock back and reports it, in the transaction of the
+    move; a redelivered step finds the order ``failed`` and changes nothing.
+    """
     try:
         return await call()
     except ExternalRequestRejected as exc:
@@ -66,12 +73,14 @@ async def _call_or_fail(pool: asyncpg.Pool, order_id: int, status: str, step: st
     log.error("order %d: %s", order_id, reason,
               extra={"order_id": order_id, "step": step, "http_status": http_status})
 
-    async def report(conn: asyncpg.Connection) -> None:
+    async def give_back_and_report(conn: asyncpg.Connection) -> None:
+        await release_order_stock(conn, order_id, correlation_id)
         await emit(conn, ALERTS_CHANNEL, EVENT_FULFILLMENT_FAILED,
                    {"order_id": order_id, "step": step, "from_status": status,
                     "http_status": http_status, "reason": reason})
 
-    await _move(pool, order_id, status, state.FAILED, report, next_step=False, reason=reason)
+    await _move(pool, order_id, status, state.FAILED, give_back_and_report, next_step=False,
+                reason=reason)
     return None
 
 
@@ -98,8 +107,9 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
         await _move(pool, order_id, state.ALLOCATED, state.PROCESSING)
         return state.PROCESSING
     if status == state.PROCESSING:
-        label = await _call_or_fail(pool, order_id, status, "shipping label", lambda: (
-            gateway.create_label(order_id, f"label:{order_id}")))
+        label = await _call_or_fail(
+            pool, order_id, correlation_id, status, "shipping label",
+            lambda: gateway.create_label(order_id, f"label:{order_id}"))
         if label is None:
             return state.FAILED
 
@@ -112,8 +122,9 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
         await _move(pool, order_id, state.PROCESSING, state.LABEL_CREATED, store_label)
         return state.LABEL_CREATED
     if status == state.LABEL_CREATED:
-        packing_ref = await _call_or_fail(pool, order_id, status, "packing request", lambda: (
-            gateway.request_packing(order_id, f"packing:{order_id}")))
+        packing_ref = await _call_or_fail(
+            pool, order_id, correlation_id, status, "packing request",
+            lambda: gateway.request_packing(order_id, f"packing:{order_id}"))
         if packing_ref is None:
             return state.FAILED
 
