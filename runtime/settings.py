@@ -137,6 +137,9 @@ DEFAULT_SENDGRID_TIMEOUT_S = 10.0
 # A send whose outcome is unknown is re-sent only if SendGrid's activity feed
 # still shows nothing for its key after this long (the feed lags by minutes).
 DEFAULT_SENDGRID_RECONCILE_GRACE_S = 600.0
+# Housekeeping settles SendGrid sends left in doubt this often: half the grace period, so a
+# row is settled (and its e-mail re-sent if it never arrived) soon after its grace ends.
+DEFAULT_EMAIL_RECONCILE_EVERY_S = 5 * 60
 # A known customer's cart idle this long gets one reminder (the original: 24 h).
 DEFAULT_CART_IDLE_S = 24 * 3600
 # --- supervision ---
@@ -365,6 +368,7 @@ _ENV_NAMES: Mapping[str, str] = {
     "sendgrid_from": "SENDGRID_FROM",
     "sendgrid_timeout_s": "SENDGRID_TIMEOUT_S",
     "sendgrid_reconcile_grace_s": "SENDGRID_RECONCILE_GRACE_S",
+    "email_reconcile_every_s": "SHOPFLOW_EMAIL_RECONCILE_EVERY_S",
     "sendgrid_template_order_confirmation": "SENDGRID_TEMPLATE_ORDER_CONFIRMATION",
     "sendgrid_template_cart_reminder": "SENDGRID_TEMPLATE_CART_REMINDER",
     "sendgrid_template_daily_report": "SENDGRID_TEMPLATE_DAILY_REPORT",
@@ -510,6 +514,7 @@ class Settings:
     sendgrid_from: str = DEFAULT_SENDGRID_FROM
     sendgrid_timeout_s: float = DEFAULT_SENDGRID_TIMEOUT_S
     sendgrid_reconcile_grace_s: float = DEFAULT_SENDGRID_RECONCILE_GRACE_S
+    email_reconcile_every_s: int = DEFAULT_EMAIL_RECONCILE_EVERY_S
     sendgrid_template_order_confirmation: str | None = None
     sendgrid_template_cart_reminder: str | None = None
     sendgrid_template_daily_report: str | None = None
@@ -686,6 +691,8 @@ class Settings:
             sendgrid_timeout_s=_float(e, "SENDGRID_TIMEOUT_S", DEFAULT_SENDGRID_TIMEOUT_S),
             sendgrid_reconcile_grace_s=_float(e, "SENDGRID_RECONCILE_GRACE_S",
                                               DEFAULT_SENDGRID_RECONCILE_GRACE_S),
+            email_reconcile_every_s=_int(e, "SHOPFLOW_EMAIL_RECONCILE_EVERY_S",
+                                         DEFAULT_EMAIL_RECONCILE_EVERY_S, 1),
             sendgrid_template_order_confirmation=_opt(e, "SENDGRID_TEMPLATE_ORDER_CONFIRMATION"),
             sendgrid_template_cart_reminder=_opt(e, "SENDGRID_TEMPLATE_CART_REMINDER"),
             sendgrid_template_daily_report=_opt(e, "SENDGRID_TEMPLATE_DAILY_REPORT"),

@@ -287,7 +287,10 @@ class SendGridTransport:
         For a periodic housekeeping job, so an unknown outcome is settled even
         when the e-mail's own job ran out of retries: found in the activity
         feed -> ``accepted``; not found -> ``not_sent`` (the next send of that
-        key goes out). Rows whose lookup fails stay as they are.
+        key goes out). Rows whose lookup fails stay as they are; the first
+        failure ends the run (the feed is down or refuses, and would only make
+        each remaining row wait out its timeout), counting the rest
+        ``unresolved`` for the next run.
         """
         rows = await self._pool.fetch(
             """SELECT idempotency_key, last_sent_at FROM email_provider_sends
@@ -295,14 +298,14 @@ class SendGridTransport:
                   AND last_sent_at < now() - make_interval(secs => $2)
                 ORDER BY last_sent_at LIMIT $3""", PROVIDER, self._config.reconcile_grace_s, limit)
         counts = {"accepted": 0, "not_sent": 0, "unresolved": 0}
-        for row in rows:
+        for done, row in enumerate(rows):
             key = row["idempotency_key"]
             try:
                 found = await self._find_in_activity(key)
             except (OutcomeUnknown, PermanentJobError) as exc:
                 log.warning("cannot reconcile e-mail %s: %s", key, exc)
-                counts["unresolved"] += 1
-                continue
+                counts["unresolved"] += len(rows) - done
+                break
             state = "accepted" if found is not None else "not_sent"
             await self._pool.execute(
                 """UPDATE email_provider_sends

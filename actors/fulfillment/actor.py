@@ -11,12 +11,14 @@ from aiohttp import web
 from dramatiq.brokers.redis import RedisBroker
 
 from actors.fulfillment.adapters import ShippingGateway
+from actors.fulfillment.alerts import RefusalPager
 from actors.fulfillment.flow import advance, order_age_s
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
 from actors.orders.state import READY_TO_SHIP
 from actors.shipping.gateway import build_shipping_gateway
+from runtime.alerts import AlertDispatcher, Alerter
 from runtime.broker import QUEUE_FULFILLMENT, declare_actor
-from runtime.metrics import get_metrics
+from runtime.metrics import Metrics, get_metrics
 from runtime.process import ProcessContext
 from runtime.service_actor import ServiceActor
 from runtime.settings import Settings
@@ -86,13 +88,25 @@ def make_gateway(ctx: ProcessContext) -> ShippingGateway:
     return gateway
 
 
+def make_refusal_pager(ctx: ProcessContext, metrics: Metrics) -> RefusalPager:
+    """Pages on-call when the carrier or the warehouse refuses the flow's requests.
+
+    Notifications run on the process loop through a dispatcher; the ones in
+    flight when the process stops are waited for (``ProcessContext.on_stop``).
+    """
+    pager = RefusalPager(Alerter(ctx.settings, ctx.redis, metrics), AlertDispatcher(ctx.bridge))
+    ctx.on_stop(pager.aclose)
+    return pager
+
+
 def concern(ctx: ProcessContext) -> Concern:
     """The fulfilment flow actor."""
     gateway = make_gateway(ctx)
     metrics = get_metrics(ctx.settings)
+    pager = make_refusal_pager(ctx, metrics)
 
     async def handle(order_id: int) -> str:
-        status = await advance(ctx.pool, gateway, order_id)
+        status = await advance(ctx.pool, gateway, order_id, pager)
         if status == READY_TO_SHIP:
             metrics.order_latency.labels(status).observe(await order_age_s(ctx.pool, order_id))
         return status

@@ -14,19 +14,27 @@ refusal (a 4xx other than 408/425/429) will not get better by retrying: the
 order moves to ``failed`` with the service's answer as its reason, and a
 ``fulfillment.failed`` event on the ``alerts`` channel puts it on the
 dashboard, all in one transaction. The order is never left waiting silently.
+That transaction also gives the order's stock back (what its allocation took
+off ``quantity``), with ``stock-updated`` events: an order that will not ship
+holds no stock.
+
+Every outside call's outcome is also told to a :class:`StepOutcomes`
+(``refused`` / ``passed``, by service and step), which is how on-call gets
+paged when a service starts refusing orders and hears when they get through
+again (``actors/fulfillment/alerts.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from actors.fulfillment.adapters import ShippingGateway
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
-from actors.inventory.reservations import allocate_for_order
+from actors.inventory.reservations import allocate_for_order, release_order_stock
 from actors.orders import service as orders
 from actors.orders import state
 from runtime.errors import ExternalRequestRejected
@@ -39,6 +47,39 @@ T = TypeVar("T")
 # Where a permanently failed step is reported for staff (the dashboard's alert feed).
 ALERTS_CHANNEL = "alerts"
 EVENT_FULFILLMENT_FAILED = "fulfillment.failed"
+# The flow's steps that call an outside service, and the service each one calls.
+STEP_LABEL = "shipping label"
+STEP_PACKING = "packing request"
+SERVICE_OF_STEP = {STEP_LABEL: "carrier", STEP_PACKING: "warehouse"}
+
+
+class StepOutcomes(Protocol):
+    """Hears how each outside-service step went, per service and step.
+
+    Called on the process loop in the middle of a flow step, whose Dramatiq
+    thread is waiting for the step: implementations must hand slow work
+    (a webhook) elsewhere and return at once.
+    """
+
+    def refused(self, service: str, step: str, order_id: int, http_status: int | None,
+                reason: str) -> None:
+        """The service refused the order's request for good; the order was failed."""
+        ...
+
+    def passed(self, service: str, step: str, order_id: int) -> None:
+        """The service took the order's request; the order moved on."""
+        ...
+
+
+class NoOutcomes:
+    """A :class:`StepOutcomes` that tells nobody (callers without alerting)."""
+
+    def refused(self, service: str, step: str, order_id: int, http_status: int | None,
+                reason: str) -> None:
+        """Nothing to do."""
+
+    def passed(self, service: str, step: str, order_id: int) -> None:
+        """Nothing to do."""
 
 
 async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str,
@@ -56,9 +97,15 @@ async def _move(pool: asyncpg.Pool, order_id: int, expected: str, to_status: str
         return True
 
 
-async def _call_or_fail(pool: asyncpg.Pool, order_id: int, status: str, step: str,
-                        call: Callable[[], Awaitable[T]]) -> T | None:
-    """``call()``; if the service refuses for good, fail the order (None) instead of raising."""
+async def _call_or_fail(pool: asyncpg.Pool, order_id: int, correlation_id: Any, status: str,
+                        step: str, call: Callable[[], Awaitable[T]],
+                        outcomes: StepOutcomes) -> T | None:
+    """``call()``; if the service refuses for good, fail the order (None) instead of raising.
+
+    Failing it gives its stock back and reports it, in the transaction of the
+    move; a redelivered step finds the order ``failed`` and changes nothing.
+    ``outcomes`` hears of the refusal once that transaction is over.
+    """
     try:
         return await call()
     except ExternalRequestRejected as exc:
@@ -66,12 +113,15 @@ async def _call_or_fail(pool: asyncpg.Pool, order_id: int, status: str, step: st
     log.error("order %d: %s", order_id, reason,
               extra={"order_id": order_id, "step": step, "http_status": http_status})
 
-    async def report(conn: asyncpg.Connection) -> None:
+    async def give_back_and_report(conn: asyncpg.Connection) -> None:
+        await release_order_stock(conn, order_id, correlation_id)
         await emit(conn, ALERTS_CHANNEL, EVENT_FULFILLMENT_FAILED,
                    {"order_id": order_id, "step": step, "from_status": status,
                     "http_status": http_status, "reason": reason})
 
-    await _move(pool, order_id, status, state.FAILED, report, next_step=False, reason=reason)
+    await _move(pool, order_id, status, state.FAILED, give_back_and_report, next_step=False,
+                reason=reason)
+    outcomes.refused(SERVICE_OF_STEP[step], step, order_id, http_status, reason)
     return None
 
 
@@ -82,8 +132,13 @@ async def order_age_s(pool: asyncpg.Pool, order_id: int) -> float:
     return float(age or 0.0)
 
 
-async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -> str:
-    """Take the order one step along the flow; return its status afterwards."""
+async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int,
+                  outcomes: StepOutcomes | None = None) -> str:
+    """Take the order one step along the flow; return its status afterwards.
+
+    ``outcomes`` hears how the label and packing calls went (default: nobody).
+    """
+    outcomes = outcomes or NoOutcomes()
     async with pool.acquire() as conn:
         status = await conn.fetchval("SELECT status FROM orders WHERE id = $1", order_id)
         correlation_id = await conn.fetchval("SELECT correlation_id FROM orders WHERE id = $1", order_id)
@@ -98,8 +153,9 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
         await _move(pool, order_id, state.ALLOCATED, state.PROCESSING)
         return state.PROCESSING
     if status == state.PROCESSING:
-        label = await _call_or_fail(pool, order_id, status, "shipping label", lambda: (
-            gateway.create_label(order_id, f"label:{order_id}")))
+        label = await _call_or_fail(
+            pool, order_id, correlation_id, status, STEP_LABEL,
+            lambda: gateway.create_label(order_id, f"label:{order_id}"), outcomes)
         if label is None:
             return state.FAILED
 
@@ -110,10 +166,12 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
                 order_id, label.carrier, label.tracking_code, label.label_url,
             )
         await _move(pool, order_id, state.PROCESSING, state.LABEL_CREATED, store_label)
+        outcomes.passed(SERVICE_OF_STEP[STEP_LABEL], STEP_LABEL, order_id)
         return state.LABEL_CREATED
     if status == state.LABEL_CREATED:
-        packing_ref = await _call_or_fail(pool, order_id, status, "packing request", lambda: (
-            gateway.request_packing(order_id, f"packing:{order_id}")))
+        packing_ref = await _call_or_fail(
+            pool, order_id, correlation_id, status, STEP_PACKING,
+            lambda: gateway.request_packing(order_id, f"packing:{order_id}"), outcomes)
         if packing_ref is None:
             return state.FAILED
 
@@ -124,5 +182,6 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int) -
             )
         await _move(pool, order_id, state.LABEL_CREATED, state.READY_TO_SHIP, store_packing,
                     next_step=False)
+        outcomes.passed(SERVICE_OF_STEP[STEP_PACKING], STEP_PACKING, order_id)
         return state.READY_TO_SHIP
     return str(status)

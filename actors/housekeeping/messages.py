@@ -11,3 +11,5 @@ CLEAN_EXPIRED_CARTS = JobSpec(QUEUE_MAINTENANCE, "clean_expired_carts")
 RELEASE_EXPIRED_RESERVATIONS = JobSpec(QUEUE_MAINTENANCE, "release_expired_reservations")
 # cron_heartbeat(): refresh <namespace>:cron:heartbeat (read by /health).
 CRON_HEARTBEAT = JobSpec(QUEUE_MAINTENANCE, "cron_heartbeat")
+# reconcile_email_outcomes(): settle SendGrid sends in doubt; re-send confirmations never sent.
+RECONCILE_EMAIL_OUTCOMES = JobSpec(QUEUE_MAINTENANCE, "reconcile_email_outcomes")

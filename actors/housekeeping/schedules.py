@@ -7,6 +7,7 @@
 | expired-carts | every hour | delete anonymous carts idle for 24 h |
 | expired-reservations | every 15 min | release expired stock reservations |
 | cron-heartbeat | every 5 min | refresh the heartbeat key /health reads |
+| email-outcomes | every 5 min | settle SendGrid sends in doubt; re-send confirmations that never arrived |
 | idle-carts | every hour | schedule reminders for known customers' idle carts nobody announced |
 | recommendations-refresh | every 6 h | refresh cached recommendations of recently active customers |
 
@@ -17,18 +18,18 @@ clears everything that expired meanwhile. No job overlaps itself (``skip``).
 
 from __future__ import annotations
 
+from actors.agents.messages import REFRESH_RECOMMENDATIONS
+from actors.carts.messages import SWEEP_IDLE_CARTS
 from actors.housekeeping.messages import (
     CLEAN_EXPIRED_CARTS,
     CRON_HEARTBEAT,
+    RECONCILE_EMAIL_OUTCOMES,
     RELEASE_EXPIRED_RESERVATIONS,
 )
-from actors.agents.messages import REFRESH_RECOMMENDATIONS
-from actors.carts.messages import SWEEP_IDLE_CARTS
 from actors.reports.messages import BUILD_DAILY_SALES_REPORT, SEND_DAILY_REPORT_TO_TEAM
 from runtime.broker import JobSpec
 from runtime.scheduling import CronTrigger, IntervalTrigger, MisfirePolicy, OverlapPolicy, Schedule
 from runtime.settings import Settings
-
 
 # The safety-net sweep for idle carts (reminders are normally scheduled on each change).
 IDLE_CART_SWEEP_EVERY_S = 3600
@@ -56,6 +57,8 @@ def shop_schedules(settings: Settings) -> list[Schedule]:
                  RELEASE_EXPIRED_RESERVATIONS),
         schedule("cron-heartbeat", IntervalTrigger(settings.cron_heartbeat_every_s),
                  CRON_HEARTBEAT),
+        schedule("email-outcomes", IntervalTrigger(settings.email_reconcile_every_s),
+                 RECONCILE_EMAIL_OUTCOMES),
         schedule("idle-carts", IntervalTrigger(IDLE_CART_SWEEP_EVERY_S), SWEEP_IDLE_CARTS),
         schedule("recommendations-refresh", IntervalTrigger(RECOMMENDATIONS_REFRESH_EVERY_S),
                  REFRESH_RECOMMENDATIONS),

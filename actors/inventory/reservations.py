@@ -103,14 +103,21 @@ async def hold_for_paid_order(conn: asyncpg.Connection, order_id: int) -> None:
 async def allocate_for_order(conn: asyncpg.Connection, order_id: int, correlation_id: Any) -> int:
     """Turn an order's reservations into shipped-out stock, in the caller's transaction.
 
-    Deletes the reservations and takes their quantities off both ``quantity``
-    and ``reserved_quantity``. Returns the number of lines allocated; 0 means
-    they were already allocated (a retry), which is fine.
+    Deletes the reservations, takes their quantities off both ``quantity``
+    and ``reserved_quantity`` and records them in ``inventory_allocations``,
+    so a later failure knows exactly what to give back
+    (:func:`release_order_stock`). Returns the number of lines allocated; 0
+    means they were already allocated (a retry), which is fine.
     """
     updated = await conn.fetch(
         """WITH gone AS (
                DELETE FROM inventory_reservations WHERE order_id = $1
-               RETURNING product_id, quantity)
+               RETURNING product_id, quantity
+           ), kept AS (
+               INSERT INTO inventory_allocations (order_id, product_id, quantity)
+               SELECT $1, product_id, quantity FROM gone
+               ON CONFLICT (order_id, product_id) DO NOTHING
+           )
            UPDATE inventory i
               SET quantity = i.quantity - g.quantity,
                   reserved_quantity = i.reserved_quantity - g.quantity,
@@ -120,5 +127,56 @@ async def allocate_for_order(conn: asyncpg.Connection, order_id: int, correlatio
         RETURNING i.product_id, i.quantity, i.reserved_quantity""",
         order_id,
     )
+    await _emit_stock(conn, updated, correlation_id)
+    return len(updated)
+
+
+# $1 order id. One statement: free the order's reservations (reserved_quantity
+# back) and give its unreleased allocations back (quantity back), summed per
+# product and applied under row locks taken in product order, like every other
+# stock change, so it never deadlocks with them.
+_RELEASE_ORDER_STOCK = """
+WITH held AS (
+    DELETE FROM inventory_reservations WHERE order_id = $1
+    RETURNING product_id, quantity
+), allocated AS (
+    UPDATE inventory_allocations SET released_at = now()
+     WHERE order_id = $1 AND released_at IS NULL
+    RETURNING product_id, quantity
+), per_product AS (
+    SELECT product_id, sum(reserved)::integer AS reserved, sum(allocated)::integer AS allocated
+      FROM (SELECT product_id, quantity AS reserved, 0 AS allocated FROM held
+            UNION ALL
+            SELECT product_id, 0, quantity FROM allocated) AS lines
+     GROUP BY product_id
+), locked AS (
+    SELECT product_id FROM inventory
+     WHERE product_id IN (SELECT product_id FROM per_product)
+     ORDER BY product_id
+       FOR UPDATE
+)
+UPDATE inventory i
+   SET quantity = i.quantity + p.allocated,
+       reserved_quantity = GREATEST(i.reserved_quantity - p.reserved, 0),
+       updated_at = now()
+  FROM per_product p JOIN locked l USING (product_id)
+ WHERE i.product_id = p.product_id
+RETURNING i.product_id, i.quantity, i.reserved_quantity
+"""
+
+
+async def release_order_stock(conn: asyncpg.Connection, order_id: int,
+                              correlation_id: Any) -> int:
+    """Give back every unit an order that will not ship holds, in the caller's transaction.
+
+    Its reservations are deleted and leave ``reserved_quantity``; what its
+    allocation took off ``quantity`` goes back on, and the allocation rows
+    are marked released. Each product touched gets a ``stock-updated``
+    outbox event. Quantities only grow and reservations only shrink, so
+    ``0 <= reserved_quantity <= quantity`` holds. Idempotent: a second call
+    finds nothing left to give back and changes nothing. Returns the number
+    of products touched.
+    """
+    updated = await conn.fetch(_RELEASE_ORDER_STOCK, order_id)
     await _emit_stock(conn, updated, correlation_id)
     return len(updated)

@@ -6,7 +6,12 @@ import asyncio
 
 import asyncpg
 
-from actors.inventory.reservations import allocate_for_order, reserve_for_order
+from actors.inventory.messages import EVENT_STOCK_UPDATED
+from actors.inventory.reservations import (
+    allocate_for_order,
+    release_order_stock,
+    reserve_for_order,
+)
 from actors.orders import state
 from tests.factories import inventory, make_order, make_shop
 
@@ -64,3 +69,27 @@ async def test_allocation_takes_reserved_stock_out_once(pool: asyncpg.Pool) -> N
         async with conn.transaction():
             assert await allocate_for_order(conn, order_id, None) == 0
         assert await inventory(conn, 1) == (3, 0)
+
+
+async def test_releasing_an_orders_stock_gives_back_what_it_holds_once(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await make_shop(conn, {1: 5, 2: 4})
+        allocated = await make_order(conn, 1, {1: 2, 2: 1})
+        reserved = await make_order(conn, 2, {1: 1, 2: 3})
+        untouched = await make_order(conn, 3, {1: 2})
+        for order_id in (allocated, reserved, untouched):
+            assert (await reserve_for_order(conn, order_id, TTL_S)).reserved
+        async with conn.transaction():
+            await allocate_for_order(conn, allocated, None)
+        assert (await inventory(conn, 1), await inventory(conn, 2)) == ((3, 3), (3, 3))
+        for _ in range(2):  # the second time there is nothing left to give back
+            async with conn.transaction():
+                await release_order_stock(conn, allocated, None)
+                await release_order_stock(conn, reserved, None)
+        # allocated: its 2 + 1 units are back on the shelf; reserved: its hold is gone
+        assert (await inventory(conn, 1), await inventory(conn, 2)) == ((5, 2), (4, 0))
+        assert await conn.fetchval("SELECT array_agg(order_id) FROM inventory_reservations") == [
+            untouched]
+        events = await conn.fetchval("SELECT count(*) FROM outbox WHERE event_type = $1",
+                                     EVENT_STOCK_UPDATED)
+        assert events == 5 + 2 + 4, "5 reserved lines, 2 allocated, 2 + 2 given back once"

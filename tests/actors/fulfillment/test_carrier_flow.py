@@ -18,11 +18,15 @@ from aiohttp import web
 from actors.fulfillment import actor as fulfillment
 from actors.fulfillment.flow import EVENT_FULFILLMENT_FAILED, advance
 from actors.fulfillment.messages import ADVANCE_FULFILLMENT
+from actors.inventory.messages import EVENT_STOCK_UPDATED
+from actors.inventory.reservations import reserve_for_order
 from actors.orders import service, state
+from actors.orders.workflow import pay_order
 from actors.shipping.gateway import HttpShippingGateway
 from ops.simulators.carrier import CARRIER_KEY, create_carrier_app
 from ops.simulators.faults import FAULTS_KEY, Faults, serve
 from ops.simulators.warehouse import WAREHOUSE_KEY, create_warehouse_app
+from runtime import db
 from runtime.errors import ExternalServiceError
 from runtime.http import RetryPolicy
 from runtime.process import ProcessContext
@@ -161,6 +165,108 @@ async def test_a_job_retried_after_every_attempt_timed_out_gets_the_same_label(
     assert sims.requests(sims.carrier, "/v1/labels") == 4
     assert await pool.fetchval("SELECT tracking_code FROM shipments WHERE order_id = $1",
                                order_id) == bought["tracking_code"]
+
+
+STOCK = {1: 10, 2: 5}
+LINES = {1: 2, 2: 1}
+
+
+async def allocated_processing_order(pool: asyncpg.Pool, sims: Sims) -> int:
+    """An order reserved, paid and allocated for real, now ``processing`` (the label is next)."""
+    async with pool.acquire() as conn:
+        await make_shop(conn, STOCK)
+        order_id = await make_order(conn, 1, LINES)
+        assert (await reserve_for_order(conn, order_id, ttl_s=900)).reserved
+    await pay_order(pool, order_id)
+    assert await advance(pool, sims.gateway, order_id) == state.ALLOCATED
+    assert await advance(pool, sims.gateway, order_id) == state.PROCESSING
+    return order_id
+
+
+async def _stock(pool: asyncpg.Pool) -> dict[int, tuple[int, int]]:
+    rows = await pool.fetch("SELECT product_id, quantity, reserved_quantity FROM inventory")
+    return {r["product_id"]: (r["quantity"], r["reserved_quantity"]) for r in rows}
+
+
+async def _stock_events(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return list(await pool.fetch(
+        "SELECT xmin::text AS tx, payload FROM outbox WHERE event_type = $1 ORDER BY id",
+        EVENT_STOCK_UPDATED))
+
+
+async def _assert_stock_given_back(pool: asyncpg.Pool, order_id: int) -> None:
+    """Everything the order held is back, and it came back in the transaction that failed it."""
+    assert await _stock(pool) == {pid: (qty, 0) for pid, qty in STOCK.items()}
+    assert await pool.fetchval(
+        "SELECT count(*) FROM inventory_reservations WHERE order_id = $1", order_id) == 0
+    allocations = await pool.fetch(
+        "SELECT product_id, quantity, released_at FROM inventory_allocations WHERE order_id = $1",
+        order_id)
+    assert {a["product_id"]: a["quantity"] for a in allocations} == LINES
+    assert all(a["released_at"] is not None for a in allocations)
+    failed_tx = await pool.fetchval("SELECT xmin::text FROM orders WHERE id = $1", order_id)
+    given_back = [e["payload"] for e in await _stock_events(pool) if e["tx"] == failed_tx]
+    assert sorted(given_back, key=lambda p: p["product_id"]) == [
+        {"product_id": pid, "quantity": qty, "reserved_quantity": 0}
+        for pid, qty in sorted(STOCK.items())], "stock-updated in the failing transaction"
+
+
+async def test_a_carrier_4xx_gives_the_allocated_stock_back_once(
+        pool: asyncpg.Pool, sims: Sims) -> None:
+    order_id = await allocated_processing_order(pool, sims)
+    assert await _stock(pool) == {1: (8, 0), 2: (4, 0)}, "allocation took the lines off"
+    sims.faults(sims.carrier, error_rate=1.0, error_status=422)
+
+    # A redelivered copy racing the first: one failure, one give-back.
+    results = await asyncio.gather(*(advance(pool, sims.gateway, order_id) for _ in range(3)))
+    assert results == [state.FAILED] * 3
+    await _assert_stock_given_back(pool, order_id)
+    events = len(await _stock_events(pool))
+
+    assert await advance(pool, sims.gateway, order_id) == state.FAILED  # a later redelivery
+    assert await _stock(pool) == {pid: (qty, 0) for pid, qty in STOCK.items()}
+    assert len(await _stock_events(pool)) == events, "nothing given back twice"
+    assert await pool.fetchval(
+        "SELECT count(*) FROM order_status_history WHERE order_id = $1 AND to_status = $2",
+        order_id, state.FAILED) == 1
+
+
+async def test_a_warehouse_4xx_on_packing_gives_the_allocated_stock_back(
+        pool: asyncpg.Pool, sims: Sims) -> None:
+    order_id = await allocated_processing_order(pool, sims)
+    assert await advance(pool, sims.gateway, order_id) == state.LABEL_CREATED
+    sims.faults(sims.warehouse, error_rate=1.0, error_status=400)
+    assert await advance(pool, sims.gateway, order_id) == state.FAILED
+    await _assert_stock_given_back(pool, order_id)
+
+
+async def test_stock_sold_meanwhile_stays_sold_when_an_order_gives_its_stock_back(
+        pool: asyncpg.Pool, sims: Sims) -> None:
+    order_id = await allocated_processing_order(pool, sims)
+    async with pool.acquire() as conn:  # another order reserves what is left of product 1
+        other = await make_order(conn, 2, {1: 8})
+        assert (await reserve_for_order(conn, other, ttl_s=900)).reserved
+    assert (await _stock(pool))[1] == (8, 8)
+    sims.faults(sims.carrier, error_rate=1.0, error_status=403)
+    assert await advance(pool, sims.gateway, order_id) == state.FAILED
+    assert (await _stock(pool))[1] == (10, 8), "the other order's reservation is untouched"
+    assert await pool.fetchval(
+        "SELECT sum(quantity) FROM inventory_reservations WHERE product_id = 1") == 8
+
+
+async def test_the_migration_records_allocations_of_orders_already_in_the_flow(
+        pool: asyncpg.Pool, settings: Settings) -> None:
+    order_id = await processing_order(pool)  # as if allocated before the table existed
+    await pool.execute("DROP TABLE inventory_allocations")
+    await pool.execute("DELETE FROM schema_migrations WHERE version = 10")
+    conn = await db.connect(settings.database_url or "")
+    try:
+        assert await db.migrate(conn) == ["0010_stock_allocations"]
+    finally:
+        await conn.close()
+    rows = await pool.fetch("SELECT order_id, product_id, quantity, released_at "
+                            "FROM inventory_allocations")
+    assert [tuple(r) for r in rows] == [(order_id, 1, 2, None)]
 
 
 def _listening(port: int) -> bool:

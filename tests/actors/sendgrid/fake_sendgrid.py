@@ -44,6 +44,7 @@ class FakeSendGrid:
     requests: list[dict[str, Any]] = field(default_factory=list)
     activity_visible: bool = True
     activity_status: int = 200
+    activity_lookups: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def sent_with_key(self, key: str) -> list[Accepted]:
@@ -147,6 +148,7 @@ async def list_messages(request: web.Request) -> web.Response:
     denied = _check_auth(request)
     if denied is not None:
         return denied
+    fake.activity_lookups += 1
     if fake.activity_status != 200:
         return _errors(fake.activity_status, ("access forbidden", None))
     match = _UNIQUE_ARG_QUERY.match(request.query.get("query", ""))

@@ -31,6 +31,8 @@ from tests.actors.sendgrid.fake_sendgrid import (
 )
 
 TEMPLATE_ID = "d-0c1f2a7e5b8d4e1aa3f4c5d6e7f8a9b0"
+# What the ``fake`` fixture gives: the server's base URL and its state.
+Fake = tuple[str, FakeSendGrid]
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ async def _ledger(pool: asyncpg.Pool, key: str) -> asyncpg.Record:
     return await pool.fetchrow("SELECT * FROM email_provider_sends WHERE idempotency_key = $1", key)
 
 
-async def test_template_send_matches_the_v3_contract(pool: asyncpg.Pool, fake) -> None:
+async def test_template_send_matches_the_v3_contract(pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     transport = SendGridTransport(_config(url), pool)
 
@@ -86,7 +88,7 @@ async def test_template_send_matches_the_v3_contract(pool: asyncpg.Pool, fake) -
     assert again == result and len(state.requests) == 1
 
 
-async def test_without_a_template_id_the_content_is_sent(pool: asyncpg.Pool, fake) -> None:
+async def test_without_a_template_id_the_content_is_sent(pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     await SendGridTransport(_config(url), pool).send(_email("reminder:1", template="cart_reminder"))
     body = state.requests[0]["body"]
@@ -97,7 +99,8 @@ async def test_without_a_template_id_the_content_is_sent(pool: asyncpg.Pool, fak
 
 
 @pytest.mark.parametrize("status", [400, 401])
-async def test_permanent_errors_are_not_retried(pool: asyncpg.Pool, fake, status: int) -> None:
+async def test_permanent_errors_are_not_retried(
+        pool: asyncpg.Pool, fake: Fake, status: int) -> None:
     url, state = fake
     state.script = [status]
     with pytest.raises(PermanentJobError):
@@ -106,13 +109,14 @@ async def test_permanent_errors_are_not_retried(pool: asyncpg.Pool, fake, status
     assert state.accepted == []
 
 
-async def test_wrong_key_is_a_permanent_401(pool: asyncpg.Pool, fake) -> None:
+async def test_wrong_key_is_a_permanent_401(pool: asyncpg.Pool, fake: Fake) -> None:
     url, _ = fake
     with pytest.raises(PermanentJobError, match="401"):
         await SendGridTransport(_config(url, api_key="SG.wrong"), pool).send(_email())
 
 
-async def test_429_is_transient_with_retry_after_then_one_email(pool: asyncpg.Pool, fake) -> None:
+async def test_429_is_transient_with_retry_after_then_one_email(
+        pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     state.script = [(429, 7), 503]
     transport = SendGridTransport(_config(url), pool)
@@ -127,7 +131,8 @@ async def test_429_is_transient_with_retry_after_then_one_email(pool: asyncpg.Po
 
 
 @pytest.mark.slow
-async def test_timeout_after_acceptance_still_sends_one_email(pool: asyncpg.Pool, fake) -> None:
+async def test_timeout_after_acceptance_still_sends_one_email(
+        pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     state.script = ["accept_hang"]
     transport = SendGridTransport(_config(url), pool)
@@ -145,7 +150,7 @@ async def test_timeout_after_acceptance_still_sends_one_email(pool: asyncpg.Pool
 
 @pytest.mark.slow
 async def test_unknown_outcome_waits_for_the_grace_period_then_resends(
-        pool: asyncpg.Pool, fake) -> None:
+        pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     state.script = ["hang"]
     with pytest.raises(OutcomeUnknown):
@@ -160,7 +165,7 @@ async def test_unknown_outcome_waits_for_the_grace_period_then_resends(
 
 @pytest.mark.slow
 async def test_without_the_activity_api_an_unknown_outcome_is_never_resent(
-        pool: asyncpg.Pool, fake) -> None:
+        pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     state.script = ["accept_hang"]
     state.activity_status = 403
@@ -181,7 +186,7 @@ def test_config_from_settings_maps_template_ids() -> None:
     assert body["template_id"] == "d-abc"
 
 
-async def test_factory_uses_the_outbox_when_no_key_is_set(pool: asyncpg.Pool, fake) -> None:
+async def test_factory_uses_the_outbox_when_no_key_is_set(pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     assert make_sendgrid_transport(Settings(), pool) is None
     transport = make_sendgrid_transport(
@@ -193,7 +198,8 @@ async def test_factory_uses_the_outbox_when_no_key_is_set(pool: asyncpg.Pool, fa
 
 
 @pytest.mark.slow
-async def test_stale_unknown_outcomes_are_settled_by_the_sweep(pool: asyncpg.Pool, fake) -> None:
+async def test_stale_unknown_outcomes_are_settled_by_the_sweep(
+        pool: asyncpg.Pool, fake: Fake) -> None:
     url, state = fake
     transport = SendGridTransport(_config(url), pool)
     state.script = ["accept_hang", "hang"]
@@ -208,3 +214,20 @@ async def test_stale_unknown_outcomes_are_settled_by_the_sweep(pool: asyncpg.Poo
     await transport.send(_email("never-arrived"))  # safe to send now
     assert sorted(a.body["custom_args"]["idempotency_key"] for a in state.accepted) == [
         "accepted-then-timeout", "never-arrived"]
+
+
+@pytest.mark.slow
+async def test_the_sweep_stops_at_the_first_failed_lookup(pool: asyncpg.Pool, fake: Fake) -> None:
+    url, state = fake
+    transport = SendGridTransport(_config(url), pool)
+    state.script = ["hang", "hang", "hang"]
+    for key in ("a", "b", "c"):
+        with pytest.raises(OutcomeUnknown):
+            await transport.send(_email(key))
+    await pool.execute("UPDATE email_provider_sends SET last_sent_at = now() - interval '1 hour'")
+    state.activity_status = 500  # the activity feed is down
+
+    assert await transport.reconcile_stale() == {"accepted": 0, "not_sent": 0, "unresolved": 3}
+    assert state.activity_lookups == 1, "the other rows do not each wait out a timeout"
+    assert {r["state"] for r in await pool.fetch("SELECT state FROM email_provider_sends")} == {
+        "sending"}
