@@ -10,11 +10,12 @@ library only skips its row.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, cast
 
 from bench.body import noop, noop_async
 from bench.harness import AsyncProducer, BenchEnv, Peer, Producer, SyncProducer
@@ -81,20 +82,18 @@ class RawDramatiq(Peer):
 
 
 # --- this runtime ------------------------------------------------------------------------------
-# >>> SLOT FOR THIS RUNTIME'S ADAPTERS. When runtime/jobs/ (branch `jobs`) is on main, add a
-# >>> Peer subclass here (key "runtime-jobs") whose run_worker starts the jobs worker the way
-# >>> `runtime.jobs.worker.run` does with `noop` declared as an actor on env.queue, and whose
-# >>> open_producer sends with `runtime.jobs.producer.send`; then add it to PEERS below.
-# >>> Nothing else in the harness changes.
 
 
-def _runtime_settings(env: BenchEnv) -> Any:
+def _runtime_settings(env: BenchEnv, metrics_dir: Path | None = None) -> Any:
     from runtime.settings import Settings
 
-    return Settings(redis_url=env.redis_url, database_url=UNUSED_DATABASE_URL, namespace="bench-rt")
+    return Settings(redis_url=env.redis_url, database_url=UNUSED_DATABASE_URL, namespace="bench-rt",
+                    metrics_dir=metrics_dir)
 
 
 class _RuntimeProducer(SyncProducer):
+    """What an api process does: ``JobSpec.send`` on ``setup_broker``'s JobBroker (one script call)."""
+
     def __init__(self, env: BenchEnv) -> None:
         from runtime.broker import JobSpec, setup_broker
 
@@ -108,84 +107,105 @@ class _RuntimeProducer(SyncProducer):
         self._broker.close()
 
 
-class RuntimeFoundation(Peer):
-    """The runtime on main: setup_broker's middleware, the worker's poll cap, the body in the actor."""
+class _NoDatabase:
+    """Stands in for the asyncpg pool of a ProcessContext: the no-op job never touches PostgreSQL."""
+
+    async def close(self) -> None:
+        """Nothing was opened."""
+
+
+class RuntimeJobs(Peer):
+    """The job layer as every production worker runs it (``runtime.worker.run_worker``).
+
+    ``setup_broker`` (JobBroker, JobsMiddleware instead of Retries), then on a
+    ProcessContext of its own (loop bridge, async Redis; no PostgreSQL pool,
+    see :class:`_NoDatabase`) exactly the calls ``run_worker`` makes:
+    ``install_job_metrics`` (MetricsMiddleware with the on-call pager, sweep
+    counters), ``ensure_scheduled_run_middleware``, the actor, then
+    ``make_worker(threads=8)`` (prefetch = threads, consumers blocking on the
+    wake-up list) with its keeper thread, stopped as ``run_worker`` stops it.
+    """
 
     key = "runtime"
-    name = "runtime (foundation middleware)"
-    setup = ("runtime.broker.setup_broker (AgeLimit, TimeLimit, ShutdownNotifications, Callbacks, "
-             "Pipelines, Retries, CurrentMessage), declare_actor, dramatiq.Worker(worker_threads=8, "
-             "worker_timeout=runtime.worker.IDLE_POLL_MS=100)")
-    distributions: ClassVar[tuple[str, ...]] = ("dramatiq",)
+    name = "runtime (jobs layer, as deployed)"
+    setup = ("runtime.broker.setup_broker (JobBroker; AgeLimit, TimeLimit, ShutdownNotifications, "
+             "Callbacks, Pipelines, JobsMiddleware, CurrentMessage) + runtime.observability."
+             "install_job_metrics (MetricsMiddleware, pager, sweep counters) + "
+             "ensure_scheduled_run_middleware, declare_actor, runtime.jobs.worker.make_worker("
+             "threads=8): prefetch 8, consumer blocks on the queue's wake-up list (idle timeout "
+             "1000 ms), job keeper thread every 5 s; Prometheus multiprocess files in a temp dir")
+    distributions: ClassVar[tuple[str, ...]] = ("dramatiq", "redis", "prometheus-client")
+
+    def _body(self, env: BenchEnv, ctx: Any) -> tuple[Callable[..., Any], Callable[[], None]]:
+        """The actor's function, and what stops whatever it needs (nothing for a plain body)."""
+        return noop, lambda: None
 
     def run_worker(self, env: BenchEnv) -> None:
-        import dramatiq
+        import redis.asyncio as aioredis
 
         from runtime.broker import JobSpec, declare_actor, setup_broker
-        from runtime.worker import IDLE_POLL_MS
+        from runtime.jobs.worker import make_worker
+        from runtime.loop import LoopBridge
+        from runtime.observability import install_job_metrics
+        from runtime.process import ProcessContext
+        from runtime.scheduling.middleware import ensure_scheduled_run_middleware
+        from runtime.worker import GRACEFUL_STOP_MS
 
-        broker = setup_broker(_runtime_settings(env))
-        declare_actor(broker, JobSpec(env.queue, ACTOR_NAME), noop)
-        worker = dramatiq.Worker(broker, queues={env.queue}, worker_threads=env.slots,
-                                 worker_timeout=IDLE_POLL_MS)
-        worker.start()
-        _wait_for_sigterm()
-        worker.stop()
-        broker.close()
+        with tempfile.TemporaryDirectory(prefix="bench-metrics-") as metrics_dir:
+            settings = _runtime_settings(env, Path(metrics_dir))
+            bridge = LoopBridge().start()
+            client = bridge.run(_open_async_redis(aioredis, env.redis_url))
+            ctx = ProcessContext(settings, bridge, cast(Any, _NoDatabase()), client,
+                                 setup_broker(settings))
+            install_job_metrics(ctx)
+            ensure_scheduled_run_middleware(ctx.broker, env.redis_url, settings.namespace)
+            body, stop_body = self._body(env, ctx)
+            declare_actor(ctx.broker, JobSpec(env.queue, ACTOR_NAME), body)
+            worker = make_worker(ctx.broker, {env.queue}, env.slots)
+            worker.start()
+            _wait_for_sigterm()
+            worker.stop(timeout=GRACEFUL_STOP_MS)
+            stop_body()
+            ctx.stop()
 
     def open_producer(self, env: BenchEnv) -> Producer:
         return _RuntimeProducer(env)
 
 
-class RuntimeActorHop(RuntimeFoundation):
-    """As :class:`RuntimeFoundation`, plus the hop every concern on main makes.
+async def _open_async_redis(aioredis: Any, url: str) -> Any:
+    """The process's async Redis client, opened on the bridge's loop as ProcessContext.start does."""
+    return aioredis.Redis.from_url(url)
+
+
+class RuntimeJobsActorHop(RuntimeJobs):
+    """As :class:`RuntimeJobs`, plus the hop every concern makes (runtime/worker.py ``ActorPool``).
 
     The thin Dramatiq actor asks one of 8 supervised pykka ``ServiceActor``s
-    (round robin, as actors/inventory/actor.py does), which runs the async body
-    on the process's ``LoopBridge`` loop: the path a real job takes on main.
+    (round robin), which runs the async body on the process's ``LoopBridge``
+    loop: the path a real job takes.
     """
 
     key = "runtime-actors"
-    name = "runtime (foundation + pykka actor hop)"
-    setup = (RuntimeFoundation.setup + "; thin actor -> Supervisor.ask -> 1 of 8 ServiceActor "
-             "(pykka thread) -> LoopBridge.run(async body)")
-    distributions = ("dramatiq", "pykka")
+    name = "runtime (jobs layer + pykka actor hop)"
+    setup = (RuntimeJobs.setup + "; thin actor -> Supervisor.ask -> 1 of 8 ServiceActor "
+             "(pykka thread, ActorPool round robin) -> LoopBridge.run(async body)")
+    distributions = ("dramatiq", "redis", "prometheus-client", "pykka")
 
-    def run_worker(self, env: BenchEnv) -> None:
-        import dramatiq
-
-        from runtime.broker import JobSpec, declare_actor, setup_broker
-        from runtime.loop import LoopBridge
+    def _body(self, env: BenchEnv, ctx: Any) -> tuple[Callable[..., Any], Callable[[], None]]:
         from runtime.service_actor import ServiceActor
-        from runtime.supervision import ChildSpec, Supervisor
-        from runtime.worker import IDLE_POLL_MS
+        from runtime.worker import ActorPool, Concern, build_root
 
-        settings = _runtime_settings(env)
-        bridge = LoopBridge().start()
-        timeout_s = settings.actor_ask_timeout_s
-        children = [
-            ChildSpec(f"bench-{i}", lambda: ServiceActor.start("bench", noop_async, bridge, timeout_s))
-            for i in range(env.slots)
-        ]
-        root = Supervisor("bench-root", children).start()
-        broker = setup_broker(settings)
-        turn = itertools.count()
-        lock = threading.Lock()
+        timeout_s = ctx.settings.actor_ask_timeout_s
+        pool = ActorPool("bench", env.slots,
+                         lambda: ServiceActor.start("bench", noop_async, ctx.bridge, timeout_s))
+        root = build_root("bench", [Concern("bench", pool.children, lambda broker, ask: None)],
+                          ctx.settings)
+        root.start()
 
         def bench_noop(enqueued_at: float) -> None:
-            with lock:
-                slot = next(turn) % env.slots
-            root.ask(f"bench-{slot}", enqueued_at, timeout_s)
+            root.ask(pool.next_id(), enqueued_at, timeout_s)
 
-        declare_actor(broker, JobSpec(env.queue, ACTOR_NAME), bench_noop)
-        worker = dramatiq.Worker(broker, queues={env.queue}, worker_threads=env.slots,
-                                 worker_timeout=IDLE_POLL_MS)
-        worker.start()
-        _wait_for_sigterm()
-        worker.stop()
-        root.stop()
-        broker.close()
-        bridge.stop()
+        return bench_noop, root.stop
 
 
 # --- Celery --------------------------------------------------------------------------------------
@@ -372,9 +392,8 @@ class BullMQPeer(Peer):
 # Every peer of the comparison, in table order; raw Dramatiq first (the baseline of the ratios).
 PEERS: tuple[Peer, ...] = (
     RawDramatiq(),
-    RuntimeFoundation(),
-    RuntimeActorHop(),
-    # >>> SLOT: the runtime/jobs adapter goes here once it is on main (see the comment above).
+    RuntimeJobs(),
+    RuntimeJobsActorHop(),
     CeleryPeer(),
     RQPeer(),
     ArqPeer(),

@@ -34,6 +34,12 @@ from bench.run import _db_url, throwaway_redis
 TOP = 22
 
 
+def py_spy() -> str | None:
+    """The py-spy executable: on the PATH, or next to this interpreter (an unactivated venv)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def _frame_name(frame: str) -> str:
     """``fn (path/to/module.py:123)`` -> ``fn (module.py)``: per function, not per line."""
     name, _, where = frame.partition(" (")
@@ -84,7 +90,7 @@ def profile_worker(key: str, redis_url: str, results_url: str, jobs: int, durati
     folded = out_dir / f"profile-{key}.folded"
     try:
         records.wait_for(1, 30.0)  # the worker is consuming
-        subprocess.run(["py-spy", "record", "--pid", str(proc.pid), "--gil", "--rate", "250",
+        subprocess.run([py_spy() or "py-spy", "record", "--pid", str(proc.pid), "--gil", "--rate", "250",
                         "--duration", str(int(duration_s)), "--format", "raw", "-o", str(folded)],
                        check=True, capture_output=True)
         done = records.wait_for(jobs, 120.0)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--producer-jobs", type=int, default=3_000)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if shutil.which("py-spy") is None:
+    if py_spy() is None:
         print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

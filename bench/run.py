@@ -76,7 +76,10 @@ def run_peers(redis_url: str, cfg: JobsConfig, only: set[str] | None, log_dir: P
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=JobsConfig.jobs, help="jobs for the enqueue/drain phases")
+    p.add_argument("--jobs", type=int, default=JobsConfig.jobs,
+                   help="jobs for the enqueue/drain phases, per round")
+    p.add_argument("--drain-rounds", type=int, default=JobsConfig.drain_rounds,
+                   help="enqueue + drain rounds per peer, a fresh worker each (median reported)")
     p.add_argument("--rate", type=float, default=JobsConfig.rate_hz, help="steady rate, jobs/s")
     p.add_argument("--steady-s", type=float, default=JobsConfig.steady_s, help="steady phase length")
     p.add_argument("--idle-s", type=float, default=JobsConfig.idle_s, help="idle time before the lone job")
@@ -96,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     skip = {s for s in args.skip.split(",") if s}
     only = {s for s in args.only.split(",") if s} or None
-    cfg = JobsConfig(jobs=args.jobs, rate_hz=args.rate, steady_s=args.steady_s, idle_s=args.idle_s,
-                     idle_samples=args.idle_samples)
+    cfg = JobsConfig(jobs=args.jobs, drain_rounds=args.drain_rounds, rate_hz=args.rate,
+                     steady_s=args.steady_s, idle_s=args.idle_s, idle_samples=args.idle_samples)
     command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
     machine = report.machine_details()
     began = time.monotonic()

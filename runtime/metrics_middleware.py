@@ -43,6 +43,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from runtime.jobs.args import int_arg
+from runtime.jobs.outcome import Tally, add_tally, take_tally
 from runtime.logs import log_context
 from runtime.metrics import (
     OUTCOME_COMPLETED,
@@ -206,6 +207,24 @@ class MetricsMiddleware(Middleware):
 
     # --- fate (consumer threads) ----------------------------------------------
 
+    def before_ack(self, broker: dramatiq.Broker, message: Any) -> None:
+        """Ask for the monitor's outcome count to be written with the ack (see _ask_tally).
+
+        Runs on the thread that acks, just before the ack; the attempt is only read here,
+        :meth:`after_ack` takes it.
+        """
+        with self._lock:
+            attempt = self._attempts.get(self._key(message))
+        if attempt is not None:
+            self._ask_tally(broker, message, attempt.queue, _acked_outcome(attempt))
+
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        """Ask for the monitor's ``failed`` count to be written with the nack."""
+        with self._lock:
+            attempt = self._attempts.get(self._key(message))
+        queue = attempt.queue if attempt else self._labels(broker, message)[0]
+        self._ask_tally(broker, message, queue, OUTCOME_FAILED)
+
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
         """Count a completed, skipped or retried job (consumer thread).
 
@@ -215,14 +234,14 @@ class MetricsMiddleware(Middleware):
         with self._lock:
             attempt = self._attempts.pop(self._key(message), None)
         if attempt is None:
+            take_tally(message)
             return
-        if attempt.raised:
+        outcome = _acked_outcome(attempt)
+        if outcome == OUTCOME_RETRIED:
             self.metrics.job_retries.labels(attempt.queue, attempt.actor).inc()
-            outcome = OUTCOME_RETRIED
         else:
-            outcome = OUTCOME_SKIPPED if attempt.skipped else OUTCOME_COMPLETED
             self.metrics.jobs.labels(attempt.queue, attempt.actor, outcome).inc()
-        self._record_outcome(broker, attempt.queue, outcome)
+        self._record_outcome(broker, message)
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         """Count a job that failed for good and went to the dead-letter queue (consumer thread)."""
@@ -233,21 +252,35 @@ class MetricsMiddleware(Middleware):
         self.metrics.job_dead_letters.labels(queue, actor).inc()
         if self._on_failed_for_good is not None and self._is_critical(broker, message):
             self._on_failed_for_good(_failed_job(queue, actor, message))
-        self._record_outcome(broker, queue, OUTCOME_FAILED)
+        self._record_outcome(broker, message)
 
     @staticmethod
     def _is_critical(broker: dramatiq.Broker, message: Any) -> bool:
         actor = broker.actors.get(message.actor_name)
         return bool(message.options.get("critical") or (actor and actor.options.get("critical")))
 
-    def _record_outcome(self, broker: dramatiq.Broker, queue: str, outcome: str) -> None:
-        """Add one to this minute's outcome count for the queue monitor (any host)."""
+    def _ask_tally(self, broker: dramatiq.Broker, message: Any, queue: str, outcome: str) -> None:
+        """Ask for one more in this minute's outcome count for the queue monitor (any host).
+
+        A JobBroker's consumer writes it in the script call that finishes the job, so
+        the count costs no round trip of its own (it was one Redis pipeline per job)
+        and is written once, together with the outcome it counts. On any other Redis
+        broker :meth:`_record_outcome` writes it after the ack, as before.
+        """
         if not isinstance(broker, RedisBroker) or queue == UNKNOWN_LABEL:
             return
         key = outcomes_key(self._settings.namespace, queue, int(time.time()) // OUTCOME_BUCKET_S)
+        add_tally(message, Tally(key, outcome, self._outcomes_ttl_s))
+
+    @staticmethod
+    def _record_outcome(broker: dramatiq.Broker, message: Any) -> None:
+        """Write the outcome count asked for before the ack if no job consumer wrote it."""
+        tally = take_tally(message)
+        if tally is None or not isinstance(broker, RedisBroker):
+            return
         pipe = broker.client.pipeline(transaction=False)
-        pipe.hincrby(key, outcome, 1)
-        pipe.expire(key, self._outcomes_ttl_s)
+        pipe.hincrby(tally.key, tally.field, 1)
+        pipe.expire(tally.key, tally.ttl_s)
         pipe.execute()
 
     # --- worker presence (main thread) -----------------------------------------
@@ -266,6 +299,14 @@ class MetricsMiddleware(Middleware):
         """Withdraw this worker from the monitor's consumer list."""
         if isinstance(broker, RedisBroker):
             broker.client.hdel(consumers_key(self._settings.namespace), broker.broker_id)
+
+
+def _acked_outcome(attempt: _Attempt) -> str:
+    """What an acked attempt was: retried (it raised and a retry is scheduled), skipped, or
+    completed."""
+    if attempt.raised:
+        return OUTCOME_RETRIED
+    return OUTCOME_SKIPPED if attempt.skipped else OUTCOME_COMPLETED
 
 
 def _failed_job(queue: str, actor: str, message: Any) -> FailedJob:

@@ -46,7 +46,14 @@ from runtime.jobs.options import (
     DEFAULT_KEEP_FAILED,
     RetryPolicy,
 )
-from runtime.jobs.outcome import Outcome, peek_outcome, take_outcome
+from runtime.jobs.outcome import (
+    Outcome,
+    Tally,
+    peek_outcome,
+    peek_tally,
+    take_outcome,
+    take_tally,
+)
 from runtime.jobs.script import JobKeys, JobScript, events_stream
 
 log = logging.getLogger(__name__)
@@ -132,6 +139,10 @@ def submitted_from(reply: list[Any], message: dramatiq.Message[Any]) -> Submitte
         return None
     job_id = str(message.options["job_id"])
     return Submitted(job_id, str(reply[1]), reply[0] == "duplicate", message)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class HeldMessages:
@@ -256,8 +267,13 @@ class JobBroker(RedisBroker):
                   json.dumps({"error": "the message body is not a Dramatiq message"}),
                   self.config.keep_failed, 0, "[]", "", "", 0, 0)
 
-    def finish(self, queue: str, message: MessageProxy, outcome: Outcome) -> None:
-        """Record ``outcome`` and let go of the message, in one step (consumer side)."""
+    def finish(self, queue: str, message: MessageProxy, outcome: Outcome,
+               tally: Tally | None = None) -> None:
+        """Record ``outcome`` and let go of the message, in one step (consumer side).
+
+        ``tally`` (see :class:`~runtime.jobs.outcome.Tally`) is counted in the same step,
+        once, unless another worker had taken the job over.
+        """
         job_id = str(message.options.get("job_id") or message.message_id)
         rid = str(message.options["redis_message_id"])
         keep = self.config.keep_completed if outcome.kind in ("completed", "skipped") else \
@@ -268,8 +284,9 @@ class JobBroker(RedisBroker):
             "finish", queue, rid, job_id, message.actor_name, self.broker_id, outcome.kind,
             json.dumps(outcome.detail, default=str), keep,
             int(message.options.get("dedup_s", self.config.dedup_s)),
-            json.dumps(list(outcome.limit_keys)), outcome.new_rid, outcome.new_message,
-            outcome.eta_ms, outcome.priority,
+            json.dumps(list(outcome.limit_keys)) if outcome.limit_keys else "[]",
+            outcome.new_rid, outcome.new_message, outcome.eta_ms, outcome.priority,
+            *((tally.key, tally.field, tally.ttl_s) if tally is not None else ()),
         )
         if reply and reply[0] == "lost":
             log.warning("job %s finished (%s) after another worker had taken it over; "
@@ -303,6 +320,9 @@ class JobConsumer(Consumer):
         self._lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._wake_key = broker.keys.queue(queue_name, "wake")
+        # Set (to the fetch's next due time) when the last fetch got fewer jobs than it had
+        # room for, i.e. it emptied the queue: the next look waits for a wake-up instead.
+        self._drained_next_due: str | None = None
 
     @property
     def outstanding_message_count(self) -> int:
@@ -336,10 +356,11 @@ class JobConsumer(Consumer):
         same outcome, not a bare "let go".
         """
         try:
-            self.broker.finish(self.queue_name, message, outcome)
+            self.broker.finish(self.queue_name, message, outcome, peek_tally(message))
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         take_outcome(message)
+        take_tally(message)
         self.broker.held.discard(self.queue_name, [str(message.options["redis_message_id"])])
         self._done(message)
 
@@ -375,21 +396,31 @@ class JobConsumer(Consumer):
         try:
             if self.message_cache:
                 return self._next_cached()
+            if self._drained_next_due is not None:
+                # The last fetch emptied the queue, so fetching again now would come back
+                # empty: one round trip per job at a steady rate. Every enqueue pushes a
+                # wake-up token, so waiting for one misses nothing.
+                next_due, self._drained_next_due = self._drained_next_due, None
+                self._wait_for_work(next_due)
+                return None
             room = self.prefetch - self.outstanding_message_count
             if room <= 0:
                 self._slot_freed.wait(self.idle_timeout_s)
                 self._slot_freed.clear()
                 return None
-            reply = self.broker.jobs("fetch", self.queue_name, self.broker.broker_id, room)
+            reply = self.broker.jobs.raw("fetch", self.queue_name, self.broker.broker_id, room)
             pairs = reply[1:]
-            self.message_cache = [(str(pairs[i]), pairs[i + 1].encode()
+            self.message_cache = [(_text(pairs[i]), pairs[i + 1].encode()
                                    if isinstance(pairs[i + 1], str) else pairs[i + 1])
                                   for i in range(0, len(pairs) - 1, 2)]
-            if self.message_cache:
-                self.broker.held.add(self.queue_name, [rid for rid, _ in self.message_cache])
-                return self._next_cached()
-            self._wait_for_work(reply[0])
-            return None
+            next_due = _text(reply[0])
+            if not self.message_cache:
+                self._wait_for_work(next_due)
+                return None
+            self.broker.held.add(self.queue_name, [rid for rid, _ in self.message_cache])
+            if len(self.message_cache) < room:
+                self._drained_next_due = next_due
+            return self._next_cached()
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
@@ -414,4 +445,4 @@ class JobConsumer(Consumer):
             timeout_s = min(timeout_s, max(0.0, float(next_due) / 1000 - time.time()))
         if timeout_s < 0.001:
             return
-        self.broker.client.blpop([self._wake_key], timeout=timeout_s)
+        self.broker.jobs.connection().blpop([self._wake_key], timeout=timeout_s)

@@ -272,6 +272,11 @@ local function cmd_fetch(a)
         popped = redis.call("zpopmin", qkey(queue, "lo"), count - #ids)
         for i = 1, #popped, 2 do table.insert(ids, popped[i]) end
     end
+    if #ids < count then
+        -- Nothing waits any more: drop the wake-up tokens of the jobs just taken, so no idle
+        -- consumer wakes for them and fetches nothing. A later enqueue pushes a new token.
+        redis.call("del", qkey(queue, "wake"))
+    end
     if #ids == 0 then return reply end
     redis.call("sadd", ns .. ":__acks__." .. worker .. "." .. queue, unpack(ids))
     local bodies = redis.call("hmget", qkey(queue, "msgs"), unpack(ids))
@@ -355,8 +360,11 @@ local function release_limits(limit_keys, token)
 end
 
 -- finish(queue, rid, job_id, actor, worker, outcome, detail JSON, keep, dedup_s, limit keys JSON,
---        new_rid, new_message, eta_ms, priority) -> {"ok"} | {"lost"}
+--        new_rid, new_message, eta_ms, priority[, tally key, tally field, tally ttl_s])
+--   -> {"ok"} | {"lost"}
 -- outcome: completed | skipped | failed | cancelled | retry | requeue | ack
+-- tally: a count kept elsewhere (the queue monitor's outcomes per minute), added here so it
+-- goes with the outcome: once, in the same step, and not by a run that lost the job.
 local function cmd_finish(a)
     local queue, rid, job_id, actor, worker, outcome = a[1], a[2], a[3], a[4], a[5], a[6]
     local detail = decode(a[7]) or {}
@@ -374,6 +382,10 @@ local function cmd_finish(a)
             return {"lost"}
         end
         remove_waiting(queue, rid)
+    end
+    if a[15] and a[15] ~= "" then
+        redis.call("hincrby", a[15], a[16], 1)
+        redis.call("expire", a[15], tonumber(a[17]))
     end
     local message = redis.call("hget", msgs, rid)
     redis.call("hdel", msgs, rid)

@@ -181,12 +181,16 @@ class JobsMiddleware(Middleware):
             keys = self._held.pop(_rid(message), ())
         attempt = int(message.options.get("retries", 0)) + 1
         if exception is None:
-            outcome = Outcome("completed", {"result": result_text(result), "attempt": attempt})
+            # Built with its limit keys at once: no dataclasses.replace on every job's path.
+            outcome = Outcome("completed", {"result": result_text(result), "attempt": attempt},
+                              limit_keys=keys)
         elif isinstance(exception, JobCancelled):
-            outcome = Outcome("cancelled", {"reason": str(exception), "attempt": attempt})
+            outcome = Outcome("cancelled", {"reason": str(exception), "attempt": attempt},
+                              limit_keys=keys)
         else:
-            outcome = self._after_failure(jb, message, exception, attempt)
-        set_outcome(message, replace(outcome, limit_keys=keys))
+            outcome = replace(self._after_failure(jb, message, exception, attempt),
+                              limit_keys=keys)
+        set_outcome(message, outcome)
 
     def _after_failure(self, jb: JobBroker, message: MessageProxy, exc: BaseException,
                        attempt: int) -> Outcome:

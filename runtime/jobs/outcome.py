@@ -16,6 +16,7 @@ from dramatiq.broker import MessageProxy
 # completed | skipped | failed | cancelled | retry | requeue | ack (let go, record nothing)
 OUTCOME_KINDS = ("completed", "skipped", "failed", "cancelled", "retry", "requeue", "ack")
 _ATTRIBUTE = "_shopflow_outcome"
+_TALLY_ATTRIBUTE = "_shopflow_tally"
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,35 @@ def take_outcome(message: MessageProxy) -> Outcome | None:
     """Detach and return the outcome (the consumer, when it finishes the job)."""
     outcome = message.__dict__.pop(_ATTRIBUTE, None)
     return outcome if isinstance(outcome, Outcome) else None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Add one to ``field`` of the Redis hash ``key`` (expiring after ``ttl_s``) when the job
+    is finished: a count another part of the runtime keeps next to the job's outcome.
+
+    Middleware attaches it before the ack or nack (``add_tally``); the job consumer writes
+    it in the same script call that records the outcome, instead of a round trip of its own.
+    """
+
+    key: str
+    field: str
+    ttl_s: int
+
+
+def add_tally(message: MessageProxy, tally: Tally) -> None:
+    """Ask for ``tally`` to be written with this attempt's finish (worker thread, before ack)."""
+    setattr(message, _TALLY_ATTRIBUTE, tally)
+
+
+def peek_tally(message: MessageProxy) -> Tally | None:
+    """The tally attached so far, if any (kept until the finish went through)."""
+    tally = message.__dict__.get(_TALLY_ATTRIBUTE)
+    return tally if isinstance(tally, Tally) else None
+
+
+def take_tally(message: MessageProxy) -> Tally | None:
+    """Detach the tally: the job consumer when it writes it, or the middleware that asked for
+    it, after the ack, when no consumer did (a broker that is not a JobBroker)."""
+    tally = message.__dict__.pop(_TALLY_ATTRIBUTE, None)
+    return tally if isinstance(tally, Tally) else None

@@ -11,6 +11,10 @@ clock of their own.
 from __future__ import annotations
 
 import functools
+import os
+import select
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,14 +106,70 @@ class JobScript:
     def __init__(self, client: redis.Redis, keys: JobKeys, clock: Clock = time.time) -> None:
         self.keys = keys
         self._clock = clock
+        self._client = client
         self._script = client.register_script(script_text())
+        self._local = threading.local()
 
     def __call__(self, command: str, *args: Any) -> Any:
         """One atomic command; the reply with bytes decoded."""
+        return text(self.raw(command, *args))
+
+    def raw(self, command: str, *args: Any) -> Any:
+        """One atomic command; the reply as Redis sent it (the consumer's fetch: message
+        bodies stay bytes for ``Message.decode``, not decoded and encoded again)."""
         now_ms, now_iso = _now_args(self._clock)
-        reply = self._script(keys=[self.keys.namespace, self.keys.events],
-                             args=[command, now_ms, now_iso, *args])
-        return text(reply)
+        return self._script(keys=[self.keys.namespace, self.keys.events],
+                            args=[command, now_ms, now_iso, *args], client=self.connection())
+
+    def connection(self) -> redis.Redis:
+        """A client holding one connection of the broker's pool for the calling thread.
+
+        Every job takes several script calls from the same worker thread; through the
+        pool each one also pays a pool lock, two ``os.getpid()`` and a read probe that
+        toggles the socket's blocking mode (about five syscalls), which showed up in
+        profiles of the worker. A thread keeps its connection until it ends (then it
+        goes back to the pool); a forked child gets a connection of its own, as the
+        pool would give it. Like the pool, it reconnects a connection the server has
+        closed (a Redis restart) before using it, so that costs no failed command.
+        """
+        pid = os.getpid()
+        held: tuple[int, redis.Redis] | None = getattr(self._local, "held", None)
+        if held is None or held[0] != pid:
+            client = redis.Redis(connection_pool=self._client.connection_pool,
+                                 single_connection_client=True)
+            held = (pid, client)
+            self._local.held = held
+        _reconnect_if_stale(held[1])
+        return held[1]
+
+
+def _reconnect_if_stale(client: redis.Redis) -> None:
+    """Drop the held connection if the server closed it or left bytes on it (the check the
+    pool makes before every command), so the next command connects afresh."""
+    conn: Any = client.connection  # typed as Any: redis-py 5 and 8 type it differently
+    sock: socket.socket | None = getattr(conn, "_sock", None)
+    if conn is None or sock is None:
+        return  # not connected yet: the command connects
+    try:
+        # One syscall in the common case. select, not a recv with MSG_DONTWAIT: a socket
+        # with a timeout (redis-py 8 sets one) makes Python wait that long in recv first.
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return  # nothing to read: the connection is fine
+        # Readable: b"" is end-of-file (closed by the server), bytes are a stray reply.
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return
+    except ValueError:
+        # TLS sockets take no recv flags: ask redis-py itself, as its pool does.
+        try:
+            if not conn.can_read():
+                return
+        except (redis.ConnectionError, OSError):
+            pass
+    except OSError:
+        pass
+    conn.disconnect()
 
 
 class AsyncJobScript:

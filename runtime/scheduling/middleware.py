@@ -174,6 +174,8 @@ class ScheduledRunMiddleware(Middleware):
                               exception: BaseException | None = None) -> None:
         """Worker thread: record success (the run is over) or an error (a retry may follow)."""
         noted = message.options.pop(_RESULT_OPTION, None)
+        if self._slot(message) is None:
+            return  # not a scheduled run: nothing to record (and no result to encode)
         if exception is None:
             text = noted if result is None and noted else json.dumps(result, default=str)
             self._record(message, "succeeded", done=True, result=_short(text))
