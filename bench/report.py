@@ -66,7 +66,8 @@ def _f(value: float | None, fmt: str = "{:,.0f}") -> str:
 def _ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
         return ""
-    return f" ({value / base:.2f}x)"
+    ratio = value / base
+    return f" ({ratio:.2f}x)" if ratio >= 0.1 else f" ({ratio:.3f}x)"
 
 
 def peer_line(r: PeerResult) -> str:
@@ -75,7 +76,8 @@ def peer_line(r: PeerResult) -> str:
         return f"skipped: {r.skipped}"
     text = (f"enqueue {_f(r.enqueue_per_s)}/s, drain {_f(r.drain_per_s)}/s, "
             f"p50 {_f(r.p50_ms, '{:.1f}')} ms, p99 {_f(r.p99_ms, '{:.1f}')} ms, "
-            f"idle {_f(r.idle_median_ms, '{:.0f}')} ms")
+            f"idle {_f(r.idle_median_ms, '{:.1f}')} ms, "
+            f"CPU {_f(r.cpu_us_per_job_drain)} us/job drain, {_f(r.cpu_us_per_job_steady)} @ steady")
     return text + (f" PROBLEMS: {'; '.join(r.problems)}" if r.problems else "")
 
 
@@ -93,21 +95,26 @@ def peers_table(peers: list[PeerResult], ceil: CeilingResult | None) -> str:
     base = next((p for p in peers if p.key == BASELINE_KEY and not p.skipped), None)
     lpush_1 = ceil.rps.get(("LPUSH", 1)) if ceil else None
     rows = [
-        ("| peer | enqueue jobs/s | drain jobs/s | latency p50 ms @ steady | p99 ms | "
-        "first job after idle, ms (median) | enqueue vs LPUSH -c 1 |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ("| peer | enqueue jobs/s | drain jobs/s | worker CPU µs/job, drain | CPU µs/job @ steady "
+         "| latency p50 ms @ steady | p99 ms | first job after idle, ms (median) "
+         "| enqueue vs LPUSH -c 1 |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in peers:
         if p.skipped:
-            rows.append(f"| {p.name} | skipped: {p.skipped} | | | | | |")
+            rows.append(f"| {p.name} | skipped: {p.skipped} | | | | | | | |")
             continue
         b = base
         rows.append(
             f"| {p.name} | {_f(p.enqueue_per_s)}{_ratio(p.enqueue_per_s, b.enqueue_per_s if b else None)} "
             f"| {_f(p.drain_per_s)}{_ratio(p.drain_per_s, b.drain_per_s if b else None)} "
+            f"| {_f(p.cpu_us_per_job_drain)}"
+            f"{_ratio(p.cpu_us_per_job_drain, b.cpu_us_per_job_drain if b else None)} "
+            f"| {_f(p.cpu_us_per_job_steady)}"
+            f"{_ratio(p.cpu_us_per_job_steady, b.cpu_us_per_job_steady if b else None)} "
             f"| {_f(p.p50_ms, '{:.1f}')}{_ratio(p.p50_ms, b.p50_ms if b else None)} "
             f"| {_f(p.p99_ms, '{:.1f}')}{_ratio(p.p99_ms, b.p99_ms if b else None)} "
-            f"| {_f(p.idle_median_ms, '{:.0f}')}{_ratio(p.idle_median_ms, b.idle_median_ms if b else None)} "
+            f"| {_f(p.idle_median_ms, '{:.1f}')}{_ratio(p.idle_median_ms, b.idle_median_ms if b else None)} "
             f"| {_f(p.enqueue_per_s / lpush_1 * 100 if p.enqueue_per_s and lpush_1 else None, '{:.0f} %')} |"
         )
     return "\n".join(rows)
@@ -120,8 +127,11 @@ def _peer_details(peers: list[PeerResult]) -> str:
         peer = by_key[r.key]
         extra = ""
         if not r.skipped:
-            idle = ", ".join(f"{v:.0f}" for v in r.idle_ms)
-            extra = (f" Worker start-up to first job {_f(r.startup_s, '{:.1f}')} s; steady phase sent "
+            idle = ", ".join(f"{v:.1f}" for v in r.idle_ms)
+            drains = ", ".join(f"{v:,.0f}" for v in r.drain_rounds)
+            cpus = ", ".join(f"{v:,.0f}" for v in r.cpu_rounds)
+            extra = (f" Worker start-up to first job {_f(r.startup_s, '{:.1f}')} s; drain rounds "
+                     f"{drains} jobs/s, CPU {cpus} µs/job; steady phase sent "
                      f"{_f(r.steady_sent_per_s, '{:.0f}')} jobs/s; idle samples {idle} ms.")
         if r.problems:
             extra += f" **Problems:** {'; '.join(r.problems)}."
@@ -186,11 +196,16 @@ One worker process with {SLOTS} threads/slots per peer (RQ: {SLOTS} processes, i
 threads), all on the same Redis server (each peer its own database), one at a
 time. The job body is the same function for all (`bench/body.py`: take
 `time.time()`, append to a buffer). Enqueue: {cfg.jobs:,} jobs sent one by one from one
-thread with no worker running (median rate of 5 equal chunks). Drain: the worker then starts on that backlog
-(jobs started per second from first to last start). Latency: enqueue-to-start at
+thread with no worker running (median rate of 5 equal chunks per round). Drain: a fresh
+worker then starts on that backlog (jobs started per second from first to last start);
+enqueue and drain are done {cfg.drain_rounds} times per peer and the median round is shown
+(every round is listed below the table). Worker CPU per job: user + system CPU
+time of the worker process (all threads; RQ: the pool and its children, from /proc) while
+it drains, divided by the jobs started meanwhile; "@ steady" is the same over the steady
+phase, idle polling between jobs included. Latency: enqueue-to-start at
 a steady {cfg.rate_hz:.0f} jobs/s for {cfg.steady_s:.0f} s. First job after idle: the worker idle
 {cfg.idle_s:.0f} s, then one job ({cfg.idle_samples} samples). Ratios in brackets are against raw
-Dramatiq (for latencies lower is better).
+Dramatiq (for CPU and latencies lower is better).
 
 {peers_table(peers, ceil)}
 
@@ -209,12 +224,13 @@ How each peer was set up:
 """
 
 
-def write_block(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (or put it at the top of a new file)."""
+def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block of ``path`` between ``begin`` and ``end`` (``block`` carries both
+    markers), or append it (to a new file: after a title)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + block.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from pathlib import Path
 
+import aiohttp
 import redis.asyncio as aioredis
 
 from actors.demo import catalog
@@ -19,12 +22,43 @@ from runtime.tokens import staff_token
 TOKEN_SLACK_S = 3600
 
 DATA_FILES = {"sample": catalog.DATA_FILE, "master": catalog.MASTER_FILE}
+# How long seeding waits for the embedded warehouse simulator to answer.
+SIMULATOR_TIMEOUT_S = 10.0
+
+
+async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> None:
+    """Give the embedded warehouse simulator the scaled stock levels too.
+
+    The stock syncer makes the warehouse's quantity the shop's every interval, so
+    a multiplier applied only to the shop's table would be undone by the first
+    sync. With a real warehouse (``WAREHOUSE_URL`` set) nothing is touched: its
+    stock is the truth. Pinning happens before seeding, so a sync that runs in
+    between writes the same numbers the seed does.
+    """
+    if stock_multiplier == 1 or settings.warehouse_url:
+        return
+    levels = {p.external_id: p.stock for p in catalog.generate_products(stock_multiplier=stock_multiplier)}
+    url = f"http://127.0.0.1:{settings.warehouse_sim_port}/_admin/stock"
+    deadline = asyncio.get_running_loop().time() + SIMULATOR_TIMEOUT_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while True:  # the process serving the simulator may still be starting
+            try:
+                async with http.post(url, json=levels) as resp:
+                    resp.raise_for_status()
+                    return
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    print(f"warning: could not pin the warehouse simulator's stock at {url} ({exc});"
+                          " the stock sync will apply the simulator's own levels", file=sys.stderr)
+                    return
+            await asyncio.sleep(0.2)
 
 
 async def seed_demo(settings: Settings, limit: int | None, data: str = "sample",
                     stock_multiplier: int = 1) -> list[catalog.CdnowOrder]:
     """Migrate, then insert the generated catalogue and the replayed orders' customers."""
     await run_migrations(settings)
+    await pin_simulator_stock(settings, stock_multiplier)
     orders = catalog.load_orders(DATA_FILES[data], limit=limit)
     _, database_url = settings.require_urls()
     conn = await db.connect(database_url)
@@ -66,15 +100,25 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=sorted(DATA_FILES), default="sample",
                         help="which CDNOW file: the 6,919-order sample (default) or the 69,659-order master")
     parser.add_argument("--stock-multiplier", type=int, default=1,
-                        help="scale the generated stock levels (benchmarks use 100 so nothing sells out)")
+                        help="scale the generated stock levels, and the embedded warehouse "
+                             "simulator's (benchmarks use 100 so nothing sells out)")
+    parser.add_argument("--summary-json", type=Path, default=None, metavar="PATH",
+                        help="also write the summary's figures to PATH as JSON (for scripts)")
+
+
+def report_summary(summary: Summary, json_path: Path | None) -> int:
+    """Print the summary (and write its JSON if asked); the exit status it means."""
+    print(summary.render())
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return 0 if summary.complete else 1
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     settings = embedded.ensure_services(settings)
     summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s, args.api_url,
                                    data=args.data, stock_multiplier=args.stock_multiplier))
-    print(summary.render())
-    return 0 if summary.complete else 1
+    return report_summary(summary, args.summary_json)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -63,23 +63,46 @@ class Summary:
     reservations: int
     http_errors: dict[str, int]
     elapsed_s: float
-    latencies_ms: list[float]
+    latencies_ms: list[float]  # created -> ready_to_ship, per order that got there
+    # The fulfilment pipeline alone: payment confirmed -> ready_to_ship.
+    paid_latencies_ms: list[float] = field(default_factory=list)
+    pipeline_s: float = 0.0  # first payment confirmed -> last ready_to_ship
 
     @property
     def throughput(self) -> float:
         return self.orders / self.elapsed_s if self.elapsed_s else 0.0
 
+    @property
+    def pipeline_throughput(self) -> float:
+        """Orders per second taken from payment confirmed to ready_to_ship."""
+        return len(self.paid_latencies_ms) / self.pipeline_s if self.pipeline_s else 0.0
+
     def percentile(self, p: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        if len(self.latencies_ms) == 1:
-            return self.latencies_ms[0]
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[int(p) - 1]
+        """Percentile ``p`` of created -> ready_to_ship, in ms."""
+        return percentile(self.latencies_ms, p)
+
+    def paid_percentile(self, p: float) -> float:
+        """Percentile ``p`` of payment confirmed -> ready_to_ship, in ms."""
+        return percentile(self.paid_latencies_ms, p)
 
     @property
     def complete(self) -> bool:
         open_ = sum(n for s, n in self.by_status.items() if s not in DONE)
         return open_ == 0 and not self.http_errors and self.duplicate_emails == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures for scripts (``--summary-json``): counts, rates, latency percentiles in ms."""
+        return {
+            "orders": self.orders, "by_status": self.by_status, "failures": self.failures,
+            "emails": self.emails, "duplicate_emails": self.duplicate_emails,
+            "reservations": self.reservations, "http_errors": self.http_errors,
+            "elapsed_s": self.elapsed_s, "throughput": self.throughput,
+            "latency_ms": {f"p{p}": self.percentile(p) for p in (50, 95, 99)},
+            "pipeline": {"orders": len(self.paid_latencies_ms), "span_s": self.pipeline_s,
+                         "throughput": self.pipeline_throughput,
+                         "latency_ms": {f"p{p}": self.paid_percentile(p) for p in (50, 95, 99)}},
+            "complete": self.complete,
+        }
 
     def render(self) -> str:
         lines = [
@@ -91,6 +114,8 @@ class Summary:
             f"  throughput        {self.throughput:.1f} orders/s over {self.elapsed_s:.1f} s",
             (f"  latency (create → ready_to_ship)  p50 {self.percentile(50):.0f} ms"
              f"  p95 {self.percentile(95):.0f} ms  p99 {self.percentile(99):.0f} ms"),
+            (f"  pipeline (paid → ready_to_ship)   {self.pipeline_throughput:.1f} orders/s"
+             f"  p50 {self.paid_percentile(50):.0f} ms  p99 {self.paid_percentile(99):.0f} ms"),
         ]
         if self.failures:
             lines.append("  failures:")
@@ -98,6 +123,15 @@ class Summary:
         if self.http_errors:
             lines.append("  HTTP errors: " + ", ".join(f"{k}×{v}" for k, v in self.http_errors.items()))
         return "\n".join(lines)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Percentile ``p`` (1-99) of sorted ``values``; NaN when there are none."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
 
 
 def _failure_kind(reason: str | None) -> str:
@@ -284,6 +318,16 @@ class Replay:
                      FROM orders o JOIN order_status_history r
                        ON r.order_id = o.id AND r.to_status = 'ready_to_ship'
                     WHERE o.id = ANY($1)""", ids)
+            pipeline = await conn.fetch(
+                """SELECT p.at AS paid_at, r.at AS ready_at,
+                          extract(epoch FROM r.at - p.at) * 1000 AS ms
+                     FROM order_status_history p JOIN order_status_history r
+                       ON r.order_id = p.order_id AND r.to_status = 'ready_to_ship'
+                    WHERE p.to_status = 'paid' AND p.order_id = ANY($1)""", ids)
+        pipeline_s = 0.0
+        if pipeline:
+            span = max(r["ready_at"] for r in pipeline) - min(r["paid_at"] for r in pipeline)
+            pipeline_s = span.total_seconds()
         by_status = Counter(r["status"] for r in statuses)
         failures = Counter(_failure_kind(r["status_reason"]) for r in statuses if r["status"] == state.FAILED)
         return Summary(
@@ -291,4 +335,5 @@ class Replay:
             emails=int(emails["n"]), duplicate_emails=int(emails["dup"]), reservations=int(reserved),
             http_errors=dict(self.state.http_errors), elapsed_s=elapsed_s,
             latencies_ms=sorted(float(r["ms"]) for r in latencies),
+            paid_latencies_ms=sorted(float(r["ms"]) for r in pipeline), pipeline_s=pipeline_s,
         )

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from actors.demo.command import add_replay_arguments, run_demo
+from actors.demo.command import add_replay_arguments, report_summary, run_demo
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.errors import ServiceError
@@ -90,8 +90,7 @@ def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
             summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
                                            data=args.data,
                                            stock_multiplier=args.stock_multiplier))
-            print(summary.render())
-            code = 0 if summary.complete else 1
+            code = report_summary(summary, args.summary_json)
             if not args.once:
                 print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health"
                       "  (Ctrl-C stops it)", file=sys.stderr)

@@ -7,6 +7,7 @@ supervisord.conf, against this test's Redis and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from dataclasses import replace
@@ -73,13 +74,24 @@ def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) 
                        api_processes=2, email_workers=1,
                        job_backoff_ms=200)
     env = {**os.environ, **settings.to_env()}
+    summary_path = settings.var_dir / "summary.json"
     done = subprocess.run([SHOPFLOW, "up", "--once", "--limit", str(LIMIT), "--day-s", "0.005",
-                           "--timeout-s", "240"], check=False, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "--timeout-s", "240", "--summary-json", str(summary_path)],
+                          check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ShopFlow replay summary" in done.stdout
     assert "latency (create → ready_to_ship)" in done.stdout
+    assert "pipeline (paid → ready_to_ship)" in done.stdout
     facts = asyncio.run(_facts(settings))
+    summary = json.loads(summary_path.read_text())
+    assert summary["orders"] == LIMIT and summary["complete"] is True
+    # The pipeline figures cover exactly the orders that got from paid to ready_to_ship.
+    pipeline = summary["pipeline"]
+    assert pipeline["orders"] == facts["shipped"]
+    assert pipeline["throughput"] == pytest.approx(pipeline["orders"] / pipeline["span_s"])
+    p50, p95, p99 = (pipeline["latency_ms"][k] for k in ("p50", "p95", "p99"))
+    assert 0 < p50 <= p95 <= p99 <= pipeline["span_s"] * 1000
+    assert p99 <= summary["latency_ms"]["p99"]  # paid comes after created
     assert facts["orders"] == LIMIT
     assert facts["open"] == 0
     assert facts["failed_without_reason"] == 0
