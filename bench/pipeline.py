@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,9 +67,19 @@ def run_pipeline(args: argparse.Namespace, root: Path) -> tuple[int, dict[str, A
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     print("[pipeline] " + shlex.join(cmd), flush=True)
-    done = subprocess.run(cmd, env={**os.environ, **settings.to_env()}, check=False)
+    child = subprocess.Popen(cmd, env={**os.environ, **settings.to_env()})
+    # Stopping the benchmark stops the tree: `up` cleans up on SIGTERM (a background
+    # run ignores SIGINT), and the temporary directory is only removed after it has.
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return done.returncode, summary
+    return code, summary
 
 
 def _ms(value: float) -> str:

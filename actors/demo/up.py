@@ -22,6 +22,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from actors.demo.command import add_replay_arguments, report_summary, run_demo
@@ -78,7 +80,28 @@ def stop_supervisord(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while inside, so ``kill PID`` stops what ``up`` started
+    instead of leaving supervisord and the embedded servers behind (a background job,
+    whose SIGINT the shell ignores, can then still be stopped cleanly)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
+    with sigterm_as_interrupt():
+        return _up(args, given)
+
+
+def _up(args: argparse.Namespace, given: Settings) -> int:
     # Embedded servers this command started are stopped on the way out; reused ones stay up.
     with embedded.running_services(given) as settings:
         print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",

@@ -9,6 +9,8 @@ which is when its clean-up runs.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -73,3 +75,28 @@ def test_up_stops_the_embedded_server_it_started(up_settings: Settings,
     run_up(up_settings)
     assert (EmbeddedPaths(up_settings.var_dir).redis_dir / "redis.log").exists()  # it ran
     assert not http_ready(port), "up left running a Redis it started"
+
+
+def test_sigterm_stops_the_tree_and_the_embedded_server_up_started(
+        up_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kill PID`` of ``shopflow up`` cleans up like Ctrl-C (a background run ignores SIGINT)."""
+    trees: list[subprocess.Popen[bytes]] = []
+
+    def start_tree(settings: Settings) -> subprocess.Popen[bytes]:
+        trees.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+        return trees[-1]
+
+    def terminated_while_waiting(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
+        assert http_ready(settings.embedded_redis_port)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, as it would anywhere
+        raise AssertionError("SIGTERM did not interrupt up")
+
+    monkeypatch.setattr(up, "start_supervisord", start_tree)
+    monkeypatch.setattr(up, "wait_healthy", terminated_while_waiting)
+    before = signal.getsignal(signal.SIGTERM)
+    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data=None,
+                              stock_multiplier=1, once=False, summary_json=None)
+    assert up._cmd_up(args, up_settings) == 130
+    assert trees and trees[0].poll() is not None, "up left its process tree running"
+    assert not http_ready(up_settings.embedded_redis_port), "up left running a Redis it started"
+    assert signal.getsignal(signal.SIGTERM) is before, "up did not give SIGTERM back"
