@@ -10,6 +10,7 @@ library only skips its row.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import tempfile
 import threading
@@ -84,24 +85,47 @@ class RawDramatiq(Peer):
 # --- this runtime ------------------------------------------------------------------------------
 
 
-def _runtime_settings(env: BenchEnv, metrics_dir: Path | None = None) -> Any:
+# The "every feature on" peer: a queue bound far above any backlog the bench builds
+# (checked on every send, never reached), limits that never bind (taken and released
+# on every job), a job id, a priority and a limit key on every message.
+ALL_ON_MAX_LENGTH = 1_000_000
+ALL_ON_KEYS = 16
+
+
+def _runtime_settings(env: BenchEnv, metrics_dir: Path | None = None, *,
+                      max_length: int = 0) -> Any:
     from runtime.settings import Settings
 
     return Settings(redis_url=env.redis_url, database_url=UNUSED_DATABASE_URL, namespace="bench-rt",
-                    metrics_dir=metrics_dir)
+                    metrics_dir=metrics_dir, queue_max_length=max_length)
+
+
+def _all_on_limits(slots: int) -> dict[str, Any]:
+    """Actor options of the all-on peer: a cross-process concurrency limit and a per-key one."""
+    from runtime.jobs.limits import Limit
+
+    return {"concurrency": slots, "limits": (Limit("bench-key", concurrency=slots, per_key=True),)}
 
 
 class _RuntimeProducer(SyncProducer):
     """What an api process does: ``JobSpec.send`` on ``setup_broker``'s JobBroker (one script call)."""
 
-    def __init__(self, env: BenchEnv) -> None:
+    def __init__(self, env: BenchEnv, all_on: bool = False) -> None:
         from runtime.broker import JobSpec, setup_broker
 
-        self._broker = setup_broker(_runtime_settings(env))
+        self._broker = setup_broker(_runtime_settings(env, max_length=ALL_ON_MAX_LENGTH if all_on else 0))
         self._spec = JobSpec(env.queue, ACTOR_NAME)
+        self._all_on = all_on
+        self._sent = 0
 
     def send(self, enqueued_at: float) -> None:
-        self._spec.send(self._broker, enqueued_at)
+        if not self._all_on:
+            self._spec.send(self._broker, enqueued_at)
+            return
+        self._sent += 1
+        n = self._sent
+        self._spec.send(self._broker, enqueued_at, job_id=f"bench-{os.getpid()}-{n}",
+                        priority=n % 2, limit_key=f"k{n % ALL_ON_KEYS}")
 
     def close(self) -> None:
         self._broker.close()
@@ -136,6 +160,8 @@ class RuntimeJobs(Peer):
              "1000 ms), job keeper thread every 5 s; Prometheus multiprocess files in a temp dir")
     distributions: ClassVar[tuple[str, ...]] = ("dramatiq", "redis", "prometheus-client")
 
+    all_on = False
+
     def _body(self, env: BenchEnv, ctx: Any) -> tuple[Callable[..., Any], Callable[[], None]]:
         """The actor's function, and what stops whatever it needs (nothing for a plain body)."""
         return noop, lambda: None
@@ -152,7 +178,8 @@ class RuntimeJobs(Peer):
         from runtime.worker import GRACEFUL_STOP_MS
 
         with tempfile.TemporaryDirectory(prefix="bench-metrics-") as metrics_dir:
-            settings = _runtime_settings(env, Path(metrics_dir))
+            settings = _runtime_settings(env, Path(metrics_dir),
+                                         max_length=ALL_ON_MAX_LENGTH if self.all_on else 0)
             bridge = LoopBridge().start()
             client = bridge.run(_open_async_redis(aioredis, env.redis_url))
             ctx = ProcessContext(settings, bridge, cast(Any, _NoDatabase()), client,
@@ -160,7 +187,8 @@ class RuntimeJobs(Peer):
             install_job_metrics(ctx)
             ensure_scheduled_run_middleware(ctx.broker, env.redis_url, settings.namespace)
             body, stop_body = self._body(env, ctx)
-            declare_actor(ctx.broker, JobSpec(env.queue, ACTOR_NAME), body)
+            declare_actor(ctx.broker, JobSpec(env.queue, ACTOR_NAME), body,
+                          **(_all_on_limits(env.slots) if self.all_on else {}))
             worker = make_worker(ctx.broker, {env.queue}, env.slots)
             worker.start()
             _wait_for_sigterm()
@@ -169,7 +197,26 @@ class RuntimeJobs(Peer):
             ctx.stop()
 
     def open_producer(self, env: BenchEnv) -> Producer:
-        return _RuntimeProducer(env)
+        return _RuntimeProducer(env, all_on=self.all_on)
+
+
+class RuntimeJobsAllOn(RuntimeJobs):
+    """As :class:`RuntimeJobs`, with every job feature of issue 3 switched on for every job.
+
+    Sends carry a ``job_id`` (the de-duplication check), a priority (0 and 1
+    alternating: both priority sets) and a ``limit_key``; the queue is bounded
+    (the length check on every send); the actor has a cross-process
+    concurrency limit and a per-key limit, taken and released on every job.
+    The bounds are set so that they never bind: this measures what the
+    features cost, not a throttle.
+    """
+
+    key = "runtime-all"
+    name = "runtime (jobs layer, every feature on)"
+    setup = (RuntimeJobs.setup + f"; every send with job_id, priority 0/1 and one of "
+             f"{ALL_ON_KEYS} limit keys, queue bounded at {ALL_ON_MAX_LENGTH:,}, actor concurrency=8 "
+             "and a per-key concurrency limit of 8")
+    all_on = True
 
 
 async def _open_async_redis(aioredis: Any, url: str) -> Any:
@@ -393,6 +440,7 @@ class BullMQPeer(Peer):
 PEERS: tuple[Peer, ...] = (
     RawDramatiq(),
     RuntimeJobs(),
+    RuntimeJobsAllOn(),
     RuntimeJobsActorHop(),
     CeleryPeer(),
     RQPeer(),
