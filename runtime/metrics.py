@@ -98,6 +98,8 @@ class Metrics:
     # Actors and supervision.
     mailbox_depth: Gauge
     actor_restarts: Counter
+    actor_start_failures: Counter
+    supervisor_give_ups: Counter
     supervisor_escalations: Counter
     # WebSocket and events.
     websocket_connections: Gauge
@@ -167,6 +169,11 @@ def _build(registry: CollectorRegistry) -> Metrics:
                             ["actor"], multiprocess_mode="livesum", registry=r),
         actor_restarts=Counter("shopflow_actor_restarts", "Actor restarts by their supervisor.",
                                ["actor"], registry=r),
+        actor_start_failures=Counter("shopflow_actor_start_failures", "Actors whose on_start "
+                                     "failed (first start or restart).", ["actor"], registry=r),
+        supervisor_give_ups=Counter("shopflow_supervisor_give_ups", "Supervisors that hit their "
+                                    "restart intensity and stopped their children.",
+                                    ["supervisor"], registry=r),
         supervisor_escalations=Counter("shopflow_supervisor_escalations", "Supervisors that gave "
                                        "up (restart intensity exceeded).", ["supervisor"],
                                        registry=r),

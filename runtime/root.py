@@ -148,6 +148,8 @@ class SharedSupervisionMetrics:
     """Supervision counted on the process tree's shared (multiprocess) metrics.
 
     Feeds :mod:`runtime.metrics`' ``shopflow_actor_restarts_total{actor}``,
+    ``shopflow_actor_start_failures_total{actor}``,
+    ``shopflow_supervisor_give_ups_total{supervisor}``,
     ``shopflow_supervisor_escalations_total{supervisor}`` and the live gauge
     ``shopflow_mailbox_depth{actor}`` (``actor`` is ``supervisor/child``), so
     they add up across every process behind one ``/metrics``. Mailbox depth is
@@ -159,9 +161,14 @@ class SharedSupervisionMetrics:
         self._roots: list[Supervisor] = []
 
     def record(self, event: SupervisionEvent) -> None:
-        """Count a restart or an escalation."""
+        """Count a restart, a start failure, a give-up or an escalation (not a child_exit)."""
+        actor = f"{event.supervisor}/{event.child}"
         if event.kind == "restart":
-            self._metrics.actor_restarts.labels(actor=f"{event.supervisor}/{event.child}").inc()
+            self._metrics.actor_restarts.labels(actor=actor).inc()
+        elif event.kind == "start_failed":
+            self._metrics.actor_start_failures.labels(actor=actor).inc()
+        elif event.kind == "give_up":
+            self._metrics.supervisor_give_ups.labels(supervisor=event.supervisor).inc()
         elif event.kind == "escalation":
             self._metrics.supervisor_escalations.labels(supervisor=event.supervisor).inc()
 

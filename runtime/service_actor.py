@@ -9,10 +9,15 @@ thin Dramatiq actor), which lets Dramatiq's retries decide what happens next.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pykka
 
 from runtime.actor import MailboxConfig, SupervisedActor
 from runtime.loop import LoopBridge
+
+if TYPE_CHECKING:
+    from runtime.process import ProcessContext
 
 Handler = Callable[[Any], Coroutine[Any, Any, Any]]
 
@@ -39,3 +44,17 @@ class ServiceActor(SupervisedActor):
     def on_receive(self, message: Any) -> Any:
         """Called in the actor's thread; blocks it until the coroutine finishes."""
         return self._bridge.run(self._handler(message), self._timeout_s)
+
+
+def start_service_actor(ctx: ProcessContext, name: str, handler: Handler,
+                        timeout_s: float | None = None) -> pykka.ActorRef[ServiceActor]:
+    """Start a :class:`ServiceActor` the way every worker process does.
+
+    The actor runs on the process's loop, answers within ``timeout_s``
+    (default ``SHOPFLOW_ACTOR_ASK_TIMEOUT_S``) and gets the mailbox the
+    settings ask for (``SHOPFLOW_MAILBOX_*``), not the class default, so an
+    operator's bound and overflow policy reach every production actor.
+    """
+    return ServiceActor.start(name, handler, ctx.bridge,
+                              timeout_s if timeout_s is not None else ctx.settings.actor_ask_timeout_s,
+                              mailbox=MailboxConfig.from_settings(ctx.settings))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -25,7 +24,11 @@ from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
 from runtime.process import ProcessContext
-from runtime.root import SharedSupervisionMetrics, attach_process_supervision
+from runtime.root import (
+    SharedSupervisionMetrics,
+    attach_process_supervision,
+    exit_process_on_escalate,
+)
 from runtime.scheduling.middleware import ensure_scheduled_run_middleware
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, supervisor_options
@@ -34,8 +37,6 @@ from runtime.trace import install_order_trail
 log = logging.getLogger(__name__)
 
 Asker = Callable[[str, Any], Any]
-# Exit code when the root supervisor gives up: supervisord restarts the process.
-EXIT_ESCALATED = 70
 # How long a stopping worker lets running jobs finish before handing them back.
 GRACEFUL_STOP_MS = 20_000
 
@@ -78,17 +79,19 @@ class ActorPool:
             return f"{self.prefix}-{next(self._turn) % self.size}"
 
 
-def _escalated(exc: BaseException) -> None:
-    log.critical("root supervisor gave up, exiting so supervisord restarts us: %s", exc)
-    os._exit(EXIT_ESCALATED)
-
-
 def build_root(name: str, concerns: Sequence[Concern],
                settings: Settings | None = None) -> Supervisor:
-    """The process's root supervisor over every concern's children, in order."""
+    """The process's root supervisor over every concern's children, in order.
+
+    Dramatiq owns the main thread, so a give-up out of the root ends the
+    process through :func:`runtime.root.exit_process_on_escalate` (log, flush
+    the logs, exit 70): the messages it held are redelivered and supervisord
+    restarts the program.
+    """
     children = [child for concern in concerns for child in concern.children]
     options = supervisor_options(settings) if settings is not None else {}
-    return Supervisor(f"{name}-root", children, on_escalate=_escalated, **options)
+    return Supervisor(f"{name}-root", children, on_escalate=exit_process_on_escalate(),
+                      **options)
 
 
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:

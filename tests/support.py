@@ -134,3 +134,28 @@ def next_supervision_event(settings: Settings, kind: str, child: str | None = No
     finally:
         client.close()
     raise AssertionError(f"no supervision.{kind} event for {child} on {key} in {timeout_s}s")
+
+
+def queue_counts(settings: Settings, queue: str) -> Any:
+    """The job layer's counts of ``queue`` (a :class:`runtime.jobs.store.QueueCounts`).
+
+    Read through :class:`~runtime.jobs.store.JobStore`, as the dashboard and
+    ``shopflow jobs`` read them, so a test never depends on the broker's raw keys.
+    """
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from runtime.jobs.script import JobKeys, events_stream
+    from runtime.jobs.store import JobStore
+
+    async def read() -> Any:
+        client = aioredis.Redis.from_url(settings.redis_url or "")
+        try:
+            keys = JobKeys(f"{settings.namespace}-jobs", events_stream(settings.namespace))
+            [counts] = await JobStore(client, keys, [queue]).counts()
+            return counts
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from actors.orders import workflow
 from runtime import db, embedded
-from runtime.actor import TaskActor
+from runtime.actor import MailboxConfig, TaskActor
 from runtime.broker import ALL_QUEUES, setup_broker
 from runtime.cli import add_command
 from runtime.errors import NotFound
@@ -168,7 +168,8 @@ def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
         relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
                             settings.outbox_poll_s, on_published=on_published)
         # stop=: the relay ends its round and returns, even if a cancel would be swallowed.
-        return TaskActor.start(bridge, RELAY_CHILD, relay.run, stop=relay.stop)
+        return TaskActor.start(bridge, RELAY_CHILD, relay.run, stop=relay.stop,
+                               mailbox=MailboxConfig.from_settings(settings))
 
     return ChildSpec(RELAY_CHILD, start, Restart.PERMANENT)
 
@@ -182,7 +183,8 @@ def queue_feed_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
         store = JobStore(app[REDIS], broker.keys,
                          sorted(broker.get_declared_queues() | set(ALL_QUEUES)))
         return TaskActor.start(bridge, FEED_CHILD, QueueFeed(store, app[REDIS],
-                                                            settings.namespace).run)
+                                                            settings.namespace).run,
+                               mailbox=MailboxConfig.from_settings(settings))
 
     return ChildSpec(FEED_CHILD, start, Restart.PERMANENT)
 

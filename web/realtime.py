@@ -41,7 +41,7 @@ from actors.notifier.channels import (
 )
 from actors.notifier.notifier import Notifier, Resync
 from actors.notifier.streams import StreamId, parse_id
-from runtime.actor import TaskActor
+from runtime.actor import MailboxConfig, TaskActor
 from runtime.errors import Unauthenticated
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
@@ -406,6 +406,7 @@ def notifier_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
     serves subscriptions at once.
     """
     notifier = app[NOTIFIER_KEY]
+    mailbox = MailboxConfig.from_settings(app[WS_SETTINGS_KEY])
 
     async def ready() -> None:
         with contextlib.suppress(TimeoutError):  # Redis is away: run() keeps trying
@@ -415,7 +416,7 @@ def notifier_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
         NOTIFIER_CHILD,
         # stop=: run() returns within one XREAD block even if the cancel would be swallowed.
         lambda: TaskActor.start(bridge, NOTIFIER_CHILD, notifier.run, ready=ready,
-                                stop=notifier.stop),
+                                stop=notifier.stop, mailbox=mailbox),
         Restart.PERMANENT, start_timeout_s=READY_TIMEOUT_S + 5,
     )
 

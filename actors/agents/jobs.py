@@ -39,7 +39,7 @@ from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPOR
 from runtime.errors import NotFound, PermanentJobError, ValidationError
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.supervision import ChildSpec, Restart
 from runtime.worker import Asker, Concern
 
@@ -147,7 +147,7 @@ def concern(ctx: ProcessContext, registry: CollectorRegistry | None = None) -> C
         return await handle(deps, message)
 
     def starter(name: str) -> Callable[[], pykka.ActorRef[ServiceActor]]:
-        return lambda: ServiceActor.start(name, serve, ctx.bridge, timeout_s)
+        return lambda: start_service_actor(ctx, name, serve, timeout_s)
 
     children = [ChildSpec(name, starter(name), Restart.PERMANENT)
                 for name in (RECOMMENDATION_AGENT, SUPPORT_AGENT, MODERATION_AGENT)]

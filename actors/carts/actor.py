@@ -17,7 +17,7 @@ from actors.carts.reminders import (
 from actors.emailer.actor import make_process_transport
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
 
@@ -45,7 +45,7 @@ def concern(ctx: ProcessContext) -> Concern:
         raise ValueError(f"carts actor does not know message {kind!r}")
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start(ACTOR_ID, handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, ACTOR_ID, handle)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def cart_changed(cart_id: int) -> None:

@@ -11,7 +11,7 @@ from actors.emailer.sendgrid_transport import make_sendgrid_transport
 from actors.emailer.transports import EmailTransport, OutboxTransport
 from runtime.broker import QUEUE_EMAILS, declare_actor
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.settings import Settings
 from runtime.worker import ActorPool, Asker, Concern
 
@@ -43,7 +43,7 @@ def concern(ctx: ProcessContext) -> Concern:
         raise ValueError(f"emailer does not know e-mail kind {kind!r}")
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start("emailer", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, "emailer", handle)
 
     pool = ActorPool("emailer", EMAILER_ACTORS, start)
 

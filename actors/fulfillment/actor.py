@@ -20,7 +20,7 @@ from runtime.alerts import AlertDispatcher, Alerter
 from runtime.broker import QUEUE_FULFILLMENT, declare_actor
 from runtime.metrics import Metrics, get_metrics
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.settings import Settings
 from runtime.worker import ActorPool, Asker, Concern
 
@@ -112,7 +112,7 @@ def concern(ctx: ProcessContext) -> Concern:
         return status
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start("fulfillment", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, "fulfillment", handle)
 
     pool = ActorPool("fulfillment", FULFILLMENT_ACTORS, start)
 

@@ -42,7 +42,7 @@ from runtime.scheduling.middleware import (
     ensure_scheduled_run_middleware,
     record_run_result,
 )
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
 
@@ -122,8 +122,7 @@ def concern(ctx: ProcessContext, meter: HousekeepingMeter | None = None,
         raise ValueError(f"housekeeping does not know job {kind!r}")
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start("housekeeping", handle, ctx.bridge,
-                                  settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, "housekeeping", handle)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         redis_url, _ = ctx.settings.require_urls()

@@ -27,7 +27,7 @@ import pykka
 
 from actors.housekeeping.schedules import builtin_names, shop_schedules
 from runtime import embedded
-from runtime.actor import TaskActor
+from runtime.actor import MailboxConfig, TaskActor
 from runtime.broker import setup_broker
 from runtime.cli import add_command
 from runtime.loop import LoopBridge
@@ -147,7 +147,8 @@ def _cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_schedules(args, settings))
 
 
-def scheduler_child(bridge: LoopBridge, scheduler: Scheduler) -> ChildSpec:
+def scheduler_child(bridge: LoopBridge, scheduler: Scheduler,
+                    mailbox: MailboxConfig | None = None) -> ChildSpec:
     """The scheduler as a supervised async actor: ``scheduler.run`` is its life.
 
     Each incarnation gets its own stop event; a requested stop sets it, so the
@@ -157,7 +158,7 @@ def scheduler_child(bridge: LoopBridge, scheduler: Scheduler) -> ChildSpec:
     def start() -> pykka.ActorRef[Any]:
         stop = asyncio.Event()
         return TaskActor.start(bridge, CHILD_ID, lambda: scheduler.run(stop), stop=stop.set,
-                               stop_timeout_s=SCHEDULER_STOP_TIMEOUT_S)
+                               stop_timeout_s=SCHEDULER_STOP_TIMEOUT_S, mailbox=mailbox)
 
     return ChildSpec(CHILD_ID, start, Restart.PERMANENT,
                      shutdown_timeout_s=SCHEDULER_STOP_TIMEOUT_S + 5)
@@ -165,7 +166,7 @@ def scheduler_child(bridge: LoopBridge, scheduler: Scheduler) -> ChildSpec:
 
 def scheduler_root(settings: Settings, bridge: LoopBridge, scheduler: Scheduler) -> Supervisor:
     """The scheduler process's root supervisor (not started)."""
-    return Supervisor(f"{PROCESS_NAME}-root", [scheduler_child(bridge, scheduler)],
+    return Supervisor(f"{PROCESS_NAME}-root", [scheduler_child(bridge, scheduler, MailboxConfig.from_settings(settings))],
                       **supervisor_options(settings))
 
 

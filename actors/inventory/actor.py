@@ -9,7 +9,7 @@ from actors.inventory.messages import RESERVE_STOCK
 from actors.inventory.reservations import ReservationOutcome, reserve_for_order
 from runtime.broker import QUEUE_INVENTORY, declare_actor
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.worker import ActorPool, Asker, Concern
 
 
@@ -22,7 +22,7 @@ def concern(ctx: ProcessContext) -> Concern:
             return await reserve_for_order(conn, order_id, ttl_s)
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start("stock-reserver", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, "stock-reserver", handle)
 
     pool = ActorPool("stock-reserver", ctx.settings.inventory_concurrency, start)
 

@@ -19,8 +19,10 @@ from redis.exceptions import RedisError
 
 from actors.monitor.messages import CHECK_QUEUES
 from actors.monitor.service import CheckReport, QueueMonitor
+from runtime.actor import MailboxConfig, SupervisedActor
 from runtime.alerts import Alerter
 from runtime.broker import ALL_QUEUES, QUEUE_MAINTENANCE, declare_actor
+from runtime.errors import MailboxFull
 from runtime.loop import LoopBridge
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
@@ -34,12 +36,17 @@ CHILD_ID = "queue-monitor"
 CHECK = "check"
 
 
-class QueueMonitorActor(pykka.ThreadingActor):
-    """Runs checks in its own thread (each on the process loop); a ticker thread paces it."""
+class QueueMonitorActor(SupervisedActor):
+    """Runs checks in its own thread (each on the process loop); a ticker thread paces it.
+
+    A :class:`~runtime.actor.SupervisedActor`, so its mailbox is bounded like
+    every other actor's (``SHOPFLOW_MAILBOX_*``): a ticker that finds it full
+    skips that tick instead of piling up checks.
+    """
 
     def __init__(self, monitor: QueueMonitor, bridge: LoopBridge, interval_s: float,
-                 timeout_s: float) -> None:
-        super().__init__()
+                 timeout_s: float, mailbox: MailboxConfig | None = None) -> None:
+        super().__init__(mailbox=mailbox)
         self._monitor = monitor
         self._bridge = bridge
         self._interval_s = interval_s
@@ -61,6 +68,8 @@ class QueueMonitorActor(pykka.ThreadingActor):
                 self.actor_ref.tell(CHECK)
             except pykka.ActorDeadError:
                 return
+            except MailboxFull:
+                log.warning("queue monitor is behind (mailbox full); skipping this tick")
 
     def on_receive(self, message: Any) -> CheckReport | None:
         """Actor thread: one check. A Redis failure is logged; the next tick tries again."""
@@ -95,7 +104,8 @@ def concern(ctx: ProcessContext) -> Concern:
 
     def start() -> pykka.ActorRef[QueueMonitorActor]:
         return QueueMonitorActor.start(monitor, ctx.bridge, settings.monitor_interval_s,
-                                       settings.actor_ask_timeout_s)
+                                       settings.actor_ask_timeout_s,
+                                       MailboxConfig.from_settings(settings))
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         def monitor_check_queues() -> None:

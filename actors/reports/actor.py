@@ -17,7 +17,7 @@ from runtime.scheduling.middleware import (
     record_run_result,
     scheduled_for,
 )
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import ServiceActor, start_service_actor
 from runtime.supervision import ChildSpec
 from runtime.worker import Asker, Concern
 
@@ -44,7 +44,7 @@ def concern(ctx: ProcessContext) -> Concern:
         raise ValueError(f"reporter does not know job {kind!r}")
 
     def start() -> pykka.ActorRef[ServiceActor]:
-        return ServiceActor.start("reporter", handle, ctx.bridge, ctx.settings.actor_ask_timeout_s)
+        return start_service_actor(ctx, "reporter", handle)
 
     def declare(broker: RedisBroker, ask: Asker) -> None:
         redis_url, _ = ctx.settings.require_urls()

@@ -54,7 +54,7 @@ from actors.stock_sync.metrics import StockSyncMetrics, build_metrics
 from actors.stock_sync.sync import SyncDeps, SyncHealth, SyncReport, sync_once
 from actors.stock_sync.warehouse_client import HttpWarehouse
 from runtime import db, embedded
-from runtime.actor import SupervisedActor
+from runtime.actor import MailboxConfig, SupervisedActor
 from runtime.alerts import Alert, AlertDispatcher, Alerter, Severity
 from runtime.circuit import CircuitBreaker
 from runtime.errors import ActorUnavailable
@@ -102,8 +102,9 @@ class StockSyncActor(SupervisedActor):
     database outage goes back to the daemon as a failed run.
     """
 
-    def __init__(self, bridge: LoopBridge, deps: SyncDeps, ask_timeout_s: float) -> None:
-        super().__init__()
+    def __init__(self, bridge: LoopBridge, deps: SyncDeps, ask_timeout_s: float,
+                 mailbox: MailboxConfig | None = None) -> None:
+        super().__init__(mailbox=mailbox)
         self._bridge = bridge
         self._deps = deps
         self._ask_timeout_s = ask_timeout_s
@@ -227,7 +228,8 @@ class StockSyncDaemon:
         self.alerter = Alerter(s, self.resources.redis, self.shared, clock=self.wall_clock)
         self.alerts = AlertDispatcher(self.bridge)
         child = ChildSpec(CHILD_ID, lambda: StockSyncActor.start(
-            self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S), Restart.PERMANENT,
+            self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S,
+            MailboxConfig.from_settings(s)), Restart.PERMANENT,
             shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
         self.root = Supervisor(f"{PROCESS_NAME}-root", [child], max_restarts=MAX_RESTARTS,
                                max_seconds=RESTART_WINDOW_S, on_escalate=self.on_escalate)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,12 +16,15 @@ import redis
 from actors.inventory.messages import RESERVE_STOCK
 from runtime import db
 from runtime.broker import QUEUE_INVENTORY, setup_broker
+from runtime.jobs.script import events_stream
 from runtime.settings import Settings
 from tests.factories import inventory, make_order, make_shop
-from tests.support import spawn, stop, wait_until
+from tests.support import queue_counts, spawn, stop, wait_until
 
 ORDERS = 200
 STOCK = 50
+# The job store's totals that count a job as ended (each job ends once: jobs.lua's finish).
+ENDED_TOTALS = ("completed", "skipped", "failed", "cancelled", "dead", "removed")
 
 
 async def _seed(settings: Settings) -> list[int]:
@@ -60,11 +65,29 @@ def _check_invariants(settings: Settings) -> None:
 
 
 def _drained(settings: Settings) -> bool:
-    client = redis.Redis.from_url(settings.redis_url or "")
-    ns = f"{settings.namespace}-jobs"
-    waiting = client.llen(f"{ns}:{QUEUE_INVENTORY}") + client.zcard(f"{ns}:{QUEUE_INVENTORY}.DQ")
-    in_flight = sum(client.scard(k) for k in client.scan_iter(f"{ns}:__acks__.*"))
-    return bool(waiting == 0 and in_flight == 0)
+    """Nothing of the inventory queue is waiting, running or due later (retries, delays)."""
+    counts = queue_counts(settings, QUEUE_INVENTORY)
+    return bool(counts.waiting == counts.active == counts.delayed == 0)
+
+
+def _workers_that_ran_jobs(settings: Settings) -> set[str]:
+    """The worker (broker) ids the job layer's event stream shows starting inventory jobs."""
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    try:
+        entries = client.xrange(events_stream(settings.namespace))
+    finally:
+        client.close()
+    payloads = [json.loads(fields["payload"]) for _, fields in entries
+                if fields.get("type") == "job.active"]
+    return {p["worker"] for p in payloads if p.get("queue") == QUEUE_INVENTORY}
+
+
+def _says(path: Path, text: str) -> bool:
+    """True once ``text`` is in the log at ``path``."""
+    try:
+        return text in path.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture
@@ -91,8 +114,12 @@ def test_two_workers_reserve_exactly_the_stock_and_redelivery_changes_nothing(wo
         wait_until(lambda: _outcomes(settings).get("pending", 0) == 0, 90, "every order to get an outcome")
         assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
         _check_invariants(settings)
+        assert len(_workers_that_ran_jobs(settings)) == 2, "both worker processes took messages"
         _send_all(settings, order_ids)  # every message delivered a second time
         wait_until(lambda: _drained(settings), 90, "the redelivered messages to be processed")
+        totals = queue_counts(settings, QUEUE_INVENTORY).totals
+        ended = sum(totals.get(state, 0) for state in ENDED_TOTALS)
+        assert ended == 2 * ORDERS, totals  # every message sent, both rounds, has ended
         assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
         _check_invariants(settings)
     finally:
@@ -115,6 +142,9 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(worker_settings: Settings) ->
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
         replacement = spawn(settings, "worker", "--kind", "inventory", log_name="replacement")
+        # Up before the end, so the restart takes part and its SIGTERM finds it serving.
+        wait_until(lambda: _says(settings.var_dir / "replacement.log", "worker inventory-worker started"),
+                   90, "the replacement worker to start")
         wait_until(lambda: _outcomes(settings).get("pending", 0) == 0, 120,
                    "every order to get an outcome after the kill")
         wait_until(lambda: _drained(settings), 60, "queues to drain")

@@ -7,8 +7,10 @@ supervisord.conf, against this test's Redis and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import configparser
 import json
 import os
+import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +70,35 @@ def _one_orders_story_is_whole(settings: Settings) -> None:
     assert len([e for e in entries if e.source == "event"]) >= len(FLOW) - 1
 
 
+SUPERVISORD_CONF = Path(__file__).resolve().parents[2] / "supervisord.conf"
+
+
+def _conf_sections(kind: str) -> list[str]:
+    """Names of supervisord.conf's sections of one kind (``program:``, ``eventlistener:``)."""
+    conf = configparser.RawConfigParser()
+    conf.read(SUPERVISORD_CONF)
+    return [title.split(":", 1)[1] for title in conf.sections() if title.startswith(kind)]
+
+
+def _spawned(log: str) -> dict[str, list[int]]:
+    """Every process supervisord's log says it spawned: name -> pids (one per incarnation)."""
+    out: dict[str, list[int]] = {}
+    for name, pid in re.findall(r"spawned: '([^']+)' with pid (\d+)", log):
+        out.setdefault(name, []).append(int(pid))
+    return out
+
+
+def _group_alive(pid: int) -> bool:
+    """True while the process or any process of its group (supervisord makes one each) runs."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid was reused by another user's process group
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) -> None:
     settings = replace(settings, http_port=free_port(), warehouse_sim_port=free_port(),
@@ -101,7 +132,15 @@ def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) 
     _one_orders_story_is_whole(settings)
     eml = list(Path(settings.mail_dir).glob("*.eml"))
     assert len(eml) == facts["shipped"]
-    # supervisord stopped every program it started, each cleanly (exit status 0).
+    # supervisord started every program of supervisord.conf and stopped each cleanly
+    # (exit status 0); no process it started, nor anything in their groups, is left.
     log = (settings.var_dir / "log" / "supervisord.log").read_text()
-    for program in ("api-0", "api-1", "email-worker-0", "inventory-worker", "flow-worker"):
-        assert f"stopped: {program} (exit status 0)" in log, program
+    spawned = _spawned(log)
+    for program in _conf_sections("program:"):
+        ran = [name for name in spawned if name == program or name.startswith(f"{program}-")]
+        assert ran, f"program {program} never ran"
+        for name in ran:
+            assert f"stopped: {name} (exit status 0)" in log, name
+    assert {"api-0", "api-1", "email-worker-0", "scheduler-0"} <= set(spawned)
+    left = [(name, pid) for name, pids in spawned.items() for pid in pids if _group_alive(pid)]
+    assert left == [], f"processes of the tree still running: {left}"

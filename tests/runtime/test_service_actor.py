@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,10 +12,12 @@ import asyncpg
 import pytest
 import redis
 
-from runtime.errors import ActorCrashed, InfrastructureUnavailable
+from runtime.errors import ActorCrashed, InfrastructureUnavailable, MailboxFull
 from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
-from runtime.service_actor import ServiceActor
+from runtime.mailbox import Mailbox, Overflow
+from runtime.service_actor import ServiceActor, start_service_actor
+from runtime.settings import Settings
 from runtime.supervision import ChildSpec, SupervisionEvent, Supervisor
 
 OUTAGES: list[BaseException] = [
@@ -64,3 +69,69 @@ def test_a_bug_still_crashes_it_and_it_is_restarted(
     assert sup.wait_running("svc", 5.0)
     assert sup.ask("svc", 2, timeout_s=5) == "done 2"
     assert [e.kind for e in events if e.kind == "restart"] == ["restart"]
+
+
+def _settings_from_env(settings: Settings, **env: str) -> Settings:
+    """``settings`` as a process reads them when its environment also has ``env``."""
+    return Settings.from_env({**settings.to_env(), **env})
+
+
+def test_production_actors_get_their_mailbox_from_settings(settings: Settings) -> None:
+    """Every worker kind's actors are built with SHOPFLOW_MAILBOX_* (not the class default)."""
+    from actors.process import WORKER_KINDS, factory_for
+    from runtime.process import ProcessContext
+
+    configured = _settings_from_env(settings, SHOPFLOW_MAILBOX_SIZE="7",
+                                    SHOPFLOW_MAILBOX_OVERFLOW="fail")
+    ctx = ProcessContext.start(configured)
+    try:
+        seen: list[str] = []
+        for kind in WORKER_KINDS.values():
+            for concern in factory_for(kind)(ctx):
+                for child in concern.children:
+                    assert child.start is not None
+                    ref = child.start()
+                    try:
+                        box = ref.actor_inbox
+                        assert isinstance(box, Mailbox)
+                        assert (box.max_size, box.overflow) == (7, Overflow.FAIL_FAST), child.id
+                    finally:
+                        ref.stop()
+                    seen.append(child.id)
+        assert "stock-reserver-0" in seen or "stock-reserver" in seen, seen
+    finally:
+        ctx.stop()
+
+
+def test_a_production_built_service_actor_refuses_at_once_when_full(settings: Settings) -> None:
+    """SHOPFLOW_MAILBOX_SIZE=7, overflow fail: the 8th waiting message is refused, no wait."""
+    from runtime.process import ProcessContext
+
+    configured = _settings_from_env(settings, SHOPFLOW_MAILBOX_SIZE="7",
+                                    SHOPFLOW_MAILBOX_OVERFLOW="fail",
+                                    SHOPFLOW_MAILBOX_PUT_TIMEOUT_S="30")
+    ctx = ProcessContext.start(configured)
+    holding, release = threading.Event(), asyncio.Event()
+
+    async def hold(message: Any) -> Any:
+        holding.set()
+        await release.wait()
+        return message
+
+    ref = start_service_actor(ctx, "held", hold)
+    try:
+        first = ref.ask("held", block=False)  # taken off the mailbox and handled: it blocks
+        assert holding.wait(5), "the actor never started handling"
+        waiting = [ref.ask(i, block=False) for i in range(7)]  # exactly fills the bound
+        assert ref.actor_inbox.depth == 7
+        started = time.monotonic()
+        with pytest.raises(MailboxFull, match="policy fail"):
+            ref.ask("one too many", block=False)
+        assert time.monotonic() - started < 1.0  # refused at once, not after the 30 s put timeout
+        ctx.bridge.loop.call_soon_threadsafe(release.set)
+        assert first.get(timeout=5) == "held"
+        assert [w.get(timeout=5) for w in waiting] == list(range(7))
+    finally:
+        ctx.bridge.loop.call_soon_threadsafe(release.set)
+        ref.stop()
+        ctx.stop()

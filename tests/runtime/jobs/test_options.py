@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 import redis
 
-from runtime.broker import JobSpec
+from runtime.broker import JobSpec, declare_actor, setup_broker
 from runtime.errors import (
     ActorCrashed,
     CircuitOpen,
@@ -19,6 +21,7 @@ from runtime.errors import (
 )
 from runtime.jobs.options import RetryPolicy, check_options
 from runtime.jobs.retries import is_infrastructure_error, retry_delay_ms
+from runtime.settings import Settings
 
 SPEC = JobSpec("emails", "send_it")
 
@@ -109,3 +112,20 @@ def test_an_outage_behind_an_actor_crash_is_still_an_outage() -> None:
 def test_a_services_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
     assert retry_delay_ms(POLICY, 25, 0, ExternalServiceError("429", retry_after_s=7.5)) == 7500
     assert retry_delay_ms(POLICY, 25, 0, OutcomeUnknown("grace", retry_after_s=0.01)) == 100
+
+
+def test_the_built_broker_retries_like_the_original_system_by_default(
+        servers: tuple[str, str], tmp_path: Path) -> None:
+    """Default settings: 3 attempts, exponential backoff from 2 s (the original system's)."""
+    redis_url, database_url = servers
+    defaults = Settings.from_env({"REDIS_URL": redis_url, "DATABASE_URL": database_url,
+                                  "SHOPFLOW_VAR_DIR": str(tmp_path)})
+    broker = setup_broker(defaults)
+    try:
+        policy = broker.config.retry
+        assert (policy.attempts, policy.backoff, policy.backoff_ms) == (3, "exponential", 2_000)
+        assert [policy.delay_ms(n) for n in range(3)] == [2_000, 4_000, 8_000]  # 0.5: no jitter
+        declare_actor(broker, SPEC, lambda: None)
+        assert broker.max_attempts(SPEC.message()) == 3  # what a declared actor's job gets
+    finally:
+        broker.close()

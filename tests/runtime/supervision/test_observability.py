@@ -178,3 +178,34 @@ def test_shared_metrics_count_restarts_escalations_and_sample_mailbox_depth() ->
     assert registry.get_sample_value("shopflow_actor_restarts_total", {"actor": "root/a"}) == 1
     assert registry.get_sample_value("shopflow_supervisor_escalations_total",
                                      {"supervisor": "root"}) == 1
+
+
+def test_shared_metrics_count_give_ups_and_start_failures_behind_metrics(
+        settings: Settings) -> None:
+    """A runtime process's own sink (get_metrics) counts every kind an operator alerts on."""
+    from runtime.metrics import get_metrics
+    from runtime.root import SharedSupervisionMetrics
+    from tests.runtime.metrics_helpers import scrape, value
+
+    sink = SharedSupervisionMetrics(get_metrics(settings))
+    events, journal = Events(), Journal()
+    failing = {"on": False}
+
+    def start_b() -> Any:
+        return Worker.start("b", journal, fail_start=failing["on"])
+
+    sup = Supervisor("proc-root", [ChildSpec("a", lambda: Worker.start("a", journal)),
+                                   ChildSpec("b", start_b)],
+                     max_restarts=1, backoff_base_s=0.0, on_event=events, metrics=sink).start()
+    failing["on"] = True  # from now on b cannot start: its restart fails
+    sup.tell("b", "crash")
+    events.wait("start_failed")
+    events.wait("give_up")
+    events.wait("escalation")
+    sup.stop()
+
+    samples = scrape(settings)
+    assert value(samples, "shopflow_actor_start_failures_total", actor="proc-root/b") == 1
+    assert value(samples, "shopflow_supervisor_give_ups_total", supervisor="proc-root") == 1
+    assert value(samples, "shopflow_supervisor_escalations_total", supervisor="proc-root") == 1
+    assert value(samples, "shopflow_actor_restarts_total", actor="proc-root/b") >= 1

@@ -5,11 +5,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from actors.inventory.messages import RESERVE_STOCK
+from runtime.settings import Settings
+from tests.support import next_supervision_event, queue_counts, spawn_module, stop
+
 ROOT = Path(__file__).resolve().parents[3]
+# How long a real worker process may take to start, crash and exit.
+WAIT_S = 60.0
 
 
 def program(mode: str) -> subprocess.Popen[str]:
@@ -38,3 +45,39 @@ def test_sigterm_stops_the_children_in_reverse_and_exits_0() -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert out.split() == ["stop", "c", "stop", "b", "stop", "a"]
+
+
+@pytest.mark.slow
+def test_a_worker_process_exits_70_when_its_root_gives_up(settings: Settings) -> None:
+    """A real ``shopflow worker`` whose reserver crashes: the root gives up, logs, exits 70.
+
+    With SHOPFLOW_SUPERVISOR_MAX_RESTARTS=0 the first crash exceeds the
+    intensity. The exit goes through ``exit_process_on_escalate`` (its
+    CRITICAL line is flushed to the log before ``os._exit``), the give-up is
+    an alert on Redis, and the job the crashed actor held is neither done nor
+    lost (its message is still owed to the queue).
+    """
+    from runtime.broker import QUEUE_INVENTORY, setup_broker
+    from runtime.root import EXIT_ESCALATED
+
+    configured = replace(settings, supervisor_max_restarts=0, inventory_concurrency=1)
+    proc = spawn_module(configured, "tests.runtime.supervision.crashing_worker",
+                        log_name="worker-escalates")
+    try:
+        broker = setup_broker(configured)
+        try:
+            RESERVE_STOCK.send(broker, 4242)
+        finally:
+            broker.close()
+        code = proc.wait(WAIT_S)
+    finally:
+        stop(proc)
+    assert code == EXIT_ESCALATED
+    log_text = (configured.var_dir / "worker-escalates.log").read_text()
+    assert "root supervisor gave up, exiting with code 70" in log_text
+    alert = next_supervision_event(configured, "escalation", None, "alerts", WAIT_S)
+    assert alert["supervisor"] == "inventory-worker-root"
+    assert alert["process"] == "inventory-worker"
+    counts = queue_counts(configured, QUEUE_INVENTORY)
+    assert (counts.completed, counts.dead) == (0, 0)
+    assert counts.waiting + counts.active + counts.delayed == 1

@@ -362,3 +362,41 @@ def test_a_bug_in_the_supervisor_itself_stops_its_children_and_escalates(
     assert "unknown message" in events.wait("escalation").reason
     assert isinstance(escalated[0], TypeError)
     assert journal.items[3:] == [("stop", "c"), ("stop", "b"), ("stop", "a")]
+
+
+class SlowToStop(Worker):
+    """A child whose on_stop hangs until ``release`` is set (a stuck cleanup)."""
+
+    def __init__(self, name: str, journal: Journal, release: threading.Event) -> None:
+        super().__init__(name, journal)
+        self.release = release
+
+    def on_stop(self) -> None:
+        self.journal.add(("stopping", self.name))
+        self.release.wait(120)
+        self.journal.add(("stop", self.name))
+
+
+def test_a_child_overrunning_its_shutdown_timeout_is_abandoned_and_logged(
+        journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+    """shutdown_timeout_s bounds the stop: the stuck child is left, the rest still stop."""
+    release = threading.Event()
+    sup = Supervisor("root", [
+        spec("a", journal),
+        ChildSpec("stuck", lambda: SlowToStop.start("stuck", journal, release),
+                  shutdown_timeout_s=0.5),
+    ]).start()
+    stopper = threading.Thread(target=sup.stop, name="stopper")
+    try:
+        with caplog.at_level("ERROR", logger="runtime.supervision"):
+            stopper.start()
+            stopper.join(30)  # the stuck on_stop alone would hold it for 120 s
+            assert not stopper.is_alive(), "the supervisor's stop did not finish"
+        items = journal.items
+        assert ("stopping", "stuck") in items and ("stop", "stuck") not in items
+        assert items[-1] == ("stop", "a")  # stopped after the stuck child was abandoned
+        assert sup.state == "stopped"
+        assert "actor root/stuck did not stop within 0.5s; abandoning its thread" in caplog.text
+    finally:
+        release.set()
+        stopper.join(30)

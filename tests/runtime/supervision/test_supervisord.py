@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ import redis
 from actors.inventory.messages import RESERVE_STOCK
 from actors.orders import service as orders
 from runtime import db
-from runtime.broker import setup_broker
+from runtime.broker import QUEUE_INVENTORY, setup_broker
 from runtime.cli import build_parser
 from runtime.settings import Settings
 from runtime.tree import SUPERVISORD_SOCKET, render_tree, supervisord_proxy, tree_snapshot
-from tests.support import wait_until
+from tests.support import queue_counts, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 CONF = REPO / "supervisord.conf"
@@ -239,15 +240,14 @@ def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
     assert json.loads(alert["payload"])["processname"] == "crasher"
     assert state_of(settings, "crasher")[0] == "FATAL"
 
-    # SIGKILL the worker with jobs queued: it comes back and drains its queue, nothing lost.
-    broker = setup_broker(settings)
-    try:
-        for order_id in order_ids:
-            RESERVE_STOCK.send(broker, order_id)
-    finally:
-        broker.close()
+    # SIGKILL the worker while it holds jobs and more are queued (the stock row is
+    # locked, so none can finish first): it comes back and drains its queue, nothing lost.
     _, old_pid = state_of(settings, "inventory-worker")
-    os.kill(old_pid, signal.SIGKILL)
+    at_kill = asyncio.run(kill_while_holding_jobs(settings, order_ids, old_pid))
+    assert set(at_kill.statuses) == {"pending"}, "the kill must land while work remains"
+    assert at_kill.counts.completed == 0
+    assert at_kill.counts.active >= 1  # held by the worker when it died
+    assert at_kill.counts.waiting + at_kill.counts.active + at_kill.counts.delayed == ORDERS
     exited = next_entry(client, f"{settings.namespace}:events:supervision")
     assert exited["type"] == "process.exited"
     wait_until(lambda: state_of(settings, "inventory-worker")[0] == "RUNNING"
@@ -255,6 +255,12 @@ def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
                "inventory-worker back with a new pid")
     wait_until(lambda: set(asyncio.run(statuses(settings))) == {"reserved"}, 60,
                "every order reserved after the kill")
+    wait_until(lambda: drained(queue_counts(settings, QUEUE_INVENTORY)), 30,
+               "the inventory queue to drain after the restart")
+    assert queue_counts(settings, QUEUE_INVENTORY).completed == ORDERS
+    moves, reserved, reservation_rows = asyncio.run(reservation_effects(settings))
+    assert moves == {order_id: 1 for order_id in order_ids}  # each reserved exactly once
+    assert reserved == reservation_rows == ORDERS
 
     snapshot = tree_snapshot(settings)
     names = {p["name"]: p for p in snapshot["processes"]}
@@ -270,6 +276,47 @@ def test_the_tree_survives_kill_alerts_on_fatal_and_stops_cleanly(
     supervisord.send_signal(signal.SIGTERM)
     assert supervisord.wait(90) == 0
     assert [pid for pid in pids if alive(pid)] == []
+
+
+@dataclass(frozen=True)
+class AtKill:
+    """What the tree held when the worker was killed."""
+
+    statuses: list[str]
+    counts: Any  # runtime.jobs.store.QueueCounts of the inventory queue
+
+
+def drained(counts: Any) -> bool:
+    """Nothing of the queue is waiting, running or due later."""
+    return bool(counts.waiting == counts.active == counts.delayed == 0)
+
+
+async def kill_while_holding_jobs(settings: Settings, order_ids: list[int], pid: int) -> AtKill:
+    """Send the reservations with the stock row locked, SIGKILL ``pid`` once it holds one.
+
+    Returns the orders' statuses and the queue's counts read just before the
+    kill; the lock is released after it, so the work is done only after the restart.
+    """
+    blocker = await db.connect(settings.database_url or "")
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM inventory WHERE product_id = 1 FOR UPDATE")
+            broker = setup_broker(settings)
+            try:
+                for order_id in order_ids:
+                    RESERVE_STOCK.send(broker, order_id)
+            finally:
+                broker.close()
+            async with asyncio.timeout(60):
+                while await backends_waiting_on_locks(settings) < 1:
+                    await asyncio.sleep(0.05)
+            seen = AtKill(await statuses(settings),
+                          await asyncio.to_thread(queue_counts, settings, QUEUE_INVENTORY))
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.to_thread(wait_until, lambda: not alive(pid), 10, "the worker to die")
+        return seen
+    finally:
+        await blocker.close()
 
 
 async def backends_waiting_on_locks(settings: Settings) -> int:
