@@ -200,6 +200,8 @@ DEFAULT_MODERATION_MIN_CONFIDENCE = 0.8
 DEFAULT_TOKEN_TTL_S = 24 * 3600
 # Events a WebSocket client may have waiting before it counts as a slow consumer and is closed.
 DEFAULT_WS_SEND_QUEUE_MAX = 1_000
+# ...and the bytes they may add up to (JSON frames are ASCII, so characters are bytes).
+DEFAULT_WS_SEND_QUEUE_MAX_BYTES = 4 * 1024 * 1024
 # Seconds between WebSocket protocol pings; a peer silent for this long is dropped.
 DEFAULT_WS_HEARTBEAT_S = 20.0
 # Largest WebSocket frame a client may send (control messages are tiny).
@@ -417,6 +419,7 @@ _ENV_NAMES: Mapping[str, str] = {
     "token_secret": "SHOPFLOW_TOKEN_SECRET",
     "token_ttl_s": "SHOPFLOW_TOKEN_TTL_S",
     "ws_send_queue_max": "SHOPFLOW_WS_SEND_QUEUE_MAX",
+    "ws_send_queue_max_bytes": "SHOPFLOW_WS_SEND_QUEUE_MAX_BYTES",
     "ws_heartbeat_s": "SHOPFLOW_WS_HEARTBEAT_S",
     "ws_max_frame_bytes": "SHOPFLOW_WS_MAX_FRAME_BYTES",
     "notifier_block_ms": "SHOPFLOW_NOTIFIER_BLOCK_MS",
@@ -566,6 +569,7 @@ class Settings:
     token_secret: str | None = None
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
     ws_send_queue_max: int = DEFAULT_WS_SEND_QUEUE_MAX
+    ws_send_queue_max_bytes: int = DEFAULT_WS_SEND_QUEUE_MAX_BYTES
     ws_heartbeat_s: float = DEFAULT_WS_HEARTBEAT_S
     ws_max_frame_bytes: int = DEFAULT_WS_MAX_FRAME_BYTES
     notifier_block_ms: int = DEFAULT_NOTIFIER_BLOCK_MS
@@ -786,6 +790,9 @@ class Settings:
             token_secret=_opt(e, "SHOPFLOW_TOKEN_SECRET"),
             token_ttl_s=_int(e, "SHOPFLOW_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, 1),
             ws_send_queue_max=_int(e, "SHOPFLOW_WS_SEND_QUEUE_MAX", DEFAULT_WS_SEND_QUEUE_MAX, 1),
+            ws_send_queue_max_bytes=_int(
+                e, "SHOPFLOW_WS_SEND_QUEUE_MAX_BYTES", DEFAULT_WS_SEND_QUEUE_MAX_BYTES, 1024
+            ),
             ws_heartbeat_s=_float(e, "SHOPFLOW_WS_HEARTBEAT_S", DEFAULT_WS_HEARTBEAT_S),
             ws_max_frame_bytes=_int(
                 e, "SHOPFLOW_WS_MAX_FRAME_BYTES", DEFAULT_WS_MAX_FRAME_BYTES, 1024

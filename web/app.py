@@ -116,18 +116,30 @@ async def _timed(check: Awaitable[Any]) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: Redis and PostgreSQL reachable, with latencies; 503 if either is not."""
+    """GET /health: Redis and PostgreSQL reachable (503 if not), and the scheduler's heartbeat.
+
+    A stale scheduler makes the status ``degraded`` but keeps the answer 200:
+    this api process still serves every request, and a 503 would make a load
+    balancer (or ``shopflow up``) drop a healthy api because of cron.
+    """
     pool = request.app[POOL]
     checks = {
         "redis": await _timed(request.app[REDIS].ping()),
         "postgres": await _timed(pool.fetchval("SELECT 1")),
     }
-    ok = all(c["ok"] for c in checks.values())
+    servers_ok = all(c["ok"] for c in checks.values())
     if checks["redis"]["ok"]:
-        scheduler = await scheduler_health(request.app[REDIS], request.app[SETTINGS].namespace, now_utc())
-        checks["scheduler"] = scheduler.as_json()  # stale cron is reported, not a 503 of the api
+        checks["scheduler"] = await _scheduler_check(request.app)
+    ok = all(c["ok"] for c in checks.values())
     return web.json_response({"status": "ok" if ok else "degraded", "checks": checks},
-                             status=200 if ok else 503)
+                             status=200 if servers_ok else 503)
+
+
+async def _scheduler_check(app: web.Application) -> dict[str, Any]:
+    settings = app[SETTINGS]
+    scheduler = await scheduler_health(app[REDIS], settings.namespace, now_utc(),
+                                       stale_after_s=settings.cron_heartbeat_ttl_s)
+    return scheduler.as_json()
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -230,7 +230,8 @@ QUEUE = _path("queue", {"type": "string", "minLength": 1, "maxLength": 100})
 OPERATIONS: dict[tuple[str, str], Schema] = {
     # --- owned by web/app.py (documented here so the document stays whole) ---
     ("GET", "/health"): op("Liveness and readiness of the process and its servers", "health",
-                           "200", _resp("healthy", ref("Health")), auth="none",
+                           "200", _resp("serving; status is degraded if the scheduler is stale",
+                                              ref("Health")), auth="none",
                            also={"503": _resp("Redis or PostgreSQL unreachable",
                                               ref("Health"))}),
     ("POST", "/api/v1/orders"): op(

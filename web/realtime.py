@@ -14,9 +14,11 @@ Close codes (all documented in docs/web.md): 1001 server shutting down,
 messages, 4401 unauthenticated or token expired, 4403 forbidden channel,
 4429 slow consumer (send queue full).
 
-Each connection has one bounded send queue drained by one writer task, so a
-client that stops reading fills only its own queue and is closed before it
-can grow the server's memory; other clients never wait for it.
+Each connection has one send queue, bounded by messages and by bytes, drained
+by one writer task, so a client that stops reading fills only its own queue
+and is closed before it can grow the server's memory; other clients never wait
+for it. :class:`RealtimeRecord` keeps what the server did (close codes it sent,
+the deepest send queue) for health views and tests.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,7 +48,7 @@ from actors.notifier.streams import StreamId, parse_id
 from runtime.actor import MailboxConfig, TaskActor
 from runtime.errors import Unauthenticated
 from runtime.loop import LoopBridge
-from runtime.settings import Settings
+from runtime.settings import DEFAULT_WS_SEND_QUEUE_MAX_BYTES, Settings
 from runtime.supervision import ChildSpec, Restart
 from web.auth import Principal, bearer_token, ensure_signer
 from web.supervision import add_child
@@ -77,6 +81,114 @@ CONNECTIONS_KEY = web.AppKey("ws_connections", set)
 WS_SETTINGS_KEY = web.AppKey("ws_settings", Settings)
 
 
+@dataclass(frozen=True)
+class RealtimeStats:
+    """An immutable snapshot of :class:`RealtimeRecord`."""
+
+    closes_by_code: dict[int, int]
+    peak_queue_messages: int
+    peak_queue_bytes: int
+
+
+class RealtimeRecord:
+    """What this process's ``/ws`` did: the close codes it chose, the deepest send queue.
+
+    Counted when the server decides (not when the peer acknowledges): a client
+    that stops reading never takes the 4429 frame, and the record is how an
+    operator (or a test) knows it was sent and that its queue stayed bounded.
+    Updated on the app's event loop only.
+    """
+
+    def __init__(self) -> None:
+        self._closes: Counter[int] = Counter()
+        self._peak_messages = 0
+        self._peak_bytes = 0
+        self._changed = asyncio.Event()
+
+    def closed(self, code: int) -> None:
+        """The server is closing a client with ``code``."""
+        self._closes[code] += 1
+        self._notify()
+
+    def queued(self, messages: int, size_bytes: int) -> None:
+        """A send queue now holds ``messages`` frames of ``size_bytes`` in all."""
+        self._peak_messages = max(self._peak_messages, messages)
+        self._peak_bytes = max(self._peak_bytes, size_bytes)
+
+    def stats(self) -> RealtimeStats:
+        """A snapshot."""
+        return RealtimeStats(dict(self._closes), self._peak_messages, self._peak_bytes)
+
+    async def wait_for(self, predicate: Callable[[RealtimeStats], bool], timeout_s: float) -> None:
+        """Wait until ``predicate(stats())`` holds (no polling)."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self.stats()):
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+RECORD_KEY = web.AppKey("ws_record", RealtimeRecord)
+
+
+class SendQueue:
+    """One connection's outgoing frames, bounded by count and by bytes; one reader.
+
+    A frame that does not fit is refused (the caller closes the client 4429),
+    except that an empty queue always takes one frame: an event larger than
+    the byte cap is sent alone rather than closing every subscriber. Frames
+    are JSON with ASCII escapes, so their length in characters is their size
+    in bytes. The strings are shared by every client of an event; what a slow
+    client pins is the events it has not taken, which these caps bound.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int,
+                 on_queued: Callable[[int, int], None] | None = None) -> None:
+        self._frames: deque[str] = deque()
+        self._bytes = 0
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._on_queued = on_queued
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def fits(self, text: str) -> bool:
+        """True if ``text`` may join the queue now."""
+        if not self._frames:
+            return True
+        return (len(self._frames) < self._max_messages
+                and self._bytes + len(text) <= self._max_bytes)
+
+    def put_nowait(self, text: str) -> bool:
+        """Append ``text`` if it fits; False (nothing queued) otherwise."""
+        if not self.fits(text):
+            return False
+        self._frames.append(text)
+        self._bytes += len(text)
+        self._readable.set()
+        if self._on_queued is not None:
+            self._on_queued(len(self._frames), self._bytes)
+        return True
+
+    async def put(self, text: str) -> None:
+        """Append ``text``, waiting for the reader to make room (wrap in a timeout)."""
+        while not self.put_nowait(text):
+            self._room.clear()
+            await self._room.wait()
+
+    async def get(self) -> str:
+        """The oldest frame, waiting for one."""
+        while not self._frames:
+            self._readable.clear()
+            await self._readable.wait()
+        text = self._frames.popleft()
+        self._bytes -= len(text)
+        self._room.set()
+        return text
+
+
 class BadMessage(Exception):
     """A client frame that is not a valid protocol message (answered with an error)."""
 
@@ -89,12 +201,16 @@ class Connection:
     """One WebSocket client: its principal, bounded send queue and writer task."""
 
     def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
-                 transport: asyncio.BaseTransport | None = None) -> None:
+                 transport: asyncio.BaseTransport | None = None,
+                 queue_max_bytes: int = DEFAULT_WS_SEND_QUEUE_MAX_BYTES,
+                 record: RealtimeRecord | None = None) -> None:
         self.ws = ws
         # Kept to cut a client that will not even take a close frame.
         self._transport = transport
         self.principal = principal
-        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_max)
+        self._record = record
+        self._queue = SendQueue(queue_max, queue_max_bytes,
+                                record.queued if record is not None else None)
         self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.subscribed: dict[str, asyncio.Task[None]] = {}
@@ -124,12 +240,10 @@ class Connection:
         """Queue ``text`` now, or close the client as a slow consumer if its queue is full."""
         if self._closing is not None:
             return False
-        try:
-            self._queue.put_nowait(text)
+        if self._queue.put_nowait(text):
             return True
-        except asyncio.QueueFull:
-            self.refuse(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full")
-            return False
+        self.refuse(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full")
+        return False
 
     async def offer_backlog(self, text: str) -> bool:
         """Queue replayed events, waiting a bounded time for room."""
@@ -152,6 +266,8 @@ class Connection:
         """Close this client with ``code`` (once); the read loop then ends."""
         if self._closing is None:
             log.info("closing websocket: %d %s", code, reason)
+            if self._record is not None:
+                self._record.closed(code)
             self._closing = asyncio.create_task(self._close(code, reason), name="ws-close")
 
     async def _close(self, code: int, reason: str) -> None:
@@ -261,7 +377,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated: missing, bad or "
                                                           b"expired token")
         return ws
-    conn = Connection(ws, principal, settings.ws_send_queue_max, request.transport)
+    conn = Connection(ws, principal, settings.ws_send_queue_max, request.transport,
+                      settings.ws_send_queue_max_bytes, request.app[RECORD_KEY])
     connections: set[Connection] = request.app[CONNECTIONS_KEY]
     connections.add(conn)
     conn.start()
@@ -365,6 +482,7 @@ def setup_realtime(app: web.Application, settings: Settings) -> None:
     ensure_signer(app, settings)
     app[WS_SETTINGS_KEY] = settings
     app[CONNECTIONS_KEY] = set()
+    app[RECORD_KEY] = RealtimeRecord()
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_notifier_ctx(settings))
     app.on_shutdown.append(_close_connections)
@@ -429,4 +547,4 @@ async def _close_connections(app: web.Application) -> None:
     await asyncio.gather(*(c.finish() for c in conns), return_exceptions=True)
 
 
-__all__ = ["NOTIFIER_KEY", "WSCloseCode", "setup_realtime"]
+__all__ = ["NOTIFIER_KEY", "RECORD_KEY", "WSCloseCode", "setup_realtime"]

@@ -17,9 +17,14 @@ QUEUES = "queues"
 ALERTS = "alerts"
 # Review submitted / moderated (actors/agents/moderation.py): the dashboard's flagged list.
 REVIEWS = "reviews"
-CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS, REVIEWS)
-# Operator channels: job and queue state, alerts and moderation are nobody else's business.
-STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS, REVIEWS})
+# Actor starts, crashes, restarts and give-ups (runtime/tree.py writes the stream): the
+# dashboard's restart counts.
+SUPERVISION = "supervision"
+CHANNELS: tuple[str, ...] = (ORDER_STATUS_CHANGED, STOCK_UPDATED, JOBS, QUEUES, ALERTS, REVIEWS,
+                             SUPERVISION)
+# Operator channels: job and queue state, alerts, moderation and supervision are nobody
+# else's business.
+STAFF_ONLY: frozenset[str] = frozenset({JOBS, QUEUES, ALERTS, REVIEWS, SUPERVISION})
 # The payload field a client may filter each channel on, e.g. product_ids for stock.
 FILTER_FIELDS: Mapping[str, str] = {
     ORDER_STATUS_CHANGED: "order_id",

@@ -88,16 +88,26 @@ class StubJobsAdmin:
 
 
 class StubSchedules:
+    """One schedule; tests move ``next_run_at`` as a scheduler would."""
+
+    def __init__(self) -> None:
+        self.next_run_at = "2026-12-03T20:05:00+00:00"
+
     async def schedules(self) -> list[JsonDict]:
         return [{"name": "release-expired-reservations", "cron": "*/5 * * * *",
-                 "next_run_at": "2026-12-03T20:05:00+00:00", "last_run_at": None}]
+                 "next_run_at": self.next_run_at, "last_run_at": None}]
 
 
 class StubSupervision:
+    """A root and one child; tests raise ``restarts`` as a supervisor would."""
+
+    def __init__(self) -> None:
+        self.restarts = 2
+
     async def tree(self) -> JsonDict:
         return {"name": "api", "kind": "supervisor", "alive": True, "restarts": 0,
                 "children": [{"name": "notifier", "kind": "actor", "alive": True,
-                              "restarts": 2, "children": []}]}
+                              "restarts": self.restarts, "children": []}]}
 
 
 class StubRecommender:

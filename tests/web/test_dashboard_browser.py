@@ -73,6 +73,8 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda exc: problems.append(str(exc)))
+            # The schedules' periodic refetch, short enough to see here (30 s by default).
+            await page.add_init_script("window.shopflowScheduleRefreshMs = 300")
             await page.goto(base)
             await page.fill("#token", signer.issue("staff", None, 3600))
             await page.click("#login button[type=submit]")
@@ -109,6 +111,21 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
                 timeout=WAIT_MS)
             texts = await page.locator("#alerts li").all_text_contents()
             assert not any("undefined" in t for t in texts), texts
+
+            # Restart counts follow the supervision channel; next runs the periodic refetch.
+            restarts = "document.querySelector('#tree li[data-node=notifier] > .pill')"
+            assert await page.evaluate(f"{restarts}.textContent") == "2 restarts"
+            dashboard.app[seams.SUPERVISION].restarts = 3  # type: ignore[attr-defined]
+            await publish("supervision", {"kind": "restart", "child": "notifier",
+                                          "supervisor": "api"},
+                          event_type="supervision.restart")
+            await page.wait_for_function(f"{restarts}.textContent === '3 restarts'",
+                                         timeout=WAIT_MS)
+            slot = "document.querySelector('#schedules li[data-schedule=release-expired-reservations]')"
+            assert await page.evaluate(f"{slot}.dataset.next") == "2026-12-03T20:05:00+00:00"
+            dashboard.app[seams.SCHEDULES].next_run_at = "2026-12-03T20:10:00+00:00"  # type: ignore[attr-defined]
+            await page.wait_for_function(
+                f"{slot}.dataset.next === '2026-12-03T20:10:00+00:00'", timeout=WAIT_MS)
 
             # Flagged reviews: the start state, then a moderation event refetches the list.
             row = f"#flagged tr[data-review='{rejected}']"
@@ -157,7 +174,8 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
 
 async def test_dashboard_on_the_real_job_layer(web_settings: Settings, signer: TokenSigner,
                                                start_server: ServerFactory) -> None:
-    """Real jobs: counts move live as a worker runs them; Retry re-runs a failed job."""
+    """Real jobs: counts move live as a worker runs them; Remove deletes a failed job from the
+    job layer; Retry re-runs another."""
     import threading
 
     from runtime.broker import ALL_QUEUES, QUEUE_ANALYTICS, JobSpec, declare_actor, setup_broker
@@ -186,7 +204,7 @@ async def test_dashboard_on_the_real_job_layer(web_settings: Settings, signer: T
     declare_actor(broker, spec, export)
     worker = make_worker(broker, {QUEUE_ANALYTICS}, 1)
     worker.start()
-    failed = spec.send(broker, 1)
+    failed, doomed = spec.send(broker, 1), spec.send(broker, 2)
     problems: list[str] = []
     row = "tr[data-queue=analytics]"
     try:
@@ -200,6 +218,14 @@ async def test_dashboard_on_the_real_job_layer(web_settings: Settings, signer: T
                 await page.fill("#token", signer.issue("staff", None, 3600))
                 await page.click("#login button[type=submit]")
                 await page.wait_for_selector(f"tr[data-job='{failed.job_id}']", timeout=WAIT_MS)
+                # Remove, for real: the job is gone from the store, not just from the page.
+                await page.wait_for_selector(f"tr[data-job='{doomed.job_id}']", timeout=WAIT_MS)
+                assert (await store.get(doomed.job_id) or {}).get("state") == "failed"
+                await page.click(f"tr[data-job='{doomed.job_id}'] button.remove")
+                await page.wait_for_selector(f"tr[data-job='{doomed.job_id}']",
+                                             state="detached", timeout=WAIT_MS)
+                assert await store.get(doomed.job_id) is None
+                assert await page.is_visible(f"tr[data-job='{failed.job_id}']")
                 # Live: a paused queue fills up on screen, then drains when resumed.
                 await store.pause(QUEUE_ANALYTICS)
                 for n in range(5):

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from actors.inventory.reservations import reserve_for_order
 from runtime.broker import QUEUE_MAINTENANCE
 from runtime.scheduling import Scheduler, SchedulerStore, connect_redis
+from runtime.scheduling.health import write_heartbeat
 from runtime.settings import Settings
 from tests.factories import make_order, make_shop
 from tests.web.conftest import Publisher
@@ -128,6 +129,33 @@ async def test_health_reports_both_servers_with_latency(client: Client) -> None:
     assert resp.status == 200
     assert body["checks"]["redis"]["ok"] and body["checks"]["postgres"]["ok"]
     assert body["checks"]["postgres"]["latency_ms"] >= 0
+
+
+async def test_health_shows_a_stale_scheduler_as_degraded_but_answers_200(
+        client: Client, web_settings: Settings) -> None:
+    """No fresh cron:heartbeat key: the scheduler check is stale and the status degraded, but
+    the api itself serves, so the code stays 200 (docs/web.md, "Health"); a fresh heartbeat
+    and a held lease turn it back to ok."""
+    resp = await client.get("/health")
+    body = await resp.json()
+    assert resp.status == 200
+    scheduler = body["checks"]["scheduler"]
+    assert scheduler["ok"] is False and scheduler["heartbeat_at"] is None
+    assert "no cron heartbeat" in scheduler["detail"]
+    assert body["status"] == "degraded"
+
+    redis = connect_redis(web_settings.redis_url or "")
+    try:
+        now = datetime.now(UTC)
+        await write_heartbeat(redis, web_settings.namespace, now)
+        assert await SchedulerStore(redis, web_settings.namespace).acquire_lease(
+            "test-scheduler", now, 60)
+        body = await (await client.get("/health")).json()
+    finally:
+        await redis.aclose()
+    assert body["checks"]["scheduler"]["ok"] is True
+    assert body["checks"]["scheduler"]["leader"] == "test-scheduler"
+    assert body["status"] == "ok"
 
 
 BAD_BODIES = [

@@ -20,6 +20,8 @@ from schemathesis.core.result import Err
 
 from runtime.settings import Settings
 from tests.web.conftest import ServerFactory, build_full_app, seed
+from web import seams
+from web.adapters import StoreJobsAdmin
 from web.auth import TokenSigner
 from web.openapi import OPENAPI_PATH, OPERATIONS, routed_operations
 
@@ -32,15 +34,11 @@ FUZZ_EXAMPLES_PER_OPERATION = 8
 
 
 def _create_app(settings: Settings) -> web.Application:
-    """The production app (web/app.py) with every route; the jobs layer is not built yet, so
-    its seam gets the stub the other web tests use (every other seam is the real one)."""
-    from tests.web import stubs
-    from web import seams
+    """The production app (web/app.py) with every route; its start-up plugs the real seams
+    (web/wiring.py), the jobs layer's StoreJobsAdmin on this test's Redis included."""
     from web.app import create_app
 
-    app = create_app(settings)
-    app[seams.JOBS_ADMIN] = stubs.StubJobsAdmin()
-    return app
+    return create_app(settings)
 
 
 def test_every_route_is_documented_and_every_operation_routed(web_settings: Settings) -> None:
@@ -95,7 +93,7 @@ class ThreadedServer:
 APPS: dict[str, Callable[[Settings, TokenSigner], web.Application]] = {
     # Only the web face, other concerns' seams stubbed (tests/web/stubs.py).
     "web-face-with-stubs": build_full_app,
-    # What `shopflow web` serves: orders, /health, real seams (jobs: stubbed, not built yet).
+    # What `shopflow web` serves: orders, /health, every seam the real one.
     "create_app": lambda settings, signer: _create_app(settings),
 }
 
@@ -139,6 +137,8 @@ def test_fuzz_with_schemathesis_finds_no_server_errors(fuzz_server: ThreadedServ
     assert fuzzed == routed_operations(fuzz_server.app) - {("GET", OPENAPI_PATH)}
     if fuzz_server.name == "create_app":
         assert APP_PY_OPERATIONS <= fuzzed
+        # The jobs endpoints were fuzzed against the real job layer, not a stub.
+        assert isinstance(fuzz_server.app[seams.JOBS_ADMIN], StoreJobsAdmin)
     # The tokens were honoured everywhere, orders included: nothing was refused as 401.
     assert {(role, op) for role, op, status in answers if status == 401} == set()
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
+import asyncpg
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from actors.notifier.notifier import Notifier
 from actors.notifier.streams import append_event
+from runtime.outbox import emit
 from runtime.settings import Settings
 from tests.web.conftest import (
     Publisher,
@@ -300,3 +303,81 @@ async def test_staff_follow_one_jobs_progress_and_outcome(
     finally:
         await client.aclose()
         broker.close()
+
+
+async def test_unsubscribe_stops_that_channel_only(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """After ``unsubscribe`` the client gets no more events of that channel; its other
+    subscriptions, and other clients on the same channel, still get theirs."""
+    notifier = notifier_of(realtime_server)
+    token = signer.issue("staff", None, 60)
+    async with http.ws_connect(ws_url(realtime_server, token)) as ws, \
+            http.ws_connect(ws_url(realtime_server, token)) as other:
+        await subscribe(ws, "stock-updated")
+        await subscribe(ws, "alerts")
+        await subscribe(other, "stock-updated")
+        await publish("stock-updated", {"n": 1})
+        assert (await next_of(ws, "event"))["payload"]["n"] == 1
+
+        await ws.send_json({"type": "unsubscribe", "channel": "stock-updated", "ref": "u1"})
+        assert await next_json(ws) == {"type": "unsubscribed", "channel": "stock-updated",
+                                       "ref": "u1"}
+        assert notifier.stats().subscriptions == 2  # alerts of ws, stock-updated of other
+        await publish("stock-updated", {"n": 2})
+        await publish("alerts", {"n": 3})
+        # Events go out in stream order per channel; the alert proves the notifier has
+        # dispatched past n=2, so an event of n=2 for ws would already be queued before it.
+        assert (await next_of(other, "event"))["payload"]["n"] == 1
+        assert (await next_of(other, "event"))["payload"]["n"] == 2
+        alert = await next_json(ws)
+        assert (alert["type"], alert["channel"], alert["payload"]["n"]) == ("event", "alerts", 3)
+        await ws.send_json({"type": "ping", "ref": "p"})
+        assert await next_json(ws) == {"type": "pong", "ref": "p"}  # no stock event queued
+
+        await ws.send_json({"type": "unsubscribe", "channel": "stock-updated"})  # idempotent
+        assert (await next_json(ws))["type"] == "unsubscribed"
+
+
+async def test_a_committed_outbox_row_reaches_websocket_clients_once_through_the_relay(
+        web_settings: Settings, signer: TokenSigner, start_server: ServerFactory,
+        http: aiohttp.ClientSession, pool: asyncpg.Pool) -> None:
+    """The whole path: ``outbox.emit`` in a transaction, commit, the relay actor of a real api
+    (two of them, competing for the rows), Redis Streams, the notifier, a WebSocket client
+    on each api. A rolled-back row sends nothing; each committed row arrives exactly once."""
+    from web.app import create_app
+
+    server_a = await start_server(create_app(web_settings))
+    server_b = await start_server(create_app(web_settings))
+    staff, own = signer.issue("staff", None, 60), signer.issue("customer", 1, 60)
+    async with http.ws_connect(ws_url(server_a, staff)) as on_a, \
+            http.ws_connect(ws_url(server_b, own)) as on_b:
+        await subscribe(on_a, "order-status-changed")
+        await subscribe(on_b, "order-status-changed")
+        with contextlib.suppress(RuntimeError):
+            async with pool.acquire() as conn, conn.transaction():
+                await emit(conn, "order-status-changed", "order.status_changed",
+                           {"order_id": 99, "customer_id": 1, "to_status": "paid"})
+                raise RuntimeError("the change failed after writing its event")
+        row_ids = []
+        async with pool.acquire() as conn:
+            for order_id, customer_id in ((7, 1), (8, 2), (9, 1)):
+                async with conn.transaction():
+                    row_ids.append(await emit(
+                        conn, "order-status-changed", "order.status_changed",
+                        {"order_id": order_id, "customer_id": customer_id, "to_status": "paid"}))
+        seen_a = [await next_of(on_a, "event", timeout_s=10) for _ in range(3)]
+        assert [e["event_id"] for e in seen_a] == [str(r) for r in row_ids]
+        assert [e["payload"]["order_id"] for e in seen_a] == [7, 8, 9]
+        assert {e["event"] for e in seen_a} == {"order.status_changed"}
+        seen_b = [await next_of(on_b, "event", timeout_s=10) for _ in range(2)]
+        assert [e["payload"]["order_id"] for e in seen_b] == [7, 9]  # customer 1's own only
+        for ws in (on_a, on_b):  # nothing else queued: no second copy, no rolled-back row
+            await ws.send_json({"type": "ping", "ref": "end"})
+            assert await next_json(ws) == {"type": "pong", "ref": "end"}
+    # The relay XADDs inside its transaction and marks the rows as it commits: wait for that.
+    async with asyncio.timeout(5):
+        while await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+            await asyncio.sleep(0.05)
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 3  # the rollback left none
+    assert notifier_of(server_a).stats().duplicates_skipped == 0

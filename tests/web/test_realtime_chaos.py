@@ -25,6 +25,7 @@ from tests.web.conftest import (
     subscribe,
 )
 from web.auth import TokenSigner
+from web.realtime import RECORD_KEY
 
 
 def _free_port() -> int:
@@ -81,16 +82,28 @@ async def test_redis_restart_loses_nothing(
     await client.aclose()
 
 
+MIB = 1024 * 1024
+BLOB = "x" * 256 * 1024
+
+
 @pytest.mark.chaos
+@pytest.mark.parametrize(("queue_max", "queue_max_bytes"), [
+    pytest.param(20, 64 * MIB, id="capped-by-messages"),
+    pytest.param(1_000, 1 * MIB, id="capped-by-bytes"),
+])
 async def test_slow_client_is_closed_4429_and_others_keep_up(
         web_settings: Settings, signer: TokenSigner, start_server: ServerFactory,
-        http: aiohttp.ClientSession, publish: Publisher) -> None:
-    settings = replace(web_settings, ws_send_queue_max=20, ws_heartbeat_s=60.0)
+        http: aiohttp.ClientSession, publish: Publisher, queue_max: int,
+        queue_max_bytes: int) -> None:
+    """A client that stops reading is closed 4429 once its send queue reaches either cap (the
+    server's record of the close: the client never reads the frame), its queue never held more
+    than the caps, and a reading client on the same channel gets every event in order."""
+    settings = replace(web_settings, ws_send_queue_max=queue_max,
+                       ws_send_queue_max_bytes=queue_max_bytes, ws_heartbeat_s=60.0)
     server = await start_server(build_app(settings, signer))
-    notifier = notifier_of(server)
+    notifier, record = notifier_of(server), server.app[RECORD_KEY]
     token = signer.issue("staff", None, 60)
     ws_url = f"{server.make_url('/ws')}?token={token}"
-    big = "x" * 256 * 1024
     slow = await raw_ws_connect("127.0.0.1", server.port or 0, f"/ws?token={token}")
     slow.sendall(masked_frame(b'{"type": "subscribe", "channel": "stock-updated"}'))
     async with http.ws_connect(ws_url) as good:
@@ -98,15 +111,24 @@ async def test_slow_client_is_closed_4429_and_others_keep_up(
         await notifier.wait_for(lambda s: s.subscriptions == 2, timeout_s=5)
         for round_no in range(100):
             for i in range(5):
-                await publish("stock-updated", {"n": round_no * 5 + i, "blob": big}, maxlen=50)
+                await publish("stock-updated", {"n": round_no * 5 + i, "blob": BLOB}, maxlen=50)
             for i in range(5):
                 assert (await next_of(good, "event"))["payload"]["n"] == round_no * 5 + i
             if notifier.stats().subscribers == 1:
                 break
         await notifier.wait_for(lambda s: s.subscribers == 1, timeout_s=5)
+        await record.wait_for(lambda s: s.closes_by_code.get(4429) == 1, timeout_s=5)
         await publish("stock-updated", {"n": -1})
         assert (await next_of(good, "event"))["payload"]["n"] == -1
     slow.close()
+    stats = record.stats()
+    assert stats.closes_by_code == {4429: 1}  # the good client's own close is not the server's
+    assert stats.peak_queue_messages <= queue_max
+    assert stats.peak_queue_bytes <= queue_max_bytes
+    if queue_max_bytes == 64 * MIB:
+        assert stats.peak_queue_messages == queue_max  # the message cap is what closed it
+    else:
+        assert stats.peak_queue_bytes > queue_max_bytes - len(BLOB) - 1024  # the byte cap did
 
 
 @pytest.mark.chaos

@@ -7,15 +7,19 @@ const TOKEN_KEY = "shopflow.staffToken";
 const API = "/api/v1";
 const FEED_MAX = 50;            // newest order events / alerts kept on screen
 const RECONNECT_MAX_MS = 10000; // WebSocket reconnect back-off cap
+// Next runs move with the clock and no event says so: refetch the schedules this often
+// (a page may set window.shopflowScheduleRefreshMs first, as the browser test does).
+const SCHEDULE_REFRESH_MS = window.shopflowScheduleRefreshMs ?? 30000;
 // Not "jobs": it carries every step of every job (thousands a second when busy); the
 // "queues" channel's counts (one entry per changed queue per second) tell when the
 // failed and dead lists moved.
-const CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews"];
+const CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews",
+                  "supervision"];
 
 const $ = (sel) => document.querySelector(sel);
 const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, ws: null,
                 retryMs: 500, orderCount: 0, queues: new Map(), refetchTimer: null,
-                flaggedTimer: null };
+                flaggedTimer: null, treeTimer: null, scheduleTimer: null };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -100,13 +104,14 @@ async function loadJobs() {
 async function loadSchedules() {
   const { status: code, body } = await api("GET", "/schedules");
   if (code !== 200) return unavailable("#schedules", body);
-  $("#schedules").replaceChildren(...body.schedules.map((s) => el("li", {},
+  $("#schedules").replaceChildren(...body.schedules.map((s) => el("li",
+    { "data-schedule": s.name, "data-next": s.next_run_at ?? "" },
     el("strong", {}, s.name), " ", el("code", {}, s.cron ?? ""), el("br"),
     el("span", { class: "muted" }, `next ${when(s.next_run_at)} · last ${when(s.last_run_at)}`))));
 }
 
 function treeNode(node) {
-  const label = el("li", { class: node.alive === false ? "dead" : "" },
+  const label = el("li", { class: node.alive === false ? "dead" : "", "data-node": node.name },
     `${node.name} `, el("span", { class: "muted" }, `${node.kind ?? ""}`),
     " ", el("span", { class: "pill" + ((node.restarts ?? 0) > 0 ? " off" : "") },
       `${node.restarts ?? 0} restarts`));
@@ -148,6 +153,22 @@ async function loadFlagged() {
     el("td", { class: "muted" }, r.excerpt ?? "")));
   $("#flagged tbody").replaceChildren(...rows);
   $("#flagged-empty").hidden = rows.length > 0;
+}
+
+function scheduleTreeRefetch() {
+  // A restart storm (or a whole process starting) refetches the tree at most every 500 ms.
+  if (state.treeTimer) return;
+  state.treeTimer = setTimeout(() => {
+    state.treeTimer = null;
+    loadTree().catch(() => {});
+  }, 500);
+}
+
+function refreshSchedulesPeriodically() {
+  if (state.scheduleTimer) return;
+  state.scheduleTimer = setInterval(() => {
+    if (state.token && !document.hidden) loadSchedules().catch(() => {});
+  }, SCHEDULE_REFRESH_MS);
 }
 
 function scheduleFlaggedRefetch() {
@@ -250,6 +271,7 @@ function onEvent(message) {
       break;
     case "stock-updated": loadStockSync().catch(() => {}); break;
     case "reviews": if (message.event === "review-moderated") scheduleFlaggedRefetch(); break;
+    case "supervision": scheduleTreeRefetch(); break;
   }
 }
 
@@ -295,6 +317,8 @@ function logout(reason) {
   const ws = state.ws;
   state.ws = null;
   ws?.close();
+  clearInterval(state.scheduleTimer);
+  state.scheduleTimer = null;
   $("#board").hidden = true;
   $("#logout").hidden = true;
   $("#login").hidden = false;
@@ -312,6 +336,7 @@ async function start() {
   $("#logout").hidden = false;
   await loadAll();
   connect();
+  refreshSchedulesPeriodically();
   status("");
 }
 
