@@ -110,6 +110,7 @@ class OutboxRelay:
         namespace: str,
         poll_s: float = 1.0,
         on_published: Callable[[list[OutboxRow]], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._database_url = database_url
@@ -120,19 +121,22 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._on_published = on_published
+        # Told when a round publishes nothing: this relay has no lag to report (the outbox is
+        # empty, or another process's relay holds the lock and reports its own).
+        self._on_idle = on_idle
 
     async def publish_batch(self) -> int:
         """Publish up to :data:`RELAY_BATCH` rows; return how many (0 if another relay holds the lock)."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK_KEY):
-                return 0
+                return self._idle()
             records = await conn.fetch(
                 """SELECT id, channel, event_type, payload, job, correlation_id, created_at
                    FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1""",
                 RELAY_BATCH,
             )
             if not records:
-                return 0
+                return self._idle()
             rows = [OutboxRow(**dict(r)) for r in records]
             rejected = await self._publish(rows)
             await conn.execute(
@@ -145,6 +149,12 @@ class OutboxRelay:
         if self._on_published:
             self._on_published(rows)
         return len(rows)
+
+    def _idle(self) -> int:
+        """A round that published nothing: tell ``on_idle``; 0 rows."""
+        if self._on_idle:
+            self._on_idle()
+        return 0
 
     async def _publish(self, rows: list[OutboxRow]) -> dict[int, str]:
         """XADD every row's event and enqueue its job; return rows whose job was set aside."""

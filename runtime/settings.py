@@ -252,6 +252,16 @@ def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _fraction_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, float], ...]:
+    """:func:`_pairs` whose numbers are shares of attempts, so between 0 and 1."""
+    pairs = _pairs(env, name)
+    for key, number in pairs:
+        if number > 1:
+            raise ConfigError(f"{name} takes shares between 0 and 1 (emails=0.5), "
+                              f"got {key}={number:g}")
+    return pairs
+
+
 def _pairs_text(pairs: tuple[tuple[str, float], ...]) -> str:
     """The ``queue=number,...`` form :func:`_pairs` reads."""
     return ",".join(f"{key}={value!r}" for key, value in pairs)
@@ -344,9 +354,11 @@ _ENV_NAMES: Mapping[str, str] = {
     "monitor_oldest_age_threshold_s": "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLD_S",
     "monitor_oldest_age_thresholds_s": "SHOPFLOW_MONITOR_OLDEST_AGE_THRESHOLDS_S",
     "monitor_failure_rate_threshold": "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD",
+    "monitor_failure_rate_thresholds": "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLDS",
     "monitor_failure_rate_window_s": "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S",
     "monitor_failure_rate_min_jobs": "SHOPFLOW_MONITOR_FAILURE_RATE_MIN_JOBS",
     "monitor_no_consumer_grace_s": "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S",
+    "monitor_no_consumer_graces_s": "SHOPFLOW_MONITOR_NO_CONSUMER_GRACES_S",
     "alert_webhook_timeout_s": "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S",
     "alert_webhook_attempts": "SHOPFLOW_ALERT_WEBHOOK_ATTEMPTS",
     "alert_resolve_after_s": "SHOPFLOW_ALERT_RESOLVE_AFTER_S",
@@ -490,9 +502,11 @@ class Settings:
     monitor_oldest_age_threshold_s: float = DEFAULT_MONITOR_OLDEST_AGE_THRESHOLD_S
     monitor_oldest_age_thresholds_s: tuple[tuple[str, float], ...] = ()
     monitor_failure_rate_threshold: float = DEFAULT_MONITOR_FAILURE_RATE_THRESHOLD
+    monitor_failure_rate_thresholds: tuple[tuple[str, float], ...] = ()
     monitor_failure_rate_window_s: int = DEFAULT_MONITOR_FAILURE_RATE_WINDOW_S
     monitor_failure_rate_min_jobs: int = DEFAULT_MONITOR_FAILURE_RATE_MIN_JOBS
     monitor_no_consumer_grace_s: float = DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
+    monitor_no_consumer_graces_s: tuple[tuple[str, float], ...] = ()
     alert_webhook_timeout_s: float = DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
     alert_webhook_attempts: int = DEFAULT_ALERT_WEBHOOK_ATTEMPTS
     alert_resolve_after_s: int = DEFAULT_ALERT_RESOLVE_AFTER_S
@@ -648,6 +662,8 @@ class Settings:
             monitor_failure_rate_threshold=_float(
                 e, "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD", DEFAULT_MONITOR_FAILURE_RATE_THRESHOLD
             ),
+            monitor_failure_rate_thresholds=_fraction_pairs(
+                e, "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLDS"),
             monitor_failure_rate_window_s=_int(
                 e, "SHOPFLOW_MONITOR_FAILURE_RATE_WINDOW_S", DEFAULT_MONITOR_FAILURE_RATE_WINDOW_S, 60
             ),
@@ -657,6 +673,7 @@ class Settings:
             monitor_no_consumer_grace_s=_float(
                 e, "SHOPFLOW_MONITOR_NO_CONSUMER_GRACE_S", DEFAULT_MONITOR_NO_CONSUMER_GRACE_S
             ),
+            monitor_no_consumer_graces_s=_pairs(e, "SHOPFLOW_MONITOR_NO_CONSUMER_GRACES_S"),
             alert_webhook_timeout_s=_float(
                 e, "SHOPFLOW_ALERT_WEBHOOK_TIMEOUT_S", DEFAULT_ALERT_WEBHOOK_TIMEOUT_S
             ),

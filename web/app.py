@@ -178,7 +178,8 @@ def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
 
     def start() -> pykka.ActorRef[Any]:
         relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
-                            settings.outbox_poll_s, on_published=on_published)
+                            settings.outbox_poll_s, on_published=on_published,
+                            on_idle=lambda: metrics.outbox_lag.set(0))
         # stop=: the relay ends its round and returns, even if a cancel would be swallowed.
         return TaskActor.start(bridge, RELAY_CHILD, relay.run, stop=relay.stop,
                                mailbox=MailboxConfig.from_settings(settings))

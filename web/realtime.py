@@ -48,6 +48,7 @@ from actors.notifier.streams import StreamId, parse_id
 from runtime.actor import MailboxConfig, TaskActor
 from runtime.errors import Unauthenticated
 from runtime.loop import LoopBridge
+from runtime.metrics import Metrics, get_metrics
 from runtime.settings import DEFAULT_WS_SEND_QUEUE_MAX_BYTES, Settings
 from runtime.supervision import ChildSpec, Restart
 from web.auth import Principal, bearer_token, ensure_signer
@@ -75,6 +76,8 @@ CLOSE_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 10.0
 # The notifier's id under the api's root supervisor.
 NOTIFIER_CHILD = "notifier"
+# How every event frame starts (actors.notifier.streams.parse_entry builds it, type then channel).
+EVENT_FRAME_PREFIX = '{"type":"event","channel":"'
 
 NOTIFIER_KEY = web.AppKey("notifier", Notifier)
 CONNECTIONS_KEY = web.AppKey("ws_connections", set)
@@ -189,6 +192,29 @@ class SendQueue:
         return text
 
 
+class WsMetrics:
+    """The WebSocket's two metrics: open connections, and events sent per channel.
+
+    The per-channel counters are looked up once, not per frame (``labels()`` is
+    a dict lookup under a lock). Built at app start-up, never at import.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.connections = metrics.websocket_connections
+        self._sent = {c: metrics.websocket_events_sent.labels(c) for c in CHANNELS}
+
+    def count_sent(self, text: str) -> None:
+        """Count ``text`` if it is an event frame (control messages are not events)."""
+        if text.startswith(EVENT_FRAME_PREFIX):
+            channel = text[len(EVENT_FRAME_PREFIX):].partition('"')[0]
+            counter = self._sent.get(channel)
+            if counter is not None:
+                counter.inc()
+
+
+WS_METRICS_KEY = web.AppKey("ws_metrics", WsMetrics)
+
+
 class BadMessage(Exception):
     """A client frame that is not a valid protocol message (answered with an error)."""
 
@@ -203,8 +229,10 @@ class Connection:
     def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
                  transport: asyncio.BaseTransport | None = None,
                  queue_max_bytes: int = DEFAULT_WS_SEND_QUEUE_MAX_BYTES,
-                 record: RealtimeRecord | None = None) -> None:
+                 record: RealtimeRecord | None = None,
+                 metrics: WsMetrics | None = None) -> None:
         self.ws = ws
+        self._metrics = metrics
         # Kept to cut a client that will not even take a close frame.
         self._transport = transport
         self.principal = principal
@@ -229,6 +257,8 @@ class Connection:
             while True:
                 text = await self._queue.get()
                 await self.ws.send_str(text)
+                if self._metrics is not None:
+                    self._metrics.count_sent(text)
         except ConnectionError:
             return  # the peer went away; the read loop ends the connection
 
@@ -377,8 +407,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated: missing, bad or "
                                                           b"expired token")
         return ws
+    metrics = request.app[WS_METRICS_KEY]
     conn = Connection(ws, principal, settings.ws_send_queue_max, request.transport,
-                      settings.ws_send_queue_max_bytes, request.app[RECORD_KEY])
+                      settings.ws_send_queue_max_bytes, request.app[RECORD_KEY], metrics)
     connections: set[Connection] = request.app[CONNECTIONS_KEY]
     connections.add(conn)
     conn.start()
@@ -387,9 +418,11 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         "channels": [c for c in CHANNELS if may_subscribe(principal, c)],
         "expires_at": principal.expires_at_s,
     })
+    metrics.connections.inc()
     try:
         await _read_loop(request.app, conn)
     finally:
+        metrics.connections.dec()  # whatever ended it: a close, a refusal, a dropped socket
         connections.discard(conn)
         request.app[NOTIFIER_KEY].drop(conn)
         await conn.finish()
@@ -499,6 +532,7 @@ def _notifier_ctx(settings: Settings) -> Any:
             socket_timeout=settings.notifier_block_ms / 1000 + 5, socket_connect_timeout=2,
         )
         signer = ensure_signer(app, settings)
+        app[WS_METRICS_KEY] = WsMetrics(get_metrics(settings))
         app[NOTIFIER_KEY] = Notifier(
             client, settings.namespace, block_ms=settings.notifier_block_ms,
             expired=lambda viewer: isinstance(viewer, Principal) and viewer.expired(

@@ -106,10 +106,11 @@ def concern(ctx: ProcessContext) -> Concern:
     pager = make_refusal_pager(ctx, metrics)
 
     async def handle(order_id: int) -> str:
-        status = await advance(ctx.pool, gateway, order_id, pager)
-        if status == READY_TO_SHIP:
-            metrics.order_latency.labels(status).observe(await order_age_s(ctx.pool, order_id))
-        return status
+        async def observe_latency() -> None:
+            age_s = await order_age_s(ctx.pool, order_id)
+            metrics.order_latency.labels(READY_TO_SHIP).observe(age_s)
+
+        return await advance(ctx.pool, gateway, order_id, pager, on_ready_to_ship=observe_latency)
 
     def start() -> pykka.ActorRef[ServiceActor]:
         return start_service_actor(ctx, "fulfillment", handle)

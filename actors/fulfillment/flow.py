@@ -133,10 +133,14 @@ async def order_age_s(pool: asyncpg.Pool, order_id: int) -> float:
 
 
 async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int,
-                  outcomes: StepOutcomes | None = None) -> str:
+                  outcomes: StepOutcomes | None = None,
+                  on_ready_to_ship: Callable[[], Awaitable[None]] | None = None) -> str:
     """Take the order one step along the flow; return its status afterwards.
 
     ``outcomes`` hears how the label and packing calls went (default: nobody).
+    ``on_ready_to_ship`` is awaited once per order, by the step that moved it
+    to ``ready_to_ship`` (not by a redelivered step that finds it there), so a
+    latency measured in it counts each order once.
     """
     outcomes = outcomes or NoOutcomes()
     async with pool.acquire() as conn:
@@ -180,8 +184,10 @@ async def advance(pool: asyncpg.Pool, gateway: ShippingGateway, order_id: int,
                 "UPDATE shipments SET packing_ref = $2, updated_at = now() WHERE order_id = $1",
                 order_id, packing_ref,
             )
-        await _move(pool, order_id, state.LABEL_CREATED, state.READY_TO_SHIP, store_packing,
-                    next_step=False)
+        moved = await _move(pool, order_id, state.LABEL_CREATED, state.READY_TO_SHIP,
+                            store_packing, next_step=False)
         outcomes.passed(SERVICE_OF_STEP[STEP_PACKING], STEP_PACKING, order_id)
+        if moved and on_ready_to_ship is not None:
+            await on_ready_to_ship()
         return state.READY_TO_SHIP
     return str(status)

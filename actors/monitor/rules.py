@@ -7,7 +7,7 @@ and resolves on the first clear one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors.monitor.queue_stats import QueueStats
 from runtime.alerts import Alert, Severity
@@ -21,7 +21,7 @@ NO_CONSUMER = "QueueNoConsumer"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Alert thresholds, with per-queue overrides of the backlog and age limits."""
+    """Alert thresholds, each with per-queue overrides (a queue not named takes the default)."""
 
     backlog: int
     backlog_by_queue: dict[str, float]
@@ -30,6 +30,8 @@ class Thresholds:
     failure_ratio: float
     failure_min_attempts: int
     no_consumer_grace_s: float
+    failure_ratio_by_queue: dict[str, float] = field(default_factory=dict)
+    no_consumer_grace_s_by_queue: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:
@@ -42,6 +44,8 @@ class Thresholds:
             failure_ratio=settings.monitor_failure_rate_threshold,
             failure_min_attempts=settings.monitor_failure_rate_min_jobs,
             no_consumer_grace_s=settings.monitor_no_consumer_grace_s,
+            failure_ratio_by_queue=dict(settings.monitor_failure_rate_thresholds),
+            no_consumer_grace_s_by_queue=dict(settings.monitor_no_consumer_graces_s),
         )
 
     def backlog_for(self, queue: str) -> float:
@@ -51,6 +55,14 @@ class Thresholds:
     def oldest_age_s_for(self, queue: str) -> float:
         """Longest a job may wait in ``queue`` before it alerts."""
         return self.oldest_age_s_by_queue.get(queue, self.oldest_age_s)
+
+    def failure_ratio_for(self, queue: str) -> float:
+        """Largest share of failed attempts ``queue`` may have before it alerts."""
+        return self.failure_ratio_by_queue.get(queue, self.failure_ratio)
+
+    def no_consumer_grace_s_for(self, queue: str) -> float:
+        """How long work may wait in ``queue`` with no consumer before it alerts."""
+        return self.no_consumer_grace_s_by_queue.get(queue, self.no_consumer_grace_s)
 
 
 def evaluate(stats: QueueStats, limits: Thresholds) -> list[tuple[Alert, bool]]:
@@ -84,12 +96,13 @@ def _oldest_age(stats: QueueStats, limits: Thresholds) -> tuple[Alert, bool]:
 
 def _failure_rate(stats: QueueStats, limits: Thresholds) -> tuple[Alert, bool]:
     ratio = stats.failure_ratio or 0.0
+    limit = limits.failure_ratio_for(stats.queue)
     alert = Alert(FAILURE_RATE, Severity.CRITICAL,
                   f"{ratio:.0%} of {stats.attempts_in_window} attempts failed in {stats.queue} "
-                  f"(limit {limits.failure_ratio:.0%})", _labels(stats),
-                  {"failures": stats.failures_in_window, "attempts": stats.attempts_in_window})
-    firing = (stats.attempts_in_window >= limits.failure_min_attempts
-              and ratio > limits.failure_ratio)
+                  f"(limit {limit:.0%})", _labels(stats),
+                  {"failures": stats.failures_in_window, "attempts": stats.attempts_in_window,
+                   "limit": limit})
+    firing = stats.attempts_in_window >= limits.failure_min_attempts and ratio > limit
     return alert, firing
 
 
@@ -98,5 +111,6 @@ def _no_consumer(stats: QueueStats, limits: Thresholds) -> tuple[Alert, bool]:
     alert = Alert(NO_CONSUMER, Severity.CRITICAL,
                   f"{stats.waiting} jobs wait in {stats.queue} and no live worker consumes it",
                   _labels(stats), {"waiting": stats.waiting, "oldest_waiting_age_s": age_s})
-    firing = stats.waiting > 0 and stats.consumers == 0 and age_s >= limits.no_consumer_grace_s
+    grace_s = limits.no_consumer_grace_s_for(stats.queue)
+    firing = stats.waiting > 0 and stats.consumers == 0 and age_s >= grace_s
     return alert, firing

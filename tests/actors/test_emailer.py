@@ -42,6 +42,23 @@ async def test_retries_and_concurrent_duplicates_send_one_email(pool: asyncpg.Po
     assert await pool.fetchval("SELECT attempts FROM email_log") == 1
 
 
+async def test_the_confirmation_carries_the_orders_correlation_id(pool: asyncpg.Pool,
+                                                                  tmp_path: Path) -> None:
+    """The trail (``shopflow trace``) finds the e-mail by the order's correlation id alone."""
+    async with pool.acquire() as conn:
+        await make_shop(conn, {1: 5})
+        order_id = await make_order(conn, 1, {1: 1})
+        other_id = await make_order(conn, 1, {1: 1})
+    for oid in (order_id, other_id):
+        await send_order_confirmation(pool, OutboxTransport(tmp_path), oid, ZONE)
+    rows = await pool.fetch(
+        """SELECT e.order_id, e.correlation_id AS email_cid, o.correlation_id AS order_cid
+             FROM email_log e JOIN orders o ON o.id = e.order_id ORDER BY e.order_id""")
+    assert [r["order_id"] for r in rows] == [order_id, other_id]
+    assert all(r["email_cid"] is not None and r["email_cid"] == r["order_cid"] for r in rows)
+    assert rows[0]["email_cid"] != rows[1]["email_cid"]
+
+
 class FlakyTransport:
     """Fails the first call after 'accepting' it, like a timeout after the provider got it."""
 

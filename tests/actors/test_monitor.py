@@ -33,7 +33,7 @@ from runtime.broker import (
     setup_broker,
 )
 from runtime.cli import main
-from runtime.errors import PermanentJobError
+from runtime.errors import ConfigError, PermanentJobError
 from runtime.metrics import get_metrics
 from runtime.metrics_middleware import MetricsMiddleware
 from runtime.settings import Settings
@@ -42,7 +42,8 @@ from tests.runtime.webhook_receiver import Receiver, webhook_receiver
 
 LIMITS = Thresholds(backlog=1000, backlog_by_queue={"emails": 5}, oldest_age_s=300,
                     oldest_age_s_by_queue={}, failure_ratio=0.2, failure_min_attempts=20,
-                    no_consumer_grace_s=60)
+                    no_consumer_grace_s=60, failure_ratio_by_queue={"support": 0.5},
+                    no_consumer_grace_s_by_queue={"inventory": 10})
 
 
 def _stats(**changes: object) -> QueueStats:
@@ -66,6 +67,14 @@ def _stats(**changes: object) -> QueueStats:
     ({"waiting": 1, "consumers": 0, "oldest_waiting_age_s": 59.0}, set()),
     ({"waiting": 1, "consumers": 0, "oldest_waiting_age_s": 60.0}, {NO_CONSUMER}),
     ({"waiting": 0, "consumers": 0, "oldest_waiting_age_s": None}, set()),
+    # Per-queue overrides: support tolerates half its attempts failing, inventory no idle wait.
+    ({"queue": "support", "attempts_in_window": 20, "failures_in_window": 10}, set()),
+    ({"queue": "support", "attempts_in_window": 20, "failures_in_window": 11}, {FAILURE_RATE}),
+    ({"queue": "inventory", "attempts_in_window": 20, "failures_in_window": 5}, {FAILURE_RATE}),
+    ({"queue": "inventory", "waiting": 1, "consumers": 0, "oldest_waiting_age_s": 9.0}, set()),
+    ({"queue": "inventory", "waiting": 1, "consumers": 0, "oldest_waiting_age_s": 10.0},
+     {NO_CONSUMER}),
+    ({"queue": "support", "waiting": 1, "consumers": 0, "oldest_waiting_age_s": 59.0}, set()),
 ])
 def test_rules(changes: dict[str, object], fires: set[str]) -> None:
     assert {alert.name for alert, firing in evaluate(_stats(**changes), LIMITS) if firing} == fires
@@ -78,6 +87,32 @@ def test_thresholds_come_from_settings() -> None:
     assert (limits.backlog_for("emails"), limits.backlog_for("support"),
             limits.backlog_for("inventory")) == (5, 50, 1000)
     assert (limits.oldest_age_s_for("emails"), limits.oldest_age_s_for("support")) == (30, 300)
+
+
+def test_failure_rate_and_no_consumer_overrides_come_from_settings() -> None:
+    settings = Settings.from_env({"SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLDS": "support=0.5",
+                                  "SHOPFLOW_MONITOR_NO_CONSUMER_GRACES_S": "emails=15,analytics=600",
+                                  "SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLD": "0.1"})
+    limits = Thresholds.from_settings(settings)
+    assert (limits.failure_ratio_for("support"), limits.failure_ratio_for("emails")) == (0.5, 0.1)
+    assert (limits.no_consumer_grace_s_for("emails"), limits.no_consumer_grace_s_for("analytics"),
+            limits.no_consumer_grace_s_for("support")) == (15, 600, 60)
+    alert, firing = next((a, f) for a, f in evaluate(
+        _stats(queue="support", attempts_in_window=20, failures_in_window=8), limits)
+        if a.name == FAILURE_RATE)
+    assert not firing and "limit 50%" in alert.summary
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLDS", "support=1.5"),
+    ("SHOPFLOW_MONITOR_FAILURE_RATE_THRESHOLDS", "support"),
+    ("SHOPFLOW_MONITOR_NO_CONSUMER_GRACES_S", "emails=-1"),
+    ("SHOPFLOW_MONITOR_NO_CONSUMER_GRACES_S", "emails=soon"),
+])
+def test_bad_per_queue_overrides_are_refused_with_the_variable_named(variable: str,
+                                                                     raw: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: raw})
 
 
 @pytest.fixture

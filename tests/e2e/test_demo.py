@@ -39,6 +39,10 @@ async def _facts(settings: Settings) -> dict[str, object]:
                 "SELECT count(*) FROM email_log WHERE kind = 'order_confirmation' AND status = 'sent'"),
             "emails_per_order_max": await conn.fetchval(
                 "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM email_log GROUP BY order_id) x"),
+            # Every e-mail an order caused carries the order's correlation id (the trail's key).
+            "emails_off_the_trail": await conn.fetchval(
+                """SELECT count(*) FROM email_log e JOIN orders o ON o.id = e.order_id
+                   WHERE e.correlation_id IS DISTINCT FROM o.correlation_id"""),
             "reserved_mismatch": await conn.fetchval(
                 """SELECT count(*) FROM inventory i WHERE i.reserved_quantity <>
                    coalesce((SELECT sum(quantity) FROM inventory_reservations r WHERE r.product_id = i.product_id), 0)
@@ -54,16 +58,22 @@ FLOW = ["pending", "reserved", "paid", "allocated", "processing", "label_created
 
 def _one_orders_story_is_whole(settings: Settings) -> None:
     """`shopflow trace`'s view of a shipped order: every status, its events and its e-mail."""
-    async def story() -> tuple[dict[str, object], list[TrailEntry]]:
+    async def story() -> tuple[dict[str, object], list[TrailEntry], list[object]]:
         conn = await db.connect(settings.database_url or "")
         try:
             order_id = await conn.fetchval(
                 "SELECT min(id) FROM orders WHERE status = 'ready_to_ship'")
-            return await load_trail(conn, order_id)
+            order, entries = await load_trail(conn, order_id)
+            # The trace finds e-mails by correlation id OR order id; the row must carry the id.
+            email_cids = [r["correlation_id"] for r in await conn.fetch(
+                "SELECT correlation_id FROM email_log WHERE order_id = $1", order_id)]
+            cid = await conn.fetchval("SELECT correlation_id FROM orders WHERE id = $1", order_id)
+            assert email_cids == [cid], (email_cids, cid)
+            return order, entries, email_cids
         finally:
             await conn.close()
 
-    _order, entries = asyncio.run(story())
+    _order, entries, _ = asyncio.run(story())
     statuses = [e.step.split("->")[-1].strip() for e in entries if e.source == "status"]
     assert statuses == FLOW, statuses
     assert [e for e in entries if e.source == "email"], "the confirmation e-mail is in the story"
@@ -128,6 +138,7 @@ def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) 
     assert facts["failed_without_reason"] == 0
     assert facts["emails"] == facts["shipped"]  # every paid order: exactly one e-mail
     assert facts["emails_per_order_max"] == 1
+    assert facts["emails_off_the_trail"] == 0
     assert facts["reserved_mismatch"] == 0
     _one_orders_story_is_whole(settings)
     eml = list(Path(settings.mail_dir).glob("*.eml"))

@@ -1,7 +1,9 @@
 """ops/prometheus: promtool checks it, and a real Prometheus scrapes real metrics.
 
 Both need Debian's ``prometheus`` package (promtool and the server); without it
-these tests skip.
+these tests skip. One end-to-end test scrapes a test endpoint fed by helper
+processes; the other scrapes a real ``shopflow web`` process while real
+``shopflow worker`` processes (one of them SIGKILLed) run jobs.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from actors.monitor.messages import CHECK_QUEUES
+from runtime.broker import setup_broker
 from runtime.metrics import prepare_metrics_dir
 from runtime.observability import metrics_handler
 from runtime.settings import Settings
-from tests.runtime.metrics_helpers import kill_process, process_env, start_process
-from tests.support import free_port
+from tests.runtime.metrics_helpers import (
+    kill_process,
+    process_env,
+    scrape,
+    start_process,
+    value,
+)
+from tests.support import free_port, http_ready, spawn, stop, wait_until, with_http_port
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -65,6 +75,98 @@ async def _query(session: aiohttp.ClientSession, base: str, promql: str) -> list
     return result
 
 
+async def _start_prometheus(tmp_path: Path, target: str,
+                            rules: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+    """A real Prometheus scraping ``target`` every second; returns it and its base URL."""
+    if rules:
+        shutil.copy(OPS / "alerts.yml", tmp_path / "alerts.yml")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        + ("rule_files: [alerts.yml]\n" if rules else "")
+        + "scrape_configs:\n"
+        "  - job_name: shopflow-api\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n")
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        PROMETHEUS or "", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def _query_until(session: aiohttp.ClientSession, server: asyncio.subprocess.Process,
+                       base: str, promql: str, want: float, timeout_s: float = 30.0) -> float:
+    """Query ``promql`` until its first value is ``want`` (or the timeout); the last value seen."""
+    seen = float("nan")
+    async with asyncio.timeout(timeout_s):
+        while server.returncode is None:
+            result = await _query(session, base, promql)
+            if result:
+                seen = float(result[0]["value"][1])  # type: ignore[index]
+                if seen == want:
+                    break
+            await asyncio.sleep(0.1)
+    assert server.returncode is None, "prometheus exited early"
+    return seen
+
+
+def _maintenance_jobs(settings: Settings) -> float:
+    """monitor_check_queues jobs completed, summed over every process (a local scrape)."""
+    return value(scrape(settings), "shopflow_jobs_total", queue="maintenance",
+                 actor="monitor_check_queues", outcome="completed") or 0.0
+
+
+def _check_queues(settings: Settings, times: int) -> None:
+    broker = setup_broker(settings)
+    try:
+        for _ in range(times):
+            CHECK_QUEUES.send(broker)
+    finally:
+        broker.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt package prometheus)")
+async def test_a_real_prometheus_scrapes_a_real_api_summing_real_workers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """``shopflow web`` serves /metrics; two flow workers in turn (the first SIGKILLed) ran
+    the queue monitor's job 3 + 2 times; Prometheus reads 5 from the api."""
+    settings = with_http_port(settings)
+    prepare_metrics_dir(settings)
+    api = spawn(settings, "web", log_name="api")
+    workers = [spawn(settings, "worker", "--kind", "flow", log_name="flow-1")]
+    server = None
+    try:
+        await asyncio.to_thread(wait_until, lambda: http_ready(settings.http_port), 60,
+                                "the api to listen")
+        _check_queues(settings, 3)
+        await asyncio.to_thread(wait_until, lambda: _maintenance_jobs(settings) == 3, 60,
+                                "the first worker to run 3 jobs")
+        workers[0].kill()  # SIGKILL: no exit hooks, as in a crash
+        workers[0].wait(10)
+        workers.append(spawn(settings, "worker", "--kind", "flow", log_name="flow-2"))
+        _check_queues(settings, 2)
+        await asyncio.to_thread(wait_until, lambda: _maintenance_jobs(settings) == 5, 60,
+                                "the second worker to run 2 more jobs")
+        server, base = await _start_prometheus(tmp_path, f"127.0.0.1:{settings.http_port}")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            promql = ('sum(shopflow_jobs_total{queue="maintenance",'
+                      'actor="monitor_check_queues",outcome="completed"})')
+            assert await _query_until(session, server, base, promql, 5) == 5
+            assert await _query_until(session, server, base, 'up{job="shopflow-api"}', 1) == 1
+            # The api's own series come from the same scrape: its WebSocket gauge, summed too.
+            assert await _query_until(session, server, base,
+                                      "sum(shopflow_websocket_connections)", 0) == 0
+    finally:
+        if server is not None:
+            server.terminate()
+            await asyncio.wait_for(server.wait(), 30)
+        for proc in (*workers[1:], api):
+            stop(proc)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt package prometheus)")
 async def test_a_real_prometheus_scrapes_the_summed_metrics(
@@ -75,20 +177,7 @@ async def test_a_real_prometheus_scrapes_the_summed_metrics(
     for _ in range(2):
         kill_process(start_process(["-m", "tests.runtime.metrics_gauge_process", "3", "100"],
                                    process_env(settings)))
-    shutil.copy(OPS / "alerts.yml", tmp_path / "alerts.yml")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "rule_files: [alerts.yml]\n"
-        "scrape_configs:\n"
-        "  - job_name: shopflow-api\n"
-        f"    static_configs: [{{targets: ['{metrics_endpoint}']}}]\n")
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        PROMETHEUS or "", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    server, base = await _start_prometheus(tmp_path, metrics_endpoint, rules=True)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             result: list[dict[str, object]] = []

@@ -19,6 +19,8 @@ _VALID: dict[str, Any] = {
     "moderation_min_confidence": 0.55,
     "monitor_backlog_thresholds": (("emails", 500.0), ("inventory", 2000.5)),
     "monitor_oldest_age_thresholds_s": (("emails", 120.25),),
+    "monitor_failure_rate_thresholds": (("support", 0.5),),
+    "monitor_no_consumer_graces_s": (("analytics", 600.0), ("emails", 15.5)),
     "queue_max_lengths": (("emails", 10000.0),),
     "queue_full_policy": "fail",
     "token_secret": "a-secret-of-at-least-16-chars",
