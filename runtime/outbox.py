@@ -126,7 +126,12 @@ class OutboxRelay:
         self._on_idle = on_idle
 
     async def publish_batch(self) -> int:
-        """Publish up to :data:`RELAY_BATCH` rows; return how many (0 if another relay holds the lock)."""
+        """Publish up to :data:`RELAY_BATCH` rows; return how many were marked published.
+
+        0 if another relay holds the lock. A row whose job a full queue refused
+        is not marked (nor counted): its event goes out again with the next
+        round (readers de-duplicate on the outbox ``id``), its job once there is room.
+        """
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK_KEY):
                 return self._idle()
@@ -138,17 +143,21 @@ class OutboxRelay:
             if not records:
                 return self._idle()
             rows = [OutboxRow(**dict(r)) for r in records]
-            rejected = await self._publish(rows)
+            rejected, held = await self._publish(rows)
+            published = [r for r in rows if r.id not in held]
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                [r.id for r in rows],
+                [r.id for r in published],
             )
             if rejected:
                 await conn.executemany("UPDATE outbox SET publish_error = $2 WHERE id = $1",
                                        sorted(rejected.items()))
-        if self._on_published:
-            self._on_published(rows)
-        return len(rows)
+        if self._on_published and published:
+            self._on_published(published)
+        if held:
+            log.warning("outbox: %d row(s) wait for room in a full queue; the next round "
+                        "tries again", len(held), extra={"outbox_ids": sorted(held)})
+        return len(published)
 
     def _idle(self) -> int:
         """A round that published nothing: tell ``on_idle``; 0 rows."""
@@ -156,8 +165,12 @@ class OutboxRelay:
             self._on_idle()
         return 0
 
-    async def _publish(self, rows: list[OutboxRow]) -> dict[int, str]:
-        """XADD every row's event and enqueue its job; return rows whose job was set aside."""
+    async def _publish(self, rows: list[OutboxRow]) -> tuple[dict[int, str], set[int]]:
+        """XADD every row's event and enqueue its job.
+
+        Returns the rows whose job was set aside (with the reason) and the rows
+        whose job a full queue refused (left unpublished for the next round).
+        """
         pipe = self._redis.pipeline(transaction=False)
         for row in rows:
             pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
@@ -166,28 +179,34 @@ class OutboxRelay:
         jobs = [(row.id, 0, _with_correlation(row.job, row.correlation_id))
                 for row in rows if row.job]
         if not jobs:
-            return {}
+            return {}, set()
         return await asyncio.to_thread(self._enqueue_all, jobs)
 
-    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]) -> dict[int, str]:
+    def _enqueue_all(self, jobs: list[tuple[int, int, dict[str, Any]]]
+                     ) -> tuple[dict[int, str], set[int]]:
         """Enqueue each row's job under an id derived from the row, never blocking.
 
         A row published twice (a crash after publishing, before marking) finds
-        its job already there; a full queue raises QueueFull, which leaves the
-        batch unmarked for the next round instead of stalling the relay. A job
-        that can never be enqueued (ValidationError) is set aside and returned
-        with the reason, so one bad row cannot hold up every event behind it.
+        its job already there. A full queue raises QueueFull: that row is held
+        (left unpublished, so the next round enqueues its job once there is
+        room) and the rows behind it go on, so one full queue does not stall
+        every event and job of the batch. A job that can never be enqueued
+        (ValidationError) is set aside and returned with the reason, so one
+        bad row cannot hold up every event behind it.
         """
         rejected: dict[int, str] = {}
+        held: set[int] = set()
         for row_id, n, job in jobs:
             try:
                 enqueue_job(self._broker, job, job_id=f"outbox-{row_id}-{n}", block=False,
                             dedup_s=RELAY_DEDUP_S)
+            except QueueFull:
+                held.add(row_id)
             except ValidationError as exc:
                 log.error("outbox row %d: its job was set aside, it can never be enqueued: %s",
                           row_id, exc, extra={"outbox_id": row_id, "job": job})
                 rejected[row_id] = str(exc)
-        return rejected
+        return rejected, held
 
     def stop(self) -> None:
         """Make :meth:`run` return after the round in progress (call on the relay's loop).

@@ -190,6 +190,18 @@ class JobBroker(RedisBroker):
         self.jobs = JobScript(self.client, self.keys)
         self.hooks = JobHooks()
         self.held = HeldMessages()
+        self._process_booted = False
+
+    def boot_process(self) -> None:
+        """Emit Dramatiq's ``process_boot`` once for this broker (idempotent; main thread).
+
+        Dramatiq's own CLI emits it; our worker processes do not run that CLI.
+        Without it TimeLimit never starts its watchdog thread, and neither a
+        job's ``timeout_ms`` nor the default time limit ever interrupts a job.
+        """
+        if not self._process_booted:
+            self._process_booted = True
+            self.emit_after("process_boot")
 
     @property
     def consumer_class(self) -> type[JobConsumer]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,9 @@ from runtime.jobs.store import JOB_STATES, JobStore
 from runtime.settings import Settings
 
 Action = Callable[[argparse.Namespace, JobStore], Awaitable[int]]
+# A watched job's events end with one of these; a job in one of these states has ended.
+ENDED_EVENTS = frozenset({"completed", "skipped", "failed", "cancelled", "dead", "removed"})
+ENDED_STATES = frozenset({"completed", "skipped", "failed", "cancelled", "dead"})
 
 
 def _store_for(settings: Settings, client: aioredis.Redis) -> JobStore:
@@ -157,12 +161,43 @@ async def _send(args: argparse.Namespace, store: JobStore) -> int:
 
 
 async def _watch(args: argparse.Namespace, store: JobStore) -> int:
+    """Follow events (of one job, until it ends) for at most ``--timeout-s``."""
     try:
-        async for event in store.events(since="$", job_id=args.job_id):
-            print(json.dumps(event, default=str), flush=True)
+        async with asyncio.timeout(args.timeout_s):
+            await _follow(store, args.job_id)
+    except TimeoutError:
+        if args.job_id is not None:
+            print(f"job {args.job_id} did not end within {args.timeout_s} s", file=sys.stderr)
+            return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0
+
+
+async def _follow(store: JobStore, job_id: str | None) -> None:
+    """Print events as JSON lines; for one job, its state first, and stop when it ends.
+
+    The stream position is taken before the job is read, so no event between
+    the two is missed; the first line tells a caller the watch has begun.
+    """
+    since = await store.events_tail()
+    if job_id is not None:
+        job = await store.get(job_id)
+        state = job["state"] if job is not None else None
+        print(json.dumps({"job_id": job_id, "state": state}), flush=True)
+        if state in ENDED_STATES:
+            return
+    async for event in store.events(since=since, job_id=job_id):
+        print(json.dumps(event, default=str), flush=True)
+        if job_id is not None and event.get("event") in ENDED_EVENTS:
+            return
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValidationError("--timeout-s must be above 0")
+    return value
 
 
 def _positive(raw: str) -> int:
@@ -213,5 +248,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("args", nargs="*", help="arguments, each JSON (or a plain string)")
     send.add_argument("-o", "--option", type=_option, action="append",
                       help="a job option, name=value (JSON value), e.g. -o priority=5")
-    watch = cmd("watch", _watch, "follow job events as JSON lines (Ctrl-C stops)")
-    watch.add_argument("job_id", nargs="?", help="only this job")
+    watch = cmd("watch", _watch, "follow job events as JSON lines: one job's until it ends, "
+                "or every job's (Ctrl-C stops)")
+    watch.add_argument("job_id", nargs="?", help="only this job: its state, then its events "
+                       "until it ends")
+    watch.add_argument("--timeout-s", type=_seconds, default=None,
+                       help="stop after this long (exit 1 if the watched job has not ended)")

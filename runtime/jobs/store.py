@@ -225,6 +225,15 @@ class JobStore:
                 views.append(job_view(record, bodies[n] if bodies else None))
         return views
 
+    async def events_tail(self) -> str:
+        """The id of the newest lifecycle event (``0`` if none).
+
+        Taken before reading a job, it is where to follow the stream from so
+        that no event between the read and the first XREAD is missed.
+        """
+        newest = await self._redis.xrevrange(self.keys.events, count=1)
+        return text(newest[0][0]) if newest else "0"
+
     async def events(self, since: str = "$", block_ms: int = 1_000,
                      job_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Follow the lifecycle event stream (optionally of one job), forever."""

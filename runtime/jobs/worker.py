@@ -29,7 +29,10 @@ def make_worker(broker: JobBroker, queues: Iterable[str] | None, threads: int) -
     Dramatiq prefetches twice its threads; then a high-priority job sent
     while every thread is busy waits behind the prefetched ones. With a
     prefetch equal to the threads, it is fetched the moment a slot frees.
+    The broker's process boot is emitted first (once): it starts the watchdog
+    of Dramatiq's time limit, which enforces ``timeout_ms``.
     """
+    broker.boot_process()
     worker = dramatiq.Worker(broker, queues=set(queues) if queues else None,
                              worker_threads=threads, worker_timeout=WORKER_THREAD_POLL_MS)
     worker.queue_prefetch = threads
