@@ -169,13 +169,13 @@ async def test_over_the_rate_limit_falls_back_when_set_to(make_deps: MakeDeps, f
 
 
 async def test_over_the_rate_limit_waits_for_the_next_slot(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
-    # 120 requests per minute: a slot every 0.5 s; the third call waits for it
+    # 120 requests per minute: a slot every 0.5 s; each call waits for the next one
     deps = make_deps(support_rpm=120, llm_on_limit="wait", llm_max_wait_s=5.0)
     fake_llm.default = tool({"pong": 1})
-    await deps.limits.take_rate("support", _limits(deps), 0)  # drain the bucket to one slot...
-    for _ in range(118):
-        await deps.limits.take_rate("support", _limits(deps), 0)
-    await deps.llm.ask("support", "sys", "ping", PING)  # ...the last one
+    # drain the bucket until it refuses (however long the draining took, it is empty now)
+    while await deps.limits.take_rate("support", _limits(deps), 0) == 0:
+        pass
+    await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
     await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
     first, second = fake_llm.requests
     assert second.at_s - first.at_s >= 0.3
