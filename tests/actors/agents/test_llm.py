@@ -13,7 +13,8 @@ import pytest
 
 from actors.agents import recommendation as reco
 from actors.agents.deps import AgentDeps
-from actors.agents.llm import Tool, estimate_tokens
+from actors.agents.limits import AgentLimits
+from actors.agents.llm import Tool, agent_limits, estimate_tokens
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
 from tests.actors.agents.conftest import Clock, MakeDeps, metric
 from tests.actors.agents.fake_anthropic import (
@@ -251,7 +252,5 @@ async def test_without_a_key_nothing_is_sent(make_deps: MakeDeps, fake_llm: Fake
     assert info.value.reason == "no_api_key" and not fake_llm.requests
 
 
-def _limits(deps):  # type: ignore[no-untyped-def]
-    from actors.agents.llm import agent_limits
-
+def _limits(deps: AgentDeps) -> AgentLimits:
     return agent_limits(deps.settings, "support")
