@@ -3,7 +3,8 @@
 The real ``anthropic`` SDK is pointed at it with ``base_url``. Each request to
 ``POST /v1/messages`` is recorded (body, headers, arrival time) and answered by
 the next scripted step: a tool call, prose, an error status with headers, a
-response cut at ``max_tokens``, or a hang that outlasts the client's timeout.
+response cut at ``max_tokens``, an answer after a delay, or a hang that
+outlasts the client's timeout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -51,6 +52,12 @@ class Step:
     input_tokens: int = 120
     output_tokens: int = 40
     stop_reason: str | None = None
+    delay_s: float = 0.0  # the server takes this long before answering
+
+
+def slow(step: Step, delay_s: float) -> Step:
+    """``step``, answered only after ``delay_s`` (a model that takes its time)."""
+    return replace(step, delay_s=delay_s)
 
 
 def tool(input_: Any, input_tokens: int = 120, output_tokens: int = 40) -> Step:
@@ -125,6 +132,8 @@ class FakeAnthropic:
             return _error(500, "api_error", "no scripted answer left")
         if callable(step):
             step = step(body)
+        if step.delay_s:
+            await asyncio.sleep(step.delay_s)
         if step.kind == "hang":
             await self._release.wait()
             return _error(500, "api_error", "released")

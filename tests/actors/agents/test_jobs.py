@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +22,13 @@ from actors.agents.messages import (
     RECOMMEND,
     REFRESH_RECOMMENDATIONS,
 )
-from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPORT, setup_broker
+from runtime.broker import (
+    QUEUE_MODERATION,
+    QUEUE_RECOMMENDATIONS,
+    QUEUE_SUPPORT,
+    job_config,
+    setup_broker,
+)
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 from tests.actors.agents.fake_anthropic import FakeAnthropic, status
@@ -55,10 +62,14 @@ class Finished(Middleware):
             return list(self.done)
 
 
+# Long enough that a retry without backoff could not pass for one with it.
+BACKOFF_MS = 300
+
+
 @pytest.fixture
 def worker_env(settings: Settings, fake_llm: FakeAnthropic) -> Iterator[tuple[Finished, Any]]:
     settings = replace(settings, anthropic_api_key="sk-ant-test", anthropic_base_url=fake_llm.url,
-                       llm_max_retries=0)
+                       llm_max_retries=0, job_backoff_ms=BACKOFF_MS)
     finished = Finished()
     broker = setup_broker(settings, [finished])
     bridge = LoopBridge("agents-test").start()
@@ -88,6 +99,14 @@ async def test_moderation_job_retries_on_api_failure_then_falls_back(
     assert done == [(MODERATE_REVIEW.actor, None)]
     # attempts 1 and 2 raised (Dramatiq retried them); the last attempt used the fallback
     assert len(fake_llm.requests) == deps.settings.job_attempts
+    # each retry waited for the job's backoff (exponential, jitter at most -25 %), above the
+    # SDK's retries (none here): the gaps are the job layer's, not the SDK's
+    policy = job_config(deps.settings).retry
+    arrivals = [r.at_s for r in fake_llm.requests]
+    gaps_ms = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
+    assert [policy.delay_ms(n, unit_random=0.0) for n in range(len(gaps_ms))] == [225, 450]
+    for n, gap_ms in enumerate(gaps_ms):
+        assert gap_ms >= policy.delay_ms(n, unit_random=0.0), gaps_ms
     row = await pool.fetchrow("SELECT status, moderation FROM reviews WHERE id = $1", rid)
     assert row["status"] == "approved" and row["moderation"]["source"] == "fallback"
 

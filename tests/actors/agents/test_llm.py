@@ -12,7 +12,9 @@ from datetime import timedelta
 import pytest
 
 from actors.agents import recommendation as reco
-from actors.agents.llm import Tool
+from actors.agents.deps import AgentDeps
+from actors.agents.limits import AgentLimits
+from actors.agents.llm import Tool, agent_limits, estimate_tokens
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
 from tests.actors.agents.conftest import Clock, MakeDeps, metric
 from tests.actors.agents.fake_anthropic import (
@@ -43,11 +45,16 @@ async def test_429_is_retried_after_the_retry_after_delay(make_deps: MakeDeps, f
     assert metric(deps, "shopflow_agent_calls_total", agent="support", outcome="ok") == 1
 
 
-async def test_529_overloaded_is_retried_then_answered(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
+async def test_529_overloaded_is_retried_after_the_retry_after_delay(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
     deps = make_deps(llm_max_retries=2)
-    fake_llm.push(status(529, "overloaded_error", {"retry-after-ms": "50"}), tool({"pong": 2}))
+    # 1.2 s: longer than the SDK's own first backoff (at most 0.5 s), so only the header explains it
+    fake_llm.push(status(529, "overloaded_error", {"retry-after-ms": "1200"}), tool({"pong": 2}))
     assert (await deps.llm.ask("support", "sys", "ping", PING)).data == {"pong": 2}
-    assert len(fake_llm.requests) == 2
+    first, second = fake_llm.requests
+    assert second.at_s - first.at_s >= 1.15  # the server asked for 1.2 s and got it
+    assert metric(deps, "shopflow_agent_calls_total", agent="support", outcome="ok") == 1
 
 
 async def test_529_that_persists_falls_back_and_is_counted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
@@ -163,16 +170,53 @@ async def test_over_the_rate_limit_falls_back_when_set_to(make_deps: MakeDeps, f
 
 
 async def test_over_the_rate_limit_waits_for_the_next_slot(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
-    # 120 requests per minute: a slot every 0.5 s; the third call waits for it
+    # 120 requests per minute: a slot every 0.5 s; each call waits for the next one
     deps = make_deps(support_rpm=120, llm_on_limit="wait", llm_max_wait_s=5.0)
     fake_llm.default = tool({"pong": 1})
-    await deps.limits.take_rate("support", _limits(deps), 0)  # drain the bucket to one slot...
-    for _ in range(118):
-        await deps.limits.take_rate("support", _limits(deps), 0)
-    await deps.llm.ask("support", "sys", "ping", PING)  # ...the last one
+    # drain the bucket until it refuses (however long the draining took, it is empty now)
+    while await deps.limits.take_rate("support", _limits(deps), 0) == 0:
+        pass
+    await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
     await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
     first, second = fake_llm.requests
     assert second.at_s - first.at_s >= 0.3
+
+
+def _tpm_for_one_call(make: MakeDeps, short_tokens: int, tpm: int) -> tuple[AgentDeps, int]:
+    """Deps whose tokens bucket, after one call reporting the returned usage, is ``short_tokens`` short.
+
+    Requests per minute are plentiful, so only the tokens bucket can refuse.
+    """
+    estimate = estimate_tokens("sys", "ping", PING, 400)
+    used = tpm - estimate + short_tokens
+    return make(support_rpm=1_000, support_tpm=tpm, llm_max_output_tokens=400), used
+
+
+async def test_over_the_tokens_per_minute_limit_falls_back_when_set_to(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    deps, used = _tpm_for_one_call(lambda **kw: make_deps(llm_on_limit="fallback", **kw), 600, 6_000)
+    fake_llm.default = tool({"pong": 1}, input_tokens=used - 40, output_tokens=40)
+    await deps.llm.ask("support", "sys", "ping", PING)
+    with pytest.raises(LlmLimited) as info:
+        await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "rate"
+    assert len(fake_llm.requests) == 1  # the second call never reached the API
+    # the refused call gave its budget reservation back: only the reported usage counts
+    assert await deps.limits.budget_used("support", deps.clock()) == used
+
+
+async def test_over_the_tokens_per_minute_limit_waits_for_the_tokens(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    # 12,000 tokens a minute refill 200 a second: 120 tokens short is a 0.6 s wait
+    deps, used = _tpm_for_one_call(
+        lambda **kw: make_deps(llm_on_limit="wait", llm_max_wait_s=5.0, **kw), 120, 12_000)
+    fake_llm.default = tool({"pong": 1}, input_tokens=used - 40, output_tokens=40)
+    await deps.llm.ask("support", "sys", "ping", PING)
+    await asyncio.wait_for(deps.llm.ask("support", "sys", "ping", PING), timeout=5)
+    first, second = fake_llm.requests
+    assert second.at_s - first.at_s >= 0.45
 
 
 async def test_rate_limits_are_shared_by_every_process(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
@@ -208,7 +252,5 @@ async def test_without_a_key_nothing_is_sent(make_deps: MakeDeps, fake_llm: Fake
     assert info.value.reason == "no_api_key" and not fake_llm.requests
 
 
-def _limits(deps):  # type: ignore[no-untyped-def]
-    from actors.agents.llm import agent_limits
-
+def _limits(deps: AgentDeps) -> AgentLimits:
     return agent_limits(deps.settings, "support")

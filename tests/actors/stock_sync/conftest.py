@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -78,3 +80,70 @@ def make_client(session: aiohttp.ClientSession, url: str, breaker: CircuitBreake
 
 
 MakeDeps = Callable[..., SyncDeps]
+
+
+@dataclass
+class InFlight:
+    """Counts the lookups a server is handling at once, and the most it ever saw."""
+
+    now: int = 0
+    most: int = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                         ) -> web.StreamResponse:
+        if request.path.startswith("/_admin"):
+            return await handler(request)
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            return await handler(request)
+        finally:
+            self.now -= 1
+
+
+@pytest.fixture
+async def counting_warehouse() -> AsyncIterator[tuple[Warehouse, InFlight]]:
+    """The simulator with a recorder of concurrent lookups outside its fault knobs.
+
+    The recorder runs first, so a lookup counts as in flight for the whole
+    injected latency.
+    """
+    app = create_warehouse_app(seed=11)
+    in_flight = InFlight()
+    app.middlewares.insert(0, in_flight.middleware)
+    async with serve(app) as url:
+        yield Warehouse(url, app), in_flight
+
+
+@contextmanager
+def unaccepting_address(max_fillers: int = 256) -> Iterator[str]:
+    """A local URL whose TCP handshake never completes: a listener with a full backlog.
+
+    The socket listens but never accepts; connections are opened until one
+    does not complete within a short wait, so the kernel's accept queue is
+    full and every further SYN is dropped, as with a host that does not
+    answer. Works offline, unlike a non-routable address.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(max_fillers):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            fillers.append(filler)
+            filler.settimeout(0.2)
+            try:
+                filler.connect(address)
+            except TimeoutError:
+                break  # the queue is full: the next handshake hangs too
+        else:
+            raise RuntimeError("could not fill the listen backlog")
+        yield f"http://{address[0]}:{address[1]}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

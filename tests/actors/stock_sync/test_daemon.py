@@ -24,6 +24,9 @@ from actors.stock_sync.daemon import (
     StockSyncDaemon,
     build_daemon,
 )
+from ops.simulators.embedded import SIMULATOR_SEED
+from ops.simulators.warehouse import quantity_for
+from runtime.circuit import BreakerState
 from runtime.errors import ActorUnavailable
 from runtime.loop import LoopBridge
 from runtime.metrics import render_metrics
@@ -31,7 +34,7 @@ from runtime.settings import Settings
 from runtime.tree import process_key
 from tests.actors.stock_sync.conftest import Warehouse, link_products
 from tests.runtime.webhook_receiver import webhook_receiver
-from tests.support import next_supervision_event, published_root
+from tests.support import free_port, http_ready, next_supervision_event, published_root, wait_until
 
 
 def _daemon_settings(settings: Settings, warehouse: Warehouse, interval_s: float) -> Settings:
@@ -240,3 +243,78 @@ async def test_no_sync_for_n_intervals_pages_once_and_resolves_once(
     assert (alert["labels"]["alertname"], alert["labels"]["severity"]) == ("StockSyncOverdue",
                                                                            "critical")
     assert "no stock sync succeeded for 2 intervals" in alert["annotations"]["summary"]
+
+
+async def test_overdue_and_circuit_gauges_follow_the_runs(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    await link_products(pool, 3)
+    now_s = [10_000.0]
+    settings = replace(_daemon_settings(settings, warehouse, 30.0), stock_sync_alert_intervals=2,
+                       breaker_failures=1, breaker_reset_s=0.2)
+    warehouse.set_faults(error_rate=1.0, error_status=503)
+    registry = CollectorRegistry()
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(build_daemon, settings, registry, bridge,
+                                     wall_clock=lambda: now_s[0])
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    async def tick(advance_s: float) -> RunRecord:
+        now_s[0] += advance_s
+        return await asyncio.to_thread(daemon.run_once)
+
+    try:
+        assert gauge("shopflow_circuit_state", circuit="warehouse") == 0
+        assert (await tick(0)).report.outcome == "failed"  # type: ignore[union-attr]
+        assert gauge("shopflow_stock_sync_overdue") == 0  # one failed interval is not overdue
+        assert gauge("shopflow_circuit_state", circuit="warehouse") == 2  # one failure opens it
+        await tick(61)
+        assert gauge("shopflow_stock_sync_overdue") == 1  # two intervals without a success
+        warehouse.set_faults()
+        await asyncio.to_thread(wait_until, lambda: daemon.breaker.state is BreakerState.HALF_OPEN,
+                                5, "the breaker's reset timeout")
+        assert gauge("shopflow_circuit_state", circuit="warehouse") == 1
+        assert (await tick(30)).report.outcome == "ok"  # type: ignore[union-attr]
+        assert gauge("shopflow_stock_sync_overdue") == 0
+        assert gauge("shopflow_circuit_state", circuit="warehouse") == 0
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+
+
+@pytest.mark.slow
+async def test_without_warehouse_url_the_process_serves_the_simulator_and_syncs_from_it(
+        settings: Settings, pool: asyncpg.Pool) -> None:
+    ext_ids = await link_products(pool, 25)
+    sim_port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "WAREHOUSE_URL"}
+    env.update({
+        "REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or "",
+        "SHOPFLOW_WAREHOUSE_SIM_PORT": str(sim_port), "SHOPFLOW_STOCK_SYNC_INTERVAL_S": "1",
+        "SHOPFLOW_STOCK_SYNC_METRICS_PORT": "0", "SHOPFLOW_VAR_DIR": str(settings.var_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.var_dir / "metrics"),
+    })
+    expected = {e: quantity_for(SIMULATOR_SEED, e, 0) for e in ext_ids}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runtime.cli", "stock-sync", env=env,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            while await _inventory(pool) != expected:
+                assert proc.returncode is None, "stock-sync exited early"
+                await asyncio.sleep(0.1)
+        assert http_ready(sim_port)  # the process itself serves the simulator there
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert b"syncing from the warehouse simulator" in stderr
+    assert not http_ready(sim_port)  # stopped with its owner
+
+
+async def _inventory(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT external_id, quantity FROM inventory")
+    return {r["external_id"]: r["quantity"] for r in rows}

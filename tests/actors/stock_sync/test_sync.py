@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from actors.stock_sync.daemon import Schedule
-from actors.stock_sync.metrics import build_metrics
+from actors.stock_sync.metrics import RUN_DURATION_BUCKETS_S, build_metrics
 from actors.stock_sync.sync import SyncDeps, sync_once, sync_overdue
-from actors.stock_sync.warehouse_client import parse_stock_answer
+from actors.stock_sync.warehouse_client import HttpWarehouse, parse_stock_answer
 from ops.simulators.warehouse import quantity_for
 from runtime.circuit import BreakerState, CircuitBreaker
 from runtime.errors import MalformedResponse
-from tests.actors.stock_sync.conftest import Warehouse, link_products, make_client
+from runtime.http import RetryPolicy
+from tests.actors.stock_sync.conftest import (
+    InFlight,
+    Warehouse,
+    link_products,
+    make_client,
+    unaccepting_address,
+)
 
 
 async def _outbox(pool: asyncpg.Pool, event_type: str) -> list[dict]:
@@ -184,3 +193,85 @@ def test_fixed_rate_schedule(finished_at: float, next_tick: int, due_at: float, 
     schedule = Schedule(interval_s=30.0, start_s=0.0)
     assert schedule.advance(finished_at) == skipped
     assert (schedule.tick, schedule.due_at()) == (next_tick, due_at)
+
+
+async def test_metrics_count_conflicts_and_time_each_run(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 4, quantity=20, reserved=10)
+    warehouse.state.pinned.update({"EXT-1": 3, "EXT-2": 30, "EXT-3": 9, "EXT-4": 10})
+    registry = CollectorRegistry()
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url),
+                    metrics=build_metrics(registry), batch_size=2)
+
+    first = await sync_once(deps)
+    second = await sync_once(deps)  # the same two conflicts, still open: not counted again
+
+    assert (first.conflicts_opened, second.conflicts_opened) == (2, 0)
+    assert registry.get_sample_value("shopflow_stock_sync_conflicts_total") == 2
+    assert registry.get_sample_value("shopflow_stock_sync_duration_seconds_count") == 2
+    assert registry.get_sample_value("shopflow_stock_sync_duration_seconds_sum") == pytest.approx(
+        first.duration_s + second.duration_s)
+    slowest = max(first.duration_s, second.duration_s)
+    top = min(b for b in RUN_DURATION_BUCKETS_S if b >= slowest)
+    assert registry.get_sample_value("shopflow_stock_sync_duration_seconds_bucket",
+                                     {"le": str(float(top))}) == 2
+    assert registry.get_sample_value("shopflow_stock_sync_runs_total", {"outcome": "ok"}) == 2
+    assert registry.get_sample_value("shopflow_stock_sync_products_checked_total") == 8
+
+
+async def test_circuit_state_gauge_follows_the_breaker(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 20)
+    registry = CollectorRegistry()
+    metrics = build_metrics(registry)
+    now = [1000.0]
+    breaker = CircuitBreaker("warehouse", failure_threshold=2, reset_timeout_s=30,
+                             clock=lambda: now[0], on_change=metrics.breaker_changed)
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url, breaker, attempts=1),
+                    metrics=metrics, batch_size=10, concurrency=1)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("shopflow_circuit_state", {"circuit": "warehouse"})
+
+    warehouse.set_faults(error_rate=1.0, error_status=503)
+    await sync_once(deps)
+    assert gauge() == 2  # open
+    now[0] += 30
+    assert breaker.state is BreakerState.HALF_OPEN and gauge() == 1
+    warehouse.set_faults()
+    assert (await sync_once(deps)).outcome == "ok"
+    assert gauge() == 0  # closed again
+
+
+async def test_at_most_concurrency_batches_are_in_flight(
+        pool: asyncpg.Pool, counting_warehouse: tuple[Warehouse, InFlight],
+        http_session: aiohttp.ClientSession) -> None:
+    warehouse, in_flight = counting_warehouse
+    await link_products(pool, 100)
+    warehouse.set_faults(latency_ms=100)  # long enough for every admitted batch to overlap
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url),
+                    batch_size=10, concurrency=3)
+
+    report = await sync_once(deps)
+
+    assert report.outcome == "ok" and warehouse.lookups() == 10
+    assert in_flight.most == 3  # the limit was reached and never passed
+    assert in_flight.now == 0
+
+
+async def test_a_warehouse_that_does_not_accept_fails_within_the_connect_timeout(
+        pool: asyncpg.Pool, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 5)
+    with unaccepting_address() as url:
+        client = HttpWarehouse(
+            session=http_session, base_url=url,
+            breaker=CircuitBreaker("warehouse", failure_threshold=100),
+            policy=RetryPolicy(attempts=2, base_backoff_s=0.01, max_backoff_s=0.02),
+            # a read timeout far past the test's bound: only the connect timeout can end it
+            connect_timeout_s=0.3, read_timeout_s=30.0)
+        report = await asyncio.wait_for(sync_once(SyncDeps(pool=pool, warehouse=client)), 10)
+
+    assert report.outcome == "failed" and report.error_kinds == ("timeout",)
+    # two attempts of 0.3 s plus a little backoff
+    assert 0.6 <= report.duration_s < 2.0
+    assert await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL") == 0
