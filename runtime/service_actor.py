@@ -1,19 +1,24 @@
-"""A pykka actor that serves one concern's messages.
+"""Actors that serve one concern's messages.
 
-The concern's logic stays a plain async function; this actor only gives it a
-mailbox and a thread, and runs the coroutine on the process's event loop via
-the bridge. ``ask`` hands the function's exception back to the caller (the
-thin Dramatiq actor), which lets Dramatiq's retries decide what happens next.
+The concern's logic stays a plain async function. :class:`ServiceActor` gives
+it a mailbox and a thread, and runs the coroutine on the process's event loop
+via the bridge (its thread waits meanwhile). :class:`AsyncServiceActor` is the
+same contract as an :class:`~runtime.actor.AsyncActor`: a task on the loop and
+no thread of its own, for concerns that mostly wait on the network (the LLM
+agents). Either way ``ask`` hands the function's exception back to the caller
+(the thin Dramatiq actor), which lets Dramatiq's retries decide what happens
+next.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from runtime.actor import MailboxConfig, SupervisedActor
+from runtime.actor import AsyncActor, MailboxConfig, SupervisedActor
 from runtime.loop import LoopBridge
 
 if TYPE_CHECKING:
@@ -58,3 +63,34 @@ def start_service_actor(ctx: ProcessContext, name: str, handler: Handler,
     return ServiceActor.start(name, handler, ctx.bridge,
                               timeout_s if timeout_s is not None else ctx.settings.actor_ask_timeout_s,
                               mailbox=MailboxConfig.from_settings(ctx.settings))
+
+
+class AsyncServiceActor(AsyncActor):
+    """Runs ``handler(message)`` for each message as a task on the process's loop.
+
+    The crash rules, mailbox and supervision are those of :class:`ServiceActor`
+    (both share :mod:`runtime.actor`'s crash policy); the difference is that no
+    thread is parked while the handler waits on a remote service. Threads ask it
+    as usual; a handler slower than ``timeout_s`` fails the ask with TimeoutError.
+    """
+
+    def __init__(self, name: str, handler: Handler, bridge: LoopBridge, timeout_s: float,
+                 mailbox: MailboxConfig | None = None) -> None:
+        super().__init__(bridge, mailbox=mailbox)
+        self.name = name
+        self._handler = handler
+        self._timeout_s = timeout_s
+
+    async def on_receive(self, message: Any) -> Any:
+        """Called on the loop; the next message waits until this one is answered."""
+        async with asyncio.timeout(self._timeout_s):
+            return await self._handler(message)
+
+
+def start_async_service_actor(ctx: ProcessContext, name: str, handler: Handler,
+                              timeout_s: float | None = None) -> pykka.ActorRef[AsyncServiceActor]:
+    """Start an :class:`AsyncServiceActor` on the process's loop, as :func:`start_service_actor`
+    starts a thread one (same timeout default, mailbox from ``SHOPFLOW_MAILBOX_*``)."""
+    return AsyncServiceActor.start(name, handler, ctx.bridge,
+                                   timeout_s if timeout_s is not None else ctx.settings.actor_ask_timeout_s,
+                                   mailbox=MailboxConfig.from_settings(ctx.settings))

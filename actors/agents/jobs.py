@@ -39,7 +39,7 @@ from runtime.broker import QUEUE_MODERATION, QUEUE_RECOMMENDATIONS, QUEUE_SUPPOR
 from runtime.errors import NotFound, PermanentJobError, ValidationError
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
-from runtime.service_actor import ServiceActor, start_service_actor
+from runtime.service_actor import AsyncServiceActor, start_async_service_actor
 from runtime.supervision import ChildSpec, Restart
 from runtime.worker import Asker, Concern
 
@@ -146,8 +146,9 @@ def concern(ctx: ProcessContext, registry: CollectorRegistry | None = None) -> C
     async def serve(message: Any) -> Any:
         return await handle(deps, message)
 
-    def starter(name: str) -> Callable[[], pykka.ActorRef[ServiceActor]]:
-        return lambda: start_service_actor(ctx, name, serve, timeout_s)
+    # Agents mostly wait on the Anthropic API: async actors on the loop, no parked threads.
+    def starter(name: str) -> Callable[[], pykka.ActorRef[AsyncServiceActor]]:
+        return lambda: start_async_service_actor(ctx, name, serve, timeout_s)
 
     children = [ChildSpec(name, starter(name), Restart.PERMANENT)
                 for name in (RECOMMENDATION_AGENT, SUPPORT_AGENT, MODERATION_AGENT)]

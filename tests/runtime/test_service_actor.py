@@ -16,7 +16,7 @@ from runtime.errors import ActorCrashed, InfrastructureUnavailable, MailboxFull
 from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
 from runtime.mailbox import Mailbox, Overflow
-from runtime.service_actor import ServiceActor, start_service_actor
+from runtime.service_actor import AsyncServiceActor, ServiceActor, start_service_actor
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, SupervisionEvent, Supervisor
 
@@ -34,11 +34,13 @@ async def _handler(message: Any) -> Any:
     return f"done {message}"
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[Supervisor, list[SupervisionEvent]]]:
+@pytest.fixture(params=[ServiceActor, AsyncServiceActor], ids=["thread", "async"])
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[Supervisor, list[SupervisionEvent]]]:
+    """The same contract for the thread actor and the async one on the loop."""
+    kind = request.param
     bridge = LoopBridge().start()
     events: list[SupervisionEvent] = []
-    sup = Supervisor("root", [ChildSpec("svc", lambda: ServiceActor.start("svc", _handler, bridge, 5.0))],
+    sup = Supervisor("root", [ChildSpec("svc", lambda: kind.start("svc", _handler, bridge, 5.0))],
                      on_event=events.append, max_restarts=1, max_seconds=60.0, backoff_base_s=0.0)
     sup.start()
     yield sup, events
@@ -69,6 +71,62 @@ def test_a_bug_still_crashes_it_and_it_is_restarted(
     assert sup.wait_running("svc", 5.0)
     assert sup.ask("svc", 2, timeout_s=5) == "done 2"
     assert [e.kind for e in events if e.kind == "restart"] == ["restart"]
+
+
+def test_an_async_service_actor_runs_on_the_loop_with_no_thread_of_its_own() -> None:
+    bridge = LoopBridge().start()
+    seen: list[threading.Thread] = []
+
+    async def where(message: Any) -> Any:
+        seen.append(threading.current_thread())
+        await asyncio.sleep(0)
+        return message
+
+    before = set(threading.enumerate())
+    ref = AsyncServiceActor.start("async", where, bridge, 5.0)
+    try:
+        assert ref.ask("a", timeout=5) == "a"  # asked from this (non-loop) thread, as Dramatiq does
+        assert set(threading.enumerate()) == before, "an async actor must not start a thread"
+        assert seen == [bridge._thread]
+    finally:
+        ref.stop()
+        bridge.stop()
+
+
+def test_an_async_service_actor_fails_a_slow_ask_after_its_timeout() -> None:
+    bridge = LoopBridge().start()
+
+    async def slow(message: Any) -> Any:
+        await asyncio.sleep(30)
+
+    ref = AsyncServiceActor.start("slow", slow, bridge, 0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(InfrastructureUnavailable) as info:  # retried by the job layer
+            ref.ask("x", timeout=5)
+        assert isinstance(info.value.__cause__, TimeoutError)
+        assert time.monotonic() - started < 4
+    finally:
+        ref.stop()
+        bridge.stop()
+
+
+def test_the_agents_are_async_actors(settings: Settings) -> None:
+    """The HTTP-calling agents park no thread while they wait on the model."""
+    from actors.agents.jobs import concern
+    from runtime.process import ProcessContext
+
+    ctx = ProcessContext.start(settings)
+    try:
+        for child in concern(ctx).children:
+            assert child.start is not None
+            ref = child.start()
+            try:
+                assert issubclass(ref.actor_class, AsyncServiceActor), child.id
+            finally:
+                ref.stop()
+    finally:
+        ctx.stop()
 
 
 def _settings_from_env(settings: Settings, **env: str) -> Settings:
