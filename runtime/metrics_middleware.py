@@ -4,12 +4,15 @@ What it records, per queue and actor:
 
 - ``shopflow_jobs_total{outcome}``: a job ends once, when Redis learns its
   fate: acked after success (``completed``), acked after a skip
-  (``skipped``) or rejected into the dead-letter queue (``failed``). Counting
+  (``skipped``), acked after it stopped on request (``cancelled``) or
+  rejected into the dead-letter queue (``failed``). Counting
   at ack/nack time rather than after the actor returns is what makes the
   numbers right whatever the middleware order: the Retries middleware decides
   *after* us whether a failed attempt is retried.
 - ``shopflow_job_retries_total``: attempts that failed and were acked because
-  a retry was scheduled; ``shopflow_job_dead_letters_total``: rejections.
+  a retry was scheduled; ``shopflow_job_dead_letters_total``: rejections;
+  ``shopflow_job_requeues_total{reason}``: hand-backs to the queue that use
+  no attempt (a limit held the job back, Redis was away): not ends.
 - ``shopflow_job_duration_seconds`` and ``shopflow_jobs_in_progress``.
 
 While a job runs, every log line of its thread carries ``job_id``, ``queue``,
@@ -43,9 +46,10 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from runtime.jobs.args import int_arg
-from runtime.jobs.outcome import Tally, add_tally, take_tally
+from runtime.jobs.outcome import Tally, add_tally, peek_outcome, take_tally
 from runtime.logs import log_context
 from runtime.metrics import (
+    OUTCOME_CANCELLED,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_SKIPPED,
@@ -62,6 +66,8 @@ OUTCOME_BUCKET_S = 60
 UNKNOWN_LABEL = "unknown"
 # Outcome of a failed attempt that will run again (monitor's Redis counts only).
 OUTCOME_RETRIED = "retried"
+# A job handed back to its queue without using an attempt (counted apart, never an end).
+OUTCOME_REQUEUED = "requeued"
 
 
 def outcomes_key(namespace: str, queue: str, bucket: int) -> str:
@@ -93,6 +99,9 @@ class _Attempt:
     started_s: float
     raised: bool = False
     skipped: bool = False
+    # The job layer's outcome (runtime.jobs.outcome) and a requeue's reason, seen before the ack.
+    kind: str | None = None
+    reason: str = ""
 
 
 class MetricsMiddleware(Middleware):
@@ -208,15 +217,23 @@ class MetricsMiddleware(Middleware):
     # --- fate (consumer threads) ----------------------------------------------
 
     def before_ack(self, broker: dramatiq.Broker, message: Any) -> None:
-        """Ask for the monitor's outcome count to be written with the ack (see _ask_tally).
+        """Note the job layer's outcome and ask for the monitor's count (see _ask_tally).
 
-        Runs on the thread that acks, just before the ack; the attempt is only read here,
+        Runs on the thread that acks, just before the ack (the consumer takes the
+        outcome off the message in the ack); the attempt is only read here,
         :meth:`after_ack` takes it.
         """
         with self._lock:
             attempt = self._attempts.get(self._key(message))
-        if attempt is not None:
-            self._ask_tally(broker, message, attempt.queue, _acked_outcome(attempt))
+        if attempt is None:
+            return
+        outcome = peek_outcome(message)
+        if outcome is not None:
+            attempt.kind = outcome.kind
+            attempt.reason = str(outcome.detail.get("reason") or "")
+        label = _acked_outcome(attempt)
+        if label is not None and label != OUTCOME_REQUEUED:
+            self._ask_tally(broker, message, attempt.queue, label)
 
     def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         """Ask for the monitor's ``failed`` count to be written with the nack."""
@@ -226,10 +243,13 @@ class MetricsMiddleware(Middleware):
         self._ask_tally(broker, message, queue, OUTCOME_FAILED)
 
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
-        """Count a completed, skipped or retried job (consumer thread).
+        """Count the job's end, its retry or its hand-back (consumer thread).
 
-        Acks of messages this middleware never saw processed are the delay
-        queue handing a due message over to its queue: not an outcome.
+        A job ends once in ``shopflow_jobs_total``: a hand-back to its queue (a
+        limit, Redis away) is counted apart, by reason, and the let-go of a
+        redelivered copy of a job that already ended is not counted at all. Acks
+        of messages this middleware never saw processed are the delay queue
+        handing a due message over to its queue: not an outcome either.
         """
         with self._lock:
             attempt = self._attempts.pop(self._key(message), None)
@@ -239,7 +259,9 @@ class MetricsMiddleware(Middleware):
         outcome = _acked_outcome(attempt)
         if outcome == OUTCOME_RETRIED:
             self.metrics.job_retries.labels(attempt.queue, attempt.actor).inc()
-        else:
+        elif outcome == OUTCOME_REQUEUED:
+            self.metrics.job_requeues.labels(attempt.queue, attempt.reason or "other").inc()
+        elif outcome is not None:
             self.metrics.jobs.labels(attempt.queue, attempt.actor, outcome).inc()
         self._record_outcome(broker, message)
 
@@ -301,9 +323,19 @@ class MetricsMiddleware(Middleware):
             broker.client.hdel(consumers_key(self._settings.namespace), broker.broker_id)
 
 
-def _acked_outcome(attempt: _Attempt) -> str:
-    """What an acked attempt was: retried (it raised and a retry is scheduled), skipped, or
-    completed."""
+# What each outcome of the job layer counts as when acked (None: nothing ended).
+_ACKED_LABELS: dict[str, str | None] = {
+    "completed": OUTCOME_COMPLETED, "skipped": OUTCOME_SKIPPED, "cancelled": OUTCOME_CANCELLED,
+    "retry": OUTCOME_RETRIED, "requeue": OUTCOME_REQUEUED, "ack": None,
+}
+
+
+def _acked_outcome(attempt: _Attempt) -> str | None:
+    """What an acked attempt was: the job layer's outcome when it gave one; otherwise
+    retried (it raised and a retry is scheduled), skipped or completed. None: not an end
+    (a redelivered copy of a job that had already ended, let go)."""
+    if attempt.kind is not None and attempt.kind in _ACKED_LABELS:
+        return _ACKED_LABELS[attempt.kind]
     if attempt.raised:
         return OUTCOME_RETRIED
     return OUTCOME_SKIPPED if attempt.skipped else OUTCOME_COMPLETED

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # A job held back by a limit is handed back to its queue with at least this delay.
 MIN_REQUEUE_DELAY_MS = 50
+# Why a job went back to its queue without using an attempt (shopflow_job_requeues_total).
+REQUEUE_LIMITED = "limited"
+REQUEUE_REDIS_AWAY = "redis_unavailable"
 # While waiting for a limit slot, look again at most this often.
 LIMIT_POLL_S = 0.02
 # Results and errors kept on a job record are cut to this many characters.
@@ -139,7 +142,8 @@ class JobsMiddleware(Middleware):
                 log.warning("job %s not started, Redis is away (%s); it goes back to its queue",
                             job_id, exc)
                 set_outcome(message, self._next_run(jb, message, "requeue",
-                                                    MIN_REQUEUE_DELAY_MS * 10, retried=False))
+                                                    MIN_REQUEUE_DELAY_MS * 10, retried=False,
+                                                    reason=REQUEUE_REDIS_AWAY))
                 raise SkipMessage(f"job {job_id}: Redis is away") from None
             if reply[0] == "run":
                 break
@@ -162,7 +166,8 @@ class JobsMiddleware(Middleware):
         kind = reply[0]
         if kind == "limited":
             delay_ms = max(MIN_REQUEUE_DELAY_MS, int(reply[1]))
-            set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False))
+            set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False,
+                                                reason=REQUEUE_LIMITED))
             log.debug("job %s held back by a limit, back in %d ms", job_id, delay_ms)
         elif kind == "cancelled":
             set_outcome(message, Outcome("cancelled", {"reason": "cancelled before it started"}))
@@ -212,13 +217,18 @@ class JobsMiddleware(Middleware):
 
     @staticmethod
     def _next_run(jb: JobBroker, message: MessageProxy, kind: str, delay_ms: int,
-                  retried: bool) -> Outcome:
-        """A retry or requeue outcome carrying the next run's message."""
+                  retried: bool, reason: str = "") -> Outcome:
+        """A retry or requeue outcome carrying the next run's message.
+
+        A requeue names its ``reason`` in the detail: metrics count hand-backs by reason,
+        apart from the job's one end.
+        """
         options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
         if retried:
             options["retries"] = int(message.options.get("retries", 0)) + 1
         next_message = message._message.copy(options=options)
-        return Outcome(kind, new_rid=options["redis_message_id"],
+        return Outcome(kind, {"reason": reason} if reason else {},
+                       new_rid=options["redis_message_id"],
                        new_message=next_message.encode().decode(),
                        eta_ms=int(time.time() * 1000) + delay_ms if delay_ms else 0,
                        priority=int(message.options.get("priority", 0)))
