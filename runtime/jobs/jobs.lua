@@ -326,10 +326,14 @@ local function take_limits(limits, token)
     return -1
 end
 
--- start(queue, rid, job_id, actor, worker, attempt, limits JSON)
--- -> {"run"} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON])
+-- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- policy: the job's retry policy ({attempts, backoff, backoff_ms, backoff_max_ms, jitter}),
+-- kept on the record for the stall sweep, which runs a stalled job again under it. attempt
+-- in the reply: the attempt this run is (a stall used one the message does not know of).
 local function cmd_start(a)
     local queue, rid, job_id, actor, worker, attempt, limits = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    local policy = a[8] or ""
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if state == "completed" or state == "skipped" or state == "dead" or state == "cancelled" then
@@ -346,11 +350,16 @@ local function cmd_start(a)
             enqueued_ms = now, explicit = "0", deaths = 0, priority = 0, max_attempts = 0})
         stat(queue, "enqueued")
     end
+    attempt = math.max(tonumber(attempt) or 1, tonumber(redis.call("hget", key, "next_attempt")) or 0)
     record_fields(key, {state = "active", rid = rid, started_ms = now, worker = worker,
         attempt = attempt})
+    if policy ~= "" then
+        local p = decode(policy)
+        record_fields(key, {policy = policy, max_attempts = (p and tonumber(p.attempts)) or 0})
+    end
     redis.call("zadd", qkey(queue, "active"), now, job_id)
-    event(job_id, queue, actor, "active", {attempt = tonumber(attempt), worker = worker})
-    return {"run"}
+    event(job_id, queue, actor, "active", {attempt = attempt, worker = worker})
+    return {"run", tostring(attempt)}
 end
 
 local function release_limits(limit_keys, token)
@@ -378,10 +387,13 @@ local function cmd_finish(a)
         -- waits, take it out of the queue again and record our outcome; if another
         -- worker has started or finished it since, that run owns the record.
         local state = redis.call("hget", key, "state")
-        if state ~= "waiting" or redis.call("hget", key, "worker") ~= worker then
+        if (state ~= "waiting" and state ~= "delayed") or
+                redis.call("hget", key, "worker") ~= worker then
             return {"lost"}
         end
         remove_waiting(queue, rid)
+        redis.call("zrem", qkey(queue, "delayed"), rid)
+        redis.call("hdel", key, "next_attempt")
     end
     if a[15] and a[15] ~= "" then
         redis.call("hincrby", a[15], a[16], 1)
@@ -437,60 +449,130 @@ local function cmd_finish(a)
     return {"ok"}
 end
 
--- sweep(timeout_ms, poison_deaths) -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, dead}]}
--- Give back what dead workers held; count a death for every job one was running.
+-- The delay before retry number retries_so_far + 1 (RetryPolicy.delay_ms in options.py).
+local function backoff_ms(policy, retries_so_far, unit)
+    local base = tonumber(policy.backoff_ms) or 0
+    if policy.backoff ~= "fixed" then
+        base = math.min(base * 2 ^ math.min(retries_so_far, 30),
+            tonumber(policy.backoff_max_ms) or base)
+    end
+    if policy.jitter ~= false then base = base * (1 + 0.25 * (2 * unit - 1)) end
+    return math.max(0, math.floor(base))
+end
+
+-- The jobs a dead worker was running: [{rid, text, msg, job_id, queue}], and what it had
+-- only fetched: [{queue, rid, text, msg}].
+local function held_by(w)
+    local running, fetched = {}, {}
+    for _, queue in ipairs(redis.call("smembers", ns .. ":__queues__." .. w)) do
+        local acks = ns .. ":__acks__." .. w .. "." .. queue
+        for _, rid in ipairs(redis.call("smembers", acks)) do
+            local text = redis.call("hget", qkey(queue, "msgs"), rid)
+            local msg = text and decode(text)
+            local item = {queue = queue, rid = rid, text = text, msg = msg}
+            if msg then
+                item.job_id = message_job_id(msg)
+                local key = job_key(item.job_id)
+                if redis.call("hget", key, "state") == "active" and
+                        redis.call("hget", key, "worker") == w then
+                    table.insert(running, item)
+                else
+                    table.insert(fetched, item)
+                end
+            elseif text then
+                table.insert(fetched, item)
+            end
+        end
+        redis.call("del", acks)
+    end
+    return running, fetched
+end
+
+-- A job that was running on a dead worker: stalled. It counts a death (towards the
+-- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
+-- counts as shared_deaths, since any of them may have killed the worker. Either way it
+-- used its attempt: it runs again after its backoff, or fails for good ("stalled").
+local function stall(item, w, sole, poison, default_policy, unit)
+    local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
+    local key = job_key(job_id)
+    local actor = msg.actor_name or ""
+    local deaths = tonumber(redis.call("hget", key, "deaths")) or 0
+    local shared = tonumber(redis.call("hget", key, "shared_deaths")) or 0
+    if sole then
+        deaths = redis.call("hincrby", key, "deaths", 1)
+    else
+        shared = redis.call("hincrby", key, "shared_deaths", 1)
+    end
+    local attempt = tonumber(redis.call("hget", key, "attempt")) or 1
+    local policy = decode(redis.call("hget", key, "policy") or "")
+    if not policy then
+        -- Started without its policy (an older worker): the default backoff, and the
+        -- attempts the producer resolved when it sent the job, if it did.
+        policy = {}
+        for k, v in pairs(default_policy) do policy[k] = v end
+        local max_attempts = tonumber(redis.call("hget", key, "max_attempts")) or 0
+        if max_attempts > 0 then policy.attempts = max_attempts end
+    end
+    redis.call("zrem", qkey(queue, "active"), job_id)
+    stat(queue, "stalled")
+    local found = {job_id = job_id, queue = queue, actor = actor, deaths = deaths,
+        shared_deaths = shared, attempt = attempt, args = msg.args}
+    local function ended(state, reason)
+        record_fields(key, {state = state, finished_ms = now, message = text, reason = reason})
+        redis.call("hdel", qkey(queue, "msgs"), rid)
+        redis.call("hdel", key, "next_attempt")
+        redis.call("zadd", qkey(queue, state), ended_score(queue), job_id)
+        stat(queue, state)
+        found.outcome = state
+        found.reason = reason
+    end
+    if deaths >= poison then
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt})
+        ended("dead", "killed its worker " .. deaths .. " times (poison pill)")
+        event(job_id, queue, actor, "dead", {deaths = deaths, reason = "poison pill"})
+    elseif attempt >= (tonumber(policy.attempts) or 1) then
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt})
+        ended("failed", "stalled")
+        redis.call("hset", key, "error", "stalled: its worker stopped on attempt " .. attempt)
+        event(job_id, queue, actor, "failed", {attempt = attempt, reason = "stalled",
+            error = "stalled"})
+    else
+        local run_at = now + backoff_ms(policy, attempt - 1, unit)
+        record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
+        redis.call("zadd", qkey(queue, "delayed"), run_at, rid)
+        found.outcome = "delayed"
+        found.run_at_ms = run_at
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt, run_at_ms = run_at})
+    end
+    return found
+end
+
+-- sweep(timeout_ms, poison_deaths, default policy JSON, unit random)
+--   -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, outcome, ...}]}
+-- Give back what dead workers had fetched; run again, or end, what they were running.
 local function cmd_sweep(a)
     local timeout, poison = tonumber(a[1]), tonumber(a[2])
+    local default_policy = decode(a[3] or "") or {attempts = 1}
+    local unit = tonumber(a[4]) or 0.5
     local heartbeats = ns .. ":__heartbeats__"
     local dead_workers = redis.call("zrangebyscore", heartbeats, 0, now - timeout)
     local requeued = 0
     local stalled = {}
     for _, w in ipairs(dead_workers) do
-        local queues_key = ns .. ":__queues__." .. w
-        for _, queue in ipairs(redis.call("smembers", queues_key)) do
-            local acks = ns .. ":__acks__." .. w .. "." .. queue
-            local msgs = qkey(queue, "msgs")
-            for _, rid in ipairs(redis.call("smembers", acks)) do
-                local text = redis.call("hget", msgs, rid)
-                local msg = text and decode(text)
-                if msg then
-                    local job_id = message_job_id(msg)
-                    local key = job_key(job_id)
-                    local actor = msg.actor_name or ""
-                    if redis.call("hget", key, "state") == "active" and
-                            redis.call("hget", key, "worker") == w then
-                        local deaths = redis.call("hincrby", key, "deaths", 1)
-                        redis.call("zrem", qkey(queue, "active"), job_id)
-                        stat(queue, "stalled")
-                        local found = {job_id = job_id, queue = queue, actor = actor,
-                            deaths = deaths, dead = deaths >= poison, args = msg.args}
-                        table.insert(stalled, found)
-                        event(job_id, queue, actor, "stalled", {deaths = deaths, worker = w})
-                        if deaths >= poison then
-                            record_fields(key, {state = "dead", finished_ms = now, message = text,
-                                reason = "killed its worker " .. deaths .. " times (poison pill)"})
-                            redis.call("hdel", msgs, rid)
-                            redis.call("zadd", qkey(queue, "dead"), now, job_id)
-                            stat(queue, "dead")
-                            event(job_id, queue, actor, "dead", {deaths = deaths,
-                                reason = "poison pill"})
-                        else
-                            redis.call("hset", key, "state", "waiting")
-                            push_waiting(queue, rid, message_priority(msg), true)
-                            requeued = requeued + 1
-                        end
-                    else
-                        push_waiting(queue, rid, message_priority(msg), true)
-                        requeued = requeued + 1
-                    end
-                elseif text then
-                    push_waiting(queue, rid, 0, true)
-                    requeued = requeued + 1
-                end
-            end
-            redis.call("del", acks)
+        local running, fetched = held_by(w)
+        for _, item in ipairs(running) do
+            -- Spread the jitter of jobs found in one sweep (golden-ratio steps).
+            unit = (unit + 0.6180339887) % 1
+            table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit))
         end
-        redis.call("del", queues_key)
+        for _, item in ipairs(fetched) do
+            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
+            requeued = requeued + 1
+        end
+        redis.call("del", ns .. ":__queues__." .. w)
         redis.call("zrem", heartbeats, w)
     end
     if #stalled == 0 then return cjson.encode({requeued = requeued}) end
@@ -564,8 +646,8 @@ local function cmd_retry(a)
     local msg = decode(new_message) or {}
     push_waiting(queue, new_rid, message_priority(msg), false)
     record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
-        cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
-    redis.call("hdel", key, "message", "finished_ms")
+        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
+    redis.call("hdel", key, "message", "finished_ms", "next_attempt")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
     return {"enqueued"}

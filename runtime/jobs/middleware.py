@@ -130,11 +130,13 @@ class JobsMiddleware(Middleware):
         lease_ms = jb.config.heartbeat_timeout_ms
         limits_json = json.dumps([lim.as_json(lease_ms) for lim in limits]) if limits else ""
         attempt = int(message.options.get("retries", 0)) + 1
+        policy = jb.config.retry.with_options(actor_options).with_options(message.options)
         deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
         while True:
             try:
                 reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
-                                message.actor_name, jb.broker_id, attempt, limits_json)
+                                message.actor_name, jb.broker_id, attempt, limits_json,
+                                policy.as_json())
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Dramatiq would log and run the job anyway, without its record or its
                 # limits. Hand it back instead; the ack that does so is retried by
@@ -152,6 +154,11 @@ class JobsMiddleware(Middleware):
                                max(0.0, deadline - time.monotonic())))
                 continue
             self._skip(jb, message, job_id, reply)
+        if len(reply) > 1 and int(reply[1]) > attempt:
+            # A stall used an attempt the message does not know of (the sweep ran it again
+            # as it was): this run, its retries and its next run count from the record's.
+            attempt = int(reply[1])
+            message.options["retries"] = attempt - 1
         keys = tuple(lim.key for lim in limits if lim.concurrency)
         with self._lock:
             self._held[_rid(message)] = keys

@@ -31,6 +31,7 @@ Options (all optional):
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -168,6 +169,13 @@ class RetryPolicy:
         if self.jitter:
             base = int(base * (1 + JITTER_FRACTION * (2 * unit_random - 1)))
         return max(0, int(base))
+
+    def as_json(self) -> str:
+        """The policy as the job record keeps it: the stall sweep (jobs.lua) runs a stalled
+        job again under it, without the actor's code at hand."""
+        return json.dumps({"attempts": self.attempts, "backoff": self.backoff,
+                           "backoff_ms": self.backoff_ms, "backoff_max_ms": self.backoff_max_ms,
+                           "jitter": self.jitter}, separators=(",", ":"))
 
     def with_options(self, options: Mapping[str, Any]) -> RetryPolicy:
         """This policy overridden by an actor's or a message's options."""

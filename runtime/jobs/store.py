@@ -37,7 +37,7 @@ _INDEXED = ("completed", "failed", "dead", "cancelled")
 # At most this many jobs per list call.
 MAX_LIST = 500
 # Record fields shown as numbers / as times.
-_INT_FIELDS = ("attempt", "max_attempts", "priority", "deaths")
+_INT_FIELDS = ("attempt", "max_attempts", "priority", "deaths", "shared_deaths")
 _TIME_FIELDS = {"created_ms": "created_at", "enqueued_ms": "enqueued_at",
                 "started_ms": "started_at", "finished_ms": "finished_at", "run_at_ms": "run_at"}
 
