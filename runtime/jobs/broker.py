@@ -276,14 +276,17 @@ class JobBroker(RedisBroker):
         """
         job_id = str(message.options.get("job_id") or message.message_id)
         rid = str(message.options["redis_message_id"])
+        actor = self.actors.get(message.actor_name)
+        # The message's options win over its actor's, as everywhere.
+        options = {**(actor.options if actor is not None else {}), **message.options}
         keep = self.config.keep_completed if outcome.kind in ("completed", "skipped") else \
             self.config.keep_failed
-        keep = int(message.options.get(
+        keep = int(options.get(
             "keep_completed" if outcome.kind in ("completed", "skipped") else "keep_failed", keep))
         reply = self.jobs(
             "finish", queue, rid, job_id, message.actor_name, self.broker_id, outcome.kind,
             json.dumps(outcome.detail, default=str), keep,
-            int(message.options.get("dedup_s", self.config.dedup_s)),
+            int(options.get("dedup_s", self.config.dedup_s)),
             json.dumps(list(outcome.limit_keys)) if outcome.limit_keys else "[]",
             outcome.new_rid, outcome.new_message, outcome.eta_ms, outcome.priority,
             *((tally.key, tally.field, tally.ttl_s) if tally is not None else ()),

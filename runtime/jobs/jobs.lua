@@ -22,7 +22,7 @@
 --   ns:paused            set of paused queue names
 --   ns:job:J             hash: the record of job J (state, attempts, times, result, error, ...)
 --   ns:jobhist:J         list: the last events of job J, newest first
---   ns:dedup:J           string with a time to live: J ran and may not be sent again yet
+--   ns:dedup:J           "state:until_ms" with a time to live: trimmed J ran and may not be sent again before until_ms
 --   ns:limit:NAME        zset token -> lease expiry (ms): a concurrency limit's holders
 --   ns:rate:NAME         zset token -> start time (ms): a rate limit's recent starts
 
@@ -149,12 +149,11 @@ local function trim(queue, state, keep, dedup_s)
     for _, job_id in ipairs(ids) do
         local key = job_key(job_id)
         local explicit = redis.call("hget", key, "explicit")
-        if explicit == "1" and dedup_s > 0 then
-            local ended = tonumber(redis.call("hget", key, "finished_ms")) or now
-            local left = dedup_s * 1000 - (now - ended)
-            if left > 0 then
-                redis.call("set", ns .. ":dedup:" .. job_id, state, "PX", left)
-            end
+        local deadline = tonumber(redis.call("hget", key, "dedup_until_ms")) or 0
+        if explicit == "1" and deadline > now then
+            -- The deadline rides in the value: enqueue trusts it, not the key's existence
+            -- (a time to live runs on Redis's clock, the window on the callers').
+            redis.call("set", ns .. ":dedup:" .. job_id, state .. ":" .. deadline, "PX", deadline - now)
         end
         redis.call("del", key, hist_key(job_id))
     end
@@ -179,6 +178,14 @@ local function index_of(state)
     return state
 end
 
+-- Whether a completed (or skipped) job's de-duplication window (dedup_s after it finished)
+-- is over; a job still waiting or running always blocks re-sends.
+local function dedup_over(key, state)
+    if state ~= "completed" and state ~= "skipped" then return false end
+    local deadline = tonumber(redis.call("hget", key, "dedup_until_ms"))
+    return deadline ~= nil and deadline <= now
+end
+
 -- enqueue(queue, rid, job_id, actor, message, priority, eta_ms, max_len, explicit, max_attempts)
 -- -> {"enqueued", state} | {"duplicate", state, rid} | {"full", size}
 local function cmd_enqueue(a)
@@ -188,13 +195,21 @@ local function cmd_enqueue(a)
     local key = job_key(job_id)
     if explicit == "1" then
         local state = redis.call("hget", key, "state")
-        if state and DUPLICATE_STATES[state] then
+        if state and DUPLICATE_STATES[state] and not dedup_over(key, state) then
             return {"duplicate", state, redis.call("hget", key, "rid") or ""}
         end
-        local ran = redis.call("get", ns .. ":dedup:" .. job_id)
-        if ran then return {"duplicate", ran, ""} end
+        local dedup_key = ns .. ":dedup:" .. job_id
+        local ran = redis.call("get", dedup_key)
+        if ran then
+            local ran_state, deadline = string.match(ran, "^(%a+):(%d+)$")
+            if not deadline or tonumber(deadline) > now then
+                return {"duplicate", ran_state or ran, ""}
+            end
+            redis.call("del", dedup_key)  -- its window is over: it blocks nothing
+        end
         if state then
-            -- A failed, dead or cancelled job sent again under its id: a fresh run.
+            -- A failed, dead or cancelled job, or one completed longer than its dedup_s
+            -- ago, sent again under its id: a fresh run.
             local old_queue = redis.call("hget", key, "queue") or queue
             redis.call("zrem", qkey(old_queue, index_of(state)), job_id)
             redis.call("del", key, hist_key(job_id))
@@ -435,6 +450,7 @@ local function cmd_finish(a)
     -- The message stays with the record: to inspect an ended job and to retry a failed one.
     if message then redis.call("hset", key, "message", message) end
     if outcome == "completed" or outcome == "skipped" then
+        redis.call("hset", key, "dedup_until_ms", now + dedup_s * 1000)
         if short(detail.result) then redis.call("hset", key, "result", short(detail.result)) end
         if short(detail.reason) then redis.call("hset", key, "reason", short(detail.reason)) end
     elseif short(detail.error) then
