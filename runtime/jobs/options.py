@@ -3,8 +3,10 @@
 A message carries its options in Dramatiq's ``options`` dict, so they survive
 retries, redeliveries and other languages' producers. :func:`check_options`
 is called wherever a message is built (``JobSpec.message``, the HTTP enqueue
-endpoint, ``shopflow jobs send``): an unknown name or a bad value raises
-:class:`~runtime.errors.ValidationError` there, not later in a worker.
+endpoint, ``shopflow jobs send``) and again when any message is sent through a
+``JobBroker`` (so Dramatiq's own ``actor.send_with_options`` is checked too):
+an unknown name or a bad value raises :class:`~runtime.errors.ValidationError`
+there, not later in a worker.
 
 Options (all optional):
 
@@ -55,6 +57,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._\-]{0,199}$")
 RUNTIME_OPTIONS = frozenset({
     "sched_name", "sched_slot", "sched_slot_ms",  # runtime.scheduling
     "redis_message_id", "retries", "traceback", "time_limit", "eta",  # Dramatiq's own
+    "job_id_explicit",  # runtime.jobs.broker, on a message already sent once
 })
 
 

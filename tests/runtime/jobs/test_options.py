@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 import redis
 
-from runtime.broker import JobSpec
+from runtime.broker import QUEUE_EMAILS, JobSpec, declare_actor
 from runtime.errors import (
     ActorCrashed,
     CircuitOpen,
@@ -17,6 +17,7 @@ from runtime.errors import (
     TransientJobError,
     ValidationError,
 )
+from runtime.jobs.broker import JobBroker
 from runtime.jobs.options import RetryPolicy, check_options
 from runtime.jobs.retries import is_infrastructure_error, retry_delay_ms
 
@@ -109,3 +110,19 @@ def test_an_outage_behind_an_actor_crash_is_still_an_outage() -> None:
 def test_a_services_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
     assert retry_delay_ms(POLICY, 25, 0, ExternalServiceError("429", retry_after_s=7.5)) == 7500
     assert retry_delay_ms(POLICY, 25, 0, OutcomeUnknown("grace", retry_after_s=0.01)) == 100
+
+
+def test_dramatiqs_own_send_with_options_is_checked_too(broker: JobBroker) -> None:
+    """``actor.send_with_options`` builds its message without JobSpec: the broker checks it."""
+    actor = declare_actor(broker, JobSpec(QUEUE_EMAILS, "jobs_test_options"), lambda n: None)
+    with pytest.raises(ValidationError, match="unknown job option 'atempts'") as err:
+        actor.send_with_options(args=(1,), atempts=3)
+    assert err.value.field == "atempts"
+    with pytest.raises(ValidationError, match="'priority' must be between"):
+        actor.send_with_options(args=(1,), priority=99)
+    assert broker.client.hlen(broker.keys.queue(QUEUE_EMAILS, "msgs")) == 0, "nothing was sent"
+    sent = actor.send_with_options(args=(1,), attempts=2, timeout_ms=500, max_age=60_000)
+    assert (sent.options["attempts"], sent.options["time_limit"]) == (2, 500)
+    assert sent.options["max_age"] == 60_000, "an option another middleware owns passes"
+    assert "timeout_ms" not in sent.options
+    assert broker.client.hlen(broker.keys.queue(QUEUE_EMAILS, "msgs")) == 1
