@@ -23,9 +23,11 @@ on another host: per-minute outcome counts per queue (for the failure rate)
 and which queues each live worker consumes (Dramatiq's heartbeats say that a
 broker is alive, not what it consumes).
 
-Actors may be declared with ``critical=True``; when such a job fails for good
-the ``on_failed_for_good`` callback is called (the worker wires it to
-:func:`runtime.alerts.page_job_failed`).
+Actors may be declared with ``critical=True`` (or a message sent with it); when
+such a job fails for good the ``on_failed_for_good`` callback is called once
+(the worker wires it to :func:`runtime.alerts.page_job_failed`): after its
+last attempt failed (the nack), and when the job keeper's stall sweep ends it
+(quarantined in the dead set as a poison pill, or out of attempts after a stall).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from runtime.jobs.args import int_arg
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.hooks import JobEvent
 from runtime.jobs.outcome import Tally, add_tally, peek_outcome, take_tally
 from runtime.logs import log_context
 from runtime.metrics import (
@@ -121,6 +125,7 @@ class MetricsMiddleware(Middleware):
         self._metrics = metrics
         self._on_failed_for_good = on_failed_for_good
         self._attempts: dict[str, _Attempt] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._job_logs = threading.local()
         # Outcome buckets must outlive the monitor's window, plus one partial bucket.
@@ -305,10 +310,32 @@ class MetricsMiddleware(Middleware):
         pipe.expire(tally.key, tally.ttl_s)
         pipe.execute()
 
+    # --- jobs the stall sweep ended (the keeper's thread) ----------------------
+
+    def _page_swept(self, broker: dramatiq.Broker, event: JobEvent) -> None:
+        """Page for a critical job the keeper's sweep ended for good: quarantined as a poison
+        pill (``dead``) or out of attempts after a stall (``failed``). Only the keeper's
+        events carry ``outcome``: a failure a worker recorded pages in :meth:`after_nack`.
+        Each swept job is reported by one sweep of one keeper, so it pages once."""
+        if event.detail.get("outcome") not in ("dead", "failed"):
+            return
+        actor = broker.actors.get(event.actor)
+        if not (event.detail.get("critical") or (actor and actor.options.get("critical"))):
+            return
+        if self._on_failed_for_good is not None:
+            self._on_failed_for_good(FailedJob(
+                queue=event.queue, actor=event.actor, message_id=event.job_id,
+                args=event.args, error=str(event.detail.get("reason") or "stalled"),
+                retries=max(0, event.attempt - 1)))
+
     # --- worker presence (main thread) -----------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Tell the queue monitor which queues this worker consumes."""
+        """Tell the queue monitor which queues this worker consumes; page for critical jobs
+        this process's job keeper ends (a keeper runs in every worker)."""
+        if isinstance(broker, JobBroker) and not self._unsubscribe:
+            self._unsubscribe = [broker.hooks.subscribe(
+                kind, lambda event: self._page_swept(broker, event)) for kind in ("dead", "failed")]
         if not isinstance(broker, RedisBroker):
             return
         queues = sorted({name.removesuffix(".DQ") for name in worker.consumers})
@@ -319,6 +346,9 @@ class MetricsMiddleware(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Withdraw this worker from the monitor's consumer list."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         if isinstance(broker, RedisBroker):
             broker.client.hdel(consumers_key(self._settings.namespace), broker.broker_id)
 

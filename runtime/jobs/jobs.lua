@@ -532,7 +532,8 @@ local function stall(item, w, sole, poison, default_policy, unit)
     redis.call("zrem", qkey(queue, "active"), job_id)
     stat(queue, "stalled")
     local found = {job_id = job_id, queue = queue, actor = actor, deaths = deaths,
-        shared_deaths = shared, attempt = attempt, args = msg.args}
+        shared_deaths = shared, attempt = attempt, args = msg.args,
+        critical = (msg.options or {}).critical == true}
     local function ended(state, reason)
         record_fields(key, {state = state, finished_ms = now, message = text, reason = reason})
         redis.call("hdel", qkey(queue, "msgs"), rid)

@@ -57,6 +57,8 @@ def _stalled_event(item: dict[str, Any]) -> JobEvent:
     became of it: ``delayed`` (runs again after its backoff), ``failed`` or ``dead``."""
     detail = {name: item[name] for name in ("deaths", "shared_deaths", "outcome", "reason",
                                             "run_at_ms") if item.get(name) is not None}
+    if item.get("critical") is True:
+        detail["critical"] = True  # the message's own critical option (the actor's is known)
     args = item.get("args")
     return JobEvent("stalled", str(item["job_id"]), str(item["queue"]),
                     str(item.get("actor", "")), int(item.get("attempt") or 0), detail,

@@ -17,6 +17,7 @@ from runtime.broker import QUEUE_EMAILS, JobSpec, declare_actor, setup_broker
 from runtime.jobs.broker import JobBroker, Submitted
 from runtime.jobs.context import current_job
 from runtime.jobs.worker import make_worker
+from runtime.metrics_middleware import FailedJob, MetricsMiddleware
 from runtime.settings import Settings
 
 from .conftest import Seen
@@ -112,3 +113,34 @@ def test_a_job_that_stalls_on_its_last_attempt_fails_for_good_as_stalled(
     assert (job["state"], job["reason"]) == ("failed", "stalled")
     assert broker.client.zscore(broker.keys.queue(QUEUE_EMAILS, "failed"), sent.job_id)
     assert attempts == [], "a job out of attempts does not run again"
+
+
+def test_a_critical_poison_pill_quarantined_by_the_sweep_pages_once(settings: Settings) -> None:
+    """Paging lives in the metrics middleware's nack; a job the sweep quarantines is never
+    nacked, so the middleware pages for the keeper's ``dead`` event instead, once."""
+    settings = replace(settings, broker_heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
+                       job_sweep_interval_s=SWEEP_INTERVAL_S, job_poison_deaths=1)
+    pages: list[FailedJob] = []
+    broker = setup_broker(settings, [MetricsMiddleware(settings, on_failed_for_good=pages.append)])
+    seen = Seen()
+    broker.hooks.subscribe(None, seen)
+    declare_actor(broker, STALLS, lambda order_id: None, critical=True)
+    after = JobSpec(QUEUE_EMAILS, "jobs_test_after_the_pill")
+    declare_actor(broker, after, lambda: None)
+    sent = STALLS.send(broker, 42)
+    hold(broker, sent)
+    worker = make_worker(broker, {QUEUE_EMAILS}, 1)
+    worker.start()
+    try:
+        last_beat(broker)
+        seen.wait("dead", sent.job_id)
+        # More sweeps pass while a later job runs: the quarantined pill pages no more.
+        later = after.send(broker)
+        seen.wait("completed", later.job_id)
+        for _ in range(3):
+            seen.wait("completed", after.send(broker).job_id)
+    finally:
+        worker.stop()
+        broker.close()
+    assert [(p.actor, p.message_id, p.args) for p in pages] == [(STALLS.actor, sent.job_id, (42,))]
+    assert pages[0].error is not None and "poison pill" in pages[0].error
