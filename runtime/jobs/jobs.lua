@@ -617,7 +617,8 @@ local function cmd_requeue(a)
     return n
 end
 
--- cancel(job_id) -> {"cancelled"} | {"requested"} | {"finished", state} | {"missing"}
+-- cancel(job_id) -> {"cancelled" | "requested", queue, actor, state before}
+--                 | {"finished", state} | {"missing"}
 local function cmd_cancel(a)
     local job_id = a[1]
     local key = job_key(job_id)
@@ -641,12 +642,12 @@ local function cmd_cancel(a)
         redis.call("zadd", qkey(queue, "cancelled"), now, job_id)
         stat(queue, "cancelled")
         event(job_id, queue, actor, "cancelled", {while_state = state})
-        return {"cancelled"}
+        return {"cancelled", queue, actor, state}
     end
     -- Running, or already fetched by a worker: it sees the request when it starts or checks.
     redis.call("hset", key, "cancel_requested", 1)
     event(job_id, queue, actor, "cancel_requested", {while_state = state})
-    return {"requested"}
+    return {"requested", queue, actor, state}
 end
 
 -- retry(job_id, new_rid, new_message) -> {"enqueued"} | {"not_retryable", state} | {"missing"}
@@ -670,7 +671,8 @@ local function cmd_retry(a)
     return {"enqueued"}
 end
 
--- remove(job_id) -> {"removed"} | {"active"} | {"requested"} | {"missing"}
+-- remove(job_id) -> {"removed", queue, actor, state before} | {"active"} | {"requested"}
+--                 | {"missing"}
 local function cmd_remove(a)
     local job_id = a[1]
     local key = job_key(job_id)
@@ -694,10 +696,10 @@ local function cmd_remove(a)
     stat(queue, "removed")
     event(job_id, queue, actor, "removed", {while_state = state})
     redis.call("del", hist_key(job_id))
-    return {"removed"}
+    return {"removed", queue, actor, state}
 end
 
--- progress(job_id, value JSON) -> {"ok"} | {"missing"}
+-- progress(job_id, value JSON) -> {"ok", queue, actor} | {"missing"}
 local function cmd_progress(a)
     local job_id, value = a[1], a[2]
     local key = job_key(job_id)
@@ -707,7 +709,7 @@ local function cmd_progress(a)
     local queue = redis.call("hget", key, "queue")
     local actor = redis.call("hget", key, "actor") or ""
     event(job_id, queue, actor, "progress", {progress = decode("[" .. value .. "]")[1]})
-    return {"ok"}
+    return {"ok", queue, actor}
 end
 
 -- empty_dead(queue) -> number of jobs deleted

@@ -164,7 +164,7 @@ class JobsMiddleware(Middleware):
             self._held[_rid(message)] = keys
         max_attempts = jb.max_attempts(message._message)
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
 
