@@ -52,6 +52,9 @@ MIN_REQUEUE_DELAY_MS = 50
 # Why a job went back to its queue without using an attempt (shopflow_job_requeues_total).
 REQUEUE_LIMITED = "limited"
 REQUEUE_REDIS_AWAY = "redis_unavailable"
+# Message options that change a job's retry policy.
+_POLICY_OPTIONS = frozenset({"attempts", "max_retries", "backoff", "backoff_ms", "backoff_max_ms",
+                             "jitter"})
 # While waiting for a limit slot, look again at most this often.
 LIMIT_POLL_S = 0.02
 # Results and errors kept on a job record are cut to this many characters.
@@ -84,6 +87,7 @@ class JobsMiddleware(Middleware):
         self._rng = rng
         self._keeper: JobKeeper | None = None
         self._held: dict[str, tuple[str, ...]] = {}
+        self._policies: dict[str, str] = {}  # actor name -> its policy JSON (a dict: GIL-safe)
         self._lock = threading.Lock()
 
     @property
@@ -130,13 +134,13 @@ class JobsMiddleware(Middleware):
         lease_ms = jb.config.heartbeat_timeout_ms
         limits_json = json.dumps([lim.as_json(lease_ms) for lim in limits]) if limits else ""
         attempt = int(message.options.get("retries", 0)) + 1
-        policy = jb.config.retry.with_options(actor_options).with_options(message.options)
+        policy_json = self._policy_json(jb, message, actor_options)
         deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
         while True:
             try:
                 reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
                                 message.actor_name, jb.broker_id, attempt, limits_json,
-                                policy.as_json())
+                                policy_json)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Dramatiq would log and run the job anyway, without its record or its
                 # limits. Hand it back instead; the ack that does so is retried by
@@ -167,6 +171,18 @@ class JobsMiddleware(Middleware):
                              max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
+
+    def _policy_json(self, jb: JobBroker, message: MessageProxy,
+                     actor_options: dict[str, Any]) -> str:
+        """The job's retry policy as its record keeps it (for the stall sweep); cached per
+        actor for the common message that overrides none of it (one per job otherwise)."""
+        if not _POLICY_OPTIONS.intersection(message.options):
+            cached = self._policies.get(message.actor_name)
+            if cached is None:
+                cached = jb.config.retry.with_options(actor_options).as_json()
+                self._policies[message.actor_name] = cached
+            return cached
+        return jb.config.retry.with_options(actor_options).with_options(message.options).as_json()
 
     def _skip(self, jb: JobBroker, message: MessageProxy, job_id: str, reply: list[Any]) -> None:
         """Attach the outcome of a start that did not run, and raise SkipMessage."""

@@ -7,6 +7,7 @@ real worker makes, then never beats again; the live worker's keeper must find it
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -94,6 +95,9 @@ def test_a_stall_is_found_within_the_bound_and_runs_again_after_its_backoff(
     assert active.attempt == 2 and attempts == [2], "the stalled run used attempt 1"
     job = record(broker, sent.job_id)
     assert (job["state"], job["attempt"], job["deaths"]) == ("completed", "2", "1")
+    assert json.loads(job["policy"]) == {"attempts": 3, "backoff": "fixed", "backoff_ms": 600,
+                                         "backoff_max_ms": 9600, "jitter": False}, \
+        "the worker that ran it left its policy for a later sweep"
 
 
 def test_a_job_that_stalls_on_its_last_attempt_fails_for_good_as_stalled(
