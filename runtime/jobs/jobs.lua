@@ -508,7 +508,7 @@ end
 -- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
 -- counts as shared_deaths, since any of them may have killed the worker. Either way it
 -- used its attempt: it runs again after its backoff, or fails for good ("stalled").
-local function stall(item, w, sole, poison, default_policy, unit)
+local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
     local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
     local key = job_key(job_id)
     local actor = msg.actor_name or ""
@@ -556,7 +556,7 @@ local function stall(item, w, sole, poison, default_policy, unit)
         event(job_id, queue, actor, "failed", {attempt = attempt, reason = "stalled",
             error = "stalled"})
     else
-        local run_at = now + backoff_ms(policy, attempt - 1, unit)
+        local run_at = now + backoff_ms(policy, attempt - 1, unit) + stagger_ms
         record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
         redis.call("zadd", qkey(queue, "delayed"), run_at, rid)
         found.outcome = "delayed"
@@ -580,10 +580,17 @@ local function cmd_sweep(a)
     local stalled = {}
     for _, w in ipairs(dead_workers) do
         local running, fetched = held_by(w)
-        for _, item in ipairs(running) do
+        -- Jobs that died together run again apart, one heartbeat timeout after another, in
+        -- an order that changes from sweep to sweep: else a pill and a bystander would be
+        -- due together, fetched together and die together forever, and no death would
+        -- ever be the pill's alone. Apart, the pill dies alone (or after its company ended).
+        local first = math.floor(unit * #running)
+        for i, item in ipairs(running) do
             -- Spread the jitter of jobs found in one sweep (golden-ratio steps).
             unit = (unit + 0.6180339887) % 1
-            table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit))
+            local stagger_ms = ((i - 1 + first) % #running) * timeout
+            table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit,
+                stagger_ms))
         end
         for _, item in ipairs(fetched) do
             push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
