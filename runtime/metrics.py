@@ -63,6 +63,7 @@ _LIVE_MODES = ("liveall", "livesum", "livemax", "livemin", "livemostrecent")
 OUTCOME_COMPLETED = "completed"
 OUTCOME_FAILED = "failed"
 OUTCOME_SKIPPED = "skipped"
+OUTCOME_CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Metrics:
     job_retries: Counter
     job_dead_letters: Counter
     job_stalls: Counter
+    job_requeues: Counter
     jobs_in_progress: Gauge
     # Queues (set by the queue monitor).
     queue_jobs: Gauge
@@ -117,7 +119,7 @@ def _build(registry: CollectorRegistry) -> Metrics:
     r = registry
     return Metrics(
         jobs=Counter("shopflow_jobs", "Jobs that ended, by outcome (completed, failed for good, "
-                     "skipped).", ["queue", "actor", "outcome"], registry=r),
+                     "skipped, cancelled).", ["queue", "actor", "outcome"], registry=r),
         job_duration=Histogram("shopflow_job_duration_seconds", "Time one job attempt ran.",
                                ["queue", "actor"], buckets=JOB_DURATION_BUCKETS_S, registry=r),
         job_retries=Counter("shopflow_job_retries", "Failed attempts that were scheduled again.",
@@ -126,6 +128,9 @@ def _build(registry: CollectorRegistry) -> Metrics:
                                  "queue.", ["queue", "actor"], registry=r),
         job_stalls=Counter("shopflow_job_stalls", "Jobs found held by a worker whose heartbeat "
                            "stopped (they are redelivered).", ["queue"], registry=r),
+        job_requeues=Counter("shopflow_job_requeues", "Times a job was handed back to its queue "
+                             "without using an attempt (a limit held it back, Redis was away); "
+                             "not an end.", ["queue", "reason"], registry=r),
         jobs_in_progress=Gauge("shopflow_jobs_in_progress", "Job attempts running now.",
                                ["queue", "actor"], multiprocess_mode="livesum", registry=r),
         queue_jobs=Gauge("shopflow_queue_jobs", "Jobs in a queue by state (waiting, active, "

@@ -4,12 +4,15 @@ What it records, per queue and actor:
 
 - ``shopflow_jobs_total{outcome}``: a job ends once, when Redis learns its
   fate: acked after success (``completed``), acked after a skip
-  (``skipped``) or rejected into the dead-letter queue (``failed``). Counting
+  (``skipped``), acked after it stopped on request (``cancelled``) or
+  rejected into the dead-letter queue (``failed``). Counting
   at ack/nack time rather than after the actor returns is what makes the
   numbers right whatever the middleware order: the Retries middleware decides
   *after* us whether a failed attempt is retried.
 - ``shopflow_job_retries_total``: attempts that failed and were acked because
-  a retry was scheduled; ``shopflow_job_dead_letters_total``: rejections.
+  a retry was scheduled; ``shopflow_job_dead_letters_total``: rejections;
+  ``shopflow_job_requeues_total{reason}``: hand-backs to the queue that use
+  no attempt (a limit held the job back, Redis was away): not ends.
 - ``shopflow_job_duration_seconds`` and ``shopflow_jobs_in_progress``.
 
 While a job runs, every log line of its thread carries ``job_id``, ``queue``,
@@ -20,9 +23,11 @@ on another host: per-minute outcome counts per queue (for the failure rate)
 and which queues each live worker consumes (Dramatiq's heartbeats say that a
 broker is alive, not what it consumes).
 
-Actors may be declared with ``critical=True``; when such a job fails for good
-the ``on_failed_for_good`` callback is called (the worker wires it to
-:func:`runtime.alerts.page_job_failed`).
+Actors may be declared with ``critical=True`` (or a message sent with it); when
+such a job fails for good the ``on_failed_for_good`` callback is called once
+(the worker wires it to :func:`runtime.alerts.page_job_failed`): after its
+last attempt failed (the nack), and when the job keeper's stall sweep ends it
+(quarantined in the dead set as a poison pill, or out of attempts after a stall).
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from runtime.jobs.args import int_arg
-from runtime.jobs.outcome import Tally, add_tally, take_tally
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.hooks import JobEvent
+from runtime.jobs.outcome import Tally, add_tally, peek_outcome, take_tally
 from runtime.logs import log_context
 from runtime.metrics import (
+    OUTCOME_CANCELLED,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_SKIPPED,
@@ -62,6 +70,8 @@ OUTCOME_BUCKET_S = 60
 UNKNOWN_LABEL = "unknown"
 # Outcome of a failed attempt that will run again (monitor's Redis counts only).
 OUTCOME_RETRIED = "retried"
+# A job handed back to its queue without using an attempt (counted apart, never an end).
+OUTCOME_REQUEUED = "requeued"
 
 
 def outcomes_key(namespace: str, queue: str, bucket: int) -> str:
@@ -93,6 +103,9 @@ class _Attempt:
     started_s: float
     raised: bool = False
     skipped: bool = False
+    # The job layer's outcome (runtime.jobs.outcome) and a requeue's reason, seen before the ack.
+    kind: str | None = None
+    reason: str = ""
 
 
 class MetricsMiddleware(Middleware):
@@ -112,6 +125,7 @@ class MetricsMiddleware(Middleware):
         self._metrics = metrics
         self._on_failed_for_good = on_failed_for_good
         self._attempts: dict[str, _Attempt] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._job_logs = threading.local()
         # Outcome buckets must outlive the monitor's window, plus one partial bucket.
@@ -208,15 +222,23 @@ class MetricsMiddleware(Middleware):
     # --- fate (consumer threads) ----------------------------------------------
 
     def before_ack(self, broker: dramatiq.Broker, message: Any) -> None:
-        """Ask for the monitor's outcome count to be written with the ack (see _ask_tally).
+        """Note the job layer's outcome and ask for the monitor's count (see _ask_tally).
 
-        Runs on the thread that acks, just before the ack; the attempt is only read here,
+        Runs on the thread that acks, just before the ack (the consumer takes the
+        outcome off the message in the ack); the attempt is only read here,
         :meth:`after_ack` takes it.
         """
         with self._lock:
             attempt = self._attempts.get(self._key(message))
-        if attempt is not None:
-            self._ask_tally(broker, message, attempt.queue, _acked_outcome(attempt))
+        if attempt is None:
+            return
+        outcome = peek_outcome(message)
+        if outcome is not None:
+            attempt.kind = outcome.kind
+            attempt.reason = str(outcome.detail.get("reason") or "")
+        label = _acked_outcome(attempt)
+        if label is not None and label != OUTCOME_REQUEUED:
+            self._ask_tally(broker, message, attempt.queue, label)
 
     def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         """Ask for the monitor's ``failed`` count to be written with the nack."""
@@ -226,10 +248,13 @@ class MetricsMiddleware(Middleware):
         self._ask_tally(broker, message, queue, OUTCOME_FAILED)
 
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
-        """Count a completed, skipped or retried job (consumer thread).
+        """Count the job's end, its retry or its hand-back (consumer thread).
 
-        Acks of messages this middleware never saw processed are the delay
-        queue handing a due message over to its queue: not an outcome.
+        A job ends once in ``shopflow_jobs_total``: a hand-back to its queue (a
+        limit, Redis away) is counted apart, by reason, and the let-go of a
+        redelivered copy of a job that already ended is not counted at all. Acks
+        of messages this middleware never saw processed are the delay queue
+        handing a due message over to its queue: not an outcome either.
         """
         with self._lock:
             attempt = self._attempts.pop(self._key(message), None)
@@ -239,7 +264,9 @@ class MetricsMiddleware(Middleware):
         outcome = _acked_outcome(attempt)
         if outcome == OUTCOME_RETRIED:
             self.metrics.job_retries.labels(attempt.queue, attempt.actor).inc()
-        else:
+        elif outcome == OUTCOME_REQUEUED:
+            self.metrics.job_requeues.labels(attempt.queue, attempt.reason or "other").inc()
+        elif outcome is not None:
             self.metrics.jobs.labels(attempt.queue, attempt.actor, outcome).inc()
         self._record_outcome(broker, message)
 
@@ -283,10 +310,32 @@ class MetricsMiddleware(Middleware):
         pipe.expire(tally.key, tally.ttl_s)
         pipe.execute()
 
+    # --- jobs the stall sweep ended (the keeper's thread) ----------------------
+
+    def _page_swept(self, broker: dramatiq.Broker, event: JobEvent) -> None:
+        """Page for a critical job the keeper's sweep ended for good: quarantined as a poison
+        pill (``dead``) or out of attempts after a stall (``failed``). Only the keeper's
+        events carry ``outcome``: a failure a worker recorded pages in :meth:`after_nack`.
+        Each swept job is reported by one sweep of one keeper, so it pages once."""
+        if event.detail.get("outcome") not in ("dead", "failed"):
+            return
+        actor = broker.actors.get(event.actor)
+        if not (event.detail.get("critical") or (actor and actor.options.get("critical"))):
+            return
+        if self._on_failed_for_good is not None:
+            self._on_failed_for_good(FailedJob(
+                queue=event.queue, actor=event.actor, message_id=event.job_id,
+                args=event.args, error=str(event.detail.get("reason") or "stalled"),
+                retries=max(0, event.attempt - 1)))
+
     # --- worker presence (main thread) -----------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Tell the queue monitor which queues this worker consumes."""
+        """Tell the queue monitor which queues this worker consumes; page for critical jobs
+        this process's job keeper ends (a keeper runs in every worker)."""
+        if isinstance(broker, JobBroker) and not self._unsubscribe:
+            self._unsubscribe = [broker.hooks.subscribe(
+                kind, lambda event: self._page_swept(broker, event)) for kind in ("dead", "failed")]
         if not isinstance(broker, RedisBroker):
             return
         queues = sorted({name.removesuffix(".DQ") for name in worker.consumers})
@@ -297,13 +346,26 @@ class MetricsMiddleware(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Withdraw this worker from the monitor's consumer list."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         if isinstance(broker, RedisBroker):
             broker.client.hdel(consumers_key(self._settings.namespace), broker.broker_id)
 
 
-def _acked_outcome(attempt: _Attempt) -> str:
-    """What an acked attempt was: retried (it raised and a retry is scheduled), skipped, or
-    completed."""
+# What each outcome of the job layer counts as when acked (None: nothing ended).
+_ACKED_LABELS: dict[str, str | None] = {
+    "completed": OUTCOME_COMPLETED, "skipped": OUTCOME_SKIPPED, "cancelled": OUTCOME_CANCELLED,
+    "retry": OUTCOME_RETRIED, "requeue": OUTCOME_REQUEUED, "ack": None,
+}
+
+
+def _acked_outcome(attempt: _Attempt) -> str | None:
+    """What an acked attempt was: the job layer's outcome when it gave one; otherwise
+    retried (it raised and a retry is scheduled), skipped or completed. None: not an end
+    (a redelivered copy of a job that had already ended, let go)."""
+    if attempt.kind is not None and attempt.kind in _ACKED_LABELS:
+        return _ACKED_LABELS[attempt.kind]
     if attempt.raised:
         return OUTCOME_RETRIED
     return OUTCOME_SKIPPED if attempt.skipped else OUTCOME_COMPLETED

@@ -14,7 +14,7 @@ from aiohttp import web
 from runtime.alerts import Alerter, job_failure_pager, order_id_from_args
 from runtime.jobs.broker import JobBroker
 from runtime.jobs.hooks import JobEvent
-from runtime.metrics import Metrics, get_metrics, render_metrics
+from runtime.metrics import OUTCOME_FAILED, Metrics, get_metrics, render_metrics
 from runtime.metrics_middleware import UNKNOWN_LABEL, MetricsMiddleware
 from runtime.process import ProcessContext
 from runtime.settings import Settings
@@ -46,8 +46,16 @@ def count_sweeps(broker: JobBroker, metrics: Metrics) -> None:
         queue = event.queue if event.queue in broker.get_declared_queues() else UNKNOWN_LABEL
         return queue, event.actor if event.actor in broker.actors else UNKNOWN_LABEL
 
+    def ended(event: JobEvent) -> None:
+        # Only the keeper's events carry an outcome: a job that ended in the sweep ends
+        # here, once; a failure a worker recorded was counted by the metrics middleware.
+        if event.detail.get("outcome") in ("failed", "dead"):
+            metrics.jobs.labels(*labels(event), OUTCOME_FAILED).inc()
+            metrics.job_dead_letters.labels(*labels(event)).inc()
+
     broker.hooks.subscribe("stalled", lambda e: metrics.job_stalls.labels(labels(e)[0]).inc())
-    broker.hooks.subscribe("dead", lambda e: metrics.job_dead_letters.labels(*labels(e)).inc())
+    broker.hooks.subscribe("failed", ended)
+    broker.hooks.subscribe("dead", ended)
 
 
 def metrics_handler(settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:

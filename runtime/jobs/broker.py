@@ -22,6 +22,7 @@ Dramatiq cannot do from the outside:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -44,7 +45,10 @@ from runtime.jobs.options import (
     DEFAULT_DEDUP_S,
     DEFAULT_KEEP_COMPLETED,
     DEFAULT_KEEP_FAILED,
+    JOB_OPTIONS,
     RetryPolicy,
+    check_options,
+    delay_of,
 )
 from runtime.jobs.outcome import (
     Outcome,
@@ -241,6 +245,7 @@ class JobBroker(RedisBroker):
         never blocks: a full queue leaves its row for the next round).
         Raises QueueFull when the queue stays at its bound.
         """
+        message, delay_ms = self.checked(message, delay_ms)
         message = with_ids(message)
         queue = message.queue_name
         eta_ms = int(time.time() * 1000) + delay_ms if delay_ms else 0
@@ -253,6 +258,27 @@ class JobBroker(RedisBroker):
             self.hooks.emit(JobEvent(submitted.state, submitted.job_id, queue,
                                      message.actor_name, args=tuple(message.args)))
         return submitted
+
+    def checked(self, message: dramatiq.Message[Any],
+                delay_ms: int | None) -> tuple[dramatiq.Message[Any], int | None]:
+        """``message`` with its options checked (runtime.jobs.options), and its delay.
+
+        Every way of building a message ends here: ``JobSpec.message`` checked them
+        already, but Dramatiq's own ``actor.send_with_options(...)`` and
+        ``message_with_options`` did not, so a misspelled option raises
+        ValidationError here instead of being carried along unnoticed. Options a
+        middleware on this broker owns (``max_age``, ``on_success``...) pass as they are;
+        ``timeout_ms`` becomes ``time_limit`` and ``delay_ms`` the delay, as on a spec.
+        """
+        owned = self.actor_options - JOB_OPTIONS
+        own = {k: v for k, v in message.options.items() if k not in owned}
+        checked = check_options(own)
+        if delay_ms is None:
+            delay_ms = delay_of(own)
+        if checked == own:
+            return message, delay_ms
+        kept = {k: v for k, v in message.options.items() if k in owned}
+        return dataclasses.replace(message, options={**kept, **checked}), delay_ms
 
     def _submit_within_bounds(self, args: list[Any], message: dramatiq.Message[Any],
                               block: bool | None) -> Submitted:
@@ -288,14 +314,17 @@ class JobBroker(RedisBroker):
         """
         job_id = str(message.options.get("job_id") or message.message_id)
         rid = str(message.options["redis_message_id"])
+        actor = self.actors.get(message.actor_name)
+        # The message's options win over its actor's, as everywhere.
+        options = {**(actor.options if actor is not None else {}), **message.options}
         keep = self.config.keep_completed if outcome.kind in ("completed", "skipped") else \
             self.config.keep_failed
-        keep = int(message.options.get(
+        keep = int(options.get(
             "keep_completed" if outcome.kind in ("completed", "skipped") else "keep_failed", keep))
         reply = self.jobs(
             "finish", queue, rid, job_id, message.actor_name, self.broker_id, outcome.kind,
             json.dumps(outcome.detail, default=str), keep,
-            int(message.options.get("dedup_s", self.config.dedup_s)),
+            int(options.get("dedup_s", self.config.dedup_s)),
             json.dumps(list(outcome.limit_keys)) if outcome.limit_keys else "[]",
             outcome.new_rid, outcome.new_message, outcome.eta_ms, outcome.priority,
             *((tally.key, tally.field, tally.ttl_s) if tally is not None else ()),

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from runtime.errors import JobCancelled, ValidationError
+from runtime.jobs.hooks import JobEvent, JobHooks
 from runtime.jobs.script import JobKeys, JobScript
 
 # Progress is a number or a small JSON object; bigger belongs in the job's result.
@@ -35,6 +36,8 @@ class JobContext:
     client: redis.Redis
     keys: JobKeys
     script: JobScript
+    # The broker's hooks: progress is an event of the worker's process too.
+    hooks: JobHooks | None = None
 
     @property
     def attempts_left(self) -> int:
@@ -44,7 +47,10 @@ class JobContext:
     def progress(self, value: Any) -> None:
         """Report progress (a number or a small JSON object); readers and subscribers see it."""
         text = progress_text(value)
-        self.script("progress", self.job_id, text)
+        reply = self.script("progress", self.job_id, text)
+        if self.hooks is not None and reply and reply[0] == "ok":
+            self.hooks.emit(JobEvent("progress", self.job_id, self.queue, self.actor,
+                                     self.attempt, {"progress": json.loads(text)}))
 
     def cancel_requested(self) -> bool:
         """Whether someone asked this job to stop (checked in Redis, from any process)."""

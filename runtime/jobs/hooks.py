@@ -3,9 +3,12 @@
 The same events go to Redis (the ``jobs`` stream, written by jobs.lua with
 the state change itself) for the dashboard, the notifier and other hosts.
 Hooks are for code in the process where the event happened: the worker that
-ran the job (active, completed, retrying, failed, cancelled, skipped), the
-keeper that found a stalled job (stalled, dead), the producer (waiting,
-delayed). A hook's exception is logged and never reaches the job.
+ran the job (active, progress, completed, retrying, failed, cancelled,
+skipped), the keeper that found a stalled job (stalled, and failed or dead
+when the sweep ended it), the producer (waiting, delayed), and whoever used
+a :class:`~runtime.jobs.store.JobStore` to control it (cancelled,
+cancel_requested, removed, progress). A hook's exception is logged and never
+reaches the job.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 log = logging.getLogger("runtime.jobs.events")
 
 EVENT_KINDS = ("waiting", "delayed", "active", "progress", "completed", "skipped", "failed",
-               "retrying", "stalled", "dead", "cancelled", "removed")
+               "retrying", "stalled", "dead", "cancel_requested", "cancelled", "removed")
 # Events an operator wants in the log at INFO; the rest (one per job and step) are DEBUG.
-_NOTABLE = frozenset({"failed", "retrying", "stalled", "dead", "cancelled", "removed"})
+_NOTABLE = frozenset({"failed", "retrying", "stalled", "dead", "cancel_requested", "cancelled",
+                      "removed"})
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@
 --   ns:paused            set of paused queue names
 --   ns:job:J             hash: the record of job J (state, attempts, times, result, error, ...)
 --   ns:jobhist:J         list: the last events of job J, newest first
---   ns:dedup:J           string with a time to live: J ran and may not be sent again yet
+--   ns:dedup:J           "state:until_ms" with a time to live: trimmed J ran and may not be sent again before until_ms
 --   ns:limit:NAME        zset token -> lease expiry (ms): a concurrency limit's holders
 --   ns:rate:NAME         zset token -> start time (ms): a rate limit's recent starts
 
@@ -149,12 +149,11 @@ local function trim(queue, state, keep, dedup_s)
     for _, job_id in ipairs(ids) do
         local key = job_key(job_id)
         local explicit = redis.call("hget", key, "explicit")
-        if explicit == "1" and dedup_s > 0 then
-            local ended = tonumber(redis.call("hget", key, "finished_ms")) or now
-            local left = dedup_s * 1000 - (now - ended)
-            if left > 0 then
-                redis.call("set", ns .. ":dedup:" .. job_id, state, "PX", left)
-            end
+        local deadline = tonumber(redis.call("hget", key, "dedup_until_ms")) or 0
+        if explicit == "1" and deadline > now then
+            -- The deadline rides in the value: enqueue trusts it, not the key's existence
+            -- (a time to live runs on Redis's clock, the window on the callers').
+            redis.call("set", ns .. ":dedup:" .. job_id, state .. ":" .. deadline, "PX", deadline - now)
         end
         redis.call("del", key, hist_key(job_id))
     end
@@ -179,6 +178,14 @@ local function index_of(state)
     return state
 end
 
+-- Whether a completed (or skipped) job's de-duplication window (dedup_s after it finished)
+-- is over; a job still waiting or running always blocks re-sends.
+local function dedup_over(key, state)
+    if state ~= "completed" and state ~= "skipped" then return false end
+    local deadline = tonumber(redis.call("hget", key, "dedup_until_ms"))
+    return deadline ~= nil and deadline <= now
+end
+
 -- enqueue(queue, rid, job_id, actor, message, priority, eta_ms, max_len, explicit, max_attempts)
 -- -> {"enqueued", state} | {"duplicate", state, rid} | {"full", size}
 local function cmd_enqueue(a)
@@ -188,13 +195,21 @@ local function cmd_enqueue(a)
     local key = job_key(job_id)
     if explicit == "1" then
         local state = redis.call("hget", key, "state")
-        if state and DUPLICATE_STATES[state] then
+        if state and DUPLICATE_STATES[state] and not dedup_over(key, state) then
             return {"duplicate", state, redis.call("hget", key, "rid") or ""}
         end
-        local ran = redis.call("get", ns .. ":dedup:" .. job_id)
-        if ran then return {"duplicate", ran, ""} end
+        local dedup_key = ns .. ":dedup:" .. job_id
+        local ran = redis.call("get", dedup_key)
+        if ran then
+            local ran_state, deadline = string.match(ran, "^(%a+):(%d+)$")
+            if not deadline or tonumber(deadline) > now then
+                return {"duplicate", ran_state or ran, ""}
+            end
+            redis.call("del", dedup_key)  -- its window is over: it blocks nothing
+        end
         if state then
-            -- A failed, dead or cancelled job sent again under its id: a fresh run.
+            -- A failed, dead or cancelled job, or one completed longer than its dedup_s
+            -- ago, sent again under its id: a fresh run.
             local old_queue = redis.call("hget", key, "queue") or queue
             redis.call("zrem", qkey(old_queue, index_of(state)), job_id)
             redis.call("del", key, hist_key(job_id))
@@ -326,10 +341,14 @@ local function take_limits(limits, token)
     return -1
 end
 
--- start(queue, rid, job_id, actor, worker, attempt, limits JSON)
--- -> {"run"} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON])
+-- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- policy: the job's retry policy ({attempts, backoff, backoff_ms, backoff_max_ms, jitter}),
+-- kept on the record for the stall sweep, which runs a stalled job again under it. attempt
+-- in the reply: the attempt this run is (a stall used one the message does not know of).
 local function cmd_start(a)
     local queue, rid, job_id, actor, worker, attempt, limits = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    local policy = a[8] or ""
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if state == "completed" or state == "skipped" or state == "dead" or state == "cancelled" then
@@ -346,11 +365,16 @@ local function cmd_start(a)
             enqueued_ms = now, explicit = "0", deaths = 0, priority = 0, max_attempts = 0})
         stat(queue, "enqueued")
     end
+    attempt = math.max(tonumber(attempt) or 1, tonumber(redis.call("hget", key, "next_attempt")) or 0)
     record_fields(key, {state = "active", rid = rid, started_ms = now, worker = worker,
         attempt = attempt})
+    if policy ~= "" then
+        local p = decode(policy)
+        record_fields(key, {policy = policy, max_attempts = (p and tonumber(p.attempts)) or 0})
+    end
     redis.call("zadd", qkey(queue, "active"), now, job_id)
-    event(job_id, queue, actor, "active", {attempt = tonumber(attempt), worker = worker})
-    return {"run"}
+    event(job_id, queue, actor, "active", {attempt = attempt, worker = worker})
+    return {"run", tostring(attempt)}
 end
 
 local function release_limits(limit_keys, token)
@@ -378,10 +402,13 @@ local function cmd_finish(a)
         -- waits, take it out of the queue again and record our outcome; if another
         -- worker has started or finished it since, that run owns the record.
         local state = redis.call("hget", key, "state")
-        if state ~= "waiting" or redis.call("hget", key, "worker") ~= worker then
+        if (state ~= "waiting" and state ~= "delayed") or
+                redis.call("hget", key, "worker") ~= worker then
             return {"lost"}
         end
         remove_waiting(queue, rid)
+        redis.call("zrem", qkey(queue, "delayed"), rid)
+        redis.call("hdel", key, "next_attempt")
     end
     if a[15] and a[15] ~= "" then
         redis.call("hincrby", a[15], a[16], 1)
@@ -423,6 +450,7 @@ local function cmd_finish(a)
     -- The message stays with the record: to inspect an ended job and to retry a failed one.
     if message then redis.call("hset", key, "message", message) end
     if outcome == "completed" or outcome == "skipped" then
+        redis.call("hset", key, "dedup_until_ms", now + dedup_s * 1000)
         if short(detail.result) then redis.call("hset", key, "result", short(detail.result)) end
         if short(detail.reason) then redis.call("hset", key, "reason", short(detail.reason)) end
     elseif short(detail.error) then
@@ -437,60 +465,138 @@ local function cmd_finish(a)
     return {"ok"}
 end
 
--- sweep(timeout_ms, poison_deaths) -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, dead}]}
--- Give back what dead workers held; count a death for every job one was running.
+-- The delay before retry number retries_so_far + 1 (RetryPolicy.delay_ms in options.py).
+local function backoff_ms(policy, retries_so_far, unit)
+    local base = tonumber(policy.backoff_ms) or 0
+    if policy.backoff ~= "fixed" then
+        base = math.min(base * 2 ^ math.min(retries_so_far, 30),
+            tonumber(policy.backoff_max_ms) or base)
+    end
+    if policy.jitter ~= false then base = base * (1 + 0.25 * (2 * unit - 1)) end
+    return math.max(0, math.floor(base))
+end
+
+-- The jobs a dead worker was running: [{rid, text, msg, job_id, queue}], and what it had
+-- only fetched: [{queue, rid, text, msg}].
+local function held_by(w)
+    local running, fetched = {}, {}
+    for _, queue in ipairs(redis.call("smembers", ns .. ":__queues__." .. w)) do
+        local acks = ns .. ":__acks__." .. w .. "." .. queue
+        for _, rid in ipairs(redis.call("smembers", acks)) do
+            local text = redis.call("hget", qkey(queue, "msgs"), rid)
+            local msg = text and decode(text)
+            local item = {queue = queue, rid = rid, text = text, msg = msg}
+            if msg then
+                item.job_id = message_job_id(msg)
+                local key = job_key(item.job_id)
+                if redis.call("hget", key, "state") == "active" and
+                        redis.call("hget", key, "worker") == w then
+                    table.insert(running, item)
+                else
+                    table.insert(fetched, item)
+                end
+            elseif text then
+                table.insert(fetched, item)
+            end
+        end
+        redis.call("del", acks)
+    end
+    return running, fetched
+end
+
+-- A job that was running on a dead worker: stalled. It counts a death (towards the
+-- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
+-- counts as shared_deaths, since any of them may have killed the worker. Either way it
+-- used its attempt: it runs again after its backoff, or fails for good ("stalled").
+local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
+    local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
+    local key = job_key(job_id)
+    local actor = msg.actor_name or ""
+    local deaths = tonumber(redis.call("hget", key, "deaths")) or 0
+    local shared = tonumber(redis.call("hget", key, "shared_deaths")) or 0
+    if sole then
+        deaths = redis.call("hincrby", key, "deaths", 1)
+    else
+        shared = redis.call("hincrby", key, "shared_deaths", 1)
+    end
+    local attempt = tonumber(redis.call("hget", key, "attempt")) or 1
+    local policy = decode(redis.call("hget", key, "policy") or "")
+    if not policy then
+        -- Started without its policy (an older worker): the default backoff, and the
+        -- attempts the producer resolved when it sent the job, if it did.
+        policy = {}
+        for k, v in pairs(default_policy) do policy[k] = v end
+        local max_attempts = tonumber(redis.call("hget", key, "max_attempts")) or 0
+        if max_attempts > 0 then policy.attempts = max_attempts end
+    end
+    redis.call("zrem", qkey(queue, "active"), job_id)
+    stat(queue, "stalled")
+    local found = {job_id = job_id, queue = queue, actor = actor, deaths = deaths,
+        shared_deaths = shared, attempt = attempt, args = msg.args,
+        critical = (msg.options or {}).critical == true}
+    local function ended(state, reason)
+        record_fields(key, {state = state, finished_ms = now, message = text, reason = reason})
+        redis.call("hdel", qkey(queue, "msgs"), rid)
+        redis.call("hdel", key, "next_attempt")
+        redis.call("zadd", qkey(queue, state), ended_score(queue), job_id)
+        stat(queue, state)
+        found.outcome = state
+        found.reason = reason
+    end
+    if deaths >= poison then
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt})
+        ended("dead", "killed its worker " .. deaths .. " times (poison pill)")
+        event(job_id, queue, actor, "dead", {deaths = deaths, reason = "poison pill"})
+    elseif attempt >= (tonumber(policy.attempts) or 1) then
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt})
+        ended("failed", "stalled")
+        redis.call("hset", key, "error", "stalled: its worker stopped on attempt " .. attempt)
+        event(job_id, queue, actor, "failed", {attempt = attempt, reason = "stalled",
+            error = "stalled"})
+    else
+        local run_at = now + backoff_ms(policy, attempt - 1, unit) + stagger_ms
+        record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
+        redis.call("zadd", qkey(queue, "delayed"), run_at, rid)
+        found.outcome = "delayed"
+        found.run_at_ms = run_at
+        event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
+            worker = w, attempt = attempt, run_at_ms = run_at})
+    end
+    return found
+end
+
+-- sweep(timeout_ms, poison_deaths, default policy JSON, unit random)
+--   -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, outcome, ...}]}
+-- Give back what dead workers had fetched; run again, or end, what they were running.
 local function cmd_sweep(a)
     local timeout, poison = tonumber(a[1]), tonumber(a[2])
+    local default_policy = decode(a[3] or "") or {attempts = 1}
+    local unit = tonumber(a[4]) or 0.5
     local heartbeats = ns .. ":__heartbeats__"
     local dead_workers = redis.call("zrangebyscore", heartbeats, 0, now - timeout)
     local requeued = 0
     local stalled = {}
     for _, w in ipairs(dead_workers) do
-        local queues_key = ns .. ":__queues__." .. w
-        for _, queue in ipairs(redis.call("smembers", queues_key)) do
-            local acks = ns .. ":__acks__." .. w .. "." .. queue
-            local msgs = qkey(queue, "msgs")
-            for _, rid in ipairs(redis.call("smembers", acks)) do
-                local text = redis.call("hget", msgs, rid)
-                local msg = text and decode(text)
-                if msg then
-                    local job_id = message_job_id(msg)
-                    local key = job_key(job_id)
-                    local actor = msg.actor_name or ""
-                    if redis.call("hget", key, "state") == "active" and
-                            redis.call("hget", key, "worker") == w then
-                        local deaths = redis.call("hincrby", key, "deaths", 1)
-                        redis.call("zrem", qkey(queue, "active"), job_id)
-                        stat(queue, "stalled")
-                        local found = {job_id = job_id, queue = queue, actor = actor,
-                            deaths = deaths, dead = deaths >= poison, args = msg.args}
-                        table.insert(stalled, found)
-                        event(job_id, queue, actor, "stalled", {deaths = deaths, worker = w})
-                        if deaths >= poison then
-                            record_fields(key, {state = "dead", finished_ms = now, message = text,
-                                reason = "killed its worker " .. deaths .. " times (poison pill)"})
-                            redis.call("hdel", msgs, rid)
-                            redis.call("zadd", qkey(queue, "dead"), now, job_id)
-                            stat(queue, "dead")
-                            event(job_id, queue, actor, "dead", {deaths = deaths,
-                                reason = "poison pill"})
-                        else
-                            redis.call("hset", key, "state", "waiting")
-                            push_waiting(queue, rid, message_priority(msg), true)
-                            requeued = requeued + 1
-                        end
-                    else
-                        push_waiting(queue, rid, message_priority(msg), true)
-                        requeued = requeued + 1
-                    end
-                elseif text then
-                    push_waiting(queue, rid, 0, true)
-                    requeued = requeued + 1
-                end
-            end
-            redis.call("del", acks)
+        local running, fetched = held_by(w)
+        -- Jobs that died together run again apart, one heartbeat timeout after another, in
+        -- an order that changes from sweep to sweep: else a pill and a bystander would be
+        -- due together, fetched together and die together forever, and no death would
+        -- ever be the pill's alone. Apart, the pill dies alone (or after its company ended).
+        local first = math.floor(unit * #running)
+        for i, item in ipairs(running) do
+            -- Spread the jitter of jobs found in one sweep (golden-ratio steps).
+            unit = (unit + 0.6180339887) % 1
+            local stagger_ms = ((i - 1 + first) % #running) * timeout
+            table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit,
+                stagger_ms))
         end
-        redis.call("del", queues_key)
+        for _, item in ipairs(fetched) do
+            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
+            requeued = requeued + 1
+        end
+        redis.call("del", ns .. ":__queues__." .. w)
         redis.call("zrem", heartbeats, w)
     end
     if #stalled == 0 then return cjson.encode({requeued = requeued}) end
@@ -518,7 +624,8 @@ local function cmd_requeue(a)
     return n
 end
 
--- cancel(job_id) -> {"cancelled"} | {"requested"} | {"finished", state} | {"missing"}
+-- cancel(job_id) -> {"cancelled" | "requested", queue, actor, state before}
+--                 | {"finished", state} | {"missing"}
 local function cmd_cancel(a)
     local job_id = a[1]
     local key = job_key(job_id)
@@ -542,12 +649,12 @@ local function cmd_cancel(a)
         redis.call("zadd", qkey(queue, "cancelled"), now, job_id)
         stat(queue, "cancelled")
         event(job_id, queue, actor, "cancelled", {while_state = state})
-        return {"cancelled"}
+        return {"cancelled", queue, actor, state}
     end
     -- Running, or already fetched by a worker: it sees the request when it starts or checks.
     redis.call("hset", key, "cancel_requested", 1)
     event(job_id, queue, actor, "cancel_requested", {while_state = state})
-    return {"requested"}
+    return {"requested", queue, actor, state}
 end
 
 -- retry(job_id, new_rid, new_message) -> {"enqueued"} | {"not_retryable", state} | {"missing"}
@@ -564,14 +671,15 @@ local function cmd_retry(a)
     local msg = decode(new_message) or {}
     push_waiting(queue, new_rid, message_priority(msg), false)
     record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
-        cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
-    redis.call("hdel", key, "message", "finished_ms")
+        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
+    redis.call("hdel", key, "message", "finished_ms", "next_attempt")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
     return {"enqueued"}
 end
 
--- remove(job_id) -> {"removed"} | {"active"} | {"requested"} | {"missing"}
+-- remove(job_id) -> {"removed", queue, actor, state before} | {"active"} | {"requested"}
+--                 | {"missing"}
 local function cmd_remove(a)
     local job_id = a[1]
     local key = job_key(job_id)
@@ -595,10 +703,10 @@ local function cmd_remove(a)
     stat(queue, "removed")
     event(job_id, queue, actor, "removed", {while_state = state})
     redis.call("del", hist_key(job_id))
-    return {"removed"}
+    return {"removed", queue, actor, state}
 end
 
--- progress(job_id, value JSON) -> {"ok"} | {"missing"}
+-- progress(job_id, value JSON) -> {"ok", queue, actor} | {"missing"}
 local function cmd_progress(a)
     local job_id, value = a[1], a[2]
     local key = job_key(job_id)
@@ -608,7 +716,7 @@ local function cmd_progress(a)
     local queue = redis.call("hget", key, "queue")
     local actor = redis.call("hget", key, "actor") or ""
     event(job_id, queue, actor, "progress", {progress = decode("[" .. value .. "]")[1]})
-    return {"ok"}
+    return {"ok", queue, actor}
 end
 
 -- empty_dead(queue) -> number of jobs deleted

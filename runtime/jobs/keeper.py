@@ -8,11 +8,16 @@ Every ``sweep_interval_s`` it
 3. sweeps (once it has itself been beating for a whole heartbeat timeout, so
    that after a Redis outage, when every heartbeat looks old, live workers
    have beaten again before anyone is judged): what a worker silent for
-   longer than the heartbeat timeout had
-   fetched goes back to the head of its queue; a job that worker was
-   *running* is reported ``stalled`` and counts a death, and a job that has
-   killed its worker ``poison_deaths`` times is quarantined in the dead set
-   with the reason instead of looping forever.
+   longer than the heartbeat timeout had fetched goes back to the head of its
+   queue; a job that worker was *running* is reported ``stalled`` and has used
+   its attempt: it waits its backoff in the delayed set and runs again, or,
+   on its last attempt, fails for good with the reason ``stalled``. A job that
+   has killed its worker ``poison_deaths`` times is quarantined in the dead
+   set with the reason instead of looping forever; a death counts towards
+   that only when the job ran alone on the worker (see docs/jobs.md, "Stalls
+   and poison pills"), so a bystander of a pill is never quarantined; jobs
+   that died together run again a heartbeat timeout apart, so the pill soon
+   dies alone.
 
 A stall is therefore seen within heartbeat timeout + sweep interval by a
 keeper that was already running (twice the timeout right after a restart). Any
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
@@ -45,6 +52,19 @@ class SweepReport:
 
     requeued: int
     stalled: tuple[JobEvent, ...]
+
+
+def _stalled_event(item: dict[str, Any]) -> JobEvent:
+    """The ``stalled`` event of one job the sweep found; ``detail["outcome"]`` says what
+    became of it: ``delayed`` (runs again after its backoff), ``failed`` or ``dead``."""
+    detail = {name: item[name] for name in ("deaths", "shared_deaths", "outcome", "reason",
+                                            "run_at_ms") if item.get(name) is not None}
+    if item.get("critical") is True:
+        detail["critical"] = True  # the message's own critical option (the actor's is known)
+    args = item.get("args")
+    return JobEvent("stalled", str(item["job_id"]), str(item["queue"]),
+                    str(item.get("actor", "")), int(item.get("attempt") or 0), detail,
+                    tuple(args) if isinstance(args, list) else ())
 
 
 class JobKeeper:
@@ -105,18 +125,15 @@ class JobKeeper:
             # live worker has beaten again and only the dead look dead.
             return SweepReport(0, ())
         reply = json.loads(broker.jobs("sweep", broker.config.heartbeat_timeout_ms,
-                                       broker.config.poison_deaths))
-        report = SweepReport(int(reply.get("requeued", 0)), tuple(
-            JobEvent("dead" if item.get("dead") else "stalled", str(item["job_id"]),
-                     str(item["queue"]), str(item.get("actor", "")), 0,
-                     {"deaths": int(item.get("deaths", 0))},
-                     tuple(item.get("args") or ()) if isinstance(item.get("args"), list) else ())
-            for item in reply.get("stalled") or ()))
+                                       broker.config.poison_deaths,
+                                       broker.config.retry.as_json(), random.random()))
+        report = SweepReport(int(reply.get("requeued", 0)),
+                             tuple(_stalled_event(item) for item in reply.get("stalled") or ()))
         for event in report.stalled:
-            broker.hooks.emit(JobEvent("stalled", event.job_id, event.queue, event.actor, 0,
-                                       event.detail, event.args))
-            if event.kind == "dead":
-                broker.hooks.emit(event)
+            broker.hooks.emit(event)
+            ended = event.detail.get("outcome")
+            if ended in ("dead", "failed"):
+                broker.hooks.emit(replace(event, kind=str(ended)))
         if report.requeued:
             log.info("gave back %d job(s) held by dead workers (%d were running)",
                      report.requeued, len(report.stalled))

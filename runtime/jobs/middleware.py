@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 
 # A job held back by a limit is handed back to its queue with at least this delay.
 MIN_REQUEUE_DELAY_MS = 50
+# Why a job went back to its queue without using an attempt (shopflow_job_requeues_total).
+REQUEUE_LIMITED = "limited"
+REQUEUE_REDIS_AWAY = "redis_unavailable"
+# Message options that change a job's retry policy.
+_POLICY_OPTIONS = frozenset({"attempts", "max_retries", "backoff", "backoff_ms", "backoff_max_ms",
+                             "jitter"})
 # While waiting for a limit slot, look again at most this often.
 LIMIT_POLL_S = 0.02
 # Results and errors kept on a job record are cut to this many characters.
@@ -81,6 +87,7 @@ class JobsMiddleware(Middleware):
         self._rng = rng
         self._keeper: JobKeeper | None = None
         self._held: dict[str, tuple[str, ...]] = {}
+        self._policies: dict[str, str] = {}  # actor name -> its policy JSON (a dict: GIL-safe)
         self._lock = threading.Lock()
 
     @property
@@ -127,11 +134,13 @@ class JobsMiddleware(Middleware):
         lease_ms = jb.config.heartbeat_timeout_ms
         limits_json = json.dumps([lim.as_json(lease_ms) for lim in limits]) if limits else ""
         attempt = int(message.options.get("retries", 0)) + 1
+        policy_json = self._policy_json(jb, message, actor_options)
         deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
         while True:
             try:
                 reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
-                                message.actor_name, jb.broker_id, attempt, limits_json)
+                                message.actor_name, jb.broker_id, attempt, limits_json,
+                                policy_json)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Dramatiq would log and run the job anyway, without its record or its
                 # limits. Hand it back instead; the ack that does so is retried by
@@ -139,7 +148,8 @@ class JobsMiddleware(Middleware):
                 log.warning("job %s not started, Redis is away (%s); it goes back to its queue",
                             job_id, exc)
                 set_outcome(message, self._next_run(jb, message, "requeue",
-                                                    MIN_REQUEUE_DELAY_MS * 10, retried=False))
+                                                    MIN_REQUEUE_DELAY_MS * 10, retried=False,
+                                                    reason=REQUEUE_REDIS_AWAY))
                 raise SkipMessage(f"job {job_id}: Redis is away") from None
             if reply[0] == "run":
                 break
@@ -148,21 +158,39 @@ class JobsMiddleware(Middleware):
                                max(0.0, deadline - time.monotonic())))
                 continue
             self._skip(jb, message, job_id, reply)
+        if len(reply) > 1 and int(reply[1]) > attempt:
+            # A stall used an attempt the message does not know of (the sweep ran it again
+            # as it was): this run, its retries and its next run count from the record's.
+            attempt = int(reply[1])
+            message.options["retries"] = attempt - 1
         keys = tuple(lim.key for lim in limits if lim.concurrency)
         with self._lock:
             self._held[_rid(message)] = keys
         max_attempts = jb.max_attempts(message._message)
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
+
+    def _policy_json(self, jb: JobBroker, message: MessageProxy,
+                     actor_options: dict[str, Any]) -> str:
+        """The job's retry policy as its record keeps it (for the stall sweep); cached per
+        actor for the common message that overrides none of it (one per job otherwise)."""
+        if not _POLICY_OPTIONS.intersection(message.options):
+            cached = self._policies.get(message.actor_name)
+            if cached is None:
+                cached = jb.config.retry.with_options(actor_options).as_json()
+                self._policies[message.actor_name] = cached
+            return cached
+        return jb.config.retry.with_options(actor_options).with_options(message.options).as_json()
 
     def _skip(self, jb: JobBroker, message: MessageProxy, job_id: str, reply: list[Any]) -> None:
         """Attach the outcome of a start that did not run, and raise SkipMessage."""
         kind = reply[0]
         if kind == "limited":
             delay_ms = max(MIN_REQUEUE_DELAY_MS, int(reply[1]))
-            set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False))
+            set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False,
+                                                reason=REQUEUE_LIMITED))
             log.debug("job %s held back by a limit, back in %d ms", job_id, delay_ms)
         elif kind == "cancelled":
             set_outcome(message, Outcome("cancelled", {"reason": "cancelled before it started"}))
@@ -212,13 +240,18 @@ class JobsMiddleware(Middleware):
 
     @staticmethod
     def _next_run(jb: JobBroker, message: MessageProxy, kind: str, delay_ms: int,
-                  retried: bool) -> Outcome:
-        """A retry or requeue outcome carrying the next run's message."""
+                  retried: bool, reason: str = "") -> Outcome:
+        """A retry or requeue outcome carrying the next run's message.
+
+        A requeue names its ``reason`` in the detail: metrics count hand-backs by reason,
+        apart from the job's one end.
+        """
         options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
         if retried:
             options["retries"] = int(message.options.get("retries", 0)) + 1
         next_message = message._message.copy(options=options)
-        return Outcome(kind, new_rid=options["redis_message_id"],
+        return Outcome(kind, {"reason": reason} if reason else {},
+                       new_rid=options["redis_message_id"],
                        new_message=next_message.encode().decode(),
                        eta_ms=int(time.time() * 1000) + delay_ms if delay_ms else 0,
                        priority=int(message.options.get("priority", 0)))

@@ -3,8 +3,10 @@
 A message carries its options in Dramatiq's ``options`` dict, so they survive
 retries, redeliveries and other languages' producers. :func:`check_options`
 is called wherever a message is built (``JobSpec.message``, the HTTP enqueue
-endpoint, ``shopflow jobs send``): an unknown name or a bad value raises
-:class:`~runtime.errors.ValidationError` there, not later in a worker.
+endpoint, ``shopflow jobs send``) and again when any message is sent through a
+``JobBroker`` (so Dramatiq's own ``actor.send_with_options`` is checked too):
+an unknown name or a bad value raises :class:`~runtime.errors.ValidationError`
+there, not later in a worker.
 
 Options (all optional):
 
@@ -31,6 +33,7 @@ Options (all optional):
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._\-]{0,199}$")
 RUNTIME_OPTIONS = frozenset({
     "sched_name", "sched_slot", "sched_slot_ms",  # runtime.scheduling
     "redis_message_id", "retries", "traceback", "time_limit", "eta",  # Dramatiq's own
+    "job_id_explicit",  # runtime.jobs.broker, on a message already sent once
 })
 
 
@@ -168,6 +172,13 @@ class RetryPolicy:
         if self.jitter:
             base = int(base * (1 + JITTER_FRACTION * (2 * unit_random - 1)))
         return max(0, int(base))
+
+    def as_json(self) -> str:
+        """The policy as the job record keeps it: the stall sweep (jobs.lua) runs a stalled
+        job again under it, without the actor's code at hand."""
+        return json.dumps({"attempts": self.attempts, "backoff": self.backoff,
+                           "backoff_ms": self.backoff_ms, "backoff_max_ms": self.backoff_max_ms,
+                           "jitter": self.jitter}, separators=(",", ":"))
 
     def with_options(self, options: Mapping[str, Any]) -> RetryPolicy:
         """This policy overridden by an actor's or a message's options."""

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from runtime.errors import Conflict, NotFound, QueueFull, ValidationError
 from runtime.jobs.broker import QueueBounds, Submitted, enqueue_args, submitted_from, with_ids
+from runtime.jobs.hooks import JobEvent, JobHooks
 from runtime.jobs.options import check_options, delay_of
 from runtime.jobs.script import AsyncJobScript, JobKeys, text
 
@@ -37,7 +38,7 @@ _INDEXED = ("completed", "failed", "dead", "cancelled")
 # At most this many jobs per list call.
 MAX_LIST = 500
 # Record fields shown as numbers / as times.
-_INT_FIELDS = ("attempt", "max_attempts", "priority", "deaths")
+_INT_FIELDS = ("attempt", "max_attempts", "priority", "deaths", "shared_deaths")
 _TIME_FIELDS = {"created_ms": "created_at", "enqueued_ms": "enqueued_at",
                 "started_ms": "started_at", "finished_ms": "finished_at", "run_at_ms": "run_at"}
 
@@ -108,9 +109,12 @@ class JobStore:
     """The operator's view of every queue; all methods are coroutines on the caller's loop."""
 
     def __init__(self, client: aioredis.Redis, keys: JobKeys, queues: Sequence[str],
-                 bounds: QueueBounds | None = None) -> None:
+                 bounds: QueueBounds | None = None, hooks: JobHooks | None = None) -> None:
         self._redis = client
         self.keys = keys
+        # Events of the changes made through this store, in this process (and their log
+        # lines); pass the process broker's hooks to listen with the broker's listeners.
+        self.hooks = hooks or JobHooks()
         self.queues = tuple(queues)
         self._bounds = bounds or QueueBounds()
         self._script = AsyncJobScript(client, keys)
@@ -282,6 +286,7 @@ class JobStore:
         if reply[0] == "active":
             raise Conflict(f"job {job_id} is running; cancel it first")
         _raise_for(reply, job_id, "removed")
+        self._emit("removed", job_id, reply)
         return str(reply[0])
 
     async def cancel(self, job_id: str) -> str:
@@ -295,7 +300,19 @@ class JobStore:
         if reply[0] == "finished":
             raise Conflict(f"job {job_id} has already ended ({reply[1]})")
         _raise_for(reply, job_id, "cancelled")
+        self._emit("cancelled" if reply[0] == "cancelled" else "cancel_requested", job_id, reply)
         return str(reply[0])
+
+    def _emit(self, kind: str, job_id: str, reply: list[Any],
+              detail: dict[str, Any] | None = None) -> None:
+        """The in-process event of a change whose script reply names queue, actor and the
+        state before (the same event is already on the Redis stream)."""
+        if len(reply) < 3:
+            return  # e.g. a remove only requested of the worker holding the job
+        detail = dict(detail or {})
+        if len(reply) > 3:
+            detail["while_state"] = str(reply[3])
+        self.hooks.emit(JobEvent(kind, job_id, str(reply[1]), str(reply[2]), detail=detail))
 
     async def pause(self, queue: str) -> bool:
         """Stop workers taking jobs of ``queue`` (producers may still send); True if it changed."""
@@ -319,7 +336,9 @@ class JobStore:
 
     async def progress(self, job_id: str, value_json: str) -> None:
         """Record progress for a job (for producers outside a worker)."""
-        _raise_for(await self._script("progress", job_id, value_json), job_id, "updated")
+        reply = await self._script("progress", job_id, value_json)
+        _raise_for(reply, job_id, "updated")
+        self._emit("progress", job_id, reply, {"progress": json.loads(value_json)})
 
     async def send(self, queue: str, actor: str, args: Sequence[Any] = (),
                    options: dict[str, Any] | None = None) -> Submitted:

@@ -13,9 +13,13 @@ import pytest
 import redis
 
 from runtime.broker import QUEUE_INVENTORY, JobSpec, declare_actor, setup_broker
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.context import current_job
+from runtime.jobs.worker import make_worker
 from runtime.logs import JsonFormatter
-from runtime.metrics import metrics_dir, prepare_metrics_dir, render_metrics
+from runtime.metrics import get_metrics, metrics_dir, prepare_metrics_dir, render_metrics
 from runtime.metrics_middleware import MetricsMiddleware, consumers_key, outcomes_key
+from runtime.observability import count_sweeps
 from runtime.settings import Settings
 from tests.runtime.metrics_helpers import (
     kill_process,
@@ -197,3 +201,91 @@ def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
     assert {k: lines[0][k] for k in ("job_id", "queue", "actor", "retries", "msg")} == {
         "job_id": message.message_id, "queue": "inventory", "actor": "obs_speaks", "retries": 0,
         "msg": "reserving stock"}
+
+
+def _in_process_worker(settings: Settings, threads: int = 2) -> tuple[JobBroker, dramatiq.Worker]:
+    """A job broker measured by a MetricsMiddleware, and a worker on it (not started)."""
+    prepare_metrics_dir(settings)
+    broker = setup_broker(settings, [MetricsMiddleware(settings)])
+    count_sweeps(broker, get_metrics(settings))
+    return broker, make_worker(broker, {QUEUE_INVENTORY}, threads)
+
+
+def test_a_cancelled_job_ends_once_as_cancelled_and_hand_backs_are_counted_apart(
+        settings: Settings) -> None:
+    """A cancelled run is `cancelled` (not a retry); a job a limit holds back 3+ times ends once."""
+    settings = replace(settings, job_limit_wait_ms=20)
+    broker, worker = _in_process_worker(settings)
+    started, release = threading.Event(), threading.Event()
+
+    def cancellable() -> None:
+        job = current_job()
+        assert job is not None
+        started.set()
+        while True:
+            job.check_cancelled()
+            time.sleep(0.01)
+
+    def blocker(tag: str) -> None:
+        if tag == "first":
+            assert release.wait(20)
+
+    cancel_spec = JobSpec(QUEUE_INVENTORY, "obs_cancellable")
+    limited_spec = JobSpec(QUEUE_INVENTORY, "obs_limited")
+    declare_actor(broker, cancel_spec, cancellable)
+    declare_actor(broker, limited_spec, blocker, concurrency=1)
+    worker.start()
+    try:
+        cancelled = cancel_spec.send(broker)
+        assert started.wait(20)
+        assert broker.jobs("cancel", cancelled.job_id)[0] == "requested"
+        first = limited_spec.send(broker, "first")
+        second = limited_spec.send(broker, "second")
+        wait_until(lambda: (value(scrape(settings), "shopflow_job_requeues_total",
+                                  queue="inventory", reason="limited") or 0) >= 3,
+                   what="the second limited job to be handed back three times")
+        release.set()
+        wait_until(lambda: value(scrape(settings), "shopflow_jobs_total", queue="inventory",
+                                 actor="obs_limited", outcome="completed") == 2,
+                   what="both limited jobs to complete")
+        wait_until(lambda: value(scrape(settings), "shopflow_jobs_total", queue="inventory",
+                                 actor="obs_cancellable", outcome="cancelled") == 1,
+                   what="the cancelled job to end")
+    finally:
+        release.set()
+        worker.stop()
+        broker.close()
+    s = scrape(settings)
+    assert first.job_id != second.job_id
+    assert value(s, "shopflow_job_retries_total", queue="inventory",
+                 actor="obs_cancellable") is None, "a cancelled job is not a retry"
+    assert value(s, "shopflow_jobs_total", queue="inventory", actor="obs_limited",
+                 outcome="skipped") is None, "a hand-back is not an end"
+    assert total(s, "shopflow_jobs_total") == 3, "three jobs, three ends"
+    assert _outcomes(settings, "inventory") == {"completed": 2, "cancelled": 1}
+
+
+def test_a_job_held_by_a_dead_worker_counts_one_stall(settings: Settings) -> None:
+    """A worker that fetched and started a job, then stopped beating: the keeper's sweep
+    reports the job stalled once (shopflow_job_stalls_total) and it runs again."""
+    settings = replace(settings, broker_heartbeat_timeout_ms=1_000, job_sweep_interval_s=0.2,
+                       job_backoff_ms=50)
+    broker, worker = _in_process_worker(settings, threads=1)
+    ran = threading.Event()
+    spec = JobSpec(QUEUE_INVENTORY, "obs_stalls")
+    declare_actor(broker, spec, lambda: ran.set())
+    sent = spec.send(broker)
+    rid = sent.message.options["redis_message_id"]
+    dead = "dead-worker"
+    assert broker.jobs("fetch", QUEUE_INVENTORY, dead, 1)[1] == rid
+    assert broker.jobs("start", QUEUE_INVENTORY, rid, sent.job_id, spec.actor, dead, 1, "",
+                       "")[0] == "run"
+    broker.client.zadd(broker.keys.heartbeats, {dead: 0})
+    worker.start()
+    try:
+        assert ran.wait(20), "the stalled job ran again"
+        wait_until(lambda: value(scrape(settings), "shopflow_job_stalls_total",
+                                 queue="inventory") == 1, what="the stall to be counted")
+    finally:
+        worker.stop()
+        broker.close()

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 import redis
 
-from runtime.broker import JobSpec, declare_actor, setup_broker
+from runtime.broker import QUEUE_EMAILS, JobSpec, declare_actor, setup_broker
 from runtime.errors import (
     ActorCrashed,
     CircuitOpen,
@@ -19,6 +19,7 @@ from runtime.errors import (
     TransientJobError,
     ValidationError,
 )
+from runtime.jobs.broker import JobBroker
 from runtime.jobs.options import RetryPolicy, check_options
 from runtime.jobs.retries import is_infrastructure_error, retry_delay_ms
 from runtime.settings import Settings
@@ -129,3 +130,19 @@ def test_the_built_broker_retries_like_the_original_system_by_default(
         assert broker.max_attempts(SPEC.message()) == 3  # what a declared actor's job gets
     finally:
         broker.close()
+
+
+def test_dramatiqs_own_send_with_options_is_checked_too(broker: JobBroker) -> None:
+    """``actor.send_with_options`` builds its message without JobSpec: the broker checks it."""
+    actor = declare_actor(broker, JobSpec(QUEUE_EMAILS, "jobs_test_options"), lambda n: None)
+    with pytest.raises(ValidationError, match="unknown job option 'atempts'") as err:
+        actor.send_with_options(args=(1,), atempts=3)
+    assert err.value.field == "atempts"
+    with pytest.raises(ValidationError, match="'priority' must be between"):
+        actor.send_with_options(args=(1,), priority=99)
+    assert broker.client.hlen(broker.keys.queue(QUEUE_EMAILS, "msgs")) == 0, "nothing was sent"
+    sent = actor.send_with_options(args=(1,), attempts=2, timeout_ms=500, max_age=60_000)
+    assert (sent.options["attempts"], sent.options["time_limit"]) == (2, 500)
+    assert sent.options["max_age"] == 60_000, "an option another middleware owns passes"
+    assert "timeout_ms" not in sent.options
+    assert broker.client.hlen(broker.keys.queue(QUEUE_EMAILS, "msgs")) == 1

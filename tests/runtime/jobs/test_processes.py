@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import pytest
 
@@ -69,6 +70,41 @@ def test_a_poison_pill_is_quarantined_while_other_jobs_keep_flowing(
 
     assert asyncio.run(empty()) == 1
     assert job(fast, pill.job_id) is None
+
+
+def test_a_poison_pill_next_to_other_jobs_is_quarantined_and_its_bystanders_complete(
+        fast: Settings, workers: Workers) -> None:
+    """Two threads: the pill kills its worker while another job runs beside it. Only deaths
+    the pill died alone count towards the quarantine, so no bystander is ever quarantined."""
+    log = Log(fast)
+    broker = setup_broker(fast)
+    # Every stall uses an attempt, the shared ones too: enough that the pill is not failed
+    # (as stalled) before it dies alone three times, however busy the machine.
+    retry = {"attempts": 50, "backoff": "fixed", "backoff_ms": 200}
+    pill = wp.POISON.send(broker, "pill", **retry)
+    # Sent right after the pill: the first worker takes the pill and ok-0 at once.
+    others = [wp.RECORD.send(broker, f"ok-{n}", 0.5, **retry) for n in range(8)]
+    quarantined = state_is(fast, pill.job_id, "dead")
+    failed = state_is(fast, pill.job_id, "failed")
+    for _restart in range(50):
+        current = workers.start(threads=2, wait_ready=False)
+        wait_until(lambda p=current: p.poll() is not None or quarantined() or failed(),  # type: ignore[misc]
+                   60, "the pill to kill the worker or be quarantined")
+        if quarantined() or failed():
+            break
+    found = job(fast, pill.job_id)
+    assert found is not None and found["state"] == "dead", found
+    assert found["deaths"] == 3 and "poison pill" in found["reason"]
+    wait_until(lambda: all(state_is(fast, s.job_id, "completed")() for s in others), 60,
+               "every other job to complete")
+    bystanders = [job(fast, s.job_id) for s in others]
+    assert all(b is not None and b["deaths"] == 0 for b in bystanders), bystanders
+    assert any(b is not None and b.get("shared_deaths", 0) >= 1 for b in bystanders), \
+        "a job died next to the pill (ok-0 on the first worker)"
+    pill_end_s = datetime.fromisoformat(found["finished_at"]).timestamp()
+    ends = [e["t"] for e in log.entries(event="end") if e["tag"].startswith("ok-")]
+    assert len(ends) >= 8
+    assert min(ends) < pill_end_s, "other jobs completed while the pill was still looping"
 
 
 def test_a_slow_job_in_a_live_worker_is_not_run_twice(fast: Settings, workers: Workers) -> None:
