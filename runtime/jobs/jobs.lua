@@ -514,6 +514,9 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
     local actor = msg.actor_name or ""
     local deaths = tonumber(redis.call("hget", key, "deaths")) or 0
     local shared = tonumber(redis.call("hget", key, "shared_deaths")) or 0
+    -- Spread apart only jobs that have died in company before: a single crash (an
+    -- OOM kill, a deploy gone wrong) costs its bystanders nothing but their backoff.
+    if shared == 0 then stagger_ms = 0 end
     if sole then
         deaths = redis.call("hincrby", key, "deaths", 1)
     else
@@ -580,10 +583,11 @@ local function cmd_sweep(a)
     local stalled = {}
     for _, w in ipairs(dead_workers) do
         local running, fetched = held_by(w)
-        -- Jobs that died together run again apart, one heartbeat timeout after another, in
-        -- an order that changes from sweep to sweep: else a pill and a bystander would be
-        -- due together, fetched together and die together forever, and no death would
-        -- ever be the pill's alone. Apart, the pill dies alone (or after its company ended).
+        -- Jobs that died together again run again apart, one heartbeat timeout after
+        -- another, in an order that changes from sweep to sweep: else a pill and a
+        -- bystander could be due together, fetched together and die together forever,
+        -- and no death would ever be the pill's alone. Apart, the pill dies alone (or
+        -- after its company ended). A first shared death only waits the backoff.
         local first = math.floor(unit * #running)
         for i, item in ipairs(running) do
             -- Spread the jitter of jobs found in one sweep (golden-ratio steps).

@@ -16,8 +16,8 @@ Every ``sweep_interval_s`` it
    set with the reason instead of looping forever; a death counts towards
    that only when the job ran alone on the worker (see docs/jobs.md, "Stalls
    and poison pills"), so a bystander of a pill is never quarantined; jobs
-   that died together run again a heartbeat timeout apart, so the pill soon
-   dies alone.
+   that died together more than once run again a heartbeat timeout apart, so
+   the pill soon dies alone.
 
 A stall is therefore seen within heartbeat timeout + sweep interval by a
 keeper that was already running (twice the timeout right after a restart). Any

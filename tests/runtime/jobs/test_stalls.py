@@ -148,3 +148,48 @@ def test_a_critical_poison_pill_quarantined_by_the_sweep_pages_once(settings: Se
         broker.close()
     assert [(p.actor, p.message_id, p.args) for p in pages] == [(STALLS.actor, sent.job_id, (42,))]
     assert pages[0].error is not None and "poison pill" in pages[0].error
+
+
+def hold_both(broker: JobBroker, first: Submitted, second: Submitted, policy: str) -> None:
+    """Fetch and start two jobs together on the worker that is going to die, leaving
+    ``policy`` (JSON) on their records as a real worker's start does."""
+    reply = broker.jobs("fetch", QUEUE_EMAILS, DEAD, 2)
+    rids = {first.message.options["redis_message_id"], second.message.options["redis_message_id"]}
+    assert {reply[1], reply[3]} == rids, reply
+    for sent in (first, second):
+        rid = sent.message.options["redis_message_id"]
+        assert broker.jobs("start", QUEUE_EMAILS, rid, sent.job_id, STALLS.actor, DEAD, 1, "",
+                           policy)[0] == "run"
+
+
+@pytest.mark.parametrize("died_in_company_before", [False, True], ids=["first", "again"])
+def test_jobs_that_die_together_again_run_again_apart(
+        quick: tuple[JobBroker, Seen, list[int]], died_in_company_before: bool) -> None:
+    """A first shared death costs only the backoff (one crash delays nobody further); jobs
+    that die together again are spread one heartbeat timeout apart."""
+    broker, seen, _attempts = quick
+    retry = {"attempts": 5, "backoff": "fixed", "backoff_ms": 300, "jitter": False}
+    sent = [STALLS.send(broker, **retry), STALLS.send(broker, **retry)]
+    hold_both(broker, *sent, json.dumps({**retry, "backoff_max_ms": 300}))
+    if died_in_company_before:
+        for s in sent:
+            broker.client.hset(broker.keys.job(s.job_id), "shared_deaths", 1)
+    worker = make_worker(broker, {QUEUE_EMAILS}, 1)
+    worker.start()
+    try:
+        last_beat(broker)
+        for s in sent:
+            seen.wait("stalled", s.job_id)
+        run_at = sorted(int(record(broker, s.job_id)["run_at_ms"]) for s in sent)
+        for s in sent:
+            seen.wait("completed", s.job_id)
+    finally:
+        worker.stop()
+    apart_ms = run_at[1] - run_at[0]
+    if died_in_company_before:
+        assert apart_ms >= HEARTBEAT_TIMEOUT_MS, run_at
+    else:
+        assert apart_ms < HEARTBEAT_TIMEOUT_MS / 2, run_at  # same sweep, same backoff
+    for s in sent:
+        job = record(broker, s.job_id)
+        assert (job["deaths"], job["shared_deaths"]) == ("0", "2" if died_in_company_before else "1")
