@@ -26,17 +26,18 @@ DATA_FILES = {"sample": catalog.DATA_FILE, "master": catalog.MASTER_FILE}
 SIMULATOR_TIMEOUT_S = 10.0
 
 
-async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> None:
-    """Give the embedded warehouse simulator the scaled stock levels too.
+async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> dict[str, int]:
+    """Give the embedded warehouse simulator the scaled stock levels too; return them.
 
     The stock syncer makes the warehouse's quantity the shop's every interval, so
     a multiplier applied only to the shop's table would be undone by the first
     sync. With a real warehouse (``WAREHOUSE_URL`` set) nothing is touched: its
-    stock is the truth. Pinning happens before seeding, so a sync that runs in
-    between writes the same numbers the seed does.
+    stock is the truth. Returns the levels pinned, by external id (empty when
+    nothing was pinned), so the caller can make the shop's stock agree at once
+    (:func:`align_shop_stock`) instead of waiting for the next sync.
     """
     if stock_multiplier == 1 or settings.warehouse_url:
-        return
+        return {}
     levels = {p.external_id: p.stock for p in catalog.generate_products(stock_multiplier=stock_multiplier)}
     url = f"http://127.0.0.1:{settings.warehouse_sim_port}/_admin/stock"
     deadline = asyncio.get_running_loop().time() + SIMULATOR_TIMEOUT_S
@@ -45,20 +46,47 @@ async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> None
             try:
                 async with http.post(url, json=levels) as resp:
                     resp.raise_for_status()
-                    return
+                    return levels
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     print(f"warning: could not pin the warehouse simulator's stock at {url} ({exc});"
                           " the stock sync will apply the simulator's own levels", file=sys.stderr)
-                    return
+                    return {}
             await asyncio.sleep(0.2)
+
+
+async def align_shop_stock(settings: Settings, levels: dict[str, int]) -> None:
+    """Write pinned warehouse levels into the shop's inventory, as the next sync would.
+
+    ``shopflow up`` seeds the shop before the process tree (and with it the
+    simulator) runs, so the syncer's first run may have applied the
+    simulator's unscaled levels before they were pinned; this puts the scaled
+    ones back without waiting an interval. Never below what is reserved (the
+    syncer's own rule).
+    """
+    if not levels:
+        return
+    _, database_url = settings.require_urls()
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            """UPDATE inventory i SET quantity = GREATEST(t.qty, i.reserved_quantity),
+                      synced_at = now(), updated_at = now()
+                 FROM unnest($1::text[], $2::int[]) AS t(external_id, qty)
+                WHERE i.external_id = t.external_id""",
+            list(levels), list(levels.values()))
+    finally:
+        await conn.close()
 
 
 async def seed_demo(settings: Settings, limit: int | None, data: str = "sample",
                     stock_multiplier: int = 1) -> list[catalog.CdnowOrder]:
-    """Migrate, then insert the generated catalogue and the replayed orders' customers."""
+    """Migrate, then insert the generated catalogue and the replayed orders' customers.
+
+    Needs only the database: ``shopflow up`` runs it before it starts the
+    process tree, so no process ever sees an unmigrated or empty shop.
+    """
     await run_migrations(settings)
-    await pin_simulator_stock(settings, stock_multiplier)
     orders = catalog.load_orders(DATA_FILES[data], limit=limit)
     _, database_url = settings.require_urls()
     conn = await db.connect(database_url)
@@ -69,11 +97,10 @@ async def seed_demo(settings: Settings, limit: int | None, data: str = "sample",
     return orders
 
 
-async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_s: float,
-                   api_url: str | None = None, progress: bool = True, data: str = "sample",
-                   stock_multiplier: int = 1) -> Summary:
-    """Seed and replay; return the summary (the caller prints it)."""
-    orders = await seed_demo(settings, limit, data, stock_multiplier)
+async def replay_orders(settings: Settings, orders: list[catalog.CdnowOrder], day_s: float,
+                        timeout_s: float, api_url: str | None = None,
+                        progress: bool = True) -> Summary:
+    """Replay seeded orders through the running runtime's API; return the summary."""
     redis_url, database_url = settings.require_urls()
     pool = await db.create_pool(database_url, min_size=1, max_size=4)
     client = aioredis.Redis.from_url(redis_url)
@@ -87,6 +114,19 @@ async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_
     finally:
         await client.aclose()
         await pool.close()
+
+
+async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_s: float,
+                   api_url: str | None = None, progress: bool = True, data: str = "sample",
+                   stock_multiplier: int = 1) -> Summary:
+    """Seed and replay through a runtime that is already running; return the summary.
+
+    The simulator is pinned before seeding, so a sync that runs in between
+    writes the same numbers the seed does.
+    """
+    await pin_simulator_stock(settings, stock_multiplier)
+    orders = await seed_demo(settings, limit, data, stock_multiplier)
+    return await replay_orders(settings, orders, day_s, timeout_s, api_url, progress)
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,11 @@
 """``shopflow up``: the one command that brings the whole runtime up on this machine.
 
 Steps: start (or reuse) the embedded Redis and PostgreSQL unless URLs are
-set, apply migrations, seed the demo shop, start the process tree under
-supervisord with the repository's supervisord.conf, wait for /health, replay
-real CDNOW orders, print the summary. Then it keeps running until Ctrl-C (or,
+set, apply migrations, seed the demo shop, and only then start the process
+tree under supervisord with the repository's supervisord.conf (so no process
+ever starts on an unmigrated database), wait for /health, pin the embedded
+warehouse simulator's stock (it runs inside the tree), replay real CDNOW
+orders, print the summary. Then it keeps running until Ctrl-C (or,
 with ``--once``, stops everything and exits 0 when every order has an
 outcome). What it started, it stops; an embedded server it found running
 (reused) is left running.
@@ -26,7 +28,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors.demo.command import add_replay_arguments, report_summary, run_demo
+from actors.demo.catalog import CdnowOrder
+from actors.demo.command import (
+    add_replay_arguments,
+    align_shop_stock,
+    pin_simulator_stock,
+    replay_orders,
+    report_summary,
+    seed_demo,
+)
+from actors.demo.replay import Summary
 from runtime import embedded
 from runtime.cli import add_command
 from runtime.errors import ServiceError
@@ -106,13 +117,17 @@ def _up(args: argparse.Namespace, given: Settings) -> int:
     with embedded.running_services(given) as settings:
         print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",
               file=sys.stderr)
+        # Migrate and seed first: the tree's processes expect the schema and the shop.
+        try:
+            orders = asyncio.run(seed_demo(settings, args.limit, args.data,
+                                           args.stock_multiplier))
+        except KeyboardInterrupt:
+            return 130
         proc = start_supervisord(settings)
         code = 0
         try:
             wait_healthy(settings, proc)
-            summary = asyncio.run(run_demo(settings, args.limit, args.day_s, args.timeout_s,
-                                           data=args.data,
-                                           stock_multiplier=args.stock_multiplier))
+            summary = asyncio.run(_pin_and_replay(settings, orders, args))
             code = report_summary(summary, args.summary_json)
             if not args.once:
                 print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health"
@@ -123,6 +138,13 @@ def _up(args: argparse.Namespace, given: Settings) -> int:
         finally:
             stop_supervisord(proc)
     return code
+
+
+async def _pin_and_replay(settings: Settings, orders: list[CdnowOrder],
+                          args: argparse.Namespace) -> Summary:
+    """Pin the simulator's stock (it runs in the tree, so only now), then replay."""
+    await align_shop_stock(settings, await pin_simulator_stock(settings, args.stock_multiplier))
+    return await replay_orders(settings, orders, args.day_s, args.timeout_s)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

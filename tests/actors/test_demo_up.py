@@ -1,7 +1,7 @@
 """`shopflow up` stops the embedded servers it started, and never one it only reused.
 
-Real embedded Redis in the test's own var dir; PostgreSQL is given by URL so
-the session's server is never at stake. The command is made to fail once
+Real embedded Redis in the test's own var dir; PostgreSQL is given by URL (the
+test's own database) so the session's server is never at stake. The command is made to fail once
 the servers and the process tree are up (the tree never turns healthy),
 which is when its clean-up runs.
 """
@@ -28,12 +28,12 @@ from tests.support import free_port, http_ready
 
 
 @pytest.fixture
-def up_settings(tmp_path: Path, servers: tuple[str, str]) -> Iterator[Settings]:
-    """No REDIS_URL (embedded, fresh var dir, free port); DATABASE_URL set."""
-    settings = replace(Settings.from_env({"SHOPFLOW_VAR_DIR": str(tmp_path / "var")}),
-                       embedded_redis_port=free_port(), database_url=servers[1])
-    yield settings
-    embedded.stop_redis(EmbeddedPaths(settings.var_dir), settings.embedded_redis_port)
+def up_settings(tmp_path: Path, settings: Settings) -> Iterator[Settings]:
+    """No REDIS_URL (embedded, fresh var dir, free port); DATABASE_URL set (the test's own)."""
+    given = replace(Settings.from_env({"SHOPFLOW_VAR_DIR": str(tmp_path / "var")}),
+                    embedded_redis_port=free_port(), database_url=settings.database_url)
+    yield given
+    embedded.stop_redis(EmbeddedPaths(given.var_dir), given.embedded_redis_port)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def supervisord_fails(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_up(settings: Settings) -> None:
-    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data=None,
+    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data="sample",
                               stock_multiplier=1, once=True)
     with pytest.raises(ServiceError, match="cannot start"):
         up._cmd_up(args, settings)
@@ -94,7 +94,7 @@ def test_sigterm_stops_the_tree_and_the_embedded_server_up_started(
     monkeypatch.setattr(up, "start_supervisord", start_tree)
     monkeypatch.setattr(up, "wait_healthy", terminated_while_waiting)
     before = signal.getsignal(signal.SIGTERM)
-    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data=None,
+    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data="sample",
                               stock_multiplier=1, once=False, summary_json=None)
     assert up._cmd_up(args, up_settings) == 130
     assert trees and trees[0].poll() is not None, "up left its process tree running"

@@ -1,7 +1,9 @@
 """The README's first command on real CDNOW orders: `shopflow up --once --limit 300`.
 
 It runs the real process tree under supervisord with the repository's
-supervisord.conf, against this test's Redis and PostgreSQL.
+supervisord.conf, against this test's Redis and an EMPTY PostgreSQL database
+(never migrated, as on a fresh machine): `up` must migrate and seed before it
+starts the tree, or the workers would start on a database without tables.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from runtime import db
@@ -109,8 +112,25 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
+async def _empty_database(database_url: str) -> None:
+    """Drop and re-create the test's database with nothing in it (no migrations, no tables)."""
+    base, _, name = database_url.rpartition("/")
+    admin = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
+
+
 @pytest.mark.slow
 def test_up_once_replays_300_real_orders_to_an_outcome_each(settings: Settings) -> None:
+    asyncio.run(_empty_database(settings.database_url or ""))
     settings = replace(settings, http_port=free_port(), warehouse_sim_port=free_port(),
                        api_processes=2, email_workers=1,
                        job_backoff_ms=200)
