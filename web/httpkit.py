@@ -10,7 +10,9 @@ answers errors in one shape, built only here::
 ``forbidden`` (403), ``not_found`` (404), ``method_not_allowed`` (405),
 ``conflict`` (409), ``too_large`` (413: body over :data:`MAX_BODY_BYTES`),
 ``invalid`` (422: JSON of the wrong shape, bad or unknown fields),
-``not_available`` / ``queue_full`` (503), ``internal`` (500, logged).
+``not_available`` / ``queue_full`` (503), ``internal`` (500, logged). A value
+PostgreSQL refuses (``asyncpg.DataError``: NUL in text, a number out of range)
+is ``invalid`` (422) too, and logged: validation should have caught it.
 
 Every handler is wrapped by :func:`json_errors`, so a domain error becomes its
 HTTP status whatever middleware the app has, and bad input can never surface
@@ -43,6 +45,7 @@ from runtime.errors import (
     Unauthenticated,
     ValidationError,
 )
+from runtime.text import storable_text
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ _STATUS: list[tuple[type[ShopflowError], int, str]] = [
     (QueueFull, 503, "queue_full"),
     (RequestTooLarge, 413, "too_large"),
 ]
+# The answer when PostgreSQL refuses a value (asyncpg.DataError) that validation missed.
+DATA_ERROR_MESSAGE = ("a value in the request cannot be stored (text with NUL characters or "
+                      "invalid Unicode, or a number out of range)")
 # Codes for HTTP errors aiohttp raises itself (no such route, wrong method, ...).
 _CODE_BY_STATUS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden",
                    404: "not_found", 405: "method_not_allowed", 409: "conflict",
@@ -101,6 +107,13 @@ def json_errors(handler: Handler) -> Handler:
             return error_response(422, "invalid", "a referenced customer or product does not exist")
         except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
             return error_response(422, "invalid", f"rejected by a data rule: {exc.constraint_name}")
+        except asyncpg.DataError as exc:
+            # A value the validation let through but PostgreSQL cannot take (a NUL or a
+            # lone surrogate in some text, a number out of its column's range): bad
+            # input, not a crash. Logged, since it means a validation rule is missing.
+            log.warning("%s %s: the database refused a value: %r", request.method,
+                        request.path, exc)
+            return error_response(422, "invalid", DATA_ERROR_MESSAGE)
 
     return wrapped
 
@@ -183,20 +196,8 @@ def int_value(raw: Any, name: str, minimum: int = 1, maximum: int = MAX_ID) -> i
 
 
 def text_value(raw: Any, name: str, max_chars: int, min_chars: int = 1) -> str:
-    """A string PostgreSQL can store (no NUL, valid UTF-8), within length bounds."""
-    if not isinstance(raw, str):
-        raise ValidationError(f"{name} must be a string", field=name)
-    text = raw.strip()
-    if not min_chars <= len(text) <= max_chars:
-        raise ValidationError(f"{name} must have {min_chars} to {max_chars} characters",
-                              field=name)
-    if "\x00" in text:
-        raise ValidationError(f"{name} must not contain NUL characters", field=name)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} must be valid Unicode text", field=name) from None
-    return text
+    """A string PostgreSQL can store (no NUL, valid UTF-8), stripped, within length bounds."""
+    return storable_text(raw, name, max_chars, min_chars)
 
 
 def path_id(request: web.Request, name: str) -> int:

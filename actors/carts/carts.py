@@ -31,7 +31,7 @@ OPEN, CHECKED_OUT, ABANDONED = "open", "checked_out", "abandoned"
 CART_COLUMNS = "id, customer_id, status, created_at, updated_at"
 _ITEMS_SQL = """
     SELECT ci.product_id, p.name, ci.quantity, p.price_cents AS unit_price_cents,
-           ci.quantity * p.price_cents AS line_total_cents
+           ci.quantity::bigint * p.price_cents AS line_total_cents
       FROM cart_items ci JOIN products p ON p.id = ci.product_id
      WHERE ci.cart_id = $1 ORDER BY ci.product_id"""
 

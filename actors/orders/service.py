@@ -19,12 +19,16 @@ from actors.orders import state
 from actors.orders.messages import CHANNEL_ORDER_STATUS, EVENT_STATUS_CHANGED
 from runtime import outbox
 from runtime.errors import Conflict, NotFound, ValidationError
+from runtime.text import storable_text
 
 # An order carries at most this many distinct products (a guard against abuse).
 MAX_ORDER_LINES = 100
 # No single line may ask for more than this many units.
 MAX_LINE_QUANTITY = 10_000
 MAX_EXTERNAL_REF_LEN = 100
+# No order may total more than this (R$ 100 million): a sanity bound far above any real
+# basket, and above integer's range, which is why orders.total_cents is bigint (0013).
+MAX_ORDER_TOTAL_CENTS = 10_000_000_000
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,8 @@ def parse_new_order(data: Any) -> NewOrder:
         seen.add(pid)
         lines.append(OrderLine(pid, qty))
     ref = data.get("external_ref")
-    if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= MAX_EXTERNAL_REF_LEN):
-        raise ValidationError(
-            f"external_ref must be a string of 1 to {MAX_EXTERNAL_REF_LEN} characters", "external_ref"
-        )
+    if ref is not None:  # the client's key for the order: kept exactly as sent
+        ref = storable_text(ref, "external_ref", MAX_EXTERNAL_REF_LEN, strip=False)
     return NewOrder(customer_id, tuple(lines), ref)
 
 
@@ -127,6 +129,9 @@ async def create_order(
         if missing:
             raise ValidationError(f"unknown product(s): {', '.join(map(str, missing))}", "items")
         total = sum(prices[line.product_id] * line.quantity for line in order.lines)
+        if total > MAX_ORDER_TOTAL_CENTS:
+            raise ValidationError(f"the order totals {total} cents; at most "
+                                  f"{MAX_ORDER_TOTAL_CENTS} cents per order", "items")
         row = await conn.fetchrow(
             """INSERT INTO orders (customer_id, total_cents, external_ref)
                VALUES ($1, $2, $3)

@@ -118,6 +118,7 @@ async def test_review_submission_starts_moderation(ana: Caller, bruno: Caller,
     assert [r["id"] for r in listed["reviews"]] == [review["id"]]
     for bad in ({"product_id": 1, "rating": 6, "body": "x"},
                 {"product_id": 1, "rating": 3, "body": "nul\u0000byte"},
+                {"product_id": 1, "rating": 3, "body": "lone \ud800 surrogate"},
                 {"product_id": 77, "rating": 3, "body": "no such product"}):
         assert (await ana("POST", "/api/v1/reviews", json=bad))[0] == 422, bad
     assert (await staff("POST", "/api/v1/reviews",
@@ -149,6 +150,21 @@ async def test_recommendations_and_support_are_per_customer(ana: Caller, staff: 
     assert status == 201 and "offline" in answer["source"]
     assert (await ana("POST", "/api/v1/support/questions",
                       json={"question": "x", "customer_id": 2}))[0] == 403
+    for question in ("nul\u0000byte", "lone \udc00 surrogate", "   "):
+        status, body = await ana("POST", "/api/v1/support/questions", json={"question": question})
+        assert status == 422 and body["error"]["field"] == "question", question
+
+
+async def test_a_cart_line_past_integer_range_totals_right(ana: Caller, api: TestServer) -> None:
+    """1,000 units at R$ 30,000 is 3e9 cents: the line total is computed as bigint."""
+    pool = api.app[POOL_KEY]
+    await pool.execute("INSERT INTO products (id, sku, name, price_cents) "
+                       "VALUES (90, 'SKU-90', 'Grand piano', 3000000)")
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    status, cart = await ana("PUT", f"/api/v1/carts/{cart['id']}/items/90",
+                             json={"quantity": 1000})
+    assert status == 200, cart
+    assert cart["items"][0]["line_total_cents"] == cart["total_cents"] == 3_000_000_000
 
 
 async def test_unwired_seams_answer_503(web_settings: Settings, signer: TokenSigner,

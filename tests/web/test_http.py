@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.inventory.reservations import reserve_for_order
+from actors.orders.service import MAX_LINE_QUANTITY, MAX_ORDER_TOTAL_CENTS
 from runtime.broker import QUEUE_MAINTENANCE
 from runtime.scheduling import Scheduler, SchedulerStore, connect_redis
 from runtime.scheduling.health import write_heartbeat
@@ -169,6 +170,10 @@ BAD_BODIES = [
     pytest.param(b'', 400, "bad_json", "not valid JSON", id="empty"),
     pytest.param(b'[1, 2]', 422, "invalid", "JSON object", id="not-an-object"),
     pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "x": ' + b'"a"' + b' }', 422, "invalid", "unknown field", id="unknown-field"),
+    # Text PostgreSQL cannot store: refused by validation, before any query.
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "external_ref": "a\\u0000b"}', 422, "invalid", "NUL", id="nul-in-external-ref"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "external_ref": "x\\ud800"}', 422, "invalid", "lone surrogate", id="surrogate-in-external-ref"),
+    pytest.param(b'{"customer_id": 1, "items": [{"product_id": 1, "quantity": 1}], "external_ref": ""}', 422, "invalid", "external_ref", id="empty-external-ref"),
 ]
 
 
@@ -185,6 +190,47 @@ async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(
     assert error["status"] == status and error["code"] == code
     assert message in error["message"]
     assert await _counts(pool) == before
+
+
+async def test_an_order_total_past_integer_range_is_stored_and_one_past_the_cap_refused(
+        client: Client, pool: asyncpg.Pool, staff: dict[str, str]) -> None:
+    """10,000 units at R$ 5,000 is 5e9 cents: more than PostgreSQL's integer holds, under the
+    cap; at R$ 20,000 a unit the order passes MAX_ORDER_TOTAL_CENTS and is a clear 422."""
+    await pool.execute("INSERT INTO products (id, sku, name, price_cents) VALUES "
+                       "(3, 'SKU-3', 'Box set', 500000), (4, 'SKU-4', 'Gold disc', 2000000)")
+    await pool.execute("INSERT INTO inventory (product_id, quantity) VALUES (3, 0), (4, 0)")
+    resp = await client.post("/api/v1/orders", headers=staff, json={
+        "customer_id": 1, "items": [{"product_id": 3, "quantity": MAX_LINE_QUANTITY}]})
+    assert resp.status == 201, await resp.text()
+    order = await resp.json()
+    assert order["total_cents"] == 500000 * MAX_LINE_QUANTITY > 2**31
+    resp = await client.get(f"/api/v1/orders/{order['id']}", headers=staff)
+    assert (await resp.json())["total_cents"] == 500000 * MAX_LINE_QUANTITY
+    before = await _counts(pool)
+    resp = await client.post("/api/v1/orders", headers=staff, json={
+        "customer_id": 1, "items": [{"product_id": 4, "quantity": MAX_LINE_QUANTITY}]})
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["field"] == "items" and str(MAX_ORDER_TOTAL_CENTS) in error["message"]
+    assert await _counts(pool) == before
+
+
+async def test_a_value_the_database_refuses_is_422_not_500(
+        client: Client, pool: asyncpg.Pool, staff: dict[str, str]) -> None:
+    """The boundary's net under validation: asyncpg.DataError is bad input (422)."""
+    from web.httpkit import DATA_ERROR_MESSAGE, json_errors
+
+    async def handler(request: web.Request) -> web.Response:
+        await pool.fetchval("SELECT $1::text", "nul\x00byte")
+        raise AssertionError("PostgreSQL took a NUL")
+
+    app = web.Application()
+    app.router.add_get("/", json_errors(handler))
+    async with TestClient(TestServer(app)) as bare:
+        resp = await bare.get("/")
+        assert resp.status == 422
+        assert (await resp.json())["error"] == {"status": 422, "code": "invalid",
+                                                 "message": DATA_ERROR_MESSAGE}
 
 
 async def test_a_one_megabyte_body_is_refused(client: Client, pool: asyncpg.Pool,
