@@ -164,10 +164,25 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
     def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
         return self._mailbox_config.build()
 
+    def _actor_loop(self) -> None:
+        """The actor's thread: setup, running, and a teardown that always runs.
+
+        pykka runs the three steps in a row, so an exception escaping setup or
+        the loop would skip the teardown: the mailbox would stay open (asks wait
+        for their timeout) and the supervisor would never hear of the exit (no
+        restart). The teardown closes the mailbox and announces the exit however
+        the thread ends.
+        """
+        try:
+            self._actor_loop_setup()
+            self._actor_loop_running()
+        finally:
+            self._actor_loop_teardown()
+
     def _actor_loop_setup(self) -> None:
         try:
             self.on_start()
-        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as a start failure
+        except BaseException as exc:  # noqa: BLE001 - reported to the supervisor as a start failure
             self._record_crash("start_failed", exc, None)
         else:
             self.mailbox.mark_started()
@@ -184,9 +199,13 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
                     continue
                 self._record_crash("crash", exc, envelope.reply_to)
                 self._call_on_failure()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt, ...
+                # A crash like any other: logged with its traceback, the asker answered,
+                # the exit announced to the supervisor by the teardown. Not re-raised:
+                # it would only end this thread (SystemExit cannot end the process from
+                # here), which the crash has just done in order.
                 self._record_crash("crash", exc, envelope.reply_to)
-                raise
+                self._call_on_failure()
             else:
                 if envelope.reply_to is not None:
                     envelope.reply_to.set(response)

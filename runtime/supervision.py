@@ -645,7 +645,12 @@ class Supervisor:
             if outcome is True:
                 return
             if isinstance(outcome, Exit):
-                raise outcome.error or ActorUnavailable("actor stopped during on_start")
+                if isinstance(outcome.error, Exception):
+                    raise outcome.error
+                # None, or a BaseException (SystemExit in on_start): still the child's
+                # start failure, not one that would unwind the supervisor's own thread.
+                raise ActorUnavailable(f"actor stopped during on_start: {outcome.error!r}") \
+                    from outcome.error
         else:
             # A plain pykka actor answers an attribute read only after on_start.
             try:

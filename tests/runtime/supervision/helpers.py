@@ -55,7 +55,10 @@ class Events:
 
 
 class Worker(SupervisedActor):
-    """Journals its life; 'crash' crashes it, 'ping' answers, 'stop-self' exits normally."""
+    """Journals its life; 'crash' crashes it, 'ping' answers, 'stop-self' exits normally.
+
+    An exception (any BaseException) sent as the message is raised by the handler.
+    """
 
     def __init__(self, name: str, journal: Journal, fail_start: bool = False,
                  gate: threading.Event | None = None,
@@ -88,6 +91,6 @@ class Worker(SupervisedActor):
             return "released"
         if message == "fail-self":
             self.fail("gave up on purpose")
-        if isinstance(message, Exception):
+        if isinstance(message, BaseException):
             raise message
         return f"pong from {self.name}"

@@ -186,6 +186,44 @@ def test_a_crash_in_an_ask_answers_actor_crashed_and_fails_the_queued_asks(
     journal.wait_for(started("w", 2))
 
 
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()],
+                         ids=["SystemExit", "KeyboardInterrupt"])
+def test_a_base_exception_in_a_handler_is_a_crash_the_supervisor_restarts(
+        make_sup: Any, journal: Journal, events: Events, error: BaseException) -> None:
+    """Not only Exceptions: the mailbox closes, every ask gets its answer at once (none waits
+    for its timeout) and the supervisor hears of the exit and restarts the child."""
+    gate = threading.Event()
+    sup = make_sup(children=[ChildSpec("w", lambda: Worker.start("w", journal, gate=gate))])
+    ref = sup.child_ref("w")
+    held = ref.ask("wait-gate", block=False)
+    journal.wait_for(lambda items: ("holding", "w") in items)
+    crashing = ref.ask(error, block=False)
+    queued = ref.ask("ping", block=False)
+    gate.set()
+    assert held.get(timeout=2) == "released"
+    with pytest.raises(ActorCrashed) as info:
+        crashing.get(timeout=2)
+    assert info.value.__cause__ is error
+    with pytest.raises(pykka.ActorDeadError):
+        queued.get(timeout=2)
+    assert type(error).__name__ in events.wait("restart").reason
+    journal.wait_for(started("w", 2))
+    assert sup.ask("w", "ping", timeout_s=2) == "pong from w"
+
+
+def test_a_base_exception_in_on_start_is_a_start_failure_at_once(journal: Journal) -> None:
+    """Reported as the child's start failure, not found out by the start timeout."""
+
+    class ExitsOnStart(Worker):
+        def on_start(self) -> None:
+            raise SystemExit("no")
+
+    sup = Supervisor("root", [ChildSpec("w", lambda: ExitsOnStart.start("w", journal),
+                                        start_timeout_s=10.0)])
+    with pytest.raises(SupervisorStartError, match="SystemExit"):
+        sup.start()
+
+
 def test_domain_errors_go_back_to_the_caller_and_the_actor_lives_on(
         make_sup: Any, journal: Journal, events: Events) -> None:
     sup = make_sup(children=[spec("w", journal)])
