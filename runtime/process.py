@@ -10,7 +10,9 @@ that loop (an HTTP session, a simulator) hands its closer to
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -27,8 +29,12 @@ from runtime.settings import Settings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# How long the closers handed to on_stop may take, all together.
-CLOSERS_TIMEOUT_S = 30.0
+# How long stop() may take by default: closers, then the broker, Redis and the pool.
+DEFAULT_STOP_TIMEOUT_S = 60.0
+# The closers handed to on_stop get this share of stop()'s time; the connections the rest.
+CLOSERS_SHARE = 0.5
+# However late it is, Redis and the pool get at least this long to close.
+MIN_CLOSE_S = 0.5
 
 
 @dataclass
@@ -69,18 +75,38 @@ class ProcessContext:
         """
         self._closers.push_async_callback(close)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Run the closers handed to :meth:`on_stop`, close the broker, Redis and the pool,
-        then the loop. A closer that fails is logged; the rest still close."""
+        then the loop, all within about ``timeout_s``.
+
+        Never raises: a process on its way out must still exit, and exit 0 after
+        a graceful stop. A closer that fails or overruns its share is logged and
+        the rest still close; a pool whose connections are still held (a job
+        that ignored the stop) is terminated after its share, with an error
+        line, instead of being waited for.
+        """
+        deadline = time.monotonic() + timeout_s
         try:
-            self.bridge.run(self._closers.aclose(), CLOSERS_TIMEOUT_S)
+            self.bridge.run(self._closers.aclose(), timeout_s * CLOSERS_SHARE)
         except Exception:
-            log.exception("a resource of this process failed to close")
-        self.broker.close()
-
-        async def close_async() -> None:
-            await self.redis.aclose()
-            await self.pool.close()
-
-        self.bridge.run(close_async(), 30)
+            log.exception("a resource of this process failed to close in time")
+        try:
+            self.broker.close()
+        except Exception:
+            log.exception("the broker failed to close")
+        close_s = max(deadline - time.monotonic(), MIN_CLOSE_S)
+        try:
+            self.bridge.run(self._close_connections(close_s), close_s + MIN_CLOSE_S)
+        except Exception:
+            log.exception("Redis or the database pool failed to close")
         self.bridge.stop()
+
+    async def _close_connections(self, timeout_s: float) -> None:
+        """Close Redis, then the pool; terminate the pool if it cannot close in time."""
+        await self.redis.aclose()
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_s)
+        except TimeoutError:
+            log.error("the database pool did not close within %.1fs (a connection is still "
+                      "in use); terminating its connections", timeout_s)
+            self.pool.terminate()

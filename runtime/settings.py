@@ -35,6 +35,9 @@ DEFAULT_TIMEZONE = "America/Sao_Paulo"
 DEFAULT_RESERVATION_TTL_S = 15 * 60
 # How long a thin Dramatiq actor waits for its pykka actor to answer.
 DEFAULT_ACTOR_ASK_TIMEOUT_S = 60.0
+# A worker's whole graceful stop (running jobs, actors, resources) fits in this; keep it
+# below supervisord.conf's stopwaitsecs (40) for the workers, or supervisord SIGKILLs first.
+DEFAULT_WORKER_STOP_S = 30.0
 # Bounded mailboxes: at most this many messages wait for one pykka actor.
 DEFAULT_MAILBOX_SIZE = 100
 # A worker silent for this long is presumed dead and its jobs are redelivered.
@@ -327,6 +330,7 @@ _ENV_NAMES: Mapping[str, str] = {
     "inventory_concurrency": "SHOPFLOW_INVENTORY_CONCURRENCY",
     "reservation_ttl_s": "SHOPFLOW_RESERVATION_TTL_S",
     "actor_ask_timeout_s": "SHOPFLOW_ACTOR_ASK_TIMEOUT_S",
+    "worker_stop_s": "SHOPFLOW_WORKER_STOP_S",
     "mailbox_size": "SHOPFLOW_MAILBOX_SIZE",
     "broker_heartbeat_timeout_ms": "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS",
     "job_sweep_interval_s": "SHOPFLOW_JOB_SWEEP_INTERVAL_S",
@@ -471,6 +475,7 @@ class Settings:
     inventory_concurrency: int = DEFAULT_INVENTORY_CONCURRENCY
     reservation_ttl_s: int = DEFAULT_RESERVATION_TTL_S
     actor_ask_timeout_s: float = DEFAULT_ACTOR_ASK_TIMEOUT_S
+    worker_stop_s: float = DEFAULT_WORKER_STOP_S
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     broker_heartbeat_timeout_ms: int = DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS
     job_sweep_interval_s: float = DEFAULT_JOB_SWEEP_INTERVAL_S
@@ -621,6 +626,7 @@ class Settings:
             ),
             reservation_ttl_s=_int(e, "SHOPFLOW_RESERVATION_TTL_S", DEFAULT_RESERVATION_TTL_S, 1),
             actor_ask_timeout_s=_float(e, "SHOPFLOW_ACTOR_ASK_TIMEOUT_S", DEFAULT_ACTOR_ASK_TIMEOUT_S),
+            worker_stop_s=_float(e, "SHOPFLOW_WORKER_STOP_S", DEFAULT_WORKER_STOP_S),
             mailbox_size=_int(e, "SHOPFLOW_MAILBOX_SIZE", DEFAULT_MAILBOX_SIZE, 1),
             broker_heartbeat_timeout_ms=_int(
                 e, "SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS", DEFAULT_BROKER_HEARTBEAT_TIMEOUT_MS, 1000

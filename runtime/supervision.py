@@ -77,6 +77,8 @@ DEFAULT_BACKOFF_MAX_S = 30.0
 DEFAULT_BACKOFF_RESET_S = 60.0
 # How long a child may spend in on_start before its start counts as failed.
 DEFAULT_START_TIMEOUT_S = 10.0
+# Once its children are stopped, the supervisor actor itself gets this long to stop.
+SELF_STOP_TIMEOUT_S = 5.0
 # The supervisor's own mailbox: child exits and restart timers, never user work.
 SUPERVISOR_MAILBOX = MailboxConfig(max_size=10_000)
 
@@ -453,17 +455,29 @@ class Supervisor:
         self.state = "running"
         return self
 
-    def stop(self) -> None:
-        """Stop every child in reverse order, then the supervisor itself."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop every child in reverse order, then the supervisor itself.
+
+        Waits at most ``timeout_s`` (default: the children's shutdown timeouts
+        added up, plus a margin). A stop that overruns it is logged and left to
+        finish on the supervisor's thread: a process on its way out (a worker
+        within its stop budget) must not wait for a child stuck in a handler.
+        """
         actor = self._actor
         if actor is None:
             return
+        budget_s = self._stop_budget_s() if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget_s
         if actor.is_alive():
             try:
-                actor.ask(_StopAll(), timeout=self._stop_budget_s())
-                actor.stop(timeout=5.0)
-            except (pykka.ActorDeadError, pykka.Timeout):
+                actor.ask(_StopAll(), timeout=budget_s)
+                actor.stop(timeout=max(min(SELF_STOP_TIMEOUT_S, deadline - time.monotonic()),
+                                       0.1))
+            except pykka.ActorDeadError:
                 log.warning("supervisor %s was already stopping", self.name)
+            except pykka.Timeout:
+                log.error("supervisor %s did not stop its children within %.1fs; leaving "
+                          "them to stop in the background", self.name, budget_s)
         if self.state != "failed":
             self.state = "stopped"
 

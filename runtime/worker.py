@@ -4,7 +4,12 @@ The process-kind specific part (which concerns, which queues) comes from the
 caller as :class:`Concern` objects; this module only wires and runs them:
 start the context, start the supervisor's children in order, bind the thin
 Dramatiq actors, run the Dramatiq worker until SIGTERM, then stop in reverse
-order and exit 0.
+order and exit 0, all within one stop budget (``SHOPFLOW_WORKER_STOP_S``,
+below supervisord's ``stopwaitsecs``).
+
+It also owns the boundary between a thin Dramatiq actor and its concern
+(:func:`concern_asker`): how long the job waits for the answer, and which
+domain errors end the job for good instead of being retried.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import itertools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +26,7 @@ from typing import Any
 import pykka
 from dramatiq.brokers.redis import RedisBroker
 
+from runtime.errors import InvalidTransition, NotFound, PermanentJobError, ValidationError
 from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
@@ -37,8 +44,22 @@ from runtime.trace import install_order_trail
 log = logging.getLogger(__name__)
 
 Asker = Callable[[str, Any], Any]
-# How long a stopping worker lets running jobs finish before handing them back.
-GRACEFUL_STOP_MS = 20_000
+# A thin actor waits this much longer for its concern than the concern's own handler
+# deadline (SHOPFLOW_ACTOR_ASK_TIMEOUT_S), so the handler's timeout fires first and the
+# job fails with it; were the ask to give up first, the job would be retried while its
+# first run still went on.
+ASK_MARGIN_S = 5.0
+# Domain errors that say the message itself can never succeed (no such order, bad input,
+# a status move the state machine refuses): the job fails for good instead of retrying.
+HOPELESS_ERRORS: tuple[type[Exception], ...] = (NotFound, ValidationError, InvalidTransition)
+# Shares of the stop budget: running jobs get this much of it to finish...
+JOBS_STOP_SHARE = 0.7
+# ...and stopping the actors this much of what the jobs left; closing resources the rest.
+ACTORS_STOP_SHARE = 0.5
+# Dramatiq's Worker.stop joins its worker threads and then its consumers, each for up to
+# the timeout it is given: the worker threads get this share of the jobs' time, so the
+# consumers (which stop within a poll) can still stop and requeue prefetched messages.
+WORKER_JOIN_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,66 @@ def build_root(name: str, concerns: Sequence[Concern],
                       **options)
 
 
+def concern_asker(root: Supervisor, settings: Settings) -> Asker:
+    """How a thin Dramatiq actor calls its concern: ``ask(child_id, message)``.
+
+    The ask waits :data:`ASK_MARGIN_S` longer than the handler's own deadline,
+    and a :data:`HOPELESS_ERRORS` error becomes a :class:`PermanentJobError`
+    (the domain error as ``__cause__``), so the job is not retried pointlessly
+    (a reservation for an order that does not exist fails once). Every other
+    error goes to Dramatiq's retries as it is.
+    """
+    timeout_s = settings.actor_ask_timeout_s + ASK_MARGIN_S
+
+    def ask(child_id: str, message: Any) -> Any:
+        try:
+            return root.ask(child_id, message, timeout_s)
+        except HOPELESS_ERRORS as exc:
+            raise PermanentJobError(f"{type(exc).__name__}: {exc}") from exc
+
+    return ask
+
+
+class StopBudget:
+    """One deadline for a whole graceful stop, handed out in shares to its steps."""
+
+    def __init__(self, total_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._deadline = clock() + total_s
+
+    def remaining_s(self) -> float:
+        """Seconds left until the deadline (never negative)."""
+        return max(self._deadline - self._clock(), 0.0)
+
+    def share_s(self, fraction: float) -> float:
+        """``fraction`` of what is left: the time one step may take."""
+        return self.remaining_s() * fraction
+
+
+def stop_within(what: str, stop: Callable[[], None], timeout_s: float) -> bool:
+    """Run ``stop()`` on a daemon thread and wait for it at most ``timeout_s``.
+
+    True if it finished. An overrun (Dramatiq joining a worker thread stuck in
+    a job that ignores the stop, say) is logged and left behind: the process
+    exits anyway, and what the stuck thread held goes back to the queue (its
+    message is not acknowledged). An error in ``stop()`` is logged.
+    """
+
+    def run() -> None:
+        try:
+            stop()
+        except Exception:
+            log.exception("stopping %s failed", what)
+
+    thread = threading.Thread(target=run, name=f"stop-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.error("%s did not stop within %.1fs; leaving it behind", what, timeout_s)
+        return False
+    return True
+
+
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
@@ -108,9 +189,9 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
         settings, name, root, SharedSupervisionMetrics(get_metrics(settings)))
     root.start()
     reporting.start()
-    timeout_s = settings.actor_ask_timeout_s
+    ask = concern_asker(root, settings)
     for concern in concerns:
-        concern.declare(ctx.broker, lambda cid, msg: root.ask(cid, msg, timeout_s))
+        concern.declare(ctx.broker, ask)
     worker = make_worker(ctx.broker, queues, threads)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,10 +199,26 @@ def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: 
     worker.start()
     log.info("worker %s started", name, extra={"queues": sorted(queues), "threads": threads})
     stop.wait()
-    log.info("worker %s stopping", name)
-    worker.stop(timeout=GRACEFUL_STOP_MS)
-    root.stop()
-    reporting.stop()
-    ctx.stop()
-    log.info("worker %s stopped", name)
+    stop_worker_process(name, settings, worker, root, reporting.stop, ctx)
     return 0
+
+
+def stop_worker_process(name: str, settings: Settings, worker: Any, root: Supervisor,
+                        stop_reporting: Callable[[], None], ctx: ProcessContext) -> None:
+    """The graceful stop, in order, within ``settings.worker_stop_s`` all told.
+
+    Running jobs get the largest share to finish (Dramatiq then requeues what
+    it prefetched); a job still running after that is left to be redelivered.
+    Then the actors stop in reverse order, the tree reporter stops, and the
+    process's resources close with what is left. Nothing here raises: a stop
+    that overran a step is logged and the process still exits 0 in time.
+    """
+    budget = StopBudget(settings.worker_stop_s)
+    log.info("worker %s stopping (budget %.1fs)", name, settings.worker_stop_s)
+    jobs_s = budget.share_s(JOBS_STOP_SHARE)
+    stop_within("the Dramatiq worker",
+                lambda: worker.stop(timeout=int(jobs_s * WORKER_JOIN_SHARE * 1000)), jobs_s)
+    root.stop(timeout_s=budget.share_s(ACTORS_STOP_SHARE))
+    stop_within("the tree reporter", stop_reporting, budget.share_s(ACTORS_STOP_SHARE))
+    ctx.stop(timeout_s=budget.remaining_s())
+    log.info("worker %s stopped", name)

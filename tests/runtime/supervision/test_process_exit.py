@@ -12,11 +12,15 @@ import pytest
 
 from actors.inventory.messages import RESERVE_STOCK
 from runtime.settings import Settings
-from tests.support import next_supervision_event, queue_counts, spawn_module, stop
+from tests.support import next_supervision_event, queue_counts, spawn_module, stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 # How long a real worker process may take to start, crash and exit.
 WAIT_S = 60.0
+# A worker's whole graceful stop in the stop test (SHOPFLOW_WORKER_STOP_S)...
+STOP_BUDGET_S = 3.0
+# ...and what the interpreter may add to it on its way out (the unbounded stop took 50 s+).
+EXIT_SLACK_S = 10.0
 
 
 def program(mode: str) -> subprocess.Popen[str]:
@@ -78,6 +82,40 @@ def test_a_worker_process_exits_70_when_its_root_gives_up(settings: Settings) ->
     alert = next_supervision_event(configured, "escalation", None, "alerts", WAIT_S)
     assert alert["supervisor"] == "inventory-worker-root"
     assert alert["process"] == "inventory-worker"
+    counts = queue_counts(configured, QUEUE_INVENTORY)
+    assert (counts.completed, counts.dead) == (0, 0)
+    assert counts.waiting + counts.active + counts.delayed == 1
+
+
+def test_a_worker_whose_job_ignores_the_stop_still_stops_within_its_budget_and_exits_0(
+        settings: Settings) -> None:
+    """SIGTERM while a job holds a database connection and never ends: the stop gives the
+    job its share of SHOPFLOW_WORKER_STOP_S, stops the actors, terminates the pool it cannot
+    close, and exits 0 within the budget (supervisord's stopwaitsecs is longer). The job is
+    handed back: neither done nor dead, still owed to the queue."""
+    from runtime.broker import QUEUE_INVENTORY, setup_broker
+    from tests.runtime.supervision.stubborn_worker import MARKER
+
+    configured = replace(settings, worker_stop_s=STOP_BUDGET_S, inventory_concurrency=1)
+    proc = spawn_module(configured, "tests.runtime.supervision.stubborn_worker",
+                        log_name="worker-stubborn")
+    marker = configured.var_dir / MARKER
+    try:
+        broker = setup_broker(configured)
+        try:
+            RESERVE_STOCK.send(broker, 4242)
+        finally:
+            broker.close()
+        wait_until(marker.exists, WAIT_S, "the stubborn job to start")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(STOP_BUDGET_S + EXIT_SLACK_S)
+    finally:
+        stop(proc)
+    log_text = (configured.var_dir / "worker-stubborn.log").read_text()
+    assert code == 0, log_text[-3000:]
+    # The overruns were logged, not waited out.
+    assert "did not stop its children within" in log_text
+    assert "terminating its connections" in log_text
     counts = queue_counts(configured, QUEUE_INVENTORY)
     assert (counts.completed, counts.dead) == (0, 0)
     assert counts.waiting + counts.active + counts.delayed == 1

@@ -34,7 +34,7 @@ from actors.orders import service as orders
 from runtime import db
 from runtime.broker import QUEUE_INVENTORY, setup_broker
 from runtime.cli import build_parser
-from runtime.settings import Settings
+from runtime.settings import DEFAULT_WORKER_STOP_S, Settings
 from runtime.tree import SUPERVISORD_SOCKET, render_tree, supervisord_proxy, tree_snapshot
 from tests.support import queue_counts, wait_until
 
@@ -46,7 +46,8 @@ PROCESS_KINDS = {
     "inventory-worker": "worker --kind inventory", "agents-worker": "worker --kind agents",
     "flow-worker": "worker --kind flow", "scheduler": "scheduler", "stock-sync": "stock-sync",
 }
-WORKER_GRACEFUL_STOP_S = 20  # runtime.worker.GRACEFUL_STOP_MS
+# A worker's whole graceful stop (SHOPFLOW_WORKER_STOP_S): supervisord must wait longer.
+WORKER_GRACEFUL_STOP_S = DEFAULT_WORKER_STOP_S
 ORDERS = 6
 # Enough that some are still queued while the worker's threads all hold one.
 ORDERS_IN_FLIGHT_CASE = 12
