@@ -11,7 +11,7 @@ import pytest
 
 from actors.emailer.emails import deliver, format_brl, send_order_confirmation
 from actors.emailer.transports import OutboxTransport, OutgoingEmail, SendResult
-from runtime.errors import PermanentJobError
+from runtime.errors import Busy, PermanentJobError
 from tests.factories import make_order, make_shop
 
 ZONE = ZoneInfo("America/Sao_Paulo")
@@ -22,18 +22,48 @@ def test_brl_formatting() -> None:
     assert format_brl(5) == "R$ 0,05"
 
 
+class HeldTransport:
+    """The outbox transport, held inside ``send`` until the test releases it."""
+
+    name = "outbox"
+
+    def __init__(self, directory: Path) -> None:
+        self.inner = OutboxTransport(directory)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, email: OutgoingEmail) -> SendResult:
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        return await self.inner.send(email)
+
+
 async def test_retries_and_concurrent_duplicates_send_one_email(pool: asyncpg.Pool, tmp_path: Path) -> None:
+    """Duplicates that arrive while the first send is still in the transport meet its lease
+    (Busy: retried later, nothing sent); retries after it went out find it sent."""
     async with pool.acquire() as conn:
         await make_shop(conn, {1: 5})
         order_id = await make_order(conn, 1, {1: 2})
-    transport = OutboxTransport(tmp_path)
-    first = await send_order_confirmation(pool, transport, order_id, ZONE)
-    results = await asyncio.gather(
+    transport = HeldTransport(tmp_path)
+    first = asyncio.create_task(send_order_confirmation(pool, transport, order_id, ZONE))
+    await asyncio.wait_for(transport.entered.wait(), 10)
+    # Bounded: a duplicate that got past the lease would wait in the held transport.
+    during = await asyncio.wait_for(asyncio.gather(
+        *(send_order_confirmation(pool, transport, order_id, ZONE) for _ in range(5)),
+        return_exceptions=True,
+    ), 10)
+    assert all(isinstance(r, Busy) for r in during), during
+    assert transport.calls == 1 and not first.done()
+    transport.release.set()
+    assert (await asyncio.wait_for(first, 10)).result == "sent"
+    after = await asyncio.gather(
         *(send_order_confirmation(pool, transport, order_id, ZONE) for _ in range(5)),
         return_exceptions=True,
     )
-    assert first.result == "sent"
-    assert all(getattr(r, "result", None) == "already_sent" for r in results)
+    assert all(getattr(r, "result", None) == "already_sent" for r in after), after
+    assert transport.calls == 1
     files = list(tmp_path.glob("*.eml"))
     assert len(files) == 1
     text = files[0].read_text()

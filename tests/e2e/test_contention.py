@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis
 
@@ -90,6 +92,63 @@ def _says(path: Path, text: str) -> bool:
         return False
 
 
+def _tcp_ports_of(pid: int) -> set[int]:
+    """Local ports of the TCP sockets process ``pid`` holds (Linux /proc): its connections."""
+    inodes: set[str] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def _kill_while_holding_a_job(settings: Settings,
+                                    victim: subprocess.Popen[bytes]) -> dict[str, int]:
+    """SIGKILL ``victim`` while one of its reservations is mid-transaction.
+
+    The stock row is locked here, so every reservation in flight waits on it;
+    once a session of the victim's own (matched by its client port) waits on
+    the lock, the victim holds a message for sure, and it is killed. Returns
+    the pending orders and the queue's active jobs just before the kill; the
+    lock is released after it.
+    """
+    blocker = await db.connect(settings.database_url or "")
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM inventory WHERE product_id = 1 FOR UPDATE")
+            async with asyncio.timeout(60):
+                while not await _waits_on_a_lock(blocker, _tcp_ports_of(victim.pid)):
+                    await asyncio.sleep(0.05)
+            pending = await blocker.fetchval("SELECT count(*) FROM orders WHERE status = 'pending'")
+            counts = await asyncio.to_thread(queue_counts, settings, QUEUE_INVENTORY)
+            os.kill(victim.pid, signal.SIGKILL)
+            await asyncio.to_thread(victim.wait, 10)
+        return {"pending": int(pending), "active": int(counts.active)}
+    finally:
+        await blocker.close()
+
+
+async def _waits_on_a_lock(conn: asyncpg.Connection, client_ports: set[int]) -> bool:
+    """True when a session from one of ``client_ports`` waits on a lock in this database."""
+    waiting = await conn.fetch(
+        """SELECT client_port FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock'""")
+    return any(r["client_port"] in client_ports for r in waiting)
+
+
 @pytest.fixture
 def worker_settings(settings: Settings) -> Iterator[Settings]:
     yield replace(settings, inventory_concurrency=5)
@@ -138,9 +197,9 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(worker_settings: Settings) ->
         _send_all(settings, order_ids)
         wait_until(lambda: sum(v for k, v in _outcomes(settings).items() if k != "pending") >= 20,
                    60, "the run to be under way")
-        assert _outcomes(settings).get("pending", 0) > 0, "the kill must land while work remains"
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(10)
+        at_kill = asyncio.run(_kill_while_holding_a_job(settings, victim))
+        assert at_kill["pending"] > 0, "the kill must land while work remains"
+        assert at_kill["active"] >= 1  # the victim held a message when it died
         replacement = spawn(settings, "worker", "--kind", "inventory", log_name="replacement")
         # Up before the end, so the restart takes part and its SIGTERM finds it serving.
         wait_until(lambda: _says(settings.var_dir / "replacement.log", "worker inventory-worker started"),
