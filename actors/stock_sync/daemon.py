@@ -68,7 +68,14 @@ from runtime.root import (
     exit_process_on_escalate,
 )
 from runtime.settings import Settings
-from runtime.supervision import ChildSpec, EscalationHook, MetricsSink, Restart, Supervisor
+from runtime.supervision import (
+    ChildSpec,
+    EscalationHook,
+    MetricsSink,
+    Restart,
+    Supervisor,
+    supervisor_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +84,6 @@ log = logging.getLogger(__name__)
 RUN_BUDGET_FRACTION = 0.8
 # Extra wait for the actor's answer beyond the run's budget (DB commit, teardown).
 ASK_MARGIN_S = 5.0
-# Restart intensity of the syncer actor (OTP's MaxR in MaxT).
-MAX_RESTARTS = 3
-RESTART_WINDOW_S = 60.0
 CHILD_ID = "stock-syncer"
 # The daemon's name in the supervision tree (``shopflow tree``).
 PROCESS_NAME = "stock-sync"
@@ -231,8 +235,9 @@ class StockSyncDaemon:
             self.bridge, self.deps(), self.budget_s + ASK_MARGIN_S,
             MailboxConfig.from_settings(s)), Restart.PERMANENT,
             shutdown_timeout_s=self.budget_s + ASK_MARGIN_S)
-        self.root = Supervisor(f"{PROCESS_NAME}-root", [child], max_restarts=MAX_RESTARTS,
-                               max_seconds=RESTART_WINDOW_S, on_escalate=self.on_escalate)
+        # Intensity and back-off are the operator's (SHOPFLOW_SUPERVISOR_*, *_RESTART_BACKOFF_*).
+        self.root = Supervisor(f"{PROCESS_NAME}-root", [child], on_escalate=self.on_escalate,
+                               **supervisor_options(s))
         self.reporting = attach_process_supervision(s, PROCESS_NAME, self.root,
                                                     self.supervision_metrics)
         try:

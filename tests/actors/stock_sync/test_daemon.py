@@ -150,7 +150,7 @@ async def test_a_root_that_gives_up_escalates_out_of_the_daemon(
         build_daemon, _daemon_settings(settings, warehouse, 1.0), CollectorRegistry(), bridge,
         on_escalate=lambda error: escalated.set())
     try:
-        while not escalated.is_set():  # more crashes than MAX_RESTARTS in the window
+        while not escalated.is_set():  # more crashes than SHOPFLOW_SUPERVISOR_MAX_RESTARTS in the window
             try:
                 ref = await asyncio.to_thread(daemon.root.wait_for_ref, CHILD_ID,
                                               time.monotonic() + 10)
@@ -162,6 +162,26 @@ async def test_a_root_that_gives_up_escalates_out_of_the_daemon(
         alert = await asyncio.to_thread(next_supervision_event, settings, "escalation", None,
                                         "alerts")
         assert alert["supervisor"] == "stock-sync-root" and alert["process"] == PROCESS_NAME
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await asyncio.to_thread(bridge.stop)
+
+
+async def test_the_root_takes_its_intensity_and_back_off_from_the_settings(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse) -> None:
+    """SHOPFLOW_SUPERVISOR_MAX_RESTARTS=0: the first crash of the syncer ends the daemon."""
+    escalated = threading.Event()
+    configured = replace(_daemon_settings(settings, warehouse, 1.0), supervisor_max_restarts=0,
+                         supervisor_max_seconds=30.0, restart_backoff_base_s=0.25)
+    bridge = LoopBridge("test-stock-sync").start()
+    daemon = await asyncio.to_thread(build_daemon, configured, CollectorRegistry(), bridge,
+                                     on_escalate=lambda error: escalated.set())
+    try:
+        assert (daemon.root.max_restarts, daemon.root.max_seconds,
+                daemon.root.backoff_base_s) == (0, 30.0, 0.25)
+        [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
+        ref.tell("not a message it knows")  # one crash
+        assert await asyncio.to_thread(escalated.wait, 10)
     finally:
         await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(bridge.stop)
