@@ -10,10 +10,18 @@ With a URL set (``REDIS_URL``, ``DATABASE_URL``) nothing is started for it.
 A command that should leave the machine as it found it (``shopflow up``) uses
 :func:`running_services`: on exit it stops only the servers it started
 itself, never one it merely reused.
+
+Starting, reusing and stopping happen under a lock on a file in the var dir
+(:func:`start_lock`), so commands started by hand at the same moment (an
+api and a worker without URLs, say) do not both run ``initdb`` or ``pg_ctl
+start`` on one data directory: the first starts the server, the others wait
+and reuse it. A file lock is right here because the embedded servers and
+their data are local to this machine by nature.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -38,6 +46,8 @@ PG_SYSTEM_USER = "embedded_postgres"
 # The database the runtime uses on the embedded server.
 PG_DATABASE = "shopflow"
 START_TIMEOUT_S = 30.0
+# How long a command waits for another one that is starting or stopping the servers.
+LOCK_TIMEOUT_S = 3 * START_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,38 @@ class EmbeddedPaths:
     @property
     def pg_log(self) -> Path:
         return self.root / "postgres.log"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "embedded.lock"
+
+
+@contextmanager
+def start_lock(paths: EmbeddedPaths, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the var dir's lock: one process at a time checks, starts or stops its servers.
+
+    An exclusive ``flock`` on ``<var>/embedded.lock``; the kernel releases it
+    if the holder dies, so a crashed command never blocks the next one. A
+    holder that keeps it past ``timeout_s`` is a :class:`ServiceError`.
+    """
+    paths.root.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with paths.lock_file.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"another command has been starting or stopping the embedded servers "
+                        f"of {paths.root} for over {timeout_s:.0f}s ({paths.lock_file})"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _port_open(host: str, port: int, timeout_s: float = 0.3) -> bool:
@@ -118,6 +160,11 @@ def ensure_redis(paths: EmbeddedPaths, port: int) -> str:
 
 def start_redis(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
     """:func:`ensure_redis`, also saying whether this call started the server (False: reused)."""
+    with start_lock(paths):
+        return _start_redis(paths, port)
+
+
+def _start_redis(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
     url = f"redis://127.0.0.1:{port}/0"
     if _port_open("127.0.0.1", port):
         if not _pid_alive(paths.redis_pidfile):
@@ -205,6 +252,11 @@ def ensure_postgres(paths: EmbeddedPaths, port: int) -> str:
 
 def start_postgres(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
     """:func:`ensure_postgres`, also saying whether this call started the server (False: reused)."""
+    with start_lock(paths):
+        return _start_postgres(paths, port)
+
+
+def _start_postgres(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
     url = f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}"
     started = not _port_open("127.0.0.1", port)
     if started:
@@ -301,6 +353,13 @@ def stop_redis(paths: EmbeddedPaths, port: int) -> bool:
     """Stop the embedded Redis we started (by its pid file). True if one was stopped."""
     if not paths.redis_pidfile.exists():
         return False
+    with start_lock(paths):
+        return _stop_redis(paths, port)
+
+
+def _stop_redis(paths: EmbeddedPaths, port: int) -> bool:
+    if not paths.redis_pidfile.exists():
+        return False
     try:
         pid = int(paths.redis_pidfile.read_text().strip())
     except ValueError:
@@ -318,6 +377,13 @@ def stop_redis(paths: EmbeddedPaths, port: int) -> bool:
 
 def stop_postgres(paths: EmbeddedPaths) -> bool:
     """Stop the embedded PostgreSQL (fast shutdown). True if one was stopped."""
+    if not (paths.pg_dir / "postmaster.pid").exists():
+        return False
+    with start_lock(paths):
+        return _stop_postgres(paths)
+
+
+def _stop_postgres(paths: EmbeddedPaths) -> bool:
     if not (paths.pg_dir / "postmaster.pid").exists():
         return False
     user = _pg_user()

@@ -6,7 +6,11 @@ in milliseconds) and the session's embedded PostgreSQL for reuse.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -101,3 +105,59 @@ def test_running_services_stops_what_it_started_and_only_that(var_settings: Sett
         raise RuntimeError("the command failed inside")
     assert server_pid(paths.redis_pidfile) == pid and alive(pid)  # reused, so left running
     assert http_ready(port)
+
+
+# One `start_services` in a child process: waits for the go file, then starts or reuses.
+_STARTER = """
+import json, os, sys, time
+from pathlib import Path
+from runtime import embedded
+from runtime.settings import Settings
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.005)
+resolved, started = embedded.start_services(Settings.from_env(os.environ))
+print(json.dumps({"urls": [resolved.redis_url, resolved.database_url],
+                  "started": [started.redis, started.postgres]}))
+"""
+
+
+@pytest.mark.slow
+def test_two_commands_starting_at_once_in_one_var_dir_start_one_server_each() -> None:
+    """Two processes without URLs race to start the embedded servers of one var dir (both
+    released at the same moment): one starts each server, the other waits on the var dir's
+    lock and reuses it; both get the URLs. A real PostgreSQL is initialised, so the var dir
+    is outside pytest's temp root (PostgreSQL runs as another user there, see conftest)."""
+    paths = EmbeddedPaths(Path(tempfile.mkdtemp(prefix="shopflow-test-race-")))
+    rport, pport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env |= {"SHOPFLOW_VAR_DIR": str(paths.root), "SHOPFLOW_EMBEDDED_REDIS_PORT": str(rport),
+            "SHOPFLOW_EMBEDDED_PG_PORT": str(pport)}
+    go = paths.root / "go"
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", _STARTER, str(go)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        go.touch()
+        answers = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-3000:]
+            answers.append(json.loads(out.strip().splitlines()[-1]))
+        assert answers[0]["urls"] == answers[1]["urls"] == [
+            f"redis://127.0.0.1:{rport}/0",
+            f"postgresql://postgres@127.0.0.1:{pport}/{embedded.PG_DATABASE}"]
+        # Exactly one of the two started each server; the other reused it.
+        assert sorted(a["started"][0] for a in answers) == [False, True]
+        assert sorted(a["started"][1] for a in answers) == [False, True]
+        assert http_ready(rport) and http_ready(pport)
+        redis_log = (paths.redis_dir / "redis.log").read_text()
+        assert redis_log.count("Ready to accept connections") == 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        embedded.stop_redis(paths, rport)
+        embedded.stop_postgres(paths)
+        embedded.remove_data(paths)
