@@ -24,8 +24,16 @@ def rows(page: Path) -> list[tuple[str, str, str]]:
         match = ROW.match(line)
         if match and ("_" in match.group(1)) and match.group(1) not in seen:
             name, default, meaning = (g.strip() for g in match.groups())
-            seen[name] = (name, default.strip("`") or "unset", meaning)
+            seen[name] = (name, default or "unset", meaning)
     return list(seen.values())
+
+
+def default_cell(default: str) -> str:
+    """A default as a README cell: a value is shown as code; prose that marks up its own
+    code (``generated into `<var>/secrets/token_secret```) is kept as it is written."""
+    value = default[1:-1] if default.startswith("`") and default.endswith("`") \
+        and default.count("`") == 2 else default
+    return value if "`" in value else f"`{value}`"
 
 
 def main() -> int:
@@ -36,7 +44,7 @@ def main() -> int:
         print(f"\n**{page.stem}** ([docs/{page.name}](docs/{page.name}))\n")
         print("| variable | default | meaning |\n| --- | --- | --- |")
         for name, default, meaning in found:
-            print(f"| `{name}` | `{default}` | {meaning} |")
+            print(f"| `{name}` | {default_cell(default)} | {meaning} |")
     return 0
 
 
