@@ -32,7 +32,7 @@ import redis
 
 from runtime.settings import Settings
 from runtime.supervision import MetricsSink, SupervisionEvent, Supervisor, walk_children
-from runtime.tree import TreeReporter, redis_event_publisher
+from runtime.tree import TreeReporter, redis_event_publisher, tree_reporter_child
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,9 @@ class ProcessSupervision:
     - events are counted on ``metrics`` (for a runtime process:
       ``SharedSupervisionMetrics(runtime.metrics.get_metrics(settings))``),
     - a :class:`~runtime.tree.TreeReporter` publishes the tree for ``shopflow tree``
-      (and refreshes the mailbox-depth gauge),
+      (and refreshes the mailbox-depth gauge); it runs as the root's last child
+      (``tree-reporter``), so it is supervised like every actor of the process:
+      started last, stopped first, restarted if it crashes,
     - optionally, escalation out of the root ends the process with exit code 70.
 
     Call :func:`attach_process_supervision` *before* ``root.start()`` (nested
@@ -214,15 +216,15 @@ class ProcessSupervision:
         root.metrics = metrics
         if metrics is not None:
             metrics.track(root)
+        root.add_child(tree_reporter_child(self.reporter))
 
     def start(self) -> ProcessSupervision:
-        """Start publishing the tree (after the root started)."""
-        self.reporter.start()
+        """After the root started: nothing left to start (the reporter is the root's child)."""
         return self
 
     def stop(self) -> None:
-        """Stop publishing and remove this process from the tree view."""
-        self.reporter.stop()
+        """After the root stopped: make sure this process left the view, close the client."""
+        self.reporter.remove()
         self._client.close()
 
 

@@ -481,6 +481,19 @@ class Supervisor:
         if self.state != "failed":
             self.state = "stopped"
 
+    def add_child(self, spec: ChildSpec) -> None:
+        """Declare one more child before :meth:`start`: it starts last and stops first.
+
+        For a process's own machinery that belongs under its root (the tree
+        reporter); a started supervisor's children are fixed.
+        """
+        if self._actor is not None:
+            raise RuntimeError(f"supervisor {self.name} has started; its children are fixed")
+        if spec.id in self._children:
+            raise ValueError(f"supervisor {self.name!r}: duplicate child id {spec.id!r}")
+        self._specs.append(spec)
+        self._children[spec.id] = _Child(spec)
+
     @property
     def actor_ref(self) -> pykka.ActorRef[Any]:
         """The supervisor's own actor (what a parent supervisor watches)."""

@@ -1,7 +1,8 @@
 """One view of the whole tree: supervisord's processes and, inside each, its supervisors.
 
 supervisord knows the OS processes; only each process knows its actors. So
-every process runs a :class:`TreeReporter` that writes its supervision
+every process runs a :class:`TreeReporter` (a child of its root supervisor,
+:class:`TreeReporterActor`) that writes its supervision
 snapshot to Redis (one hash per process, ``{namespace}:tree:process:{name}:{pid}``,
 refreshed every ``tree_publish_interval_s`` and expiring after ``tree_ttl_s``
 so a dead process disappears by itself), and :func:`tree_snapshot` merges
@@ -26,14 +27,17 @@ import threading
 import uuid
 import xmlrpc.client
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pykka
 import redis
 
+from runtime.actor import SupervisedActor
 from runtime.settings import Settings
-from runtime.supervision import EventHook, SupervisionEvent, Supervisor
+from runtime.supervision import ChildSpec, EventHook, Restart, SupervisionEvent, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,14 @@ def redis_event_publisher(client: redis.Redis, namespace: str,
 
 
 class TreeReporter:
-    """Publishes this process's supervision trees to Redis every few seconds (own thread)."""
+    """Publishes this process's supervision trees to Redis every few seconds.
+
+    In a runtime process it runs as a child of the root it reports
+    (:class:`TreeReporterActor`, added by :func:`runtime.root.attach_process_supervision`),
+    so a reporter that dies is restarted like any actor, with a log line, a
+    metric and an event. :meth:`start`/:meth:`stop` run it on a thread of its
+    own instead, for a caller without a root of its own to put it under.
+    """
 
     def __init__(self, client: redis.Redis, namespace: str, process: str,
                  roots: Sequence[Supervisor], interval_s: float, ttl_s: int,
@@ -99,7 +110,7 @@ class TreeReporter:
         self._key = process_key(namespace, process, os.getpid())
         self._process = process
         self._roots = list(roots)
-        self._interval_s = interval_s
+        self.interval_s = interval_s
         self._ttl_s = ttl_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,32 +136,105 @@ class TreeReporter:
         pipe.expire(self._key, self._ttl_s)
         pipe.execute()
 
+    def tick(self) -> None:
+        """One round: publish (a Redis outage is logged: it passes), then ``on_tick``."""
+        try:
+            self.publish_once()
+        except redis.RedisError as exc:
+            log.warning("could not publish the supervision tree: %s", exc)
+        if self._on_tick is not None:
+            self._on_tick()
+
+    def remove(self) -> None:
+        """Remove this process's entry from the view (a clean stop)."""
+        try:
+            self._client.delete(self._key)
+        except redis.RedisError as exc:
+            log.warning("could not remove the supervision tree entry: %s", exc)
+
     def start(self) -> TreeReporter:
-        """Publish now and then every interval until :meth:`stop`."""
+        """Publish now and then every interval until :meth:`stop`, on a thread of its own."""
         self._thread = threading.Thread(target=self._run, name="tree-reporter", daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while True:
-            try:
-                self.publish_once()
-            except redis.RedisError as exc:
-                log.warning("could not publish the supervision tree: %s", exc)
-            if self._on_tick is not None:
-                self._on_tick()
-            if self._stop.wait(self._interval_s):
+            self.tick()
+            if self._stop.wait(self.interval_s):
                 return
 
     def stop(self) -> None:
-        """Stop publishing and remove this process's entry."""
+        """Stop publishing (the thread, if started) and remove this process's entry."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self._interval_s + 5)
+            self._thread.join(self.interval_s + 5)
+        self.remove()
+
+
+# The tree reporter's id among its root's children.
+TREE_REPORTER_CHILD = "tree-reporter"
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """Time to publish again (the reporter actor's own timer sends it)."""
+
+
+class TreeReporterActor(SupervisedActor):
+    """A :class:`TreeReporter` as a supervised child: one tick per interval, on its thread.
+
+    ``on_start`` sends the first tick; each tick publishes (a Redis outage is
+    logged, not a crash) and arms a timer for the next. Anything else escaping
+    a tick (a bug) crashes the actor and its supervisor restarts it, which
+    starts the ticks again. ``on_stop`` removes the process's entry. Hooks run
+    on the actor's thread; the timer only sends the next tick.
+    """
+
+    def __init__(self, reporter: TreeReporter) -> None:
+        super().__init__()
+        self._reporter = reporter
+        self._timer: threading.Timer | None = None
+
+    def on_start(self) -> None:
+        """Publish at once: the first tick."""
+        self.actor_ref.tell(_Tick())
+
+    def on_receive(self, message: Any) -> Any:
+        """A tick publishes and arms the next one."""
+        if not isinstance(message, _Tick):
+            raise TypeError(f"the tree reporter takes no {message!r}")
+        self._reporter.tick()
+        self._timer = threading.Timer(self._reporter.interval_s, self._next_tick)
+        self._timer.daemon = True
+        self._timer.start()
+        return None
+
+    def _next_tick(self) -> None:
+        """The timer's thread: ask for the next tick, unless the actor is gone meanwhile."""
         try:
-            self._client.delete(self._key)
-        except redis.RedisError as exc:
-            log.warning("could not remove the supervision tree entry: %s", exc)
+            self.actor_ref.tell(_Tick())
+        except pykka.ActorDeadError:
+            pass  # stopped or crashed: a restarted reporter arms its own ticks
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def on_stop(self) -> None:
+        """A requested stop: no more ticks, and the process leaves the view."""
+        self._disarm()
+        self._reporter.remove()
+
+    def on_failure(self, *_exc_info: Any) -> None:
+        """After a crash: no more ticks from this incarnation."""
+        self._disarm()
+
+
+def tree_reporter_child(reporter: TreeReporter) -> ChildSpec:
+    """The child spec that puts ``reporter`` under a root (permanent: it always comes back)."""
+    return ChildSpec(TREE_REPORTER_CHILD, lambda: TreeReporterActor.start(reporter),
+                     Restart.PERMANENT)
 
 
 def supervisord_proxy(socket_path: Path) -> Any:

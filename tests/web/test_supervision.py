@@ -24,7 +24,7 @@ from runtime import db
 from runtime.outbox import OutboxRelay, emit
 from runtime.root import EXIT_ESCALATED
 from runtime.settings import Settings
-from runtime.tree import process_key, render_tree, tree_snapshot
+from runtime.tree import TREE_REPORTER_CHILD, process_key, render_tree, tree_snapshot
 from tests.support import (
     http_ready,
     next_supervision_event,
@@ -82,7 +82,8 @@ async def test_the_api_runs_its_relay_and_notifier_under_one_published_root(
 
     root = await published_api_root(web_settings)
     assert root["name"] == ROOT_NAME and root["state"] == "running"
-    assert [c["id"] for c in root["children"]] == [RELAY_CHILD, FEED_CHILD, NOTIFIER_CHILD]
+    assert [c["id"] for c in root["children"]] == [RELAY_CHILD, FEED_CHILD, NOTIFIER_CHILD,
+                                                   TREE_REPORTER_CHILD]
 
     # GET /api/v1/supervision: this process (not supervisord's here) with its root and actors.
     headers = {"Authorization": f"Bearer {signer.issue('staff', None, 60)}"}
@@ -93,7 +94,8 @@ async def test_the_api_runs_its_relay_and_notifier_under_one_published_root(
     [supervisor] = process["children"]
     assert supervisor["name"] == ROOT_NAME and supervisor["alive"] is True
     assert [(a["name"], a["alive"]) for a in supervisor["children"]] == [
-        (RELAY_CHILD, True), (FEED_CHILD, True), (NOTIFIER_CHILD, True)]
+        (RELAY_CHILD, True), (FEED_CHILD, True), (NOTIFIER_CHILD, True),
+        (TREE_REPORTER_CHILD, True)]
 
     # `shopflow tree` prints the same.
     text = render_tree(await asyncio.to_thread(tree_snapshot, web_settings))
@@ -129,7 +131,7 @@ async def test_a_crashed_relay_is_restarted_visibly_and_publishes_again(
         while await pool.fetchval("SELECT published_at FROM outbox WHERE id = $1",
                                   row_id) is None:
             await asyncio.sleep(0.05)
-    [relay, _, _] = root_of(server.app).snapshot()
+    [relay, _, _, _] = root_of(server.app).snapshot()
     assert relay.restarts >= 1 and relay.state in ("running", "restarting")
 
 
@@ -204,5 +206,6 @@ async def test_a_crashed_notifier_is_restarted_and_delivers_again(
         await subscribe(ws, "stock-updated")
         await publish("stock-updated", {"product_id": 1, "n": 1})
         assert (await next_of(ws, "event"))["payload"] == {"product_id": 1, "n": 1}
-    [child] = root_of(server.app).snapshot()
+    child, reporter = root_of(server.app).snapshot()
     assert (child.id, child.restarts) == (NOTIFIER_CHILD, 1)
+    assert reporter.id == TREE_REPORTER_CHILD

@@ -24,7 +24,7 @@ from runtime.root import EXIT_ESCALATED
 from runtime.scheduling import Scheduler, SchedulerStore, connect_redis
 from runtime.settings import Settings
 from runtime.supervision import Supervisor
-from runtime.tree import process_key
+from runtime.tree import TREE_REPORTER_CHILD, process_key
 from tests.support import next_supervision_event, published_root
 
 WAIT_S = 30.0
@@ -40,7 +40,7 @@ async def test_the_scheduler_runs_under_a_published_root_and_stops_cleanly(
         assert root.name == f"{PROCESS_NAME}-root"
         published = await asyncio.to_thread(published_root, settings, PROCESS_NAME, None, WAIT_S)
         assert [(c["id"], c["state"], c["restarts"]) for c in published["children"]] == [
-            (CHILD_ID, "running", 0)]
+            (CHILD_ID, "running", 0), (TREE_REPORTER_CHILD, "running", 0)]
         store = SchedulerStore(connect_redis(settings.redis_url or ""), settings.namespace)
         async with asyncio.timeout(WAIT_S):  # the supervised instance really schedules
             while (await store.lease()).holder is None:

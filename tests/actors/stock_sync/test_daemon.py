@@ -31,7 +31,7 @@ from runtime.errors import ActorUnavailable
 from runtime.loop import LoopBridge
 from runtime.metrics import render_metrics
 from runtime.settings import Settings
-from runtime.tree import process_key
+from runtime.tree import TREE_REPORTER_CHILD, process_key
 from tests.actors.stock_sync.conftest import Warehouse, link_products
 from tests.runtime.webhook_receiver import webhook_receiver
 from tests.support import free_port, http_ready, next_supervision_event, published_root, wait_until
@@ -104,7 +104,7 @@ async def test_malformed_answers_do_not_kill_the_actor(
 
     outcomes = [r.report.outcome for r in runs.records if r.report]
     assert outcomes == ["failed", "failed", "ok"]
-    [child] = daemon.root.snapshot()
+    child, _reporter = daemon.root.snapshot()
     assert child.restarts == 0  # the same actor served every run
     assert daemon.health.last_success_s is not None
     assert await pool.fetchval("SELECT count(*) FROM inventory WHERE synced_at IS NOT NULL") > 0
@@ -120,7 +120,7 @@ async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
         # The tree is published for `shopflow tree`, like a worker's.
         root = await asyncio.to_thread(published_root, settings, PROCESS_NAME)
         assert root["name"] == "stock-sync-root"
-        assert [c["id"] for c in root["children"]] == [CHILD_ID]
+        assert [c["id"] for c in root["children"]] == [CHILD_ID, TREE_REPORTER_CHILD]
         first = await asyncio.to_thread(daemon.run_once)
         [ref] = pykka.ActorRegistry.get_by_class(StockSyncActor)
         ref.tell("not a message it knows")  # raises in on_receive: the actor crashes
@@ -131,7 +131,7 @@ async def test_a_dead_actor_is_restarted(settings: Settings, pool: asyncpg.Pool,
         second = await asyncio.to_thread(daemon.run_once)
         assert first.report is not None and second.report is not None
         assert second.report.outcome == "ok"
-        assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1)]
+        assert [(c.alive, c.restarts) for c in daemon.root.snapshot()] == [(True, 1), (True, 0)]
     finally:
         await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(bridge.stop)

@@ -10,16 +10,20 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry
 
+from runtime.root import attach_process_supervision
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, build_supervision_metrics
 from runtime.supervisor_events import serve
 from runtime.tree import (
+    TREE_REPORTER_CHILD,
     TreeReporter,
+    process_key,
     redis_event_publisher,
     render_tree,
     tree_snapshot,
     view_tree,
 )
+from tests.support import next_supervision_event, wait_until
 
 from .helpers import Events, Journal, Worker
 
@@ -209,3 +213,32 @@ def test_shared_metrics_count_give_ups_and_start_failures_behind_metrics(
     assert value(samples, "shopflow_supervisor_give_ups_total", supervisor="proc-root") == 1
     assert value(samples, "shopflow_supervisor_escalations_total", supervisor="proc-root") == 1
     assert value(samples, "shopflow_actor_restarts_total", actor="proc-root/b") >= 1
+
+
+def test_the_tree_reporter_is_the_roots_supervised_child(settings: Settings) -> None:
+    """attach_process_supervision puts the reporter under the root: last child, restarted
+    after a crash (an event like any restart) and publishing again; a stop removes the
+    process's entry."""
+    client = redis.Redis.from_url(settings.redis_url or "")
+    journal = Journal()
+    root = Supervisor("flow-worker-root", [ChildSpec("a", lambda: Worker.start("a", journal))],
+                      backoff_base_s=0.0)
+    reporting = attach_process_supervision(settings, "flow-worker", root)
+    key = process_key(settings.namespace, "flow-worker", os.getpid())
+    try:
+        root.start()
+        reporting.start()
+        assert [c.id for c in root.snapshot()] == ["a", TREE_REPORTER_CHILD]
+        wait_until(lambda: bool(client.exists(key)), 10, "the first publish")
+        root.tell(TREE_REPORTER_CHILD, "not a tick")  # a bug in the reporter: it crashes
+        restart = next_supervision_event(settings, "restart", TREE_REPORTER_CHILD)
+        assert restart["process"] == "flow-worker" and "TypeError" in restart["reason"]
+        assert root.wait_running(TREE_REPORTER_CHILD, 10)
+        client.delete(key)
+        wait_until(lambda: bool(client.exists(key)), 10, "the restarted reporter to publish")
+        published = json.loads(client.hget(key, "supervisors") or b"[]")
+        assert [c["restarts"] for c in published[0]["children"]] == [0, 1]
+    finally:
+        root.stop()
+        reporting.stop()
+    assert client.exists(key) == 0
