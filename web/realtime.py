@@ -341,6 +341,10 @@ def parse_message(text: str) -> dict[str, Any]:
         message = json.loads(text)
     except ValueError:
         raise BadMessage("bad_json", "frames must be JSON text") from None
+    except RecursionError:
+        # '[' * 5000 fits in a frame but nests deeper than the parser recurses: still garbage.
+        raise BadMessage("bad_json", "frames must be JSON text nested at most a few hundred "
+                                     "levels deep") from None
     if not isinstance(message, dict):
         raise BadMessage("bad_message", "a message must be a JSON object")
     kind = message.get("type")

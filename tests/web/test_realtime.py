@@ -167,6 +167,9 @@ async def test_bad_input_gets_errors_and_never_hurts_others(
             await next_of(bad, "welcome")
             cases = [
                 ("not json", "bad_json"),
+                # Nested deeper than the JSON parser recurses (yet under the frame cap).
+                ("[" * 5000, "bad_json"),
+                ('{"a":' * 5000, "bad_json"),
                 ("[1, 2]", "bad_message"),
                 ('{"type": "dance"}', "bad_message"),
                 ('{"type": "subscribe", "channel": 5}', "bad_message"),
@@ -179,7 +182,10 @@ async def test_bad_input_gets_errors_and_never_hurts_others(
             for frame, code in cases:
                 await bad.send_str(frame)
                 error = await next_of(bad, "error")
-                assert error["code"] == code, frame
+                assert error["code"] == code, frame[:40]
+                # A good message in between: more than 10 bad ones in a row would close 4400.
+                await bad.send_json({"type": "ping", "ref": "ok"})
+                assert await next_json(bad) == {"type": "pong", "ref": "ok"}
         for frame_kind, expected in (("binary", 1003), ("huge", 1009), ("utf8", 1007)):
             async with http.ws_connect(ws_url(realtime_server, token)) as bad:
                 await next_of(bad, "welcome")
