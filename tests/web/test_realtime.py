@@ -387,3 +387,43 @@ async def test_a_committed_outbox_row_reaches_websocket_clients_once_through_the
             await asyncio.sleep(0.05)
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 3  # the rollback left none
     assert notifier_of(server_a).stats().duplicates_skipped == 0
+
+
+async def test_since_on_a_stream_that_is_gone_gets_resync_not_a_stuck_replay(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher, redis: aioredis.Redis, web_settings: Settings) -> None:
+    """The stream this process had read from vanished (deleted, or lost with a Redis that kept
+    no data). A client resuming from before it, even from "0-0", gets a resync, and its replay
+    ends: live events reach it, and the server does not spin on a replay that cannot finish."""
+    from actors.notifier.streams import stream_key
+
+    token = signer.issue("customer", 1, 60)
+    async with http.ws_connect(ws_url(realtime_server, token)) as ws:
+        await subscribe(ws, "stock-updated")
+        await publish("stock-updated", {"product_id": 1, "n": 1})
+        seen = (await next_of(ws, "event"))["id"]
+    for since in ("0-0", seen):
+        await redis.delete(stream_key(web_settings.namespace, "stock-updated"))
+        async with http.ws_connect(ws_url(realtime_server, token)) as ws:
+            await ws.send_json({"type": "subscribe", "channel": "stock-updated", "since": since})
+            resync = await next_of(ws, "resync")
+            assert (resync["reason"], resync["last_id"]) == ("retention", seen), since
+            assert (await next_of(ws, "subscribed"))["last_id"] == seen
+            await publish("stock-updated", {"product_id": 1, "n": 2})
+            live = await next_of(ws, "event")
+            assert live["payload"]["n"] == 2
+            await ws.send_json({"type": "ping"})
+            assert (await next_json(ws))["type"] == "pong"
+        seen = live["id"]
+
+
+async def test_an_idle_connection_is_closed_4401_when_its_token_expires(
+        web_settings: Settings, start_server: ServerFactory, http: aiohttp.ClientSession) -> None:
+    """No message, no event: the connection's own timer closes it at the token's expiry."""
+    now = [10_000.0]
+    signer = TokenSigner(web_settings.token_secret.encode(), clock=lambda: now[0])  # type: ignore[union-attr]
+    server = await start_server(build_app(web_settings, signer))
+    async with http.ws_connect(ws_url(server, signer.issue("staff", None, 1))) as ws:
+        await subscribe(ws, "stock-updated")
+        now[0] += 2  # the timer, armed for 1 s, finds the token expired when it wakes
+        assert await close_code(ws) == 4401
