@@ -427,3 +427,26 @@ async def test_an_idle_connection_is_closed_4401_when_its_token_expires(
         await subscribe(ws, "stock-updated")
         now[0] += 2  # the timer, armed for 1 s, finds the token expired when it wakes
         assert await close_code(ws) == 4401
+
+
+async def test_a_customer_replaying_with_since_gets_only_their_own_orders(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Ownership holds on the replay path too, not only for live events; staff replay all."""
+    start = await publish("order-status-changed", {"order_id": 1, "customer_id": 1})
+    for order_id, customer_id in ((20, 2), (21, 1), (22, 2), (23, 1), (24, None)):
+        await publish("order-status-changed", {"order_id": order_id, "customer_id": customer_id})
+    await publish("order-status-changed", {"order_id": 25})  # no owner at all
+    url_own = ws_url(realtime_server, signer.issue("customer", 1, 60))
+    url_staff = ws_url(realtime_server, signer.issue("staff", None, 60))
+    async with http.ws_connect(url_own) as own, http.ws_connect(url_staff) as staff:
+        await subscribe(own, "order-status-changed", since=start)
+        await subscribe(staff, "order-status-changed", since=start)
+        await publish("order-status-changed", {"order_id": 26, "customer_id": 2})
+        await publish("order-status-changed", {"order_id": 27, "customer_id": 1})
+        seen_own = [(await next_of(own, "event"))["payload"]["order_id"] for _ in range(3)]
+        seen_staff = [(await next_of(staff, "event"))["payload"]["order_id"] for _ in range(8)]
+        assert seen_own == [21, 23, 27]
+        assert seen_staff == [20, 21, 22, 23, 24, 25, 26, 27]
+        await own.send_json({"type": "ping", "ref": "end"})
+        assert await next_json(own) == {"type": "pong", "ref": "end"}  # nobody else's order
