@@ -10,6 +10,11 @@ nothing (the row never existed). A crash after publishing but before marking
 can publish a row twice: stream readers de-duplicate on the outbox ``id``
 field and jobs are idempotent.
 
+A row whose job a full queue refuses is held: its event is out (and marked
+so, ``event_published_at``) but the row stays unpublished, and later rounds
+retry only its job, so the event reaches the stream once however long the
+queue stays full.
+
 Only one relay publishes at a time (a transaction-scoped advisory lock), so
 events leave in commit order per channel even with a relay in every api
 process.
@@ -85,6 +90,8 @@ class OutboxRow:
     job: dict[str, Any] | None
     correlation_id: uuid.UUID | None
     created_at: datetime
+    # The event is on its stream already (the row was held for its job): do not XADD it again.
+    event_published: bool = False
 
 
 def stream_fields(row: OutboxRow) -> dict[str, str]:
@@ -124,27 +131,34 @@ class OutboxRelay:
         # Told when a round publishes nothing: this relay has no lag to report (the outbox is
         # empty, or another process's relay holds the lock and reports its own).
         self._on_idle = on_idle
+        # The last round found a full batch of new rows: more may wait, go again at once.
+        self._fresh_full = False
 
     async def publish_batch(self) -> int:
-        """Publish up to :data:`RELAY_BATCH` rows; return how many were marked published.
+        """Publish up to :data:`RELAY_BATCH` new rows; return how many rows were marked published.
 
         0 if another relay holds the lock. A row whose job a full queue refused
-        is not marked (nor counted): its event goes out again with the next
-        round (readers de-duplicate on the outbox ``id``), its job once there is room.
+        is not marked published (nor counted), only its event is: later rounds
+        retry its job (up to :data:`RELAY_BATCH` held rows each, before the new
+        rows, so held rows never crowd new events out) and never XADD its event
+        again.
         """
+        self._fresh_full = False
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK_KEY):
                 return self._idle()
-            records = await conn.fetch(
-                """SELECT id, channel, event_type, payload, job, correlation_id, created_at
-                   FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1""",
-                RELAY_BATCH,
-            )
-            if not records:
+            held_before = await self._fetch(conn, event_published=True)
+            fresh = await self._fetch(conn, event_published=False)
+            self._fresh_full = len(fresh) == RELAY_BATCH
+            rows = held_before + fresh
+            if not rows:
                 return self._idle()
-            rows = [OutboxRow(**dict(r)) for r in records]
             rejected, held = await self._publish(rows)
             published = [r for r in rows if r.id not in held]
+            await conn.execute(
+                "UPDATE outbox SET event_published_at = now() WHERE id = ANY($1::bigint[])",
+                [r.id for r in fresh],
+            )
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                 [r.id for r in published],
@@ -156,8 +170,20 @@ class OutboxRelay:
             self._on_published(published)
         if held:
             log.warning("outbox: %d row(s) wait for room in a full queue; the next round "
-                        "tries again", len(held), extra={"outbox_ids": sorted(held)})
+                        "tries their jobs again", len(held), extra={"outbox_ids": sorted(held)})
         return len(published)
+
+    async def _fetch(self, conn: asyncpg.Connection, event_published: bool) -> list[OutboxRow]:
+        """Unpublished rows in commit order: held ones (event out, job waiting) or new ones."""
+        records = await conn.fetch(
+            """SELECT id, channel, event_type, payload, job, correlation_id, created_at,
+                      event_published_at IS NOT NULL AS event_published
+               FROM outbox
+               WHERE published_at IS NULL AND (event_published_at IS NOT NULL) = $1
+               ORDER BY id LIMIT $2""",
+            event_published, RELAY_BATCH,
+        )
+        return [OutboxRow(**dict(r)) for r in records]
 
     def _idle(self) -> int:
         """A round that published nothing: tell ``on_idle``; 0 rows."""
@@ -166,16 +192,18 @@ class OutboxRelay:
         return 0
 
     async def _publish(self, rows: list[OutboxRow]) -> tuple[dict[int, str], set[int]]:
-        """XADD every row's event and enqueue its job.
+        """XADD every row's event (unless it is out already) and enqueue its job.
 
         Returns the rows whose job was set aside (with the reason) and the rows
         whose job a full queue refused (left unpublished for the next round).
         """
-        pipe = self._redis.pipeline(transaction=False)
-        for row in rows:
-            pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
-                      maxlen=STREAM_MAXLEN, approximate=True)
-        await pipe.execute()
+        events = [row for row in rows if not row.event_published]
+        if events:
+            pipe = self._redis.pipeline(transaction=False)
+            for row in events:
+                pipe.xadd(stream_key(self._namespace, row.channel), stream_fields(row),  # type: ignore[arg-type]
+                          maxlen=STREAM_MAXLEN, approximate=True)
+            await pipe.execute()
         jobs = [(row.id, 0, _with_correlation(row.job, row.correlation_id))
                 for row in rows if row.job]
         if not jobs:
@@ -188,8 +216,8 @@ class OutboxRelay:
 
         A row published twice (a crash after publishing, before marking) finds
         its job already there. A full queue raises QueueFull: that row is held
-        (left unpublished, so the next round enqueues its job once there is
-        room) and the rows behind it go on, so one full queue does not stall
+        (left unpublished with its event marked out, so a later round
+        enqueues its job once there is room) and the rows behind it go on, so one full queue does not stall
         every event and job of the batch. A job that can never be enqueued
         (ValidationError) is set aside and returned with the reason, so one
         bad row cannot hold up every event behind it.
@@ -226,8 +254,9 @@ class OutboxRelay:
                 if listener is None or listener.is_closed():
                     listener = await self._listen()  # (re)connect after a PostgreSQL restart
                 try:
-                    while await self.publish_batch() == RELAY_BATCH:
-                        pass
+                    await self.publish_batch()
+                    while self._fresh_full:
+                        await self.publish_batch()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError,
                         QueueFull) as exc:
                     log.warning("outbox relay could not publish, will retry: %s", exc)

@@ -215,7 +215,11 @@ async def get_review(request: web.Request) -> web.Response:
 
 
 async def list_product_reviews(request: web.Request) -> web.Response:
-    """A product's approved reviews; staff may list any status with ?status=."""
+    """A product's approved reviews; staff may list any status with ?status=.
+
+    A public listing: customers read everyone's reviews, so the author's
+    ``customer_id`` is shown to staff only (ids leak who bought what).
+    """
     principal = authenticate(request)
     product_id = path_id(request, "product_id")
     status = query_choice(request, "status", REVIEW_STATUSES, "approved")
@@ -225,7 +229,11 @@ async def list_product_reviews(request: web.Request) -> web.Response:
     rows = await _pool(request).fetch(
         f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE product_id = $1 AND status = $2 "
         "ORDER BY id DESC LIMIT $3", product_id, status, limit)
-    return ok({"reviews": [dict(r) for r in rows]})
+    reviews = [dict(r) for r in rows]
+    if not principal.is_staff:
+        for review in reviews:
+            del review["customer_id"]
+    return ok({"reviews": reviews})
 
 
 async def list_flagged_reviews(request: web.Request) -> web.Response:

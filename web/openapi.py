@@ -56,6 +56,15 @@ SCHEMAS: dict[str, Schema] = {
         "body": {"type": "string"},
         "status": {"enum": ["pending", "approved", "rejected", "manual_review"]},
         "moderation": {}, "created_at": TIME, "moderated_at": TIME}},
+    # A product's public review listing: the author's customer_id is for staff only.
+    "ProductReview": {"type": "object", "required": ["id", "product_id", "rating", "body",
+                                                     "status"], "properties": {
+        "id": {"type": "integer"},
+        "customer_id": {"type": "integer", "description": "the author; present for staff only"},
+        "product_id": {"type": "integer"}, "rating": {"type": "integer"},
+        "body": {"type": "string"},
+        "status": {"enum": ["pending", "approved", "rejected", "manual_review"]},
+        "moderation": {}, "created_at": TIME, "moderated_at": TIME}},
     "FlaggedReview": {"type": "object", "required": ["review_id", "status", "source",
                                                      "categories", "current_status"],
                       "properties": {
@@ -298,8 +307,8 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
                                                _resp("the review", ref("Review")),
                                                params=[_path("review_id")]),
     ("GET", "/api/v1/products/{product_id}/reviews"): op(
-        "A product's reviews (approved; staff: any status)", "reviews", "200",
-        _resp("reviews", _list_of("reviews", "Review")),
+        "A product's reviews (approved; staff: any status, and the author's customer_id)",
+        "reviews", "200", _resp("reviews", _list_of("reviews", "ProductReview")),
         params=[PRODUCT_ID, _query("status", {"enum": ["pending", "approved", "rejected",
                                                        "manual_review"]}), LIMIT]),
     ("GET", "/api/v1/moderation/flagged"): op(

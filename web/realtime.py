@@ -240,6 +240,7 @@ class Connection:
         self._queue = SendQueue(queue_max, queue_max_bytes,
                                 record.queued if record is not None else None)
         self._writer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.subscribed: dict[str, asyncio.Task[None]] = {}
 
@@ -251,6 +252,21 @@ class Connection:
     def start(self) -> None:
         """Start the writer task (kept; cancelled and awaited by :meth:`finish`)."""
         self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+
+    def close_at_expiry(self, clock_s: Callable[[], float]) -> None:
+        """Close this client 4401 when its token expires, even if it never sends or gets a frame.
+
+        Messages and events check the token too, but an idle connection has
+        neither. ``clock_s`` is the signer's clock (Unix seconds); the timer
+        sleeps until the expiry and looks again, so a clock that is not the
+        wall clock (tests) only delays the close.
+        """
+        self._expiry = asyncio.create_task(self._expire(clock_s), name="ws-expiry")
+
+    async def _expire(self, clock_s: Callable[[], float]) -> None:
+        while (remaining_s := self.principal.expires_at_s - clock_s()) > 0:
+            await asyncio.sleep(remaining_s)
+        self.refuse(CLOSE_UNAUTHENTICATED, "token expired")
 
     async def _write_loop(self) -> None:
         try:
@@ -317,7 +333,8 @@ class Connection:
 
     async def finish(self) -> None:
         """Stop every task this connection started and wait for them."""
-        tasks = [t for t in (self._writer, *self.subscribed.values()) if t is not None]
+        tasks = [t for t in (self._writer, self._expiry, *self.subscribed.values())
+                 if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -341,6 +358,10 @@ def parse_message(text: str) -> dict[str, Any]:
         message = json.loads(text)
     except ValueError:
         raise BadMessage("bad_json", "frames must be JSON text") from None
+    except RecursionError:
+        # '[' * 5000 fits in a frame but nests deeper than the parser recurses: still garbage.
+        raise BadMessage("bad_json", "frames must be JSON text nested at most a few hundred "
+                                     "levels deep") from None
     if not isinstance(message, dict):
         raise BadMessage("bad_message", "a message must be a JSON object")
     kind = message.get("type")
@@ -413,6 +434,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     connections: set[Connection] = request.app[CONNECTIONS_KEY]
     connections.add(conn)
     conn.start()
+    conn.close_at_expiry(ensure_signer(request.app, settings).now_s)
     conn.send({
         "type": "welcome", "role": principal.role, "customer_id": principal.customer_id,
         "channels": [c for c in CHANNELS if may_subscribe(principal, c)],

@@ -15,6 +15,12 @@ channel is delivered. Each notifier remembers the first stream id of the
 newest :data:`DEDUP_WINDOW` outbox ids per channel (learnt from the stream's
 tail at start, then from every entry it reads), so every api process makes
 the same choice for live events and for replays alike.
+
+Nothing is skipped silently. Every read comes with the streams' positions
+(:data:`~actors.notifier.streams.POSITIONS_LUA`): entries trimmed before this
+process or a replay got to them turn into a ``resync`` for the subscriptions
+concerned (:func:`advance`, :func:`entries_lost_after`), and a replay whose
+entries are gone altogether ends with one instead of waiting for them.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.notifier.channels import CHANNELS, FILTER_FIELDS, Viewer, may_receive
 from actors.notifier.streams import (
-    ZERO_ID,
+    POSITIONS_LUA,
     StreamEvent,
     StreamId,
+    StreamPosition,
     id_text,
     parse_entry,
     parse_id,
+    parse_position,
+    resync_text,
     stream_key,
     text,
     text_fields,
@@ -56,6 +65,12 @@ RECONNECT_MAX_S = 2.0
 DEDUP_WINDOW = 2_048
 # The errors that mean "Redis went away", as opposed to a bug.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# The close code of a connection whose token expired (web/realtime.py documents them all).
+CLOSE_TOKEN_EXPIRED = 4401
+# The resync reason when events a client should have had were trimmed (or lost) unread.
+RETENTION = "retention"
+# ... and when its ``since`` names an id the stream never had.
+UNKNOWN_SINCE = "unknown_since"
 
 
 class Subscriber(Protocol):
@@ -144,6 +159,9 @@ class NotifierStats:
     cursors: dict[str, str] = field(default_factory=dict)
     # Entries not delivered because an earlier entry carried the same outbox id.
     duplicates_skipped: int = 0
+    # Times this process found entries trimmed before it read them (live or in a replay),
+    # each answered with a resync to the subscriptions concerned.
+    gaps: int = 0
 
 
 class Notifier:
@@ -161,10 +179,16 @@ class Notifier:
         self._namespace = namespace
         self._block_ms = block_ms
         self._channels = tuple(channels)
+        self._keys = {c: stream_key(namespace, c) for c in self._channels}
         self._expired = expired
         self._cursors: dict[str, StreamId] = {}
+        # How many entries the stream had ever been given when its cursor entry was added
+        # (its "entries-added" then): what tells a trim past the cursor from one before it.
+        # None where unknown (Redis before 7).
+        self._counts: dict[str, int | None] = {}
         self._first_seen: dict[str, FirstSeen] = {c: FirstSeen() for c in self._channels}
         self._duplicates = 0
+        self._gaps = 0
         self._subs: dict[str, list[Subscription]] = {c: [] for c in self._channels}
         self._ready = asyncio.Event()
         self._stopping = False
@@ -214,27 +238,79 @@ class Notifier:
         a copy of one of them is known as a repeat, here as in older processes.
         """
         for channel in self._channels:
-            newest: Any = await self._redis.xrevrange(stream_key(self._namespace, channel),
-                                                      count=DEDUP_WINDOW)
-            last = parse_id(text(newest[0][0])) if newest else None
-            self._cursors[channel] = last or (0, 0)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xrevrange(self._keys[channel], count=DEDUP_WINDOW)
+            _positions(pipe, [self._keys[channel]])
+            newest, positions = await pipe.execute()
+            position = parse_position(positions[0])
+            if position is None:  # no stream yet: whatever comes is new
+                self._cursors[channel], self._counts[channel] = (0, 0), 0
+            else:
+                self._cursors[channel], self._counts[channel] = position.newest, position.added
             for entry_id, fields in reversed(newest):
                 event = parse_entry(channel, text(entry_id), text_fields(fields))
                 if event is not None:
                     self._first_seen[channel].record(event)
 
     async def _tail(self) -> None:
+        """Read every channel after its cursor until stopped."""
         while not self._stopping:
-            streams: dict[Any, Any] = {stream_key(self._namespace, c): id_text(self._cursors[c])
-                                       for c in self._channels}
-            reply: Any = await self._redis.xread(streams, count=READ_BATCH, block=self._block_ms)
-            self._set_connected(True)
-            for key, entries in reply or []:
-                channel = text(key).rsplit(":", 1)[-1]
-                for entry_id, fields in entries:
-                    self._dispatch(channel, text(entry_id), fields)
-            if reply:
-                self._notify_changed()
+            await self._read_round()
+
+    async def _read_round(self) -> None:
+        """One blocking XREAD after every cursor, with the streams' positions; dispatch it.
+
+        The positions are pipelined right behind the XREAD, so they describe
+        the state it read: an XREAD answered at once is followed by the script
+        before any other client's command; one that blocked is answered with
+        entries added while it waited, after which no trim can have removed
+        unread ones (Redis serves a blocked reader after each write). A channel
+        whose stream trimmed entries this process had not read resyncs its
+        live subscriptions before the batch is dispatched (see :func:`advance`).
+        """
+        keys = [self._keys[c] for c in self._channels]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xread({k: id_text(self._cursors[c]) for k, c in zip(keys, self._channels)},
+                   count=READ_BATCH, block=self._block_ms)
+        _positions(pipe, keys)
+        reply, positions = await pipe.execute()
+        self._set_connected(True)
+        read = {text(key).rsplit(":", 1)[-1]: entries for key, entries in reply or []}
+        for channel, position in zip(self._channels, positions):
+            entries = read.get(channel, [])
+            self._account(channel, parse_position(position), entries)
+            for entry_id, fields in entries:
+                self._dispatch(channel, text(entry_id), fields)
+        if reply:
+            self._notify_changed()
+
+    def _account(self, channel: str, position: StreamPosition | None,
+                 entries: list[Any]) -> None:
+        """Move the channel's count with a read; resync live subscriptions if it skipped a gap."""
+        ids = [i for i in (parse_id(text(e[0])) for e in entries) if i is not None]
+        cursor = self._cursors[channel]
+        lost, end, count = advance(cursor, self._counts[channel], position, ids)
+        self._counts[channel] = count
+        if not lost:
+            return
+        self._gaps += 1
+        log.warning("notifier: entries of %s after %s were trimmed before this process read "
+                    "them; resyncing its live subscriptions from %s", channel, id_text(cursor),
+                    id_text(end))
+        if not ids:  # nothing left to read up to the stream's end: move there
+            self._cursors[channel] = max(cursor, end)
+        for sub in list(self._subs.get(channel, ())):
+            if sub.live:
+                self._resync_live(sub, end)
+
+    def _resync_live(self, sub: Subscription, last_id: StreamId) -> None:
+        """Tell a live subscription it missed events; the ones up to ``last_id`` it skips."""
+        if not sub.active or last_id <= sub.last_id:
+            return
+        sub.last_id = last_id
+        if not self._token_valid(sub):
+            return
+        sub.subscriber.offer(resync_text(sub.channel, RETENTION, last_id))
 
     def _dispatch(self, channel: str, entry_id: str, fields: dict[Any, Any]) -> None:
         stream_id = parse_id(entry_id)
@@ -262,12 +338,19 @@ class Notifier:
         if not sub.active or event.stream_id <= sub.last_id:
             return True
         sub.last_id = event.stream_id
-        if self._expired(sub.subscriber.viewer):
-            sub.subscriber.refuse(4401, "token expired")
+        if not self._token_valid(sub):
             return False
         if not sub.wants(event):
             return True
         return sub.subscriber.offer(event.wire_text)
+
+    def _token_valid(self, sub: Subscription) -> bool:
+        """False (and the client closed 4401) once the subscriber's token has expired."""
+        if not self._expired(sub.subscriber.viewer):
+            return True
+        sub.active = False
+        sub.subscriber.refuse(CLOSE_TOKEN_EXPIRED, "token expired")
+        return False
 
     # --- subscriptions -----------------------------------------------------------
 
@@ -323,19 +406,25 @@ class Notifier:
 
         Judged from the stream itself, not this process's cursor: a client
         may come from another api process that has read further than we have.
+        A stream that is gone altogether (deleted, or lost with a Redis that
+        kept no data) held everything up to our cursor: a ``since`` before it
+        lost those events.
         """
-        key = stream_key(self._namespace, channel)
-        current = id_text(self._cursors[channel])
-        info = await self._with_redis(lambda: self._redis.xinfo_stream(key))
-        if info is None:
-            return None if since == (0, 0) else Resync(channel, "unknown_since", current)
-        newest = parse_id(text(info.get("last-generated-id", ZERO_ID))) or (0, 0)
+        key = self._keys[channel]
+        positions = await self._with_redis(lambda: self._redis.eval(POSITIONS_LUA, 1, key))
+        position = parse_position(positions[0])
+        cursor = self._cursors[channel]
+        if position is None:
+            if since == cursor:
+                return None
+            return Resync(channel, UNKNOWN_SINCE if since > cursor else RETENTION,
+                          id_text(cursor))
         # After a resync the client reloads state, so live events start after the newest entry.
-        restart = id_text(max(newest, self._cursors[channel]))
-        if since > newest:
-            return Resync(channel, "unknown_since", restart)
-        if _entries_lost_after(info, since, newest):
-            return Resync(channel, "retention", restart)
+        restart = id_text(max(position.newest, cursor))
+        if since > position.newest:
+            return Resync(channel, UNKNOWN_SINCE, restart)
+        if entries_lost_after(position, since):
+            return Resync(channel, RETENTION, restart)
         return None
 
     async def _catch_up(self, sub: Subscription) -> None:
@@ -343,17 +432,26 @@ class Notifier:
 
         Live events dispatched meanwhile are skipped for this subscription
         (it is not live yet), but they are in Redis, so the next XRANGE reads
-        them; the loop ends only when nothing is left between the
-        subscription's cursor and the notifier's.
+        them; the loop ends when nothing is left between the subscription's
+        cursor and the notifier's. Each batch is read with the stream's
+        position: if what the replay needs was trimmed (a slow client, a
+        stream lost with Redis), the client gets a ``resync`` and the replay
+        jumps to the stream's end, so the loop always ends. A token that
+        expires during the replay closes the client 4401.
         """
-        key = stream_key(self._namespace, sub.channel)
         shared = self._first_seen[sub.channel]
         replayed = FirstSeen()  # repeats within the replay that the shared memory forgot
         while sub.active:
-            start = "(" + id_text(sub.last_id)
-            batch = await self._with_redis(
-                functools.partial(self._redis.xrange, key, min=start, max="+", count=READ_BATCH))
-            for entry_id, fields in batch or []:
+            # Read before the batch: every entry up to here was in Redis before the XRANGE.
+            cursor = self._cursors[sub.channel]
+            position, batch = await self._with_redis(
+                functools.partial(self._range_after, sub.channel, sub.last_id))
+            if _replay_lost(position, sub.last_id, cursor, bool(batch)):
+                newest = position.newest if position is not None else cursor
+                if not self._resync_replay(sub, max(newest, cursor)):
+                    return
+                continue
+            for entry_id, fields in batch:
                 event = parse_entry(sub.channel, text(entry_id), text_fields(fields))
                 stream_id = parse_id(text(entry_id))
                 if stream_id is None or stream_id <= sub.last_id:
@@ -364,11 +462,36 @@ class Notifier:
                 replayed.record(event)
                 if not sub.wants(event):
                     continue
+                if not self._token_valid(sub):
+                    return
                 if not await sub.subscriber.offer_backlog(event.wire_text):
                     sub.active = False
                     return
             if not batch and self._cursors[sub.channel] <= sub.last_id:
                 return
+
+    def _resync_replay(self, sub: Subscription, last_id: StreamId) -> bool:
+        """The replay hit a gap: resync the client, go on after ``last_id``; False if closed."""
+        self._gaps += 1
+        log.warning("replay of %s after %s hit trimmed entries; resyncing the client from %s",
+                    sub.channel, id_text(sub.last_id), id_text(last_id))
+        sub.last_id = last_id
+        if not self._token_valid(sub):
+            return False
+        if not sub.subscriber.offer(resync_text(sub.channel, RETENTION, last_id)):
+            sub.active = False
+            return False
+        return True
+
+    async def _range_after(self, channel: str, after: StreamId
+                           ) -> tuple[StreamPosition | None, list[Any]]:
+        """One batch after ``after`` and the stream's position, in one MULTI."""
+        key = self._keys[channel]
+        pipe = self._redis.pipeline(transaction=True)
+        _positions(pipe, [key])
+        pipe.xrange(key, min="(" + id_text(after), max="+", count=READ_BATCH)
+        positions, batch = await pipe.execute()
+        return parse_position(positions[0]), list(batch or [])
 
     async def _with_redis(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run a read, retrying through a Redis outage (the caller's task may be cancelled)."""
@@ -379,10 +502,6 @@ class Notifier:
             except REDIS_DOWN:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_MAX_S)
-            except Exception as exc:  # "no such key" from XINFO: an empty stream
-                if "no such key" in str(exc).lower():
-                    return None
-                raise
 
     # --- observation -------------------------------------------------------------
 
@@ -406,6 +525,7 @@ class Notifier:
             events_dispatched=self._dispatched,
             cursors={c: id_text(i) for c, i in self._cursors.items()},
             duplicates_skipped=self._duplicates,
+            gaps=self._gaps,
         )
 
     async def wait_for(self, predicate: Callable[[NotifierStats], bool], timeout_s: float) -> None:
@@ -420,7 +540,13 @@ class Notifier:
             await self._ready.wait()
 
 
-def _entries_lost_after(info: dict[Any, Any], since: StreamId, newest: StreamId) -> bool:
+def _positions(pipe: Any, keys: list[str]) -> None:
+    """Queue :data:`POSITIONS_LUA` for ``keys`` on a pipeline (EVAL: Redis caches the script
+    by its hash; EVALSHA would cost a SCRIPT EXISTS round trip per pipeline in redis-py)."""
+    pipe.eval(POSITIONS_LUA, len(keys), *keys)
+
+
+def entries_lost_after(position: StreamPosition, since: StreamId) -> bool:
     """Whether entries newer than ``since`` may have been removed from the stream.
 
     Trimming removes the oldest entries, so a ``since`` older than the first
@@ -429,14 +555,66 @@ def _entries_lost_after(info: dict[Any, Any], since: StreamId, newest: StreamId)
     only costs the client a needless resync). XDEL'd entries are covered by
     the ``max-deleted-entry-id`` that Redis 7+ and Valkey report.
     """
-    deleted = parse_id(text(info.get("max-deleted-entry-id", ZERO_ID))) or (0, 0)
-    if deleted > since:
+    if position.max_deleted is not None and position.max_deleted > since:
         return True
-    first = info.get("first-entry")
-    first_id = parse_id(text(first[0])) if first else None
-    if first_id is None:
-        return since < newest
-    added, length = info.get("entries-added"), info.get("length")
-    nothing_removed = isinstance(added, int) and added == length
-    return since < first_id and not nothing_removed
+    if position.first is None:  # empty: whatever came after ``since`` is gone
+        return since < position.newest
+    if position.removed == 0:  # nothing was ever trimmed
+        return False
+    return since < position.first
 
+
+def _replay_lost(position: StreamPosition | None, since: StreamId, cursor: StreamId,
+                 got_entries: bool) -> bool:
+    """Whether a replay batch read after ``since`` misses entries.
+
+    ``cursor`` is the notifier's, taken before the batch was read: everything
+    up to it was in Redis then. A stream that trimmed past ``since`` lost
+    entries; so did one that has nothing after ``since`` although the
+    notifier had read further (the stream was deleted, or Redis came back
+    without its newest writes). Without this last check the replay would
+    wait forever for entries that will never come back.
+    """
+    if position is not None and entries_lost_after(position, since):
+        return True
+    return not got_entries and since < cursor
+
+
+def advance(cursor: StreamId, count: int | None, position: StreamPosition | None,
+            read: list[StreamId]) -> tuple[bool, StreamId, int | None]:
+    """Judge one atomic read of a stream after ``cursor``: ``(lost, end, count at end)``.
+
+    ``count`` is how many entries the stream had ever been given when the
+    cursor's entry was added; ``read`` the ids that came back, ``position``
+    the stream's position in the same MULTI. Trimming removes entries in the
+    order they were added, so the entry right after the cursor (the
+    ``count + 1``-th) was trimmed unread exactly when more than ``count``
+    entries were ever removed: ``lost``. Then the client-facing answer is a
+    resync, and ``end`` is where live delivery goes on: after the last entry
+    read (or the stream's end when nothing is left). Exact on Redis 7+ and
+    Valkey, which count entries ever added; before that the check is the
+    first kept entry being newer than the cursor, which can be a needless
+    resync on a stream that was emptied. XDEL, which the relay never uses,
+    would upset the count.
+    """
+    if position is None:  # no stream: whatever is written next starts a new count
+        return False, cursor, 0
+    removed, added = position.removed, position.added
+    if removed is not None and added is not None and count is not None:
+        # Fewer entries ever added than the cursor had seen: the stream was made anew.
+        lost = removed > count if added >= count else True
+    else:
+        lost = position.first is not None and position.first > cursor and cursor != (0, 0)
+    if not read:
+        if lost:
+            return True, max(cursor, position.newest), added
+        return False, cursor, added if cursor >= position.newest else count
+    if position.first is not None and read[0] == position.first and removed is not None:
+        end_count: int | None = removed + len(read)
+    elif count is not None and not lost:
+        end_count = count + len(read)
+    elif read[-1] == position.newest:
+        end_count = added
+    else:
+        end_count = None
+    return lost, read[-1], end_count

@@ -119,3 +119,78 @@ async def append_event(
     entry_id = await redis.xadd(stream_key(namespace, channel), fields, maxlen=maxlen,
                                 approximate=False)
     return entry_id if isinstance(entry_id, str) else entry_id.decode()
+
+
+# Each stream's position in one atomic step, with no entry bodies (XINFO STREAM would send the
+# first and last entries whole): [length, entries-added, first entry id, last-generated-id,
+# max-deleted-entry-id], or false for a missing key. entries-added and max-deleted-entry-id
+# exist from Redis 7 (and in Valkey); before that they come back as -1 and ''.
+POSITIONS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    out[i] = false
+  else
+    local info = redis.call('XINFO', 'STREAM', key)
+    local pos = {-1, -1, '', '0-0', ''}
+    for j = 1, #info, 2 do
+      local name, value = info[j], info[j + 1]
+      if name == 'length' then pos[1] = value
+      elseif name == 'entries-added' then pos[2] = value
+      elseif name == 'first-entry' then if value then pos[3] = value[1] end
+      elseif name == 'last-generated-id' then pos[4] = value
+      elseif name == 'max-deleted-entry-id' then pos[5] = value end
+    end
+    out[i] = pos
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where one stream stands: what it keeps, what it ever held, what it let go.
+
+    Read with :data:`POSITIONS_LUA` in the same ``MULTI`` as the entries it
+    judges, so "was anything after my cursor removed before I read it?" is
+    answered for the very state that was read.
+    """
+
+    length: int
+    # The newest id the stream ever generated (its last entry, unless that was deleted).
+    newest: StreamId
+    # The oldest entry still kept; None when the stream is empty.
+    first: StreamId | None
+    # Entries ever added, and the newest XDEL'd id: Redis 7+ and Valkey only (else None).
+    added: int | None
+    max_deleted: StreamId | None
+
+    @property
+    def removed(self) -> int | None:
+        """How many entries were ever trimmed or deleted (None before Redis 7)."""
+        return None if self.added is None else self.added - self.length
+
+
+def parse_position(reply: Any) -> StreamPosition | None:
+    """One item of :data:`POSITIONS_LUA`'s answer; None for a stream that does not exist."""
+    if not reply:
+        return None
+    length, added, first, newest, max_deleted = reply
+    return StreamPosition(
+        length=int(length),
+        newest=parse_id(text(newest)) or (0, 0),
+        first=parse_id(text(first)),
+        added=int(added) if int(added) >= 0 else None,
+        max_deleted=parse_id(text(max_deleted)),
+    )
+
+
+def resync_text(channel: str, reason: str, last_id: StreamId, ref: Any = None) -> str:
+    """The ``resync`` message: the client's view of ``channel`` is stale, reload it.
+
+    Live events of the channel follow from ``last_id``, which the client
+    keeps as its position (to resume with ``since`` after a reconnect).
+    """
+    return json.dumps({"type": "resync", "channel": channel, "reason": reason,
+                       "last_id": id_text(last_id), "ref": ref}, separators=(",", ":"))

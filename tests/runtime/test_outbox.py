@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from runtime.broker import JobSpec, setup_broker
+from runtime.broker import QUEUE_MAINTENANCE, JobSpec, setup_broker
+from runtime.jobs.store import JobStore
 from runtime.outbox import OutboxRelay, emit, stream_key
 from runtime.settings import Settings
 
@@ -117,8 +119,8 @@ async def test_a_row_published_twice_enqueues_its_job_once(
         await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
     relay, client = await _relay(settings, pool)
     assert await relay.publish_batch() == 1
-    # As if the relay crashed after publishing, before marking the row.
-    await pool.execute("UPDATE outbox SET published_at = NULL")
+    # As if the relay crashed after publishing, before marking the row (its commit is lost).
+    await pool.execute("UPDATE outbox SET published_at = NULL, event_published_at = NULL")
     assert await relay.publish_batch() == 1
     assert await client.llen(f"{settings.namespace}-jobs:maintenance") == 1
     await client.aclose()
@@ -140,3 +142,37 @@ async def test_a_row_whose_job_can_never_be_enqueued_is_set_aside_not_blocking(
     assert await client.llen(f"{settings.namespace}-jobs:maintenance") == 1
     assert await client.xlen(stream_key(settings.namespace, "test")) == 2
     await client.aclose()
+
+
+async def test_a_row_held_by_a_full_queue_sends_its_event_once_and_its_job_when_there_is_room(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """While its job waits for room, later rounds retry the job only: one stream entry, however
+    many rounds (a copy per round would outrun the readers' de-duplication window)."""
+    bounded = replace(settings, queue_max_lengths=((QUEUE_MAINTENANCE, 1.0),))
+    broker = setup_broker(bounded)
+    client = aioredis.Redis.from_url(bounded.redis_url or "")
+    store = JobStore(client, broker.keys, [QUEUE_MAINTENANCE])
+    filler = JOB.send(broker, 0)  # the maintenance queue is now at its bound
+    async with pool.acquire() as conn, conn.transaction():
+        held = await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
+    relay = OutboxRelay(pool, bounded.database_url or "", client, broker, bounded.namespace)
+    key = stream_key(bounded.namespace, "test")
+    try:
+        for _ in range(4):
+            assert await relay.publish_batch() == 0  # held: its job found no room
+        assert await client.xlen(key) == 1
+        row = await pool.fetchrow("SELECT published_at, event_published_at FROM outbox "
+                                  "WHERE id = $1", held)
+        assert row["published_at"] is None and row["event_published_at"] is not None
+        assert await store.get(f"outbox-{held}-0") is None
+
+        assert await store.remove(filler.job_id) == "removed"  # room at last
+        assert await relay.publish_batch() == 1
+        delivered = await store.get(f"outbox-{held}-0")
+        assert delivered is not None and delivered["args"] == [1]
+        assert await relay.publish_batch() == 0
+        assert await client.xlen(key) == 1
+    finally:
+        broker.close()
+        await client.aclose()

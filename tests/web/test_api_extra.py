@@ -116,6 +116,16 @@ async def test_review_submission_starts_moderation(ana: Caller, bruno: Caller,
     assert (await ana("GET", "/api/v1/products/1/reviews?status=pending"))[0] == 403
     _, listed = await staff("GET", "/api/v1/products/1/reviews?status=pending")
     assert [r["id"] for r in listed["reviews"]] == [review["id"]]
+    assert listed["reviews"][0]["customer_id"] == 1  # staff see who wrote it
+    # Approved, the review is public: other customers read it, but not who wrote it.
+    await api.app[POOL_KEY].execute("UPDATE reviews SET status = 'approved' WHERE id = $1",
+                                    review["id"])
+    for reader in (bruno, ana):
+        _, listed = await reader("GET", "/api/v1/products/1/reviews")
+        assert [r["id"] for r in listed["reviews"]] == [review["id"]]
+        assert "customer_id" not in listed["reviews"][0], listed
+    _, listed = await staff("GET", "/api/v1/products/1/reviews")
+    assert listed["reviews"][0]["customer_id"] == 1
     for bad in ({"product_id": 1, "rating": 6, "body": "x"},
                 {"product_id": 1, "rating": 3, "body": "nul\u0000byte"},
                 {"product_id": 1, "rating": 3, "body": "lone \ud800 surrogate"},

@@ -7,9 +7,11 @@ and the test extras (`pip install -e '.[test]'`) bring both (docs/web.md).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -31,6 +33,18 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed"),
 ]
 WAIT_MS = 10_000
+# The channels the page subscribes to (web/static/dashboard.js CHANNELS).
+DASHBOARD_CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews",
+                      "supervision"]
+
+
+async def change_data(settings: Settings, sql: str) -> None:
+    """Change the shop's data behind the page's back (what a stock sync would do)."""
+    conn = await db.connect(settings.database_url or "")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 async def flag_review(settings: Settings, body: str, status: str, reason: str,
@@ -58,12 +72,38 @@ async def dashboard(web_settings: Settings, signer: TokenSigner,
     return await start_server(build_full_app(web_settings, signer))
 
 
+def order_event(order_id: int) -> dict[str, object]:
+    return {"order_id": order_id, "customer_id": 1, "from_status": "pending",
+            "to_status": "reserved"}
+
+
 async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSigner,
                                           publish: Publisher, tmp_path: Path,
                                           web_settings: Settings,
                                           redis: aioredis.Redis) -> None:
     base = str(dashboard.make_url("/"))
     problems: list[str] = []
+    subscribes: list[dict[str, str]] = []
+    resubscribed = asyncio.Event()
+    stock_fetches: list[str] = []
+
+    def on_frame_sent(payload: str | bytes) -> None:
+        message = json.loads(payload)
+        if message.get("type") == "subscribe":
+            subscribes.append(message)
+            if len(subscribes) == 2 * len(DASHBOARD_CHANNELS):
+                resubscribed.set()
+
+    async def order_published_while_loading(route: Any) -> None:
+        """The start state's order feed is computed, then an order changes, then it arrives:
+        the page must still show that order (it subscribed before it loaded)."""
+        response = await route.fetch()
+        if not during_load:
+            during_load.append(await publish("order-status-changed", order_event(50),
+                                             event_type="order.status_changed"))
+        await route.fulfill(response=response)
+
+    during_load: list[str] = []
     rejected = await flag_review(web_settings, "You are all idiots, buy at spam.example",
                                  "rejected", "Insults and advertises.",
                                  ["personal_attack", "spam_or_promotion"])
@@ -73,6 +113,11 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.on("websocket", lambda ws: ws.on("framesent", on_frame_sent))
+            page.on("request", lambda r: stock_fetches.append(r.url)
+                    if "/api/v1/stock-sync" in r.url else None)
+            await page.route("**/api/v1/events/order-status-changed*",
+                             order_published_while_loading)
             # The schedules' periodic refetch, short enough to see here (30 s by default).
             await page.add_init_script("window.shopflowScheduleRefreshMs = 300")
             await page.goto(base)
@@ -82,6 +127,20 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
                 "document.querySelector('#live').textContent === 'live'", timeout=WAIT_MS)
             await page.wait_for_selector("tr[data-queue=emails]", timeout=WAIT_MS)
             assert await page.text_content("tr[data-queue=emails] td:nth-child(2)") == "3"
+            # The order that changed while the start state loaded is there, once.
+            await page.wait_for_function(
+                "document.querySelector('#order-count').textContent === '1'", timeout=WAIT_MS)
+            assert during_load and "order 50 " in (await page.text_content("#orders") or "")
+
+            # A reconnect resumes every channel from its position, even the quiet ones: the
+            # positions come from the subscribed replies, not only from events seen.
+            await page.evaluate("state.ws.close()")
+            await asyncio.wait_for(resubscribed.wait(), WAIT_MS / 1000)
+            again = subscribes[len(DASHBOARD_CHANNELS):]
+            assert sorted(m["channel"] for m in again) == sorted(DASHBOARD_CHANNELS)
+            assert all(m.get("since") for m in again), again
+            await page.wait_for_function(
+                "document.querySelector('#live').textContent === 'live'", timeout=WAIT_MS)
 
             # Live counts move when events arrive over the WebSocket.
             await publish("queues", {"queue": "emails", "pending": 7, "failed": 2, "dead": 0,
@@ -90,11 +149,29 @@ async def test_dashboard_live_in_chromium(dashboard: TestServer, signer: TokenSi
                 "document.querySelector('tr[data-queue=emails] td:nth-child(2)')"
                 ".textContent === '7'", timeout=WAIT_MS)
             for n in range(3):
-                await publish("order-status-changed", {"order_id": 100 + n, "customer_id": 1,
-                                                       "from_status": "pending",
-                                                       "to_status": "reserved"})
+                if n == 2:  # another kind of order event (a transition's extra job): not a row
+                    await publish("order-status-changed", {"order_id": 101},
+                                  event_type="order.job")
+                await publish("order-status-changed", order_event(100 + n),
+                              event_type="order.status_changed")
+            await page.wait_for_selector("#orders li:has-text('order 102 ')", timeout=WAIT_MS)
+            assert await page.text_content("#order-count") == "4"
+            orders = await page.locator("#orders li").all_text_contents()
+            assert len(orders) == 4 and not any("undefined" in t for t in orders), orders
+
+            # A burst of stock events refetches the stock sync card a few times, not per event.
+            await page.wait_for_selector("#stock-sync dd", timeout=WAIT_MS)
+            fetched_before = len(stock_fetches)
+            await change_data(web_settings, "UPDATE inventory SET synced_at = now() "
+                                                  "WHERE product_id = 2")
+            for n in range(20):
+                last_stock = await publish("stock-updated", {"product_id": 2, "quantity": n})
+            await page.wait_for_function(f"state.lastIds['stock-updated'] === '{last_stock}'",
+                                         timeout=WAIT_MS)
             await page.wait_for_function(
-                "document.querySelector('#order-count').textContent === '3'", timeout=WAIT_MS)
+                "document.querySelectorAll('#stock-sync dd')[2].textContent === '1'",
+                timeout=WAIT_MS)  # never synced: 2 -> 1, fetched after the burst
+            assert 1 <= len(stock_fetches) - fetched_before < 20
             await publish("alerts", {"severity": "critical", "message": "emails queue stuck"})
             await page.wait_for_selector("#alerts li:has-text('emails queue stuck')",
                                          timeout=WAIT_MS)

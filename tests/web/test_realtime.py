@@ -167,6 +167,9 @@ async def test_bad_input_gets_errors_and_never_hurts_others(
             await next_of(bad, "welcome")
             cases = [
                 ("not json", "bad_json"),
+                # Nested deeper than the JSON parser recurses (yet under the frame cap).
+                ("[" * 5000, "bad_json"),
+                ('{"a":' * 5000, "bad_json"),
                 ("[1, 2]", "bad_message"),
                 ('{"type": "dance"}', "bad_message"),
                 ('{"type": "subscribe", "channel": 5}', "bad_message"),
@@ -179,7 +182,10 @@ async def test_bad_input_gets_errors_and_never_hurts_others(
             for frame, code in cases:
                 await bad.send_str(frame)
                 error = await next_of(bad, "error")
-                assert error["code"] == code, frame
+                assert error["code"] == code, frame[:40]
+                # A good message in between: more than 10 bad ones in a row would close 4400.
+                await bad.send_json({"type": "ping", "ref": "ok"})
+                assert await next_json(bad) == {"type": "pong", "ref": "ok"}
         for frame_kind, expected in (("binary", 1003), ("huge", 1009), ("utf8", 1007)):
             async with http.ws_connect(ws_url(realtime_server, token)) as bad:
                 await next_of(bad, "welcome")
@@ -381,3 +387,66 @@ async def test_a_committed_outbox_row_reaches_websocket_clients_once_through_the
             await asyncio.sleep(0.05)
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 3  # the rollback left none
     assert notifier_of(server_a).stats().duplicates_skipped == 0
+
+
+async def test_since_on_a_stream_that_is_gone_gets_resync_not_a_stuck_replay(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher, redis: aioredis.Redis, web_settings: Settings) -> None:
+    """The stream this process had read from vanished (deleted, or lost with a Redis that kept
+    no data). A client resuming from before it, even from "0-0", gets a resync, and its replay
+    ends: live events reach it, and the server does not spin on a replay that cannot finish."""
+    from actors.notifier.streams import stream_key
+
+    token = signer.issue("customer", 1, 60)
+    async with http.ws_connect(ws_url(realtime_server, token)) as ws:
+        await subscribe(ws, "stock-updated")
+        await publish("stock-updated", {"product_id": 1, "n": 1})
+        seen = (await next_of(ws, "event"))["id"]
+    for since in ("0-0", seen):
+        await redis.delete(stream_key(web_settings.namespace, "stock-updated"))
+        async with http.ws_connect(ws_url(realtime_server, token)) as ws:
+            await ws.send_json({"type": "subscribe", "channel": "stock-updated", "since": since})
+            resync = await next_of(ws, "resync")
+            assert (resync["reason"], resync["last_id"]) == ("retention", seen), since
+            assert (await next_of(ws, "subscribed"))["last_id"] == seen
+            await publish("stock-updated", {"product_id": 1, "n": 2})
+            live = await next_of(ws, "event")
+            assert live["payload"]["n"] == 2
+            await ws.send_json({"type": "ping"})
+            assert (await next_json(ws))["type"] == "pong"
+        seen = live["id"]
+
+
+async def test_an_idle_connection_is_closed_4401_when_its_token_expires(
+        web_settings: Settings, start_server: ServerFactory, http: aiohttp.ClientSession) -> None:
+    """No message, no event: the connection's own timer closes it at the token's expiry."""
+    now = [10_000.0]
+    signer = TokenSigner(web_settings.token_secret.encode(), clock=lambda: now[0])  # type: ignore[union-attr]
+    server = await start_server(build_app(web_settings, signer))
+    async with http.ws_connect(ws_url(server, signer.issue("staff", None, 1))) as ws:
+        await subscribe(ws, "stock-updated")
+        now[0] += 2  # the timer, armed for 1 s, finds the token expired when it wakes
+        assert await close_code(ws) == 4401
+
+
+async def test_a_customer_replaying_with_since_gets_only_their_own_orders(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Ownership holds on the replay path too, not only for live events; staff replay all."""
+    start = await publish("order-status-changed", {"order_id": 1, "customer_id": 1})
+    for order_id, customer_id in ((20, 2), (21, 1), (22, 2), (23, 1), (24, None)):
+        await publish("order-status-changed", {"order_id": order_id, "customer_id": customer_id})
+    await publish("order-status-changed", {"order_id": 25})  # no owner at all
+    url_own = ws_url(realtime_server, signer.issue("customer", 1, 60))
+    url_staff = ws_url(realtime_server, signer.issue("staff", None, 60))
+    async with http.ws_connect(url_own) as own, http.ws_connect(url_staff) as staff:
+        await subscribe(own, "order-status-changed", since=start)
+        await subscribe(staff, "order-status-changed", since=start)
+        await publish("order-status-changed", {"order_id": 26, "customer_id": 2})
+        await publish("order-status-changed", {"order_id": 27, "customer_id": 1})
+        seen_own = [(await next_of(own, "event"))["payload"]["order_id"] for _ in range(3)]
+        seen_staff = [(await next_of(staff, "event"))["payload"]["order_id"] for _ in range(8)]
+        assert seen_own == [21, 23, 27]
+        assert seen_staff == [20, 21, 22, 23, 24, 25, 26, 27]
+        await own.send_json({"type": "ping", "ref": "end"})
+        assert await next_json(own) == {"type": "pong", "ref": "end"}  # nobody else's order

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from runtime.settings import Settings
-from tests.web.conftest import Publisher, next_of, subscribe
+from tests.web.conftest import Publisher, next_json, next_of, subscribe
 from web.auth import TokenSigner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,14 @@ async def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
                 return
             except OSError:
                 await asyncio.sleep(0.05)
+
+
+async def _nothing_but(ws: aiohttp.ClientWebSocketResponse, marker: str) -> None:
+    """The next event is ``marker`` (published last) and nothing follows it: no duplicate of
+    an earlier event was queued, before or after it (a pong answers after all queued frames)."""
+    assert (await next_of(ws, "event"))["payload"]["order_id"] == marker
+    await ws.send_json({"type": "ping", "ref": marker})
+    assert await next_json(ws) == {"type": "pong", "ref": marker}
 
 
 @pytest.fixture
@@ -79,6 +87,9 @@ async def test_two_processes_then_one_killed(
                        for _ in range(30)]
         assert [e["payload"]["order_id"] for e in seen_first] == list(range(30))
         assert seen_second == list(range(30))
+        await publish("order-status-changed", {"order_id": "marker", "customer_id": 1})
+        for ws in (first, second):
+            await _nothing_but(ws, "marker")
 
         # Process 1 dies (SIGKILL); its client resumes on process 2 and misses nothing.
         os.kill(api_processes[0][1].pid, signal.SIGKILL)
@@ -88,8 +99,13 @@ async def test_two_processes_then_one_killed(
         async with http.ws_connect(urls[1]) as moved:
             await subscribe(moved, "order-status-changed", since=seen_first[-1]["id"])
             resumed = [(await next_of(moved, "event"))["payload"]["order_id"]
-                       for _ in range(10)]
-        assert resumed == list(range(30, 40))
+                       for _ in range(11)]
+            assert resumed == ["marker", *range(30, 40)]
+            live = [(await next_of(second, "event"))["payload"]["order_id"] for _ in range(10)]
+            assert live == list(range(30, 40))
+            await publish("order-status-changed", {"order_id": "end", "customer_id": 1})
+            for ws in (moved, second):
+                await _nothing_but(ws, "end")
     finally:
         await second.close()
         await first.close()

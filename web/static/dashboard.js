@@ -15,11 +15,22 @@ const SCHEDULE_REFRESH_MS = window.shopflowScheduleRefreshMs ?? 30000;
 // failed and dead lists moved.
 const CHANNELS = ["queues", "alerts", "order-status-changed", "stock-updated", "reviews",
                   "supervision"];
+// The order feed shows status changes; the channel also carries other order events (the
+// extra jobs of a transition, "order.job", with no status in them).
+const ORDER_STATUS_EVENT = "order.status_changed";
+// Channels whose start state is a list of their own events (GET /events/{channel}).
+const FEEDS = new Set(["alerts", "order-status-changed"]);
 
 const $ = (sel) => document.querySelector(sel);
-const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, ws: null,
+// lastIds: each channel's position (the last event, subscribed or resync id), to resume with
+// `since`. feedNewest: the newest event id each feed was loaded with, so a buffered event
+// the load already showed is not shown twice. While the start state loads (reloading), live
+// events wait in pending and apply on top of it.
+const state = { token: localStorage.getItem(TOKEN_KEY), lastIds: {}, feedNewest: {}, ws: null,
                 retryMs: 500, orderCount: 0, queues: new Map(), refetchTimer: null,
-                flaggedTimer: null, treeTimer: null, scheduleTimer: null };
+                flaggedTimer: null, treeTimer: null, scheduleTimer: null, stockTimer: null,
+                loaded: false, reloading: null, reloadAgain: false, pending: [],
+                awaiting: new Set() };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -171,6 +182,15 @@ function refreshSchedulesPeriodically() {
   }, SCHEDULE_REFRESH_MS);
 }
 
+function scheduleStockRefetch() {
+  // Stock moves in bursts (a sync touches every product): refetch at most every 500 ms.
+  if (state.stockTimer) return;
+  state.stockTimer = setTimeout(() => {
+    state.stockTimer = null;
+    loadStockSync().catch(() => {});
+  }, 500);
+}
+
 function scheduleFlaggedRefetch() {
   // A moderation burst refetches the flagged list at most every 500 ms.
   if (state.flaggedTimer) return;
@@ -215,11 +235,23 @@ function alertText(event) {
   return `${severity}: ${text}`;
 }
 
-async function loadFeed(channel, list, format) {
+function isOrderStatus(event) { return event.event === ORDER_STATUS_EVENT; }
+
+// Stream ids ("<ms>-<seq>") in order; ms fits a double exactly.
+function idAfter(a, b) {
+  const [aMs, aSeq] = a.split("-").map(Number);
+  const [bMs, bSeq] = b.split("-").map(Number);
+  return aMs > bMs || (aMs === bMs && aSeq > bSeq);
+}
+
+async function loadFeed(channel, list, format, keep = () => true) {
   const { status: code, body } = await api("GET", `/events/${channel}?limit=${FEED_MAX}`);
   if (code !== 200) return;
+  if (body.events.length) state.feedNewest[channel] = body.events[0].id;
   list.replaceChildren();
-  for (const event of body.events.slice().reverse()) addFeedItem(list, format(event), event.at);
+  for (const event of body.events.slice().reverse()) {
+    if (keep(event)) addFeedItem(list, format(event), event.at);
+  }
 }
 
 function unavailable(selector, body, colspan) {
@@ -233,9 +265,27 @@ async function loadAll() {
   await Promise.all([loadQueues(), loadJobs(), loadSchedules(), loadTree(), loadStockSync(),
     loadFlagged(),
     loadFeed("alerts", $("#alerts"), alertText),
-    loadFeed("order-status-changed", $("#orders"), (e) => orderText(e.payload))
+    loadFeed("order-status-changed", $("#orders"), (e) => orderText(e.payload), isOrderStatus)
       .then(() => { state.orderCount = $("#orders").children.length;
                     $("#order-count").textContent = state.orderCount; })]);
+}
+
+// Load the start state with live events held back meanwhile, then apply them on top. Asked
+// again while loading (a resync of another channel), it loads once more after.
+function reload() {
+  if (state.reloading) { state.reloadAgain = true; return state.reloading; }
+  state.reloading = (async () => {
+    try {
+      do { state.reloadAgain = false; await loadAll(); } while (state.reloadAgain);
+    } finally {
+      state.loaded = true;
+      state.reloading = null;
+      const pending = state.pending;
+      state.pending = [];
+      for (const message of pending) onEvent(message);
+    }
+  })();
+  return state.reloading;
 }
 
 // --- live updates ----------------------------------------------------------------------
@@ -250,8 +300,9 @@ function scheduleFailedRefetch() {
 }
 
 function onEvent(message) {
-  state.lastIds[message.channel] = message.id;
   const p = message.payload;
+  const shown = state.feedNewest[message.channel];
+  if (FEEDS.has(message.channel) && shown && !idAfter(message.id, shown)) return;  // loaded
   switch (message.channel) {
     case "queues": {
       const name = p.queue ?? p.name;
@@ -265,11 +316,12 @@ function onEvent(message) {
     }
     case "alerts": addFeedItem($("#alerts"), alertText(message), message.at); break;
     case "order-status-changed":
+      if (!isOrderStatus(message)) break;
       state.orderCount += 1;
       $("#order-count").textContent = state.orderCount;
       addFeedItem($("#orders"), orderText(p), message.at);
       break;
-    case "stock-updated": loadStockSync().catch(() => {}); break;
+    case "stock-updated": scheduleStockRefetch(); break;
     case "reviews": if (message.event === "review-moderated") scheduleFlaggedRefetch(); break;
     case "supervision": scheduleTreeRefetch(); break;
   }
@@ -291,14 +343,30 @@ function connect() {
     if (message.type === "welcome") {
       setLive(true);
       state.retryMs = 500;
+      state.awaiting = new Set(CHANNELS);
       for (const channel of CHANNELS) {
         const since = state.lastIds[channel];
         ws.send(JSON.stringify(since ? { type: "subscribe", channel, since }
                                      : { type: "subscribe", channel }));
       }
-    } else if (message.type === "event") onEvent(message);
-    else if (message.type === "resync") loadAll().catch(() => {});
-    else if (message.type === "error") status(`server: ${message.message}`);
+    } else if (message.type === "event") {
+      state.lastIds[message.channel] = message.id;
+      if (state.reloading || !state.loaded) state.pending.push(message);
+      else onEvent(message);
+    } else if (message.type === "subscribed" || message.type === "resync") {
+      // Both carry the position live events follow from: resume from there next time.
+      state.lastIds[message.channel] = message.last_id;
+      // Before the first load, that load (once all are subscribed) covers the resync.
+      if (message.type === "resync" && (state.loaded || state.reloading)) {
+        reload().catch(() => {});
+      }
+      state.awaiting.delete(message.channel);
+      // The first start state loads once every channel is subscribed, so nothing that
+      // happens while it loads is lost: those events are held back and applied after.
+      if (!state.loaded && !state.reloading && state.awaiting.size === 0) {
+        reload().catch(() => {});
+      }
+    } else if (message.type === "error") status(`server: ${message.message}`);
   };
   ws.onclose = (event) => {
     setLive(false);
@@ -319,6 +387,8 @@ function logout(reason) {
   ws?.close();
   clearInterval(state.scheduleTimer);
   state.scheduleTimer = null;
+  // The next token starts afresh: subscribe, then load.
+  Object.assign(state, { loaded: false, lastIds: {}, feedNewest: {}, pending: [] });
   $("#board").hidden = true;
   $("#logout").hidden = true;
   $("#login").hidden = false;
@@ -334,7 +404,8 @@ async function start() {
   $("#login").hidden = true;
   $("#board").hidden = false;
   $("#logout").hidden = false;
-  await loadAll();
+  // Subscribe first, then load (see onmessage): a load before subscribing would miss what
+  // happened in between.
   connect();
   refreshSchedulesPeriodically();
   status("");
