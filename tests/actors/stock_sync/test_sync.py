@@ -167,6 +167,30 @@ async def test_breaker_opens_fails_fast_and_closes_again(
     assert recovered.outcome == "ok" and breaker.state is BreakerState.CLOSED
 
 
+async def test_the_first_run_after_an_outage_is_whole_at_full_concurrency(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 80)
+    registry = CollectorRegistry()
+    now = [1000.0]
+    breaker = CircuitBreaker("warehouse", failure_threshold=2, reset_timeout_s=30,
+                             clock=lambda: now[0])
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url, breaker, attempts=1),
+                    metrics=build_metrics(registry), batch_size=10, concurrency=4)
+    warehouse.set_faults(error_rate=1.0, error_status=503)
+    assert (await sync_once(deps)).outcome == "failed" and breaker.state is BreakerState.OPEN
+    now[0] += 30
+    warehouse.set_faults(latency_ms=50)  # back, and slow enough that the trial is still in flight
+    lookups_before = warehouse.lookups()
+
+    recovered = await sync_once(deps)
+
+    # the batches that met the trial in flight waited for it instead of failing
+    assert recovered.outcome == "ok" and recovered.checked == 80, recovered
+    assert warehouse.lookups() - lookups_before == 8
+    assert breaker.state is BreakerState.CLOSED
+    assert registry.get_sample_value("shopflow_stock_sync_last_success_timestamp_seconds") > 0
+
+
 async def test_unknown_ids_are_reported_not_written(
         pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
     await link_products(pool, 4, quantity=7)
