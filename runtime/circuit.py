@@ -8,6 +8,10 @@ lets one trial call through to see whether the service is back:
 - **open**: calls fail at once with :class:`CircuitOpen` for ``reset_timeout_s``.
 - **half-open**: up to ``half_open_max_calls`` trial calls pass; a success
   closes the breaker, a failure opens it again for another ``reset_timeout_s``.
+  Callers of :meth:`CircuitBreaker.call` that arrive while the trial is in
+  flight wait for its outcome instead of failing: after a success they go
+  ahead, after a failure they fail fast. A trial that ends without a verdict
+  (cancelled) only frees its slot for the next caller.
 
 Time is a parameter (``clock``), so tests move it instead of sleeping. A
 breaker is shared by every caller of one service in one process; it is
@@ -17,6 +21,7 @@ service's health from its own calls.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import threading
@@ -89,6 +94,8 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self._half_open_in_flight = 0
         self._times_opened = 0
+        # Callers waiting for the trial in flight: (their loop, a future to resolve).
+        self._trial_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
     def state(self) -> BreakerState:
@@ -107,18 +114,48 @@ class CircuitBreaker:
     def before_call(self) -> None:
         """Admit one call or raise :class:`CircuitOpen`; pair it with a ``record_*`` call."""
         with self._lock:
-            self._refresh()
-            if self._state is BreakerState.OPEN:
-                assert self._opened_at is not None
-                left_s = self._opened_at + self._reset_timeout_s - self._clock()
-                raise CircuitOpen(
-                    f"circuit {self.name!r} is open; next trial in {max(left_s, 0):.1f}s",
-                    retry_after_s=max(left_s, 0.0),
-                )
-            if self._state is BreakerState.HALF_OPEN:
-                if self._half_open_in_flight >= self._half_open_max:
-                    raise CircuitOpen(f"circuit {self.name!r} is half-open, trial call in flight")
-                self._half_open_in_flight += 1
+            self._admit()
+
+    def _admit(self) -> None:
+        """:meth:`before_call` with the lock held."""
+        self._refresh()
+        if self._state is BreakerState.OPEN:
+            assert self._opened_at is not None
+            left_s = self._opened_at + self._reset_timeout_s - self._clock()
+            raise CircuitOpen(
+                f"circuit {self.name!r} is open; next trial in {max(left_s, 0):.1f}s",
+                retry_after_s=max(left_s, 0.0),
+            )
+        if self._state is BreakerState.HALF_OPEN:
+            if self._half_open_in_flight >= self._half_open_max:
+                raise CircuitOpen(f"circuit {self.name!r} is half-open, trial call in flight")
+            self._half_open_in_flight += 1
+
+    async def admit(self) -> None:
+        """Admit one call, waiting for a half-open trial in flight to decide; or raise CircuitOpen.
+
+        Runs on the caller's loop. While the trial runs, the caller waits for
+        its outcome (the trial is bounded by the service's own timeouts, and a
+        cancelled caller stops waiting): a success admits it, a failure raises
+        :class:`CircuitOpen`, a trial without a verdict lets it try for the slot.
+        """
+        while True:
+            with self._lock:
+                try:
+                    self._admit()
+                    return
+                except CircuitOpen:
+                    if self._state is not BreakerState.HALF_OPEN:
+                        raise
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                entry = (asyncio.get_running_loop(), waiter)
+                self._trial_waiters.append(entry)
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if entry in self._trial_waiters:
+                        self._trial_waiters.remove(entry)
 
     def record_success(self) -> None:
         """The admitted call worked: close the breaker."""
@@ -127,6 +164,7 @@ class CircuitBreaker:
             if self._state is BreakerState.HALF_OPEN:
                 self._half_open_in_flight = max(0, self._half_open_in_flight - 1)
             self._set(BreakerState.CLOSED)
+            self._wake_trial_waiters()
 
     def record_failure(self) -> None:
         """The admitted call failed in a way that says something about the service's health."""
@@ -137,29 +175,57 @@ class CircuitBreaker:
                 self._open()
             elif self._state is BreakerState.CLOSED and self._failures >= self._threshold:
                 self._open()
+            self._wake_trial_waiters()
 
     def record_neutral(self) -> None:
-        """The admitted call ended without saying anything about health (e.g. a 4xx we caused)."""
+        """The admitted call ended without saying anything about health (e.g. a 4xx we caused).
+
+        The service answered, so a half-open breaker closes.
+        """
         with self._lock:
             if self._state is BreakerState.HALF_OPEN:
                 self._half_open_in_flight = max(0, self._half_open_in_flight - 1)
                 self._failures = 0
                 self._set(BreakerState.CLOSED)
+            self._wake_trial_waiters()
+
+    def release(self) -> None:
+        """The admitted call ended with no evidence at all (cancelled): free its trial slot only."""
+        with self._lock:
+            if self._state is BreakerState.HALF_OPEN:
+                self._half_open_in_flight = max(0, self._half_open_in_flight - 1)
+            self._wake_trial_waiters()
 
     async def call(self, fn: Callable[[], Awaitable[T]],
                    is_failure: Callable[[BaseException], bool] = lambda exc: True) -> T:
-        """Run ``fn`` through the breaker; ``is_failure`` says which exceptions count against it."""
-        self.before_call()
+        """Run ``fn`` through the breaker; ``is_failure`` says which exceptions count against it.
+
+        A call that arrives while a half-open trial is in flight waits for the
+        trial's outcome (:meth:`admit`). An exception that is not an
+        :class:`Exception` (cancellation, a shutdown) says nothing about the
+        service: it only frees the slot.
+        """
+        await self.admit()
         try:
             result = await fn()
-        except BaseException as exc:
-            if isinstance(exc, Exception) and is_failure(exc):
+        except Exception as exc:
+            if is_failure(exc):
                 self.record_failure()
             else:
                 self.record_neutral()
             raise
+        except BaseException:
+            self.release()
+            raise
         self.record_success()
         return result
+
+    def _wake_trial_waiters(self) -> None:
+        """Tell every caller waiting for the trial that it ended (lock held; any thread)."""
+        waiters, self._trial_waiters = self._trial_waiters, []
+        for loop, waiter in waiters:
+            if not loop.is_closed():  # a closed loop has no one left waiting
+                loop.call_soon_threadsafe(_resolve, waiter)
 
     def _open(self) -> None:
         self._opened_at = self._clock()
@@ -181,3 +247,8 @@ class CircuitBreaker:
                     extra={"circuit": self.name, "from_state": old.value, "to_state": new.value})
         if self._on_change is not None:
             self._on_change(self.name, old, new)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -136,11 +136,14 @@ class LlmUnavailable(AgentError, TransientJobError):
 
     ``reason`` is a short label (``no_api_key``, ``timeout``, ``api_error``,
     ``circuit_open``) used in metrics and in the answer's fallback label.
+    ``retry_after_s`` carries the API's own hint (``retry-after`` of a 429/529),
+    so a retried job waits at least that long.
     """
 
-    def __init__(self, reason: str, message: str = "") -> None:
+    def __init__(self, reason: str, message: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(message or reason)
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class LlmLimited(AgentError):

@@ -167,7 +167,8 @@ DEFAULT_LLM_MODEL = "claude-sonnet-5-5"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 # One model call may take this long before it counts as failed.
 DEFAULT_LLM_TIMEOUT_S = 20.0
-# The SDK's own retries (transport errors, 429/529 with retry-after) per call.
+# Retries of one model request (transport errors, 408/409/429/5xx/529 with their
+# retry-after), made by the gateway within the request's deadline.
 DEFAULT_LLM_MAX_RETRIES = 2
 # Output cap of one answer; our tool answers are short JSON objects.
 DEFAULT_LLM_MAX_OUTPUT_TOKENS = 1_024
@@ -175,6 +176,9 @@ DEFAULT_LLM_MAX_OUTPUT_TOKENS = 1_024
 # the fallback at once ("fallback").
 DEFAULT_LLM_ON_LIMIT = "wait"
 DEFAULT_LLM_MAX_WAIT_S = 20.0
+# One agent's whole model request (rate wait, attempts, backoff) ends by then and
+# the agent answers from its fallback; never more than 3/4 of the actor ask timeout.
+DEFAULT_LLM_DEADLINE_S = 40.0
 # Cost estimate in US dollars per million tokens (set to your price list).
 DEFAULT_LLM_INPUT_USD_PER_MTOK = 3.0
 DEFAULT_LLM_OUTPUT_USD_PER_MTOK = 15.0
@@ -398,6 +402,7 @@ _ENV_NAMES: Mapping[str, str] = {
     "llm_max_output_tokens": "SHOPFLOW_LLM_MAX_OUTPUT_TOKENS",
     "llm_on_limit": "SHOPFLOW_LLM_ON_LIMIT",
     "llm_max_wait_s": "SHOPFLOW_LLM_MAX_WAIT_S",
+    "llm_deadline_s": "SHOPFLOW_LLM_DEADLINE_S",
     "llm_input_usd_per_mtok": "SHOPFLOW_LLM_INPUT_USD_PER_MTOK",
     "llm_output_usd_per_mtok": "SHOPFLOW_LLM_OUTPUT_USD_PER_MTOK",
     "llm_circuit_failures": "SHOPFLOW_LLM_CIRCUIT_FAILURES",
@@ -549,6 +554,7 @@ class Settings:
     llm_max_output_tokens: int = DEFAULT_LLM_MAX_OUTPUT_TOKENS
     llm_on_limit: str = DEFAULT_LLM_ON_LIMIT
     llm_max_wait_s: float = DEFAULT_LLM_MAX_WAIT_S
+    llm_deadline_s: float = DEFAULT_LLM_DEADLINE_S
     llm_input_usd_per_mtok: float = DEFAULT_LLM_INPUT_USD_PER_MTOK
     llm_output_usd_per_mtok: float = DEFAULT_LLM_OUTPUT_USD_PER_MTOK
     llm_circuit_failures: int = DEFAULT_LLM_CIRCUIT_FAILURES
@@ -734,6 +740,7 @@ class Settings:
             ),
             llm_on_limit=_choice(e, "SHOPFLOW_LLM_ON_LIMIT", DEFAULT_LLM_ON_LIMIT, ("wait", "fallback")),
             llm_max_wait_s=_float(e, "SHOPFLOW_LLM_MAX_WAIT_S", DEFAULT_LLM_MAX_WAIT_S),
+            llm_deadline_s=_float(e, "SHOPFLOW_LLM_DEADLINE_S", DEFAULT_LLM_DEADLINE_S),
             llm_input_usd_per_mtok=_float(
                 e, "SHOPFLOW_LLM_INPUT_USD_PER_MTOK", DEFAULT_LLM_INPUT_USD_PER_MTOK
             ),

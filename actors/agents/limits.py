@@ -153,6 +153,10 @@ class SharedLimits:
         raw = await self._redis.get(self._key(agent, "circuit"))
         return int(raw or 0) >= threshold
 
+    async def consecutive_failures(self, agent: str) -> int:
+        """Failed calls in a row, as the circuit counts them (0 after a success or the cooldown)."""
+        return int(await self._redis.get(self._key(agent, "circuit")) or 0)
+
     async def record_failure(self, agent: str, cooldown_s: int) -> int:
         """Count one more failure in a row; the count expires after the cooldown."""
         key = self._key(agent, "circuit")

@@ -18,7 +18,7 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 class AgentMetrics:
     """The agents' metric objects; every one is labelled by ``agent``."""
 
-    calls: Counter  # agent, outcome (ok, invalid, timeout, api_error)
+    calls: Counter  # agent, outcome (ok, invalid, timeout, api_error, cancelled)
     latency_s: Histogram  # agent
     tokens: Counter  # agent, kind (input, output)
     cost_usd: Counter  # agent
@@ -35,7 +35,7 @@ def create_agent_metrics(registry: CollectorRegistry) -> AgentMetrics:
             ["agent", "outcome"], registry=registry,
         ),
         latency_s=Histogram(
-            "shopflow_agent_call_latency_seconds", "Latency of one model API call (SDK retries included).",
+            "shopflow_agent_call_latency_seconds", "Latency of one model request (the gateway's retries included).",
             ["agent"], buckets=LATENCY_BUCKETS_S, registry=registry,
         ),
         tokens=Counter(

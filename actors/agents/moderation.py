@@ -119,7 +119,18 @@ class ModerationOutcome:
 
 _LINK = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|br|io|shop|store|xyz|info|biz|ly)\b", re.IGNORECASE)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-_PHONE = re.compile(r"\+?\(?\d[\d\s().-]{6,}\d")
+# Phone and document numbers by their grouping, so years, year ranges ("1959-1960"),
+# dates and prices are not personal data. A bare local number without area code
+# ("9876-5432") looks like a year range and is let through on purpose.
+_PHONE = re.compile(r"""(?x)
+    (?<![\d/.-])(?:
+        \+\d{1,3}[\s.-]?(?:\(\d{1,4}\)|\d{1,4})[\s.-]?\d{3,5}[\s.-]?\d{3,4}  # +55 11 98765-4321
+      | \(\d{2,3}\)\s?\d{3,5}[\s.-]?\d{4}                                  # (11) 98765-4321
+      | \d{2}\s\d{4,5}[\s.-]\d{4}                                           # 11 98765-4321
+      | \d{3}[.-]\d{3}[.-]\d{4}                                             # 212-555-0100
+      | \d{3}\.\d{3}\.\d{3}-\d{2}                                           # CPF 123.456.789-09
+      | \d{10,13}                                                           # 11987654321
+    )(?![\d/])""")
 _PROMO = re.compile(
     r"\b(buy now|discount code|promo code|coupon|use code|visit my|check out my|follow me|dm me|"
     r"whats\s?app|telegram|cheap\w*|for sale|order now|click here|earn money)\b", re.IGNORECASE)
@@ -142,7 +153,7 @@ def heuristic_signals(text: str) -> list[Signal]:
         signals.append(Signal("spam_or_promotion", "repeated text"))
     if _EMAIL.search(text):
         signals.append(Signal("personal_data", "contains an e-mail address"))
-    if any(sum(c.isdigit() for c in m.group(0)) >= 8 for m in _PHONE.finditer(text)):
+    if _PHONE.search(text):
         signals.append(Signal("personal_data", "contains a phone or document number"))
     if _TO_MODERATOR.search(text):
         signals.append(Signal("off_topic", "addresses the moderator instead of reviewing the product"))

@@ -37,6 +37,8 @@ TRENDING_CACHE_S = 600
 TRENDING_TOP = 200
 # How many past purchases the model is shown.
 HISTORY_LIMIT = 20
+# The fallback reason of an answer given while the model's answer is still being computed.
+PENDING = "pending"
 # Statuses whose items do not count as bought.
 _DEAD_STATUSES = ["cancelled", "failed"]
 
@@ -318,6 +320,31 @@ async def recommend(deps: AgentDeps, customer_id: int, *, refresh: bool = False,
     await deps.redis.set(_cache_key(deps, customer_id), answer.to_json(), ex=ttl_s)
     deps.metrics.answers.labels(AGENT, answer.source).inc()
     return answer
+
+
+async def recommendations_now(deps: AgentDeps, customer_id: int) -> Recommendations:
+    """An answer without waiting for the model: the cached one, else the SQL ranking.
+
+    For callers that must answer at once (an HTTP request): the ranking is
+    labelled ``fallback`` with reason ``pending`` and is not cached; the caller
+    queues the ``RECOMMEND`` job, whose answer (the model's, or the fallback
+    if the API is down) fills the cache for the next ask.
+    """
+    hit = await cached_recommendations(deps, customer_id)
+    if hit is not None:
+        return hit
+    candidates = await _load_candidates(deps, customer_id)
+    answer = _fallback(deps, customer_id, candidates, deps.clock().isoformat(), PENDING)
+    deps.metrics.answers.labels(AGENT, answer.source).inc()
+    return answer
+
+
+async def _load_candidates(deps: AgentDeps, customer_id: int) -> list[Candidate]:
+    hot = await trending(deps)
+    async with deps.pool.acquire() as conn:
+        if not await conn.fetchval("SELECT 1 FROM customers WHERE id = $1", customer_id):
+            raise NotFound(f"customer {customer_id} does not exist")
+        return await load_candidates(conn, customer_id, deps.settings.recommendation_candidates, hot)
 
 
 async def _compute(deps: AgentDeps, customer_id: int, prefer_retry: bool) -> Recommendations:

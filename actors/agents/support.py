@@ -79,15 +79,45 @@ ANSWER_TOOL = Tool(
     },
 )
 
-# Requests for other people's data or for the agent's own instructions.
+# Requests for other people's data or for the agent's own instructions. Each names
+# the thing asked for, so ordinary questions that merely mention "rules", "instructions"
+# or "another person" ("the rules for returns", "the instructions on the box", "a gift
+# to another person") still reach the model.
+_PEOPLE = r"(?:customer|client|user|buyer|shopper|person|people|account)"
+_DATA = (r"(?:orders?|purchases?|accounts?|address(?:es)?|e-?mails?|phones?(?:\s+numbers?)?|"
+         r"data|details|info(?:rmation)?|names?|history|cards?|payments?)")
+_NOT_ABOUT = r"(?!\s+(?:for|on|about|of|to|regarding)\b)"  # "your rules for returns" is a policy question
 _PROBES = [re.compile(p, re.IGNORECASE) for p in (
-    r"\b(other|another|all|every|some(one|body) else'?s?)\s+(customer|client|user|person|people|account)s?\b",
-    r"\b(customer|client|user)\s*(id|#|number|no\.?)?\s*\d+\b",
-    r"\b(his|her|their|my (friend|neighbou?r|wife|husband|brother|sister)'?s?)\s+(orders?|account|address|e-?mail)",
-    r"\b(system|initial|hidden)\s+prompt\b",
-    r"\b(your|the)\s+(instructions|rules|prompt)\b",
-    r"\bignore\s+(all\s+|any\s+|the\s+|your\s+)?(previous|prior|above|earlier)?\s*(instructions|rules)\b",
-    r"\b(you are now|act as|pretend to be|developer mode|jailbreak)\b",
+    # another customer's orders, other people's addresses, all users' e-mails
+    rf"\b(?:other|another|all|every|any)\s+(?:other\s+)?{_PEOPLE}(?:'s|s'|s)?\s+{_DATA}\b",
+    # the orders of another customer, e-mails of all users
+    (rf"\b{_DATA}\s+(?:of|from|for|belonging to)\s+(?:the\s+)?(?:other|another|all|every|some)\s+"
+    rf"(?:other\s+)?{_PEOPLE}"),
+    # someone else's order, the account of somebody else
+    rf"\b(?:some|any)(?:one|body)\s+else'?s?\s+{_DATA}\b",
+    rf"\b{_DATA}\s+of\s+(?:some|any)(?:one|body)\s+else\b",
+    # list / show every customer
+    (r"\b(?:list|show|give|tell|send|dump|export)\b.{0,20}\b(?:all|every|other)\s+(?:the\s+)?"
+    r"(?:customers|clients|users|accounts)\b"),
+    # customer 2, user #17
+    r"\b(customer|client|user)\s*(id|#|number|no\.?)?\s*#?\d+\b",
+    # his address, my neighbour's orders
+    r"\b(his|her|their)\s+(account|address|e-?mail|phone)",
+    (r"\bmy\s+(friend|neighbou?r|wife|husband|brother|sister|colleague|boss)'?s?\s+"
+    r"(orders?|account|address|e-?mail|phone)"),
+    # the agent's own instructions
+    r"\b(system|initial|hidden|original)\s+(prompt|message|instructions)\b",
+    rf"\byour\s+(?:own\s+)?(?:instructions|prompt|rules|guidelines|directives|configuration){_NOT_ABOUT}",
+    r"\b(?:instructions|prompt|rules)\s+(?:you\s+(?:were|have been|are)\s+given|you\s+follow|above)\b",
+    (r"\b(?:repeat|reveal|print|output|display)\s+(?:me\s+)?(?:the|all|everything)\s+"
+    r"(?:instructions|prompt)\s+(?:above|before)\b"),
+    (r"\bignore\s+(?:all\s+|any\s+)?(?:of\s+)?(?:the\s+|your\s+|these\s+)?(?:previous|prior|above|earlier|system)\s+"
+    r"(?:instructions|rules|prompts?|messages?)\b"),
+    r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:your|these|those)\s+(?:instructions|rules|prompts?)\b",
+    r"\b(?:ignore|disregard|forget)\s+(?:all|everything)\s+(?:instructions|rules|you\s+were\s+told)\b",
+    # attempts to swap the agent's role
+    r"\b(?:you are now|from now on you are|pretend (?:to be|you are)|developer mode|jailbreak|dan mode)\b",
+    r"\bact as (?:an? |the )?(?:admin\w*|developer|system|root|unrestricted|different)\b",
 )]
 _ORDER_REF = re.compile(r"(?:order|pedido|#)\s*(?:no\.?|number|n[ºo°]\.?)?\s*#?\s*(\d{1,12})", re.IGNORECASE)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")

@@ -14,7 +14,10 @@ default) gets exactly one reminder e-mail, ever.
   still open and non-empty, and its version is still the one the job was
   scheduled for. A checkout cancels the reminder in its own transaction
   (:func:`actors.carts.carts.check_out`); a change supersedes the old job
-  (the change scheduled a new one).
+  (the change scheduled a new one). A job that fires before the cart has been
+  idle long enough puts itself back, delayed by the time still to wait, and
+  the hourly sweep fires again reminders whose job was lost, so a
+  ``scheduled`` reminder is never stranded.
 - Deciding to send means: the reminder row becomes ``sent`` and the
   ``SEND_CART_REMINDER`` job is written to the outbox, in one transaction. A
   redelivered or duplicated ``REMINDER_DUE`` finds the row ``sent`` and does
@@ -41,6 +44,9 @@ from runtime.outbox import emit
 log = logging.getLogger(__name__)
 
 JOBS_CHANNEL = "jobs"
+# A scheduled reminder this long past due lost its job; the sweep fires it again.
+# Well above any queue backlog, so a due job still on its way is rarely doubled.
+STRANDED_AFTER_S = 3600.0
 TEMPLATE = "cart_reminder"
 KIND = "cart_reminder"
 
@@ -100,12 +106,18 @@ async def schedule_reminder(conn: asyncpg.Connection, cart_id: int, idle_s: int,
                RETURNING cart_id""", cart_id, cart["updated_at"], due_at)
         if row is None:
             return None  # already sent, or this version is already scheduled
-        delay_ms = max(0, int((due_at - datetime.now(UTC)).total_seconds() * 1000))
-        version = cart["updated_at"].isoformat()
-        await emit(conn, JOBS_CHANNEL, "cart-reminder-scheduled",
-                   {"cart_id": cart_id, "cart_updated_at": version, "due_at": due_at.isoformat()},
-                   job=spec.as_job(cart_id, version, delay_ms=delay_ms))
+        await _emit_due_job(conn, cart_id, cart["updated_at"].isoformat(), due_at,
+                            datetime.now(UTC), spec)
         return Scheduled(cart_id, cart["updated_at"], due_at)
+
+
+async def _emit_due_job(conn: asyncpg.Connection, cart_id: int, version: str, due_at: datetime,
+                        now: datetime, spec: JobSpec = REMINDER_DUE) -> None:
+    """Put ``REMINDER_DUE(cart_id, version)`` in the outbox, delayed until ``due_at``."""
+    delay_ms = max(0, int((due_at - now).total_seconds() * 1000))
+    await emit(conn, JOBS_CHANNEL, "cart-reminder-scheduled",
+               {"cart_id": cart_id, "cart_updated_at": version, "due_at": due_at.isoformat()},
+               job=spec.as_job(cart_id, version, delay_ms=delay_ms))
 
 
 async def cancel_reminder(conn: asyncpg.Connection, cart_id: int, reason: str) -> bool:
@@ -142,7 +154,11 @@ async def fire_reminder(conn: asyncpg.Connection, cart_id: int, cart_updated_at_
             return "superseded"
         if reminder["status"] != "scheduled":
             return f"cancelled:{reminder['reason']}"
-        if now < cart["updated_at"] + timedelta(seconds=idle_s):
+        due_at = cart["updated_at"] + timedelta(seconds=idle_s)
+        if now < due_at:
+            # fired early (a clock ahead of the database's, a delay cut short): come back
+            # when it is due, or the scheduled row would wait for a job that never comes
+            await _emit_due_job(conn, cart_id, cart_updated_at_iso, due_at, now)
             return "not_due"
         await conn.execute(
             "UPDATE cart_reminders SET status = 'sent', decided_at = now() WHERE cart_id = $1",
@@ -188,7 +204,14 @@ async def reminder_email(conn: asyncpg.Connection, cart_id: int) -> OutgoingEmai
 
 
 async def sweep_idle_carts(conn: asyncpg.Connection, idle_s: int, limit: int = 500) -> int:
-    """Backstop: schedule reminders for idle carts that were never announced; return how many."""
+    """Backstop: schedule reminders for idle carts never announced, and re-fire stranded ones.
+
+    Returns how many due jobs it emitted. A stranded reminder is a ``scheduled``
+    row for the cart's current version that is overdue by more than
+    :data:`STRANDED_AFTER_S` (its job was lost); it gets its due job again.
+    A duplicate due job is harmless: the first one to fire sends, the others
+    find the row ``sent``.
+    """
     rows = await conn.fetch(
         """SELECT c.id FROM carts c
             WHERE c.status = 'open' AND c.customer_id IS NOT NULL
@@ -201,4 +224,22 @@ async def sweep_idle_carts(conn: asyncpg.Connection, idle_s: int, limit: int = 5
     for row in rows:
         if await schedule_reminder(conn, row["id"], idle_s) is not None:
             scheduled += 1
-    return scheduled
+    return scheduled + await refire_stranded(conn, limit)
+
+
+async def refire_stranded(conn: asyncpg.Connection, limit: int = 500,
+                          stranded_after_s: float = STRANDED_AFTER_S) -> int:
+    """Emit the due job again for scheduled reminders long overdue; return how many."""
+    now = datetime.now(UTC)
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """SELECT r.cart_id, r.cart_updated_at, r.due_at
+                 FROM cart_reminders r JOIN carts c ON c.id = r.cart_id
+                WHERE r.status = 'scheduled' AND r.cart_updated_at = c.updated_at
+                  AND r.due_at <= now() - make_interval(secs => $1)
+                ORDER BY r.due_at LIMIT $2""", float(stranded_after_s), limit)
+        for row in rows:
+            log.warning("cart %d: reminder due at %s never fired; firing it again", row["cart_id"],
+                        row["due_at"].isoformat(), extra={"cart_id": row["cart_id"]})
+            await _emit_due_job(conn, row["cart_id"], row["cart_updated_at"].isoformat(), row["due_at"], now)
+    return len(rows)

@@ -199,8 +199,8 @@ def daily_report_email(report: dict[str, Any]) -> OutgoingEmail:
     text = "\n".join([
         f"Relatório de vendas de {day} ({report['timezone']})",
         "",
-        f"Pedidos: {report['orders_count']} (concluídos {report['completed_orders']}, "
-        f"falhos {report['failed_orders']}, cancelados {report['cancelled_orders']})",
+        (f"Pedidos: {report['orders_count']} (concluídos {report['completed_orders']}, "
+         f"falhos {report['failed_orders']}, cancelados {report['cancelled_orders']})"),
         f"Receita: {format_brl(int(report['revenue_cents']))}",
         f"Ticket médio: {format_brl(int(report['average_basket_cents']))}",
         "",

@@ -233,11 +233,17 @@ class SendGridTransport:
         body = build_mail(email, self._config)
         if self._breaker is not None:
             try:
-                self._breaker.before_call()
+                await self._breaker.admit()  # waits for a half-open trial in flight to decide
             except Exception:
                 await self._record(email.idempotency_key, _Outcome("not_sent", error="circuit open"))
                 raise
-        outcome = await asyncio.to_thread(self._post, body)
+        try:
+            outcome = await asyncio.to_thread(self._post, body)
+        except BaseException:
+            # cancelled while the thread posts: no verdict on SendGrid, but the trial slot is freed
+            if self._breaker is not None:
+                self._breaker.release()
+            raise
         self._tell_breaker(outcome)
         await self._record(email.idempotency_key, outcome)
         return self._result(email.idempotency_key, outcome)

@@ -35,6 +35,7 @@ path is printed; ``SHOPFLOW_CHAOS_KEEP=1`` keeps it always).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -69,7 +70,7 @@ from runtime.jobs.script import JobKeys, events_stream
 from runtime.jobs.store import JobStore, QueueCounts
 from runtime.settings import Settings
 from runtime.tokens import staff_token
-from tests.actors.agents.fake_anthropic import FakeAnthropic, Step, hang, tool
+from tests.actors.agents.fake_anthropic import FakeAnthropic, Step, hang, status, tool
 from tests.actors.sendgrid.fake_sendgrid import API_KEY, create_fake_sendgrid
 from tests.chaos.conftest import failed
 from tests.support import free_port, wait_until
@@ -153,10 +154,11 @@ class Externals:
             state.faults = state.faults.updated(knobs)
         self.call(change())
 
-    def anthropic_hangs(self, hanging: bool) -> None:
+    def anthropic_answers(self, step: Step | Callable[[dict[str, Any]], Step] | None) -> None:
+        """Answer every model request with ``step`` (None: well-formed answers again)."""
         async def change() -> None:
             assert self.anthropic is not None
-            self.anthropic.default = hang() if hanging else _model_answer
+            self.anthropic.default = _model_answer if step is None else step
         self.call(change())
 
     def script_sendgrid(self, steps: list[Any]) -> None:
@@ -205,6 +207,8 @@ class Tree:
     supervisord: subprocess.Popen[bytes]
     externals: Externals
     asked_customers: set[int] = field(default_factory=set)
+    # the customer whose recommendations the "model" flow counter is following
+    probe_customer: int | None = None
 
     def rpc(self) -> Any:
         transport = SupervisorTransport(None, None, f"unix://{self.settings.var_dir}/supervisor.sock")
@@ -227,6 +231,13 @@ class Tree:
     def restart_postgres(self) -> None:
         embedded.stop_postgres(self.paths)
         embedded.ensure_postgres(self.paths, self.settings.embedded_pg_port)
+
+    def fail_warehouse(self) -> None:
+        """The warehouse answers 503 to every request (packing, stock lookup) for a while."""
+        app = self.externals.warehouse
+        self.externals.set_faults(app, error_rate=1.0, error_status=503)
+        time.sleep(OUTAGE_S)  # the length of the outage, while the load keeps coming
+        self.externals.set_faults(app, error_rate=0.0)
 
     def hang_warehouse(self) -> None:
         """Every warehouse request (packing, stock lookup) hangs for a while, then it answers again."""
@@ -251,20 +262,37 @@ class Tree:
                    "every scripted SendGrid failure to be served")
 
     def hang_anthropic(self) -> None:
-        """The model API hangs: recommendations asked over HTTP meanwhile still answer, from
-        the fallback, within the LLM timeout, and the orders keep flowing."""
-        self.externals.anthropic_hangs(True)
+        """The model API hangs: recommendations asked over HTTP meanwhile still answer at once
+        (the SQL ranking while their job asks the model), and the orders keep flowing."""
+        self.externals.anthropic_answers(hang())
+        self._ask_while_the_model_is_away()
+        self.externals.anthropic_answers(None)
+
+    def fail_anthropic(self) -> None:
+        """The model API answers 529 overloaded (with retry-after) and 500, in turn, for a while."""
+        errors = itertools.cycle([status(529, "overloaded_error", {"retry-after": "1"}),
+                                  status(500, "api_error")])
+        self.externals.anthropic_answers(lambda body: next(errors))
+        self._ask_while_the_model_is_away()
+        time.sleep(OUTAGE_S)  # the length of the outage, while the load keeps coming
+        self.externals.anthropic_answers(None)
+
+    def _ask_while_the_model_is_away(self) -> None:
         for _ in range(3):
             asked = time.monotonic()
-            answer = self.recommendations()
+            answer = self.recommendations(self.new_customer())
             assert answer["source"] == "fallback", answer
             assert time.monotonic() - asked < self.settings.llm_timeout_s + 5
-        self.externals.anthropic_hangs(False)
+        self.probe_customer = None  # the "model" counter follows a customer asked from now on
 
-    def recommendations(self) -> dict[str, Any]:
-        """Recommendations for a customer not asked before (answers are cached per customer)."""
+    def new_customer(self) -> int:
+        """A customer not asked before (answers are cached per customer)."""
         customer_id = asyncio.run(_a_customer(self.settings, self.asked_customers))
         self.asked_customers.add(customer_id)
+        return customer_id
+
+    def recommendations(self, customer_id: int) -> dict[str, Any]:
+        """A customer's recommendations over HTTP."""
         token = signer_from_settings(self.settings).issue("staff", None, 600)
         return dict(_get_json(self.settings, f"/api/v1/customers/{customer_id}/recommendations", token))
 
@@ -491,8 +519,21 @@ def _emails_accepted(tree: Tree, load: Load) -> int:
 
 
 def _model_answers(tree: Tree, load: Load) -> int:
-    """1 once a recommendation asked now comes from the model again, else 0."""
-    return 1 if tree.recommendations()["source"] == "model" else 0
+    """1 once a recommendation asked after the fault comes from the model again, else 0.
+
+    The api answers a customer without a cached answer at once from SQL
+    (``pending``) and queues the job that asks the model; the counter follows
+    that customer until the job's answer is cached: the model's (1), or the
+    fallback's (0, and the next call follows a new customer).
+    """
+    if tree.probe_customer is None:
+        tree.probe_customer = tree.new_customer()
+    answer = tree.recommendations(tree.probe_customer)
+    if answer["source"] == "model":
+        return 1
+    if answer.get("fallback_reason") != "pending":
+        tree.probe_customer = None
+    return 0
 
 
 @dataclass(frozen=True)
@@ -535,9 +576,11 @@ FAULTS: dict[str, Fault] = {
     "redis restart": Fault(Tree.restart_redis, "orders"),
     "postgresql restart": Fault(Tree.restart_postgres, "orders"),
     "warehouse hangs": Fault(Tree.hang_warehouse, "orders"),
+    "warehouse fails": Fault(Tree.fail_warehouse, "orders"),
     "carrier fails": Fault(Tree.fail_carrier, "orders"),
     "sendgrid fails and hangs": Fault(Tree.fail_sendgrid, "e-mails"),
     "anthropic hangs": Fault(Tree.hang_anthropic, "model"),
+    "anthropic fails": Fault(Tree.fail_anthropic, "model"),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from runtime.circuit import BreakerState, CircuitBreaker
@@ -76,4 +78,82 @@ async def test_call_counts_only_failures_the_predicate_accepts() -> None:
     assert breaker.state is BreakerState.CLOSED
     with pytest.raises(ValueError):
         await breaker.call(bad_request)
+    assert breaker.state is BreakerState.OPEN
+
+
+def _half_open(failure_threshold: int = 1) -> tuple[CircuitBreaker, Clock]:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", failure_threshold=failure_threshold, reset_timeout_s=5, clock=clock)
+    breaker.before_call()
+    breaker.record_failure()
+    clock.now = 5
+    assert breaker.state is BreakerState.HALF_OPEN
+    return breaker, clock
+
+
+async def test_a_cancelled_trial_frees_its_slot_without_closing_the_breaker() -> None:
+    breaker, _ = _half_open()
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    trial = asyncio.create_task(breaker.call(hangs))
+    await asyncio.wait_for(started.wait(), 5)
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    # no evidence either way: still half-open, and the next caller gets the trial
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.before_call()
+    breaker.record_failure()
+    assert breaker.snapshot().state is BreakerState.OPEN
+
+
+async def test_callers_during_a_trial_wait_for_it_then_go_ahead_after_a_success() -> None:
+    breaker, _ = _half_open()
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def trial_call() -> str:
+        await release.wait()
+        ran.append("trial")
+        return "trial"
+
+    async def later_call() -> str:
+        ran.append("later")
+        return "later"
+
+    trial = asyncio.create_task(breaker.call(trial_call))
+    await asyncio.sleep(0)  # the trial is admitted and waiting on the service
+    waiting = [asyncio.create_task(breaker.call(later_call)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in waiting) and ran == []  # they wait, they do not fail
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(trial, *waiting), 5) == ["trial"] + ["later"] * 3
+    assert ran[0] == "trial" and breaker.state is BreakerState.CLOSED
+
+
+async def test_callers_during_a_trial_fail_fast_after_it_fails() -> None:
+    breaker, _ = _half_open()
+    release = asyncio.Event()
+
+    async def trial_call() -> None:
+        await release.wait()
+        raise ConnectionError("still down")
+
+    async def never() -> None:
+        raise AssertionError("must not run while the service is down")
+
+    trial = asyncio.create_task(breaker.call(trial_call))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(breaker.call(never)) for _ in range(2)]
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(ConnectionError):
+        await trial
+    for task in waiting:
+        with pytest.raises(CircuitOpen):
+            await asyncio.wait_for(task, 5)
     assert breaker.state is BreakerState.OPEN

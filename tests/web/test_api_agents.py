@@ -20,15 +20,18 @@ from prometheus_client import CollectorRegistry
 
 from actors.agents import support
 from actors.agents.deps import AgentDeps, build_deps
+from actors.agents.jobs import handle
+from actors.agents.messages import RECOMMEND
 from actors.agents.metrics import create_agent_metrics
+from runtime.broker import setup_broker
 from runtime.settings import Settings
 from tests.actors.agents.conftest import NOON, Clock, fake_llm, shop  # noqa: F401 (fixtures)
-from tests.actors.agents.fake_anthropic import FakeAnthropic, status, tool
+from tests.actors.agents.fake_anthropic import FakeAnthropic, hang, status, tool
 from tests.web.conftest import ServerFactory, build_full_app
 from tests.web.test_api_extra import Caller
 from web import seams
 from web.auth import TokenSigner
-from web.wiring import AgentRecommender, AgentSupportDesk
+from web.wiring import AgentRecommender, AgentSupportDesk, BrokerRecommendationRefresh
 
 pytestmark = pytest.mark.usefixtures("shop")
 
@@ -46,10 +49,24 @@ async def agent_deps(web_settings: Settings, pool: asyncpg.Pool,
 
 
 @pytest.fixture
+def refreshes() -> list[int]:
+    """The customers whose RECOMMEND job the api asked for (the production seam queues the job)."""
+    return []
+
+
+async def run_recommend_job(deps: AgentDeps, customer_id: int) -> None:
+    """What the agents worker does with a queued RECOMMEND(customer_id, refresh=True) on its last try."""
+    await handle(deps, ("recommend", customer_id, True, False))
+
+
+@pytest.fixture
 async def api(web_settings: Settings, signer: TokenSigner, start_server: ServerFactory,
-              agent_deps: AgentDeps) -> TestServer:
+              agent_deps: AgentDeps, refreshes: list[int]) -> TestServer:
+    async def request_refresh(customer_id: int) -> None:
+        refreshes.append(customer_id)
+
     app = build_full_app(web_settings, signer, with_stubs=False)
-    app[seams.RECOMMENDER] = AgentRecommender(agent_deps)
+    app[seams.RECOMMENDER] = AgentRecommender(agent_deps, request_refresh)
     app[seams.SUPPORT_DESK] = AgentSupportDesk(agent_deps)
     return await start_server(app)
 
@@ -65,13 +82,19 @@ def staff(http: aiohttp.ClientSession, api: TestServer, signer: TokenSigner) -> 
 
 
 async def test_recommendations_over_http_are_the_models_picks_among_the_candidates(
-        ana: Caller, staff: Caller, fake_llm: FakeAnthropic) -> None:  # noqa: F811
+        ana: Caller, staff: Caller, fake_llm: FakeAnthropic, agent_deps: AgentDeps,  # noqa: F811
+        refreshes: list[int]) -> None:
     fake_llm.push(tool({"picks": [{"product_id": 7, "reason": "Big horns, like you asked."},
                                   {"product_id": 99, "reason": "Not in the catalogue."},
                                   {"product_id": 2, "reason": "Coltrane after Miles."}]}))
+    # nothing cached yet: the SQL ranking answers at once, and the job is queued
+    status_code, first = await ana("GET", "/api/v1/customers/1/recommendations")
+    assert status_code == 200 and (first["source"], first["fallback_reason"]) == ("fallback", "pending")
+    assert first["items"][0]["product_id"] == 2 and refreshes == [1] and not fake_llm.requests
+
+    await run_recommend_job(agent_deps, 1)
 
     status_code, body = await ana("GET", "/api/v1/customers/1/recommendations")
-
     assert status_code == 200 and body["source"] == "model" and body["fallback_reason"] is None
     assert [(i["product_id"], i["reason"]) for i in body["items"]] == [
         (7, "Big horns, like you asked."), (2, "Coltrane after Miles.")]  # 99 was dropped
@@ -81,21 +104,48 @@ async def test_recommendations_over_http_are_the_models_picks_among_the_candidat
     assert headers["x-stainless-lang"] == "python" and "anthropic-version" in headers
     assert headers["x-stainless-async"].startswith("async:")
     assert "Ana" not in sent.raw and "@" not in sent.raw
-    # the second ask is the cached answer; a limit cuts it
+    # a cached answer queues nothing; a limit cuts it
     status_code, again = await ana("GET", "/api/v1/customers/1/recommendations?limit=1")
     assert status_code == 200 and [i["product_id"] for i in again["items"]] == [7]
-    assert len(fake_llm.requests) == 1
+    assert len(fake_llm.requests) == 1 and refreshes == [1]
     assert (await ana("GET", "/api/v1/customers/2/recommendations"))[0] == 404
 
 
-async def test_recommendations_over_http_fall_back_when_the_api_is_overloaded(
-        ana: Caller, fake_llm: FakeAnthropic) -> None:  # noqa: F811
+async def test_recommendations_over_http_never_wait_for_a_hanging_model(
+        ana: Caller, fake_llm: FakeAnthropic, refreshes: list[int]) -> None:  # noqa: F811
+    fake_llm.default = hang()
+    # a request that waited for the model would take the 2 s call timeout and answer "timeout"
+    status_code, body = await ana("GET", "/api/v1/customers/1/recommendations")
+    assert status_code == 200
+    assert (body["source"], body["fallback_reason"]) == ("fallback", "pending")
+    assert body["items"][0]["product_id"] == 2  # the SQL co-purchase ranking
+    assert not fake_llm.requests and refreshes == [1]
+
+
+async def test_recommendations_over_http_show_the_jobs_fallback_when_the_api_is_overloaded(
+        ana: Caller, fake_llm: FakeAnthropic, agent_deps: AgentDeps) -> None:  # noqa: F811
     fake_llm.default = status(529, "overloaded_error")
+    await run_recommend_job(agent_deps, 1)
     status_code, body = await ana("GET", "/api/v1/customers/1/recommendations")
     assert status_code == 200
     assert (body["source"], body["fallback_reason"]) == ("fallback", "api_error")
     assert body["items"][0]["product_id"] == 2  # the SQL co-purchase ranking
     assert len(fake_llm.requests) == 1
+
+
+async def test_the_production_seam_queues_one_recommend_job_per_customer(
+        web_settings: Settings) -> None:
+    broker = setup_broker(web_settings)
+    try:
+        refresh = BrokerRecommendationRefresh(broker, dedup_s=300)
+        first = await refresh(1)
+        second = await refresh(1)
+        other = await refresh(4)
+    finally:
+        broker.close()
+    assert (first.message.actor_name, first.message.args) == (RECOMMEND.actor, (1, True))
+    assert not first.duplicate and second.duplicate and second.job_id == first.job_id
+    assert not other.duplicate and other.job_id != first.job_id
 
 
 async def test_support_over_http_answers_from_the_model_and_logs_the_interaction(

@@ -111,6 +111,20 @@ async def test_moderation_job_retries_on_api_failure_then_falls_back(
     assert row["status"] == "approved" and row["moderation"]["source"] == "fallback"
 
 
+async def test_a_job_retried_after_a_429_or_529_waits_for_the_apis_retry_after(
+    worker_env: tuple[Finished, Any], fake_llm: FakeAnthropic, pool: Any
+) -> None:
+    finished, _ = worker_env
+    # far above the job's own first backoff (225-300 ms): only the API's hint explains the wait
+    fake_llm.push(status(529, "overloaded_error", {"retry-after-ms": "1500"}),
+                  tool_answer("Your order #102 is on its way."))
+    ANSWER_SUPPORT.send(_broker(), 1, "Where is my record?")
+    assert await asyncio.to_thread(finished.wait_for, 1) == [(ANSWER_SUPPORT.actor, None)]
+    first, second = fake_llm.requests
+    assert second.at_s - first.at_s >= 1.5
+    assert await pool.fetchval("SELECT source FROM support_interactions") == "model"
+
+
 async def test_refresh_fans_out_recommend_jobs(
     worker_env: tuple[Finished, Any], fake_llm: FakeAnthropic, redis: Any
 ) -> None:

@@ -7,6 +7,7 @@ the outcome asserted is what a customer would get, not just "no exception".
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -14,11 +15,22 @@ import pytest
 from actors.agents import recommendation as reco
 from actors.agents.deps import AgentDeps
 from actors.agents.limits import AgentLimits
-from actors.agents.llm import Tool, agent_limits, estimate_tokens
+from actors.agents.llm import (
+    DEFAULT_BACKOFF,
+    LlmGateway,
+    Tool,
+    agent_limits,
+    build_client,
+    estimate_input_tokens,
+    estimate_tokens,
+    retry_after_hint_s,
+)
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
-from tests.actors.agents.conftest import Clock, MakeDeps, metric
+from runtime.settings import Settings
+from tests.actors.agents.conftest import NOON, Clock, MakeDeps, metric
 from tests.actors.agents.fake_anthropic import (
     FakeAnthropic,
+    Received,
     cut_text,
     cut_tool,
     hang,
@@ -79,14 +91,98 @@ async def test_a_job_with_attempts_left_raises_instead_of_falling_back(
     assert await reco.cached_recommendations(deps, 1) is None
 
 
+def _input_estimate(sent: Received) -> int:
+    """The gateway's input estimate of a request, from what the server received."""
+    spec = sent.body["tools"][0]
+    return estimate_input_tokens(sent.body["system"], sent.user_text,
+                                 Tool(spec["name"], spec["description"], spec["input_schema"]))
+
+
 async def test_hang_past_the_timeout_falls_back(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:
     deps = make_deps(llm_timeout_s=0.3)
     fake_llm.default = hang()
     answer = await reco.recommend(deps, 1)
     assert answer.source == "fallback" and answer.fallback_reason == "timeout"
     assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="timeout") == 1
-    # nothing is charged for a call that never answered
-    assert await deps.limits.budget_used("recommendation", deps.clock()) == 0
+    # the request was sent and may have been billed: its input stays charged, the output cap does not
+    [sent] = fake_llm.requests
+    assert await deps.limits.budget_used("recommendation", deps.clock()) == _input_estimate(sent)
+    assert await deps.limits.consecutive_failures("recommendation") == 1
+
+
+async def test_a_hanging_model_falls_back_before_the_ask_timeout_at_default_proportions(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    # The default durations divided by 20: a 60 s ask timeout, 20 s per attempt, 2 retries,
+    # up to 20 s waiting for a rate slot, the SDK's 0.5 s backoff, a 40 s request deadline.
+    scale = 1 / 20
+    s = Settings()
+    deps = make_deps(
+        actor_ask_timeout_s=s.actor_ask_timeout_s * scale, llm_timeout_s=s.llm_timeout_s * scale,
+        llm_max_retries=s.llm_max_retries, llm_max_wait_s=s.llm_max_wait_s * scale,
+        llm_deadline_s=s.llm_deadline_s * scale, recommendation_rpm=120,
+    )
+    backoff = replace(DEFAULT_BACKOFF, base_backoff_s=DEFAULT_BACKOFF.base_backoff_s * scale,
+                      max_backoff_s=DEFAULT_BACKOFF.max_backoff_s * scale)
+    deps = replace(deps, llm=LlmGateway(deps.settings, build_client(deps.settings), deps.limits,
+                                        deps.metrics, deps.clock, backoff=backoff))
+    fake_llm.default = hang()
+    # an empty requests bucket: the call first waits for a rate slot (0.5 s at 120 a minute)
+    while await deps.limits.take_rate("recommendation", agent_limits(deps.settings, "recommendation"), 0) == 0:
+        pass
+
+    # what the agents' actor does: the handler gets the ask timeout, not a second more
+    async with asyncio.timeout(deps.settings.actor_ask_timeout_s):
+        answer = await reco.recommend(deps, 1)
+
+    assert answer.source == "fallback" and answer.fallback_reason == "timeout" and answer.items
+    assert len(fake_llm.requests) == 2  # one attempt timed out; the deadline cut the retry short
+    assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="timeout") == 1
+    assert await deps.limits.consecutive_failures("recommendation") == 1  # one failed request
+    assert await deps.limits.budget_used("recommendation", deps.clock()) == _input_estimate(
+        fake_llm.requests[0])
+
+
+async def test_an_ask_cancelled_mid_call_settles_its_reservations_and_counts_a_failure(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    deps = make_deps(llm_timeout_s=30.0)
+    fake_llm.default = hang()
+    asking = asyncio.create_task(deps.llm.ask("support", "sys", "ping", PING))
+    await asyncio.wait_for(fake_llm.arrived.wait(), 5)
+    asking.cancel()  # the asker gave up (its ask timeout, a shutdown)
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    [sent] = fake_llm.requests
+    assert await deps.limits.budget_used("support", deps.clock()) == _input_estimate(sent)
+    assert await deps.limits.consecutive_failures("support") == 1
+    assert metric(deps, "shopflow_agent_calls_total", agent="support", outcome="cancelled") == 1
+
+
+async def test_a_retry_after_past_the_deadline_is_left_to_the_job(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic
+) -> None:
+    deps = make_deps(llm_max_retries=2, llm_deadline_s=5.0)
+    fake_llm.default = status(529, "overloaded_error", {"retry-after": "30"})
+    async with asyncio.timeout(5):  # the gateway does not sit out the 30 s itself
+        with pytest.raises(LlmUnavailable) as info:
+            await deps.llm.ask("support", "sys", "ping", PING)
+    assert info.value.reason == "api_error" and info.value.retry_after_s == 30
+    assert len(fake_llm.requests) == 1
+    assert await deps.limits.budget_used("support", deps.clock()) == 0  # an error answer is not billed
+
+
+@pytest.mark.parametrize("headers, hint_s", [
+    ({"retry-after-ms": "1500"}, 1.5),
+    ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+    ({"retry-after": "7"}, 7.0),
+    ({"retry-after": "Thu, 03 Dec 2026 15:00:12 GMT"}, 12.0),
+    ({"retry-after": "soon"}, None),
+    ({"retry-after": "0"}, None),
+    ({}, None),
+])
+def test_retry_after_hints(headers: dict[str, str], hint_s: float | None) -> None:
+    assert retry_after_hint_s(headers, now_s=NOON.timestamp()) == hint_s
 
 
 async def test_tool_call_cut_at_max_tokens_is_not_trusted(make_deps: MakeDeps, fake_llm: FakeAnthropic) -> None:

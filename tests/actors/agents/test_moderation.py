@@ -152,6 +152,30 @@ def test_heuristics() -> None:
     assert cats("The price went from 49 to 39, a good deal") == []
 
 
+@pytest.mark.parametrize("text", [
+    "Recorded 1959-1960 at Van Gelder's studio, remastered 2019.",
+    "The 1959 1960 1961 sessions, all in one box.",
+    "Bought it on 2023-12-05, arrived 12/05/2023, played it 20 times.",
+    "R$ 1.299,90 for the box set, 3 LPs, 180 g each.",
+    "Track 7 runs 12:45; catalogue number CL 1355.",
+])
+def test_years_dates_and_prices_are_not_personal_data(text: str) -> None:
+    assert [s for s in mod.heuristic_signals(text) if s.category == "personal_data"] == []
+
+
+@pytest.mark.parametrize("text", [
+    "Call me on (11) 98765-4321 for a copy.",
+    "Whats up, ring 11 98765-4321",
+    "Phone +55 11 98765 4321 anytime",
+    "US buyers: 212-555-0100",
+    "my CPF is 123.456.789-09",
+    "text 11987654321",
+    "+1 (212) 555-0100",
+])
+def test_phone_and_document_numbers_are_personal_data(text: str) -> None:
+    assert "personal_data" in {s.category for s in mod.heuristic_signals(text)}
+
+
 async def test_submitting_a_review_queues_its_moderation_in_the_same_transaction(make_deps: MakeDeps) -> None:
     from runtime.errors import NotFound, ValidationError
 

@@ -120,6 +120,35 @@ async def test_not_due_and_anonymous_carts(pool: asyncpg.Pool) -> None:
         assert await schedule_reminder(conn, anon_id, DAY_S) is None
 
 
+async def test_a_reminder_that_fires_early_comes_back_when_due(pool: asyncpg.Pool) -> None:
+    cart_id, updated = await _cart(pool, idle_for_s=10)
+    async with pool.acquire() as conn:
+        plan = await schedule_reminder(conn, cart_id, DAY_S)
+        assert plan is not None
+        assert await fire_reminder(conn, cart_id, updated.isoformat(), DAY_S) == "not_due"
+        first, again = await _jobs(pool, REMINDER_DUE.actor)
+        # the early job put itself back, for the same cart version, delayed to the due time
+        assert again["args"] == first["args"] == [cart_id, updated.isoformat()]
+        assert again["options"]["delay_ms"] > (DAY_S - 60) * 1000
+        assert await fire_reminder(conn, cart_id, updated.isoformat(), DAY_S, now=plan.due_at) == "sent"
+        assert await fire_reminder(conn, cart_id, updated.isoformat(), DAY_S, now=plan.due_at) == "already_sent"
+    assert len(await _jobs(pool, SEND_CART_REMINDER.actor)) == 1
+
+
+async def test_sweep_fires_a_stranded_reminder_again_and_it_is_sent_once(pool: asyncpg.Pool) -> None:
+    cart_id, updated = await _cart(pool, idle_for_s=DAY_S + 2 * 3600)
+    async with pool.acquire() as conn:
+        await schedule_reminder(conn, cart_id, DAY_S)  # its due job is lost on the way
+        assert await sweep_idle_carts(conn, DAY_S) == 1
+        jobs = await _jobs(pool, REMINDER_DUE.actor)
+        assert len(jobs) == 2 and jobs[1]["args"] == [cart_id, updated.isoformat()]
+        assert jobs[1]["options"]["delay_ms"] == 0
+        outcomes = [await fire_reminder(conn, cart_id, updated.isoformat(), DAY_S) for _ in jobs]
+        assert outcomes == ["sent", "already_sent"]
+        assert await sweep_idle_carts(conn, DAY_S) == 0  # sent: nothing stranded any more
+    assert len(await _jobs(pool, SEND_CART_REMINDER.actor)) == 1
+
+
 async def test_sweep_schedules_unannounced_idle_carts_once(pool: asyncpg.Pool) -> None:
     await _cart(pool, idle_for_s=DAY_S + 5)
     await _cart(pool, idle_for_s=60)

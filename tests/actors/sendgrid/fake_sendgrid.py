@@ -1,11 +1,14 @@
 """A local SendGrid v3 server that checks requests the way the real mail send API does.
 
-It validates what the real ``POST /v3/mail/send`` requires: a Bearer API key,
-``Content-Type: application/json``, ``from.email``, a non-empty
-``personalizations`` list whose entries have a non-empty ``to`` with valid
-addresses, a subject and content unless a template is used, a ``d-`` dynamic
-template id with ``dynamic_template_data`` objects, string ``custom_args``.
-Violations answer 400 with SendGrid's ``{"errors": [{"message", "field"}]}``.
+It validates what the real ``POST /v3/mail/send`` requires, in its order: a
+Bearer API key first (401 whatever the body), then ``Content-Type:
+application/json``, then the body: only the documented top-level fields,
+``from.email``, a non-empty ``personalizations`` list whose entries have a
+non-empty ``to`` with valid addresses, a subject and content unless a template
+is used (``text/plain`` first, then ``text/html``, then any other type), a
+``d-`` dynamic template id with ``dynamic_template_data`` objects, string
+``custom_args``. Violations answer 400 with SendGrid's ``{"errors":
+[{"message", "field"}]}``.
 
 Answers are scripted per request (``script``): 202, 400, 401, 429 with
 Retry-After, 5xx, ``hang`` (never answers) or ``accept_hang`` (accepts the
@@ -17,6 +20,7 @@ the ``unique_args['name']="value"`` query.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +31,12 @@ from aiohttp import web
 API_KEY = "SG.test-key"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _UNIQUE_ARG_QUERY = re.compile(r"""^unique_args\['([^']+)'\]="([^"]*)"$""")
+# The top-level fields of the v3 mail send body; anything else is refused.
+MAIL_FIELDS = frozenset({
+    "personalizations", "from", "reply_to", "reply_to_list", "subject", "content", "attachments",
+    "template_id", "headers", "categories", "custom_args", "send_at", "batch_id", "asm",
+    "ip_pool_name", "mail_settings", "tracking_settings",
+})
 
 
 @dataclass
@@ -69,7 +79,10 @@ def validate_mail(body: Any) -> list[tuple[str, str | None]]:
     """The problems SendGrid would report for this mail-send body (empty = valid)."""
     if not isinstance(body, dict):
         return [("Bad Request", None)]
-    problems: list[tuple[str, str | None]] = []
+    problems: list[tuple[str, str | None]] = [
+        (f"The field {name!r} is not a valid field of the mail send request.", name)
+        for name in sorted(set(body) - MAIL_FIELDS)
+    ]
     sender = body.get("from")
     if not isinstance(sender, dict) or not _EMAIL.match(str(sender.get("email", ""))):
         problems.append(("The from object must be provided for every email send.", "from"))
@@ -102,24 +115,39 @@ def validate_mail(body: Any) -> list[tuple[str, str | None]]:
                            for c in content)):
             problems.append((("Unless a valid template_id is provided, the content parameter is "
                               "required."), "content"))
+        else:
+            problems.extend(_content_order(content))
     custom_args = body.get("custom_args", {})
     if not isinstance(custom_args, dict) or not all(isinstance(v, str) for v in custom_args.values()):
         problems.append(("custom_args values must be strings.", "custom_args"))
     return problems
 
 
+def _content_order(content: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    """SendGrid's rule: ``text/plain`` (if any) first, then ``text/html``, then other types."""
+    rank = {"text/plain": 0, "text/html": 1}
+    ranks = [rank.get(str(c["type"]).lower(), 2) for c in content]
+    if ranks != sorted(ranks):
+        return [(("The content value must be in order: text/plain first, then text/html, "
+                 "then any other type."), "content")]
+    return []
+
+
 async def mail_send(request: web.Request) -> web.Response:
     fake = request.app[FAKE_KEY]
-    denied = _check_auth(request)
-    if request.content_type != "application/json":
-        return _errors(415, ("Content-Type should be application/json.", None))
+    raw = await request.read()
     try:
-        body = await request.json()
+        body: Any = json.loads(raw) if raw else None
     except ValueError:
-        return _errors(400, ("Bad Request", None))
+        body = None
     fake.requests.append({"headers": dict(request.headers), "body": body})
+    denied = _check_auth(request)  # the key is checked before anything in the request
     if denied is not None:
         return denied
+    if request.content_type != "application/json":
+        return _errors(415, ("Content-Type should be application/json.", None))
+    if body is None:
+        return _errors(400, ("Bad Request", None))
     problems = validate_mail(body)
     if problems:
         return _errors(400, *problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -231,3 +232,36 @@ async def test_the_sweep_stops_at_the_first_failed_lookup(pool: asyncpg.Pool, fa
     assert state.activity_lookups == 1, "the other rows do not each wait out a timeout"
     assert {r["state"] for r in await pool.fetch("SELECT state FROM email_provider_sends")} == {
         "sending"}
+
+
+def _valid_body() -> dict[str, object]:
+    return build_mail(_email("strict:1", template=None), _config("http://unused"))
+
+
+def test_the_fake_refuses_unknown_top_level_fields() -> None:
+    body = {**_valid_body(), "to": [{"email": "ana@example.com.br"}], "priority": "high"}
+    assert [field for _, field in validate_mail(body)] == ["priority", "to"]
+
+
+def test_the_fake_wants_text_plain_before_text_html() -> None:
+    body = _valid_body()
+    assert validate_mail(body) == []
+    body["content"] = [{"type": "text/html", "value": "<p>Oi</p>"}, {"type": "text/plain", "value": "Oi"}]
+    assert [field for _, field in validate_mail(body)] == ["content"]
+    body["content"] = [{"type": "text/html", "value": "<p>Oi</p>"}]  # html alone is fine
+    assert validate_mail(body) == []
+
+
+async def test_the_fake_checks_the_key_before_the_body(fake: Fake) -> None:
+    url, state = fake
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v3/mail/send", data="not json",
+                                headers={"Authorization": "Bearer SG.wrong",
+                                         "Content-Type": "text/plain"}) as wrong_key:
+            assert wrong_key.status == 401
+        async with session.post(f"{url}/v3/mail/send", json={"subject": "no recipients"},
+                                headers={"Authorization": f"Bearer {API_KEY}"}) as bad_body:
+            assert bad_body.status == 400
+            fields = {e["field"] for e in (await bad_body.json())["errors"]}
+            assert {"from", "personalizations", "content"} <= fields
+    assert state.accepted == [] and len(state.requests) == 2

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -14,9 +17,11 @@ from actors.stock_sync.metrics import RUN_DURATION_BUCKETS_S, build_metrics
 from actors.stock_sync.sync import SyncDeps, sync_once, sync_overdue
 from actors.stock_sync.warehouse_client import HttpWarehouse, parse_stock_answer
 from ops.simulators.warehouse import quantity_for
+from runtime import db
 from runtime.circuit import BreakerState, CircuitBreaker
 from runtime.errors import MalformedResponse
 from runtime.http import RetryPolicy
+from runtime.settings import Settings
 from tests.actors.stock_sync.conftest import (
     InFlight,
     Warehouse,
@@ -59,6 +64,44 @@ async def test_normal_sync_writes_only_changes_and_emits_events(
     moved = sum(1 for e in ext_ids if quantity_for(11, e, 1) != expected[e])
     third = await sync_once(deps)
     assert third.changed == moved and 0 < moved < 60
+
+
+@contextlib.asynccontextmanager
+async def statement_log(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, list[str]]]:
+    """A pool whose connections record every statement they send to PostgreSQL."""
+    sent: list[str] = []
+    logged = await db.create_pool(database_url, min_size=2, max_size=2)
+    try:
+        async with logged.acquire() as a, logged.acquire() as b:
+            for conn in (a, b):
+                conn.add_query_logger(lambda record: sent.append(" ".join(record.query.split())))
+        yield logged, sent
+    finally:
+        await logged.close()
+
+
+def _writes(sent: list[str]) -> list[str]:
+    """The data-changing statements among ``sent`` (a CTE counts by what it does)."""
+    return [q for q in sent if re.search(r"\b(UPDATE|INSERT INTO|DELETE FROM)\b", q)]
+
+
+async def test_each_batch_writes_with_one_statement_per_table(
+        settings: Settings, pool: asyncpg.Pool, warehouse: Warehouse,
+        http_session: aiohttp.ClientSession) -> None:
+    ext_ids = await link_products(pool, 120)
+    async with statement_log(settings.database_url or "") as (logged, sent):
+        deps = SyncDeps(pool=logged, warehouse=make_client(http_session, warehouse.url),
+                        batch_size=40, concurrency=2)
+        report = await sync_once(deps)
+    changed = sum(1 for e in ext_ids if quantity_for(11, e, 0) != 0)
+    assert report.outcome == "ok" and report.batches == 3 and report.changed == changed > 3 * 2
+    writes = _writes(sent)
+    # per batch: ONE inventory UPDATE for all its changed products, ONE outbox INSERT for
+    # all their events, ONE conflict-resolution UPDATE; never a statement per product
+    assert sum("UPDATE inventory" in q for q in writes) == 3
+    assert sum("INSERT INTO outbox" in q for q in writes) == 3
+    assert sum("UPDATE stock_conflicts" in q for q in writes) == 3
+    assert len(writes) == 9, writes
 
 
 async def test_warehouse_below_reservations_opens_a_conflict(
@@ -165,6 +208,30 @@ async def test_breaker_opens_fails_fast_and_closes_again(
     assert breaker.state is BreakerState.HALF_OPEN
     recovered = await sync_once(deps)
     assert recovered.outcome == "ok" and breaker.state is BreakerState.CLOSED
+
+
+async def test_the_first_run_after_an_outage_is_whole_at_full_concurrency(
+        pool: asyncpg.Pool, warehouse: Warehouse, http_session: aiohttp.ClientSession) -> None:
+    await link_products(pool, 80)
+    registry = CollectorRegistry()
+    now = [1000.0]
+    breaker = CircuitBreaker("warehouse", failure_threshold=2, reset_timeout_s=30,
+                             clock=lambda: now[0])
+    deps = SyncDeps(pool=pool, warehouse=make_client(http_session, warehouse.url, breaker, attempts=1),
+                    metrics=build_metrics(registry), batch_size=10, concurrency=4)
+    warehouse.set_faults(error_rate=1.0, error_status=503)
+    assert (await sync_once(deps)).outcome == "failed" and breaker.state is BreakerState.OPEN
+    now[0] += 30
+    warehouse.set_faults(latency_ms=50)  # back, and slow enough that the trial is still in flight
+    lookups_before = warehouse.lookups()
+
+    recovered = await sync_once(deps)
+
+    # the batches that met the trial in flight waited for it instead of failing
+    assert recovered.outcome == "ok" and recovered.checked == 80, recovered
+    assert warehouse.lookups() - lookups_before == 8
+    assert breaker.snapshot().state is BreakerState.CLOSED
+    assert (registry.get_sample_value("shopflow_stock_sync_last_success_timestamp_seconds") or 0) > 0
 
 
 async def test_unknown_ids_are_reported_not_written(
