@@ -34,6 +34,7 @@ from tests.runtime.metrics_helpers import (
 from tests.runtime.metrics_worker import FLAKY, OK, PERMANENT
 
 WORKER = ["-m", "tests.runtime.metrics_worker"]
+CORRELATION_ID = "3f0c7c4e-0000-4000-8000-000000000000"
 GAUGES = ["-m", "tests.runtime.metrics_gauge_process"]
 
 
@@ -170,7 +171,8 @@ def test_scrape_is_fast_after_10000_jobs_and_restarts(settings: Settings) -> Non
 
 
 def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
-    """The middleware puts job id, queue and actor on every log line the job writes."""
+    """The middleware puts job id, queue, actor, the order the actor takes and the order's
+    correlation id on every log line the job writes."""
     lines: list[dict[str, object]] = []
     logged = threading.Event()
 
@@ -192,15 +194,16 @@ def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
                              worker_timeout=50)
     worker.start()
     try:
-        message = spec.send(broker, 42)
+        message = spec.send(broker, 42, correlation_id=CORRELATION_ID)
         assert logged.wait(20)
     finally:
         worker.stop()
         broker.close()
         logger.removeHandler(handler)
-    assert {k: lines[0][k] for k in ("job_id", "queue", "actor", "retries", "msg")} == {
+    keys = ("job_id", "queue", "actor", "retries", "order_id", "correlation_id", "msg")
+    assert {k: lines[0].get(k) for k in keys} == {
         "job_id": message.message_id, "queue": "inventory", "actor": "obs_speaks", "retries": 0,
-        "msg": "reserving stock"}
+        "order_id": 42, "correlation_id": CORRELATION_ID, "msg": "reserving stock"}
 
 
 def _in_process_worker(settings: Settings, threads: int = 2) -> tuple[JobBroker, dramatiq.Worker]:
