@@ -12,8 +12,17 @@ so every process on every host agrees on what is already open:
 - :func:`page_job_failed` pages (critical) for a job that failed for good;
   each job pages once, however often its failure is reported.
 
-A page the webhook did not accept is retried on the next ``fire`` of the same
-open incident, so an on-call webhook that was down still gets the page.
+**Nothing the webhook refused is lost.** A notification (page, resolve, or
+the page of a job that failed for good) that the webhook did not accept after
+its attempts is kept in the Redis hash ``{namespace}:alerts:undelivered``,
+one entry per incident, status and start (so it is kept once however often
+it is reported), and :meth:`Alerter.deliver_pending` sends the kept ones
+again, oldest first, each incident's in order: the queue monitor calls it on
+every check (every 60 s), any process of any host can, and ``fire`` of an
+open incident retries that incident's own. A later notification of an
+incident that still has one waiting queues behind it, so a resolve never
+overtakes its page. An entry is dropped, with an error logged, after
+``UNDELIVERED_MAX_AGE_S``.
 
 **Hysteresis.** With ``SHOPFLOW_ALERT_RESOLVE_AFTER_S`` > 0 an incident is
 closed only by a ``resolve`` that comes that long after the first ``resolve``
@@ -67,6 +76,8 @@ CLEAR_SINCE = "clear_since_s"
 CAS_ROUNDS = 5
 # The argument name that marks a job's order id (page_job_failed puts it in the page).
 ORDER_ID_ARG = "order_id"
+# An undelivered notification is retried this long, then dropped with an error logged.
+UNDELIVERED_MAX_AGE_S = 7 * 24 * 3600
 
 # Atomically replace (or, with an empty new value, delete) a hash field still
 # holding the value the caller read: KEYS[1] hash, ARGV field, expected, new.
@@ -113,6 +124,11 @@ def incidents_key(namespace: str) -> str:
     return f"{namespace}:alerts:incidents"
 
 
+def undelivered_key(namespace: str) -> str:
+    """Redis hash delivery id -> JSON of each notification the webhook has not accepted yet."""
+    return f"{namespace}:alerts:undelivered"
+
+
 def alerts_stream(namespace: str) -> str:
     """The Redis Stream the dashboard reads alerts from."""
     return f"{namespace}:events:alerts"
@@ -143,45 +159,32 @@ class Alerter:
     async def fire(self, alert: Alert) -> bool:
         """Report that ``alert``'s condition holds; True if this call paged.
 
-        Opens the incident and notifies only if it was not open already (or
-        its earlier page never reached the webhook). An open incident waiting
-        out its resolve hysteresis stays open, unpaged again.
+        Opens the incident and notifies only if it was not open already. For
+        an open incident it cancels a pending close (resolve hysteresis) and
+        retries the incident's notifications the webhook has not accepted yet.
         """
         now_s = self._clock()
         record: dict[str, Any] = {
             "name": alert.name, "severity": alert.severity.value, "summary": alert.summary,
             "labels": dict(alert.labels), "details": dict(alert.details),
-            "started_at": _iso(now_s), "paged": False, "attempted_s": now_s}
+            "started_at": _iso(now_s)}
         opened = await self._redis.hsetnx(self._key, alert.fingerprint, json.dumps(record))
-        if not opened:
-            claimed = await self._claim_redelivery(alert, now_s)
-            if claimed is None:
-                return False
-            record = claimed
-            log.info("retrying undelivered page", extra={"fingerprint": alert.fingerprint})
-        paged = await self._notify(alert, "firing", record["started_at"], None)
-        if paged:
-            # Only if it is still open (resolve may have closed it meanwhile).
-            await self._change(alert.fingerprint, lambda r: {**r, "paged": True})
-        return paged
+        if opened:
+            return await self._notify(alert, "firing", record["started_at"], None)
+        await self._cancel_close(alert.fingerprint)
+        return bool(await self.deliver_pending(alert.fingerprint))
 
-    async def _claim_redelivery(self, alert: Alert, now_s: float) -> dict[str, Any] | None:
-        """For an open incident: cancel a pending close; the record if this call should page."""
+    async def _cancel_close(self, fingerprint: str) -> None:
+        """For an open incident: forget a pending close (the condition holds again)."""
         for _ in range(CAS_ROUNDS):
-            raw = await self._redis.hget(self._key, alert.fingerprint)
+            raw = await self._redis.hget(self._key, fingerprint)
             if raw is None:
-                return None  # closed a moment ago
+                return  # closed a moment ago
             record: dict[str, Any] = json.loads(raw)
-            held = record.pop(CLEAR_SINCE, None) is not None
-            redeliver = not record.get("paged") and (
-                now_s - record.get("attempted_s", 0) >= self._delivery_s())
-            if not (held or redeliver):
-                return None  # delivered, or another process is delivering it right now
-            if redeliver:
-                record["attempted_s"] = now_s
-            if await self._cas(alert.fingerprint, raw, json.dumps(record)):
-                return record if redeliver else None
-        return None
+            if record.pop(CLEAR_SINCE, None) is None:
+                return
+            if await self._cas(fingerprint, raw, json.dumps(record)):
+                return
 
     def max_delivery_s(self) -> float:
         """The longest one delivery can take: every attempt timing out, plus the pauses."""
@@ -220,9 +223,12 @@ class Alerter:
                 return True
         return False
 
-    async def _cas(self, fingerprint: str, expected: bytes | str, new: str) -> bool:
-        """Set (or with ``new == ""`` delete) the incident if it still reads ``expected``."""
-        done = await self._redis.eval(_CAS_SCRIPT, 1, self._key, fingerprint, expected, new)
+    async def _cas(self, fingerprint: str, expected: bytes | str, new: str,
+                   key: str | None = None) -> bool:
+        """Set (or with ``new == ""`` delete) the incident (or a field of ``key``) if it
+        still reads ``expected``."""
+        done = await self._redis.eval(_CAS_SCRIPT, 1, key or self._key, fingerprint, expected,
+                                      new)
         return bool(done)
 
     async def _change(self, fingerprint: str,
@@ -248,18 +254,21 @@ class Alerter:
     async def notify_once(self, alert: Alert, memory_s: int = JOB_FAILED_MEMORY_S) -> bool:
         """Notify about a one-off event (no resolve) unless it was notified already."""
         key = f"{self._settings.namespace}:alerts:once:{alert.fingerprint}"
-        if not await self._redis.set(key, _iso(self._clock()), nx=True, ex=memory_s):
+        started_at = _iso(self._clock())
+        if not await self._redis.set(key, started_at, nx=True, ex=memory_s):
             return False
-        paged = await self._notify(alert, "firing", _iso(self._clock()), None)
-        if not paged:
-            await self._redis.delete(key)  # let the next report try again
-        return paged
+        # Not delivered: kept and retried by deliver_pending (the event is not reported again).
+        return await self._notify(alert, "firing", started_at, None)
 
     # --- delivery ---------------------------------------------------------------
 
     async def _notify(self, alert: Alert, status: str, started_at: str,
                       ended_at: str | None) -> bool:
-        """Log it, add it to the alert stream, POST it to the webhook; True if delivered."""
+        """Log it, add it to the alert stream, POST it to the webhook; True if delivered.
+
+        Not delivered, it is kept for :meth:`deliver_pending`; while an earlier
+        notification of the same incident waits there, this one queues behind it.
+        """
         body = self._webhook_body(alert, status, started_at, ended_at)
         level = logging.INFO if status == "resolved" else (
             logging.ERROR if alert.severity is Severity.CRITICAL else logging.WARNING)
@@ -277,9 +286,86 @@ class Alerter:
             self._metrics.alerts.labels(alert.name, alert.severity.value, status).inc()
         if not self._settings.alert_webhook_url:
             return True  # the log and the dashboard are the on-call channel
+        delivery_id = f"{alert.fingerprint}:{status}:{started_at}"
+        if await self._pending_of(alert.fingerprint):
+            await self._keep(delivery_id, alert.fingerprint, body)
+            return delivery_id in await self.deliver_pending(alert.fingerprint)
         delivered = await self._post(body)
+        self._count_delivery(delivered)
+        if not delivered:
+            await self._keep(delivery_id, alert.fingerprint, body)
+        return delivered
+
+    def _count_delivery(self, delivered: bool) -> None:
         if self._metrics is not None:
             self._metrics.alert_deliveries.labels("delivered" if delivered else "failed").inc()
+
+    # --- notifications the webhook did not accept ---------------------------------
+
+    async def _keep(self, delivery_id: str, fingerprint: str, body: dict[str, Any]) -> None:
+        """Keep a refused notification for :meth:`deliver_pending` (once per delivery id).
+
+        It is not tried again before one delivery's length has passed (the
+        webhook just refused it, or another process may be posting it now).
+        """
+        now_s = self._clock()
+        entry = {"fingerprint": fingerprint, "body": body, "queued_s": now_s,
+                 "not_before_s": now_s + self._delivery_s(), "attempts": 1}
+        if await self._redis.hsetnx(undelivered_key(self._settings.namespace), delivery_id,
+                                    json.dumps(entry)):
+            log.warning("alert notification %s kept for a later delivery", delivery_id,
+                        extra={"fingerprint": fingerprint})
+
+    async def _pending_of(self, fingerprint: str) -> bool:
+        """Whether a notification of ``fingerprint`` still waits to be delivered."""
+        raw = await self._redis.hgetall(undelivered_key(self._settings.namespace))
+        return any(json.loads(v)["fingerprint"] == fingerprint for v in raw.values())
+
+    async def undelivered(self) -> dict[str, dict[str, Any]]:
+        """Every kept notification by delivery id (for the dashboard, the CLI and tests)."""
+        raw = await self._redis.hgetall(undelivered_key(self._settings.namespace))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    async def deliver_pending(self, fingerprint: str | None = None) -> list[str]:
+        """Send kept notifications again (only ``fingerprint``'s, if given); the ids delivered.
+
+        Oldest first, and an incident's in order: one that is not due yet (tried
+        less than a delivery's length ago, possibly by another process right
+        now) holds back the later ones of its incident. Each is claimed in Redis
+        for one delivery's length before it is posted, so two processes calling
+        this at once do not both send it. The round stops at the first refusal
+        (the webhook is still down): what is left waits for the next call.
+        """
+        key = undelivered_key(self._settings.namespace)
+        raw_entries = await self._redis.hgetall(key)
+        entries = sorted(((_text(k), _text(v), json.loads(v)) for k, v in raw_entries.items()),
+                         key=lambda e: (e[2]["queued_s"], e[0]))
+        delivered: list[str] = []
+        held: set[str] = set()
+        for delivery_id, raw, entry in entries:
+            fp = entry["fingerprint"]
+            if (fingerprint is not None and fp != fingerprint) or fp in held:
+                continue
+            now_s = self._clock()
+            if now_s - entry["queued_s"] > UNDELIVERED_MAX_AGE_S:
+                if await self._cas(delivery_id, raw, "", key=key):
+                    log.error("alert notification %s was never accepted by the webhook; "
+                              "dropped after %d attempts", delivery_id, entry["attempts"])
+                continue
+            claimed = json.dumps({**entry, "not_before_s": now_s + self._delivery_s(),
+                                  "attempts": entry["attempts"] + 1})
+            if entry["not_before_s"] > now_s or not await self._cas(delivery_id, raw, claimed,
+                                                                    key=key):
+                held.add(fp)  # not due, or another process took it first
+                continue
+            ok = await self._post(entry["body"])
+            self._count_delivery(ok)
+            if not ok:
+                break  # the claim stays: tried again once a delivery's length has passed
+            await self._cas(delivery_id, claimed, "", key=key)
+            log.info("alert notification %s delivered on attempt %d", delivery_id,
+                     entry["attempts"] + 1)
+            delivered.append(delivery_id)
         return delivered
 
     def _webhook_body(self, alert: Alert, status: str, started_at: str,

@@ -88,6 +88,10 @@ class Metrics:
     cron_runs: Counter
     cron_duration: Histogram
     cron_last_success: Gauge
+    cron_missed: Counter
+    cron_late: Counter
+    cron_started_late: Counter
+    cron_expected_interval: Gauge
     carts_cleaned: Counter
     reservations_released: Counter
     # Stock sync.
@@ -103,6 +107,7 @@ class Metrics:
     actor_start_failures: Counter
     supervisor_give_ups: Counter
     supervisor_escalations: Counter
+    process_fatal: Counter
     # WebSocket and events.
     websocket_connections: Gauge
     websocket_events_sent: Counter
@@ -154,6 +159,19 @@ def _build(registry: CollectorRegistry) -> Metrics:
         cron_last_success=Gauge("shopflow_cron_last_success_timestamp_seconds", "When the "
                                 "schedule last ran successfully (kept after its process exits).",
                                 ["schedule"], multiprocess_mode="max", registry=r),
+        cron_missed=Counter("shopflow_cron_missed", "Slots due while no scheduler ran that did "
+                            "not run (skipped, or folded into one catch-up run).", ["schedule"],
+                            registry=r),
+        cron_late=Counter("shopflow_cron_late", "Slots the scheduler sent after their misfire "
+                          "grace (catch-up runs after an outage).", ["schedule"], registry=r),
+        cron_started_late=Counter("shopflow_cron_started_late", "Scheduled runs a worker "
+                                  "started more than a minute after their slot.", ["schedule"],
+                                  registry=r),
+        cron_expected_interval=Gauge("shopflow_cron_expected_interval_seconds", "The longest "
+                                     "gap between two slots of a built-in schedule (set by "
+                                     "the scheduler; the alert rules compare the last success "
+                                     "with it).", ["schedule"], multiprocess_mode="mostrecent",
+                                     registry=r),
         carts_cleaned=Counter("shopflow_carts_cleaned", "Abandoned carts removed by "
                               "housekeeping.", registry=r),
         reservations_released=Counter("shopflow_reservations_released", "Expired stock "
@@ -182,6 +200,8 @@ def _build(registry: CollectorRegistry) -> Metrics:
         supervisor_escalations=Counter("shopflow_supervisor_escalations", "Supervisors that gave "
                                        "up (restart intensity exceeded).", ["supervisor"],
                                        registry=r),
+        process_fatal=Counter("shopflow_process_fatal", "Programs supervisord gave up "
+                              "restarting (FATAL), by program.", ["program"], registry=r),
         websocket_connections=Gauge("shopflow_websocket_connections", "Open WebSocket "
                                     "connections.", multiprocess_mode="livesum", registry=r),
         websocket_events_sent=Counter("shopflow_websocket_events_sent", "Events pushed to "

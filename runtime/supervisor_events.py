@@ -6,14 +6,21 @@ That must not be silent. This listener speaks supervisord's event listener
 protocol on stdin/stdout (write ``READY``, read a header line and a payload
 of ``len`` bytes, answer ``RESULT 2\\nOK`` or ``RESULT 4\\nFAIL``) and for
 
-- ``PROCESS_STATE_FATAL``: logs at CRITICAL and XADDs an alert
-  (``type=process.fatal``) to ``{namespace}:events:alerts``;
+- ``PROCESS_STATE_FATAL``: logs at CRITICAL, XADDs an alert
+  (``type=process.fatal``) to ``{namespace}:events:alerts``, counts
+  ``shopflow_process_fatal_total{program}`` and **pages** (critical) through
+  :class:`~runtime.alerts.Alerter` to ``ALERT_WEBHOOK_URL``: once per
+  incident (program and host), however many FATAL events come;
+- ``PROCESS_STATE_RUNNING``: resolves that incident if one is open (someone
+  restarted the program), so its next FATAL pages again;
 - ``PROCESS_STATE_EXITED`` with ``expected:0``: logs and XADDs a
   ``process.exited`` event to ``{namespace}:events:supervision`` (supervisord
   restarts it; the event makes the restart visible).
 
 A Redis failure answers FAIL, so supervisord re-sends the event later
-instead of losing the alert. stdout belongs to the protocol: logs go to stderr.
+instead of losing the alert (the page is idempotent: one incident). A page
+the webhook refuses waits in Redis for the alerter's next delivery round
+(the queue monitor's check). stdout belongs to the protocol: logs go to stderr.
 """
 
 from __future__ import annotations
@@ -23,16 +30,76 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import redis
+import redis.asyncio as aioredis
 
+from runtime.alerts import Alert, Alerter, Severity
+from runtime.errors import TransientJobError
+from runtime.loop import LoopBridge
+from runtime.metrics import get_metrics
 from runtime.settings import Settings
 from runtime.tree import STREAM_MAXLEN, event_fields, stream_key
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, dict[str, str]], None]
+# The alert a FATAL program raises (one incident per program and host).
+PROCESS_FATAL_ALERT = "ProcessFatal"
+
+
+class FatalPager(Protocol):
+    """Pages FATAL programs and resolves them when they run again (the listener's thread)."""
+
+    def fatal(self, program: str, info: dict[str, Any]) -> None:
+        """supervisord gave up restarting ``program``."""
+        ...
+
+    def running(self, program: str, info: dict[str, Any]) -> None:
+        """``program`` runs (again)."""
+        ...
+
+
+def fatal_alert(program: str, host: str, info: dict[str, Any] | None = None) -> Alert:
+    """The incident of ``program`` being FATAL on ``host``."""
+    return Alert(PROCESS_FATAL_ALERT, Severity.CRITICAL,
+                 f"supervisord gave up restarting {program} on {host} (FATAL); "
+                 "it stays down until restarted by hand",
+                 labels={"program": program, "host": host}, details=dict(info or {}))
+
+
+class AlertingFatalPager:
+    """:class:`FatalPager` through :class:`~runtime.alerts.Alerter` on a loop of its own.
+
+    The listener is a plain blocking loop on stdin, so the alerter (async)
+    runs on a :class:`~runtime.loop.LoopBridge`; each event waits for its
+    page (bounded by one delivery), then supervisord gets its answer.
+    """
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self._settings = settings
+        self._bridge = LoopBridge("supervisor-events").start()
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0)
+        self._metrics = get_metrics(settings)
+        self._alerter = Alerter(settings, self._redis, self._metrics)
+        self._timeout_s = self._alerter.max_delivery_s() + 10.0
+
+    def fatal(self, program: str, info: dict[str, Any]) -> None:
+        """Count it and page (once per incident)."""
+        self._metrics.process_fatal.labels(program).inc()
+        alert = fatal_alert(program, str(info.get("host") or socket.gethostname()), info)
+        self._bridge.run(self._alerter.fire(alert), self._timeout_s)
+
+    def running(self, program: str, info: dict[str, Any]) -> None:
+        """Resolve the program's incident, if open."""
+        alert = fatal_alert(program, str(info.get("host") or socket.gethostname()))
+        self._bridge.run(self._alerter.resolve(alert), self._timeout_s)
+
+    def close(self) -> None:
+        """Close the Redis client and stop the loop."""
+        self._bridge.run(self._redis.aclose(), 10.0)
+        self._bridge.stop()
 
 
 def parse_tokens(line: str) -> dict[str, str]:
@@ -40,8 +107,9 @@ def parse_tokens(line: str) -> dict[str, str]:
     return dict(token.split(":", 1) for token in line.split() if ":" in token)
 
 
-def handle_event(headers: dict[str, str], payload: str, publish: Publish) -> None:
-    """Turn one supervisord event into a log line and a stream entry."""
+def handle_event(headers: dict[str, str], payload: str, publish: Publish,
+                 pager: FatalPager | None = None) -> None:
+    """Turn one supervisord event into a log line, a stream entry and, for FATAL, a page."""
     event_name = headers.get("eventname", "")
     body_header, _, body = payload.partition("\n")
     info: dict[str, Any] = parse_tokens(body_header)
@@ -52,13 +120,24 @@ def handle_event(headers: dict[str, str], payload: str, publish: Publish) -> Non
         log.critical("program %s is FATAL: supervisord gave up restarting it",
                      info.get("processname"), extra={"alert": info})
         publish("alerts", event_fields("process.fatal", info))
+        if pager is not None:
+            pager.fatal(_program(info), info)
+    elif event_name == "PROCESS_STATE_RUNNING":
+        if pager is not None:
+            pager.running(_program(info), info)
     elif event_name == "PROCESS_STATE_EXITED" and info.get("expected") == "0":
         log.error("program %s exited unexpectedly; supervisord restarts it",
                   info.get("processname"), extra={"event": info})
         publish("supervision", event_fields("process.exited", info))
 
 
-def serve(stdin: IO[str], stdout: IO[str], publish: Publish) -> None:
+def _program(info: dict[str, Any]) -> str:
+    """The program's name in supervisord.conf (bounded: a metric label and alert label)."""
+    return str(info.get("groupname") or info.get("processname") or "unknown")
+
+
+def serve(stdin: IO[str], stdout: IO[str], publish: Publish,
+          pager: FatalPager | None = None) -> None:
     """The listener loop: until stdin closes (supervisord stopping)."""
     while True:
         stdout.write("READY\n")
@@ -69,8 +148,9 @@ def serve(stdin: IO[str], stdout: IO[str], publish: Publish) -> None:
         headers = parse_tokens(line)
         payload = stdin.read(int(headers.get("len", "0")))
         try:
-            handle_event(headers, payload, publish)
-        except redis.RedisError as exc:
+            handle_event(headers, payload, publish, pager)
+        except (redis.RedisError, TransientJobError) as exc:
+            # Redis away, or the page outlasted its bound: supervisord sends the event again.
             log.error("could not record supervisord event %s: %s", headers.get("eventname"), exc)
             stdout.write("RESULT 4\nFAIL")
         else:
@@ -95,5 +175,10 @@ def redis_publisher(settings: Settings) -> Publish:
 
 def cmd_supervisor_events(args: argparse.Namespace, settings: Settings) -> int:
     """Entry of ``shopflow supervisor-events`` (run by supervisord as an eventlistener)."""
-    serve(sys.stdin, sys.stdout, redis_publisher(settings))
+    pager = AlertingFatalPager(settings, settings.redis_url) if settings.redis_url else None
+    try:
+        serve(sys.stdin, sys.stdout, redis_publisher(settings), pager)
+    finally:
+        if pager is not None:
+            pager.close()
     return 0

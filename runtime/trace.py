@@ -1,10 +1,12 @@
 """Correlation: one id follows an order through every step, and ``shopflow trace`` tells it.
 
 Every order has a ``correlation_id`` (orders table). The flow copies it onto
-what the order causes: outbox events (``outbox.correlation_id``), e-mails
-(``email_log.correlation_id``), log lines (:func:`order_log_context`), and the
-steps that leave no row elsewhere (:func:`record_trail`, table
-``order_trail``). :func:`load_trail` reads all of them back in time order.
+what the order causes: outbox events (``outbox.correlation_id``), jobs (the
+``correlation_id`` job option, which the metrics middleware puts on every log
+line of the job, with the ``order_id`` its actor takes), e-mails
+(``email_log.correlation_id``), and the steps that leave no row elsewhere
+(:func:`record_trail`, table ``order_trail``). :func:`load_trail` reads all of
+them back in time order.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import concurrent.futures
 import json
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,7 +30,6 @@ from runtime.errors import NotFound
 from runtime.jobs.args import int_arg
 from runtime.jobs.broker import JobBroker
 from runtime.jobs.hooks import JobEvent
-from runtime.logs import log_context
 from runtime.loop import LoopBridge
 from runtime.settings import Settings
 
@@ -53,14 +52,6 @@ class TrailEntry:
     def sort_key(self) -> tuple[datetime, int, int]:
         """Time first; at the same instant, cause before effect by source."""
         return self.at, _SOURCE_ORDER.get(self.source, 9), self.row_id
-
-
-@contextmanager
-def order_log_context(order_id: int, correlation_id: uuid.UUID | str | None) -> Iterator[None]:
-    """Every log line inside carries the order id and its correlation id."""
-    with log_context(order_id=order_id,
-                     correlation_id=str(correlation_id) if correlation_id else None):
-        yield
 
 
 # Job events that belong in an order's story (the rest are its normal steps).

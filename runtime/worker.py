@@ -36,7 +36,8 @@ from runtime.root import (
     attach_process_supervision,
     exit_process_on_escalate,
 )
-from runtime.scheduling.middleware import ensure_scheduled_run_middleware
+from runtime.scheduling.metering import ScheduleMetrics
+from runtime.scheduling.middleware import ScheduledRunMiddleware, ensure_scheduled_run_middleware
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, supervisor_options
 from runtime.trace import install_order_trail
@@ -175,13 +176,23 @@ def stop_within(what: str, stop: Callable[[], None], timeout_s: float) -> bool:
     return True
 
 
+def install_scheduled_runs(broker: RedisBroker, settings: Settings) -> ScheduledRunMiddleware:
+    """Record scheduled runs in this worker, whatever queue they land on: their outcome in
+    Redis (overlap policy, ``shopflow schedules``) and the ``shopflow_cron_*`` metrics.
+
+    Every worker kind calls it (through :func:`run_worker`), so a schedule's figures exist
+    whichever worker runs its job. Call before the worker starts.
+    """
+    return ensure_scheduled_run_middleware(broker, settings.redis_url or "", settings.namespace,
+                                           observer=ScheduleMetrics(get_metrics(settings)))
+
+
 def run_worker(settings: Settings, name: str, factory: ConcernFactory, threads: int) -> int:
     """Run a worker process until SIGTERM/SIGINT; return its exit code."""
     ctx = ProcessContext.start(settings)
     install_job_metrics(ctx)  # before actors are declared: it owns the `critical` option
     install_order_trail(ctx.broker, ctx.pool, ctx.bridge)  # failed attempts on orders' trails
-    # Every worker reports scheduled runs finishing, whatever queue they land on.
-    ensure_scheduled_run_middleware(ctx.broker, settings.redis_url or "", settings.namespace)
+    install_scheduled_runs(ctx.broker, settings)
     concerns = factory(ctx)
     queues = {q for c in concerns for q in c.queues}
     root = build_root(name, concerns, settings)

@@ -44,6 +44,7 @@ from runtime.scheduling import (
     remove_repeatable,
     repeatable_from_request,
 )
+from runtime.scheduling.metering import ScheduleMetrics
 from runtime.scheduling.overview import display_zone, schedules_overview
 from runtime.scheduling.store import LeaseInfo, ScheduleState, list_repeatables
 from runtime.settings import Settings
@@ -61,7 +62,7 @@ def _when(moment: datetime | None, zone: ZoneInfo) -> str:
     if moment is None:
         return "-"
     local = moment.astimezone(zone)
-    return f"{local:%Y-%m-%d %H:%M:%S%z} ({moment.astimezone(UTC):%H:%M:%SZ})"
+    return f"{local:%Y-%m-%d %H:%M:%S%z} ({moment.astimezone(UTC):%Y-%m-%d %H:%M:%SZ})"
 
 
 def render_schedules(
@@ -202,6 +203,7 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event | None = None,
         SchedulerStore(redis, settings.namespace), broker_sender(broker),
         shop_schedules(settings), lease_s=settings.scheduler_lease_s,
         tick_s=settings.scheduler_tick_s, resend_after_s=settings.scheduler_resend_after_s,
+        observer=ScheduleMetrics(get_metrics(settings)),
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,8 @@ class CheckReport:
     stats: tuple[QueueStats, ...]
     firing: tuple[Alert, ...]
     notified: tuple[tuple[Alert, bool], ...]
+    # Notifications the webhook had refused earlier (any process's) that went out now.
+    redelivered: tuple[str, ...] = ()
 
 
 class QueueMonitor:
@@ -53,7 +55,12 @@ class QueueMonitor:
         self._clock = clock
 
     async def check(self) -> CheckReport:
-        """Check every queue once: update the gauges, fire and resolve alerts."""
+        """Check every queue once: update the gauges, fire and resolve alerts.
+
+        First it sends again what the on-call webhook refused before (pages,
+        resolves, failed-job pages of any process: they wait in Redis), oldest first.
+        """
+        redelivered = await self._alerter.deliver_pending()
         now_ms = int(self._clock() * 1000)
         workers = await self._reader.workers(now_ms)
         stats = [await self._reader.read(queue, workers, now_ms) for queue in self._queues]
@@ -67,7 +74,7 @@ class QueueMonitor:
                 if await self._alerter.update(alert, fires):
                     notified.append((alert, fires))
         self._metrics.monitor_last_check.set(now_ms / 1000)
-        return CheckReport(tuple(stats), tuple(firing), tuple(notified))
+        return CheckReport(tuple(stats), tuple(firing), tuple(notified), tuple(redelivered))
 
     def _measure(self, stats: QueueStats) -> None:
         m = self._metrics

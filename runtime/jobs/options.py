@@ -55,7 +55,7 @@ BACKOFF_KINDS = ("exponential", "fixed")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._\-]{0,199}$")
 # Options the runtime's own parts put on messages; producers may pass them through.
 RUNTIME_OPTIONS = frozenset({
-    "sched_name", "sched_slot", "sched_slot_ms",  # runtime.scheduling
+    "sched_name", "sched_slot", "sched_slot_ms", "sched_source",  # runtime.scheduling
     "redis_message_id", "retries", "traceback", "time_limit", "eta",  # Dramatiq's own
     "job_id_explicit",  # runtime.jobs.broker, on a message already sent once
 })

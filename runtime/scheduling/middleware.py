@@ -11,9 +11,14 @@ and ``sched_slot_ms`` in their options) it:
   middleware silently skips messages older than 30 s; this one never does);
 - records the last run's status, times, result or error for
   ``shopflow schedules``, and clears the schedule's in-flight marker when the
-  run is over, so the overlap policy sees it finished.
+  run is over, so the overlap policy sees it finished;
+- also ends, as ``failed``, a run that the job keeper's stall sweep ended for
+  good (its worker died on its last attempt, or it was quarantined as a
+  poison pill): no worker calls ``after_nack`` for those, and without this the
+  in-flight marker would hold the overlap policy until it expires.
 
-Hooks run on Dramatiq's worker threads, hence the blocking Redis client.
+Hooks run on Dramatiq's worker threads (and the keeper's thread), hence the
+blocking Redis client.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
+from dramatiq.errors import DecodeError
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
+from runtime.jobs.broker import JobBroker
+from runtime.jobs.hooks import JobEvent
+from runtime.scheduling.metering import schedule_label
 from runtime.scheduling.store import RUN_GUARD_TTL_MS, Keys
 
 log = logging.getLogger(__name__)
@@ -94,10 +104,20 @@ def record_run_result(value: Any) -> None:
 
 
 class RunObserver(Protocol):
-    """Told about every scheduled run's outcome (metrics plug in here)."""
+    """Told about every scheduled run's outcome (metrics plug in here).
+
+    ``schedule`` is the schedule's metric label: its name for a built-in
+    schedule, ``repeatable`` for every repeatable job
+    (:func:`~runtime.scheduling.metering.schedule_label`), so labels stay bounded.
+    """
 
     def run_finished(self, schedule: str, outcome: str, duration_s: float | None) -> None:
-        """Worker thread. ``outcome``: succeeded, errored (a retry may follow), failed, skipped."""
+        """Worker (or keeper) thread. ``outcome``: succeeded, errored (a retry may follow),
+        failed, skipped."""
+        ...
+
+    def run_started_late(self, schedule: str) -> None:
+        """Worker thread: a run started more than the lateness bound after its slot."""
         ...
 
 
@@ -115,6 +135,7 @@ class ScheduledRunMiddleware(Middleware):
         self._finish = self._redis.register_script(_FINISH)
         # Per worker thread: (message id, monotonic start) of the run in progress.
         self._started = threading.local()
+        self._unsubscribe: list[Callable[[], None]] = []
 
     @staticmethod
     def _slot(message: MessageProxy | dramatiq.Message[Any]) -> tuple[str, int] | None:
@@ -123,6 +144,13 @@ class ScheduledRunMiddleware(Middleware):
         if not isinstance(name, str) or not isinstance(slot_ms, int):
             return None
         return name, slot_ms
+
+    @staticmethod
+    def _label(message: MessageProxy | dramatiq.Message[Any]) -> str:
+        """The run's metric label (bounded: repeatable jobs share one)."""
+        source = message.options.get("sched_source")
+        return schedule_label(str(message.options.get("sched_name")),
+                              source if isinstance(source, str) else None)
 
     def before_process_message(self, broker: dramatiq.Broker,
                                message: MessageProxy) -> None:
@@ -148,8 +176,10 @@ class ScheduledRunMiddleware(Middleware):
             log.warning("schedule %s slot %s starts %.0fs late", name,
                         message.options.get("sched_slot"), late_s, extra={"schedule": name})
             self._redis.hincrby(self._keys.stats(name), "started_late", 1)
+            if self.observer is not None:
+                self.observer.run_started_late(self._label(message))
 
-    def _record(self, message: MessageProxy, status: str, done: bool,
+    def _record(self, message: MessageProxy | dramatiq.Message[Any], status: str, done: bool,
                 error: str = "", result: str = "") -> None:
         slot = self._slot(message)
         if slot is None:
@@ -161,7 +191,8 @@ class ScheduledRunMiddleware(Middleware):
                   "1" if done else "0"],
         )
         if self.observer is not None:
-            self.observer.run_finished(name, status, self._duration_s(message.message_id))
+            self.observer.run_finished(self._label(message), status,
+                                       self._duration_s(message.message_id))
 
     def _duration_s(self, message_id: str) -> float | None:
         started: tuple[str, float] | None = getattr(self._started, "run", None)
@@ -194,12 +225,52 @@ class ScheduledRunMiddleware(Middleware):
         """Worker thread: a skipped run is over too (the in-flight marker is only ours to clear)."""
         self._record(message, "skipped", done=True)
 
+    # --- runs the job keeper's stall sweep ended (the keeper's thread) -------------------
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Main thread: listen to the job keeper's sweep (a keeper runs in every worker), so a
+        scheduled run it ends for good is finished here (see :meth:`swept`)."""
+        if isinstance(broker, JobBroker) and not self._unsubscribe:
+            self._unsubscribe = [broker.hooks.subscribe(kind, lambda e: self.swept(broker, e))
+                                 for kind in ("failed", "dead")]
+
+    def swept(self, broker: JobBroker, event: JobEvent) -> None:
+        """Keeper thread: the sweep ended a job for good (``failed`` after a stall on its last
+        attempt, or ``dead``: a poison pill). If it was a scheduled run, record it failed and
+        clear the in-flight marker, as :meth:`after_nack` does for a failure a worker saw.
+
+        Only the keeper's events carry ``outcome``; the job's message (with the schedule's
+        options) is read back from its record, written by the same sweep.
+        """
+        if event.detail.get("outcome") not in ("failed", "dead"):
+            return
+        raw = broker.client.hget(broker.keys.job(event.job_id), "message")
+        if not raw:
+            log.warning("job %s ended in the stall sweep but its record is gone; if it was a "
+                        "scheduled run its overlap marker expires on its own", event.job_id)
+            return
+        try:
+            message = dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode())
+        except DecodeError as exc:  # a record this code did not write; nothing to finish
+            log.warning("job %s: unreadable message in its record: %s", event.job_id, exc)
+            return
+        if self._slot(message) is None:
+            return
+        reason = str(event.detail.get("reason") or "stalled")
+        log.error("scheduled run of %s (slot %s) ended in the stall sweep: %s",
+                  message.options.get("sched_name"), message.options.get("sched_slot"), reason,
+                  extra={"schedule": message.options.get("sched_name"), "job_id": event.job_id})
+        self._record(message, "failed", done=True, error=_short(f"{event.kind}: {reason}"))
+
     def close(self) -> None:
         """Close the Redis connections (worker shutdown)."""
         self._redis.close()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
-        """Main thread, at worker shutdown: release Redis connections."""
+        """Main thread, at worker shutdown: stop listening to the sweep, release Redis."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         self.close()
 
 

@@ -15,6 +15,14 @@ jobs stored in Redis, re-read each tick so additions need no restart):
 4. sends a queued slot once the previous run finished, and re-sends a
    claimed slot whose sender died before recording the send.
 
+A schedule far behind (more than ``MAX_DUE_SLOTS`` due slots: an
+every-minute schedule after a long outage) is not walked slot by slot: its
+cursor jumps to the newest due slot, so the misfire policy still yields one
+catch-up run (or none), on one tick.
+
+An optional :class:`SchedulerObserver` (the Prometheus metrics) is told about
+missed and late slots and sees every schedule each tick.
+
 Time is injected (``clock``), and :meth:`Scheduler.tick` takes ``now``, so the
 whole protocol is tested with a simulated clock.
 """
@@ -28,9 +36,9 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 from dramatiq.message import generate_unique_id
@@ -39,7 +47,7 @@ from redis.exceptions import RedisError
 from runtime.errors import ShopflowError
 from runtime.scheduling.schedule import Schedule, plan_due_slots
 from runtime.scheduling.store import SchedulerStore, list_repeatables, to_ms
-from runtime.scheduling.triggers import require_aware, slots_between
+from runtime.scheduling.triggers import newest_slot_between, require_aware, slots_between
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +58,28 @@ DEFAULT_LEASE_S = 15.0
 # A claimed slot with no recorded send after this long is sent again.
 DEFAULT_RESEND_AFTER_S = 30.0
 # At most this many due slots are examined per schedule and tick (a scheduler down
-# for a year behind an every-minute schedule must not stall the others).
+# for a year behind an every-minute schedule must not stall the others); beyond it the
+# cursor jumps to the newest due slot.
 MAX_DUE_SLOTS = 10_000
 
 Sender = Callable[[dramatiq.Message[Any]], Awaitable[None]]
 Clock = Callable[[], datetime]
+
+
+class SchedulerObserver(Protocol):
+    """Told what the scheduler decided (metrics plug in here). Runs on the scheduler's loop."""
+
+    def slots_missed(self, schedule: Schedule, count: int) -> None:
+        """``count`` due slots were not run (misfire policy)."""
+        ...
+
+    def slot_late(self, schedule: Schedule) -> None:
+        """A slot is sent after its misfire grace (a catch-up run)."""
+        ...
+
+    def schedule_seen(self, schedule: Schedule, now: datetime) -> None:
+        """The leader looked at ``schedule`` this tick."""
+        ...
 
 
 def utc_now() -> datetime:
@@ -100,6 +125,7 @@ class Scheduler:
         resend_after_s: float = DEFAULT_RESEND_AFTER_S,
         clock: Clock = utc_now,
         load_repeatables: bool = True,
+        observer: SchedulerObserver | None = None,
     ) -> None:
         if lease_s <= tick_s:
             raise ValueError("the lease must outlast a tick, or leadership flaps")
@@ -113,6 +139,7 @@ class Scheduler:
         self._clock = clock
         self._load_repeatables = load_repeatables
         self._was_leader = False
+        self._observer = observer
 
     async def schedules(self) -> list[Schedule]:
         """Built-in schedules plus the repeatable jobs stored in Redis now."""
@@ -146,27 +173,58 @@ class Scheduler:
         return report
 
     async def _tick_schedule(self, schedule: Schedule, now: datetime, report: TickReport) -> None:
+        if self._observer is not None:
+            self._observer.schedule_seen(schedule, now)
         state = await self.store.state(schedule.name)
         if state.cursor is None:
             await self.store.init_cursor(schedule.name, now)
             return
-        due = list(islice(slots_between(schedule.trigger, state.cursor, now), MAX_DUE_SLOTS))
+        due = list(islice(slots_between(schedule.trigger, state.cursor, now), MAX_DUE_SLOTS + 1))
+        skipped_over = 0
+        if len(due) > MAX_DUE_SLOTS:
+            due, skipped_over = self._jump(schedule, state.cursor, due, now)
         if due:
-            await self._fire_due(schedule, due, now, report)
+            await self._fire_due(schedule, due, now, report, skipped_over)
         await self._send_deferred(schedule, now, report)
 
+    @staticmethod
+    def _jump(schedule: Schedule, cursor: datetime, due: list[datetime],
+              now: datetime) -> tuple[list[datetime], int]:
+        """Too many due slots to walk: keep the newest missed one and the on-time ones.
+
+        Returns the slots to plan with and how many older missed slots were
+        left out (at least that many: the walk stopped at the cap).
+        """
+        grace_from = now - timedelta(seconds=schedule.misfire_grace_s)
+        on_time = list(islice(slots_between(schedule.trigger, max(cursor, grace_from), now),
+                              MAX_DUE_SLOTS))
+        newest_missed = (newest_slot_between(schedule.trigger, cursor, grace_from)
+                         if grace_from > cursor else None)
+        kept = ([newest_missed] if newest_missed is not None else []) + on_time
+        skipped_over = max(MAX_DUE_SLOTS + 1 - len(kept), 0)
+        log.warning("schedule %s is more than %d slots behind (cursor %s); jumping to %s",
+                    schedule.name, MAX_DUE_SLOTS, cursor.isoformat(), kept[-1].isoformat(),
+                    extra={"schedule": schedule.name})
+        return kept, skipped_over
+
     async def _fire_due(
-        self, schedule: Schedule, due: list[datetime], now: datetime, report: TickReport
+        self, schedule: Schedule, due: list[datetime], now: datetime, report: TickReport,
+        skipped_over: int = 0,
     ) -> None:
         plan = plan_due_slots(due, now, schedule.misfire, schedule.misfire_grace_s)
-        if plan.missed:
+        missed = len(plan.missed) + skipped_over
+        if missed:
             log.warning(
-                "schedule %s missed %d slot(s) from %s to %s; misfire policy %s",
-                schedule.name, len(plan.missed), plan.missed[0].isoformat(),
-                plan.missed[-1].isoformat(), schedule.misfire.value,
-                extra={"schedule": schedule.name, "missed": len(plan.missed)},
+                "schedule %s missed %s%d slot(s) from %s to %s; misfire policy %s",
+                schedule.name, "at least " if skipped_over else "", missed,
+                plan.missed[0].isoformat() if plan.missed else due[0].isoformat(),
+                plan.missed[-1].isoformat() if plan.missed else due[0].isoformat(),
+                schedule.misfire.value,
+                extra={"schedule": schedule.name, "missed": missed},
             )
-            await self.store.count(schedule.name, "missed", len(plan.missed))
+            await self.store.count(schedule.name, "missed", missed)
+            if self._observer is not None:
+                self._observer.slots_missed(schedule, missed)
             report.skipped.extend((schedule.name, s, "missed") for s in plan.missed)
         for slot in plan.run:
             if slot in plan.late:
@@ -174,6 +232,8 @@ class Scheduler:
                             schedule.name, slot.isoformat(), (now - slot).total_seconds(),
                             extra={"schedule": schedule.name})
                 await self.store.count(schedule.name, "late")
+                if self._observer is not None:
+                    self._observer.slot_late(schedule)
             if not await self._fire(schedule, slot, now, report):
                 return
         if not plan.run or due[-1] > plan.run[-1]:
@@ -230,7 +290,7 @@ class Scheduler:
     ) -> dramatiq.Message[Any]:
         message = schedule.job.message(
             *schedule.args, sched_name=schedule.name, sched_slot=slot.isoformat(),
-            sched_slot_ms=to_ms(slot),
+            sched_slot_ms=to_ms(slot), sched_source=schedule.source,
         )
         if message_id is not None:
             message = message.copy(message_id=message_id)

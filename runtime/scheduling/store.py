@@ -133,21 +133,23 @@ if holder ~= ARGV[1] or expires < tonumber(ARGV[2]) then return {'not-leader', '
 # ARGV: instance, now_ms, slot_ms, action ('fire' | 'advance'), overlap, message_id,
 #       inflight_ttl_ms.
 # Moves the cursor to slot_ms if the caller leads and the slot is new; for 'fire' also
-# applies the overlap policy. Returns {outcome, slot_ms}.
+# applies the overlap policy. Under 'queue', a slot waits while a run is going *or* older
+# slots still wait, so slots run in order even when the previous run finished just before
+# this one came. Returns {outcome, slot_ms}.
 _CLAIM = _LEADER_CHECK + """
 local cursor = tonumber(redis.call('HGET', KEYS[2], 'cursor_ms') or '-1')
 if tonumber(ARGV[3]) <= cursor then return {'stale', ''} end
 redis.call('HSET', KEYS[2], 'cursor_ms', ARGV[3])
 if ARGV[4] ~= 'fire' then return {'advanced', ARGV[3]} end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  if ARGV[5] == 'skip' then
-    redis.call('HINCRBY', KEYS[5], 'skipped_overlap', 1)
-    return {'skipped-overlap', ARGV[3]}
-  elseif ARGV[5] == 'queue' then
-    redis.call('RPUSH', KEYS[4], ARGV[3])
-    redis.call('HINCRBY', KEYS[5], 'queued', 1)
-    return {'queued', ARGV[3]}
-  end
+local running = redis.call('EXISTS', KEYS[3]) == 1
+if ARGV[5] == 'queue' and (running or redis.call('LLEN', KEYS[4]) > 0) then
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+  redis.call('HINCRBY', KEYS[5], 'queued', 1)
+  return {'queued', ARGV[3]}
+end
+if running and ARGV[5] == 'skip' then
+  redis.call('HINCRBY', KEYS[5], 'skipped_overlap', 1)
+  return {'skipped-overlap', ARGV[3]}
 end
 redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
 redis.call('HSET', KEYS[2], 'pending_slot_ms', ARGV[3], 'pending_msg', ARGV[6],
@@ -158,16 +160,20 @@ return {'send', ARGV[3]}
 # KEYS: lease, state, inflight, queued. ARGV: instance, now_ms, message_id, inflight_ttl_ms,
 # resend_after_ms. Picks the next slot to send outside the normal claim: a claimed slot
 # whose sender vanished before recording the send ('resend'), or a queued slot once the
-# previous run finished ('send'). Returns {outcome, slot_ms}.
+# previous run finished ('send'). A claim is recorded as sent when its own message is
+# (pending_msg == sent_msg): whatever the order of the slots, an unrecorded claim is
+# re-sent, queued ones included. Returns {outcome, slot_ms}.
 _NEXT_DEFERRED = _LEADER_CHECK + """
 local now = tonumber(ARGV[2])
-local pending = tonumber(redis.call('HGET', KEYS[2], 'pending_slot_ms') or '-1')
-local sent = tonumber(redis.call('HGET', KEYS[2], 'sent_slot_ms') or '-1')
+local pending = redis.call('HGET', KEYS[2], 'pending_slot_ms')
+local pending_msg = redis.call('HGET', KEYS[2], 'pending_msg')
+local sent_msg = redis.call('HGET', KEYS[2], 'sent_msg')
 local pending_at = tonumber(redis.call('HGET', KEYS[2], 'pending_at_ms') or '0')
-if pending > sent and now - pending_at > tonumber(ARGV[5]) then
+if pending and pending_msg and pending_msg ~= sent_msg
+   and now - pending_at > tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[2], 'pending_msg', ARGV[3], 'pending_at_ms', ARGV[2])
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  return {'resend', tostring(pending)}
+  return {'resend', pending}
 end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local slot = redis.call('LPOP', KEYS[4])
@@ -182,11 +188,12 @@ return {'none', ''}
 """
 
 # KEYS: state, stats. ARGV: slot_ms, now_ms, message_id. Records that a slot's message is
-# on the broker.
+# on the broker. Only the message of the current claim settles it (a sender that was paused
+# and records an older send late does not hide a newer claim from the re-send check).
 _MARK_SENT = """
-local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_slot_ms') or '-1')
-if tonumber(ARGV[1]) > sent then redis.call('HSET', KEYS[1], 'sent_slot_ms', ARGV[1]) end
-redis.call('HSET', KEYS[1], 'sent_at_ms', ARGV[2], 'sent_msg', ARGV[3])
+if redis.call('HGET', KEYS[1], 'pending_msg') == ARGV[3] then
+  redis.call('HSET', KEYS[1], 'sent_slot_ms', ARGV[1], 'sent_at_ms', ARGV[2], 'sent_msg', ARGV[3])
+end
 redis.call('HINCRBY', KEYS[2], 'sent', 1)
 return 1
 """
@@ -314,6 +321,16 @@ class SchedulerStore:
             pipe.hsetnx(self.keys.state(name), "created_ms", to_ms(now))
             await pipe.execute()
 
+    async def reset(self, name: str, now: datetime) -> None:
+        """Start ``name`` afresh at ``now``: forget its state, counters and queue, and set its
+        cursor and first-seen time to ``now`` (one transaction)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.state(name), self.keys.stats(name), self.keys.queued(name),
+                        self.keys.inflight(name))
+            pipe.hset(self.keys.state(name),
+                      mapping={"cursor_ms": to_ms(now), "created_ms": to_ms(now)})
+            await pipe.execute()
+
     async def created_at(self, name: str) -> datetime | None:
         """When the schedule was first seen by a scheduler (``None``: never)."""
         return from_ms(text(await self.redis.hget(self.keys.state(name), "created_ms")))
@@ -359,9 +376,14 @@ async def add_repeatable(
 ) -> Schedule:
     """Store ``schedule`` as a repeatable job; running schedulers pick it up on their next tick.
 
-    Its first slot is the first one after ``now`` (no backfill). A name in
-    ``reserved_names`` (the built-in schedules) or, unless ``replace``, an
-    existing repeatable's name is a :class:`Conflict`.
+    Its first slot is the first one after ``now`` (no backfill): a new job
+    starts from a fresh state, whatever a job of the same name left behind (a
+    scheduler tick that had read the list before a ``remove_repeatable`` can
+    recreate the removed job's cursor; re-adding the name must not inherit it
+    and fire a catch-up for the time in between). Only ``replace`` of a job
+    that exists keeps its cursor, so replacing it neither re-runs nor skips a
+    slot. A name in ``reserved_names`` (the built-in schedules) or, unless
+    ``replace``, an existing repeatable's name is a :class:`Conflict`.
     """
     validate_name(schedule.name)
     if schedule.name in reserved_names:
@@ -369,10 +391,16 @@ async def add_repeatable(
     keys = Keys(namespace)
     payload = json.dumps(schedule.to_json())
     if replace:
-        await redis.hset(keys.repeatables, schedule.name, payload)
-    elif not await redis.hsetnx(keys.repeatables, schedule.name, payload):
-        raise Conflict(f"a repeatable job named {schedule.name!r} already exists")
-    await SchedulerStore(redis, namespace).init_cursor(schedule.name, now)
+        new = bool(await redis.hset(keys.repeatables, schedule.name, payload))
+    else:
+        new = bool(await redis.hsetnx(keys.repeatables, schedule.name, payload))
+        if not new:
+            raise Conflict(f"a repeatable job named {schedule.name!r} already exists")
+    store = SchedulerStore(redis, namespace)
+    if new:
+        await store.reset(schedule.name, now)
+    else:
+        await store.init_cursor(schedule.name, now)
     return Schedule.from_json(schedule.to_json())
 
 

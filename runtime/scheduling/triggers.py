@@ -20,10 +20,12 @@ clock. The rules (also in docs/scheduling.md):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -232,3 +234,39 @@ def next_slots(trigger: Trigger, after: datetime, count: int) -> list[datetime]:
         current = trigger.next_after(current)
         out.append(current)
     return out
+
+
+# How many upcoming slots :func:`longest_gap_s` looks at (a weekday schedule's weekend gap
+# shows within a week; a weekly one's within 16 weeks).
+GAP_SAMPLE_SLOTS = 16
+
+
+def longest_gap_s(trigger: Trigger, after: datetime, slots: int = GAP_SAMPLE_SLOTS) -> float:
+    """The longest real time between two consecutive slots among the next ``slots`` after
+    ``after``: how long a healthy schedule can go without running (a daily schedule's 25-hour
+    DST day, a weekday schedule's weekend). Alert rules compare a schedule's last success
+    with it."""
+    upcoming = next_slots(trigger, after, max(2, slots))
+    return max((b - a).total_seconds() for a, b in pairwise(upcoming))
+
+
+# The first window :func:`newest_slot_between` looks back over; it doubles until a slot shows.
+_LOOK_BACK_START = timedelta(minutes=1)
+
+
+def newest_slot_between(trigger: Trigger, after: datetime, until: datetime) -> datetime | None:
+    """The last slot in the half-open span (``after``, ``until``], or ``None``.
+
+    Looks back from ``until`` over windows that double in length, so the
+    answer costs about as much as the slots of the last window or two, not
+    every slot of a span that may hold millions (an every-minute schedule
+    behind a scheduler that was down for weeks).
+    """
+    after, until = require_aware(after), require_aware(until)
+    span = _LOOK_BACK_START
+    while True:
+        start = max(after, until - span)
+        last = deque(slots_between(trigger, start, until), maxlen=1)
+        if last or start == after:
+            return last[0] if last else None
+        span *= 2

@@ -22,7 +22,7 @@ from actors.monitor.rules import (
     evaluate,
 )
 from actors.monitor.service import QueueMonitor
-from runtime.alerts import Alerter
+from runtime.alerts import Alerter, page_job_failed
 from runtime.broker import (
     QUEUE_EMAILS,
     QUEUE_FULFILLMENT,
@@ -228,3 +228,31 @@ def test_monitor_once_command(settings: Settings, capsys: pytest.CaptureFixture[
     producer.close()
     assert main(["monitor", "--once"]) == 1
     assert "FIRING warning: QueueBacklog: 2 jobs wait in emails (limit 1)" in capsys.readouterr().out
+
+
+async def test_each_check_delivers_what_the_webhook_refused_before(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A worker's failed-job page met a webhook that was down; the monitor's next check,
+    once the webhook is back, delivers it (once)."""
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_webhook_attempts=1,
+                       alert_webhook_timeout_s=2.0)
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    metrics = get_metrics(settings)
+    try:
+        worker_side = Alerter(settings, client, clock=lambda: now_s[0])
+        receiver.status = 503
+        assert not await page_job_failed(worker_side, QUEUE_EMAILS, "send_order_confirmation",
+                                         "msg-7", "boom", order_id=7)
+        receiver.status = 200
+        now_s[0] += 60
+        monitor = QueueMonitor(settings, client,
+                               Alerter(settings, client, metrics, clock=lambda: now_s[0]),
+                               metrics, [QUEUE_EMAILS], clock=lambda: now_s[0])
+        assert len((await monitor.check()).redelivered) == 1
+        assert (await monitor.check()).redelivered == ()
+    finally:
+        await client.aclose()
+    [body] = await receiver.wait_for(1)
+    assert "order 7" in body["alerts"][0]["annotations"]["summary"]

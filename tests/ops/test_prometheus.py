@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from actors.monitor.messages import CHECK_QUEUES
@@ -48,6 +49,24 @@ def test_promtool_accepts_the_ops_files(args: list[str]) -> None:
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
+
+
+def _rule_names() -> list[str]:
+    groups = yaml.safe_load((OPS / "alerts.yml").read_text())["groups"]
+    return [rule["alert"] for group in groups for rule in group["rules"]]
+
+
+def test_every_alert_rule_has_a_firing_and_a_quiet_unit_test() -> None:
+    """alerts_test.yml (run by promtool above) covers each rule both ways."""
+    tests = yaml.safe_load((OPS / "alerts_test.yml").read_text())["tests"]
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in (c for test in tests for c in test.get("alert_rule_test", [])):
+        (fires if case["exp_alerts"] else quiet).add(case["alertname"])
+    names = set(_rule_names())
+    assert names - fires == set(), "rules never seen firing"
+    assert names - quiet == set(), "rules never seen quiet"
+    assert (fires | quiet) - names == set(), "tests of rules that do not exist"
 
 
 @pytest.fixture
@@ -193,7 +212,8 @@ async def test_a_real_prometheus_scrapes_the_summed_metrics(
             up = await _query(session, base, 'up{job="shopflow-api"}')
             assert float(up[0]["value"][1]) == 1  # type: ignore[index]
             rules = await (await session.get(f"{base}/api/v1/rules")).json()
-            assert len([r for g in rules["data"]["groups"] for r in g["rules"]]) == 14
+            loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
+            assert sorted(loaded) == sorted(_rule_names())
     finally:
         server.terminate()
         await asyncio.wait_for(server.wait(), 30)

@@ -239,3 +239,72 @@ async def test_a_page_that_fails_is_logged_not_lost(
         await asyncio.to_thread(bridge.stop)
     [record] = [r for r in caplog.records if "page for job msg-9" in r.getMessage()]
     assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+async def test_a_resolve_the_webhook_refused_is_delivered_later_once(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    """The incident closes while the webhook is down: its resolve is kept in Redis and
+    delivered once the webhook is back, by any process, exactly once."""
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_webhook_attempts=1,
+                       alert_webhook_timeout_s=2.0)
+    alerter = Alerter(settings, redis_client, clock=lambda: now_s[0])
+    assert await alerter.fire(BACKLOG) is True
+    receiver.status = 503
+    assert await alerter.resolve(BACKLOG) is True, "the incident is closed all the same"
+    assert await alerter.open_incidents() == {}
+    assert list(await alerter.undelivered()) == [f"{BACKLOG.fingerprint}:resolved:"
+                                                 + receiver.bodies[0]["alerts"][0]["startsAt"]]
+    now_s[0] += 60
+    assert await alerter.deliver_pending() == [], "still refused: kept"
+    receiver.status = 200
+    now_s[0] += 60
+    other = Alerter(settings, redis_client, clock=lambda: now_s[0])  # another process
+    assert len(await other.deliver_pending()) == 1
+    assert await alerter.deliver_pending() == []
+    assert await alerter.undelivered() == {}
+    await receiver.wait_for(2)
+    assert _statuses(receiver) == [("firing", "QueueBacklog"), ("resolved", "QueueBacklog")]
+
+
+async def test_a_refused_page_and_its_resolve_arrive_later_in_order(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_webhook_attempts=1,
+                       alert_webhook_timeout_s=2.0)
+    alerter = Alerter(settings, redis_client, clock=lambda: now_s[0])
+    receiver.status = 503
+    assert await alerter.fire(BACKLOG) is False
+    receiver.status = 200
+    assert await alerter.resolve(BACKLOG) is True  # queued behind the page, not sent first
+    assert receiver.bodies == []
+    now_s[0] += 60
+    assert len(await alerter.deliver_pending()) == 2
+    await receiver.wait_for(2)
+    assert _statuses(receiver) == [("firing", "QueueBacklog"), ("resolved", "QueueBacklog")]
+
+
+async def test_a_job_failed_page_the_webhook_refused_is_delivered_later_once(
+    settings: Settings, redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    """A job fails for good once: its page cannot wait for a second report. Kept, it goes
+    out when the webhook is back, once, however often the failure is reported."""
+    now_s = [1_000.0]
+    settings = replace(settings, alert_webhook_url=receiver.url, alert_webhook_attempts=1,
+                       alert_webhook_timeout_s=2.0)
+    alerter = Alerter(settings, redis_client, clock=lambda: now_s[0])
+    args = ("emails", "send_order_confirmation", "msg-1", "SendGrid said 503")
+    receiver.status = 503
+    assert await page_job_failed(alerter, *args, order_id=42) is False
+    receiver.status = 200
+    assert await page_job_failed(alerter, *args, order_id=42) is False, "reported again"
+    now_s[0] += 60
+    assert len(await alerter.deliver_pending()) == 1
+    assert await alerter.deliver_pending() == []
+    assert await page_job_failed(alerter, *args, order_id=42) is False
+    [body] = await receiver.wait_for(1)
+    assert body["alerts"][0]["labels"]["alertname"] == "JobFailedForGood"
+    assert "order 42" in body["alerts"][0]["annotations"]["summary"]
+    assert len(receiver.bodies) == 1

@@ -34,6 +34,7 @@ from tests.runtime.metrics_helpers import (
 from tests.runtime.metrics_worker import FLAKY, OK, PERMANENT
 
 WORKER = ["-m", "tests.runtime.metrics_worker"]
+CORRELATION_ID = "3f0c7c4e-0000-4000-8000-000000000000"
 GAUGES = ["-m", "tests.runtime.metrics_gauge_process"]
 
 
@@ -153,24 +154,26 @@ def test_prepare_empties_the_directory(settings: Settings) -> None:
 
 
 @pytest.mark.slow
-def test_scrape_is_fast_after_10000_jobs_and_restarts(settings: Settings) -> None:
-    """Six processes in turn (five restarts) record 10,002 jobs over 24 actors; time a scrape."""
+def test_the_scrape_counts_10000_jobs_across_restarts(settings: Settings) -> None:
+    """Six processes in turn (five restarts) record 10,002 jobs over 24 actors: the sum is
+    exact and no dead process's live gauge lingers. (How long the scrape takes is measured
+    by ops/bench/metrics_scrape.py over HTTP on a real api: BENCHMARKS.md.)"""
     prepare_metrics_dir(settings)
     env = process_env(settings)
     for _ in range(6):
         proc = start_process([*GAUGES, "1", "1667"], env)
         kill_process(proc)
-    started = time.perf_counter()
     s = scrape(settings)
-    elapsed_s = time.perf_counter() - started
     assert total(s, "shopflow_jobs_total") == 6 * 1667
+    assert total(s, "shopflow_jobs_total", outcome="failed") == 6 * 34  # every 50th of 1667
     assert total(s, "shopflow_job_duration_seconds_count") == 6 * 1667
+    assert value(s, "shopflow_actor_restarts_total", actor="emailer") == 6
     assert value(s, "shopflow_mailbox_depth", actor="emailer") is None
-    assert elapsed_s < 1.0, f"scrape took {elapsed_s:.3f}s"
 
 
 def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
-    """The middleware puts job id, queue and actor on every log line the job writes."""
+    """The middleware puts job id, queue, actor, the order the actor takes and the order's
+    correlation id on every log line the job writes."""
     lines: list[dict[str, object]] = []
     logged = threading.Event()
 
@@ -192,15 +195,16 @@ def test_log_lines_inside_a_job_carry_its_ids(settings: Settings) -> None:
                              worker_timeout=50)
     worker.start()
     try:
-        message = spec.send(broker, 42)
+        message = spec.send(broker, 42, correlation_id=CORRELATION_ID)
         assert logged.wait(20)
     finally:
         worker.stop()
         broker.close()
         logger.removeHandler(handler)
-    assert {k: lines[0][k] for k in ("job_id", "queue", "actor", "retries", "msg")} == {
+    keys = ("job_id", "queue", "actor", "retries", "order_id", "correlation_id", "msg")
+    assert {k: lines[0].get(k) for k in keys} == {
         "job_id": message.message_id, "queue": "inventory", "actor": "obs_speaks", "retries": 0,
-        "msg": "reserving stock"}
+        "order_id": 42, "correlation_id": CORRELATION_ID, "msg": "reserving stock"}
 
 
 def _in_process_worker(settings: Settings, threads: int = 2) -> tuple[JobBroker, dramatiq.Worker]:

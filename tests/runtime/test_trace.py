@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,9 +11,8 @@ import pytest
 from runtime import db
 from runtime.cli import main
 from runtime.errors import NotFound
-from runtime.logs import JsonFormatter
 from runtime.settings import Settings
-from runtime.trace import load_trail, order_log_context, record_trail
+from runtime.trace import load_trail, record_trail
 
 T0 = datetime(2026, 12, 3, 15, 0, 0, tzinfo=UTC)
 
@@ -110,14 +108,6 @@ def test_record_trail_needs_an_order(settings: Settings) -> None:
 
     with pytest.raises(NotFound):
         asyncio.run(record())
-
-
-def test_log_lines_carry_the_order_and_its_correlation_id() -> None:
-    record = logging.LogRecord("shop", logging.INFO, __file__, 1, "reserved", None, None)
-    with order_log_context(42, "3f0c7c4e-0000-4000-8000-000000000000"):
-        line = json.loads(JsonFormatter().format(record))
-    assert (line["order_id"], line["correlation_id"]) == (
-        42, "3f0c7c4e-0000-4000-8000-000000000000")
 
 
 async def test_failed_attempts_of_an_orders_jobs_join_its_trail(settings: Settings) -> None:

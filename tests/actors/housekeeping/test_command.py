@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 
 import pytest
 
-from actors.housekeeping.command import _schedules, register
+from actors.housekeeping.command import _schedules, register, render_schedules
 from actors.housekeeping.schedules import shop_schedules
+from runtime.broker import QUEUE_ANALYTICS, JobSpec
 from runtime.cli import build_parser
 from runtime.errors import Conflict
+from runtime.scheduling import CronTrigger, Schedule
+from runtime.scheduling.store import LeaseInfo, ScheduleState
 from runtime.settings import Settings
 
 
@@ -53,3 +57,14 @@ def test_commands_are_registered_through_the_entry_point() -> None:
     parsed = parser.parse_args(["schedules", "--json"])
     assert parsed.json is True
     assert callable(register)
+
+
+def test_the_listing_dates_utc_times_too() -> None:
+    """22:30 in São Paulo is 01:30 UTC the next day: the UTC time carries its own date."""
+    schedule = Schedule("late-report", CronTrigger.parse("30 22 * * *", "America/Sao_Paulo"),
+                        JobSpec(QUEUE_ANALYTICS, "report"))
+    empty = ScheduleState(None, None, None, None, None, None, None, None, None, False, 0, {})
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    text = render_schedules([schedule], {"late-report": empty},
+                            LeaseInfo(None, None, None, 0), now, "America/Sao_Paulo")
+    assert "2026-03-10 22:30:00-0300 (2026-03-11 01:30:00Z)" in text

@@ -72,6 +72,9 @@ class Observer:
     def run_finished(self, schedule: str, outcome: str, duration_s: float | None) -> None:
         self.runs.append((schedule, outcome, duration_s))
 
+    def run_started_late(self, schedule: str) -> None:
+        pass
+
 
 @pytest.mark.slow
 async def test_scheduler_to_worker_heartbeat_and_housekeeping(settings: Settings) -> None:

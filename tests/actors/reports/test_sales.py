@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
+import redis.asyncio as aioredis
 
+from actors.emailer import emails
+from actors.emailer.transports import OutboxTransport
 from actors.reports.sales import (
     build_daily_sales_report,
     load_report,
@@ -16,7 +20,11 @@ from actors.reports.sales import (
     send_daily_report,
     sold_statuses,
 )
+from runtime.broker import QUEUE_EMAILS, setup_broker
+from runtime.outbox import OutboxRelay
+from runtime.settings import Settings
 from tests.actors.housekeeping import shopdata
+from tests.runtime.scheduling.helpers import enqueued
 
 ZONE = "America/Sao_Paulo"
 # 08:00 local on 3 December: the report covers 2 December, 03:00 UTC to 03:00 UTC.
@@ -113,3 +121,41 @@ async def test_an_empty_day_is_a_report_of_zeros(pool: asyncpg.Pool) -> None:
     report = await build_daily_sales_report(pool, RUN_AT, ZONE)
     assert (report.orders_count, report.revenue_cents, report.average_basket_cents,
             report.top_products) == (0, 0, 0, [])
+
+
+async def test_the_daily_report_reaches_the_team_once_a_day_even_when_run_twice(
+    pool: asyncpg.Pool, settings: Settings, tmp_path: Path
+) -> None:
+    """08:00 build, 09:00 hand-off (both jobs run twice), the outbox relay enqueues the
+    e-mail job on the real broker, the emailer runs it (twice: a redelivery): one email_log
+    row and one .eml file per day, with the day's figures; the next day gets its own."""
+    await seed(pool)
+    broker = setup_broker(settings)
+    redis = aioredis.Redis.from_url(settings.redis_url or "")
+    relay = OutboxRelay(pool, settings.database_url or "", redis, broker, settings.namespace)
+    transport = OutboxTransport(tmp_path)
+    outcomes: list[str] = []
+    try:
+        for day_offset in (0, 1):
+            run_at = RUN_AT + timedelta(days=day_offset)
+            for _ in range(2):
+                await build_daily_sales_report(pool, run_at, ZONE)
+                await send_daily_report(pool, run_at + timedelta(hours=1), ZONE)
+            await relay.publish_batch()
+            for message in enqueued(settings, QUEUE_EMAILS) * 2:
+                outcome = await emails.send_daily_report(pool, transport, *message.args)
+                outcomes.append(outcome.result)
+            broker.flush(QUEUE_EMAILS)
+    finally:
+        broker.close()
+        await redis.aclose()
+    assert outcomes == ["sent", "already_sent"] * 2
+    rows = await pool.fetch("SELECT idempotency_key, kind, recipient, status FROM email_log "
+                            "ORDER BY idempotency_key")
+    assert [tuple(r) for r in rows] == [
+        ("daily-report:2026-12-02", "daily_report", emails.REPORT_RECIPIENT, "sent"),
+        ("daily-report:2026-12-03", "daily_report", emails.REPORT_RECIPIENT, "sent")]
+    files = sorted(tmp_path.glob("*.eml"))
+    assert len(files) == 2
+    first = files[0].read_text()
+    assert "Vendas de 2026-12-02" in first and "R$ 85,00" in first

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from dramatiq.middleware import Middleware
 
 from runtime.broker import QUEUE_MAINTENANCE, JobSpec, declare_actor, setup_broker
 from runtime.errors import PermanentJobError
+from runtime.jobs.worker import make_worker
 from runtime.scheduling import IntervalTrigger, Schedule, ScheduledRunMiddleware
 from runtime.scheduling.scheduler import Scheduler
 from runtime.scheduling.store import Keys
@@ -185,3 +187,78 @@ def test_unscheduled_messages_pass_untouched(
     finally:
         worker.stop()
     assert calls == [7]
+
+
+class Runs:
+    """A RunObserver that records what it is told and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, str]] = []
+        self.late: list[str] = []
+        self.changed = threading.Event()
+
+    def run_finished(self, schedule: str, outcome: str, duration_s: float | None) -> None:
+        self.finished.append((schedule, outcome))
+        self.changed.set()
+
+    def run_started_late(self, schedule: str) -> None:
+        self.late.append(schedule)
+
+
+def test_a_run_the_stall_sweep_ends_is_finished_as_failed(settings: Settings) -> None:
+    """A worker died running a scheduled job on its last attempt: no worker ever nacks it, the
+    job keeper's sweep ends it. The run is recorded failed and its overlap marker cleared, so
+    the schedule's next slot is not held back until the marker expires."""
+    settings = replace(settings, broker_heartbeat_timeout_ms=1_000, job_sweep_interval_s=0.2,
+                       job_attempts=1)
+    runs = Runs()
+    middleware = ScheduledRunMiddleware(settings.redis_url or "", settings.namespace,
+                                        observer=runs)
+    broker = setup_broker(settings, extra_middleware=[middleware])
+    declare_actor(broker, JOB, lambda: None)
+    msg = message(SLOT)
+    set_inflight(settings, msg.message_id)
+    sent = broker.submit(msg)
+    rid = sent.message.options["redis_message_id"]
+    dead = "dead-worker"  # fetched and started the run, then its process was killed
+    assert broker.jobs("fetch", QUEUE_MAINTENANCE, dead, 1)[1] == rid
+    assert broker.jobs("start", QUEUE_MAINTENANCE, rid, sent.job_id, JOB.actor, dead, 1, "",
+                       "")[0] == "run"
+    middleware.before_process_message(broker, MessageProxy(sent.message))  # what it recorded
+    assert state(settings)[0]["last_status"] == "running"
+    broker.client.zadd(broker.keys.heartbeats, {dead: 0})
+    worker = make_worker(broker, {QUEUE_MAINTENANCE}, 1)
+    worker.start()
+    try:
+        assert runs.changed.wait(30), "the sweep's end of the run was never recorded"
+    finally:
+        worker.stop()
+        broker.close()
+    raw, stats, running = state(settings)
+    assert raw["last_status"] == "failed" and "stalled" in raw["last_error"]
+    assert stats["failed"] == "1"
+    assert not running
+    assert runs.finished == [("job", "failed")]
+
+
+def test_runs_of_repeatable_jobs_share_one_metric_label(
+    settings: Settings, probe: Signals
+) -> None:
+    runs = Runs()
+    middleware = ScheduledRunMiddleware(settings.redis_url or "", settings.namespace,
+                                        observer=runs)
+    broker = setup_broker(settings, extra_middleware=[middleware, probe])
+    declare_actor(broker, JOB, lambda: None)
+    builtin = Scheduler._message(Schedule("nightly", IntervalTrigger(60), JOB), SLOT)
+    added = Scheduler._message(
+        Schedule("promo-for-bob", IntervalTrigger(60), JOB, source="repeatable"), SLOT)
+    for msg in (builtin, added):
+        broker.enqueue(msg)
+    worker = run_worker(broker)
+    try:
+        probe.wait_for(f"ok:{builtin.message_id}", f"ok:{added.message_id}")
+    finally:
+        worker.stop()
+        broker.close()
+    assert sorted(runs.finished) == [("nightly", "succeeded"), ("repeatable", "succeeded")]
+    assert sorted(runs.late) == ["nightly", "repeatable"]  # SLOT is long past

@@ -319,3 +319,91 @@ async def test_one_broken_schedule_does_not_stop_the_others(
     report = await scheduler.tick(START + timedelta(minutes=1, seconds=1))
     assert [n for n, _ in report.sent] == ["fine"]
     assert (await scheduler.store.state("broken")).stats["errors"] == 1
+
+
+async def test_queue_policy_runs_slots_in_order_and_resends_a_dequeued_slot_whose_sender_died(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker
+) -> None:
+    """The previous run finishes just before a new slot while an older slot still waits: the
+    older one runs first. A sender that dies right after dequeuing a slot loses nothing: the
+    survivor re-sends it once the re-send delay passed."""
+    schedule = every("in-order", 60, overlap=OverlapPolicy.QUEUE)
+    scheduler = make(redis_client, settings, broker, [schedule], "first", resend_after_s=30)
+    store = scheduler.store
+    await scheduler.tick(START)
+    await scheduler.tick(START + timedelta(minutes=1, seconds=1))  # 05:03 sent
+    await scheduler.tick(START + timedelta(minutes=2, seconds=1))  # 05:04 queued
+    await finish(redis_client, store, "in-order")  # 05:03 done just before 05:05 comes
+    report = await scheduler.tick(START + timedelta(minutes=3, seconds=1))
+    assert [s.strftime("%H:%M") for _, s in report.sent] == ["05:04"]  # not 05:05 first
+    await finish(redis_client, store, "in-order")
+    # "first" dies right after dequeuing the next slot (05:05), before sending it.
+    dead_at = START + timedelta(minutes=3, seconds=2)
+    outcome, slot = await store.next_deferred(schedule, "first", dead_at, "lost-msg", 30)
+    assert (outcome, slot) == ("send", datetime(2024, 11, 3, 5, 5, tzinfo=UTC))
+    survivor = make(redis_client, settings, broker, [schedule], "survivor", resend_after_s=30)
+    await store.release_lease("first")
+    resent = await survivor.tick(dead_at + timedelta(seconds=31))
+    assert [s.strftime("%H:%M") for _, s in resent.sent] == ["05:05"]
+    await finish(redis_client, store, "in-order")
+    nxt = await survivor.tick(START + timedelta(minutes=4, seconds=1))
+    assert [s.strftime("%H:%M") for _, s in nxt.sent] == ["05:06"]
+    order = sorted(enqueued(settings, QUEUE_MAINTENANCE), key=lambda m: m.message_timestamp)
+    assert [m.options["sched_slot"][11:16] for m in order] == ["05:03", "05:04", "05:05", "05:06"]
+
+
+async def test_a_schedule_weeks_behind_runs_one_catch_up_on_one_tick(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker
+) -> None:
+    """An every-minute schedule whose scheduler was down for 15 days (21,600 slots, over the
+    per-tick cap): one catch-up run, the cursor at the newest slot, nothing more after."""
+    schedule = every("minutely", 60, overlap=OverlapPolicy.ALLOW)
+    scheduler = make(redis_client, settings, broker, [schedule], "solo")
+    await scheduler.tick(START)
+    back = START + timedelta(days=15, seconds=30)
+    report = await scheduler.tick(back)
+    newest = datetime(2024, 11, 18, 5, 2, tzinfo=UTC)
+    assert [s for _, s in report.sent] == [newest]
+    for extra_s in (1, 2):
+        assert (await scheduler.tick(back + timedelta(seconds=extra_s))).sent == []
+    state = await scheduler.store.state("minutely")
+    assert state.cursor == newest
+    assert state.stats["missed"] >= 10_000
+    assert len(enqueued(settings, QUEUE_MAINTENANCE)) == 1
+
+
+async def test_a_re_added_repeatable_does_not_inherit_a_stale_cursor(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker
+) -> None:
+    """A tick that read the list before the job was removed recreates its cursor; adding the
+    name again hours later starts afresh instead of firing a catch-up for the time between."""
+    job = every("promo", 300)
+    ns = settings.namespace
+    scheduler = make(redis_client, settings, broker, [], "solo")
+    await add_repeatable(redis_client, ns, job, START)
+    assert await remove_repeatable(redis_client, ns, "promo")
+    # The tick that had read the list before the removal goes on with the job.
+    stale = make(redis_client, settings, broker, [job], "solo", load_repeatables=False)
+    await stale.tick(START + timedelta(seconds=1))
+    later = START + timedelta(hours=3)
+    await add_repeatable(redis_client, ns, job, later)
+    report = await scheduler.tick(later + timedelta(seconds=30))
+    assert report.sent == [] and report.skipped == []
+    state = await scheduler.store.state("promo")
+    assert state.cursor == later and "missed" not in state.stats
+    first = await scheduler.tick(datetime(2024, 11, 3, 8, 5, 1, tzinfo=UTC))
+    assert [s.strftime("%H:%M") for _, s in first.sent] == ["08:05"]
+
+
+async def test_replacing_a_repeatable_keeps_its_cursor(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker
+) -> None:
+    ns = settings.namespace
+    scheduler = make(redis_client, settings, broker, [], "solo")
+    await add_repeatable(redis_client, ns, every("promo", 300), START)
+    await scheduler.tick(START + timedelta(minutes=3, seconds=1))  # 05:05 sent
+    await add_repeatable(redis_client, ns, every("promo", 600), START + timedelta(minutes=4),
+                         replace=True)
+    state = await scheduler.store.state("promo")
+    assert state.cursor == datetime(2024, 11, 3, 5, 5, tzinfo=UTC)
+    assert state.stats["sent"] == 1
