@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("shopflow_log_context", default={})
+# None, not {}: a ContextVar default is shared by every context, so it must not be mutable.
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "shopflow_log_context", default=None)
 
 
 @contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
     """Add ``fields`` to every log line written inside the block (this thread/task)."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
     try:
         yield
     finally:
@@ -42,7 +44,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        out.update(_context.get())
+        out.update(_context.get() or {})
         for key, value in vars(record).items():
             if key not in self._skip and not key.startswith("_"):
                 out[key] = value
