@@ -265,11 +265,66 @@ local function promote(queue, limit)
     end
 end
 
+-- Park message rid of a queue (its body in Q.msgs) in the delayed set until eta: the
+-- record becomes (or is created) delayed, as if it had been sent with that delay.
+local function park(queue, rid, msg, eta)
+    redis.call("zadd", qkey(queue, "delayed"), eta, rid)
+    local job_id, actor = rid, ""
+    if msg then
+        job_id, actor = message_job_id(msg), msg.actor_name or ""
+    end
+    local key = job_key(job_id)
+    if redis.call("exists", key) == 1 then
+        record_fields(key, {state = "delayed", rid = rid, run_at_ms = eta})
+    else
+        record_fields(key, {id = job_id, queue = queue, actor = actor, state = "delayed",
+            rid = rid, created_ms = now, enqueued_ms = now, attempt = 0, max_attempts = 0,
+            priority = msg and message_priority(msg) or 0, explicit = "0", deaths = 0,
+            run_at_ms = eta})
+        stat(queue, "enqueued")
+    end
+    event(job_id, queue, actor, "delayed", {run_at_ms = eta})
+end
+
+-- Dramatiq's own delayed messages (a plain Dramatiq producer's enqueue(delay=...), or a
+-- producer that copies its layout) are written to ns:Q.DQ with options.eta. No worker here
+-- consumes that queue: move them to Q's delayed set by their eta, where they wait like any
+-- delayed job (the consumer takes the eta off when it runs them).
+local function adopt_dramatiq_delayed(queue)
+    local dq = qkey(queue .. ".DQ", "")
+    if redis.call("llen", dq) == 0 then return end
+    local dq_msgs = qkey(queue .. ".DQ", "msgs")
+    for _, rid in ipairs(redis.call("lpop", dq, 1000)) do
+        local text = redis.call("hget", dq_msgs, rid)
+        redis.call("hdel", dq_msgs, rid)
+        if text then
+            redis.call("hset", qkey(queue, "msgs"), rid, text)
+            local msg = decode(text)
+            local eta = msg and tonumber((msg.options or {}).eta) or now
+            park(queue, rid, msg, math.floor(eta))
+        end
+    end
+end
+
+-- park(queue, worker, rid, eta_ms) -> {"parked"} | {"lost"}: a fetched message whose
+-- options.eta is still ahead (written so by an outside producer) waits in the delayed set.
+local function cmd_park(a)
+    local queue, worker, rid, eta = a[1], a[2], a[3], tonumber(a[4])
+    if redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, rid) == 0 then
+        return {"lost"}
+    end
+    local text = redis.call("hget", qkey(queue, "msgs"), rid)
+    if not text then return {"lost"} end
+    park(queue, rid, decode(text), eta)
+    return {"parked"}
+end
+
 -- fetch(queue, worker, count) -> {next_due_ms or "", id1, message JSON 1, id2, ...}
 local function cmd_fetch(a)
     local queue, worker, count = a[1], a[2], tonumber(a[3])
     redis.call("zadd", ns .. ":__heartbeats__", now, worker)
     redis.call("sadd", ns .. ":__queues__." .. worker, queue)
+    adopt_dramatiq_delayed(queue)
     promote(queue, 1000)
     local next_due = redis.call("zrange", qkey(queue, "delayed"), 0, 0, "WITHSCORES")
     local reply = {next_due[2] or ""}
@@ -782,7 +837,7 @@ local function cmd_purge(a)
 end
 
 local COMMANDS = {
-    enqueue = cmd_enqueue, fetch = cmd_fetch, start = cmd_start, finish = cmd_finish,
+    enqueue = cmd_enqueue, fetch = cmd_fetch, park = cmd_park, start = cmd_start, finish = cmd_finish,
     sweep = cmd_sweep, requeue = cmd_requeue, cancel = cmd_cancel, retry = cmd_retry, remove = cmd_remove,
     progress = cmd_progress, empty_dead = cmd_empty_dead, pause = cmd_pause, purge = cmd_purge,
 }
