@@ -342,6 +342,10 @@ class JobBroker(RedisBroker):
             outcome.new_rid, outcome.new_message, outcome.eta_ms, outcome.priority,
             *((tally.key, tally.field, tally.ttl_s) if tally is not None else ()),
         )
+        if reply and reply[0] == "lost" and outcome.kind == "ack":
+            log.info("job %s: let go of a copy the stall sweep had already taken back", job_id,
+                     extra={"job_id": job_id, "queue": queue})
+            return
         if reply and reply[0] == "lost":
             log.warning("job %s finished (%s) after another worker had taken it over; "
                         "that run owns its record", job_id, outcome.kind,

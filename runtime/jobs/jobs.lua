@@ -172,6 +172,7 @@ local ACTIVE_STATES = {waiting = true, delayed = true, active = true}
 local DUPLICATE_STATES = {waiting = true, delayed = true, active = true, completed = true, skipped = true}
 local RETRYABLE_STATES = {failed = true, dead = true, cancelled = true}
 local INDEXED_STATES = {completed = true, skipped = true, failed = true, dead = true, cancelled = true}
+local ENDED_STATES = INDEXED_STATES
 
 local function index_of(state)
     if state == "skipped" then return "completed" end
@@ -397,18 +398,24 @@ local function take_limits(limits, token)
 end
 
 -- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON])
--- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"stale", why} | {"limited", wait_ms}
 -- policy: the job's retry policy ({attempts, backoff, backoff_ms, backoff_max_ms, jitter}),
 -- kept on the record for the stall sweep, which runs a stalled job again under it. attempt
 -- in the reply: the attempt this run is (a stall used one the message does not know of).
+-- Only a copy the worker still holds, of the job's current run, starts: the sweep takes
+-- back what a worker presumed dead had fetched and gives it to another, and the copy left
+-- in the presumed-dead worker's memory must not run a second time.
 local function cmd_start(a)
     local queue, rid, job_id, actor, worker, attempt, limits = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
     local policy = a[8] or ""
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
-    if state == "completed" or state == "skipped" or state == "dead" or state == "cancelled" then
-        return {"done", state}
+    if state and ENDED_STATES[state] then return {"done", state} end
+    if redis.call("sismember", ns .. ":__acks__." .. worker .. "." .. queue, rid) == 0 then
+        return {"stale", "taken back from this worker"}
     end
+    local current = state and redis.call("hget", key, "rid")
+    if current and current ~= rid then return {"stale", "superseded by a newer run"} end
     if redis.call("hget", key, "cancel_requested") == "1" then return {"cancelled"} end
     if limits ~= "" then
         local wait = take_limits(cjson.decode(limits), rid)
@@ -452,7 +459,10 @@ local function cmd_finish(a)
     local msgs = qkey(queue, "msgs")
     release_limits(cjson.decode(a[10]), rid)
     local held = redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, rid)
-    if held == 0 and outcome ~= "ack" then
+    -- Letting go of a copy we no longer hold touches nothing: its body may be another
+    -- worker's now (the sweep handed the same message id back to the queue).
+    if held == 0 and outcome == "ack" then return {"lost"} end
+    if held == 0 then
         -- The stall sweep took this message back (we were presumed dead). If it still
         -- waits, take it out of the queue again and record our outcome; if another
         -- worker has started or finished it since, that run owns the record.

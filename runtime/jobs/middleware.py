@@ -194,6 +194,11 @@ class JobsMiddleware(Middleware):
             log.debug("job %s held back by a limit, back in %d ms", job_id, delay_ms)
         elif kind == "cancelled":
             set_outcome(message, Outcome("cancelled", {"reason": "cancelled before it started"}))
+        elif kind == "stale":
+            # This worker was presumed dead and its fetched copy handed to another (or the
+            # job has run again since): the other copy is the job's; this one goes.
+            set_outcome(message, Outcome("ack"))
+            log.warning("job %s: not starting a stale copy (%s)", job_id, reply[1])
         else:
             # A redelivered copy of a job that already ended: let it go.
             set_outcome(message, Outcome("ack"))
