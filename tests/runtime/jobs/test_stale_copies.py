@@ -42,7 +42,9 @@ def _rid(sent: Submitted) -> str:
 
 
 def _state(broker: JobBroker, job_id: str) -> str:
-    return str(broker.client.hget(broker.keys.job(job_id), "state"), "utf-8")
+    raw = broker.client.hget(broker.keys.job(job_id), "state")
+    assert isinstance(raw, bytes)
+    return raw.decode()
 
 
 def _start(broker: JobBroker, worker: str, sent: Submitted) -> list[str]:
