@@ -34,7 +34,7 @@ import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware, SkipMessage, TimeLimit
 
 from runtime.errors import JobCancelled
 from runtime.jobs.broker import JobBroker
@@ -88,6 +88,7 @@ class JobsMiddleware(Middleware):
         self._keeper: JobKeeper | None = None
         self._held: dict[str, tuple[str, ...]] = {}
         self._policies: dict[str, str] = {}  # actor name -> its policy JSON (a dict: GIL-safe)
+        self._default_time_limit_ms: int | None = None  # TimeLimit's, looked up on first use
         self._lock = threading.Lock()
 
     @property
@@ -167,10 +168,24 @@ class JobsMiddleware(Middleware):
         with self._lock:
             self._held[_rid(message)] = keys
         max_attempts = jb.max_attempts(message._message)
+        limit_ms = self._time_limit_ms(jb, message, actor_options)
+        deadline_s = time.monotonic() + limit_ms / 1000 if limit_ms else None
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
+
+    def _time_limit_ms(self, jb: JobBroker, message: MessageProxy,
+                       actor_options: dict[str, Any]) -> int | None:
+        """The attempt's time limit as Dramatiq's TimeLimit enforces it: the message's
+        ``time_limit`` (``timeout_ms``), its actor's, or the middleware's default."""
+        limit = message.options.get("time_limit", actor_options.get("time_limit"))
+        if limit is None:
+            if self._default_time_limit_ms is None:
+                self._default_time_limit_ms = next(
+                    (int(m.time_limit) for m in jb.middleware if isinstance(m, TimeLimit)), 0)
+            limit = self._default_time_limit_ms
+        return int(limit) or None
 
     def _policy_json(self, jb: JobBroker, message: MessageProxy,
                      actor_options: dict[str, Any]) -> str:
