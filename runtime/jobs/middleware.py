@@ -245,12 +245,15 @@ class JobsMiddleware(Middleware):
         message.options["traceback"] = _short(traceback.format_exc(limit=10))
         error = error_text(exc)
         retries = int(message.options.get("retries", 0))
+        actor = jb.actors.get(message.actor_name)
+        policy = jb.config.retry.with_options(actor.options if actor else {})
+        policy = policy.with_options(message.options)
+        delay: int | None
         if isinstance(exc, Retry) and exc.delay is not None:
-            delay: int | None = int(exc.delay)  # the actor asked for a retry itself
+            # The actor asked for a retry itself, after its own delay: still within the
+            # job's attempts, or a job that always asks would run forever.
+            delay = int(exc.delay) if retries < policy.attempts - 1 else None
         else:
-            actor = jb.actors.get(message.actor_name)
-            policy = jb.config.retry.with_options(actor.options if actor else {})
-            policy = policy.with_options(message.options)
             delay = retry_delay_ms(policy, jb.config.infra_retries, retries, exc, self._rng())
         if delay is None:
             message.fail()
