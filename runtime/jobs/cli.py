@@ -32,7 +32,8 @@ ENDED_STATES = frozenset({"completed", "skipped", "failed", "cancelled", "dead"}
 
 def _store_for(settings: Settings, client: aioredis.Redis) -> JobStore:
     keys = JobKeys(f"{settings.namespace}-jobs", events_stream(settings.namespace))
-    return JobStore(client, keys, ALL_QUEUES, job_config(settings).bounds)
+    config = job_config(settings)
+    return JobStore(client, keys, ALL_QUEUES, config.bounds, keep_failed=config.keep_failed)
 
 
 def _run(action: Action) -> Callable[[argparse.Namespace, Settings], int]:

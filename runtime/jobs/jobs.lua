@@ -124,6 +124,13 @@ local function message_job_id(msg)
     return options.job_id or msg.message_id
 end
 
+-- How many failed/cancelled jobs the queue keeps for this message: its own keep_failed
+-- option, else `default` (the caller's setting; nil: the caller trims nothing).
+local function keep_failed_of(msg, default)
+    local keep = msg and tonumber((msg.options or {}).keep_failed)
+    return keep or tonumber(default)
+end
+
 local function message_priority(msg)
     local options = msg.options or {}
     return tonumber(options.priority) or 0
@@ -573,7 +580,7 @@ end
 -- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
 -- counts as shared_deaths, since any of them may have killed the worker. Either way it
 -- used its attempt: it runs again after its backoff, or fails for good ("stalled").
-local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
+local function stall(item, w, sole, poison, default_policy, unit, stagger_ms, keep_failed)
     local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
     local key = job_key(job_id)
     local actor = msg.actor_name or ""
@@ -610,6 +617,10 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
         stat(queue, state)
         found.outcome = state
         found.reason = reason
+        -- Failed jobs are kept up to keep-last-N, as the ones a worker fails; the dead
+        -- (quarantined) ones until an operator empties the dead set.
+        local keep = keep_failed_of(msg, keep_failed)
+        if state == "failed" and keep then trim(queue, "failed", keep, 0) end
     end
     if deaths >= poison then
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
@@ -635,13 +646,14 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
     return found
 end
 
--- sweep(timeout_ms, poison_deaths, default policy JSON, unit random)
+-- sweep(timeout_ms, poison_deaths, default policy JSON, unit random[, keep_failed])
 --   -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, outcome, ...}]}
 -- Give back what dead workers had fetched; run again, or end, what they were running.
 local function cmd_sweep(a)
     local timeout, poison = tonumber(a[1]), tonumber(a[2])
     local default_policy = decode(a[3] or "") or {attempts = 1}
     local unit = tonumber(a[4]) or 0.5
+    local keep_failed = tonumber(a[5])
     local heartbeats = ns .. ":__heartbeats__"
     local dead_workers = redis.call("zrangebyscore", heartbeats, 0, now - timeout)
     local requeued = 0
@@ -659,7 +671,7 @@ local function cmd_sweep(a)
             unit = (unit + 0.6180339887) % 1
             local stagger_ms = ((i - 1 + first) % #running) * timeout
             table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit,
-                stagger_ms))
+                stagger_ms, keep_failed))
         end
         for _, item in ipairs(fetched) do
             push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
@@ -693,10 +705,11 @@ local function cmd_requeue(a)
     return n
 end
 
--- cancel(job_id) -> {"cancelled" | "requested", queue, actor, state before}
---                 | {"finished", state} | {"missing"}
+-- cancel(job_id[, keep_failed]) -> {"cancelled" | "requested", queue, actor, state before}
+--                               | {"finished", state} | {"missing"}
+-- keep_failed: how many cancelled jobs the queue keeps (the message's own option wins).
 local function cmd_cancel(a)
-    local job_id = a[1]
+    local job_id, default_keep = a[1], a[2]
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if not state then return {"missing"} end
@@ -715,9 +728,11 @@ local function cmd_cancel(a)
         redis.call("hdel", qkey(queue, "msgs"), rid)
         record_fields(key, {state = "cancelled", finished_ms = now, cancel_requested = 1})
         if message then redis.call("hset", key, "message", message) end
-        redis.call("zadd", qkey(queue, "cancelled"), now, job_id)
+        redis.call("zadd", qkey(queue, "cancelled"), ended_score(queue), job_id)
         stat(queue, "cancelled")
         event(job_id, queue, actor, "cancelled", {while_state = state})
+        local keep = keep_failed_of(message and decode(message), default_keep)
+        if keep then trim(queue, "cancelled", keep, 0) end
         return {"cancelled", queue, actor, state}
     end
     -- Running, or already fetched by a worker: it sees the request when it starts or checks.

@@ -126,7 +126,8 @@ class JobKeeper:
             return SweepReport(0, ())
         reply = json.loads(broker.jobs("sweep", broker.config.heartbeat_timeout_ms,
                                        broker.config.poison_deaths,
-                                       broker.config.retry.as_json(), random.random()))
+                                       broker.config.retry.as_json(), random.random(),
+                                       broker.config.keep_failed))
         report = SweepReport(int(reply.get("requeued", 0)),
                              tuple(_stalled_event(item) for item in reply.get("stalled") or ()))
         for event in report.stalled:

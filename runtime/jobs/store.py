@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from runtime.errors import Conflict, NotFound, QueueFull, ValidationError
 from runtime.jobs.broker import QueueBounds, Submitted, enqueue_args, submitted_from, with_ids
 from runtime.jobs.hooks import JobEvent, JobHooks
-from runtime.jobs.options import check_options, delay_of
+from runtime.jobs.options import DEFAULT_KEEP_FAILED, check_options, delay_of
 from runtime.jobs.script import AsyncJobScript, JobKeys, text
 
 # States a job can be listed by.
@@ -109,8 +109,11 @@ class JobStore:
     """The operator's view of every queue; all methods are coroutines on the caller's loop."""
 
     def __init__(self, client: aioredis.Redis, keys: JobKeys, queues: Sequence[str],
-                 bounds: QueueBounds | None = None, hooks: JobHooks | None = None) -> None:
+                 bounds: QueueBounds | None = None, hooks: JobHooks | None = None, *,
+                 keep_failed: int = DEFAULT_KEEP_FAILED) -> None:
         self._redis = client
+        # Cancelled jobs are kept per queue up to this many (a message's keep_failed wins).
+        self._keep_failed = keep_failed
         self.keys = keys
         # Events of the changes made through this store, in this process (and their log
         # lines); pass the process broker's hooks to listen with the broker's listeners.
@@ -296,7 +299,7 @@ class JobStore:
         its next check, or when it would start the job: the request is kept
         in Redis, so it outlives worker restarts).
         """
-        reply = await self._script("cancel", job_id)
+        reply = await self._script("cancel", job_id, self._keep_failed)
         if reply[0] == "finished":
             raise Conflict(f"job {job_id} has already ended ({reply[1]})")
         _raise_for(reply, job_id, "cancelled")
