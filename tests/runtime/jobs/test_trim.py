@@ -28,7 +28,8 @@ DEAD = "worker-that-died"
 
 def _index(broker: JobBroker, state: str) -> list[str]:
     """Ids in a queue's ended-jobs index, oldest first."""
-    return [i.decode() for i in broker.client.zrange(broker.keys.queue(QUEUE_EMAILS, state), 0, -1)]
+    ids: list[bytes] = broker.client.zrange(broker.keys.queue(QUEUE_EMAILS, state), 0, -1)  # type: ignore[assignment]
+    return [i.decode() for i in ids]
 
 
 def _has_record(broker: JobBroker, job_id: str) -> bool:
