@@ -80,25 +80,26 @@ local function wake(queue)
     redis.call("ltrim", key, 0, WAKE_TOKENS - 1)
 end
 
--- Put a message id where a consumer finds it, by priority; at_head for redeliveries.
-local function push_waiting(queue, rid, priority, at_head)
+-- Put a message id where a consumer finds it, by priority; returns its place (seq), which
+-- the job's record keeps. A new place is the tail of its priority. at_head gives back the
+-- place a job had (redeliveries, jobs held back by a limit): the head of the plain list,
+-- or `seq`, its old place, among jobs of its priority (their head without one).
+local function push_waiting(queue, rid, priority, at_head, seq)
     priority = tonumber(priority) or 0
+    if not at_head then seq = redis.call("incr", qkey(queue, "seq")) end
     if priority == 0 then
         if at_head then
             redis.call("lpush", qkey(queue, ""), rid)
         else
             redis.call("rpush", qkey(queue, ""), rid)
         end
+    elseif priority > 0 then
+        redis.call("zadd", qkey(queue, "hi"), (10 - priority) * SEQ_SPAN + (seq or 0), rid)
     else
-        local seq = redis.call("incr", qkey(queue, "seq"))
-        if at_head then seq = 0 end
-        if priority > 0 then
-            redis.call("zadd", qkey(queue, "hi"), (10 - priority) * SEQ_SPAN + seq, rid)
-        else
-            redis.call("zadd", qkey(queue, "lo"), (-priority) * SEQ_SPAN + seq, rid)
-        end
+        redis.call("zadd", qkey(queue, "lo"), (-priority) * SEQ_SPAN + (seq or 0), rid)
     end
     wake(queue)
+    return seq
 end
 
 local function remove_waiting(queue, rid)
@@ -134,6 +135,12 @@ end
 local function message_priority(msg)
     local options = msg.options or {}
     return tonumber(options.priority) or 0
+end
+
+-- The place the job of a message had in its queue (nil: no record, or it never waited).
+local function place_of(msg)
+    if not msg then return nil end
+    return tonumber(redis.call("hget", job_key(message_job_id(msg)), "seq"))
 end
 
 -- The end time as a score that keeps jobs ending in the same millisecond in order.
@@ -229,16 +236,18 @@ local function cmd_enqueue(a)
     end
     redis.call("hset", qkey(queue, "msgs"), rid, message)
     local state = "waiting"
+    local seq = 0
     if eta > now then
         state = "delayed"
         redis.call("zadd", qkey(queue, "delayed"), eta, rid)
     else
-        push_waiting(queue, rid, priority, false)
+        seq = push_waiting(queue, rid, priority, false)
     end
     record_fields(key, {
         id = job_id, queue = queue, actor = actor, state = state, rid = rid,
         created_ms = now, enqueued_ms = now, attempt = 0, max_attempts = max_attempts,
         priority = priority, explicit = explicit, deaths = 0, run_at_ms = math.max(eta, now),
+        seq = seq,
     })
     stat(queue, "enqueued")
     if state == "delayed" then
@@ -249,12 +258,15 @@ local function cmd_enqueue(a)
     return {"enqueued", state}
 end
 
--- Move due delayed messages of a queue to its waiting structures (at most `limit`).
+-- Move due delayed messages of a queue to its waiting structures (at most `limit`). A job
+-- that was held back by a limit ("front" on its record) gets its old place back, so a
+-- backlog sent meanwhile neither starves it nor overtakes it.
 local function promote(queue, limit)
     local delayed = qkey(queue, "delayed")
     local due = redis.call("zrangebyscore", delayed, "-inf", now, "LIMIT", 0, limit)
     if #due == 0 then return end
     local msgs = qkey(queue, "msgs")
+    local fronted = {}  -- {seq, rid} of plain-list jobs going back to the head
     for _, rid in ipairs(due) do
         redis.call("zrem", delayed, rid)
         local text = redis.call("hget", msgs, rid)
@@ -262,15 +274,33 @@ local function promote(queue, limit)
         if msg then
             local job_id = message_job_id(msg)
             local key = job_key(job_id)
-            if redis.call("exists", key) == 1 then
+            local priority = message_priority(msg)
+            local record = redis.call("hmget", key, "state", "front", "seq")
+            if record[1] then
                 redis.call("hset", key, "state", "waiting")
                 event(job_id, queue, msg.actor_name or "", "waiting", {promoted = true})
             end
-            push_waiting(queue, rid, message_priority(msg), false)
+            if record[2] == "1" then
+                redis.call("hdel", key, "front")
+                local seq = tonumber(record[3])
+                if priority == 0 then
+                    table.insert(fronted, {seq or 0, rid})
+                else
+                    push_waiting(queue, rid, priority, true, seq)
+                end
+            else
+                local seq = push_waiting(queue, rid, priority, false)
+                if record[1] then redis.call("hset", key, "seq", seq) end
+            end
         elseif text then
             push_waiting(queue, rid, 0, false)
         end
     end
+    -- Back to the head in their old order: the latest place first, so the earliest ends up
+    -- in front.
+    table.sort(fronted, function(x, y) return x[1] > y[1] end)
+    for _, item in ipairs(fronted) do redis.call("lpush", qkey(queue, ""), item[2]) end
+    if #fronted > 0 then wake(queue) end
 end
 
 -- Park message rid of a queue (its body in Q.msgs) in the delayed set until eta: the
@@ -501,14 +531,18 @@ local function cmd_finish(a)
         local new_rid, new_message = a[11], a[12]
         local eta, priority = tonumber(a[13]), tonumber(a[14])
         redis.call("hset", msgs, new_rid, new_message)
-        local state = "waiting"
+        local requeue = outcome == "requeue"  -- handed back without using an attempt
+        local fields = {state = "waiting", rid = new_rid, run_at_ms = math.max(eta, now)}
         if eta > now then
-            state = "delayed"
+            fields.state = "delayed"
             redis.call("zadd", qkey(queue, "delayed"), eta, new_rid)
+            if requeue then fields.front = "1" end  -- it gets its place back when due
         else
-            push_waiting(queue, new_rid, priority, outcome == "requeue")
+            local seq = tonumber(redis.call("hget", key, "seq"))
+            seq = push_waiting(queue, new_rid, priority, requeue, seq)
+            if seq then fields.seq = seq end
         end
-        record_fields(key, {state = state, rid = new_rid, run_at_ms = math.max(eta, now)})
+        record_fields(key, fields)
         if outcome == "retry" then
             redis.call("hset", key, "error", short(detail.error) or "")
             stat(queue, "retried")
@@ -674,7 +708,8 @@ local function cmd_sweep(a)
                 stagger_ms, keep_failed))
         end
         for _, item in ipairs(fetched) do
-            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
+            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true,
+                place_of(item.msg))
             requeued = requeued + 1
         end
         redis.call("del", ns .. ":__queues__." .. w)
@@ -696,8 +731,8 @@ local function cmd_requeue(a)
         if redis.call("srem", acks, rid) > 0 then
             local text = redis.call("hget", msgs, rid)
             if text then
-                local msg = decode(text) or {}
-                push_waiting(queue, rid, message_priority(msg), true)
+                local msg = decode(text)
+                push_waiting(queue, rid, msg and message_priority(msg) or 0, true, place_of(msg))
                 n = n + 1
             end
         end
@@ -753,9 +788,9 @@ local function cmd_retry(a)
     redis.call("zrem", qkey(queue, index_of(state)), job_id)
     redis.call("hset", qkey(queue, "msgs"), new_rid, new_message)
     local msg = decode(new_message) or {}
-    push_waiting(queue, new_rid, message_priority(msg), false)
+    local seq = push_waiting(queue, new_rid, message_priority(msg), false)
     record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
-        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
+        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now, seq = seq})
     redis.call("hdel", key, "message", "finished_ms", "next_attempt")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
