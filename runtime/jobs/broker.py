@@ -69,6 +69,8 @@ FULL_QUEUE_FIRST_WAIT_S = 0.005
 FULL_QUEUE_MAX_WAIT_S = 0.2
 # An idle consumer blocks this long on its wake-up list before looking again.
 DEFAULT_IDLE_TIMEOUT_MS = 1_000
+# ...but at most this share of its connection's socket timeout (a blocking read must end first).
+SOCKET_TIMEOUT_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -522,10 +524,19 @@ class JobConsumer(Consumer):
         return message
 
     def _wait_for_work(self, next_due: str) -> None:
-        """Block on the queue's wake-up list until a producer pushes, or the next delayed job."""
+        """Block on the queue's wake-up list until a producer pushes, or the next delayed job.
+
+        Never longer than the connection's own socket timeout allows (redis-py 8 sets
+        5 s by default): a blocking read past it fails with TimeoutError, and Dramatiq
+        restarts the whole consumer seconds later. The caller looks again after.
+        """
         timeout_s = self.idle_timeout_s
         if next_due:
             timeout_s = min(timeout_s, max(0.0, float(next_due) / 1000 - time.time()))
+        client = self.broker.jobs.connection()
+        socket_timeout_s = getattr(client.connection, "socket_timeout", None)
+        if isinstance(socket_timeout_s, int | float) and socket_timeout_s > 0:
+            timeout_s = min(timeout_s, socket_timeout_s * SOCKET_TIMEOUT_SHARE)
         if timeout_s < 0.001:
             return
-        self.broker.jobs.connection().blpop([self._wake_key], timeout=timeout_s)
+        client.blpop([self._wake_key], timeout=timeout_s)

@@ -80,6 +80,15 @@ local function wake(queue)
     redis.call("ltrim", key, 0, WAKE_TOKENS - 1)
 end
 
+-- Park a message id in the delayed set until eta. An idle consumer sleeps until the due time
+-- it saw at its last fetch (or its idle timeout): if this one is due earlier, wake one, so
+-- it looks again and sleeps until this one instead.
+local function add_delayed(queue, rid, eta)
+    local key = qkey(queue, "delayed")
+    redis.call("zadd", key, eta, rid)
+    if redis.call("zrange", key, 0, 0)[1] == rid then wake(queue) end
+end
+
 -- Put a message id where a consumer finds it, by priority; returns its place (seq), which
 -- the job's record keeps. A new place is the tail of its priority. at_head gives back the
 -- place a job had (redeliveries, jobs held back by a limit): the head of the plain list,
@@ -239,7 +248,7 @@ local function cmd_enqueue(a)
     local seq = 0
     if eta > now then
         state = "delayed"
-        redis.call("zadd", qkey(queue, "delayed"), eta, rid)
+        add_delayed(queue, rid, eta)
     else
         seq = push_waiting(queue, rid, priority, false)
     end
@@ -306,7 +315,7 @@ end
 -- Park message rid of a queue (its body in Q.msgs) in the delayed set until eta: the
 -- record becomes (or is created) delayed, as if it had been sent with that delay.
 local function park(queue, rid, msg, eta)
-    redis.call("zadd", qkey(queue, "delayed"), eta, rid)
+    add_delayed(queue, rid, eta)
     local job_id, actor = rid, ""
     if msg then
         job_id, actor = message_job_id(msg), msg.actor_name or ""
@@ -535,7 +544,7 @@ local function cmd_finish(a)
         local fields = {state = "waiting", rid = new_rid, run_at_ms = math.max(eta, now)}
         if eta > now then
             fields.state = "delayed"
-            redis.call("zadd", qkey(queue, "delayed"), eta, new_rid)
+            add_delayed(queue, new_rid, eta)
             if requeue then fields.front = "1" end  -- it gets its place back when due
         else
             local seq = tonumber(redis.call("hget", key, "seq"))
@@ -671,7 +680,7 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms, ke
     else
         local run_at = now + backoff_ms(policy, attempt - 1, unit) + stagger_ms
         record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
-        redis.call("zadd", qkey(queue, "delayed"), run_at, rid)
+        add_delayed(queue, rid, run_at)
         found.outcome = "delayed"
         found.run_at_ms = run_at
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
