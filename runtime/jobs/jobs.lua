@@ -800,7 +800,10 @@ local function cmd_retry(a)
     local seq = push_waiting(queue, new_rid, message_priority(msg), false)
     record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
         shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now, seq = seq})
-    redis.call("hdel", key, "message", "finished_ms", "next_attempt")
+    -- What the old run left is history now (its events stay in the job's history): the
+    -- waiting job shows no error, result or progress it has not produced.
+    redis.call("hdel", key, "message", "finished_ms", "next_attempt", "error", "reason",
+        "result", "progress", "started_ms", "worker", "dedup_until_ms", "front")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
     return {"enqueued"}

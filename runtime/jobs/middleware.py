@@ -108,9 +108,15 @@ class JobsMiddleware(Middleware):
         """Start the keeper: heartbeats, lease renewal, the stall sweep."""
         jb = _job_broker(broker)
         if jb.actors:
-            # Producers that only know names (HTTP, other languages) check them against this.
-            jb.client.hset(jb.keys.actors, mapping={name: actor.queue_name
-                                                    for name, actor in jb.actors.items()})
+            # Producers that only know names (HTTP, other languages) check them against this,
+            # and find each actor's attempts (its options over the settings) for the record.
+            pipe = jb.client.pipeline(transaction=False)
+            pipe.hset(jb.keys.actors, mapping={name: actor.queue_name
+                                               for name, actor in jb.actors.items()})
+            pipe.hset(jb.keys.actor_policies, mapping={
+                name: jb.config.retry.with_options(actor.options).as_json()
+                for name, actor in jb.actors.items()})
+            pipe.execute()
         self._keeper = JobKeeper(jb, self.held_limit_tokens)
         self._keeper.start()
 

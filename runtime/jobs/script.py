@@ -81,6 +81,11 @@ class JobKeys:
         """Actor name -> queue of every actor a worker has declared (for outside producers)."""
         return f"{self.namespace}:__actors__"
 
+    @property
+    def actor_policies(self) -> str:
+        """Actor name -> its retry policy JSON (settings + actor options), for the same."""
+        return f"{self.namespace}:__actor_policies__"
+
     def limit(self, key: str) -> str:
         """Holders of a concurrency limit."""
         return f"{self.namespace}:limit:{key}"

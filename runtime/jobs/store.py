@@ -351,7 +351,10 @@ class JobStore:
         report (HTTP 503 with Retry-After).
         """
         self._check_queue(queue)
-        declared = await self._redis.hget(self.keys.actors, actor)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self.keys.actors, actor)
+        pipe.hget(self.keys.actor_policies, actor)
+        declared, policy_json = await pipe.execute()
         if declared is None:
             raise ValidationError(f"no worker has declared an actor {actor!r}", field="actor")
         if text(declared) != queue:
@@ -364,7 +367,7 @@ class JobStore:
         delay_ms = delay_of(options)
         message = with_ids(message)
         eta_ms = int(datetime.now(UTC).timestamp() * 1000) + delay_ms if delay_ms else 0
-        max_attempts = int(message.options.get("attempts", 0))
+        max_attempts = int(message.options.get("attempts", _attempts_of(policy_json)))
         reply = await self._script("enqueue", *enqueue_args(
             message, eta_ms, self._bounds.max_for(queue), max_attempts))
         submitted = submitted_from(reply, message)
@@ -372,6 +375,17 @@ class JobStore:
             raise QueueFull(f"queue {queue!r} is full ({reply[1]} jobs waiting); "
                             f"the job was not enqueued")
         return submitted
+
+
+def _attempts_of(policy_json: Any) -> int:
+    """The attempts in an actor's registered policy (what its workers resolved from its
+    options and the settings); 0 (unknown) without one."""
+    if policy_json is None:
+        return 0
+    try:
+        return int(json.loads(text(policy_json))["attempts"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def _history_entry(raw: str) -> dict[str, Any]:
