@@ -19,6 +19,9 @@
 --   ns:Q.completed|failed|dead|cancelled   zsets job id -> end time (ms), trimmed to keep-last-N
 --   ns:Q.stats           hash of totals (enqueued, completed, failed, retried, stalled, dead, ...)
 --   ns:__queues__.W      set of the queues worker W consumes (for the stall sweep)
+--   ns:__running__.W     set of the job ids worker W is running (all its queues)
+--   ns:__alone__.W       id of the job that must run alone on worker W (a suspect of
+--                        killing its worker): no other job starts there meanwhile
 --   ns:paused            set of paused queue names
 --   ns:job:J             hash: the record of job J (state, attempts, times, result, error, ...)
 --   ns:jobhist:J         list: the last events of job J, newest first
@@ -37,6 +40,11 @@ local WAKE_TOKENS = 64
 local HISTORY = 20
 local EVENTS_MAXLEN = 10000
 local TEXT_MAX = 2000
+-- A job that has died in company this many times runs alone from then on: if it is the
+-- one killing its workers, its next death is its own and counts towards the quarantine.
+local ISOLATE_AFTER_SHARED_DEATHS = 2
+-- How long a suspect keeps a worker to itself if nobody renews it (the keeper does).
+local DEFAULT_ALONE_LEASE_MS = 60000
 
 local function qkey(queue, suffix)
     if suffix == "" then return ns .. ":" .. queue end
@@ -443,11 +451,16 @@ local function take_limits(limits, token)
     return -1
 end
 
--- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON])
--- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"stale", why} | {"limited", wait_ms}
+-- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON[, lease_ms]])
+-- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"stale", why}
+--  | {"limited", wait_ms[, "alone" | "isolated"]}
 -- policy: the job's retry policy ({attempts, backoff, backoff_ms, backoff_max_ms, jitter}),
 -- kept on the record for the stall sweep, which runs a stalled job again under it. attempt
 -- in the reply: the attempt this run is (a stall used one the message does not know of).
+-- A job marked to run alone (see stall) keeps the worker to itself (lease_ms, renewed by
+-- the keeper) and starts once nothing else runs there ("limited", "isolated" until then);
+-- meanwhile, and while it runs, no other job starts on that worker ("limited", "alone": it
+-- waits, then goes back to its place).
 -- Only a copy the worker still holds, of the job's current run, starts: the sweep takes
 -- back what a worker presumed dead had fetched and gives it to another, and the copy left
 -- in the presumed-dead worker's memory must not run a second time.
@@ -463,6 +476,14 @@ local function cmd_start(a)
     local current = state and redis.call("hget", key, "rid")
     if current and current ~= rid then return {"stale", "superseded by a newer run"} end
     if redis.call("hget", key, "cancel_requested") == "1" then return {"cancelled"} end
+    local running_key = ns .. ":__running__." .. worker
+    local alone_key = ns .. ":__alone__." .. worker
+    local alone = redis.call("get", alone_key)
+    if alone and alone ~= job_id then return {"limited", "50", "alone"} end
+    if state and redis.call("hget", key, "isolate") == "1" then
+        redis.call("set", alone_key, job_id, "PX", tonumber(a[9]) or DEFAULT_ALONE_LEASE_MS)
+        if redis.call("scard", running_key) > 0 then return {"limited", "50", "isolated"} end
+    end
     if limits ~= "" then
         local wait = take_limits(cjson.decode(limits), rid)
         if wait >= 0 then return {"limited", tostring(wait)} end
@@ -481,6 +502,7 @@ local function cmd_start(a)
         record_fields(key, {policy = policy, max_attempts = (p and tonumber(p.attempts)) or 0})
     end
     redis.call("zadd", qkey(queue, "active"), now, job_id)
+    redis.call("sadd", running_key, job_id)
     event(job_id, queue, actor, "active", {attempt = attempt, worker = worker})
     return {"run", tostring(attempt)}
 end
@@ -508,6 +530,11 @@ local function cmd_finish(a)
     -- Letting go of a copy we no longer hold touches nothing: its body may be another
     -- worker's now (the sweep handed the same message id back to the queue).
     if held == 0 and outcome == "ack" then return {"lost"} end
+    -- Not running here any more (a run that ended, or a start that did not happen); a job
+    -- that kept this worker to itself lets it go.
+    redis.call("srem", ns .. ":__running__." .. worker, job_id)
+    local alone_key = ns .. ":__alone__." .. worker
+    if redis.call("get", alone_key) == job_id then redis.call("del", alone_key) end
     if held == 0 then
         -- The stall sweep took this message back (we were presumed dead). If it still
         -- waits, take it out of the queue again and record our outcome; if another
@@ -619,19 +646,20 @@ local function held_by(w)
     return running, fetched
 end
 
--- A job that was running on a dead worker: stalled. It counts a death (towards the
--- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
--- counts as shared_deaths, since any of them may have killed the worker. Either way it
--- used its attempt: it runs again after its backoff, or fails for good ("stalled").
-local function stall(item, w, sole, poison, default_policy, unit, stagger_ms, keep_failed)
+-- A job that was running on a dead worker: stalled. When it ran alone there, the death is
+-- its own: it counts towards the poison-pill quarantine (deaths) and used its attempt (it
+-- runs again after its backoff, or fails for good, "stalled"). A death shared with other
+-- jobs is nobody's for sure (any of them may have killed the worker): it counts as a
+-- shared death, costs no attempt (the same attempt runs again after the backoff), and a
+-- job that has died in company ISOLATE_AFTER_SHARED_DEATHS times runs alone from then on,
+-- so a pill that only ever died next to others soon dies alone, while its bystanders lose
+-- nothing and run alone once, safely.
+local function stall(item, w, sole, poison, default_policy, unit, keep_failed)
     local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
     local key = job_key(job_id)
     local actor = msg.actor_name or ""
     local deaths = tonumber(redis.call("hget", key, "deaths")) or 0
     local shared = tonumber(redis.call("hget", key, "shared_deaths")) or 0
-    -- Spread apart only jobs that have died in company before: a single crash (an
-    -- OOM kill, a deploy gone wrong) costs its bystanders nothing but their backoff.
-    if shared == 0 then stagger_ms = 0 end
     if sole then
         deaths = redis.call("hincrby", key, "deaths", 1)
     else
@@ -670,7 +698,7 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms, ke
             worker = w, attempt = attempt})
         ended("dead", "killed its worker " .. deaths .. " times (poison pill)")
         event(job_id, queue, actor, "dead", {deaths = deaths, reason = "poison pill"})
-    elseif attempt >= (tonumber(policy.attempts) or 1) then
+    elseif sole and attempt >= (tonumber(policy.attempts) or 1) then
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
             worker = w, attempt = attempt})
         ended("failed", "stalled")
@@ -678,8 +706,16 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms, ke
         event(job_id, queue, actor, "failed", {attempt = attempt, reason = "stalled",
             error = "stalled"})
     else
-        local run_at = now + backoff_ms(policy, attempt - 1, unit) + stagger_ms
-        record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
+        local run_at = now + backoff_ms(policy, attempt - 1, unit)
+        local fields = {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1}
+        if not sole then
+            fields.next_attempt = attempt  -- a shared death charges nobody an attempt
+            if shared >= ISOLATE_AFTER_SHARED_DEATHS then
+                fields.isolate = "1"
+                found.isolated = true
+            end
+        end
+        record_fields(key, fields)
         add_delayed(queue, rid, run_at)
         found.outcome = "delayed"
         found.run_at_ms = run_at
@@ -703,25 +739,19 @@ local function cmd_sweep(a)
     local stalled = {}
     for _, w in ipairs(dead_workers) do
         local running, fetched = held_by(w)
-        -- Jobs that died together again run again apart, one heartbeat timeout after
-        -- another, in an order that changes from sweep to sweep: else a pill and a
-        -- bystander could be due together, fetched together and die together forever,
-        -- and no death would ever be the pill's alone. Apart, the pill dies alone (or
-        -- after its company ended). A first shared death only waits the backoff.
-        local first = math.floor(unit * #running)
-        for i, item in ipairs(running) do
+        for _, item in ipairs(running) do
             -- Spread the jitter of jobs found in one sweep (golden-ratio steps).
             unit = (unit + 0.6180339887) % 1
-            local stagger_ms = ((i - 1 + first) % #running) * timeout
             table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit,
-                stagger_ms, keep_failed))
+                keep_failed))
         end
         for _, item in ipairs(fetched) do
             push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true,
                 place_of(item.msg))
             requeued = requeued + 1
         end
-        redis.call("del", ns .. ":__queues__." .. w)
+        redis.call("del", ns .. ":__queues__." .. w, ns .. ":__running__." .. w,
+            ns .. ":__alone__." .. w)
         redis.call("zrem", heartbeats, w)
     end
     if #stalled == 0 then return cjson.encode({requeued = requeued}) end

@@ -52,6 +52,8 @@ MIN_REQUEUE_DELAY_MS = 50
 # Why a job went back to its queue without using an attempt (shopflow_job_requeues_total).
 REQUEUE_LIMITED = "limited"
 REQUEUE_REDIS_AWAY = "redis_unavailable"
+# ...because its worker was kept for a job that must run alone (one that died in company).
+REQUEUE_ALONE = "running_alone"
 # Message options that change a job's retry policy.
 _POLICY_OPTIONS = frozenset({"attempts", "max_retries", "backoff", "backoff_ms", "backoff_max_ms",
                              "jitter"})
@@ -142,12 +144,13 @@ class JobsMiddleware(Middleware):
         limits_json = json.dumps([lim.as_json(lease_ms) for lim in limits]) if limits else ""
         attempt = int(message.options.get("retries", 0)) + 1
         policy_json = self._policy_json(jb, message, actor_options)
-        deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
+        started_s = time.monotonic()
+        deadline = started_s + jb.config.limit_wait_ms / 1000
         while True:
             try:
                 reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
                                 message.actor_name, jb.broker_id, attempt, limits_json,
-                                policy_json)
+                                policy_json, lease_ms)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Dramatiq would log and run the job anyway, without its record or its
                 # limits. Hand it back instead; the ack that does so is retried by
@@ -160,6 +163,10 @@ class JobsMiddleware(Middleware):
                 raise SkipMessage(f"job {job_id}: Redis is away") from None
             if reply[0] == "run":
                 break
+            if reply[0] == "limited" and reply[2:] == ["isolated"]:
+                # This job must run alone and keeps the worker to itself meanwhile: it waits
+                # for the jobs running here to end, up to a heartbeat timeout.
+                deadline = max(deadline, started_s + lease_ms / 1000)
             if reply[0] == "limited" and time.monotonic() < deadline:
                 time.sleep(min(int(reply[1]) / 1000, LIMIT_POLL_S,
                                max(0.0, deadline - time.monotonic())))
@@ -210,8 +217,9 @@ class JobsMiddleware(Middleware):
         kind = reply[0]
         if kind == "limited":
             delay_ms = max(MIN_REQUEUE_DELAY_MS, int(reply[1]))
+            reason = REQUEUE_ALONE if reply[2:] in (["alone"], ["isolated"]) else REQUEUE_LIMITED
             set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False,
-                                                reason=REQUEUE_LIMITED))
+                                                reason=reason))
             log.debug("job %s held back by a limit, back in %d ms", job_id, delay_ms)
         elif kind == "cancelled":
             set_outcome(message, Outcome("cancelled", {"reason": "cancelled before it started"}))
