@@ -12,7 +12,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -75,9 +75,12 @@ async def test_a_handler_in_a_pykka_actor_reports_progress_and_sees_a_cancel_fro
             assert (found["state"], found["progress"]) == ("active", awp.PROGRESS)
         for tag, s in sent.items():
             assert await store.cancel(s.job_id) == "requested"
+        def cleaned(tag: str) -> Callable[[], bool]:
+            return lambda: log.count(tag, "cleaned") == 1
+
         for tag, s in sent.items():
-            await asyncio.to_thread(wait_until, lambda tag=tag: log.count(tag, "cleaned") == 1,
-                                    20, f"the {tag} actor to see the cancel request")
+            await asyncio.to_thread(wait_until, cleaned(tag), 20,
+                                    f"the {tag} actor to see the cancel request")
             for _ in range(400):
                 found = await store.get(s.job_id)
                 if found is not None and found["state"] == "cancelled":

@@ -69,18 +69,18 @@ def last_beat(broker: JobBroker, at_ms: int | None = None) -> int:
 
 def history(broker: JobBroker, job_id: str) -> list[dict[str, Any]]:
     """The job's events as the script recorded them (its clock), oldest first."""
-    return [json.loads(e) for e in reversed(broker.client.lrange(broker.keys.history(job_id),
-                                                                  0, -1))]
+    entries: list[bytes] = broker.client.lrange(broker.keys.history(job_id), 0, -1)  # type: ignore[assignment]
+    return [json.loads(e) for e in reversed(entries)]
 
 
 def record(broker: JobBroker, job_id: str) -> dict[str, str]:
-    raw = broker.client.hgetall(broker.keys.job(job_id))
+    raw: dict[bytes, bytes] = broker.client.hgetall(broker.keys.job(job_id))  # type: ignore[assignment]
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-RETRY = {"attempts": 3, "backoff": "fixed", "backoff_ms": 600, "jitter": False}
+RETRY: dict[str, Any] = {"attempts": 3, "backoff": "fixed", "backoff_ms": 600, "jitter": False}
 # The policy a worker leaves on the record of a job sent with RETRY.
-RETRY_POLICY = {**RETRY, "backoff_max_ms": 9600}
+RETRY_POLICY: dict[str, Any] = {**RETRY, "backoff_max_ms": 9600}
 
 
 def test_a_stall_is_found_after_the_heartbeat_timeout_and_runs_again_after_its_backoff(
