@@ -833,7 +833,7 @@ local function cmd_retry(a)
     -- What the old run left is history now (its events stay in the job's history): the
     -- waiting job shows no error, result or progress it has not produced.
     redis.call("hdel", key, "message", "finished_ms", "next_attempt", "error", "reason",
-        "result", "progress", "started_ms", "worker", "dedup_until_ms", "front")
+        "result", "progress", "started_ms", "worker", "dedup_until_ms", "front", "isolate")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
     return {"enqueued"}

@@ -53,7 +53,10 @@ async def test_a_retried_job_waits_without_its_old_runs_error_result_or_progress
         await asyncio.to_thread(seen.wait, "failed", sent.job_id)
     failed = await store.get(sent.job_id)
     assert failed is not None and failed["error"] and failed["progress"]
+    broker.client.hset(broker.keys.job(sent.job_id), "isolate", 1)  # as if it died in company
     await store.retry(sent.job_id)
+    assert broker.client.hget(broker.keys.job(sent.job_id), "isolate") is None, \
+        "a fresh run with fresh deaths runs alongside others again"
     waiting = await store.get(sent.job_id)
     assert waiting is not None and waiting["state"] == "waiting"
     stale = {k: waiting[k] for k in ("error", "reason", "result", "progress", "worker")
