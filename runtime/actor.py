@@ -50,6 +50,8 @@ from pykka import ActorRegistry, messages
 from pykka._threading import ThreadingFuture
 
 from runtime.errors import ActorCrashed, InfrastructureUnavailable, ShopflowError
+from runtime.jobs.context import job_scope
+from runtime.jobs.context import unwrap as unwrap_job
 from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
@@ -89,6 +91,9 @@ class _SelfFailed(Exception):
 class _CrashPolicy:
     """What the two actor kinds share: the crash rule and the exit bookkeeping."""
 
+    # Asks may come in a WithJob envelope (runtime.jobs.context): the actor takes it off and
+    # handles the message with the asker's job current. Plain pykka actors get messages bare.
+    accepts_job_context: ClassVar[bool] = True
     actor_inbox: Any
     actor_ref: Any
     actor_stopped: Any
@@ -191,7 +196,9 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
         while not self.actor_stopped.is_set():
             envelope = self.actor_inbox.get()
             try:
-                response = self._handle_receive(envelope.message)
+                message, job = unwrap_job(envelope.message)
+                with job_scope(job):
+                    response = self._handle_receive(message)
             except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
@@ -286,7 +293,9 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
     async def _handle_envelope(self, envelope: Any) -> None:
         asked = envelope.reply_to is not None
         try:
-            response = await self._dispatch(envelope.message)
+            message, job = unwrap_job(envelope.message)
+            with job_scope(job):
+                response = await self._dispatch(message)
         except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
                 self._answer_not_crash(envelope.reply_to, exc)

@@ -8,6 +8,11 @@ no thread of its own, for concerns that mostly wait on the network (the LLM
 agents). Either way ``ask`` hands the function's exception back to the caller
 (the thin Dramatiq actor), which lets Dramatiq's retries decide what happens
 next.
+
+The handler runs with the asker's job current (:mod:`runtime.jobs.context`):
+``current_job()`` in it reports progress and sees a cancel request from any
+process, and the handler is cut off at the job's time limit as well as at
+the actor's own ``timeout_s``, whichever comes first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from runtime.actor import AsyncActor, MailboxConfig, SupervisedActor
+from runtime.jobs.context import current_job
 from runtime.loop import LoopBridge
 
 if TYPE_CHECKING:
@@ -47,8 +53,12 @@ class ServiceActor(SupervisedActor):
         self._timeout_s = timeout_s
 
     def on_receive(self, message: Any) -> Any:
-        """Called in the actor's thread; blocks it until the coroutine finishes."""
-        return self._bridge.run(self._handler(message), self._timeout_s)
+        """Called in the actor's thread; blocks it until the coroutine finishes.
+
+        The coroutine sees this thread's current job: the loop's task takes a copy
+        of the context it was submitted from.
+        """
+        return self._bridge.run(self._handler(message), budget_s(self._timeout_s))
 
 
 def start_service_actor(ctx: ProcessContext, name: str, handler: Handler,
@@ -83,8 +93,16 @@ class AsyncServiceActor(AsyncActor):
 
     async def on_receive(self, message: Any) -> Any:
         """Called on the loop; the next message waits until this one is answered."""
-        async with asyncio.timeout(self._timeout_s):
+        async with asyncio.timeout(budget_s(self._timeout_s)):
             return await self._handler(message)
+
+
+def budget_s(timeout_s: float) -> float:
+    """How long a handler may run: ``timeout_s``, or less if the current job's time limit
+    comes first (after it the job's worker thread no longer waits for the answer)."""
+    job = current_job()
+    left_s = job.time_left_s() if job is not None else None
+    return timeout_s if left_s is None else min(timeout_s, left_s)
 
 
 def start_async_service_actor(ctx: ProcessContext, name: str, handler: Handler,

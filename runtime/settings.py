@@ -314,6 +314,24 @@ def _cron(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _check_job_sweep(settings: Settings) -> Settings:
+    """Refuse a stall sweep that is not well within the heartbeat timeout.
+
+    The job keeper writes each worker's heartbeat once per sweep interval; an
+    interval near the timeout lets a live worker busy with a slow job look dead,
+    and its job runs a second time elsewhere.
+    """
+    interval_ms = settings.job_sweep_interval_s * 1000
+    if interval_ms * 2 >= settings.broker_heartbeat_timeout_ms:
+        raise ConfigError(
+            f"SHOPFLOW_JOB_SWEEP_INTERVAL_S ({settings.job_sweep_interval_s:g} s) must be less "
+            f"than half of SHOPFLOW_BROKER_HEARTBEAT_TIMEOUT_MS "
+            f"({settings.broker_heartbeat_timeout_ms} ms): each worker beats once per sweep "
+            f"interval, so a live worker running a slow job would look dead and the job would "
+            f"run twice")
+    return settings
+
+
 # The environment variable behind every setting: ``to_env`` writes each one, so a
 # child process started with that environment reads back exactly the same Settings
 # (tests/runtime/test_settings.py checks every field round-trips through from_env).
@@ -613,7 +631,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from ``env`` (``os.environ`` by default), failing on bad values."""
         e = os.environ if env is None else env
-        return cls(
+        return _check_job_sweep(cls(
             redis_url=_opt(e, "REDIS_URL"),
             database_url=_opt(e, "DATABASE_URL"),
             var_dir=Path(e.get("SHOPFLOW_VAR_DIR") or "var").resolve(),
@@ -846,7 +864,7 @@ class Settings:
             tree_publish_interval_s=_float(
                 e, "SHOPFLOW_TREE_PUBLISH_INTERVAL_S", DEFAULT_TREE_PUBLISH_INTERVAL_S),
             tree_ttl_s=_int(e, "SHOPFLOW_TREE_TTL_S", DEFAULT_TREE_TTL_S, 1),
-        )
+        ))
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process read these same settings.

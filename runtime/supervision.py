@@ -60,6 +60,7 @@ from runtime.errors import (
     SupervisorGaveUp,
     SupervisorStartError,
 )
+from runtime.jobs.context import carry as carry_job
 from runtime.mailbox import Exit, Mailbox
 from runtime.settings import Settings
 
@@ -514,13 +515,18 @@ class Supervisor:
         Raises ActorUnavailable when the child is dead for good or does not
         come back in time, ActorCrashed when it dies holding the message,
         AskTimeout when it does not answer in time, MailboxFull when its
-        mailbox stays full.
+        mailbox stays full. The caller's current job (runtime.jobs.context)
+        goes with the message to a runtime actor, which handles it with that
+        job current: progress, cancellation and the deadline reach the actor.
         """
         deadline = time.monotonic() + timeout_s
         while True:
             ref = self.wait_for_ref(child_id, deadline)
+            # The job the caller runs goes along, for the runtime's actors to install.
+            sent = carry_job(message) if getattr(ref.actor_class, "accepts_job_context",
+                                                 False) else message
             try:
-                return ref.ask(message, timeout=max(deadline - time.monotonic(), 0.001))
+                return ref.ask(sent, timeout=max(deadline - time.monotonic(), 0.001))
             except pykka.ActorDeadError:
                 # Refused or drained unhandled by a dying incarnation: safe to resend
                 # to the next one. (A message it was handling answers ActorCrashed.)

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from actors.agents.messages import MODERATE_REVIEW
 from actors.housekeeping.schedules import shop_schedules
 from runtime.errors import NotFound
-from runtime.jobs.store import JobStore
+from runtime.jobs.store import MAX_LIST, JobStore
 from runtime.scheduling.overview import schedules_overview
 from runtime.settings import Settings
 
@@ -70,17 +70,30 @@ class StoreJobsAdmin:
     async def queues(self) -> list[JsonDict]:
         return [c.as_json() for c in await self._store.counts()]
 
-    async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
-        """One queue's jobs, or every queue's merged (ended ones newest first)."""
+    async def list_jobs(self, state: str, queue: str | None, limit: int,
+                        offset: int = 0) -> list[JsonDict]:
+        """One queue's jobs, or every queue's merged (ended ones newest first), from ``offset``."""
         if queue is not None:
-            return await self._store.list_jobs(queue, state, limit)
+            return await self._store.list_jobs(queue, state, limit, offset)
         jobs: list[JsonDict] = []
         for name in self._store.queues:
-            jobs.extend(await self._store.list_jobs(name, state, limit))
+            # The merged page's jobs are among each queue's first offset + limit.
+            jobs.extend(await self._first_of(name, state, offset + limit))
         if state not in ("waiting", "delayed"):
             jobs.sort(key=lambda j: j.get("finished_at") or j.get("started_at") or "",
                       reverse=True)
-        return jobs[:limit]
+        return jobs[offset:offset + limit]
+
+    async def _first_of(self, queue: str, state: str, count: int) -> list[JsonDict]:
+        """The first ``count`` jobs of one queue in ``state``, read a store page at a time."""
+        jobs: list[JsonDict] = []
+        while len(jobs) < count:
+            want = min(MAX_LIST, count - len(jobs))
+            page = await self._store.list_jobs(queue, state, want, len(jobs))
+            jobs.extend(page)
+            if len(page) < want:
+                break
+        return jobs
 
     async def get_job(self, job_id: str) -> JsonDict | None:
         return await self._store.get(job_id)

@@ -64,6 +64,8 @@ MAX_CART_QUANTITY = 1_000
 MAX_REVIEW_CHARS = 5_000
 MAX_QUESTION_CHARS = 2_000
 MAX_LIST_LIMIT = 100
+# How deep an operator may page into a job list (GET /api/v1/jobs?offset=).
+MAX_JOBS_OFFSET = 10_000
 # A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
 MAX_JOB_ARGS = 32
 REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
@@ -291,15 +293,16 @@ async def list_queues(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    """Jobs in a state (failed by default), optionally of one queue."""
+    """Jobs in a state (failed by default), optionally of one queue; ``offset`` pages."""
     require_staff(request)
     state = query_choice(request, "state", JOB_STATES, "failed")
     queue = request.query.get("queue")
     if queue is not None:
         queue = text_value(queue, "queue", 100)
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    offset = query_int(request, "offset", 0, 0, MAX_JOBS_OFFSET)
     admin = _seam(request, seams.JOBS_ADMIN, "the jobs admin")
-    return ok({"jobs": await admin.list_jobs(state or "failed", queue, limit)})
+    return ok({"jobs": await admin.list_jobs(state or "failed", queue, limit, offset)})
 
 
 def _job_id(request: web.Request) -> str:

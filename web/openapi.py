@@ -346,7 +346,8 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         "Jobs in a state", "jobs", "200", _resp("jobs", _list_of("jobs", "Job")), auth="staff",
         params=[_query("state", {"enum": ["waiting", "delayed", "active", "completed",
                                           "failed", "dead", "cancelled"]}),
-                _query("queue", {"type": "string", "minLength": 1, "maxLength": 100}), LIMIT]),
+                _query("queue", {"type": "string", "minLength": 1, "maxLength": 100}), LIMIT,
+                _query("offset", {"type": "integer", "minimum": 0, "maximum": 10_000})]),
     ("POST", "/api/v1/jobs"): op(
         "Enqueue a job for a declared actor (docs/jobs.md: the message contract)", "jobs",
         "201", _resp("enqueued", ref("JobSent")), auth="staff",

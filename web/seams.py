@@ -30,8 +30,10 @@ class JobsAdmin(Protocol):
     async def queues(self) -> list[JsonDict]:
         """One dict per queue: name, waiting (pending), active, delayed, failed, dead, paused."""
 
-    async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
-        """Jobs in ``state``: waiting ones in run order, ended ones newest first."""
+    async def list_jobs(self, state: str, queue: str | None, limit: int,
+                        offset: int = 0) -> list[JsonDict]:
+        """Jobs in ``state``: waiting ones in run order, ended ones newest first; the first
+        ``offset`` of that order are skipped."""
 
     async def get_job(self, job_id: str) -> JsonDict | None:
         """One job with its history, or None."""

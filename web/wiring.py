@@ -104,4 +104,4 @@ def plug_seams(app: web.Application, settings: Settings, pool: asyncpg.Pool,
     app[seams.REVIEW_MODERATION] = BrokerModeration(broker)
     app[seams.JOBS_ADMIN] = StoreJobsAdmin(
         JobStore(redis, broker.keys, sorted(broker.get_declared_queues() | set(ALL_QUEUES)),
-                 broker.config.bounds, broker.hooks))
+                 broker.config.bounds, broker.hooks, keep_failed=broker.config.keep_failed))

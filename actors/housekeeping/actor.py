@@ -32,9 +32,10 @@ from actors.housekeeping.messages import (
     RELEASE_EXPIRED_RESERVATIONS,
 )
 from actors.housekeeping.metering import PrometheusMeter
-from actors.housekeeping.reservations import release_expired_reservations
+from actors.housekeeping.reservations import ReleaseOutcome, release_expired_reservations
 from runtime.broker import QUEUE_MAINTENANCE, declare_actor
 from runtime.jobs.broker import JobBroker
+from runtime.jobs.context import checkpoint
 from runtime.metrics import get_metrics
 from runtime.process import ProcessContext
 from runtime.scheduling.middleware import (
@@ -100,6 +101,10 @@ def concern(ctx: ProcessContext, meter: HousekeepingMeter | None = None,
         reconciler = make_sendgrid_transport(settings, ctx.pool)
     resend = confirmation_resender(ctx.broker)
 
+    async def release_checkpoint(so_far: ReleaseOutcome) -> None:
+        """Between two release batches: the job's progress, and a stop if it was cancelled."""
+        await checkpoint({"reservations_released": so_far.reservations})
+
     async def handle(message: tuple[str, datetime]) -> Any:
         """Runs on the process loop, called from the housekeeping actor's thread."""
         kind, now = message
@@ -109,7 +114,7 @@ def concern(ctx: ProcessContext, meter: HousekeepingMeter | None = None,
             return asdict(carts)
         if kind == RESERVATIONS:
             released = await release_expired_reservations(
-                ctx.pool, now, settings.reservation_release_batch)
+                ctx.pool, now, settings.reservation_release_batch, release_checkpoint)
             meter.reservations_released(released.reservations)
             return asdict(released)
         if kind == HEARTBEAT:

@@ -20,6 +20,7 @@ The outbox relay is woken with the same NOTIFY ``runtime.outbox.emit`` uses.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -135,13 +136,17 @@ async def _release_batch(conn: asyncpg.Connection, now: datetime, batch: int) ->
 
 
 async def release_expired_reservations(
-    pool: asyncpg.Pool, now: datetime, batch: int = DEFAULT_RELEASE_BATCH
+    pool: asyncpg.Pool, now: datetime, batch: int = DEFAULT_RELEASE_BATCH,
+    between_batches: Callable[[ReleaseOutcome], Awaitable[None]] | None = None,
 ) -> ReleaseOutcome:
     """Release every reservation expired at ``now``, ``batch`` per atomic statement.
 
     Safe to run concurrently with itself and with order changes. A deadlock
     with an order transaction (PostgreSQL aborts one side) is retried here a
     few times, then raised as :class:`TransientJobError` so the job retries.
+    ``between_batches(total so far)`` is awaited after each full batch, before
+    the next: the job reports its progress there and may stop (an exception
+    ends the run; the batches already released stay released).
     """
     total = ReleaseOutcome()
     async with pool.acquire() as conn:
@@ -150,6 +155,8 @@ async def release_expired_reservations(
             total = total + outcome
             if outcome.reservations < batch:
                 break
+            if between_batches is not None:
+                await between_batches(total)
     log.info("released %d expired reservation(s) (%d unit(s) over %d product(s)); "
              "cancelled %d order(s)", total.reservations, total.units, total.products,
              total.orders_cancelled,

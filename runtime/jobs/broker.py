@@ -36,6 +36,7 @@ import dramatiq
 import redis
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Middleware
 
@@ -68,6 +69,8 @@ FULL_QUEUE_FIRST_WAIT_S = 0.005
 FULL_QUEUE_MAX_WAIT_S = 0.2
 # An idle consumer blocks this long on its wake-up list before looking again.
 DEFAULT_IDLE_TIMEOUT_MS = 1_000
+# ...but at most this share of its connection's socket timeout (a blocking read must end first).
+SOCKET_TIMEOUT_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,18 @@ def enqueue_args(message: dramatiq.Message[Any], eta_ms: int, max_len: int,
 
 
 def with_ids(message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
-    """A copy with a fresh Redis message id and its job id (given, or the message id)."""
+    """A copy with a fresh Redis message id and its job id (given, or the message id).
+
+    Only a producer's own ``job_id`` de-duplicates. A message sent before (it
+    has a Redis id) keeps what it was: the job id this function gave it is not
+    the producer's, so sending that message again is a new run, not a
+    duplicate of its own record.
+    """
     options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
-    if "job_id" in message.options:
-        options["job_id_explicit"] = True
-    else:
+    if "job_id" not in message.options:
         options["job_id"] = message.message_id
+    elif "redis_message_id" not in message.options:
+        options["job_id_explicit"] = True
     return message.copy(options=options)
 
 
@@ -269,12 +278,18 @@ class JobBroker(RedisBroker):
         ValidationError here instead of being carried along unnoticed. Options a
         middleware on this broker owns (``max_age``, ``on_success``...) pass as they are;
         ``timeout_ms`` becomes ``time_limit`` and ``delay_ms`` the delay, as on a spec.
+        Dramatiq's ``eta`` (what its own ``enqueue(delay=...)`` and its worker's delay
+        queue put on a message) becomes the delay too and leaves the message: a message
+        stored with an eta would be parked in a worker's memory by Dramatiq.
         """
-        owned = self.actor_options - JOB_OPTIONS
+        owned = self.actor_options - JOB_OPTIONS - {"eta"}
         own = {k: v for k, v in message.options.items() if k not in owned}
         checked = check_options(own)
         if delay_ms is None:
             delay_ms = delay_of(own)
+        if message.queue_name.endswith(".DQ"):
+            # Dramatiq's name of a queue's delay queue: the delay is ours, the queue the job's.
+            message = dataclasses.replace(message, queue_name=q_name(message.queue_name))
         if checked == own:
             return message, delay_ms
         kept = {k: v for k, v in message.options.items() if k in owned}
@@ -329,6 +344,10 @@ class JobBroker(RedisBroker):
             outcome.new_rid, outcome.new_message, outcome.eta_ms, outcome.priority,
             *((tally.key, tally.field, tally.ttl_s) if tally is not None else ()),
         )
+        if reply and reply[0] == "lost" and outcome.kind == "ack":
+            log.info("job %s: let go of a copy the stall sweep had already taken back", job_id,
+                     extra={"job_id": job_id, "queue": queue})
+            return
         if reply and reply[0] == "lost":
             log.warning("job %s finished (%s) after another worker had taken it over; "
                         "that run owns its record", job_id, outcome.kind,
@@ -475,15 +494,49 @@ class JobConsumer(Consumer):
             self.broker.reject_garbage(self.queue_name, rid)
             self.broker.held.discard(self.queue_name, [rid])
             return None
+        runnable = self._arrived(rid, message)
+        if runnable is None:
+            return None
         with self._lock:
-            self._outstanding.add(message.message_id)
-        return MessageProxy(message)
+            self._outstanding.add(runnable.message_id)
+        return MessageProxy(runnable)
+
+    def _arrived(self, rid: str, message: dramatiq.Message[Any]) -> dramatiq.Message[Any] | None:
+        """The fetched message as the worker runs it, or None if it was parked until its eta.
+
+        Messages from outside producers may follow Dramatiq's own delay convention:
+        written to ``Q.DQ`` (the fetch moved them here, by due time) and carrying
+        ``options.eta``. Left so, Dramatiq's worker would park the message in its
+        memory and send it again later, which the job's de-duplication refuses:
+        the job would be lost. So the eta leaves the message here; one not yet due
+        goes back to the delayed set in Redis until it is.
+        """
+        if message.queue_name != self.queue_name:
+            message = message.copy(queue_name=self.queue_name)  # Q.DQ: it runs on Q
+        if "eta" not in message.options:
+            return message
+        eta = message.options.pop("eta")
+        if isinstance(eta, int | float) and not isinstance(eta, bool) \
+                and eta > time.time() * 1000:
+            self.broker.jobs("park", self.queue_name, self.broker.broker_id, rid, int(eta))
+            self.broker.held.discard(self.queue_name, [rid])
+            return None
+        return message
 
     def _wait_for_work(self, next_due: str) -> None:
-        """Block on the queue's wake-up list until a producer pushes, or the next delayed job."""
+        """Block on the queue's wake-up list until a producer pushes, or the next delayed job.
+
+        Never longer than the connection's own socket timeout allows (redis-py 8 sets
+        5 s by default): a blocking read past it fails with TimeoutError, and Dramatiq
+        restarts the whole consumer seconds later. The caller looks again after.
+        """
         timeout_s = self.idle_timeout_s
         if next_due:
             timeout_s = min(timeout_s, max(0.0, float(next_due) / 1000 - time.time()))
+        client = self.broker.jobs.connection()
+        socket_timeout_s = getattr(client.connection, "socket_timeout", None)
+        if isinstance(socket_timeout_s, int | float) and socket_timeout_s > 0:
+            timeout_s = min(timeout_s, socket_timeout_s * SOCKET_TIMEOUT_SHARE)
         if timeout_s < 0.001:
             return
-        self.broker.jobs.connection().blpop([self._wake_key], timeout=timeout_s)
+        client.blpop([self._wake_key], timeout=timeout_s)

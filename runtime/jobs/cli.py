@@ -32,7 +32,8 @@ ENDED_STATES = frozenset({"completed", "skipped", "failed", "cancelled", "dead"}
 
 def _store_for(settings: Settings, client: aioredis.Redis) -> JobStore:
     keys = JobKeys(f"{settings.namespace}-jobs", events_stream(settings.namespace))
-    return JobStore(client, keys, ALL_QUEUES, job_config(settings).bounds)
+    config = job_config(settings)
+    return JobStore(client, keys, ALL_QUEUES, config.bounds, keep_failed=config.keep_failed)
 
 
 def _run(action: Action) -> Callable[[argparse.Namespace, Settings], int]:
@@ -76,7 +77,7 @@ def _job_line(job: dict[str, Any]) -> str:
 
 
 async def _list(args: argparse.Namespace, store: JobStore) -> int:
-    jobs = await store.list_jobs(args.queue, args.state, args.limit)
+    jobs = await store.list_jobs(args.queue, args.state, args.limit, args.offset)
     if args.json:
         _print(jobs, True)
     else:
@@ -207,6 +208,13 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _not_negative(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValidationError("--offset must be 0 or more")
+    return value
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow jobs`` and its sub-commands into the command line."""
     def usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,6 +235,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.add_argument("queue", choices=ALL_QUEUES)
     ls.add_argument("--state", choices=JOB_STATES, default="failed", help="default: failed")
     ls.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
+    ls.add_argument("--offset", type=_not_negative, default=0,
+                    help="skip this many first (0): the next page starts at offset + limit")
     ls.add_argument("--json", action="store_true", help="print JSON")
     show = cmd("show", _show, "one job: record, arguments, last events (JSON)")
     show.add_argument("job_id")

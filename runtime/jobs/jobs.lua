@@ -19,6 +19,9 @@
 --   ns:Q.completed|failed|dead|cancelled   zsets job id -> end time (ms), trimmed to keep-last-N
 --   ns:Q.stats           hash of totals (enqueued, completed, failed, retried, stalled, dead, ...)
 --   ns:__queues__.W      set of the queues worker W consumes (for the stall sweep)
+--   ns:__running__.W     set of the job ids worker W is running (all its queues)
+--   ns:__alone__.W       id of the job that must run alone on worker W (a suspect of
+--                        killing its worker): no other job starts there meanwhile
 --   ns:paused            set of paused queue names
 --   ns:job:J             hash: the record of job J (state, attempts, times, result, error, ...)
 --   ns:jobhist:J         list: the last events of job J, newest first
@@ -37,6 +40,11 @@ local WAKE_TOKENS = 64
 local HISTORY = 20
 local EVENTS_MAXLEN = 10000
 local TEXT_MAX = 2000
+-- A job that has died in company this many times runs alone from then on: if it is the
+-- one killing its workers, its next death is its own and counts towards the quarantine.
+local ISOLATE_AFTER_SHARED_DEATHS = 2
+-- How long a suspect keeps a worker to itself if nobody renews it (the keeper does).
+local DEFAULT_ALONE_LEASE_MS = 60000
 
 local function qkey(queue, suffix)
     if suffix == "" then return ns .. ":" .. queue end
@@ -80,25 +88,35 @@ local function wake(queue)
     redis.call("ltrim", key, 0, WAKE_TOKENS - 1)
 end
 
--- Put a message id where a consumer finds it, by priority; at_head for redeliveries.
-local function push_waiting(queue, rid, priority, at_head)
+-- Park a message id in the delayed set until eta. An idle consumer sleeps until the due time
+-- it saw at its last fetch (or its idle timeout): if this one is due earlier, wake one, so
+-- it looks again and sleeps until this one instead.
+local function add_delayed(queue, rid, eta)
+    local key = qkey(queue, "delayed")
+    redis.call("zadd", key, eta, rid)
+    if redis.call("zrange", key, 0, 0)[1] == rid then wake(queue) end
+end
+
+-- Put a message id where a consumer finds it, by priority; returns its place (seq), which
+-- the job's record keeps. A new place is the tail of its priority. at_head gives back the
+-- place a job had (redeliveries, jobs held back by a limit): the head of the plain list,
+-- or `seq`, its old place, among jobs of its priority (their head without one).
+local function push_waiting(queue, rid, priority, at_head, seq)
     priority = tonumber(priority) or 0
+    if not at_head then seq = redis.call("incr", qkey(queue, "seq")) end
     if priority == 0 then
         if at_head then
             redis.call("lpush", qkey(queue, ""), rid)
         else
             redis.call("rpush", qkey(queue, ""), rid)
         end
+    elseif priority > 0 then
+        redis.call("zadd", qkey(queue, "hi"), (10 - priority) * SEQ_SPAN + (seq or 0), rid)
     else
-        local seq = redis.call("incr", qkey(queue, "seq"))
-        if at_head then seq = 0 end
-        if priority > 0 then
-            redis.call("zadd", qkey(queue, "hi"), (10 - priority) * SEQ_SPAN + seq, rid)
-        else
-            redis.call("zadd", qkey(queue, "lo"), (-priority) * SEQ_SPAN + seq, rid)
-        end
+        redis.call("zadd", qkey(queue, "lo"), (-priority) * SEQ_SPAN + (seq or 0), rid)
     end
     wake(queue)
+    return seq
 end
 
 local function remove_waiting(queue, rid)
@@ -124,9 +142,22 @@ local function message_job_id(msg)
     return options.job_id or msg.message_id
 end
 
+-- How many failed/cancelled jobs the queue keeps for this message: its own keep_failed
+-- option, else `default` (the caller's setting; nil: the caller trims nothing).
+local function keep_failed_of(msg, default)
+    local keep = msg and tonumber((msg.options or {}).keep_failed)
+    return keep or tonumber(default)
+end
+
 local function message_priority(msg)
     local options = msg.options or {}
     return tonumber(options.priority) or 0
+end
+
+-- The place the job of a message had in its queue (nil: no record, or it never waited).
+local function place_of(msg)
+    if not msg then return nil end
+    return tonumber(redis.call("hget", job_key(message_job_id(msg)), "seq"))
 end
 
 -- The end time as a score that keeps jobs ending in the same millisecond in order.
@@ -172,6 +203,7 @@ local ACTIVE_STATES = {waiting = true, delayed = true, active = true}
 local DUPLICATE_STATES = {waiting = true, delayed = true, active = true, completed = true, skipped = true}
 local RETRYABLE_STATES = {failed = true, dead = true, cancelled = true}
 local INDEXED_STATES = {completed = true, skipped = true, failed = true, dead = true, cancelled = true}
+local ENDED_STATES = INDEXED_STATES
 
 local function index_of(state)
     if state == "skipped" then return "completed" end
@@ -221,16 +253,18 @@ local function cmd_enqueue(a)
     end
     redis.call("hset", qkey(queue, "msgs"), rid, message)
     local state = "waiting"
+    local seq = 0
     if eta > now then
         state = "delayed"
-        redis.call("zadd", qkey(queue, "delayed"), eta, rid)
+        add_delayed(queue, rid, eta)
     else
-        push_waiting(queue, rid, priority, false)
+        seq = push_waiting(queue, rid, priority, false)
     end
     record_fields(key, {
         id = job_id, queue = queue, actor = actor, state = state, rid = rid,
         created_ms = now, enqueued_ms = now, attempt = 0, max_attempts = max_attempts,
         priority = priority, explicit = explicit, deaths = 0, run_at_ms = math.max(eta, now),
+        seq = seq,
     })
     stat(queue, "enqueued")
     if state == "delayed" then
@@ -241,12 +275,15 @@ local function cmd_enqueue(a)
     return {"enqueued", state}
 end
 
--- Move due delayed messages of a queue to its waiting structures (at most `limit`).
+-- Move due delayed messages of a queue to its waiting structures (at most `limit`). A job
+-- that was held back by a limit ("front" on its record) gets its old place back, so a
+-- backlog sent meanwhile neither starves it nor overtakes it.
 local function promote(queue, limit)
     local delayed = qkey(queue, "delayed")
     local due = redis.call("zrangebyscore", delayed, "-inf", now, "LIMIT", 0, limit)
     if #due == 0 then return end
     local msgs = qkey(queue, "msgs")
+    local fronted = {}  -- {seq, rid} of plain-list jobs going back to the head
     for _, rid in ipairs(due) do
         redis.call("zrem", delayed, rid)
         local text = redis.call("hget", msgs, rid)
@@ -254,15 +291,87 @@ local function promote(queue, limit)
         if msg then
             local job_id = message_job_id(msg)
             local key = job_key(job_id)
-            if redis.call("exists", key) == 1 then
+            local priority = message_priority(msg)
+            local record = redis.call("hmget", key, "state", "front", "seq")
+            if record[1] then
                 redis.call("hset", key, "state", "waiting")
                 event(job_id, queue, msg.actor_name or "", "waiting", {promoted = true})
             end
-            push_waiting(queue, rid, message_priority(msg), false)
+            if record[2] == "1" then
+                redis.call("hdel", key, "front")
+                local seq = tonumber(record[3])
+                if priority == 0 then
+                    table.insert(fronted, {seq or 0, rid})
+                else
+                    push_waiting(queue, rid, priority, true, seq)
+                end
+            else
+                local seq = push_waiting(queue, rid, priority, false)
+                if record[1] then redis.call("hset", key, "seq", seq) end
+            end
         elseif text then
             push_waiting(queue, rid, 0, false)
         end
     end
+    -- Back to the head in their old order: the latest place first, so the earliest ends up
+    -- in front.
+    table.sort(fronted, function(x, y) return x[1] > y[1] end)
+    for _, item in ipairs(fronted) do redis.call("lpush", qkey(queue, ""), item[2]) end
+    if #fronted > 0 then wake(queue) end
+end
+
+-- Park message rid of a queue (its body in Q.msgs) in the delayed set until eta: the
+-- record becomes (or is created) delayed, as if it had been sent with that delay.
+local function park(queue, rid, msg, eta)
+    add_delayed(queue, rid, eta)
+    local job_id, actor = rid, ""
+    if msg then
+        job_id, actor = message_job_id(msg), msg.actor_name or ""
+    end
+    local key = job_key(job_id)
+    if redis.call("exists", key) == 1 then
+        record_fields(key, {state = "delayed", rid = rid, run_at_ms = eta})
+    else
+        record_fields(key, {id = job_id, queue = queue, actor = actor, state = "delayed",
+            rid = rid, created_ms = now, enqueued_ms = now, attempt = 0, max_attempts = 0,
+            priority = msg and message_priority(msg) or 0, explicit = "0", deaths = 0,
+            run_at_ms = eta})
+        stat(queue, "enqueued")
+    end
+    event(job_id, queue, actor, "delayed", {run_at_ms = eta})
+end
+
+-- Dramatiq's own delayed messages (a plain Dramatiq producer's enqueue(delay=...), or a
+-- producer that copies its layout) are written to ns:Q.DQ with options.eta. No worker here
+-- consumes that queue: move them to Q's delayed set by their eta, where they wait like any
+-- delayed job (the consumer takes the eta off when it runs them).
+local function adopt_dramatiq_delayed(queue)
+    local dq = qkey(queue .. ".DQ", "")
+    if redis.call("llen", dq) == 0 then return end
+    local dq_msgs = qkey(queue .. ".DQ", "msgs")
+    for _, rid in ipairs(redis.call("lpop", dq, 1000)) do
+        local text = redis.call("hget", dq_msgs, rid)
+        redis.call("hdel", dq_msgs, rid)
+        if text then
+            redis.call("hset", qkey(queue, "msgs"), rid, text)
+            local msg = decode(text)
+            local eta = msg and tonumber((msg.options or {}).eta) or now
+            park(queue, rid, msg, math.floor(eta))
+        end
+    end
+end
+
+-- park(queue, worker, rid, eta_ms) -> {"parked"} | {"lost"}: a fetched message whose
+-- options.eta is still ahead (written so by an outside producer) waits in the delayed set.
+local function cmd_park(a)
+    local queue, worker, rid, eta = a[1], a[2], a[3], tonumber(a[4])
+    if redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, rid) == 0 then
+        return {"lost"}
+    end
+    local text = redis.call("hget", qkey(queue, "msgs"), rid)
+    if not text then return {"lost"} end
+    park(queue, rid, decode(text), eta)
+    return {"parked"}
 end
 
 -- fetch(queue, worker, count) -> {next_due_ms or "", id1, message JSON 1, id2, ...}
@@ -270,6 +379,7 @@ local function cmd_fetch(a)
     local queue, worker, count = a[1], a[2], tonumber(a[3])
     redis.call("zadd", ns .. ":__heartbeats__", now, worker)
     redis.call("sadd", ns .. ":__queues__." .. worker, queue)
+    adopt_dramatiq_delayed(queue)
     promote(queue, 1000)
     local next_due = redis.call("zrange", qkey(queue, "delayed"), 0, 0, "WITHSCORES")
     local reply = {next_due[2] or ""}
@@ -341,20 +451,39 @@ local function take_limits(limits, token)
     return -1
 end
 
--- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON])
--- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"limited", wait_ms}
+-- start(queue, rid, job_id, actor, worker, attempt, limits JSON[, policy JSON[, lease_ms]])
+-- -> {"run", attempt} | {"cancelled"} | {"done", state} | {"stale", why}
+--  | {"limited", wait_ms[, "alone" | "isolated"]}
 -- policy: the job's retry policy ({attempts, backoff, backoff_ms, backoff_max_ms, jitter}),
 -- kept on the record for the stall sweep, which runs a stalled job again under it. attempt
 -- in the reply: the attempt this run is (a stall used one the message does not know of).
+-- A job marked to run alone (see stall) keeps the worker to itself (lease_ms, renewed by
+-- the keeper) and starts once nothing else runs there ("limited", "isolated" until then);
+-- meanwhile, and while it runs, no other job starts on that worker ("limited", "alone": it
+-- waits, then goes back to its place).
+-- Only a copy the worker still holds, of the job's current run, starts: the sweep takes
+-- back what a worker presumed dead had fetched and gives it to another, and the copy left
+-- in the presumed-dead worker's memory must not run a second time.
 local function cmd_start(a)
     local queue, rid, job_id, actor, worker, attempt, limits = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
     local policy = a[8] or ""
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
-    if state == "completed" or state == "skipped" or state == "dead" or state == "cancelled" then
-        return {"done", state}
+    if state and ENDED_STATES[state] then return {"done", state} end
+    if redis.call("sismember", ns .. ":__acks__." .. worker .. "." .. queue, rid) == 0 then
+        return {"stale", "taken back from this worker"}
     end
+    local current = state and redis.call("hget", key, "rid")
+    if current and current ~= rid then return {"stale", "superseded by a newer run"} end
     if redis.call("hget", key, "cancel_requested") == "1" then return {"cancelled"} end
+    local running_key = ns .. ":__running__." .. worker
+    local alone_key = ns .. ":__alone__." .. worker
+    local alone = redis.call("get", alone_key)
+    if alone and alone ~= job_id then return {"limited", "50", "alone"} end
+    if state and redis.call("hget", key, "isolate") == "1" then
+        redis.call("set", alone_key, job_id, "PX", tonumber(a[9]) or DEFAULT_ALONE_LEASE_MS)
+        if redis.call("scard", running_key) > 0 then return {"limited", "50", "isolated"} end
+    end
     if limits ~= "" then
         local wait = take_limits(cjson.decode(limits), rid)
         if wait >= 0 then return {"limited", tostring(wait)} end
@@ -373,6 +502,7 @@ local function cmd_start(a)
         record_fields(key, {policy = policy, max_attempts = (p and tonumber(p.attempts)) or 0})
     end
     redis.call("zadd", qkey(queue, "active"), now, job_id)
+    redis.call("sadd", running_key, job_id)
     event(job_id, queue, actor, "active", {attempt = attempt, worker = worker})
     return {"run", tostring(attempt)}
 end
@@ -397,7 +527,15 @@ local function cmd_finish(a)
     local msgs = qkey(queue, "msgs")
     release_limits(cjson.decode(a[10]), rid)
     local held = redis.call("srem", ns .. ":__acks__." .. worker .. "." .. queue, rid)
-    if held == 0 and outcome ~= "ack" then
+    -- Letting go of a copy we no longer hold touches nothing: its body may be another
+    -- worker's now (the sweep handed the same message id back to the queue).
+    if held == 0 and outcome == "ack" then return {"lost"} end
+    -- Not running here any more (a run that ended, or a start that did not happen); a job
+    -- that kept this worker to itself lets it go.
+    redis.call("srem", ns .. ":__running__." .. worker, job_id)
+    local alone_key = ns .. ":__alone__." .. worker
+    if redis.call("get", alone_key) == job_id then redis.call("del", alone_key) end
+    if held == 0 then
         -- The stall sweep took this message back (we were presumed dead). If it still
         -- waits, take it out of the queue again and record our outcome; if another
         -- worker has started or finished it since, that run owns the record.
@@ -429,14 +567,18 @@ local function cmd_finish(a)
         local new_rid, new_message = a[11], a[12]
         local eta, priority = tonumber(a[13]), tonumber(a[14])
         redis.call("hset", msgs, new_rid, new_message)
-        local state = "waiting"
+        local requeue = outcome == "requeue"  -- handed back without using an attempt
+        local fields = {state = "waiting", rid = new_rid, run_at_ms = math.max(eta, now)}
         if eta > now then
-            state = "delayed"
-            redis.call("zadd", qkey(queue, "delayed"), eta, new_rid)
+            fields.state = "delayed"
+            add_delayed(queue, new_rid, eta)
+            if requeue then fields.front = "1" end  -- it gets its place back when due
         else
-            push_waiting(queue, new_rid, priority, outcome == "requeue")
+            local seq = tonumber(redis.call("hget", key, "seq"))
+            seq = push_waiting(queue, new_rid, priority, requeue, seq)
+            if seq then fields.seq = seq end
         end
-        record_fields(key, {state = state, rid = new_rid, run_at_ms = math.max(eta, now)})
+        record_fields(key, fields)
         if outcome == "retry" then
             redis.call("hset", key, "error", short(detail.error) or "")
             stat(queue, "retried")
@@ -504,19 +646,20 @@ local function held_by(w)
     return running, fetched
 end
 
--- A job that was running on a dead worker: stalled. It counts a death (towards the
--- poison-pill quarantine) only when it ran alone there; a death shared with other jobs
--- counts as shared_deaths, since any of them may have killed the worker. Either way it
--- used its attempt: it runs again after its backoff, or fails for good ("stalled").
-local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
+-- A job that was running on a dead worker: stalled. When it ran alone there, the death is
+-- its own: it counts towards the poison-pill quarantine (deaths) and used its attempt (it
+-- runs again after its backoff, or fails for good, "stalled"). A death shared with other
+-- jobs is nobody's for sure (any of them may have killed the worker): it counts as a
+-- shared death, costs no attempt (the same attempt runs again after the backoff), and a
+-- job that has died in company ISOLATE_AFTER_SHARED_DEATHS times runs alone from then on,
+-- so a pill that only ever died next to others soon dies alone, while its bystanders lose
+-- nothing and run alone once, safely.
+local function stall(item, w, sole, poison, default_policy, unit, keep_failed)
     local queue, job_id, rid, text, msg = item.queue, item.job_id, item.rid, item.text, item.msg
     local key = job_key(job_id)
     local actor = msg.actor_name or ""
     local deaths = tonumber(redis.call("hget", key, "deaths")) or 0
     local shared = tonumber(redis.call("hget", key, "shared_deaths")) or 0
-    -- Spread apart only jobs that have died in company before: a single crash (an
-    -- OOM kill, a deploy gone wrong) costs its bystanders nothing but their backoff.
-    if shared == 0 then stagger_ms = 0 end
     if sole then
         deaths = redis.call("hincrby", key, "deaths", 1)
     else
@@ -545,13 +688,17 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
         stat(queue, state)
         found.outcome = state
         found.reason = reason
+        -- Failed jobs are kept up to keep-last-N, as the ones a worker fails; the dead
+        -- (quarantined) ones until an operator empties the dead set.
+        local keep = keep_failed_of(msg, keep_failed)
+        if state == "failed" and keep then trim(queue, "failed", keep, 0) end
     end
     if deaths >= poison then
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
             worker = w, attempt = attempt})
         ended("dead", "killed its worker " .. deaths .. " times (poison pill)")
         event(job_id, queue, actor, "dead", {deaths = deaths, reason = "poison pill"})
-    elseif attempt >= (tonumber(policy.attempts) or 1) then
+    elseif sole and attempt >= (tonumber(policy.attempts) or 1) then
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
             worker = w, attempt = attempt})
         ended("failed", "stalled")
@@ -559,9 +706,17 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
         event(job_id, queue, actor, "failed", {attempt = attempt, reason = "stalled",
             error = "stalled"})
     else
-        local run_at = now + backoff_ms(policy, attempt - 1, unit) + stagger_ms
-        record_fields(key, {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1})
-        redis.call("zadd", qkey(queue, "delayed"), run_at, rid)
+        local run_at = now + backoff_ms(policy, attempt - 1, unit)
+        local fields = {state = "delayed", run_at_ms = run_at, next_attempt = attempt + 1}
+        if not sole then
+            fields.next_attempt = attempt  -- a shared death charges nobody an attempt
+            if shared >= ISOLATE_AFTER_SHARED_DEATHS then
+                fields.isolate = "1"
+                found.isolated = true
+            end
+        end
+        record_fields(key, fields)
+        add_delayed(queue, rid, run_at)
         found.outcome = "delayed"
         found.run_at_ms = run_at
         event(job_id, queue, actor, "stalled", {deaths = deaths, shared_deaths = shared,
@@ -570,37 +725,33 @@ local function stall(item, w, sole, poison, default_policy, unit, stagger_ms)
     return found
 end
 
--- sweep(timeout_ms, poison_deaths, default policy JSON, unit random)
+-- sweep(timeout_ms, poison_deaths, default policy JSON, unit random[, keep_failed])
 --   -> JSON {requeued = n, stalled = [{job_id, queue, actor, deaths, outcome, ...}]}
 -- Give back what dead workers had fetched; run again, or end, what they were running.
 local function cmd_sweep(a)
     local timeout, poison = tonumber(a[1]), tonumber(a[2])
     local default_policy = decode(a[3] or "") or {attempts = 1}
     local unit = tonumber(a[4]) or 0.5
+    local keep_failed = tonumber(a[5])
     local heartbeats = ns .. ":__heartbeats__"
     local dead_workers = redis.call("zrangebyscore", heartbeats, 0, now - timeout)
     local requeued = 0
     local stalled = {}
     for _, w in ipairs(dead_workers) do
         local running, fetched = held_by(w)
-        -- Jobs that died together again run again apart, one heartbeat timeout after
-        -- another, in an order that changes from sweep to sweep: else a pill and a
-        -- bystander could be due together, fetched together and die together forever,
-        -- and no death would ever be the pill's alone. Apart, the pill dies alone (or
-        -- after its company ended). A first shared death only waits the backoff.
-        local first = math.floor(unit * #running)
-        for i, item in ipairs(running) do
+        for _, item in ipairs(running) do
             -- Spread the jitter of jobs found in one sweep (golden-ratio steps).
             unit = (unit + 0.6180339887) % 1
-            local stagger_ms = ((i - 1 + first) % #running) * timeout
             table.insert(stalled, stall(item, w, #running == 1, poison, default_policy, unit,
-                stagger_ms))
+                keep_failed))
         end
         for _, item in ipairs(fetched) do
-            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true)
+            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true,
+                place_of(item.msg))
             requeued = requeued + 1
         end
-        redis.call("del", ns .. ":__queues__." .. w)
+        redis.call("del", ns .. ":__queues__." .. w, ns .. ":__running__." .. w,
+            ns .. ":__alone__." .. w)
         redis.call("zrem", heartbeats, w)
     end
     if #stalled == 0 then return cjson.encode({requeued = requeued}) end
@@ -619,8 +770,8 @@ local function cmd_requeue(a)
         if redis.call("srem", acks, rid) > 0 then
             local text = redis.call("hget", msgs, rid)
             if text then
-                local msg = decode(text) or {}
-                push_waiting(queue, rid, message_priority(msg), true)
+                local msg = decode(text)
+                push_waiting(queue, rid, msg and message_priority(msg) or 0, true, place_of(msg))
                 n = n + 1
             end
         end
@@ -628,10 +779,11 @@ local function cmd_requeue(a)
     return n
 end
 
--- cancel(job_id) -> {"cancelled" | "requested", queue, actor, state before}
---                 | {"finished", state} | {"missing"}
+-- cancel(job_id[, keep_failed]) -> {"cancelled" | "requested", queue, actor, state before}
+--                               | {"finished", state} | {"missing"}
+-- keep_failed: how many cancelled jobs the queue keeps (the message's own option wins).
 local function cmd_cancel(a)
-    local job_id = a[1]
+    local job_id, default_keep = a[1], a[2]
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if not state then return {"missing"} end
@@ -650,9 +802,11 @@ local function cmd_cancel(a)
         redis.call("hdel", qkey(queue, "msgs"), rid)
         record_fields(key, {state = "cancelled", finished_ms = now, cancel_requested = 1})
         if message then redis.call("hset", key, "message", message) end
-        redis.call("zadd", qkey(queue, "cancelled"), now, job_id)
+        redis.call("zadd", qkey(queue, "cancelled"), ended_score(queue), job_id)
         stat(queue, "cancelled")
         event(job_id, queue, actor, "cancelled", {while_state = state})
+        local keep = keep_failed_of(message and decode(message), default_keep)
+        if keep then trim(queue, "cancelled", keep, 0) end
         return {"cancelled", queue, actor, state}
     end
     -- Running, or already fetched by a worker: it sees the request when it starts or checks.
@@ -673,10 +827,13 @@ local function cmd_retry(a)
     redis.call("zrem", qkey(queue, index_of(state)), job_id)
     redis.call("hset", qkey(queue, "msgs"), new_rid, new_message)
     local msg = decode(new_message) or {}
-    push_waiting(queue, new_rid, message_priority(msg), false)
+    local seq = push_waiting(queue, new_rid, message_priority(msg), false)
     record_fields(key, {state = "waiting", rid = new_rid, attempt = 0, deaths = 0,
-        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now})
-    redis.call("hdel", key, "message", "finished_ms", "next_attempt")
+        shared_deaths = 0, cancel_requested = 0, enqueued_ms = now, run_at_ms = now, seq = seq})
+    -- What the old run left is history now (its events stay in the job's history): the
+    -- waiting job shows no error, result or progress it has not produced.
+    redis.call("hdel", key, "message", "finished_ms", "next_attempt", "error", "reason",
+        "result", "progress", "started_ms", "worker", "dedup_until_ms", "front", "isolate")
     stat(queue, "enqueued")
     event(job_id, queue, actor, "waiting", {retried_from = state})
     return {"enqueued"}
@@ -782,7 +939,7 @@ local function cmd_purge(a)
 end
 
 local COMMANDS = {
-    enqueue = cmd_enqueue, fetch = cmd_fetch, start = cmd_start, finish = cmd_finish,
+    enqueue = cmd_enqueue, fetch = cmd_fetch, park = cmd_park, start = cmd_start, finish = cmd_finish,
     sweep = cmd_sweep, requeue = cmd_requeue, cancel = cmd_cancel, retry = cmd_retry, remove = cmd_remove,
     progress = cmd_progress, empty_dead = cmd_empty_dead, pause = cmd_pause, purge = cmd_purge,
 }

@@ -14,10 +14,10 @@ Every ``sweep_interval_s`` it
    on its last attempt, fails for good with the reason ``stalled``. A job that
    has killed its worker ``poison_deaths`` times is quarantined in the dead
    set with the reason instead of looping forever; a death counts towards
-   that only when the job ran alone on the worker (see docs/jobs.md, "Stalls
-   and poison pills"), so a bystander of a pill is never quarantined; jobs
-   that died together more than once run again a heartbeat timeout apart, so
-   the pill soon dies alone.
+   that (and uses an attempt) only when the job ran alone on the worker (see
+   docs/jobs.md, "Stalls and poison pills"), so a bystander of a pill is
+   never quarantined nor charged; a job that died in company twice runs
+   alone from then on, so the pill soon dies alone.
 
 A stall is therefore seen within heartbeat timeout + sweep interval by a
 keeper that was already running (twice the timeout right after a restart). Any
@@ -112,6 +112,8 @@ class JobKeeper:
         lease_ms = broker.config.heartbeat_timeout_ms
         pipe = broker.client.pipeline(transaction=False)
         pipe.zadd(broker.keys.heartbeats, {broker.broker_id: now_ms})
+        # A job running alone here keeps the worker to itself as long as the worker lives.
+        pipe.pexpire(broker.keys.alone(broker.broker_id), lease_ms)
         for rid, keys in self._held().items():
             for key in keys:
                 pipe.zadd(broker.keys.limit(key), {rid: now_ms + lease_ms}, xx=True)
@@ -126,7 +128,8 @@ class JobKeeper:
             return SweepReport(0, ())
         reply = json.loads(broker.jobs("sweep", broker.config.heartbeat_timeout_ms,
                                        broker.config.poison_deaths,
-                                       broker.config.retry.as_json(), random.random()))
+                                       broker.config.retry.as_json(), random.random(),
+                                       broker.config.keep_failed))
         report = SweepReport(int(reply.get("requeued", 0)),
                              tuple(_stalled_event(item) for item in reply.get("stalled") or ()))
         for event in report.stalled:

@@ -34,7 +34,7 @@ import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware, SkipMessage, TimeLimit
 
 from runtime.errors import JobCancelled
 from runtime.jobs.broker import JobBroker
@@ -52,6 +52,8 @@ MIN_REQUEUE_DELAY_MS = 50
 # Why a job went back to its queue without using an attempt (shopflow_job_requeues_total).
 REQUEUE_LIMITED = "limited"
 REQUEUE_REDIS_AWAY = "redis_unavailable"
+# ...because its worker was kept for a job that must run alone (one that died in company).
+REQUEUE_ALONE = "running_alone"
 # Message options that change a job's retry policy.
 _POLICY_OPTIONS = frozenset({"attempts", "max_retries", "backoff", "backoff_ms", "backoff_max_ms",
                              "jitter"})
@@ -88,6 +90,7 @@ class JobsMiddleware(Middleware):
         self._keeper: JobKeeper | None = None
         self._held: dict[str, tuple[str, ...]] = {}
         self._policies: dict[str, str] = {}  # actor name -> its policy JSON (a dict: GIL-safe)
+        self._default_time_limit_ms: int | None = None  # TimeLimit's, looked up on first use
         self._lock = threading.Lock()
 
     @property
@@ -107,9 +110,15 @@ class JobsMiddleware(Middleware):
         """Start the keeper: heartbeats, lease renewal, the stall sweep."""
         jb = _job_broker(broker)
         if jb.actors:
-            # Producers that only know names (HTTP, other languages) check them against this.
-            jb.client.hset(jb.keys.actors, mapping={name: actor.queue_name
-                                                    for name, actor in jb.actors.items()})
+            # Producers that only know names (HTTP, other languages) check them against this,
+            # and find each actor's attempts (its options over the settings) for the record.
+            pipe = jb.client.pipeline(transaction=False)
+            pipe.hset(jb.keys.actors, mapping={name: actor.queue_name
+                                               for name, actor in jb.actors.items()})
+            pipe.hset(jb.keys.actor_policies, mapping={
+                name: jb.config.retry.with_options(actor.options).as_json()
+                for name, actor in jb.actors.items()})
+            pipe.execute()
         self._keeper = JobKeeper(jb, self.held_limit_tokens)
         self._keeper.start()
 
@@ -135,12 +144,13 @@ class JobsMiddleware(Middleware):
         limits_json = json.dumps([lim.as_json(lease_ms) for lim in limits]) if limits else ""
         attempt = int(message.options.get("retries", 0)) + 1
         policy_json = self._policy_json(jb, message, actor_options)
-        deadline = time.monotonic() + jb.config.limit_wait_ms / 1000
+        started_s = time.monotonic()
+        deadline = started_s + jb.config.limit_wait_ms / 1000
         while True:
             try:
                 reply = jb.jobs("start", message.queue_name, _rid(message), job_id,
                                 message.actor_name, jb.broker_id, attempt, limits_json,
-                                policy_json)
+                                policy_json, lease_ms)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Dramatiq would log and run the job anyway, without its record or its
                 # limits. Hand it back instead; the ack that does so is retried by
@@ -153,6 +163,10 @@ class JobsMiddleware(Middleware):
                 raise SkipMessage(f"job {job_id}: Redis is away") from None
             if reply[0] == "run":
                 break
+            if reply[0] == "limited" and reply[2:] == ["isolated"]:
+                # This job must run alone and keeps the worker to itself meanwhile: it waits
+                # for the jobs running here to end, up to a heartbeat timeout.
+                deadline = max(deadline, started_s + lease_ms / 1000)
             if reply[0] == "limited" and time.monotonic() < deadline:
                 time.sleep(min(int(reply[1]) / 1000, LIMIT_POLL_S,
                                max(0.0, deadline - time.monotonic())))
@@ -167,10 +181,24 @@ class JobsMiddleware(Middleware):
         with self._lock:
             self._held[_rid(message)] = keys
         max_attempts = jb.max_attempts(message._message)
+        limit_ms = self._time_limit_ms(jb, message, actor_options)
+        deadline_s = time.monotonic() + limit_ms / 1000 if limit_ms else None
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
+
+    def _time_limit_ms(self, jb: JobBroker, message: MessageProxy,
+                       actor_options: dict[str, Any]) -> int | None:
+        """The attempt's time limit as Dramatiq's TimeLimit enforces it: the message's
+        ``time_limit`` (``timeout_ms``), its actor's, or the middleware's default."""
+        limit = message.options.get("time_limit", actor_options.get("time_limit"))
+        if limit is None:
+            if self._default_time_limit_ms is None:
+                self._default_time_limit_ms = next(
+                    (int(m.time_limit) for m in jb.middleware if isinstance(m, TimeLimit)), 0)
+            limit = self._default_time_limit_ms
+        return int(limit) or None
 
     def _policy_json(self, jb: JobBroker, message: MessageProxy,
                      actor_options: dict[str, Any]) -> str:
@@ -189,11 +217,17 @@ class JobsMiddleware(Middleware):
         kind = reply[0]
         if kind == "limited":
             delay_ms = max(MIN_REQUEUE_DELAY_MS, int(reply[1]))
+            reason = REQUEUE_ALONE if reply[2:] in (["alone"], ["isolated"]) else REQUEUE_LIMITED
             set_outcome(message, self._next_run(jb, message, "requeue", delay_ms, retried=False,
-                                                reason=REQUEUE_LIMITED))
+                                                reason=reason))
             log.debug("job %s held back by a limit, back in %d ms", job_id, delay_ms)
         elif kind == "cancelled":
             set_outcome(message, Outcome("cancelled", {"reason": "cancelled before it started"}))
+        elif kind == "stale":
+            # This worker was presumed dead and its fetched copy handed to another (or the
+            # job has run again since): the other copy is the job's; this one goes.
+            set_outcome(message, Outcome("ack"))
+            log.warning("job %s: not starting a stale copy (%s)", job_id, reply[1])
         else:
             # A redelivered copy of a job that already ended: let it go.
             set_outcome(message, Outcome("ack"))
@@ -225,12 +259,15 @@ class JobsMiddleware(Middleware):
         message.options["traceback"] = _short(traceback.format_exc(limit=10))
         error = error_text(exc)
         retries = int(message.options.get("retries", 0))
+        actor = jb.actors.get(message.actor_name)
+        policy = jb.config.retry.with_options(actor.options if actor else {})
+        policy = policy.with_options(message.options)
+        delay: int | None
         if isinstance(exc, Retry) and exc.delay is not None:
-            delay: int | None = int(exc.delay)  # the actor asked for a retry itself
+            # The actor asked for a retry itself, after its own delay: still within the
+            # job's attempts, or a job that always asks would run forever.
+            delay = int(exc.delay) if retries < policy.attempts - 1 else None
         else:
-            actor = jb.actors.get(message.actor_name)
-            policy = jb.config.retry.with_options(actor.options if actor else {})
-            policy = policy.with_options(message.options)
             delay = retry_delay_ms(policy, jb.config.infra_retries, retries, exc, self._rng())
         if delay is None:
             message.fail()

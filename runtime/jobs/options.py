@@ -20,6 +20,9 @@ Options (all optional):
 ``backoff_max_ms`` cap on an exponential delay
 ``jitter``         spread retry delays by up to +-25 % (default true)
 ``delay_ms``       run no earlier than this many ms from now (producer side)
+``eta``            Dramatiq's spelling of a delay: run no earlier than this time
+                   (ms since the epoch); turned into the delay when the message
+                   is sent, never carried on the stored message
 ``priority``       -10 (background) .. 10 (urgent), default 0
 ``timeout_ms``     the job is interrupted after this long (Dramatiq's time limit)
 ``keep_completed`` how many completed jobs of the queue to keep (default 100)
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -139,14 +143,30 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if "timeout_ms" in out:
         out["time_limit"] = out.pop("timeout_ms")
     out.pop("delay_ms", None)
+    # Dramatiq's eta is a delay (delay_of reads it): left on the message, Dramatiq's worker
+    # would park the job in its own memory and send it again, which de-duplication refuses.
+    out.pop("eta", None)
     return out
 
 
-def delay_of(options: Mapping[str, Any]) -> int | None:
-    """The ``delay_ms`` option, validated, or None."""
-    if "delay_ms" not in options:
+def delay_of(options: Mapping[str, Any], now_ms: int | None = None) -> int | None:
+    """The delay ``options`` ask for, in ms, or None for none.
+
+    ``delay_ms`` wins; else Dramatiq's ``eta`` (a due time in ms since the
+    epoch, as Dramatiq's own delayed messages carry it) becomes the delay from
+    ``now_ms`` (default: now), 0 for a time already past. A non-number eta is
+    a ValidationError.
+    """
+    if "delay_ms" in options:
+        return int(_CHECKS["delay_ms"]("delay_ms", options["delay_ms"]))
+    eta = options.get("eta")
+    if eta is None:
         return None
-    return int(_CHECKS["delay_ms"]("delay_ms", options["delay_ms"]))
+    if isinstance(eta, bool) or not isinstance(eta, int | float):
+        raise ValidationError(f"job option 'eta' must be a time in ms since the epoch, got "
+                              f"{eta!r}", field="eta")
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    return max(0, int(eta) - now)
 
 
 @dataclass(frozen=True)

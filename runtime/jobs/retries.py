@@ -49,13 +49,19 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the chain of exceptions it was raised from (a few levels deep)."""
+    """``exc`` and the chain of exceptions it was raised *from* (a few levels deep).
+
+    Only ``__cause__`` (``raise X from Y``, or a wrapper that sets it, as the
+    actors' crash rule does): an error merely raised while another was being
+    handled (``__context__``: a bug in an ``except ConnectionError`` block, say)
+    is its own failure, not that one.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen and len(seen) < 8:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
 
 
 def is_permanent(exc: BaseException) -> bool:

@@ -81,6 +81,15 @@ class JobKeys:
         """Actor name -> queue of every actor a worker has declared (for outside producers)."""
         return f"{self.namespace}:__actors__"
 
+    @property
+    def actor_policies(self) -> str:
+        """Actor name -> its retry policy JSON (settings + actor options), for the same."""
+        return f"{self.namespace}:__actor_policies__"
+
+    def alone(self, worker_id: str) -> str:
+        """The id of the job that keeps a worker to itself (it runs alone there)."""
+        return f"{self.namespace}:__alone__.{worker_id}"
+
     def limit(self, key: str) -> str:
         """Holders of a concurrency limit."""
         return f"{self.namespace}:limit:{key}"

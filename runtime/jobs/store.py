@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from runtime.errors import Conflict, NotFound, QueueFull, ValidationError
 from runtime.jobs.broker import QueueBounds, Submitted, enqueue_args, submitted_from, with_ids
 from runtime.jobs.hooks import JobEvent, JobHooks
-from runtime.jobs.options import check_options, delay_of
+from runtime.jobs.options import DEFAULT_KEEP_FAILED, check_options, delay_of
 from runtime.jobs.script import AsyncJobScript, JobKeys, text
 
 # States a job can be listed by.
@@ -109,8 +109,11 @@ class JobStore:
     """The operator's view of every queue; all methods are coroutines on the caller's loop."""
 
     def __init__(self, client: aioredis.Redis, keys: JobKeys, queues: Sequence[str],
-                 bounds: QueueBounds | None = None, hooks: JobHooks | None = None) -> None:
+                 bounds: QueueBounds | None = None, hooks: JobHooks | None = None, *,
+                 keep_failed: int = DEFAULT_KEEP_FAILED) -> None:
         self._redis = client
+        # Cancelled jobs are kept per queue up to this many (a message's keep_failed wins).
+        self._keep_failed = keep_failed
         self.keys = keys
         # Events of the changes made through this store, in this process (and their log
         # lines); pass the process broker's hooks to listen with the broker's listeners.
@@ -296,7 +299,7 @@ class JobStore:
         its next check, or when it would start the job: the request is kept
         in Redis, so it outlives worker restarts).
         """
-        reply = await self._script("cancel", job_id)
+        reply = await self._script("cancel", job_id, self._keep_failed)
         if reply[0] == "finished":
             raise Conflict(f"job {job_id} has already ended ({reply[1]})")
         _raise_for(reply, job_id, "cancelled")
@@ -348,7 +351,10 @@ class JobStore:
         report (HTTP 503 with Retry-After).
         """
         self._check_queue(queue)
-        declared = await self._redis.hget(self.keys.actors, actor)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self.keys.actors, actor)
+        pipe.hget(self.keys.actor_policies, actor)
+        declared, policy_json = await pipe.execute()
         if declared is None:
             raise ValidationError(f"no worker has declared an actor {actor!r}", field="actor")
         if text(declared) != queue:
@@ -361,7 +367,7 @@ class JobStore:
         delay_ms = delay_of(options)
         message = with_ids(message)
         eta_ms = int(datetime.now(UTC).timestamp() * 1000) + delay_ms if delay_ms else 0
-        max_attempts = int(message.options.get("attempts", 0))
+        max_attempts = int(message.options.get("attempts", _attempts_of(policy_json)))
         reply = await self._script("enqueue", *enqueue_args(
             message, eta_ms, self._bounds.max_for(queue), max_attempts))
         submitted = submitted_from(reply, message)
@@ -369,6 +375,17 @@ class JobStore:
             raise QueueFull(f"queue {queue!r} is full ({reply[1]} jobs waiting); "
                             f"the job was not enqueued")
         return submitted
+
+
+def _attempts_of(policy_json: Any) -> int:
+    """The attempts in an actor's registered policy (what its workers resolved from its
+    options and the settings); 0 (unknown) without one."""
+    if policy_json is None:
+        return 0
+    try:
+        return int(json.loads(text(policy_json))["attempts"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def _history_entry(raw: str) -> dict[str, Any]:

@@ -12,8 +12,16 @@ import asyncpg
 import pytest
 import redis
 
-from runtime.errors import ActorCrashed, InfrastructureUnavailable, MailboxFull
+from runtime.errors import (
+    ActorCrashed,
+    AskTimeout,
+    InfrastructureUnavailable,
+    MailboxFull,
+    ShopflowError,
+)
+from runtime.jobs.context import JobContext, current_job, job_scope
 from runtime.jobs.retries import is_infrastructure_error
+from runtime.jobs.script import JobKeys, JobScript
 from runtime.loop import LoopBridge
 from runtime.mailbox import Mailbox, Overflow
 from runtime.service_actor import AsyncServiceActor, ServiceActor, start_service_actor
@@ -28,9 +36,17 @@ OUTAGES: list[BaseException] = [
 ]
 
 
+# What the handler saw as the current job, by message (str messages only).
+_JOBS_SEEN: dict[str, JobContext | None] = {}
+
+
 async def _handler(message: Any) -> Any:
     if isinstance(message, BaseException):
         raise message
+    if message == "forever":
+        await asyncio.Event().wait()
+    if isinstance(message, str):
+        _JOBS_SEEN[message] = current_job()
     return f"done {message}"
 
 
@@ -193,3 +209,31 @@ def test_a_production_built_service_actor_refuses_at_once_when_full(settings: Se
         ctx.bridge.loop.call_soon_threadsafe(release.set)
         ref.stop()
         ctx.stop()
+
+
+def _a_job(deadline_s: float | None) -> JobContext:
+    """A job context as the job middleware builds it (its client never connects here)."""
+    client = redis.Redis(host="127.0.0.1", port=1)
+    keys = JobKeys("test-jobs", "test-jobs:events")
+    return JobContext("job-7", "analytics", "a_thin_actor", 1, 3, client, keys,
+                      JobScript(client, keys), deadline_s=deadline_s)
+
+
+def test_a_supervised_service_actor_handles_an_ask_with_the_askers_job_current(
+        served: tuple[Supervisor, list[SupervisionEvent]]) -> None:
+    """Supervisor.ask carries the job; the handler (on the loop) sees it, the next ask not."""
+    sup, _events = served
+    job = _a_job(None)
+    with job_scope(job):
+        assert sup.ask("svc", "with", timeout_s=5) == "done with"
+    assert sup.ask("svc", "without", timeout_s=5) == "done without"
+    assert _JOBS_SEEN == {"with": job, "without": None}
+
+
+def test_a_service_actor_stops_a_handler_at_the_jobs_time_limit(
+        served: tuple[Supervisor, list[SupervisionEvent]]) -> None:
+    """The actor's own timeout is 5 s, the ask's 3 s; the job's time is up in 0.2 s."""
+    sup, _events = served
+    with job_scope(_a_job(time.monotonic() + 0.2)), pytest.raises(ShopflowError) as info:
+        sup.ask("svc", "forever", timeout_s=3)
+    assert not isinstance(info.value, AskTimeout), "the handler outlived its job"

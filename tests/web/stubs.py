@@ -31,9 +31,10 @@ class StubJobsAdmin:
     async def queues(self) -> list[JsonDict]:
         return list(self.counts.values())
 
-    async def list_jobs(self, state: str, queue: str | None, limit: int) -> list[JsonDict]:
+    async def list_jobs(self, state: str, queue: str | None, limit: int,
+                        offset: int = 0) -> list[JsonDict]:
         return [j for j in self.jobs.values()
-                if j["state"] == state and queue in (None, j["queue"])][:limit]
+                if j["state"] == state and queue in (None, j["queue"])][offset:offset + limit]
 
     async def get_job(self, job_id: str) -> JsonDict | None:
         return self.jobs.get(job_id)

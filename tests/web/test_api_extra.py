@@ -151,6 +151,15 @@ async def test_staff_endpoints_need_staff(ana: Caller, staff: Caller, api: TestS
     assert api.app[seams.JOBS_ADMIN].retried == ["job-1"]  # type: ignore[attr-defined]
 
 
+async def test_the_job_list_pages_with_an_offset(staff: Caller) -> None:
+    _, everything = await staff("GET", "/api/v1/jobs?state=failed")
+    assert len(everything["jobs"]) == 2
+    _, second = await staff("GET", "/api/v1/jobs?state=failed&limit=1&offset=1")
+    assert second["jobs"] == everything["jobs"][1:]
+    status, body = await staff("GET", "/api/v1/jobs?state=failed&offset=-1")
+    assert status == 422 and body["error"]["code"] == "invalid"
+
+
 async def test_recommendations_and_support_are_per_customer(ana: Caller, staff: Caller) -> None:
     assert (await ana("GET", "/api/v1/customers/1/recommendations"))[0] == 200
     assert (await ana("GET", "/api/v1/customers/2/recommendations"))[0] == 404

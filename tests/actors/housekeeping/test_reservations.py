@@ -6,8 +6,14 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
-from actors.housekeeping.reservations import CANCEL_REASON, release_expired_reservations
+from actors.housekeeping.reservations import (
+    CANCEL_REASON,
+    ReleaseOutcome,
+    release_expired_reservations,
+)
+from runtime.errors import JobCancelled
 from tests.actors.housekeeping import shopdata
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -129,3 +135,27 @@ async def test_two_concurrent_releases_release_each_reservation_once(
         "SELECT count(DISTINCT order_id) FROM order_status_history") == 200
     assert await pool.fetchval(
         "SELECT count(*) FROM outbox WHERE channel = 'order-status-changed'") == 200
+
+
+async def test_a_release_reports_each_full_batch_and_can_stop_between_batches(
+    pool: asyncpg.Pool,
+) -> None:
+    """The housekeeping job reports its progress and sees a cancel request here."""
+    async with pool.acquire() as conn:
+        await shopdata.customer(conn)
+        await shopdata.product(conn, 1, quantity=100, reserved=5)
+        for _ in range(5):
+            await shopdata.reservation(conn, await shopdata.order(conn, "paid", {1: 1}), 1, 1,
+                                       PAST)
+    seen: list[int] = []
+
+    async def stop_after_four(so_far: ReleaseOutcome) -> None:
+        seen.append(so_far.reservations)
+        if so_far.reservations >= 4:
+            raise JobCancelled("asked to stop")
+
+    with pytest.raises(JobCancelled):
+        await release_expired_reservations(pool, NOW, batch=2, between_batches=stop_after_four)
+    assert seen == [2, 4]
+    assert await pool.fetchval("SELECT count(*) FROM inventory_reservations") == 1
+    assert await reserved_of(pool) == {1: 1}, "the batches before the stop stay released"

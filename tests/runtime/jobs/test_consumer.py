@@ -119,3 +119,18 @@ def test_a_held_connection_the_server_closed_is_replaced_before_the_next_call(
     # The pool checks a connection before every command; the held one must not fail either.
     assert patient.jobs("progress", "no-such-job", "1") == ["missing"]
     assert patient.jobs.connection() is held and held.client_id() != held_id
+
+
+def test_an_idle_wait_longer_than_the_socket_timeout_ends_quietly(settings: Settings) -> None:
+    """A 20 s idle timeout on a connection that times out reads after 1 s: each look at
+    the wake-up list ends before the socket gives up (else redis-py raises TimeoutError
+    and Dramatiq restarts the consumer, seconds later)."""
+    url = f"{settings.redis_url}{'&' if '?' in (settings.redis_url or '') else '?'}socket_timeout=1"
+    broker = setup_broker(replace(settings, redis_url=url,
+                                  worker_idle_timeout_ms=LONG_IDLE_TIMEOUT_MS))
+    try:
+        consumer = _consumer(broker)
+        for _ in range(2):  # an empty fetch, then the wait on the wake-up list
+            assert next(consumer) is None
+    finally:
+        broker.close()

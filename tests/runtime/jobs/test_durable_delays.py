@@ -14,12 +14,14 @@ import redis.asyncio as aioredis
 
 from runtime import embedded
 from runtime.broker import ALL_QUEUES, QUEUE_ANALYTICS, JobSpec, declare_actor, setup_broker
+from runtime.jobs.script import JobScript
 from runtime.jobs.store import JobStore
 from runtime.jobs.worker import make_worker
 from runtime.settings import Settings
 from tests.support import free_port
 
 from .conftest import Seen
+from .test_dedup import Clock
 
 LATER = JobSpec(QUEUE_ANALYTICS, "jt_later")
 DAY_MS = 24 * 3600 * 1000
@@ -45,7 +47,7 @@ async def _job(settings: Settings, job_id: str) -> dict[str, object] | None:
         await client.aclose()
 
 
-def test_delayed_jobs_survive_redis_and_worker_restarts(
+def test_delayed_jobs_survive_redis_and_worker_restarts_and_run_when_due(
         own_redis: tuple[Settings, embedded.EmbeddedPaths, int]) -> None:
     settings, paths, port = own_redis
     ran: list[str] = []
@@ -76,6 +78,24 @@ def test_delayed_jobs_survive_redis_and_worker_restarts(
     assert kept is not None and kept["state"] == "delayed" and kept["args"] == ["tomorrow"]
     due = datetime.fromisoformat(str(kept["run_at"]))
     assert due > datetime.now(UTC) + timedelta(hours=23)
+
+    # ... and runs when its time comes: the job script's clock is a day ahead now. (The
+    # heartbeat timeout outlasts the test, so no sweep judges the worker dead on it.)
+    broker = setup_broker(replace(settings, broker_heartbeat_timeout_ms=3_600_000))
+    clock = Clock()
+    clock.offset_s = DAY_MS / 1000 + 60
+    broker.jobs = JobScript(broker.client, broker.keys, clock)
+    seen = Seen()
+    broker.hooks.subscribe("completed", seen)
+    declare_actor(broker, LATER, ran.append)
+    worker = make_worker(broker, {QUEUE_ANALYTICS}, 1)
+    worker.start()
+    try:
+        seen.wait("completed", tomorrow.job_id)
+    finally:
+        worker.stop()
+        broker.close()
+    assert ran == ["soon", "tomorrow"]
 
 
 def test_a_redis_restart_mid_stream_loses_no_job_and_runs_none_twice(

@@ -51,9 +51,15 @@ def main() -> int:
         client.rpush(key, json.dumps({"tag": tag, "event": event, "t": time.time(),
                                       "pid": os.getpid()}))
 
+    running = threading.Semaphore(0)  # released once per job running here (not the pill)
+
     def record(tag: str, sleep_s: float = 0.0) -> None:
         note(tag, "start")
-        time.sleep(sleep_s)
+        running.release()
+        try:
+            time.sleep(sleep_s)
+        finally:
+            running.acquire()
         note(tag, "end")
 
     def block_first(tag: str) -> None:
@@ -64,6 +70,10 @@ def main() -> int:
 
     def poison(tag: str) -> None:
         note(tag, "start")
+        # With room for company, die in company if any comes within a second (a pill on a
+        # busy worker), else alone.
+        if args.threads > 1 and running.acquire(timeout=1.0):
+            running.release()
         os._exit(3)  # takes the whole worker down, every time
 
     def cancellable(tag: str) -> None:
