@@ -86,7 +86,7 @@ def http_ready(port: int) -> bool:
 
 def published_root(settings: Settings, process: str, pid: int | None = None,
                    timeout_s: float = 30.0) -> dict[str, Any]:
-    """A process's root supervisor as its TreeReporter published it, once every child runs.
+    """A process's root supervisor as its TreeReporter published it, once it and every child run.
 
     Waits (polling Redis until the deadline) for the hash of ``process`` with
     ``pid`` (this process by default), as ``shopflow tree`` reads it.
@@ -101,7 +101,8 @@ def published_root(settings: Settings, process: str, pid: int | None = None,
         for entry in published_processes(client, settings.namespace):
             if entry["process"] == process and entry["pid"] == wanted_pid and entry["supervisors"]:
                 root: dict[str, Any] = entry["supervisors"][0]
-                if root["children"] and all(c["state"] == "running" for c in root["children"]):
+                if (root["state"] == "running" and root["children"]
+                        and all(c["state"] == "running" for c in root["children"])):
                     found[:] = [root]
                     return True
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from typing import Any
 
 import redis
@@ -15,6 +16,7 @@ from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor, build_supervision_metrics
 from runtime.supervisor_events import serve
 from runtime.tree import (
+    STARTING_REPUBLISH_S,
     TREE_REPORTER_CHILD,
     TreeReporter,
     process_key,
@@ -242,3 +244,34 @@ def test_the_tree_reporter_is_the_roots_supervised_child(settings: Settings) -> 
         root.stop()
         reporting.stop()
     assert client.exists(key) == 0
+
+
+def test_the_reporter_publishes_again_soon_while_its_root_is_still_starting(
+        settings: Settings) -> None:
+    """A snapshot taken while the root starts (the reporter is its last child) is followed
+    by another within STARTING_REPUBLISH_S, not an interval later; a running root waits
+    the whole interval."""
+    client = redis.Redis.from_url(settings.redis_url or "")
+    journal = Journal()
+    release = threading.Event()
+
+    def slow_start() -> Any:
+        release.wait(10)
+        return Worker.start("slow", journal)
+
+    root = Supervisor("flow-worker-root", [ChildSpec("slow", slow_start)])
+    reporter = TreeReporter(client, settings.namespace, "flow-worker", [root], 30.0, 60)
+    starter = threading.Thread(target=root.start)
+    starter.start()
+    try:
+        wait_until(lambda: root.state == "starting", 10, "the root to be starting")
+        assert reporter.next_tick_s() == STARTING_REPUBLISH_S
+        release.set()
+        starter.join(10)
+        assert root.state == "running"
+        assert reporter.next_tick_s() == 30.0
+    finally:
+        release.set()
+        starter.join(10)
+        root.stop()
+        client.close()
