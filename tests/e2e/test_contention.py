@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,15 +115,16 @@ def _tcp_ports_of(pid: int) -> set[int]:
     return ports
 
 
-async def _kill_while_holding_a_job(settings: Settings,
-                                    victim: subprocess.Popen[bytes]) -> dict[str, int]:
+async def _kill_while_holding_a_job(settings: Settings, victim: subprocess.Popen[bytes],
+                                    before_kill: Callable[[], object]) -> dict[str, int]:
     """SIGKILL ``victim`` while one of its reservations is mid-transaction.
 
     The stock row is locked here, so every reservation in flight waits on it;
     once a session of the victim's own (matched by its client port) waits on
-    the lock, the victim holds a message for sure, and it is killed. Returns
-    the pending orders and the queue's active jobs just before the kill; the
-    lock is released after it.
+    the lock, the victim holds a message for sure. ``before_kill`` then runs
+    (the survivor starts), and the victim is killed. Returns the pending
+    orders and the queue's active jobs just before the kill; the lock is
+    released after it.
     """
     blocker = await db.connect(settings.database_url or "")
     try:
@@ -132,6 +133,7 @@ async def _kill_while_holding_a_job(settings: Settings,
             async with asyncio.timeout(60):
                 while not await _waits_on_a_lock(blocker, _tcp_ports_of(victim.pid)):
                     await asyncio.sleep(0.05)
+            await asyncio.to_thread(before_kill)
             pending = await blocker.fetchval("SELECT count(*) FROM orders WHERE status = 'pending'")
             counts = await asyncio.to_thread(queue_counts, settings, QUEUE_INVENTORY)
             os.kill(victim.pid, signal.SIGKILL)
@@ -190,17 +192,22 @@ def test_two_workers_reserve_exactly_the_stock_and_redelivery_changes_nothing(wo
 def test_sigkill_of_a_worker_mid_run_loses_nothing(worker_settings: Settings) -> None:
     settings = worker_settings
     order_ids = asyncio.run(_seed(settings))
+    # The victim runs alone until it is caught mid-reservation: with the survivor up, the
+    # cross-process concurrency limit (5) could leave every permit to the survivor's
+    # threads, and the victim would never touch the locked row.
     victim = spawn(settings, "worker", "--kind", "inventory", log_name="victim")
-    survivor = spawn(settings, "worker", "--kind", "inventory", log_name="survivor")
-    replacement = None
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         _send_all(settings, order_ids)
         wait_until(lambda: sum(v for k, v in _outcomes(settings).items() if k != "pending") >= 20,
                    60, "the run to be under way")
-        at_kill = asyncio.run(_kill_while_holding_a_job(settings, victim))
+        at_kill = asyncio.run(_kill_while_holding_a_job(
+            settings, victim,
+            lambda: workers.append(spawn(settings, "worker", "--kind", "inventory",
+                                         log_name="survivor"))))
         assert at_kill["pending"] > 0, "the kill must land while work remains"
         assert at_kill["active"] >= 1  # the victim held a message when it died
-        replacement = spawn(settings, "worker", "--kind", "inventory", log_name="replacement")
+        workers.append(spawn(settings, "worker", "--kind", "inventory", log_name="replacement"))
         # Up before the end, so the restart takes part and its SIGTERM finds it serving.
         wait_until(lambda: _says(settings.var_dir / "replacement.log", "worker inventory-worker started"),
                    90, "the replacement worker to start")
@@ -210,6 +217,8 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(worker_settings: Settings) ->
         assert _outcomes(settings) == {"reserved": STOCK, "failed": ORDERS - STOCK}
         _check_invariants(settings)
     finally:
-        for w in (survivor, replacement):
-            if w is not None:
-                assert stop(w) == 0
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+        for w in workers:
+            assert stop(w) == 0
