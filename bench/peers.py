@@ -145,7 +145,7 @@ class RuntimeJobs(Peer):
     ProcessContext of its own (loop bridge, async Redis; no PostgreSQL pool,
     see :class:`_NoDatabase`) exactly the calls ``run_worker`` makes:
     ``install_job_metrics`` (MetricsMiddleware with the on-call pager, sweep
-    counters), ``ensure_scheduled_run_middleware``, the actor, then
+    counters), ``install_scheduled_runs`` (with its cron metrics), the actor, then
     ``make_worker(threads=8)`` (prefetch = threads, consumers blocking on the
     wake-up list) with its keeper thread, stopped as ``run_worker`` stops it.
     """
@@ -155,7 +155,7 @@ class RuntimeJobs(Peer):
     setup = ("runtime.broker.setup_broker (JobBroker; AgeLimit, TimeLimit, ShutdownNotifications, "
              "Callbacks, Pipelines, JobsMiddleware, CurrentMessage) + runtime.observability."
              "install_job_metrics (MetricsMiddleware, pager, sweep counters) + "
-             "ensure_scheduled_run_middleware, declare_actor, runtime.jobs.worker.make_worker("
+             "install_scheduled_runs, declare_actor, runtime.jobs.worker.make_worker("
              "threads=8): prefetch 8, consumer blocks on the queue's wake-up list (idle timeout "
              "1000 ms), job keeper thread every 5 s; Prometheus multiprocess files in a temp dir")
     distributions: ClassVar[tuple[str, ...]] = ("dramatiq", "redis", "prometheus-client")
@@ -174,8 +174,7 @@ class RuntimeJobs(Peer):
         from runtime.loop import LoopBridge
         from runtime.observability import install_job_metrics
         from runtime.process import ProcessContext
-        from runtime.scheduling.middleware import ensure_scheduled_run_middleware
-        from runtime.worker import GRACEFUL_STOP_MS
+        from runtime.worker import install_scheduled_runs
 
         with tempfile.TemporaryDirectory(prefix="bench-metrics-") as metrics_dir:
             settings = _runtime_settings(env, Path(metrics_dir),
@@ -185,14 +184,14 @@ class RuntimeJobs(Peer):
             ctx = ProcessContext(settings, bridge, cast(Any, _NoDatabase()), client,
                                  setup_broker(settings))
             install_job_metrics(ctx)
-            ensure_scheduled_run_middleware(ctx.broker, env.redis_url, settings.namespace)
+            install_scheduled_runs(ctx.broker, settings)  # as every production worker
             body, stop_body = self._body(env, ctx)
             declare_actor(ctx.broker, JobSpec(env.queue, ACTOR_NAME), body,
                           **(_all_on_limits(env.slots) if self.all_on else {}))
             worker = make_worker(ctx.broker, {env.queue}, env.slots)
             worker.start()
             _wait_for_sigterm()
-            worker.stop(timeout=GRACEFUL_STOP_MS)
+            worker.stop(timeout=int(settings.worker_stop_s * 1000))
             stop_body()
             ctx.stop()
 

@@ -118,6 +118,7 @@ class OutboxRelay:
         poll_s: float = 1.0,
         on_published: Callable[[list[OutboxRow]], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        on_round: Callable[[list[OutboxRow]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._database_url = database_url
@@ -131,6 +132,9 @@ class OutboxRelay:
         # Told when a round publishes nothing: this relay has no lag to report (the outbox is
         # empty, or another process's relay holds the lock and reports its own).
         self._on_idle = on_idle
+        # Told the rows each round handles: the oldest unpublished ones, held rows included, so
+        # the outbox lag still grows while a full queue holds every row back.
+        self._on_round = on_round
         # The last round found a full batch of new rows: more may wait, go again at once.
         self._fresh_full = False
 
@@ -153,6 +157,8 @@ class OutboxRelay:
             rows = held_before + fresh
             if not rows:
                 return self._idle()
+            if self._on_round:
+                self._on_round(rows)
             rejected, held = await self._publish(rows)
             published = [r for r in rows if r.id not in held]
             await conn.execute(

@@ -173,13 +173,17 @@ def relay_child(app: web.Application, bridge: LoopBridge) -> ChildSpec:
     def on_published(rows: list[OutboxRow]) -> None:
         for row in rows:
             metrics.outbox_events_published.labels(row.channel).inc()
+
+    def on_round(rows: list[OutboxRow]) -> None:
+        # Every unpublished row the round found, held ones included: a queue that stays full
+        # shows as a growing lag (ShopflowOutboxLag), not as a gauge frozen at its last value.
         oldest = min(row.created_at for row in rows)
         metrics.outbox_lag.set((now_utc() - oldest).total_seconds())
 
     def start() -> pykka.ActorRef[Any]:
         relay = OutboxRelay(app[POOL], database_url, app[REDIS], app[BROKER], settings.namespace,
                             settings.outbox_poll_s, on_published=on_published,
-                            on_idle=lambda: metrics.outbox_lag.set(0))
+                            on_idle=lambda: metrics.outbox_lag.set(0), on_round=on_round)
         # stop=: the relay ends its round and returns, even if a cancel would be swallowed.
         return TaskActor.start(bridge, RELAY_CHILD, relay.run, stop=relay.stop,
                                mailbox=MailboxConfig.from_settings(settings))

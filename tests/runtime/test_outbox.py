@@ -156,12 +156,15 @@ async def test_a_row_held_by_a_full_queue_sends_its_event_once_and_its_job_when_
     filler = JOB.send(broker, 0)  # the maintenance queue is now at its bound
     async with pool.acquire() as conn, conn.transaction():
         held = await emit(conn, "test", "thing.happened", {"n": 1}, job=JOB.as_job(1))
-    relay = OutboxRelay(pool, bounded.database_url or "", client, broker, bounded.namespace)
+    rounds: list[list[int]] = []
+    relay = OutboxRelay(pool, bounded.database_url or "", client, broker, bounded.namespace,
+                        on_round=lambda rows: rounds.append([r.id for r in rows]))
     key = stream_key(bounded.namespace, "test")
     try:
         for _ in range(4):
             assert await relay.publish_batch() == 0  # held: its job found no room
         assert await client.xlen(key) == 1
+        assert rounds == [[held]] * 4  # each round reports the held row: the lag keeps growing
         row = await pool.fetchrow("SELECT published_at, event_published_at FROM outbox "
                                   "WHERE id = $1", held)
         assert row["published_at"] is None and row["event_published_at"] is not None
