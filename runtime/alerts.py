@@ -28,7 +28,8 @@ overtakes its page. An entry is dropped, with an error logged, after
 closed only by a ``resolve`` that comes that long after the first ``resolve``
 of an unbroken run of them; a ``fire`` in between cancels the pending close.
 A condition flapping at its threshold is therefore one incident: one page,
-and one resolve message once it has really cleared.
+and one resolve message once it has really cleared. ``resolve(alert,
+hold=False)`` skips the hold, for conditions that end with one event.
 
 Threads (Dramatiq's, the stock-sync main thread) never wait for a
 notification: :class:`AlertDispatcher` hands the work to the process's event
@@ -195,16 +196,20 @@ class Alerter:
         pauses_s = float(WEBHOOK_BACKOFF_S * 2.0 ** attempts)
         return attempts * self._settings.alert_webhook_timeout_s + pauses_s
 
-    async def resolve(self, alert: Alert) -> bool:
+    async def resolve(self, alert: Alert, *, hold: bool = True) -> bool:
         """Report that ``alert``'s condition cleared; True if an open incident was closed.
 
         With a resolve hysteresis (``alert_resolve_after_s``) the first call
         of a clear run only notes when it started; the incident closes on the
-        first call at least that long after. Exactly one caller wins the close
-        (compare-and-delete in Redis), so the resolve message is sent once.
+        first call at least that long after. ``hold=False`` closes at once:
+        for a condition whose end is one event, not a measurement that may
+        flap at a threshold (a FATAL program that runs again), where waiting
+        for a second clear report would keep the incident open and swallow
+        the next page. Exactly one caller wins the close (compare-and-delete
+        in Redis), so the resolve message is sent once.
         """
         now_s = self._clock()
-        hold_s = self._settings.alert_resolve_after_s
+        hold_s = self._settings.alert_resolve_after_s if hold else 0.0
         for _ in range(CAS_ROUNDS):
             raw = await self._redis.hget(self._key, alert.fingerprint)
             if raw is None:

@@ -10,9 +10,14 @@ of ``len`` bytes, answer ``RESULT 2\\nOK`` or ``RESULT 4\\nFAIL``) and for
   (``type=process.fatal``) to ``{namespace}:events:alerts``, counts
   ``shopflow_process_fatal_total{program}`` and **pages** (critical) through
   :class:`~runtime.alerts.Alerter` to ``ALERT_WEBHOOK_URL``: once per
-  incident (program and host), however many FATAL events come;
-- ``PROCESS_STATE_RUNNING``: resolves that incident if one is open (someone
-  restarted the program), so its next FATAL pages again;
+  incident, however many FATAL events come. An incident is one *process*
+  (supervisord's ``processname``, e.g. ``api-2`` of the ``api`` program
+  run x4) on one host: each process of a program fails and recovers on its
+  own. The metric stays labelled by program (bounded);
+- ``PROCESS_STATE_RUNNING``: resolves that process's incident at once if one
+  is open (someone restarted it; no resolve hysteresis: the process runs,
+  which is a fact, not a reading that may flap), so its next FATAL pages
+  again, however soon;
 - ``PROCESS_STATE_EXITED`` with ``expected:0``: logs and XADDs a
   ``process.exited`` event to ``{namespace}:events:supervision`` (supervisord
   restarts it; the event makes the restart visible).
@@ -45,28 +50,34 @@ from runtime.tree import STREAM_MAXLEN, event_fields, stream_key
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, dict[str, str]], None]
-# The alert a FATAL program raises (one incident per program and host).
+# The alert a FATAL process raises (one incident per process and host).
 PROCESS_FATAL_ALERT = "ProcessFatal"
 
 
 class FatalPager(Protocol):
-    """Pages FATAL programs and resolves them when they run again (the listener's thread)."""
+    """Pages FATAL processes and resolves them when they run again (the listener's thread).
 
-    def fatal(self, program: str, info: dict[str, Any]) -> None:
-        """supervisord gave up restarting ``program``."""
+    ``program`` is supervisord's group (``api``), ``process`` the process of
+    it the event is about (``api-2``; the same name for a program run once).
+    """
+
+    def fatal(self, program: str, process: str, info: dict[str, Any]) -> None:
+        """supervisord gave up restarting ``process``."""
         ...
 
-    def running(self, program: str, info: dict[str, Any]) -> None:
-        """``program`` runs (again)."""
+    def running(self, program: str, process: str, info: dict[str, Any]) -> None:
+        """``process`` runs (again)."""
         ...
 
 
-def fatal_alert(program: str, host: str, info: dict[str, Any] | None = None) -> Alert:
-    """The incident of ``program`` being FATAL on ``host``."""
+def fatal_alert(program: str, process: str, host: str,
+                info: dict[str, Any] | None = None) -> Alert:
+    """The incident of ``process`` (of ``program``) being FATAL on ``host``."""
     return Alert(PROCESS_FATAL_ALERT, Severity.CRITICAL,
-                 f"supervisord gave up restarting {program} on {host} (FATAL); "
+                 f"supervisord gave up restarting {process} on {host} (FATAL); "
                  "it stays down until restarted by hand",
-                 labels={"program": program, "host": host}, details=dict(info or {}))
+                 labels={"program": program, "process": process, "host": host},
+                 details=dict(info or {}))
 
 
 class AlertingFatalPager:
@@ -85,16 +96,16 @@ class AlertingFatalPager:
         self._alerter = Alerter(settings, self._redis, self._metrics)
         self._timeout_s = self._alerter.max_delivery_s() + 10.0
 
-    def fatal(self, program: str, info: dict[str, Any]) -> None:
-        """Count it and page (once per incident)."""
+    def fatal(self, program: str, process: str, info: dict[str, Any]) -> None:
+        """Count it (by program) and page (once per incident of the process)."""
         self._metrics.process_fatal.labels(program).inc()
-        alert = fatal_alert(program, str(info.get("host") or socket.gethostname()), info)
+        alert = fatal_alert(program, process, _host(info), info)
         self._bridge.run(self._alerter.fire(alert), self._timeout_s)
 
-    def running(self, program: str, info: dict[str, Any]) -> None:
-        """Resolve the program's incident, if open."""
-        alert = fatal_alert(program, str(info.get("host") or socket.gethostname()))
-        self._bridge.run(self._alerter.resolve(alert), self._timeout_s)
+    def running(self, program: str, process: str, info: dict[str, Any]) -> None:
+        """Resolve the process's incident at once, if open (no hysteresis hold)."""
+        alert = fatal_alert(program, process, _host(info))
+        self._bridge.run(self._alerter.resolve(alert, hold=False), self._timeout_s)
 
     def close(self) -> None:
         """Close the Redis client and stop the loop."""
@@ -121,10 +132,10 @@ def handle_event(headers: dict[str, str], payload: str, publish: Publish,
                      info.get("processname"), extra={"alert": info})
         publish("alerts", event_fields("process.fatal", info))
         if pager is not None:
-            pager.fatal(_program(info), info)
+            pager.fatal(_program(info), _process(info), info)
     elif event_name == "PROCESS_STATE_RUNNING":
         if pager is not None:
-            pager.running(_program(info), info)
+            pager.running(_program(info), _process(info), info)
     elif event_name == "PROCESS_STATE_EXITED" and info.get("expected") == "0":
         log.error("program %s exited unexpectedly; supervisord restarts it",
                   info.get("processname"), extra={"event": info})
@@ -134,6 +145,15 @@ def handle_event(headers: dict[str, str], payload: str, publish: Publish,
 def _program(info: dict[str, Any]) -> str:
     """The program's name in supervisord.conf (bounded: a metric label and alert label)."""
     return str(info.get("groupname") or info.get("processname") or "unknown")
+
+
+def _process(info: dict[str, Any]) -> str:
+    """The process's own name (``api-2``): what an incident is about."""
+    return str(info.get("processname") or info.get("groupname") or "unknown")
+
+
+def _host(info: dict[str, Any]) -> str:
+    return str(info.get("host") or socket.gethostname())
 
 
 def serve(stdin: IO[str], stdout: IO[str], publish: Publish,

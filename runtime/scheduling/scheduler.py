@@ -12,8 +12,16 @@ jobs stored in Redis, re-read each tick so additions need no restart):
    policy, and only then enqueues the message (with the schedule name and
    slot in its options, which the worker middleware uses to refuse
    duplicates and to record the outcome),
-4. sends a queued slot once the previous run finished, and re-sends a
-   claimed slot whose sender died before recording the send.
+4. sends a queued slot once the previous run finished, and re-sends every
+   claimed slot whose send was not recorded within ``resend_after_s`` (its
+   sender died between the claim and the record, or the send failed).
+
+Every message of a slot carries the job id ``sched:<name>:<slot_ms>``
+(:func:`slot_job_id`), so the broker refuses a re-send while the first
+message of the slot waits, runs or recently completed: a sender killed
+after its send but before recording it causes no second message. (The
+worker middleware's run guard still refuses any duplicate that gets
+through, e.g. once the first run's job record is gone.)
 
 A schedule far behind (more than ``MAX_DUE_SLOTS`` due slots: an
 every-minute schedule after a long outage) is not walked slot by slot: its
@@ -90,6 +98,11 @@ def utc_now() -> datetime:
 def default_instance_id() -> str:
     """host:pid:random, unique per process start, readable in ``shopflow schedules``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def slot_job_id(name: str, slot: datetime) -> str:
+    """The job id of every message of one schedule's slot (the broker de-duplicates by it)."""
+    return f"sched:{name}:{to_ms(slot)}"
 
 
 def broker_sender(broker: dramatiq.Broker) -> Sender:
@@ -260,18 +273,27 @@ class Scheduler:
         return True
 
     async def _send_deferred(self, schedule: Schedule, now: datetime, report: TickReport) -> None:
-        """Send a queued slot whose turn came, or re-send one whose sender died."""
-        message_id = generate_unique_id()
-        outcome, slot = await self.store.next_deferred(
-            schedule, self.instance_id, now, message_id, self._resend_after_s
-        )
-        if slot is None or outcome not in ("send", "resend"):
-            return
-        if outcome == "resend":
-            log.warning("schedule %s slot %s was claimed but never recorded as sent; "
-                        "sending it again (the worker refuses a duplicate)",
-                        schedule.name, slot.isoformat(), extra={"schedule": schedule.name})
-        await self._deliver(schedule, slot, now, self._message(schedule, slot, message_id), report)
+        """Re-send every claim whose send was not recorded in time, then send a queued slot
+        whose turn came.
+
+        Each slot returned is claimed again with the new message's id and a
+        fresh time, so the loop ends: a slot is re-sent at most once a tick.
+        """
+        while True:
+            message_id = generate_unique_id()
+            outcome, slot = await self.store.next_deferred(
+                schedule, self.instance_id, now, message_id, self._resend_after_s
+            )
+            if slot is None or outcome not in ("send", "resend"):
+                return
+            if outcome == "resend":
+                log.warning("schedule %s slot %s was claimed but never recorded as sent; "
+                            "sending it again (a duplicate is refused by the broker or the "
+                            "worker)", schedule.name, slot.isoformat(),
+                            extra={"schedule": schedule.name})
+                await self.store.count(schedule.name, "resent")
+            message = self._message(schedule, slot, message_id)
+            await self._deliver(schedule, slot, now, message, report)
 
     async def _deliver(
         self, schedule: Schedule, slot: datetime, now: datetime,
@@ -291,6 +313,7 @@ class Scheduler:
         message = schedule.job.message(
             *schedule.args, sched_name=schedule.name, sched_slot=slot.isoformat(),
             sched_slot_ms=to_ms(slot), sched_source=schedule.source,
+            job_id=slot_job_id(schedule.name, slot),
         )
         if message_id is not None:
             message = message.copy(message_id=message_id)

@@ -14,6 +14,13 @@ on any number of hosts can share one Redis:
   slot twice: the cursor is the fence.
 - The **in-flight** key (``<ns>:sched:inflight:<name>``) holds the message id of
   the run still going; the overlap policy reads it in the same script.
+- The **unsent claims** (``<ns>:sched:unsent:<name>``, a hash slot_ms ->
+  ``claimed_ms|message_id``) hold every slot claimed to be sent whose send is
+  not recorded yet. Claiming a slot adds it, recording the send of *that*
+  message removes it, and any slot left there longer than the re-send delay
+  (its sender died, or its send failed) is sent again. One entry per slot,
+  not one "pending" field per schedule: a new leader claiming the next slots
+  must not overwrite the dead leader's claim, or that slot is lost.
 - The **run guard** (``<ns>:sched:run:<name>:<slot_ms>``) is set by the worker
   middleware: one message per slot runs, any duplicate is skipped.
 
@@ -95,6 +102,9 @@ class Keys:
     def queued(self, name: str) -> str:
         return f"{self.prefix}:queued:{name}"
 
+    def unsent(self, name: str) -> str:
+        return f"{self.prefix}:unsent:{name}"
+
     def run_guard(self, name: str, slot_ms: int) -> str:
         return f"{self.prefix}:run:{name}:{slot_ms}"
 
@@ -129,13 +139,14 @@ local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_ms') or '0')
 if holder ~= ARGV[1] or expires < tonumber(ARGV[2]) then return {'not-leader', ''} end
 """
 
-# KEYS: lease, state, inflight, queued, stats.
+# KEYS: lease, state, inflight, queued, stats, unsent.
 # ARGV: instance, now_ms, slot_ms, action ('fire' | 'advance'), overlap, message_id,
 #       inflight_ttl_ms.
 # Moves the cursor to slot_ms if the caller leads and the slot is new; for 'fire' also
 # applies the overlap policy. Under 'queue', a slot waits while a run is going *or* older
 # slots still wait, so slots run in order even when the previous run finished just before
-# this one came. Returns {outcome, slot_ms}.
+# this one came. A slot to send is added to the unsent claims (next to any other claim
+# still unsent). Returns {outcome, slot_ms}.
 _CLAIM = _LEADER_CHECK + """
 local cursor = tonumber(redis.call('HGET', KEYS[2], 'cursor_ms') or '-1')
 if tonumber(ARGV[3]) <= cursor then return {'stale', ''} end
@@ -152,47 +163,53 @@ if running and ARGV[5] == 'skip' then
   return {'skipped-overlap', ARGV[3]}
 end
 redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
-redis.call('HSET', KEYS[2], 'pending_slot_ms', ARGV[3], 'pending_msg', ARGV[6],
-           'pending_at_ms', ARGV[2])
+redis.call('HSET', KEYS[6], ARGV[3], ARGV[2] .. '|' .. ARGV[6])
 return {'send', ARGV[3]}
 """
 
-# KEYS: lease, state, inflight, queued. ARGV: instance, now_ms, message_id, inflight_ttl_ms,
-# resend_after_ms. Picks the next slot to send outside the normal claim: a claimed slot
-# whose sender vanished before recording the send ('resend'), or a queued slot once the
-# previous run finished ('send'). A claim is recorded as sent when its own message is
-# (pending_msg == sent_msg): whatever the order of the slots, an unrecorded claim is
-# re-sent, queued ones included. Returns {outcome, slot_ms}.
+# KEYS: lease, state, inflight, queued, unsent. ARGV: instance, now_ms, message_id,
+# inflight_ttl_ms, resend_after_ms. Picks the next slot to send outside the normal claim:
+# the oldest unsent claim older than the re-send delay ('resend': its sender died or its
+# send failed; it is now claimed by message_id), else a queued slot once the previous run
+# finished ('send'). Returns {outcome, slot_ms}.
 _NEXT_DEFERRED = _LEADER_CHECK + """
 local now = tonumber(ARGV[2])
-local pending = redis.call('HGET', KEYS[2], 'pending_slot_ms')
-local pending_msg = redis.call('HGET', KEYS[2], 'pending_msg')
-local sent_msg = redis.call('HGET', KEYS[2], 'sent_msg')
-local pending_at = tonumber(redis.call('HGET', KEYS[2], 'pending_at_ms') or '0')
-if pending and pending_msg and pending_msg ~= sent_msg
-   and now - pending_at > tonumber(ARGV[5]) then
-  redis.call('HSET', KEYS[2], 'pending_msg', ARGV[3], 'pending_at_ms', ARGV[2])
+local claims = redis.call('HGETALL', KEYS[5])
+local oldest = nil
+for i = 1, #claims, 2 do
+  local claimed_at = tonumber(string.match(claims[i + 1], '^(%d+)|')) or 0
+  if now - claimed_at > tonumber(ARGV[5])
+     and (oldest == nil or tonumber(claims[i]) < tonumber(oldest)) then
+    oldest = claims[i]
+  end
+end
+if oldest then
+  redis.call('HSET', KEYS[5], oldest, ARGV[2] .. '|' .. ARGV[3])
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  return {'resend', pending}
+  return {'resend', oldest}
 end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local slot = redis.call('LPOP', KEYS[4])
   if slot then
     redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-    redis.call('HSET', KEYS[2], 'pending_slot_ms', slot, 'pending_msg', ARGV[3],
-               'pending_at_ms', ARGV[2])
+    redis.call('HSET', KEYS[5], slot, ARGV[2] .. '|' .. ARGV[3])
     return {'send', slot}
   end
 end
 return {'none', ''}
 """
 
-# KEYS: state, stats. ARGV: slot_ms, now_ms, message_id. Records that a slot's message is
-# on the broker. Only the message of the current claim settles it (a sender that was paused
-# and records an older send late does not hide a newer claim from the re-send check).
+# KEYS: state, stats, unsent. ARGV: slot_ms, now_ms, message_id. Records that a slot's
+# message is on the broker. Only the message the slot is claimed by settles its claim (a
+# sender that was paused and records a send late, after the slot was claimed again for a
+# re-send, leaves the re-send's claim in place).
 _MARK_SENT = """
-if redis.call('HGET', KEYS[1], 'pending_msg') == ARGV[3] then
-  redis.call('HSET', KEYS[1], 'sent_slot_ms', ARGV[1], 'sent_at_ms', ARGV[2], 'sent_msg', ARGV[3])
+local claim = redis.call('HGET', KEYS[3], ARGV[1])
+if claim and string.match(claim, '|(.+)$') == ARGV[3] then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  local sent = tonumber(redis.call('HGET', KEYS[1], 'sent_slot_ms') or '-1')
+  if tonumber(ARGV[1]) > sent then redis.call('HSET', KEYS[1], 'sent_slot_ms', ARGV[1]) end
+  redis.call('HSET', KEYS[1], 'sent_at_ms', ARGV[2])
 end
 redis.call('HINCRBY', KEYS[2], 'sent', 1)
 return 1
@@ -278,7 +295,7 @@ class SchedulerStore:
         name = schedule.name
         outcome, _ = await self._claim(
             keys=[self.keys.lease, self.keys.state(name), self.keys.inflight(name),
-                  self.keys.queued(name), self.keys.stats(name)],
+                  self.keys.queued(name), self.keys.stats(name), self.keys.unsent(name)],
             args=[instance, to_ms(now), to_ms(slot), "fire" if fire else "advance",
                   schedule.overlap.value, message_id, int(schedule.max_runtime_s * 1000)],
         )
@@ -288,22 +305,30 @@ class SchedulerStore:
         self, schedule: Schedule, instance: str, now: datetime, message_id: str,
         resend_after_s: float,
     ) -> tuple[str, datetime | None]:
-        """A slot to send now that the normal claim did not: ``resend`` or ``send`` (queued)."""
+        """A slot to send now that the normal claim did not: ``resend`` (the oldest claim
+        unsent for over ``resend_after_s``) or ``send`` (a queued slot), claimed by
+        ``message_id``; ``none`` when there is neither."""
         name = schedule.name
         outcome, slot_ms = await self._next_deferred(
             keys=[self.keys.lease, self.keys.state(name), self.keys.inflight(name),
-                  self.keys.queued(name)],
+                  self.keys.queued(name), self.keys.unsent(name)],
             args=[instance, to_ms(now), message_id, int(schedule.max_runtime_s * 1000),
                   int(resend_after_s * 1000)],
         )
         return str(text(outcome)), from_ms(text(slot_ms) or None)
 
     async def mark_sent(self, name: str, slot: datetime, now: datetime, message_id: str) -> None:
-        """Record that ``slot``'s message is on the broker."""
+        """Record that ``slot``'s message is on the broker (settles the slot's claim if
+        ``message_id`` is the message it is claimed by)."""
         await self._mark_sent(
-            keys=[self.keys.state(name), self.keys.stats(name)],
+            keys=[self.keys.state(name), self.keys.stats(name), self.keys.unsent(name)],
             args=[to_ms(slot), to_ms(now), message_id],
         )
+
+    async def unsent(self, name: str) -> list[datetime]:
+        """The slots claimed to be sent whose send is not recorded (yet), oldest first."""
+        raw = await self.redis.hkeys(self.keys.unsent(name))
+        return sorted(datetime.fromtimestamp(int(str(text(v))) / 1000, tz=UTC) for v in raw)
 
     async def count(self, name: str, counter: str, amount: int = 1) -> None:
         """Add to one of a schedule's counters (missed, late, ...)."""
@@ -326,7 +351,7 @@ class SchedulerStore:
         cursor and first-seen time to ``now`` (one transaction)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.state(name), self.keys.stats(name), self.keys.queued(name),
-                        self.keys.inflight(name))
+                        self.keys.inflight(name), self.keys.unsent(name))
             pipe.hset(self.keys.state(name),
                       mapping={"cursor_ms": to_ms(now), "created_ms": to_ms(now)})
             await pipe.execute()
@@ -363,7 +388,7 @@ class SchedulerStore:
         """Drop a schedule's state, counters and queue (after removing a repeatable)."""
         await self.redis.delete(
             self.keys.state(name), self.keys.stats(name), self.keys.queued(name),
-            self.keys.inflight(name),
+            self.keys.inflight(name), self.keys.unsent(name),
         )
 
 

@@ -30,6 +30,7 @@ from runtime.scheduling import (
     repeatable_from_request,
     slots_between,
 )
+from runtime.scheduling.scheduler import Sender
 from runtime.settings import Settings
 from tests.runtime.scheduling.helpers import enqueued, slots_sent
 
@@ -249,6 +250,54 @@ async def test_a_claimed_but_unsent_slot_is_sent_again_after_the_sender_died(
     assert [s for _, s in report.sent] == [slot]
     assert (await survivor.tick(slot + timedelta(seconds=50))).sent == []
     assert slots_sent(settings, QUEUE_MAINTENANCE)[("crashy", slot.isoformat())] == 1
+
+
+class Killed(BaseException):
+    """SIGKILL of a scheduler in the middle of a tick: nothing after it runs."""
+
+
+def killed_sender(broker: dramatiq.Broker, after_send: bool) -> Sender:
+    """A sender whose process dies before the message reaches the broker, or right after
+    (before the scheduler records the send)."""
+    send = broker_sender(broker)
+
+    async def die(message: dramatiq.Message[Any]) -> None:
+        if after_send:
+            await send(message)
+        raise Killed
+
+    return die
+
+
+@pytest.mark.parametrize("after_send", [False, True], ids=["before-send", "after-send"])
+async def test_a_dead_leaders_claim_is_neither_lost_nor_doubled_once_the_next_leader_claims_on(
+    redis_client: aioredis.Redis, settings: Settings, broker: dramatiq.Broker, after_send: bool
+) -> None:
+    """The leader claims a slot and is killed before its message is on the broker (or after,
+    but before recording it). The survivor takes over and claims the next slots before the
+    re-send delay has passed: the dead claim must still be sent once, and only once."""
+    schedule = every("every-10s", 10, overlap=OverlapPolicy.ALLOW)
+    store = SchedulerStore(redis_client, settings.namespace)
+    await store.init_cursor(schedule.name, START)
+    slot = START + timedelta(seconds=10)
+    dead = Scheduler(store, killed_sender(broker, after_send), [schedule], instance_id="dead",
+                     lease_s=15)
+    with pytest.raises(Killed):
+        await dead.tick(slot)
+    assert await store.unsent(schedule.name) == [slot]
+    survivor = make(redis_client, settings, broker, [schedule], "survivor", lease_s=15,
+                    resend_after_s=30)
+    now, leaders = slot, []
+    while now < slot + timedelta(minutes=1):
+        now += timedelta(seconds=5)
+        leaders.append((await survivor.tick(now)).leader)
+    assert leaders[0] is False and leaders[-1] is True  # took over after the lease lapsed
+    sent = slots_sent(settings, QUEUE_MAINTENANCE)
+    assert set(sent) == {(schedule.name, s.isoformat())
+                         for s in slots_between(schedule.trigger, START, now)}
+    assert set(sent.values()) == {1}, sent
+    assert await store.unsent(schedule.name) == []
+    assert (await store.state(schedule.name)).stats["resent"] == 1
 
 
 async def test_repeatables_are_added_listed_removed_and_picked_up_live(
