@@ -27,6 +27,7 @@ import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from runtime.errors import InvalidTransition, NotFound, PermanentJobError, ValidationError
+from runtime.jobs.middleware import release_worker
 from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
@@ -55,6 +56,8 @@ ASK_MARGIN_S = 5.0
 HOPELESS_ERRORS: tuple[type[Exception], ...] = (NotFound, ValidationError, InvalidTransition)
 # Shares of the stop budget: running jobs get this much of it to finish...
 JOBS_STOP_SHARE = 0.7
+# ...handing back the jobs still running after that this much of what is left...
+RELEASE_STOP_SHARE = 0.3
 # ...and stopping the actors this much of what the jobs left; closing resources the rest.
 ACTORS_STOP_SHARE = 0.5
 # Dramatiq's Worker.stop joins its worker threads and then its consumers, each for up to
@@ -152,7 +155,7 @@ class StopBudget:
         return self.remaining_s() * fraction
 
 
-def stop_within(what: str, stop: Callable[[], None], timeout_s: float) -> bool:
+def stop_within(what: str, stop: Callable[[], object], timeout_s: float) -> bool:
     """Run ``stop()`` on a daemon thread and wait for it at most ``timeout_s``.
 
     True if it finished. An overrun (Dramatiq joining a worker thread stuck in
@@ -219,16 +222,22 @@ def stop_worker_process(name: str, settings: Settings, worker: Any, root: Superv
     """The graceful stop, in order, within ``settings.worker_stop_s`` all told.
 
     Running jobs get the largest share to finish (Dramatiq then requeues what
-    it prefetched); a job still running after that is left to be redelivered.
-    Then the actors stop in reverse order, the tree reporter stops, and the
-    process's resources close with what is left. Nothing here raises: a stop
-    that overran a step is logged and the process still exits 0 in time.
+    it prefetched); a job still running after that is handed back
+    (:func:`runtime.jobs.middleware.release_worker`): it waits again at its
+    place as the same attempt, at once, instead of being found by the stall
+    sweep a heartbeat timeout later and charged a death (an attempt, and
+    after a few deploys a poison-pill quarantine) for a stop that was not its
+    fault. Then the actors stop in reverse order, the tree reporter stops, and
+    the process's resources close with what is left. Nothing here raises: a
+    stop that overran a step is logged and the process still exits 0 in time.
     """
     budget = StopBudget(settings.worker_stop_s)
     log.info("worker %s stopping (budget %.1fs)", name, settings.worker_stop_s)
     jobs_s = budget.share_s(JOBS_STOP_SHARE)
     stop_within("the Dramatiq worker",
                 lambda: worker.stop(timeout=int(jobs_s * WORKER_JOIN_SHARE * 1000)), jobs_s)
+    stop_within("handing back the running jobs", lambda: release_worker(ctx.broker),
+                budget.share_s(RELEASE_STOP_SHARE))
     root.stop(timeout_s=budget.share_s(ACTORS_STOP_SHARE))
     stop_within("the tree reporter", stop_reporting, budget.share_s(ACTORS_STOP_SHARE))
     ctx.stop(timeout_s=budget.remaining_s())
