@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ import redis
 from runtime.errors import JobCancelled, ValidationError
 from runtime.jobs.hooks import JobEvent, JobHooks
 from runtime.jobs.script import JobKeys, JobScript
+
+log = logging.getLogger(__name__)
 
 # Progress is a number or a small JSON object; bigger belongs in the job's result.
 MAX_PROGRESS_BYTES = 4_096
@@ -54,6 +57,9 @@ class JobContext:
     hooks: JobHooks | None = None
     # When the attempt's time limit (timeout_ms) interrupts it, on time.monotonic(); None: no limit.
     deadline_s: float | None = None
+    # The run (the Redis message id) this attempt is: its progress is written only while
+    # the job is still active with it ("" writes whatever the state, as an operator does).
+    rid: str = ""
 
     @property
     def attempts_left(self) -> int:
@@ -70,13 +76,24 @@ class JobContext:
             return None
         return max(0.0, self.deadline_s - time.monotonic())
 
-    def progress(self, value: Any) -> None:
-        """Report progress (a number or a small JSON object); readers and subscribers see it."""
+    def progress(self, value: Any) -> bool:
+        """Report progress (a number or a small JSON object); readers and subscribers see it.
+
+        False, and nothing written, when the job is no longer running this attempt: an
+        actor may outlive the attempt that asked it (the attempt timed out, its worker
+        handed the job back at a stop, the stall sweep ran it again), and its late
+        progress must not land on the job's next run or on a job that has ended.
+        """
         text = progress_text(value)
-        reply = self.script("progress", self.job_id, text)
-        if self.hooks is not None and reply and reply[0] == "ok":
+        reply = self.script("progress", self.job_id, text, self.rid)
+        if not reply or reply[0] != "ok":
+            log.info("job %s: progress of a run the job has moved on from was not recorded "
+                     "(%s)", self.job_id, " ".join(str(r) for r in reply or ()))
+            return False
+        if self.hooks is not None:
             self.hooks.emit(JobEvent("progress", self.job_id, self.queue, self.actor,
                                      self.attempt, {"progress": json.loads(text)}))
+        return True
 
     def cancel_requested(self) -> bool:
         """Whether someone asked this job to stop (checked in Redis, from any process)."""
@@ -87,9 +104,9 @@ class JobContext:
         if self.cancel_requested():
             raise JobCancelled(f"job {self.job_id} was cancelled")
 
-    async def progress_async(self, value: Any) -> None:
+    async def progress_async(self, value: Any) -> bool:
         """:meth:`progress` for a coroutine on the loop (the Redis call runs off the loop)."""
-        await asyncio.to_thread(self.progress, value)
+        return await asyncio.to_thread(self.progress, value)
 
     async def check_cancelled_async(self) -> None:
         """:meth:`check_cancelled` for a coroutine on the loop (the Redis call runs off it)."""

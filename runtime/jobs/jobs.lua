@@ -943,12 +943,20 @@ local function cmd_remove(a)
     return {"removed", queue, actor, state}
 end
 
--- progress(job_id, value JSON) -> {"ok", queue, actor} | {"missing"}
+-- progress(job_id, value JSON[, rid]) -> {"ok", queue, actor} | {"missing"} | {"stale", state}
+-- rid: the run reporting it (a worker's job context always gives it). Its progress is
+-- written only while the job is active with that run: a run the job has moved on from
+-- (handed back, stalled and run again, retried, ended) may still be going in an actor
+-- that outlived it, and must not write over the current run's progress or an ended
+-- job's. Without rid (an operator, an outside producer) it is written whatever the state.
 local function cmd_progress(a)
-    local job_id, value = a[1], a[2]
+    local job_id, value, rid = a[1], a[2], a[3]
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if not state then return {"missing"} end
+    if rid and rid ~= "" and (state ~= "active" or redis.call("hget", key, "rid") ~= rid) then
+        return {"stale", state}
+    end
     redis.call("hset", key, "progress", value)
     local queue = redis.call("hget", key, "queue")
     local actor = redis.call("hget", key, "actor") or ""

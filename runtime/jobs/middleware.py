@@ -220,7 +220,8 @@ class JobsMiddleware(Middleware):
         limit_ms = self._time_limit_ms(jb, message, actor_options)
         deadline_s = time.monotonic() + limit_ms / 1000 if limit_ms else None
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s,
+                             _rid(message)))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
 
