@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 Asker = Callable[[str, Any], Any]
 # A thin actor waits this much longer for its concern than the concern's own handler
-# deadline (SHOPFLOW_ACTOR_ASK_TIMEOUT_S), so the handler's timeout fires first and the
-# job fails with it; were the ask to give up first, the job would be retried while its
-# first run still went on.
+# deadline (SHOPFLOW_ACTOR_ASK_TIMEOUT_S), so a handler that starts at once is ended by
+# its own timeout and the job fails with it. A message that first waited in the mailbox
+# behind others is bounded by the ask's deadline itself, which rides with it: the actor
+# does not start it once that has passed, and ends its handler before it.
 ASK_MARGIN_S = 5.0
 # Domain errors that say the message itself can never succeed (no such order, bad input,
 # a status move the state machine refuses): the job fails for good instead of retrying.
@@ -119,16 +120,22 @@ def build_root(name: str, concerns: Sequence[Concern],
                       **options)
 
 
-def concern_asker(root: Supervisor, settings: Settings) -> Asker:
+def concern_asker(root: Supervisor, settings: Settings,
+                  margin_s: float = ASK_MARGIN_S) -> Asker:
     """How a thin Dramatiq actor calls its concern: ``ask(child_id, message)``.
 
-    The ask waits :data:`ASK_MARGIN_S` longer than the handler's own deadline,
-    and a :data:`HOPELESS_ERRORS` error becomes a :class:`PermanentJobError`
-    (the domain error as ``__cause__``), so the job is not retried pointlessly
-    (a reservation for an order that does not exist fails once). Every other
+    The ask waits ``margin_s`` longer than the handler's own deadline
+    (``SHOPFLOW_ACTOR_ASK_TIMEOUT_S``, counted from when the actor takes the
+    message), and its own deadline goes with the message
+    (:meth:`Supervisor.ask`): a message that waited in the mailbox until the
+    ask gave up is never run, and a handler started late is ended before the
+    ask gives up, so a job is never retried while its first run still goes on.
+    A :data:`HOPELESS_ERRORS` error becomes a :class:`PermanentJobError` (the
+    domain error as ``__cause__``), so the job is not retried pointlessly (a
+    reservation for an order that does not exist fails once). Every other
     error goes to Dramatiq's retries as it is.
     """
-    timeout_s = settings.actor_ask_timeout_s + ASK_MARGIN_S
+    timeout_s = settings.actor_ask_timeout_s + margin_s
 
     def ask(child_id: str, message: Any) -> Any:
         try:
