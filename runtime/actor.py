@@ -49,9 +49,9 @@ import pykka
 from pykka import ActorRegistry, messages
 from pykka._threading import ThreadingFuture
 
-from runtime.errors import ActorCrashed, InfrastructureUnavailable, ShopflowError
-from runtime.jobs.context import job_scope
-from runtime.jobs.context import unwrap as unwrap_job
+from runtime.errors import ActorCrashed, AskTimeout, InfrastructureUnavailable, ShopflowError
+from runtime.jobs.context import WithJob, ask_scope
+from runtime.jobs.context import unwrap as unwrap_ask
 from runtime.jobs.retries import is_infrastructure_error
 from runtime.loop import LoopBridge
 from runtime.mailbox import NORMAL_EXIT, Exit, Mailbox, Overflow
@@ -92,7 +92,8 @@ class _CrashPolicy:
     """What the two actor kinds share: the crash rule and the exit bookkeeping."""
 
     # Asks may come in a WithJob envelope (runtime.jobs.context): the actor takes it off and
-    # handles the message with the asker's job current. Plain pykka actors get messages bare.
+    # handles the message with the asker's job current, and not at all once the asker has
+    # given up waiting (see too_late). Plain pykka actors get messages bare.
     accepts_job_context: ClassVar[bool] = True
     actor_inbox: Any
     actor_ref: Any
@@ -131,6 +132,24 @@ class _CrashPolicy:
     def fail(self, reason: str) -> None:
         """Mark this actor failed from inside a handler: it crashes and is restarted."""
         raise _SelfFailed(reason)
+
+    def too_late(self, ask: WithJob, reply_to: Any) -> bool:
+        """True (and the asker answered with AskTimeout) when ``ask`` waited in the mailbox
+        until its asker's deadline (less the answer's margin) had passed.
+
+        Such a message is not run: its asker has given up, or will before any answer,
+        and its job is retried; running it anyway would do the work twice (a second
+        e-mail, a second model call billed) beside the retry.
+        """
+        if ask.deadline_s is None or ask.time_left_s():
+            return False
+        log.warning("actor %s: a message waited in the mailbox past its ask's deadline; "
+                    "not run", self.actor_ref)
+        if reply_to is not None:
+            error = AskTimeout(f"{self.actor_ref}: the message waited in the mailbox past "
+                               f"its ask's deadline and was not run")
+            reply_to.set_exception(exc_info=(AskTimeout, error, None))
+        return True
 
     def _record_crash(self, kind: str, exc: BaseException, reply_to: Any | None) -> None:
         """Stop after a crash: answer the asker, unregister, set the stopped flag."""
@@ -195,10 +214,12 @@ class SupervisedActor(_CrashPolicy, pykka.ThreadingActor):
     def _actor_loop_running(self) -> None:
         while not self.actor_stopped.is_set():
             envelope = self.actor_inbox.get()
+            ask = unwrap_ask(envelope.message)
+            if self.too_late(ask, envelope.reply_to):
+                continue
             try:
-                message, job = unwrap_job(envelope.message)
-                with job_scope(job):
-                    response = self._handle_receive(message)
+                with ask_scope(ask):
+                    response = self._handle_receive(ask.message)
             except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
                 asked = envelope.reply_to is not None
                 if not self.is_crash(exc, asked=asked):
@@ -292,10 +313,12 @@ class AsyncActor(_CrashPolicy, pykka.Actor):
 
     async def _handle_envelope(self, envelope: Any) -> None:
         asked = envelope.reply_to is not None
+        ask = unwrap_ask(envelope.message)
+        if self.too_late(ask, envelope.reply_to):
+            return
         try:
-            message, job = unwrap_job(envelope.message)
-            with job_scope(job):
-                response = await self._dispatch(message)
+            with ask_scope(ask):
+                response = await self._dispatch(ask.message)
         except Exception as exc:  # noqa: BLE001 - the crash rule decides, nothing is dropped
             if asked and not self.is_crash(exc, asked=True):
                 self._answer_not_crash(envelope.reply_to, exc)

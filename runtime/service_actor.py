@@ -11,8 +11,10 @@ next.
 
 The handler runs with the asker's job current (:mod:`runtime.jobs.context`):
 ``current_job()`` in it reports progress and sees a cancel request from any
-process, and the handler is cut off at the job's time limit as well as at
-the actor's own ``timeout_s``, whichever comes first.
+process, and the handler is cut off at the job's time limit, at its asker's
+deadline (less a margin for the answer) and at the actor's own ``timeout_s``,
+whichever comes first; a message whose asker gave up while it waited in the
+mailbox is not run at all (:mod:`runtime.actor`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from runtime.actor import AsyncActor, MailboxConfig, SupervisedActor
-from runtime.jobs.context import current_job
+from runtime.jobs.context import ask_time_left_s, current_job
 from runtime.loop import LoopBridge
 
 if TYPE_CHECKING:
@@ -98,11 +100,24 @@ class AsyncServiceActor(AsyncActor):
 
 
 def budget_s(timeout_s: float) -> float:
-    """How long a handler may run: ``timeout_s``, or less if the current job's time limit
-    comes first (after it the job's worker thread no longer waits for the answer)."""
+    """How long a handler may run: ``timeout_s`` from when the actor takes the message, or
+    less if the current job's time limit or its asker's deadline comes first (after
+    either, nobody waits for the answer any more).
+
+    The asker's deadline counts from when it asked, and the message may have waited in
+    the mailbox behind others since (several worker threads feed one actor): without it
+    a handler started late would still run after its ask gave up, while the job is
+    retried beside it.
+    """
+    limits = [timeout_s]
     job = current_job()
-    left_s = job.time_left_s() if job is not None else None
-    return timeout_s if left_s is None else min(timeout_s, left_s)
+    job_left_s = job.time_left_s() if job is not None else None
+    if job_left_s is not None:
+        limits.append(job_left_s)
+    ask_left_s = ask_time_left_s()
+    if ask_left_s is not None:
+        limits.append(ask_left_s)
+    return min(limits)
 
 
 def start_async_service_actor(ctx: ProcessContext, name: str, handler: Handler,

@@ -33,7 +33,8 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_TIMEZONE = "America/Sao_Paulo"
 # A pending order's stock is held this long before housekeeping releases it.
 DEFAULT_RESERVATION_TTL_S = 15 * 60
-# How long a thin Dramatiq actor waits for its pykka actor to answer.
+# A concern's handler deadline, from when its pykka actor takes the message; the thin
+# Dramatiq actor's ask waits a little longer (runtime.worker.ASK_MARGIN_S).
 DEFAULT_ACTOR_ASK_TIMEOUT_S = 60.0
 # A worker's whole graceful stop (running jobs, actors, resources) fits in this; keep it
 # below supervisord.conf's stopwaitsecs (40) for the workers, or supervisord SIGKILLs first.
@@ -177,7 +178,8 @@ DEFAULT_LLM_MAX_OUTPUT_TOKENS = 1_024
 DEFAULT_LLM_ON_LIMIT = "wait"
 DEFAULT_LLM_MAX_WAIT_S = 20.0
 # One agent's whole model request (rate wait, attempts, backoff) ends by then and
-# the agent answers from its fallback; never more than 3/4 of the actor ask timeout.
+# the agent answers from its fallback; never more than 3/4 of the actor ask timeout,
+# nor of what the handler has left (the job's time limit, its ask's deadline).
 DEFAULT_LLM_DEADLINE_S = 40.0
 # Cost estimate in US dollars per million tokens (set to your price list).
 DEFAULT_LLM_INPUT_USD_PER_MTOK = 3.0

@@ -60,6 +60,7 @@ from runtime.errors import (
     SupervisorGaveUp,
     SupervisorStartError,
 )
+from runtime.jobs.context import answer_by
 from runtime.jobs.context import carry as carry_job
 from runtime.mailbox import Exit, Mailbox
 from runtime.settings import Settings
@@ -518,13 +519,18 @@ class Supervisor:
         mailbox stays full. The caller's current job (runtime.jobs.context)
         goes with the message to a runtime actor, which handles it with that
         job current: progress, cancellation and the deadline reach the actor.
+        So does this ask's own deadline (``timeout_s`` from now): a runtime
+        actor does not start the message once it has passed (a message can wait
+        behind others in the mailbox) and ends its handler before it
+        (:func:`runtime.jobs.context.ask_time_left_s`), so the caller never
+        gives up on a handler that still runs.
         """
         deadline = time.monotonic() + timeout_s
         while True:
             ref = self.wait_for_ref(child_id, deadline)
             # The job the caller runs goes along, for the runtime's actors to install.
-            sent = carry_job(message) if getattr(ref.actor_class, "accepts_job_context",
-                                                 False) else message
+            sent = carry_job(message, answer_by(deadline, timeout_s)) if getattr(
+                ref.actor_class, "accepts_job_context", False) else message
             try:
                 return ref.ask(sent, timeout=max(deadline - time.monotonic(), 0.001))
             except pykka.ActorDeadError:

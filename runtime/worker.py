@@ -27,6 +27,7 @@ import pykka
 from dramatiq.brokers.redis import RedisBroker
 
 from runtime.errors import InvalidTransition, NotFound, PermanentJobError, ValidationError
+from runtime.jobs.middleware import release_worker
 from runtime.jobs.worker import make_worker
 from runtime.metrics import get_metrics
 from runtime.observability import install_job_metrics
@@ -46,15 +47,18 @@ log = logging.getLogger(__name__)
 
 Asker = Callable[[str, Any], Any]
 # A thin actor waits this much longer for its concern than the concern's own handler
-# deadline (SHOPFLOW_ACTOR_ASK_TIMEOUT_S), so the handler's timeout fires first and the
-# job fails with it; were the ask to give up first, the job would be retried while its
-# first run still went on.
+# deadline (SHOPFLOW_ACTOR_ASK_TIMEOUT_S), so a handler that starts at once is ended by
+# its own timeout and the job fails with it. A message that first waited in the mailbox
+# behind others is bounded by the ask's deadline itself, which rides with it: the actor
+# does not start it once that has passed, and ends its handler before it.
 ASK_MARGIN_S = 5.0
 # Domain errors that say the message itself can never succeed (no such order, bad input,
 # a status move the state machine refuses): the job fails for good instead of retrying.
 HOPELESS_ERRORS: tuple[type[Exception], ...] = (NotFound, ValidationError, InvalidTransition)
 # Shares of the stop budget: running jobs get this much of it to finish...
 JOBS_STOP_SHARE = 0.7
+# ...handing back the jobs still running after that this much of what is left...
+RELEASE_STOP_SHARE = 0.3
 # ...and stopping the actors this much of what the jobs left; closing resources the rest.
 ACTORS_STOP_SHARE = 0.5
 # Dramatiq's Worker.stop joins its worker threads and then its consumers, each for up to
@@ -116,16 +120,22 @@ def build_root(name: str, concerns: Sequence[Concern],
                       **options)
 
 
-def concern_asker(root: Supervisor, settings: Settings) -> Asker:
+def concern_asker(root: Supervisor, settings: Settings,
+                  margin_s: float = ASK_MARGIN_S) -> Asker:
     """How a thin Dramatiq actor calls its concern: ``ask(child_id, message)``.
 
-    The ask waits :data:`ASK_MARGIN_S` longer than the handler's own deadline,
-    and a :data:`HOPELESS_ERRORS` error becomes a :class:`PermanentJobError`
-    (the domain error as ``__cause__``), so the job is not retried pointlessly
-    (a reservation for an order that does not exist fails once). Every other
+    The ask waits ``margin_s`` longer than the handler's own deadline
+    (``SHOPFLOW_ACTOR_ASK_TIMEOUT_S``, counted from when the actor takes the
+    message), and its own deadline goes with the message
+    (:meth:`Supervisor.ask`): a message that waited in the mailbox until the
+    ask gave up is never run, and a handler started late is ended before the
+    ask gives up, so a job is never retried while its first run still goes on.
+    A :data:`HOPELESS_ERRORS` error becomes a :class:`PermanentJobError` (the
+    domain error as ``__cause__``), so the job is not retried pointlessly (a
+    reservation for an order that does not exist fails once). Every other
     error goes to Dramatiq's retries as it is.
     """
-    timeout_s = settings.actor_ask_timeout_s + ASK_MARGIN_S
+    timeout_s = settings.actor_ask_timeout_s + margin_s
 
     def ask(child_id: str, message: Any) -> Any:
         try:
@@ -152,7 +162,7 @@ class StopBudget:
         return self.remaining_s() * fraction
 
 
-def stop_within(what: str, stop: Callable[[], None], timeout_s: float) -> bool:
+def stop_within(what: str, stop: Callable[[], object], timeout_s: float) -> bool:
     """Run ``stop()`` on a daemon thread and wait for it at most ``timeout_s``.
 
     True if it finished. An overrun (Dramatiq joining a worker thread stuck in
@@ -219,16 +229,22 @@ def stop_worker_process(name: str, settings: Settings, worker: Any, root: Superv
     """The graceful stop, in order, within ``settings.worker_stop_s`` all told.
 
     Running jobs get the largest share to finish (Dramatiq then requeues what
-    it prefetched); a job still running after that is left to be redelivered.
-    Then the actors stop in reverse order, the tree reporter stops, and the
-    process's resources close with what is left. Nothing here raises: a stop
-    that overran a step is logged and the process still exits 0 in time.
+    it prefetched); a job still running after that is handed back
+    (:func:`runtime.jobs.middleware.release_worker`): it waits again at its
+    place as the same attempt, at once, instead of being found by the stall
+    sweep a heartbeat timeout later and charged a death (an attempt, and
+    after a few deploys a poison-pill quarantine) for a stop that was not its
+    fault. Then the actors stop in reverse order, the tree reporter stops, and
+    the process's resources close with what is left. Nothing here raises: a
+    stop that overran a step is logged and the process still exits 0 in time.
     """
     budget = StopBudget(settings.worker_stop_s)
     log.info("worker %s stopping (budget %.1fs)", name, settings.worker_stop_s)
     jobs_s = budget.share_s(JOBS_STOP_SHARE)
     stop_within("the Dramatiq worker",
                 lambda: worker.stop(timeout=int(jobs_s * WORKER_JOIN_SHARE * 1000)), jobs_s)
+    stop_within("handing back the running jobs", lambda: release_worker(ctx.broker),
+                budget.share_s(RELEASE_STOP_SHARE))
     root.stop(timeout_s=budget.share_s(ACTORS_STOP_SHARE))
     stop_within("the tree reporter", stop_reporting, budget.share_s(ACTORS_STOP_SHARE))
     ctx.stop(timeout_s=budget.remaining_s())

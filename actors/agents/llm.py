@@ -16,8 +16,9 @@ into manual review):
 
 Everything one request does (waiting for a rate slot, its attempts, their
 backoff) happens inside one deadline (:func:`request_deadline_s`) below the
-actor's ask timeout, so the agent always has time left to answer from its
-fallback.
+actor's ask timeout and below what the handler has left (the job's time
+limit, the asker's deadline), so the agent always has time left to answer
+from its fallback.
 - :class:`LlmInvalidOutput`: cut at ``max_tokens``, prose instead of the
   tool call, input that is not a JSON object or is out of schema.
 """
@@ -44,6 +45,7 @@ from actors.agents.limits import AgentLimits, SharedLimits
 from actors.agents.metrics import AgentMetrics
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
 from runtime.http import RetryPolicy
+from runtime.jobs.context import ask_time_left_s, current_job
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -146,14 +148,30 @@ def extract_tool_input(message: Any, tool: Tool) -> dict[str, Any]:
     return data
 
 
-def request_deadline_s(settings: Settings) -> float:
+def request_deadline_s(settings: Settings, time_left_s: float | None = None) -> float:
     """How long one :meth:`LlmGateway.ask` may take in all: rate wait, attempts, backoff.
 
     ``SHOPFLOW_LLM_DEADLINE_S``, but never more than three quarters of the actor
-    ask timeout: the agent must still have time to answer from its fallback
-    (SQL, a database write) before the thin actor's ask gives up on it.
+    ask timeout, nor of ``time_left_s`` (what the handler has left, if it is
+    bounded: :func:`handler_time_left_s`): the agent must still have time to
+    answer from its fallback (SQL, a database write) before its handler is cut
+    (the thin actor's ask, the job's own time limit).
     """
-    return min(settings.llm_deadline_s, settings.actor_ask_timeout_s * _ASK_TIMEOUT_SHARE)
+    deadline_s = min(settings.llm_deadline_s, settings.actor_ask_timeout_s * _ASK_TIMEOUT_SHARE)
+    if time_left_s is not None:
+        deadline_s = min(deadline_s, time_left_s * _ASK_TIMEOUT_SHARE)
+    return deadline_s
+
+
+def handler_time_left_s() -> float | None:
+    """What the running handler has left before it is cut, when something bounds it here:
+    the current job's time limit (a job sent with ``timeout_ms`` under the LLM deadline,
+    say) or the time its asker's answer is due (its message waited in the mailbox).
+    None when neither is known (a call outside a job and an ask)."""
+    job = current_job()
+    bounds = [left for left in (job.time_left_s() if job is not None else None,
+                                ask_time_left_s()) if left is not None]
+    return min(bounds) if bounds else None
 
 
 def retry_after_hint_s(headers: Mapping[str, str] | None, now_s: float | None = None) -> float | None:
@@ -266,7 +284,7 @@ class LlmGateway:
         req = _Request(agent, limits, estimate, estimate - s.llm_max_output_tokens, self._clock())
         if not await self._limits.reserve_budget(agent, limits, req.day, estimate):
             raise LlmLimited("budget", f"{agent}'s daily token budget is used up")
-        deadline_s = request_deadline_s(s)
+        deadline_s = request_deadline_s(s, handler_time_left_s())
         deadline_at = asyncio.get_running_loop().time() + deadline_s
         try:
             async with asyncio.timeout_at(deadline_at) as scope:

@@ -538,10 +538,12 @@ local function cmd_finish(a)
     if held == 0 then
         -- The stall sweep took this message back (we were presumed dead). If it still
         -- waits, take it out of the queue again and record our outcome; if another
-        -- worker has started or finished it since, that run owns the record.
+        -- worker has started or finished it since, that run owns the record. So does a
+        -- run of another id: this worker handed the job back when it stopped (release).
         local state = redis.call("hget", key, "state")
         if (state ~= "waiting" and state ~= "delayed") or
-                redis.call("hget", key, "worker") ~= worker then
+                redis.call("hget", key, "worker") ~= worker or
+                redis.call("hget", key, "rid") ~= rid then
             return {"lost"}
         end
         remove_waiting(queue, rid)
@@ -779,6 +781,80 @@ local function cmd_requeue(a)
     return n
 end
 
+-- A job a stopping worker still runs, handed back: it waits again at its old place under
+-- the run id new_rid (body new_message, when the worker gave one), as the same attempt.
+-- Neither a death nor an attempt is charged: the worker was not killed, it gave up on
+-- the job. The record forgets the worker, and its run id changes, so whatever the
+-- abandoned thread does later (finish, ack, progress) finds another run and changes nothing.
+local function hand_back(item, w, new_rid, new_message, limit_keys)
+    local queue, job_id, rid = item.queue, item.job_id, item.rid
+    local key = job_key(job_id)
+    local msgs = qkey(queue, "msgs")
+    release_limits(limit_keys or {}, rid)
+    if new_rid and new_message then
+        redis.call("hdel", msgs, rid)
+        redis.call("hset", msgs, new_rid, new_message)
+    else
+        -- Not known to the worker's threads (it had only just started): same id and body.
+        new_rid = rid
+    end
+    redis.call("zrem", qkey(queue, "active"), job_id)
+    local seq = push_waiting(queue, new_rid, item.msg and message_priority(item.msg) or 0, true,
+        tonumber(redis.call("hget", key, "seq")))
+    local fields = {state = "waiting", rid = new_rid, run_at_ms = now}
+    if seq then fields.seq = seq end
+    record_fields(key, fields)
+    redis.call("hdel", key, "worker", "started_ms")
+    stat(queue, "released")
+    local attempt = tonumber(redis.call("hget", key, "attempt")) or 1
+    event(job_id, queue, item.msg and item.msg.actor_name or "", "waiting",
+        {released = true, worker = w, attempt = attempt})
+    return job_id
+end
+
+-- release(worker, running JSON) -> JSON {released = [job ids], requeued = n}
+-- The last call of a worker that stops gracefully: it hands back everything it holds and
+-- leaves. running: [{queue, rid, new_rid, new_message, limit_keys}], the jobs its threads
+-- still run (abandoned when the stop's time for them ran out), each with its next run's
+-- id and body. Those, and any other job Redis lists as running there, go back to waiting
+-- at their place without using an attempt and without a death (see hand_back); what it
+-- had only fetched goes back to the head of its queue. Then the worker is forgotten (its
+-- heartbeat, queues, running set, alone reservation): no stall sweep will judge it, and a
+-- copy left in its memory is stale from now on (start refuses it, finish records nothing).
+local function cmd_release(a)
+    local w = a[1]
+    local given = {}
+    for _, entry in ipairs(decode(a[2] or "") or {}) do given[entry.rid] = entry end
+    local running, fetched = held_by(w)
+    local items = {}
+    for _, item in ipairs(running) do
+        -- A copy of an older run than the record's is only a fetched copy (start lets it go).
+        item.running = redis.call("hget", job_key(item.job_id), "rid") == item.rid
+        table.insert(items, item)
+    end
+    for _, item in ipairs(fetched) do table.insert(items, item) end
+    -- Back to the head in their old order: the latest place first, so the earliest ends up
+    -- in front.
+    for _, item in ipairs(items) do item.place = place_of(item.msg) or 0 end
+    table.sort(items, function(x, y) return x.place > y.place end)
+    local released, requeued = {}, 0
+    for _, item in ipairs(items) do
+        if item.running then
+            local entry = given[item.rid] or {}
+            table.insert(released, hand_back(item, w, entry.new_rid, entry.new_message,
+                entry.limit_keys))
+        else
+            push_waiting(item.queue, item.rid, item.msg and message_priority(item.msg) or 0, true,
+                item.place)
+            requeued = requeued + 1
+        end
+    end
+    redis.call("del", ns .. ":__queues__." .. w, ns .. ":__running__." .. w,
+        ns .. ":__alone__." .. w)
+    redis.call("zrem", ns .. ":__heartbeats__", w)
+    return cjson.encode({released = released, requeued = requeued})
+end
+
 -- cancel(job_id[, keep_failed]) -> {"cancelled" | "requested", queue, actor, state before}
 --                               | {"finished", state} | {"missing"}
 -- keep_failed: how many cancelled jobs the queue keeps (the message's own option wins).
@@ -867,12 +943,20 @@ local function cmd_remove(a)
     return {"removed", queue, actor, state}
 end
 
--- progress(job_id, value JSON) -> {"ok", queue, actor} | {"missing"}
+-- progress(job_id, value JSON[, rid]) -> {"ok", queue, actor} | {"missing"} | {"stale", state}
+-- rid: the run reporting it (a worker's job context always gives it). Its progress is
+-- written only while the job is active with that run: a run the job has moved on from
+-- (handed back, stalled and run again, retried, ended) may still be going in an actor
+-- that outlived it, and must not write over the current run's progress or an ended
+-- job's. Without rid (an operator, an outside producer) it is written whatever the state.
 local function cmd_progress(a)
-    local job_id, value = a[1], a[2]
+    local job_id, value, rid = a[1], a[2], a[3]
     local key = job_key(job_id)
     local state = redis.call("hget", key, "state")
     if not state then return {"missing"} end
+    if rid and rid ~= "" and (state ~= "active" or redis.call("hget", key, "rid") ~= rid) then
+        return {"stale", state}
+    end
     redis.call("hset", key, "progress", value)
     local queue = redis.call("hget", key, "queue")
     local actor = redis.call("hget", key, "actor") or ""
@@ -940,7 +1024,7 @@ end
 
 local COMMANDS = {
     enqueue = cmd_enqueue, fetch = cmd_fetch, park = cmd_park, start = cmd_start, finish = cmd_finish,
-    sweep = cmd_sweep, requeue = cmd_requeue, cancel = cmd_cancel, retry = cmd_retry, remove = cmd_remove,
+    sweep = cmd_sweep, requeue = cmd_requeue, release = cmd_release, cancel = cmd_cancel, retry = cmd_retry, remove = cmd_remove,
     progress = cmd_progress, empty_dead = cmd_empty_dead, pause = cmd_pause, purge = cmd_purge,
 }
 

@@ -19,6 +19,10 @@ Every ``sweep_interval_s`` it
    never quarantined nor charged; a job that died in company twice runs
    alone from then on, so the pill soon dies alone.
 
+A worker that stops gracefully is never judged here: it hands back the jobs
+it must abandon itself, uncharged, and leaves the heartbeats
+(:meth:`runtime.jobs.middleware.JobsMiddleware.release`).
+
 A stall is therefore seen within heartbeat timeout + sweep interval by a
 keeper that was already running (twice the timeout right after a restart). Any
 number of keepers may sweep at once (the sweep is one atomic script). A Redis

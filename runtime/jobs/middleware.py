@@ -89,6 +89,7 @@ class JobsMiddleware(Middleware):
         self._rng = rng
         self._keeper: JobKeeper | None = None
         self._held: dict[str, tuple[str, ...]] = {}
+        self._running: dict[str, MessageProxy] = {}  # message id -> the message, while it runs
         self._policies: dict[str, str] = {}  # actor name -> its policy JSON (a dict: GIL-safe)
         self._default_time_limit_ms: int | None = None  # TimeLimit's, looked up on first use
         self._lock = threading.Lock()
@@ -126,10 +127,44 @@ class JobsMiddleware(Middleware):
         """Keep beating while running jobs finish; the keeper stops after the worker."""
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Stop the keeper once every thread is done."""
+        """Stop the keeper once every thread is done (or given up on: see :meth:`release`)."""
+        self._stop_keeper()
+
+    def _stop_keeper(self) -> None:
         if self._keeper is not None:
             self._keeper.stop()
             self._keeper = None
+
+    def release(self, broker: dramatiq.Broker) -> list[str]:
+        """Hand back everything this worker still holds, as its graceful stop's last step;
+        the ids of the jobs its threads were still running. Any thread.
+
+        A job still running when the stop's time for jobs ran out is abandoned, not
+        killed: left to the stall sweep it would count as a death (an attempt used,
+        a poison-pill quarantine after a few deploys). Instead it goes back to waiting
+        at its place as the same attempt, under a new run id (``jobs.lua`` ``release``),
+        so the abandoned thread can neither finish it nor report progress on it
+        later. The keeper stops first: the worker is then forgotten in Redis (no
+        heartbeat to judge), and Redis errors reach the caller.
+        """
+        jb = _job_broker(broker)
+        self._stop_keeper()
+        with self._lock:
+            running = [(rid, message, self._held.get(rid, ()))
+                       for rid, message in self._running.items()]
+        entries = []
+        for rid, message, keys in running:
+            new_rid = str(uuid.uuid4())
+            next_run = message._message.copy(options={"redis_message_id": new_rid})
+            entries.append({"queue": message.queue_name, "rid": rid, "new_rid": new_rid,
+                            "new_message": next_run.encode().decode(),
+                            "limit_keys": list(keys)})
+        reply = json.loads(jb.jobs("release", jb.broker_id, json.dumps(entries)))
+        released = [str(job_id) for job_id in reply.get("released") or ()]
+        if released:
+            log.warning("handed back %d job(s) still running at the stop, to run again "
+                        "elsewhere as the same attempt: %s", len(released), ", ".join(released))
+        return released
 
     # --- one attempt (worker thread) ------------------------------------------
 
@@ -180,11 +215,13 @@ class JobsMiddleware(Middleware):
         keys = tuple(lim.key for lim in limits if lim.concurrency)
         with self._lock:
             self._held[_rid(message)] = keys
+            self._running[_rid(message)] = message
         max_attempts = jb.max_attempts(message._message)
         limit_ms = self._time_limit_ms(jb, message, actor_options)
         deadline_s = time.monotonic() + limit_ms / 1000 if limit_ms else None
         enter_job(JobContext(job_id, message.queue_name, message.actor_name, attempt,
-                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s))
+                             max_attempts, jb.client, jb.keys, jb.jobs, jb.hooks, deadline_s,
+                             _rid(message)))
         jb.hooks.emit(JobEvent("active", job_id, message.queue_name, message.actor_name, attempt,
                                args=tuple(message.args)))
 
@@ -241,6 +278,7 @@ class JobsMiddleware(Middleware):
         enter_job(None)
         with self._lock:
             keys = self._held.pop(_rid(message), ())
+            self._running.pop(_rid(message), None)
         attempt = int(message.options.get("retries", 0)) + 1
         if exception is None:
             # Built with its limit keys at once: no dataclasses.replace on every job's path.
@@ -298,9 +336,18 @@ class JobsMiddleware(Middleware):
         enter_job(None)
         with self._lock:
             keys = self._held.pop(_rid(message), ())
+            self._running.pop(_rid(message), None)
         if peek_outcome(message) is None:
             set_outcome(message, Outcome("skipped", {"reason": "skipped by the runtime"},
                                          limit_keys=keys))
+
+
+def release_worker(broker: dramatiq.Broker) -> list[str]:
+    """:meth:`JobsMiddleware.release` of ``broker``'s jobs middleware (nothing without one)."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, JobsMiddleware):
+            return middleware.release(broker)
+    return []
 
 
 def _job_broker(broker: dramatiq.Broker) -> JobBroker:

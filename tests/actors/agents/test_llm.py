@@ -7,10 +7,12 @@ the outcome asserted is what a customer would get, not just "no exception".
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+import redis
 
 from actors.agents import recommendation as reco
 from actors.agents.deps import AgentDeps
@@ -26,6 +28,9 @@ from actors.agents.llm import (
     retry_after_hint_s,
 )
 from runtime.errors import LlmInvalidOutput, LlmLimited, LlmUnavailable
+from runtime.jobs.context import JobContext, job_scope
+from runtime.jobs.script import JobKeys, JobScript, events_stream
+from runtime.service_actor import budget_s
 from runtime.settings import Settings
 from tests.actors.agents.conftest import NOON, Clock, MakeDeps, metric
 from tests.actors.agents.fake_anthropic import (
@@ -141,6 +146,29 @@ async def test_a_hanging_model_falls_back_before_the_ask_timeout_at_default_prop
     assert await deps.limits.consecutive_failures("recommendation") == 1  # one failed request
     assert await deps.limits.budget_used("recommendation", deps.clock()) == _input_estimate(
         fake_llm.requests[0])
+
+
+async def test_a_job_with_a_time_limit_under_the_llm_deadline_still_reaches_the_fallback(
+    make_deps: MakeDeps, fake_llm: FakeAnthropic, settings: Settings
+) -> None:
+    """A job sent with a ``timeout_ms`` shorter than the request deadline (40 s by default):
+    the model call must give up in time for the fallback, before the job's limit cuts the
+    handler (the actor's budget, as runtime.service_actor applies it)."""
+    deps = make_deps(llm_timeout_s=30.0)  # the defaults otherwise: a 40 s deadline, 60 s asks
+    fake_llm.default = hang()
+    limit_s = 2.0
+    client = redis.Redis.from_url(settings.redis_url or "")
+    keys = JobKeys(f"{settings.namespace}-jobs", events_stream(settings.namespace))
+    job = JobContext("short-job", "recommendations", "recommend", 1, 1, client, keys,
+                     JobScript(client, keys), deadline_s=time.monotonic() + limit_s)
+    try:
+        with job_scope(job):
+            async with asyncio.timeout(budget_s(deps.settings.actor_ask_timeout_s)):
+                answer = await reco.recommend(deps, 1)
+    finally:
+        client.close()
+    assert answer.source == "fallback" and answer.fallback_reason == "timeout" and answer.items
+    assert metric(deps, "shopflow_agent_calls_total", agent="recommendation", outcome="timeout") == 1
 
 
 async def test_an_ask_cancelled_mid_call_settles_its_reservations_and_counts_a_failure(

@@ -7,7 +7,8 @@ concern: a thread :class:`ServiceActor` and an :class:`AsyncServiceActor`
 running the same handler. The handler, on the process's loop inside the
 actor, reports progress through ``current_job()`` and then waits for a
 cancel request; it notes what it saw in the Redis list of
-:mod:`tests.runtime.jobs.worker_process`.
+:mod:`tests.runtime.jobs.worker_process`. One more thin actor runs in the
+worker thread itself: its first run ignores the worker's graceful stop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .worker_process import log_key
 
 IN_THREAD_ACTOR = JobSpec(QUEUE_ANALYTICS, "jta_in_thread_actor")
 IN_ASYNC_ACTOR = JobSpec(QUEUE_ANALYTICS, "jta_in_async_actor")
+# Its first run never ends and ignores the worker's stop; every later run ends at once.
+IGNORES_STOP = JobSpec(QUEUE_ANALYTICS, "jta_ignores_stop")
 # The progress the handler reports before it waits for its cancel request.
 PROGRESS = {"step": 1, "of": 2}
 # The handler gives up waiting for a cancel request after this long (the test fails then).
@@ -73,9 +76,17 @@ def concerns(ctx: ProcessContext) -> Sequence[Concern]:
         ChildSpec("jta-async", lambda: start_async_service_actor(ctx, "jta-async", handle)),
     ]
 
+    def ignores_stop(tag: str) -> None:
+        if client.incr(f"{key}:runs:{tag}") == 1:
+            note(tag, "start")
+            while True:  # a job that ignores the stop: the worker must give up on it
+                time.sleep(0.05)
+        note(tag, "end")
+
     def declare(broker: RedisBroker, ask: Asker) -> None:
         declare_actor(broker, IN_THREAD_ACTOR, lambda tag: ask("jta-thread", tag))
         declare_actor(broker, IN_ASYNC_ACTOR, lambda tag: ask("jta-async", tag))
+        declare_actor(broker, IGNORES_STOP, ignores_stop)
 
     return [Concern("jta", children, declare, (QUEUE_ANALYTICS,))]
 

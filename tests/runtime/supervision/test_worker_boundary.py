@@ -1,9 +1,11 @@
 """runtime/worker.py's boundary between a thin Dramatiq actor and its concern.
 
 The asker a worker hands its concerns: domain errors that can never succeed
-end the job for good, and the ask outlasts the handler's own deadline, so a
-slow handler fails its job with its own timeout instead of the job being
-retried while the handler still runs. Real pykka actors under a real
+end the job for good, and the ask never gives up on a handler that still
+runs (so the job is never retried beside its first run): the ask outlasts
+the handler's own deadline, a handler that started late (its message waited
+behind others) is cut at its ask's deadline, and a message whose ask gave up
+while it waited is not run at all. Real pykka actors (both kinds) under a real
 supervisor, their handlers on a real event loop.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -27,13 +29,19 @@ from runtime.errors import (
     ValidationError,
 )
 from runtime.loop import LoopBridge
-from runtime.service_actor import ServiceActor
+from runtime.service_actor import AsyncServiceActor, ServiceActor
 from runtime.settings import Settings
 from runtime.supervision import ChildSpec, Supervisor
-from runtime.worker import ASK_MARGIN_S, StopBudget, concern_asker
+from runtime.worker import StopBudget, concern_asker
 
-# The handler's own deadline in these tests (SHOPFLOW_ACTOR_ASK_TIMEOUT_S).
-HANDLER_TIMEOUT_S = 0.5
+# The handler's own deadline in these tests (SHOPFLOW_ACTOR_ASK_TIMEOUT_S)...
+HANDLER_TIMEOUT_S = 1.0
+# ...and how much longer the asker waits (ASK_MARGIN_S in production): less than a slow
+# handler's run, so a message queued behind one would outlive its ask unless its handler
+# were bounded by the ask's deadline.
+ASKER_MARGIN_S = 0.6
+# How long a held handler waits to be let go (the test fails long before).
+HOLD_S = 30.0
 
 
 @pytest.fixture
@@ -43,21 +51,47 @@ def bridge() -> Iterator[LoopBridge]:
     started.stop()
 
 
-async def _handle(message: Any) -> Any:
-    """Raise what it is sent; 'slow' outlasts the handler deadline; anything else answers."""
-    if isinstance(message, Exception):
-        raise message
-    if message == "slow":
-        await asyncio.sleep(HANDLER_TIMEOUT_S * 20)
-    return f"done {message}"
+@dataclass
+class Concern:
+    """The concern's handler: what it was sent and began, and a gate for held messages."""
+
+    began: list[Any] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    let_go: threading.Event = field(default_factory=threading.Event)
+
+    async def handle(self, message: Any) -> Any:
+        """Raise what it is sent; 'slow...' outlasts the handler deadline; 'hold' waits to be
+        let go; anything else answers."""
+        with self.changed:
+            self.began.append(message)
+            self.changed.notify_all()
+        if isinstance(message, Exception):
+            raise message
+        if str(message).startswith("slow"):
+            await asyncio.sleep(HANDLER_TIMEOUT_S * 20)
+        if message == "hold":
+            await asyncio.to_thread(self.let_go.wait, HOLD_S)
+        return f"done {message}"
+
+    def wait_began(self, message: Any, timeout_s: float = 10.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: message in self.began, timeout_s), self.began
 
 
 @pytest.fixture
-def root(bridge: LoopBridge) -> Iterator[Supervisor]:
+def concern() -> Concern:
+    return Concern()
+
+
+@pytest.fixture(params=[ServiceActor, AsyncServiceActor], ids=["thread", "async"])
+def root(request: pytest.FixtureRequest, bridge: LoopBridge,
+         concern: Concern) -> Iterator[Supervisor]:
+    kind = request.param
     sup = Supervisor("boundary-root", [ChildSpec(
-        "concern", lambda: ServiceActor.start("concern", _handle, bridge, HANDLER_TIMEOUT_S))])
+        "concern", lambda: kind.start("concern", concern.handle, bridge, HANDLER_TIMEOUT_S))])
     sup.start()
     yield sup
+    concern.let_go.set()
     sup.stop()
 
 
@@ -87,29 +121,51 @@ def test_other_errors_reach_the_retries_as_they_are(root: Supervisor,
     assert info.value is busy
 
 
-def test_a_slow_handler_fails_with_its_own_timeout_before_the_ask_gives_up(
-        root: Supervisor, settings_: Settings) -> None:
-    """Two slow jobs at once: the second waits in the mailbox while the first runs, so its
-    ask started well before its handler. It still gets the handler's timeout, not the
-    ask's (the ask waits the handler deadline plus a margin)."""
-    ask = concern_asker(root, settings_)
-    errors: list[BaseException] = []
+def test_a_handler_started_late_is_cut_before_its_ask_gives_up(
+        root: Supervisor, settings_: Settings, concern: Concern) -> None:
+    """Two slow jobs at once: the second waits in the mailbox while the first runs its whole
+    handler deadline, so it is taken when less than a deadline of its ask is left. Its
+    handler is cut at what is left (less the answer's margin): the ask gets the handler's
+    error, never gives up on a handler that still runs."""
+    ask = concern_asker(root, settings_, margin_s=ASKER_MARGIN_S)
+    errors: dict[str, BaseException] = {}
 
-    def job() -> None:
+    def job(message: str) -> None:
         try:
-            ask("concern", "slow")
+            ask("concern", message)
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            errors.append(exc)
+            errors[message] = exc
 
-    threads = [threading.Thread(target=job) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(HANDLER_TIMEOUT_S * 2 + ASK_MARGIN_S + 5)
-    assert len(errors) == 2
-    for error in errors:
-        assert isinstance(error, TransientJobError) and not isinstance(error, AskTimeout), error
-        assert f"timed out after {HANDLER_TIMEOUT_S}s" in str(error)
+    first = threading.Thread(target=job, args=("slow-first",))
+    second = threading.Thread(target=job, args=("slow-second",))
+    first.start()
+    concern.wait_began("slow-first")
+    second.start()
+    for thread in (first, second):
+        thread.join(HANDLER_TIMEOUT_S * 2 + ASKER_MARGIN_S + 10)
+    assert concern.began == ["slow-first", "slow-second"]
+    assert set(errors) == {"slow-first", "slow-second"}
+    for message, error in errors.items():
+        assert isinstance(error, TransientJobError) and not isinstance(error, AskTimeout), \
+            f"{message}: {error!r}"
+
+
+def test_a_message_that_waited_past_its_asks_deadline_is_never_run(
+        root: Supervisor, settings_: Settings, concern: Concern) -> None:
+    """The concern is held by a message that ignores the deadlines (its asker waits long);
+    an ask queued behind it gives up; when the concern gets to that message it answers it
+    with AskTimeout without running it, and goes on with the next."""
+    answers: list[Any] = []
+    holder = threading.Thread(target=lambda: answers.append(root.ask("concern", "hold", HOLD_S)))
+    holder.start()
+    concern.wait_began("hold")
+    with pytest.raises(AskTimeout):
+        root.ask("concern", "late", HANDLER_TIMEOUT_S / 4)
+    concern.let_go.set()
+    holder.join(HOLD_S)
+    assert answers == ["done hold"]
+    assert root.ask("concern", "ping", HANDLER_TIMEOUT_S) == "done ping"
+    assert concern.began == ["hold", "ping"], "the message whose asker gave up was run"
 
 
 def test_a_stop_budget_hands_out_shares_of_what_is_left() -> None:
