@@ -187,8 +187,8 @@ Python {m.python}, {server} (embedded, started by the run on a free port, AOF ev
 Load average at start: {load}. **The machine is shared** (several engineers run
 tests and servers on the same {m.cpus} CPUs), so absolute figures are noisy; the
 ratios within one run are the meaningful part, and even they move a lot
-between runs (enqueue and p99 columns by up to 2-3x; see "Run-to-run
-variation" below).
+between runs (enqueue and p99 columns by up to 2-3x; compare the rounds
+listed under each peer, and "The job layer's goals" below).
 
 ## Peers: no-op jobs
 
