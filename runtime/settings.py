@@ -403,6 +403,7 @@ _ENV_NAMES: Mapping[str, str] = {
     "breaker_reset_s": "SHOPFLOW_BREAKER_RESET_S",
     "warehouse_token": "WAREHOUSE_TOKEN",
     "warehouse_sim_port": "SHOPFLOW_WAREHOUSE_SIM_PORT",
+    "warehouse_sim_stock_file": "SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE",
     "carrier_url": "CARRIER_URL",
     "carrier_token": "CARRIER_TOKEN",
     "carrier_sim_port": "SHOPFLOW_CARRIER_SIM_PORT",
@@ -554,6 +555,9 @@ class Settings:
     breaker_reset_s: float = DEFAULT_BREAKER_RESET_S
     warehouse_token: str | None = None
     warehouse_sim_port: int = DEFAULT_WAREHOUSE_SIM_PORT
+    # JSON {external_id: quantity} the simulator starts with (``shopflow up`` writes it for
+    # --stock-multiplier), so no sync can apply other levels first; None: its own levels.
+    warehouse_sim_stock_file: Path | None = None
     carrier_url: str | None = None
     carrier_token: str | None = None
     carrier_sim_port: int = DEFAULT_CARRIER_SIM_PORT
@@ -736,6 +740,8 @@ class Settings:
             breaker_reset_s=_float(e, "SHOPFLOW_BREAKER_RESET_S", DEFAULT_BREAKER_RESET_S),
             warehouse_token=_opt(e, "WAREHOUSE_TOKEN"),
             warehouse_sim_port=_int(e, "SHOPFLOW_WAREHOUSE_SIM_PORT", DEFAULT_WAREHOUSE_SIM_PORT, 1),
+            warehouse_sim_stock_file=Path(e["SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE"]).resolve()
+            if e.get("SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE") else None,
             carrier_url=_opt(e, "CARRIER_URL"),
             carrier_token=_opt(e, "CARRIER_TOKEN"),
             carrier_sim_port=_int(e, "SHOPFLOW_CARRIER_SIM_PORT", DEFAULT_CARRIER_SIM_PORT, 1),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +27,30 @@ DATA_FILES = {"sample": catalog.DATA_FILE, "master": catalog.MASTER_FILE}
 SIMULATOR_TIMEOUT_S = 10.0
 
 
+def scaled_stock_levels(stock_multiplier: int) -> dict[str, int]:
+    """The generated catalogue's stock levels times ``stock_multiplier``, by external id."""
+    return {p.external_id: p.stock
+            for p in catalog.generate_products(stock_multiplier=stock_multiplier)}
+
+
+def with_simulator_stock_file(settings: Settings, stock_multiplier: int) -> Settings:
+    """Settings whose warehouse simulator starts with the scaled stock (a file in the var dir).
+
+    Before the process tree starts, so the simulator serves those levels from
+    its first request and the stock syncer's first run cannot apply its own
+    random levels first (pinning over HTTP once the tree is up raced that
+    run: a sync fetched before the pin and written after would leave the hits
+    with a fraction of their stock). Unchanged with a real warehouse or the
+    default multiplier.
+    """
+    if stock_multiplier == 1 or settings.warehouse_url:
+        return settings
+    path = settings.var_dir / "demo" / "warehouse-stock.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scaled_stock_levels(stock_multiplier)))
+    return replace(settings, warehouse_sim_stock_file=path)
+
+
 async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> dict[str, int]:
     """Give the embedded warehouse simulator the scaled stock levels too; return them.
 
@@ -38,7 +63,7 @@ async def pin_simulator_stock(settings: Settings, stock_multiplier: int) -> dict
     """
     if stock_multiplier == 1 or settings.warehouse_url:
         return {}
-    levels = {p.external_id: p.stock for p in catalog.generate_products(stock_multiplier=stock_multiplier)}
+    levels = scaled_stock_levels(stock_multiplier)
     url = f"http://127.0.0.1:{settings.warehouse_sim_port}/_admin/stock"
     deadline = asyncio.get_running_loop().time() + SIMULATOR_TIMEOUT_S
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:

@@ -36,6 +36,7 @@ from actors.demo.command import (
     replay_orders,
     report_summary,
     seed_demo,
+    with_simulator_stock_file,
 )
 from actors.demo.replay import Summary
 from runtime import embedded
@@ -123,6 +124,7 @@ def _up(args: argparse.Namespace, given: Settings) -> int:
                                            args.stock_multiplier))
         except KeyboardInterrupt:
             return 130
+        settings = with_simulator_stock_file(settings, args.stock_multiplier)
         proc = start_supervisord(settings)
         code = 0
         try:

@@ -53,8 +53,7 @@ async def open_shipping(settings: Settings) -> ShippingResources:
     its fixed port, or the one already listening there is used.
     """
     from ops.simulators.carrier import create_carrier_app
-    from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
-    from ops.simulators.warehouse import create_warehouse_app
+    from ops.simulators.embedded import SIMULATOR_SEED, embedded_warehouse_app, start_or_reuse
 
     simulators: list[web.AppRunner] = []
     try:
@@ -63,8 +62,7 @@ async def open_shipping(settings: Settings) -> ShippingResources:
                                           settings.carrier_sim_port)
             simulators += [runner] if runner else []
         if settings.warehouse_url is None:  # packing requests go to the warehouse
-            runner = await start_or_reuse("warehouse",
-                                          create_warehouse_app(seed=SIMULATOR_SEED),
+            runner = await start_or_reuse("warehouse", embedded_warehouse_app(settings),
                                           settings.warehouse_sim_port)
             simulators += [runner] if runner else []
     except BaseException:

@@ -146,8 +146,7 @@ async def open_resources(settings: Settings) -> Resources:
     already listening there is used (the flow worker's, or ``shopflow
     simulators``): ``ops/simulators/embedded.py``.
     """
-    from ops.simulators.embedded import SIMULATOR_SEED, start_or_reuse
-    from ops.simulators.warehouse import create_warehouse_app
+    from ops.simulators.embedded import embedded_warehouse_app, start_or_reuse
 
     redis_url, database_url = settings.require_urls()
     pool = await db.create_pool(database_url, min_size=1, max_size=settings.stock_sync_concurrency + 1)
@@ -157,7 +156,7 @@ async def open_resources(settings: Settings) -> Resources:
     url = settings.warehouse_url
     if url is None:
         url = f"http://127.0.0.1:{settings.warehouse_sim_port}"
-        simulator = await start_or_reuse("warehouse", create_warehouse_app(seed=SIMULATOR_SEED),
+        simulator = await start_or_reuse("warehouse", embedded_warehouse_app(settings),
                                          settings.warehouse_sim_port)
         log.info("no WAREHOUSE_URL set: syncing from the warehouse simulator at %s", url)
     return Resources(pool, session, url, redis, simulator)

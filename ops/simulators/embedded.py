@@ -14,6 +14,9 @@ import logging
 
 from aiohttp import web
 
+from ops.simulators.warehouse import create_warehouse_app, load_stock_file
+from runtime.settings import Settings
+
 log = logging.getLogger(__name__)
 
 # The seed of every simulator the runtime starts itself, so whichever process
@@ -21,6 +24,15 @@ log = logging.getLogger(__name__)
 SIMULATOR_SEED = 7
 # Hung requests are released at once when the owning process stops.
 SHUTDOWN_TIMEOUT_S = 1.0
+
+
+def embedded_warehouse_app(settings: Settings) -> web.Application:
+    """The warehouse simulator a runtime process serves: the shared seed, and the starting
+    stock of ``SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE`` if set (the same in every process, so it
+    does not matter which one serves it)."""
+    stock = (load_stock_file(settings.warehouse_sim_stock_file)
+             if settings.warehouse_sim_stock_file else None)
+    return create_warehouse_app(seed=SIMULATOR_SEED, stock=stock)
 
 
 async def serve_simulator(app: web.Application, port: int,

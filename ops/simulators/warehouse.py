@@ -10,10 +10,12 @@ quantities for tests. Fault knobs: see :mod:`ops.simulators.faults`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -150,11 +152,33 @@ async def _admin_stock(request: web.Request) -> web.Response:
     return web.json_response({"pinned": len(state.pinned), "unknown": len(state.unknown)})
 
 
+def load_stock_file(path: Path) -> dict[str, int]:
+    """A stock file's pinned levels: a JSON object of external id -> quantity (>= 0).
+
+    Raises ValueError with the file's name when it is not such an object, so a
+    bad file stops the process that serves the simulator at start, clearly.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"warehouse stock file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and _EXTERNAL_ID.match(k) and type(v) is int and v >= 0
+            for k, v in data.items()):
+        raise ValueError(f"warehouse stock file {path}: expected {{external_id: quantity >= 0}}")
+    return data
+
+
 def create_warehouse_app(seed: int = 7, faults: Faults | None = None,
-                         token: str | None = None) -> web.Application:
-    """The warehouse simulator app (stock lookup and packing), with fault knobs."""
+                         token: str | None = None,
+                         stock: dict[str, int] | None = None) -> web.Application:
+    """The warehouse simulator app (stock lookup and packing), with fault knobs.
+
+    ``stock`` pins those ids' quantities from the first request on (as
+    ``POST /_admin/stock`` would later), so a syncer never sees other levels first.
+    """
     app = web.Application()
-    app[WAREHOUSE_KEY] = WarehouseState(seed=seed)
+    app[WAREHOUSE_KEY] = WarehouseState(seed=seed, pinned=dict(stock or {}))
     if token:
         app[TOKEN_KEY] = token
     install_faults(app, faults or Faults(), seed, _malformed)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import asyncpg
 import pykka
@@ -25,7 +27,7 @@ from actors.stock_sync.daemon import (
     build_daemon,
 )
 from ops.simulators.embedded import SIMULATOR_SEED
-from ops.simulators.warehouse import quantity_for
+from ops.simulators.warehouse import load_stock_file, quantity_for
 from runtime.circuit import BreakerState
 from runtime.errors import ActorUnavailable
 from runtime.loop import LoopBridge
@@ -304,10 +306,14 @@ async def test_overdue_and_circuit_gauges_follow_the_runs(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stock_file", [False, True], ids=["own-levels", "stock-file"])
 async def test_without_warehouse_url_the_process_serves_the_simulator_and_syncs_from_it(
-        settings: Settings, pool: asyncpg.Pool) -> None:
+        settings: Settings, pool: asyncpg.Pool, stock_file: bool) -> None:
+    """With SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE the simulator starts with those levels (the ids
+    it names), so the syncer never applies the simulator's own ones for them."""
     ext_ids = await link_products(pool, 25)
     sim_port = free_port()
+    pinned = {e: 1_000 + i for i, e in enumerate(ext_ids[::2])} if stock_file else {}
     env = {key: value for key, value in os.environ.items() if key != "WAREHOUSE_URL"}
     env.update({
         "REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or "",
@@ -315,7 +321,12 @@ async def test_without_warehouse_url_the_process_serves_the_simulator_and_syncs_
         "SHOPFLOW_STOCK_SYNC_METRICS_PORT": "0", "SHOPFLOW_VAR_DIR": str(settings.var_dir),
         "PROMETHEUS_MULTIPROC_DIR": str(settings.var_dir / "metrics"),
     })
-    expected = {e: quantity_for(SIMULATOR_SEED, e, 0) for e in ext_ids}
+    if stock_file:
+        path = settings.var_dir / "warehouse-stock.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(pinned))
+        env["SHOPFLOW_WAREHOUSE_SIM_STOCK_FILE"] = str(path)
+    expected = {e: pinned.get(e, quantity_for(SIMULATOR_SEED, e, 0)) for e in ext_ids}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runtime.cli", "stock-sync", env=env,
         stderr=asyncio.subprocess.PIPE)
@@ -338,3 +349,12 @@ async def test_without_warehouse_url_the_process_serves_the_simulator_and_syncs_
 async def _inventory(pool: asyncpg.Pool) -> dict[str, int]:
     rows = await pool.fetch("SELECT external_id, quantity FROM inventory")
     return {r["external_id"]: r["quantity"] for r in rows}
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"CD-1": -1}', '{"CD-1": "7"}',
+                                  '{"bad id!": 3}'])
+def test_a_bad_stock_file_is_refused_with_its_name(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "stock.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="warehouse stock file .*stock.json"):
+        load_stock_file(path)
