@@ -33,7 +33,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runtime.errors import ServiceError
@@ -375,6 +375,43 @@ def start_services(settings: Settings) -> tuple[Settings, StartedServices]:
         database_url, started_postgres = start_postgres(paths, settings.embedded_pg_port)
     return (settings.with_urls(redis_url, database_url),
             StartedServices(started_redis, started_postgres))
+
+
+def find_services(settings: Settings, redis: bool = True, postgres: bool = False) -> Settings:
+    """Settings with the URLs of the servers a read-only command needs; starts nothing.
+
+    A URL that is set is used as it is. Without one, the embedded server of
+    the var dir must already run (``shopflow up`` started it): a command that
+    only looks (``shopflow tree``, ``jobs queues``, ``monitor --once``) must
+    not start an empty server and report an idle, healthy-looking shop. One
+    that is not running is a :class:`ServiceError` saying how to start it.
+    """
+    paths = EmbeddedPaths(settings.var_dir)
+    redis_url, database_url = settings.redis_url, settings.database_url
+    if redis and redis_url is None:
+        port = settings.embedded_redis_port
+        _require_running(paths, port, paths.redis_pidfile, "Redis", "REDIS_URL")
+        _wait_redis_ready(port, paths.redis_log)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+    if postgres and database_url is None:
+        port = settings.embedded_pg_port
+        _require_running(paths, port, paths.pg_dir / "postmaster.pid", "PostgreSQL",
+                         "DATABASE_URL")
+        database_url = f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}"
+    return replace(settings, redis_url=redis_url, database_url=database_url)
+
+
+def _require_running(paths: EmbeddedPaths, port: int, pidfile: Path, what: str,
+                     setting: str) -> None:
+    """Raise unless this var dir's embedded ``what`` server answers on ``port``."""
+    if not _port_open("127.0.0.1", port):
+        raise ServiceError(
+            f"no embedded {what} is running from {paths.root} (port {port}); start the "
+            f"runtime with `ops/dev up`, or set {setting} to a running server")
+    if not _pid_alive(pidfile):
+        raise ServiceError(
+            f"port {port} is taken by a {what} server that {paths.root} did not start; set "
+            f"{setting} to point at it, or stop it and start the runtime with `ops/dev up`")
 
 
 def stop_started(settings: Settings, started: StartedServices) -> None:

@@ -220,8 +220,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
-    settings = embedded.ensure_services(settings)
-    _, database_url = settings.require_urls()
+    database_url = embedded.find_services(settings, redis=False, postgres=True).database_url
+    assert database_url is not None  # find_services raises rather than leave it unset
 
     async def load() -> tuple[dict[str, Any], list[TrailEntry]]:
         conn = await db.connect(database_url)

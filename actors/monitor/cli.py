@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
-    settings = embedded.ensure_services(settings)
+    settings = embedded.find_services(settings)  # watches a running runtime, starts nothing
     return asyncio.run(_monitor(settings, bool(args.once)))
 
 
