@@ -57,9 +57,15 @@ def add_command(
     name: str,
     handler: Handler,
     help_text: str,
+    description: str | None = None,
 ) -> argparse.ArgumentParser:
-    """Add a sub-command whose ``handler(args, settings)`` returns the exit code."""
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    """Add a sub-command whose ``handler(args, settings)`` returns the exit code.
+
+    ``help_text`` is its one line in the parent's command list (short enough
+    not to wrap in 80 columns); ``description``, if given, is the longer
+    text its own ``--help`` starts with.
+    """
+    parser = subparsers.add_parser(name, help=help_text, description=description or help_text)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -127,18 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="shopflow",
         description="ShopFlow runtime: supervised actors for the shop's background work.",
-        epilog="Settings come from the environment; see the README's settings table.",
+        epilog="Run `shopflow COMMAND --help` for a command's options. Settings come from the "
+               "environment; see the README's settings table.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_command(sub, "migrate", _cmd_migrate, "apply pending database migrations")
     add_command(sub, "services", _cmd_services,
+                "print the server URLs, starting the embedded servers",
                 "start the embedded Redis/PostgreSQL if no URL is set; print the URLs")
     add_command(sub, "stop-services", _cmd_stop_services,
+                "stop the embedded Redis/PostgreSQL of the var dir",
                 "stop the embedded Redis and PostgreSQL started from this var dir")
     tree = add_command(sub, "tree", _cmd_tree,
+                       "show the processes, supervisors and actors as a tree",
                        "show supervisord's processes and, inside each, its supervisors and actors")
     tree.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     add_command(sub, "supervisor-events", _cmd_supervisor_events,
+                "supervisord listener: alert when a program is FATAL",
                 "supervisord event listener: alert on FATAL programs (run by supervisord)")
     from runtime.jobs.cli import register as register_jobs  # imports this module
 

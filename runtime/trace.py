@@ -214,6 +214,7 @@ def trail_as_json(order: dict[str, Any], entries: list[TrailEntry]) -> dict[str,
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow trace ORDER_ID`` (entry point of the ``shopflow.commands`` group)."""
     parser = add_command(subparsers, "trace", _cmd_trace,
+                         "print an order's story: status, events, e-mails",
                          "print an order's whole story: status changes, events, e-mails, steps")
     parser.add_argument("order_id", type=int, help="the order's id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -235,6 +235,7 @@ def _cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow schedules`` and ``shopflow scheduler`` into the command line."""
     parser = add_command(sub, "schedules", _cmd_schedules,
+                         "list schedules; add or remove repeatable jobs",
                          "list schedules (next runs, last run); add or remove repeatable jobs")
     parser.add_argument("--add", metavar="JSON",
                         help='add a repeatable job, e.g. \'{"name": "promo", "queue": '

@@ -240,7 +240,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser.print_help()
         return 2
 
-    parser = add_command(sub, "jobs", usage,
+    parser = add_command(sub, "jobs", usage, "inspect and control jobs and queues",
                          "job history and control: counts, list, show, retry, cancel, "
                          "remove, pause, resume, dead letters, send, watch")
     jobs = parser.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
@@ -278,8 +278,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("args", nargs="*", help="arguments, each JSON (or a plain string)")
     send.add_argument("-o", "--option", type=_option, action="append",
                       help="a job option, name=value (JSON value), e.g. -o priority=5")
-    watch = cmd("watch", _watch, "follow job events as JSON lines: one job's until it ends, "
-                "or every job's (Ctrl-C stops)")
+    watch = cmd("watch", _watch, "follow job events as JSON lines (one job, or all)")
     watch.add_argument("job_id", nargs="?", help="only this job: its state, then its events "
                        "until it ends")
     watch.add_argument("--timeout-s", type=_seconds, default=None,

@@ -8,6 +8,7 @@ Real servers: an embedded Redis per test in its own var dir, the session's Postg
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -157,3 +158,34 @@ def test_the_installed_command_prints_no_traceback_for_an_expected_failure(
     assert done.returncode == 1 and done.stdout == ""
     assert "Traceback" not in done.stderr
     assert one_line(done.stderr).startswith("shopflow: cannot reach Redis")
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+              ) -> Iterator[tuple[tuple[str, ...], str | None, argparse.ArgumentParser]]:
+    """Every command and sub-command: (words, its help line, the parser listing it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                words = (*prefix, choice.dest)
+                yield words, choice.help, parser
+                yield from _commands(action.choices[choice.dest], words)
+
+
+def test_every_command_has_a_one_line_help_and_its_own_help_page(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """In an 80-column terminal the list of ``shopflow --help`` (and of ``shopflow jobs
+    --help``...) shows each command's help whole on one line; each command's ``--help``
+    works."""
+    monkeypatch.setenv("COLUMNS", "80")
+    commands = list(_commands(cli.build_parser()))
+    assert {"up", "tree", "jobs", "monitor", "trace"} <= {words[0] for words, _, _ in commands}
+    assert ("jobs", "queues") in {words for words, _, _ in commands}
+    for words, help_line, parent in commands:
+        assert help_line and (help_line[0].islower() or help_line.startswith("LLM")), words
+        listing = parent.format_help().splitlines()
+        assert any(line.endswith(f" {help_line}") for line in listing), (
+            f"`{' '.join(words)}`: {help_line!r} wraps in `{parent.prog} --help`")
+        with pytest.raises(SystemExit) as exited:
+            main([*words, "--help"])
+        assert exited.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: shopflow {' '.join(words)}"), words
