@@ -189,6 +189,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow demo`` into the command line."""
     parser = add_command(sub, "demo", _cmd_demo,
+                         "replay real orders through a running runtime",
                          "seed the demo shop and replay real CDNOW orders through a running runtime")
     add_replay_arguments(parser)
     parser.add_argument("--api-url", default=None,
