@@ -3,8 +3,8 @@
 ``runtime`` must not import ``actors`` or ``web``, so the commands those
 packages provide are plugged in through the ``shopflow.commands`` entry-point
 group (see pyproject.toml): each entry is a function ``register(subparsers)``
-that adds its sub-commands. The core commands (migrate, services, down) live
-here.
+that adds its sub-commands. The core commands (migrate, services,
+stop-services, tree, supervisor-events and the jobs group) live here.
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     """The replay options shared by ``demo`` and ``up``."""
     parser.add_argument("--limit", type=int, default=None,
-                        help="replay only the first N orders by date (default: all 6,919)")
+                        help="replay only the first N orders by date (default: all of --data: "
+                             "6,919 in the sample, 69,659 in the master file)")
     parser.add_argument("--day-s", type=float, default=0.02,
                         help="seconds of replay per day of CDNOW data (time compression; default 0.02)")
     parser.add_argument("--timeout-s", type=float, default=900.0,
