@@ -54,7 +54,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow worker`` into the command line."""
-    parser = add_command(sub, "worker", _cmd_worker,
+    parser = add_command(sub, "worker", _cmd_worker, "run a worker process of one --kind",
                          "run a worker process of one kind (its actors and Dramatiq consumers)")
     parser.add_argument("--kind", required=True, choices=sorted(WORKER_KINDS),
                         help="which concerns this process runs")

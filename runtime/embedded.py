@@ -33,7 +33,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runtime.errors import ServiceError
@@ -63,6 +63,10 @@ class EmbeddedPaths:
     @property
     def redis_pidfile(self) -> Path:
         return self.redis_dir / "redis.pid"
+
+    @property
+    def redis_log(self) -> Path:
+        return self.redis_dir / "redis.log"
 
     @property
     def pg_dir(self) -> Path:
@@ -117,16 +121,62 @@ def _port_open(host: str, port: int, timeout_s: float = 0.3) -> bool:
         return False
 
 
+def _log_hint(log_file: Path | None) -> str:
+    """The log file's last line and where it is, for a one-line start-up error."""
+    if log_file is None or not log_file.exists():
+        return ""
+    lines = log_file.read_text(errors="replace").strip().splitlines()
+    last = f"; last log line: {lines[-1].strip()!r}" if lines else ""
+    return f"{last}; see {log_file}"
+
+
 def _wait_port(host: str, port: int, what: str, log_file: Path | None) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if _port_open(host, port):
             return
         time.sleep(0.05)
-    tail = ""
-    if log_file and log_file.exists():
-        tail = "\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:])
-    raise ServiceError(f"{what} did not accept connections on {host}:{port} within {START_TIMEOUT_S}s{tail}")
+    raise ServiceError(f"{what} did not accept connections on {host}:{port} within "
+                       f"{START_TIMEOUT_S:.0f}s{_log_hint(log_file)}")
+
+
+def _redis_ping(host: str, port: int, timeout_s: float = 1.0) -> str:
+    """One raw ``PING``: the server's reply line (``+PONG``, ``-LOADING ...``) or the error.
+
+    Raw RESP on a plain socket, not a client library: redis-py's connection
+    set-up can swallow the ``-LOADING`` reply and report a PONG for it.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+    return reply.decode(errors="replace").strip() or "connection closed"
+
+
+def _wait_redis_ready(port: int, log_file: Path | None,
+                      timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until the Redis on ``port`` answers PING with PONG.
+
+    Its port opens before it has loaded its append-only file, and until then
+    every command gets ``-LOADING``; a command run just after ``shopflow up``
+    or a restart must not see that, so starting means "answers PONG".
+    """
+    deadline = time.monotonic() + timeout_s
+    reply = "no answer"
+    while time.monotonic() < deadline:
+        reply = _redis_ping("127.0.0.1", port)
+        if reply == "+PONG":
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"embedded redis on 127.0.0.1:{port} did not answer PING with PONG within "
+                       f"{timeout_s:.0f}s (last reply: {reply!r}){_log_hint(log_file)}")
 
 
 def _pid_alive(pidfile: Path) -> bool:
@@ -170,9 +220,10 @@ def _start_redis(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
         if not _pid_alive(paths.redis_pidfile):
             _refuse_foreign(port, "redis", "SHOPFLOW_EMBEDDED_REDIS_PORT")
         log.info("embedded redis already running on port %d, reusing it", port)
+        _wait_redis_ready(port, paths.redis_log)  # it may still be loading
         return url, False
     paths.redis_dir.mkdir(parents=True, exist_ok=True)
-    logfile = paths.redis_dir / "redis.log"
+    logfile = paths.redis_log
     cmd = [
         str(redis_binary()),
         "--port", str(port),
@@ -186,7 +237,7 @@ def _start_redis(paths: EmbeddedPaths, port: int) -> tuple[str, bool]:
         "--save", "",
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    _wait_port("127.0.0.1", port, "embedded redis", logfile)
+    _wait_redis_ready(port, logfile)
     log.info("embedded redis started on port %d, data in %s", port, paths.redis_dir)
     return url, True
 
@@ -324,6 +375,43 @@ def start_services(settings: Settings) -> tuple[Settings, StartedServices]:
         database_url, started_postgres = start_postgres(paths, settings.embedded_pg_port)
     return (settings.with_urls(redis_url, database_url),
             StartedServices(started_redis, started_postgres))
+
+
+def find_services(settings: Settings, redis: bool = True, postgres: bool = False) -> Settings:
+    """Settings with the URLs of the servers a read-only command needs; starts nothing.
+
+    A URL that is set is used as it is. Without one, the embedded server of
+    the var dir must already run (``shopflow up`` started it): a command that
+    only looks (``shopflow tree``, ``jobs queues``, ``monitor --once``) must
+    not start an empty server and report an idle, healthy-looking shop. One
+    that is not running is a :class:`ServiceError` saying how to start it.
+    """
+    paths = EmbeddedPaths(settings.var_dir)
+    redis_url, database_url = settings.redis_url, settings.database_url
+    if redis and redis_url is None:
+        port = settings.embedded_redis_port
+        _require_running(paths, port, paths.redis_pidfile, "Redis", "REDIS_URL")
+        _wait_redis_ready(port, paths.redis_log)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+    if postgres and database_url is None:
+        port = settings.embedded_pg_port
+        _require_running(paths, port, paths.pg_dir / "postmaster.pid", "PostgreSQL",
+                         "DATABASE_URL")
+        database_url = f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}"
+    return replace(settings, redis_url=redis_url, database_url=database_url)
+
+
+def _require_running(paths: EmbeddedPaths, port: int, pidfile: Path, what: str,
+                     setting: str) -> None:
+    """Raise unless this var dir's embedded ``what`` server answers on ``port``."""
+    if not _port_open("127.0.0.1", port):
+        raise ServiceError(
+            f"no embedded {what} is running from {paths.root} (port {port}); start the "
+            f"runtime with `ops/dev up`, or set {setting} to a running server")
+    if not _pid_alive(pidfile):
+        raise ServiceError(
+            f"port {port} is taken by a {what} server that {paths.root} did not start; set "
+            f"{setting} to point at it, or stop it and start the runtime with `ops/dev up`")
 
 
 def stop_started(settings: Settings, started: StartedServices) -> None:

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--reset", action="store_true",
                         help="empty the metrics directory instead (only before the tree starts)")
     add_command(subparsers, "metrics-reaper", _cmd_reaper,
+                "supervisord listener: drop gauges of exited processes",
                 "supervisord event listener: forget live gauges of exited processes")
 
 

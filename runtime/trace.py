@@ -214,14 +214,15 @@ def trail_as_json(order: dict[str, Any], entries: list[TrailEntry]) -> dict[str,
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow trace ORDER_ID`` (entry point of the ``shopflow.commands`` group)."""
     parser = add_command(subparsers, "trace", _cmd_trace,
+                         "print an order's story: status, events, e-mails",
                          "print an order's whole story: status changes, events, e-mails, steps")
     parser.add_argument("order_id", type=int, help="the order's id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def _cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
-    settings = embedded.ensure_services(settings)
-    _, database_url = settings.require_urls()
+    database_url = embedded.find_services(settings, redis=False, postgres=True).database_url
+    assert database_url is not None  # find_services raises rather than leave it unset
 
     async def load() -> tuple[dict[str, Any], list[TrailEntry]]:
         conn = await db.connect(database_url)

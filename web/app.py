@@ -237,5 +237,6 @@ def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow web`` into the command line."""
-    add_command(sub, "web", _cmd_web,
-                "run an api process: HTTP API, /health and the outbox relay (SO_REUSEPORT)")
+    add_command(sub, "web", _cmd_web, "run an api process (HTTP API, /health, outbox relay)",
+                "run an api process on the shared port (SO_REUSEPORT): HTTP API, /ws and its "
+                "notifier, the dashboard, /metrics, /health and the outbox relay")

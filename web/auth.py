@@ -89,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     parser = add_command(
         subparsers, "token", _cmd_token,
+        "print an access token for the API and the dashboard",
         "print a signed access token for the HTTP API, the WebSocket and the dashboard",
     )
     who = parser.add_mutually_exclusive_group(required=True)

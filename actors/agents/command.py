@@ -47,8 +47,10 @@ async def agents_status(deps: AgentDeps) -> dict[str, Any]:
     return out
 
 
-def _run(settings: Settings, work: Callable[[AgentDeps], Awaitable[Any]]) -> int:
-    settings = embedded.ensure_services(settings)
+def _run(settings: Settings, work: Callable[[AgentDeps], Awaitable[Any]],
+         start: bool = True) -> int:
+    settings = (embedded.ensure_services(settings) if start
+                else embedded.find_services(settings, postgres=True))
 
     async def main() -> Any:
         async with open_deps(settings, CollectorRegistry()) as deps:
@@ -60,7 +62,7 @@ def _run(settings: Settings, work: Callable[[AgentDeps], Awaitable[Any]]) -> int
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    return _run(settings, agents_status)
+    return _run(settings, agents_status, start=False)  # a look at the running runtime
 
 
 def _cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:

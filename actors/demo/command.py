@@ -157,7 +157,8 @@ async def run_demo(settings: Settings, limit: int | None, day_s: float, timeout_
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     """The replay options shared by ``demo`` and ``up``."""
     parser.add_argument("--limit", type=int, default=None,
-                        help="replay only the first N orders by date (default: all 6,919)")
+                        help="replay only the first N orders by date (default: all of --data: "
+                             "6,919 in the sample, 69,659 in the master file)")
     parser.add_argument("--day-s", type=float, default=0.02,
                         help="seconds of replay per day of CDNOW data (time compression; default 0.02)")
     parser.add_argument("--timeout-s", type=float, default=900.0,
@@ -189,6 +190,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow demo`` into the command line."""
     parser = add_command(sub, "demo", _cmd_demo,
+                         "replay real orders through a running runtime",
                          "seed the demo shop and replay real CDNOW orders through a running runtime")
     add_replay_arguments(parser)
     parser.add_argument("--api-url", default=None,

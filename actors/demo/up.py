@@ -151,7 +151,7 @@ async def _pin_and_replay(settings: Settings, orders: list[CdnowOrder],
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow up`` into the command line."""
-    parser = add_command(sub, "up", _cmd_up,
+    parser = add_command(sub, "up", _cmd_up, "start the whole runtime and replay real orders",
                          "start everything (embedded Redis/PostgreSQL, migrations, demo data, the "
                          "process tree under supervisord) and replay real orders")
     add_replay_arguments(parser)

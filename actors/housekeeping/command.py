@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +29,7 @@ from runtime import embedded
 from runtime.actor import MailboxConfig, TaskActor
 from runtime.broker import setup_broker
 from runtime.cli import add_command
+from runtime.errors import ConfigError, NotFound, ValidationError
 from runtime.loop import LoopBridge
 from runtime.metrics import get_metrics
 from runtime.root import SharedSupervisionMetrics, attach_process_supervision, run_root_async
@@ -106,26 +106,26 @@ def render_schedules(
 
 
 async def _schedules(args: argparse.Namespace, settings: Settings) -> int:
-    redis_url, _ = settings.require_urls()
-    redis = connect_redis(redis_url)
+    if settings.redis_url is None:  # only Redis is needed: the listing finds no PostgreSQL
+        raise ConfigError("REDIS_URL is not set; start the runtime with `ops/dev up` or set it")
+    redis = connect_redis(settings.redis_url)
     now = datetime.now(UTC)
     try:
         if args.add:
             try:
                 body = json.loads(args.add)
             except json.JSONDecodeError as exc:
-                print(f"shopflow: --add needs a JSON object: {exc}", file=sys.stderr)
-                return 2
+                raise ValidationError(f"--add needs a JSON object: {exc}") from None
             added = await add_repeatable(
                 redis, settings.namespace, repeatable_from_request(body, settings.timezone), now,
                 reserved_names=builtin_names(settings), replace=args.replace,
             )
             print(f"added repeatable job {added.name}")
         if args.remove:
-            removed = await remove_repeatable(redis, settings.namespace, args.remove)
-            print(f"{'removed' if removed else 'no repeatable job named'} {args.remove}")
-            if not removed:
-                return 1
+            if not await remove_repeatable(redis, settings.namespace, args.remove):
+                raise NotFound(f"no repeatable job named {args.remove!r}; `shopflow schedules` "
+                               "lists them")
+            print(f"removed {args.remove}")
         if args.json:
             view = await schedules_overview(redis, settings.namespace, shop_schedules(settings),
                                             now, settings.timezone)
@@ -144,7 +144,10 @@ async def _schedules(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
-    settings = embedded.ensure_services(settings)
+    # Listing looks at a running runtime; adding or removing may prepare one not yet up.
+    changes = args.add or args.remove
+    settings = (embedded.ensure_services(settings) if changes
+                else embedded.find_services(settings))
     return asyncio.run(_schedules(args, settings))
 
 
@@ -232,6 +235,7 @@ def _cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Plug ``shopflow schedules`` and ``shopflow scheduler`` into the command line."""
     parser = add_command(sub, "schedules", _cmd_schedules,
+                         "list schedules; add or remove repeatable jobs",
                          "list schedules (next runs, last run); add or remove repeatable jobs")
     parser.add_argument("--add", metavar="JSON",
                         help='add a repeatable job, e.g. \'{"name": "promo", "queue": '

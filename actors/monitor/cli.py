@@ -20,13 +20,14 @@ from runtime.settings import Settings
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shopflow monitor`` (entry point of the ``shopflow.commands`` group)."""
     parser = add_command(subparsers, "monitor", _cmd_monitor,
+                         "check the queues: backlog, age, failures, consumers",
                          "check every queue's backlog, oldest job, failure rate and consumers")
     parser.add_argument("--once", action="store_true",
                         help="check once, print the table, exit 1 if an alert fires")
 
 
 def _cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
-    settings = embedded.ensure_services(settings)
+    settings = embedded.find_services(settings)  # watches a running runtime, starts nothing
     return asyncio.run(_monitor(settings, bool(args.once)))
 
 

@@ -410,5 +410,6 @@ def register(subparsers: Any) -> None:
     from runtime.cli import add_command
 
     parser = add_command(subparsers, "stock-sync", _cmd_stock_sync,
+                         "run the stock-sync daemon (warehouse -> inventory)",
                          "run the stock-sync daemon (warehouse -> inventory every interval)")
     parser.add_argument("--once", action="store_true", help="run one sync, print its report, exit")

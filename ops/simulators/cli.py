@@ -55,6 +55,7 @@ def register(subparsers: Any) -> None:
     from runtime.cli import add_command
 
     parser = add_command(subparsers, "simulators", _cmd_simulators,
+                         "run the warehouse and carrier simulators",
                          "run the warehouse and carrier simulators (see docs/externals.md)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--warehouse-port", type=int, default=0,

@@ -1,8 +1,9 @@
 """``shopflow jobs``: job history and control from the command line.
 
 Every sub-command is a thin call of :class:`~runtime.jobs.store.JobStore`
-against the Redis of the settings (embedded servers are started if no URL
-is set, as every other command does).
+against the Redis of the settings. Without ``REDIS_URL`` that is the
+embedded Redis ``shopflow up`` started from the var dir; only ``send``
+starts it if it is not running.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 from runtime import embedded
 from runtime.broker import ALL_QUEUES, job_config
 from runtime.cli import add_command
-from runtime.errors import ValidationError
+from runtime.errors import NotFound
 from runtime.jobs.script import JobKeys, events_stream
 from runtime.jobs.store import JOB_STATES, JobStore
 from runtime.settings import Settings
@@ -36,9 +37,16 @@ def _store_for(settings: Settings, client: aioredis.Redis) -> JobStore:
     return JobStore(client, keys, ALL_QUEUES, config.bounds, keep_failed=config.keep_failed)
 
 
-def _run(action: Action) -> Callable[[argparse.Namespace, Settings], int]:
+def _run(action: Action, start: bool = False) -> Callable[[argparse.Namespace, Settings], int]:
+    """A handler running ``action`` on the settings' Redis.
+
+    Without ``REDIS_URL`` the embedded Redis must be running already, as
+    looking at or steering jobs only makes sense on a runtime that is up;
+    ``start`` (for ``send``) starts it, so a job can wait for the workers.
+    """
     def handler(args: argparse.Namespace, settings: Settings) -> int:
-        settings = embedded.ensure_services(settings)
+        settings = (embedded.ensure_services(settings) if start
+                    else embedded.find_services(settings))
 
         async def main() -> int:
             client = aioredis.Redis.from_url(settings.redis_url or "")
@@ -90,8 +98,8 @@ async def _list(args: argparse.Namespace, store: JobStore) -> int:
 async def _show(args: argparse.Namespace, store: JobStore) -> int:
     job = await store.get(args.job_id)
     if job is None:
-        print(f"no job {args.job_id!r}")
-        return 1
+        raise NotFound(f"no job {args.job_id!r} (it may have been removed or trimmed); "
+                       "`shopflow jobs list QUEUE --state STATE` lists the jobs")
     _print(job, True)
     return 0
 
@@ -195,24 +203,35 @@ async def _follow(store: JobStore, job_id: str | None) -> None:
 
 
 def _seconds(raw: str) -> float:
-    value = float(raw)
-    if value <= 0:
-        raise ValidationError("--timeout-s must be above 0")
+    """``--timeout-s``: a number of seconds above 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, got {raw!r}")
+    return value
+
+
+def _whole(raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least {minimum}, "
+                                         f"got {raw!r}")
     return value
 
 
 def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValidationError("--limit must be at least 1")
-    return value
+    """``--limit``: 1 or more."""
+    return _whole(raw, 1)
 
 
 def _not_negative(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValidationError("--offset must be 0 or more")
-    return value
+    """``--offset``: 0 or more."""
+    return _whole(raw, 0)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -221,13 +240,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser.print_help()
         return 2
 
-    parser = add_command(sub, "jobs", usage,
+    parser = add_command(sub, "jobs", usage, "inspect and control jobs and queues",
                          "job history and control: counts, list, show, retry, cancel, "
                          "remove, pause, resume, dead letters, send, watch")
     jobs = parser.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
 
-    def cmd(name: str, action: Action, help_text: str) -> argparse.ArgumentParser:
-        return add_command(jobs, name, _run(action), help_text)
+    def cmd(name: str, action: Action, help_text: str,
+            start: bool = False) -> argparse.ArgumentParser:
+        return add_command(jobs, name, _run(action, start), help_text)
 
     q = cmd("queues", _queues, "counts of every queue (waiting, active, delayed, ...)")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -252,14 +272,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dead = cmd("dead", _dead, "list the dead (quarantined) jobs, or --empty the dead sets")
     dead.add_argument("--queue", choices=ALL_QUEUES, help="only this queue")
     dead.add_argument("--empty", action="store_true", help="delete them")
-    send = cmd("send", _send, "enqueue a job for a declared actor")
+    send = cmd("send", _send, "enqueue a job for a declared actor", start=True)
     send.add_argument("queue", choices=ALL_QUEUES)
     send.add_argument("actor")
     send.add_argument("args", nargs="*", help="arguments, each JSON (or a plain string)")
     send.add_argument("-o", "--option", type=_option, action="append",
                       help="a job option, name=value (JSON value), e.g. -o priority=5")
-    watch = cmd("watch", _watch, "follow job events as JSON lines: one job's until it ends, "
-                "or every job's (Ctrl-C stops)")
+    watch = cmd("watch", _watch, "follow job events as JSON lines (one job, or all)")
     watch.add_argument("job_id", nargs="?", help="only this job: its state, then its events "
                        "until it ends")
     watch.add_argument("--timeout-s", type=_seconds, default=None,

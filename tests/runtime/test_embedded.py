@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from runtime import embedded
 from runtime.embedded import EmbeddedPaths, StartedServices
+from runtime.errors import ServiceError
 from runtime.settings import Settings
 from tests.conftest import SessionServers
 from tests.support import free_port, http_ready
@@ -161,3 +164,45 @@ def test_two_commands_starting_at_once_in_one_var_dir_start_one_server_each() ->
         embedded.stop_redis(paths, rport)
         embedded.stop_postgres(paths)
         embedded.remove_data(paths)
+
+
+def _raw(port: int, command: bytes) -> bytes:
+    """One raw RESP command and its reply line (no client library between us and valkey)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(command)
+        return sock.recv(256)
+
+
+@pytest.mark.slow
+def test_redis_counts_as_started_only_once_it_has_loaded_its_append_only_file(
+        var_settings: Settings) -> None:
+    """A restarted valkey opens its port before its AOF is loaded and answers -LOADING until
+    then. valkey's own debug setting ``key-load-delay`` slows the load (a few thousand keys
+    take about a second) so that window is wide enough to see: right after the port opens the
+    server says LOADING; the wait gives up with the log file named when the load outlasts its
+    timeout, and once it returns the very next command gets data, not LOADING."""
+    paths, port = EmbeddedPaths(var_settings.var_dir), var_settings.embedded_redis_port
+    embedded.start_redis(paths, port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(b"SET k%d v\r\n" % i for i in range(5000)))
+        replies = b""
+        while replies.count(b"\r\n") < 5000:
+            replies += sock.recv(65536)
+    assert embedded.stop_redis(paths, port)
+    subprocess.run([str(embedded.redis_binary()), "--port", str(port), "--bind", "127.0.0.1",
+                    "--dir", str(paths.redis_dir), "--appendonly", "yes", "--daemonize", "yes",
+                    "--pidfile", str(paths.redis_pidfile), "--logfile", str(paths.redis_log),
+                    "--save", "", "--key-load-delay", "200"], check=True)
+    deadline = time.monotonic() + 30
+    while not http_ready(port):
+        assert time.monotonic() < deadline, "the restarted valkey never opened its port"
+        time.sleep(0.01)
+    assert _raw(port, b"PING\r\n").startswith(b"-LOADING")  # the window this is about
+
+    with pytest.raises(ServiceError) as too_short:
+        embedded._wait_redis_ready(port, paths.redis_log, timeout_s=0.2)
+    message = str(too_short.value)
+    assert "LOADING" in message and str(paths.redis_log) in message and "\n" not in message
+
+    embedded._wait_redis_ready(port, paths.redis_log)
+    assert _raw(port, b"GET k4999\r\n") == b"$1\r\nv\r\n"
