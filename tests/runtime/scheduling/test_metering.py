@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +22,6 @@ from runtime.scheduling import (
     Scheduler,
     SchedulerStore,
     broker_sender,
-    connect_redis,
 )
 from runtime.scheduling.metering import ScheduleMetrics
 from runtime.scheduling.triggers import longest_gap_s
@@ -33,13 +31,6 @@ from tests.runtime.metrics_helpers import scrape, value
 
 JOB = JobSpec(QUEUE_MAINTENANCE, "tick_job")
 START = datetime(2024, 11, 3, 5, 2, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis(settings.redis_url or "")
-    yield client
-    await client.aclose()
 
 
 @pytest.mark.parametrize(("trigger", "gap_s"), [

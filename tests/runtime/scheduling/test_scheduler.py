@@ -4,7 +4,6 @@ misfire and overlap policies, repeatable jobs, re-send after a crash."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +23,6 @@ from runtime.scheduling import (
     SchedulerStore,
     add_repeatable,
     broker_sender,
-    connect_redis,
     list_repeatables,
     remove_repeatable,
     repeatable_from_request,
@@ -37,13 +35,6 @@ from tests.runtime.scheduling.helpers import enqueued, slots_sent
 JOB = JobSpec(QUEUE_MAINTENANCE, "tick_job")
 # The simulated hour crosses New York's fall-back (01:00-02:00 EDT happens twice).
 START = datetime(2024, 11, 3, 5, 2, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis(settings.redis_url or "")
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
