@@ -23,7 +23,7 @@ import asyncpg
 import redis
 
 from runtime import db, embedded
-from runtime.errors import ConfigError, ShopflowError, ValidationError
+from runtime.errors import ConfigError, ServiceError, ShopflowError, ValidationError
 from runtime.logs import setup_logging
 from runtime.settings import Settings
 
@@ -106,7 +106,6 @@ def _cmd_stop_services(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_tree(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.errors import ServiceError
     from runtime.tree import render_tree, tree_snapshot
 
     try:

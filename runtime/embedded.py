@@ -401,6 +401,16 @@ def find_services(settings: Settings, redis: bool = True, postgres: bool = False
     return replace(settings, redis_url=redis_url, database_url=database_url)
 
 
+def services_for(settings: Settings, start: bool, postgres: bool = False) -> Settings:
+    """The servers a command works on: started if need be (``start``), else found running.
+
+    A command that prepares work (send a job, add a schedule) may run before
+    ``shopflow up`` and starts the embedded servers; one that only looks or
+    steers must find the running ones (:func:`find_services`).
+    """
+    return ensure_services(settings) if start else find_services(settings, postgres=postgres)
+
+
 def _require_running(paths: EmbeddedPaths, port: int, pidfile: Path, what: str,
                      setting: str) -> None:
     """Raise unless this var dir's embedded ``what`` server answers on ``port``."""

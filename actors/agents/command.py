@@ -49,8 +49,7 @@ async def agents_status(deps: AgentDeps) -> dict[str, Any]:
 
 def _run(settings: Settings, work: Callable[[AgentDeps], Awaitable[Any]],
          start: bool = True) -> int:
-    settings = (embedded.ensure_services(settings) if start
-                else embedded.find_services(settings, postgres=True))
+    settings = embedded.services_for(settings, start, postgres=True)
 
     async def main() -> Any:
         async with open_deps(settings, CollectorRegistry()) as deps:

@@ -145,9 +145,7 @@ async def _schedules(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
     # Listing looks at a running runtime; adding or removing may prepare one not yet up.
-    changes = args.add or args.remove
-    settings = (embedded.ensure_services(settings) if changes
-                else embedded.find_services(settings))
+    settings = embedded.services_for(settings, start=bool(args.add or args.remove))
     return asyncio.run(_schedules(args, settings))
 
 

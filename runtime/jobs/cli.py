@@ -45,8 +45,7 @@ def _run(action: Action, start: bool = False) -> Callable[[argparse.Namespace, S
     ``start`` (for ``send``) starts it, so a job can wait for the workers.
     """
     def handler(args: argparse.Namespace, settings: Settings) -> int:
-        settings = (embedded.ensure_services(settings) if start
-                    else embedded.find_services(settings))
+        settings = embedded.services_for(settings, start)
 
         async def main() -> int:
             client = aioredis.Redis.from_url(settings.redis_url or "")
