@@ -27,11 +27,12 @@ from pathlib import Path
 import redis
 
 from bench.harness import SLOTS, BenchEnv, Peer
-from bench.jobs_bench import QUEUE, JobsConfig, PeerResult, run_peer
+from bench.jobs_bench import QUEUE, JobsConfig, PeerResult, WorkerStalled, run_peer
 from bench.peers import RawDramatiq, RuntimeJobs, RuntimeJobsActorHop
 from bench.run import _db_url, throwaway_redis
 
 REPO = Path(__file__).resolve().parent.parent
+STALLED = WorkerStalled.__name__  # how run_peer notes the problem: "<type>: <message>"
 
 
 def export_revision(rev: str, into: Path) -> None:
@@ -51,6 +52,8 @@ def _median(values: list[float]) -> str:
 
 
 def _line(rep: int, name: str, r: PeerResult) -> str:
+    if not r.drain_rounds and r.problems:  # nothing measured: the problem is the whole line
+        return f"  rep {rep} {name:<16} PROBLEMS {'; '.join(r.problems)}"
     drains = ", ".join(f"{v:,.0f}" for v in r.drain_rounds)
     cpus = ", ".join(f"{v:,.0f}" for v in r.cpu_rounds)
     idle = ", ".join(f"{v:.1f}" for v in r.idle_ms)
@@ -86,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
                 (f"before {args.before}", runtime_peer(), before_dir),
                 ("after (this)", runtime_peer(), REPO),
             ]
+            stalled: set[str] = set()
             for rep in range(args.reps):
                 for db, (name, peer, cwd) in enumerate(lineup, start=1):
+                    if name in stalled:
+                        continue  # it started no job last time; it will not this time either
                     env = BenchEnv(redis_url=_db_url(url, db), results_url=_db_url(url, 0),
                                    results_key=f"bench:compare:{db}", queue=QUEUE, slots=SLOTS)
                     result = run_peer(peer, env, results, cfg, root, worker_cwd=cwd)
                     rows.setdefault(name, []).append(result)
                     print(_line(rep, name, result), flush=True)
+                    if any(problem.startswith(STALLED) for problem in result.problems):
+                        stalled.add(name)
     print(f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("medians over every round and repetition:")
     for name, results_of in rows.items():

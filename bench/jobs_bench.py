@@ -107,11 +107,18 @@ class Records:
         """Records that arrived so far (not taken)."""
         return cast(int, self._client.llen(self._key))
 
-    def wait_for_count(self, expected: int, timeout_s: float) -> int:
-        """Wait until at least ``expected`` records arrived (they stay); the count then."""
+    def wait_for_count(self, expected: int, timeout_s: float,
+                       proc: subprocess.Popen[bytes] | None = None) -> int:
+        """Wait until at least ``expected`` records arrived (they stay); the count then.
+
+        With ``proc``, stop waiting as soon as that worker has exited: no record
+        can come any more, and waiting out the timeout only hides the crash.
+        """
         deadline = time.monotonic() + timeout_s
         n = self.count()
         while n < expected and time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                break
             time.sleep(COLLECT_POLL_S)
             n = self.count()
         return n
@@ -213,7 +220,7 @@ def run_peer(peer: Peer, env: BenchEnv, results: redis.Redis, cfg: JobsConfig,
             enqueue_rates += _enqueue_rates(producer, cfg.jobs)
             started_at = time.time()
             proc = start_worker(peer, env, log_path, worker_cwd)
-            _drain(out, records, cfg, started_at, proc.pid, first_round=round_no == 0)
+            _drain(out, records, cfg, started_at, proc, log_path, first_round=round_no == 0)
         out.enqueue_per_s = statistics.median(enqueue_rates)
         _summarise_drains(out)
         assert proc is not None
@@ -253,13 +260,37 @@ def _summarise_drains(out: PeerResult) -> None:
         out.cpu_us_per_job_drain = statistics.median(out.cpu_rounds)
 
 
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` lines of a worker log, on one line (the log may be in a temporary
+    directory that is gone when the report is read)."""
+    try:
+        tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return " | ".join(tail) or "(empty)"
+
+
+class WorkerStalled(RuntimeError):
+    """The worker started no job at all: it crashed, or cannot read the jobs sent.
+
+    The peer's remaining phases would each wait out their timeouts for nothing
+    (``bench.compare`` against a revision with another job format did exactly
+    that), so ``run_peer`` stops the peer here and notes why.
+    """
+
+
 def _drain(out: PeerResult, records: Records, cfg: JobsConfig, started_at: float,
-           pid: int, first_round: bool) -> None:
+           proc: subprocess.Popen[bytes], log_path: Path, first_round: bool) -> None:
     # CPU from the first start seen (the worker has booted: imports are not counted) to the last.
-    first = records.wait_for_count(1, cfg.drain_timeout_s)
-    cpu_before_s = tree_cpu_s(pid)
-    last = records.wait_for_count(cfg.jobs, cfg.drain_timeout_s)
-    cpu_after_s = tree_cpu_s(pid)
+    first = records.wait_for_count(1, cfg.drain_timeout_s, proc)
+    if first == 0:
+        state = (f"exited with {proc.returncode}" if proc.poll() is not None
+                 else f"started none within {cfg.drain_timeout_s:.0f} s")
+        raise WorkerStalled(f"no job started: the worker {state}; the end of its log "
+                            f"{log_path}: {_log_tail(log_path)}")
+    cpu_before_s = tree_cpu_s(proc.pid)
+    last = records.wait_for_count(cfg.jobs, cfg.drain_timeout_s, proc)
+    cpu_after_s = tree_cpu_s(proc.pid)
     if last > first:
         out.cpu_rounds.append((cpu_after_s - cpu_before_s) / (last - first) * 1e6)
     got = records.wait_for(cfg.jobs, 1.0)

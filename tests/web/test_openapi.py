@@ -70,7 +70,9 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._runner = web.AppRunner(app)
+        # No access log: the fuzzer's thousands of requests would only be noise, and the
+        # server thread outlives pytest's per-test capture of stderr ("Logging error").
+        self._runner = web.AppRunner(app, access_log=None)
 
     def __enter__(self) -> Self:
         self._thread.start()
