@@ -7,7 +7,9 @@ without one). The driver follows the order-status-changed stream: when an order 
 payment (as the checkout would); it waits until every order has an outcome
 (ready_to_ship, or failed with a reason), then prints a summary measured from
 the database. Re-running the replay is safe: orders carry their CDNOW line as
-``external_ref``, so the API returns the existing order instead of a new one.
+``external_ref``, so the API returns the existing order instead of a new one;
+the summary then tells those orders apart (created before this run) and
+measures throughput and latency on the orders this run created only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TextIO
 
 import aiohttp
@@ -53,7 +56,13 @@ class ReplayState:
 
 @dataclass(frozen=True)
 class Summary:
-    """The replay's outcome, measured from the database."""
+    """The replay's outcome, measured from the database.
+
+    ``orders`` counts every order of the replay; ``earlier`` those of them that
+    existed before this run began (an earlier replay created them, and the API
+    answered with the existing order). Throughput and latencies cover only the
+    orders this run created: an earlier run's order says nothing about this one.
+    """
 
     orders: int
     by_status: dict[str, int]
@@ -67,10 +76,17 @@ class Summary:
     # The fulfilment pipeline alone: payment confirmed -> ready_to_ship.
     paid_latencies_ms: list[float] = field(default_factory=list)
     pipeline_s: float = 0.0  # first payment confirmed -> last ready_to_ship
+    earlier: int = 0  # orders created before this run (a re-run finds them by external_ref)
+
+    @property
+    def new_orders(self) -> int:
+        """Orders this run created."""
+        return self.orders - self.earlier
 
     @property
     def throughput(self) -> float:
-        return self.orders / self.elapsed_s if self.elapsed_s else 0.0
+        """Orders this run created, per second of the run."""
+        return self.new_orders / self.elapsed_s if self.elapsed_s else 0.0
 
     @property
     def pipeline_throughput(self) -> float:
@@ -93,7 +109,8 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         """The figures for scripts (``--summary-json``): counts, rates, latency percentiles in ms."""
         return {
-            "orders": self.orders, "by_status": self.by_status, "failures": self.failures,
+            "orders": self.orders, "earlier_orders": self.earlier,
+            "by_status": self.by_status, "failures": self.failures,
             "emails": self.emails, "duplicate_emails": self.duplicate_emails,
             "reservations": self.reservations, "http_errors": self.http_errors,
             "elapsed_s": self.elapsed_s, "throughput": self.throughput,
@@ -107,22 +124,35 @@ class Summary:
     def render(self) -> str:
         lines = [
             "", "ShopFlow replay summary",
-            f"  orders            {self.orders}",
+            f"  orders            {self.orders}" + self._earlier_note(),
             "  outcomes          " + ", ".join(f"{s}={n}" for s, n in sorted(self.by_status.items())),
             f"  e-mails           {self.emails} confirmation e-mail(s), {self.duplicate_emails} duplicate(s)",
             f"  reservations      {self.reservations} order(s) had their stock reserved",
-            f"  throughput        {self.throughput:.1f} orders/s over {self.elapsed_s:.1f} s",
-            (f"  latency (create → ready_to_ship)  p50 {self.percentile(50):.0f} ms"
-             f"  p95 {self.percentile(95):.0f} ms  p99 {self.percentile(99):.0f} ms"),
-            (f"  pipeline (paid → ready_to_ship)   {self.pipeline_throughput:.1f} orders/s"
-             f"  p50 {self.paid_percentile(50):.0f} ms  p99 {self.paid_percentile(99):.0f} ms"),
         ]
+        if self.new_orders:
+            lines += [
+                f"  throughput        {self.throughput:.1f} orders/s over {self.elapsed_s:.1f} s",
+                (f"  latency (create → ready_to_ship)  p50 {self.percentile(50):.0f} ms"
+                 f"  p95 {self.percentile(95):.0f} ms  p99 {self.percentile(99):.0f} ms"),
+                (f"  pipeline (paid → ready_to_ship)   {self.pipeline_throughput:.1f} orders/s"
+                 f"  p50 {self.paid_percentile(50):.0f} ms  p95 {self.paid_percentile(95):.0f} ms"
+                 f"  p99 {self.paid_percentile(99):.0f} ms"),
+            ]
+        else:
+            lines.append("  throughput        none measured: this run created no order "
+                         "(use a larger --limit, or a fresh var dir, to replay new ones)")
         if self.failures:
             lines.append("  failures:")
             lines += [f"    {n:5d}  {reason}" for reason, n in sorted(self.failures.items(), key=lambda kv: -kv[1])]
         if self.http_errors:
             lines.append("  HTTP errors: " + ", ".join(f"{k}×{v}" for k, v in self.http_errors.items()))
         return "\n".join(lines)
+
+    def _earlier_note(self) -> str:
+        if not self.earlier:
+            return ""
+        return (f" ({self.new_orders} new; {self.earlier} replayed by an earlier run, found "
+                "by their external_ref: counted in outcomes and e-mails, not in the rates)")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -167,6 +197,8 @@ class Replay:
     async def run(self) -> Summary:
         """Replay every order and wait for every outcome (or the timeout)."""
         started = time.monotonic()
+        # The database's clock, which stamps created_at: orders older than this were not ours.
+        since = await self.pool.fetchval("SELECT clock_timestamp()")
         last_id = await self._stream_tail()
         bar = tqdm(total=len(self.orders), desc="orders done", unit="order", file=self.progress_to,
                    disable=self.progress_to is None, dynamic_ncols=True)
@@ -182,7 +214,7 @@ class Replay:
                     task.cancel()
                 await asyncio.gather(sender, *self._payments, return_exceptions=True)
                 bar.close()
-        return await self._summary(time.monotonic() - started)
+        return await self.summary(time.monotonic() - started, since)
 
     async def _stream_tail(self) -> str:
         last: Any = await self.redis.xrevrange(self.stream, count=1)
@@ -302,9 +334,13 @@ class Replay:
             elif row["status"] in DONE:
                 self._mark_done(row["id"], bar)
 
-    async def _summary(self, elapsed_s: float) -> Summary:
+    async def summary(self, elapsed_s: float, since: datetime) -> Summary:
+        """The figures of the replay's orders; rates only over those created at/after ``since``."""
         ids = list(self.state.order_ids)
         async with self.pool.acquire() as conn:
+            ages = await conn.fetch(
+                "SELECT id, created_at < $2 AS earlier FROM orders WHERE id = ANY($1)", ids, since)
+            new_ids = [r["id"] for r in ages if not r["earlier"]]
             statuses = await conn.fetch(
                 "SELECT status, status_reason FROM orders WHERE id = ANY($1)", ids)
             emails = await conn.fetchrow(
@@ -317,13 +353,13 @@ class Replay:
                 """SELECT extract(epoch FROM r.at - o.created_at) * 1000 AS ms
                      FROM orders o JOIN order_status_history r
                        ON r.order_id = o.id AND r.to_status = 'ready_to_ship'
-                    WHERE o.id = ANY($1)""", ids)
+                    WHERE o.id = ANY($1)""", new_ids)
             pipeline = await conn.fetch(
                 """SELECT p.at AS paid_at, r.at AS ready_at,
                           extract(epoch FROM r.at - p.at) * 1000 AS ms
                      FROM order_status_history p JOIN order_status_history r
                        ON r.order_id = p.order_id AND r.to_status = 'ready_to_ship'
-                    WHERE p.to_status = 'paid' AND p.order_id = ANY($1)""", ids)
+                    WHERE p.to_status = 'paid' AND p.order_id = ANY($1)""", new_ids)
         pipeline_s = 0.0
         if pipeline:
             span = max(r["ready_at"] for r in pipeline) - min(r["paid_at"] for r in pipeline)
@@ -336,4 +372,5 @@ class Replay:
             http_errors=dict(self.state.http_errors), elapsed_s=elapsed_s,
             latencies_ms=sorted(float(r["ms"]) for r in latencies),
             paid_latencies_ms=sorted(float(r["ms"]) for r in pipeline), pipeline_s=pipeline_s,
+            earlier=len(ages) - len(new_ids),
         )

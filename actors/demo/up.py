@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from actors.demo.catalog import CdnowOrder
 from actors.demo.command import (
@@ -73,12 +74,26 @@ def wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
-                    print(f"runtime healthy: {json.loads(resp.read())['checks']}", file=sys.stderr)
+                    checks = json.loads(resp.read())["checks"]
+                    print(f"runtime healthy ({describe_checks(checks)})", file=sys.stderr)
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
     raise ServiceError(f"{url} did not answer 200 within {HEALTH_TIMEOUT_S}s; see {settings.var_dir}/log/")
+
+
+def describe_checks(checks: dict[str, dict[str, Any]]) -> str:
+    """``/health``'s checks in one line: ``redis ok 0.4 ms, postgres ok 1.2 ms, scheduler ...``."""
+    parts = []
+    for name, check in checks.items():
+        if not check.get("ok"):
+            parts.append(f"{name} NOT ok: {check.get('error') or check.get('detail') or check}")
+        elif "latency_ms" in check:
+            parts.append(f"{name} ok {check['latency_ms']} ms")
+        else:
+            parts.append(f"{name} ok" + (f" ({check['detail']})" if check.get("detail") else ""))
+    return ", ".join(parts)
 
 
 def stop_supervisord(proc: subprocess.Popen[bytes]) -> None:
@@ -96,49 +111,81 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while inside, so ``kill PID`` stops what ``up`` started
-    instead of leaving supervisord and the embedded servers behind (a background job,
-    whose SIGINT the shell ignores, can then still be stopped cleanly)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """Treat SIGINT and SIGTERM like Ctrl-C while inside, so ``kill PID`` and
+    ``kill -INT PID`` stop what ``up`` started instead of leaving supervisord and
+    the embedded servers behind. SIGINT needs it too: a shell starts a background
+    job with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         return _up(args, given)
 
 
 def _up(args: argparse.Namespace, given: Settings) -> int:
     # Embedded servers this command started are stopped on the way out; reused ones stay up.
-    with embedded.running_services(given) as settings:
-        print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",
-              file=sys.stderr)
-        # Migrate and seed first: the tree's processes expect the schema and the shop.
-        try:
-            orders = asyncio.run(seed_demo(settings, args.limit, args.data,
-                                           args.stock_multiplier))
-        except KeyboardInterrupt:
-            return 130
-        settings = with_simulator_stock_file(settings, args.stock_multiplier)
-        proc = start_supervisord(settings)
-        code = 0
-        try:
-            wait_healthy(settings, proc)
-            summary = asyncio.run(_pin_and_replay(settings, orders, args))
-            code = report_summary(summary, args.summary_json)
-            if not args.once:
-                print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health"
-                      "  (Ctrl-C stops it)", file=sys.stderr)
-                proc.wait()
-        except KeyboardInterrupt:
-            code = 130
-        finally:
-            stop_supervisord(proc)
+    settings, started = embedded.start_services(given)
+    try:
+        return _run_tree(args, settings)
+    finally:
+        embedded.stop_started(settings, started)
+        print(stopped_note(started, settings), file=sys.stderr)
+
+
+def stopped_note(started: embedded.StartedServices, settings: Settings) -> str:
+    """What the way out did with the embedded servers, so nobody wonders whether they run on."""
+    stopped = [name for name, was in (("Redis", started.redis), ("PostgreSQL", started.postgres))
+               if was]
+    kept = [name for name, was in (("Redis", started.redis), ("PostgreSQL", started.postgres))
+            if not was]
+    parts = []
+    if stopped:
+        parts.append(f"stopped the embedded {' and '.join(stopped)} this command started "
+                     f"(data kept in {settings.var_dir})")
+    if kept:
+        parts.append(f"{' and '.join(kept)} not started by this command: left as found")
+    return "; ".join(parts)
+
+
+def _run_tree(args: argparse.Namespace, settings: Settings) -> int:
+    """Seed, start the tree, replay; stop the tree on the way out (Ctrl-C included)."""
+    print(f"REDIS_URL={settings.redis_url}\nDATABASE_URL={settings.database_url}",
+          file=sys.stderr)
+    # Migrate and seed first: the tree's processes expect the schema and the shop.
+    print("migrating and seeding the demo shop (catalogue, customers of the orders to "
+          "replay)...", file=sys.stderr)
+    try:
+        orders = asyncio.run(seed_demo(settings, args.limit, args.data, args.stock_multiplier))
+    except KeyboardInterrupt:
+        return 130
+    print(f"starting the process tree under supervisord ({SUPERVISORD_CONF.name}); logs in "
+          f"{settings.var_dir}/log/", file=sys.stderr)
+    settings = with_simulator_stock_file(settings, args.stock_multiplier)
+    proc = start_supervisord(settings)
+    code = 0
+    try:
+        wait_healthy(settings, proc)
+        summary = asyncio.run(_pin_and_replay(settings, orders, args))
+        code = report_summary(summary, args.summary_json)
+        if not args.once:
+            print(f"\nruntime is up: http://{settings.http_host}:{settings.http_port}/health"
+                  "  (Ctrl-C, or kill PID, stops it)", file=sys.stderr)
+            proc.wait()
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        stop_supervisord(proc)
     return code
 
 

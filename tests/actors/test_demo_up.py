@@ -77,26 +77,48 @@ def test_up_stops_the_embedded_server_it_started(up_settings: Settings,
     assert not http_ready(port), "up left running a Redis it started"
 
 
-def test_sigterm_stops_the_tree_and_the_embedded_server_up_started(
-        up_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kill PID`` of ``shopflow up`` cleans up like Ctrl-C (a background run ignores SIGINT)."""
+@pytest.fixture
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored, as a shell starts a background job (``ops/dev up &``)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_stops_the_tree_and_the_embedded_server_up_started(
+        up_settings: Settings, monkeypatch: pytest.MonkeyPatch, sigint_ignored: None,
+        capsys: pytest.CaptureFixture[str], signum: signal.Signals) -> None:
+    """``kill PID`` or ``kill -INT PID`` of ``shopflow up`` cleans up like Ctrl-C, even when
+    it runs as a background job (whose SIGINT the shell ignores)."""
     trees: list[subprocess.Popen[bytes]] = []
 
     def start_tree(settings: Settings) -> subprocess.Popen[bytes]:
         trees.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
         return trees[-1]
 
-    def terminated_while_waiting(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
+    def signalled_while_waiting(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         assert http_ready(settings.embedded_redis_port)
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, as it would anywhere
-        raise AssertionError("SIGTERM did not interrupt up")
+        os.kill(os.getpid(), signum)  # the handler raises here, as it would anywhere
+        raise AssertionError(f"{signum.name} did not interrupt up")
 
     monkeypatch.setattr(up, "start_supervisord", start_tree)
-    monkeypatch.setattr(up, "wait_healthy", terminated_while_waiting)
-    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(up, "wait_healthy", signalled_while_waiting)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data="sample",
                               stock_multiplier=1, once=False, summary_json=None)
     assert up._cmd_up(args, up_settings) == 130
     assert trees and trees[0].poll() is not None, "up left its process tree running"
     assert not http_ready(up_settings.embedded_redis_port), "up left running a Redis it started"
-    assert signal.getsignal(signal.SIGTERM) is before, "up did not give SIGTERM back"
+    assert "stopped the embedded Redis this command started" in capsys.readouterr().err
+    for sig, handler in before.items():
+        assert signal.getsignal(sig) is handler, f"up did not give {sig.name} back"
+
+
+def test_the_health_line_names_each_check_and_why_one_is_not_ok() -> None:
+    checks = {"redis": {"ok": True, "latency_ms": 0.41},
+              "postgres": {"ok": False, "error": "ConnectionRefusedError: refused"},
+              "scheduler": {"ok": True, "detail": "starting: no heartbeat yet", "leader": None}}
+    assert up.describe_checks(checks) == (
+        "redis ok 0.41 ms, postgres NOT ok: ConnectionRefusedError: refused, "
+        "scheduler ok (starting: no heartbeat yet)")
