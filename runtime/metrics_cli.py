@@ -18,6 +18,7 @@ from supervisor import childutils
 from runtime.cli import add_command
 from runtime.metrics import mark_process_dead, prepare_metrics_dir, render_metrics
 from runtime.settings import Settings
+from runtime.supervisor_events import exit_ok_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def _cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
+    exit_ok_on_sigterm()
     run_reaper(settings, sys.stdin, sys.stdout)
     return 0
 
