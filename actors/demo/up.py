@@ -92,7 +92,8 @@ def describe_checks(checks: dict[str, dict[str, Any]]) -> str:
         elif "latency_ms" in check:
             parts.append(f"{name} ok {check['latency_ms']} ms")
         else:
-            parts.append(f"{name} ok" + (f" ({check['detail']})" if check.get("detail") else ""))
+            detail = check.get("detail")
+            parts.append(f"{name} ok" + (f" ({detail})" if detail and detail != "ok" else ""))
     return ", ".join(parts)
 
 

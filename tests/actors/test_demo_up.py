@@ -122,3 +122,4 @@ def test_the_health_line_names_each_check_and_why_one_is_not_ok() -> None:
     assert up.describe_checks(checks) == (
         "redis ok 0.41 ms, postgres NOT ok: ConnectionRefusedError: refused, "
         "scheduler ok (starting: no heartbeat yet)")
+    assert up.describe_checks({"scheduler": {"ok": True, "detail": "ok"}}) == "scheduler ok"
