@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from runtime import embedded
 from runtime.broker import ALL_QUEUES, job_config
-from runtime.cli import add_command
+from runtime.cli import add_command, seconds_arg
 from runtime.errors import NotFound
 from runtime.jobs.script import JobKeys, events_stream
 from runtime.jobs.store import ENDED_TOTALS, JOB_STATES, JobStore, QueueCounts
@@ -233,17 +233,6 @@ async def _follow(store: JobStore, job_id: str | None) -> None:
             return
 
 
-def _seconds(raw: str) -> float:
-    """``--timeout-s``: a number of seconds above 0."""
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, got {raw!r}")
-    return value
-
-
 def _whole(raw: str, minimum: int) -> int:
     try:
         value = int(raw)
@@ -280,8 +269,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             start: bool = False) -> argparse.ArgumentParser:
         return add_command(jobs, name, _run(action, start), help_text)
 
-    q = cmd("queues", _queues, "every queue: paused, jobs in it now, and its totals since "
-            "first use (sent, ended: completed, failed, dead, ...)")
+    q = cmd("queues", _queues, "each queue now and its totals since first use: sent, ended, ...")
+    q.description = ("Print each queue now (paused, waiting, active, delayed) and its totals "
+                     "since first use (sent, ended, and each way of ending). Once a queue is "
+                     "idle, sent = ended.")
     q.add_argument("--json", action="store_true", help="print JSON")
     ls = cmd("list", _list, "jobs of one queue in one state")
     ls.add_argument("queue", choices=ALL_QUEUES)
@@ -313,5 +304,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     watch = cmd("watch", _watch, "follow job events as JSON lines (one job, or all)")
     watch.add_argument("job_id", nargs="?", help="only this job: its state, then its events "
                        "until it ends")
-    watch.add_argument("--timeout-s", type=_seconds, default=None,
+    watch.add_argument("--timeout-s", type=seconds_arg, default=None,
                        help="stop after this long (exit 1 if the watched job has not ended)")
