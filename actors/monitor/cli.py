@@ -76,7 +76,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 def _print_check(report: CheckReport, settings: Settings) -> None:
     """One check of ``--every``: when (shop time, zone named), its table, a blank line."""
-    at = datetime.now(settings.zone).strftime("%Y-%m-%d %H:%M:%S %z")
+    at = datetime.now(settings.zone).isoformat(sep=" ", timespec="seconds")
     print(f"check at {at} ({settings.zone.key})\n{format_report(report)}\n", flush=True)
 
 
