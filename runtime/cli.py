@@ -70,6 +70,17 @@ def add_command(
     return parser
 
 
+def seconds_arg(raw: str) -> float:
+    """An option's number of seconds above 0 (``--timeout-s``, ``--every``), or a usage error."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, got {raw!r}")
+    return value
+
+
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     settings = embedded.ensure_services(settings)
     applied = asyncio.run(run_migrations(settings))

@@ -151,8 +151,8 @@ async def _events(conn: asyncpg.Connection, order_id: int, cid: uuid.UUID) -> li
            WHERE correlation_id = $1""", cid)
     out = []
     for r in rows:
-        detail: dict[str, Any] = {"published_at": r["published_at"].isoformat()
-                                  if r["published_at"] else "not yet"}
+        # A time stays a datetime here: the text shows it in the shop's zone, JSON in UTC.
+        detail: dict[str, Any] = {"published_at": r["published_at"] or "not yet"}
         job = _json(r["job"])
         if job:
             detail["job"] = f"{job.get('queue')}/{job.get('actor')}"
@@ -166,18 +166,30 @@ async def _emails(conn: asyncpg.Connection, order_id: int, cid: uuid.UUID) -> li
         """SELECT id, kind, recipient, subject, status, transport, attempts, error, created_at,
                   sent_at FROM email_log WHERE correlation_id = $1 OR order_id = $2""",
         cid, order_id)
-    out = []
-    for r in rows:
-        detail = {"to": r["recipient"], "subject": r["subject"], "transport": r["transport"],
-                  "attempts": r["attempts"]}
-        if r["error"]:
-            detail["error"] = r["error"]
-        out.append(TrailEntry(r["created_at"], "email", f"{r['kind']} ({r['status']})", detail,
-                              r["id"]))
-        if r["sent_at"]:
-            out.append(TrailEntry(r["sent_at"], "email", f"{r['kind']} sent",
-                                  {"transport": r["transport"]}, r["id"]))
-    return out
+    return [entry for r in rows for entry in _email_steps(r)]
+
+
+def _email_steps(row: asyncpg.Record) -> list[TrailEntry]:
+    """One e-mail's steps: its first delivery attempt and, once delivered, its sending.
+
+    The ``email_log`` row is created as the first attempt starts and stamped
+    ``sent_at`` when the transport took it, two moments with other steps
+    between them (a failed attempt, a retry); both lines name the e-mail by
+    its row id, so they read as one e-mail's progress, not as two e-mails. Its
+    current status is said on the first line unless the second says it.
+    """
+    name = f"{row['kind']} e-mail #{row['id']}"
+    detail: dict[str, Any] = {"to": row["recipient"], "subject": row["subject"],
+                              "transport": row["transport"], "attempts_in_all": row["attempts"]}
+    if row["status"] != "sent" or not row["sent_at"]:
+        detail = {"status": row["status"], **detail}
+    if row["error"]:
+        detail["error"] = row["error"]
+    steps = [TrailEntry(row["created_at"], "email", f"{name}: first attempt", detail, row["id"])]
+    if row["sent_at"]:
+        steps.append(TrailEntry(row["sent_at"], "email", f"{name}: sent",
+                                {"transport": row["transport"]}, row["id"]))
+    return steps
 
 
 async def _trail_rows(conn: asyncpg.Connection, order_id: int) -> list[TrailEntry]:
@@ -192,23 +204,40 @@ def _json(value: Any) -> Any:
 
 
 def format_trail(order: dict[str, Any], entries: list[TrailEntry], zone: ZoneInfo) -> str:
-    """The story as text, one step a line, times in the shop's zone."""
-    lines = [f"order {order['id']}  status {order['status']}  correlation {order['correlation_id']}"]
+    """The story as text, one step a line, every time in the shop's zone with its offset.
+
+    A second line names the zone, and each time carries its UTC offset, so no
+    time on a line (the step's, or one in its details) can pass for another zone's.
+    """
+    lines = [f"order {order['id']}  status {order['status']}  correlation {order['correlation_id']}",
+             f"times in {zone.key} (the shop's zone, SHOPFLOW_TIMEZONE)"]
     for e in entries:
-        at = e.at.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        detail = "  ".join(f"{k}={v}" for k, v in e.detail.items() if v is not None)
-        lines.append(f"{at}  {e.source:<6}  {e.step}" + (f"  [{detail}]" if detail else ""))
+        detail = "  ".join(f"{k}={_shop_time(v, zone) if isinstance(v, datetime) else v}"
+                           for k, v in e.detail.items() if v is not None)
+        lines.append(f"{_shop_time(e.at, zone)}  {e.source:<6}  {e.step}"
+                     + (f"  [{detail}]" if detail else ""))
     return "\n".join(lines)
 
 
+def _shop_time(at: datetime, zone: ZoneInfo) -> str:
+    """``2026-12-03 12:00:00.000-03:00``: milliseconds, and the offset that says the zone."""
+    return at.astimezone(zone).isoformat(sep=" ", timespec="milliseconds")
+
+
 def trail_as_json(order: dict[str, Any], entries: list[TrailEntry]) -> dict[str, Any]:
-    """The story as JSON-ready data (for ``--json`` and a dashboard view)."""
+    """The story as JSON-ready data (for ``--json`` and a dashboard view); times ISO 8601."""
     return {
-        "order": {k: (v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(
-            v, uuid.UUID) else v) for k, v in order.items()},
+        "order": {k: _json_value(v) for k, v in order.items()},
         "trail": [{"at": e.at.isoformat(), "source": e.source, "step": e.step,
-                   "detail": e.detail} for e in entries],
+                   "detail": {k: _json_value(v) for k, v in e.detail.items()}}
+                  for e in entries],
     }
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value) if isinstance(value, uuid.UUID) else value
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

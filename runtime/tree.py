@@ -339,8 +339,7 @@ def render_tree(snapshot: dict[str, Any]) -> str:
     sd = snapshot["supervisord"]
     lines.append(f"supervisord: {sd.get('state') or sd.get('error')}")
     for proc in snapshot["processes"]:
-        lines.append(f"├── {proc['name']:<24} {proc['state']:<9} pid {proc['pid'] or '-'}"
-                     f"  {proc['description']}")
+        lines.append(f"├── {proc['name']:<24} {proc['state']:<9} {_process_status(proc)}")
         lines.extend(_render_supervisors(proc.get("supervisors", []), "│   "))
     for proc in snapshot["other_processes"]:
         lines.append(f"(outside supervisord) {proc['process']} pid {proc['pid']} on {proc['host']}")
@@ -348,6 +347,21 @@ def render_tree(snapshot: dict[str, Any]) -> str:
     if snapshot.get("redis_error"):
         lines.append(f"(actors unknown: Redis error {snapshot['redis_error']})")
     return "\n".join(lines)
+
+
+def _process_status(proc: dict[str, Any]) -> str:
+    """The pid and supervisord's description of a program, the pid said once.
+
+    supervisord's description of a running program already reads "pid N,
+    uptime H:MM:SS"; in other states it says why or since when (``Exited too
+    quickly``, ``Not started``, a stop time), and a stopping program has a
+    pid but an empty description, so the pid is added only where it is missing.
+    """
+    description = str(proc.get("description") or "")
+    pid = proc.get("pid")
+    if pid and description.startswith(f"pid {pid},"):
+        return description
+    return "  ".join(part for part in (f"pid {pid or '-'}", description) if part)
 
 
 def _render_supervisors(supervisors: list[dict[str, Any]], indent: str) -> list[str]:

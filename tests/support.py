@@ -160,3 +160,22 @@ def queue_counts(settings: Settings, queue: str) -> Any:
             await client.aclose()
 
     return asyncio.run(read())
+
+
+def queues_table_rows(text: str) -> dict[str, dict[str, str]]:
+    """``shopflow jobs queues``' tables read back: queue -> column -> cell, both tables merged.
+
+    Each table starts with a header ``queue (now)`` / ``queue (totals)`` and its
+    column names; a blank line ends it; the note after the tables is skipped.
+    """
+    rows: dict[str, dict[str, str]] = {}
+    columns: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("queue ("):
+            columns = line.split(")", 1)[1].split()
+        elif not line.strip():
+            columns = []
+        elif columns:
+            name, *cells = line.split()
+            rows.setdefault(name, {}).update(zip(columns, cells, strict=True))
+    return rows

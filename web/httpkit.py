@@ -17,7 +17,8 @@ is ``invalid`` (422) too, and logged: validation should have caught it.
 Every handler is wrapped by :func:`json_errors`, so a domain error becomes its
 HTTP status whatever middleware the app has, and bad input can never surface
 as a 500; :func:`error_middleware` gives aiohttp's own errors (no such route,
-wrong method) and anything unexpected the same shape.
+wrong method) and anything unexpected the same shape, keeping the headers
+their status requires (``Allow`` on a 405).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -73,16 +74,25 @@ DATA_ERROR_MESSAGE = ("a value in the request cannot be stored (text with NUL ch
 _CODE_BY_STATUS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden",
                    404: "not_found", 405: "method_not_allowed", 409: "conflict",
                    413: "too_large", 422: "invalid", 503: "not_available"}
+# Headers of aiohttp's own errors that describe their text body, which the JSON replaces.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    """The API's one error shape: ``{"error": {status, message, code, field?}}``."""
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    """The API's one error shape: ``{"error": {status, message, code, field?}}``.
+
+    ``headers`` are the ones the status calls for (``Allow`` on a 405); a 401
+    says ``WWW-Authenticate: Bearer`` unless they name another challenge.
+    """
     error: dict[str, Any] = {"status": status, "message": message, "code": code}
     if field is not None:
         error["field"] = field
     body = {"error": error}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return web.json_response(body, status=status, headers=headers)
+    answer_headers = dict(headers or {})
+    if status == 401:
+        answer_headers.setdefault("WWW-Authenticate", "Bearer")
+    return web.json_response(body, status=status, headers=answer_headers)
 
 
 def translate(exc: ShopflowError) -> web.Response:
@@ -132,12 +142,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = _CODE_BY_STATUS.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason)
+        return error_response(exc.status, code, exc.reason, headers=protocol_headers(exc))
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; it has been logged")
+
+
+def protocol_headers(exc: web.HTTPException) -> dict[str, str]:
+    """The headers of aiohttp's error that belong to the answer, not to its text body.
+
+    aiohttp puts there what the status requires: ``Allow`` on a 405 (RFC 9110:
+    the methods the resource takes, which the router knows), ``Retry-After``
+    and the like. Its ``Content-*`` headers describe the plain-text body the
+    API's JSON replaces, so they are left out.
+    """
+    return {name: value for name, value in exc.headers.items()
+            if name.lower() not in _BODY_HEADERS}
 
 
 def dumps(value: Any) -> str:

@@ -86,17 +86,23 @@ class QueueMonitor:
         m.queue_consumers.labels(stats.queue).set(stats.consumers)
         m.queue_failure_ratio.labels(stats.queue).set(stats.failure_ratio or 0.0)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Check every ``monitor_interval_s`` until ``stop`` is set.
+    async def run(self, stop: asyncio.Event, interval_s: float | None = None,
+                  on_report: Callable[[CheckReport], None] | None = None) -> None:
+        """Check every ``interval_s`` (default ``monitor_interval_s``) until ``stop`` is set.
 
-        A check that fails on Redis is logged and the next one tries again:
-        the monitor outlives a Redis restart instead of crashing its supervisor.
+        ``on_report`` gets each check's report on this loop (``shopflow monitor
+        --every`` prints it). A check that fails on Redis is logged and the next
+        one tries again: the monitor outlives a Redis restart instead of
+        crashing its supervisor.
         """
+        every_s = self._settings.monitor_interval_s if interval_s is None else interval_s
         while not stop.is_set():
             try:
-                await self.check()
+                report = await self.check()
             except RedisError:
-                log.exception("queue check failed; next check in %ss",
-                              self._settings.monitor_interval_s)
+                log.exception("queue check failed; next check in %ss", every_s)
+            else:
+                if on_report is not None:
+                    on_report(report)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._settings.monitor_interval_s)
+                await asyncio.wait_for(stop.wait(), every_s)

@@ -12,17 +12,17 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from runtime import embedded
 from runtime.broker import ALL_QUEUES, job_config
-from runtime.cli import add_command
+from runtime.cli import add_command, seconds_arg
 from runtime.errors import NotFound
 from runtime.jobs.script import JobKeys, events_stream
-from runtime.jobs.store import JOB_STATES, JobStore
+from runtime.jobs.store import ENDED_TOTALS, JOB_STATES, JobStore, QueueCounts
 from runtime.settings import Settings
 
 Action = Callable[[argparse.Namespace, JobStore], Awaitable[int]]
@@ -66,14 +66,46 @@ async def _queues(args: argparse.Namespace, store: JobStore) -> int:
     counts = await store.counts()
     if args.json:
         _print([c.as_json() for c in counts], True)
-        return 0
-    columns = ("waiting", "active", "delayed", "completed", "failed", "dead", "cancelled")
-    print(f"{'queue':<16}" + "".join(f"{c:>10}" for c in columns) + "  paused")
-    for c in counts:
-        row = c.as_json()
-        print(f"{c.name:<16}" + "".join(f"{row[col]:>10}" for col in columns)
-              + ("  yes" if c.paused else ""))
+    else:
+        print(queues_table(counts))
     return 0
+
+
+# The note under ``shopflow jobs queues``' tables: how to read them, where the rest is.
+QUEUES_NOTE = """\
+Totals count from each queue's first use. Once a queue is idle, sent = ended:
+ended = completed + skipped + failed + dead + cancelled + removed (deleted before
+it ran); sent counts every enqueue, an operator's retry too. The jobs kept per
+ended state (the newest N) and retried, stalled, released totals: --json;
+the kept jobs themselves: shopflow jobs list QUEUE --state STATE."""
+
+
+def queues_table(counts: Sequence[QueueCounts]) -> str:
+    """Every queue now (paused, jobs in it), then its totals since first use, then a note.
+
+    The totals are what tells an operator that no job was lost (sent = ended);
+    the jobs *kept* per ended state are capped (keep-last-N), so they are left
+    to ``--json`` rather than shown where they could pass for totals.
+    """
+    now = _table("queue (now)", ("paused", "waiting", "active", "delayed"), [
+        (c.name, ("yes" if c.paused else "no", c.waiting, c.active, c.delayed))
+        for c in counts])
+    totals = _table("queue (totals)", ("sent", "ended", *ENDED_TOTALS), [
+        (c.name, (c.sent, c.ended, *(c.totals.get(name, 0) for name in ENDED_TOTALS)))
+        for c in counts])
+    return f"{now}\n\n{totals}\n\n{QUEUES_NOTE}"
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Any]]]) -> str:
+    """A text table: names left-aligned under ``title``, values right-aligned under ``columns``."""
+    name_width = max([len(title), *(len(name) for name, _ in rows)]) + 2
+    widths = [max([len(col), *(len(str(values[i])) for _, values in rows)])
+              for i, col in enumerate(columns)]
+    lines = [f"{title:<{name_width}}" + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    for name, values in rows:
+        lines.append(f"{name:<{name_width}}"
+                     + "  ".join(f"{v!s:>{w}}" for v, w in zip(values, widths)))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _job_line(job: dict[str, Any]) -> str:
@@ -201,17 +233,6 @@ async def _follow(store: JobStore, job_id: str | None) -> None:
             return
 
 
-def _seconds(raw: str) -> float:
-    """``--timeout-s``: a number of seconds above 0."""
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, got {raw!r}")
-    return value
-
-
 def _whole(raw: str, minimum: int) -> int:
     try:
         value = int(raw)
@@ -248,7 +269,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             start: bool = False) -> argparse.ArgumentParser:
         return add_command(jobs, name, _run(action, start), help_text)
 
-    q = cmd("queues", _queues, "counts of every queue (waiting, active, delayed, ...)")
+    q = cmd("queues", _queues, "each queue now and its totals since first use: sent, ended, ...")
+    q.description = ("Print each queue now (paused, waiting, active, delayed) and its totals "
+                     "since first use (sent, ended, and each way of ending). Once a queue is "
+                     "idle, sent = ended.")
     q.add_argument("--json", action="store_true", help="print JSON")
     ls = cmd("list", _list, "jobs of one queue in one state")
     ls.add_argument("queue", choices=ALL_QUEUES)
@@ -280,5 +304,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     watch = cmd("watch", _watch, "follow job events as JSON lines (one job, or all)")
     watch.add_argument("job_id", nargs="?", help="only this job: its state, then its events "
                        "until it ends")
-    watch.add_argument("--timeout-s", type=_seconds, default=None,
+    watch.add_argument("--timeout-s", type=seconds_arg, default=None,
                        help="stop after this long (exit 1 if the watched job has not ended)")

@@ -17,7 +17,9 @@
 --   ns:Q.wake            list of wake-up tokens an idle consumer blocks on
 --   ns:Q.active          zset job id -> start time (ms)
 --   ns:Q.completed|failed|dead|cancelled   zsets job id -> end time (ms), trimmed to keep-last-N
---   ns:Q.stats           hash of totals (enqueued, completed, failed, retried, stalled, dead, ...)
+--   ns:Q.stats           hash of totals (enqueued, completed, failed, retried, stalled, dead, ...);
+--                        each job's end is counted once (removed: deleted before it ended;
+--                        deleting an ended job's record, like trimming, counts nothing)
 --   ns:__queues__.W      set of the queues worker W consumes (for the stall sweep)
 --   ns:__running__.W     set of the job ids worker W is running (all its queues)
 --   ns:__alone__.W       id of the job that must run alone on worker W (a suspect of
@@ -933,11 +935,13 @@ local function cmd_remove(a)
             return {"requested"}
         end
         redis.call("hdel", qkey(queue, "msgs"), rid)
+        -- Removed before it ran: that is how this job ends. An ended job's end is counted
+        -- already; deleting its record (like trimming it) is no second end.
+        stat(queue, "removed")
     else
         redis.call("zrem", qkey(queue, index_of(state)), job_id)
     end
     redis.call("del", key)
-    stat(queue, "removed")
     event(job_id, queue, actor, "removed", {while_state = state})
     redis.call("del", hist_key(job_id))
     return {"removed", queue, actor, state}
@@ -973,7 +977,7 @@ local function cmd_empty_dead(a)
         redis.call("del", job_key(job_id), hist_key(job_id))
     end
     redis.call("del", idx)
-    if #ids > 0 then stat(queue, "removed", #ids) end
+    -- No total changes: each of these jobs was counted when it ended, as dead.
     return #ids
 end
 

@@ -35,6 +35,9 @@ from runtime.jobs.script import AsyncJobScript, JobKeys, text
 JOB_STATES = ("waiting", "delayed", "active", "completed", "failed", "dead", "cancelled")
 # Ended states kept in a per-queue index (skipped jobs sit with the completed ones).
 _INDEXED = ("completed", "failed", "dead", "cancelled")
+# The totals that count a job's end: jobs.lua counts each end once, under one of these
+# ("removed": deleted before it ran), so with an idle queue their sum is the jobs sent.
+ENDED_TOTALS = ("completed", "skipped", "failed", "dead", "cancelled", "removed")
 # At most this many jobs per list call.
 MAX_LIST = 500
 # Record fields shown as numbers / as times.
@@ -45,7 +48,12 @@ _TIME_FIELDS = {"created_ms": "created_at", "enqueued_ms": "enqueued_at",
 
 @dataclass(frozen=True)
 class QueueCounts:
-    """One queue at one moment; ``totals`` are counts since the queue was first used."""
+    """One queue at one moment; ``totals`` are counts since the queue was first used.
+
+    ``completed``, ``failed``, ``dead`` and ``cancelled`` are the jobs *kept* in
+    each ended state now (keep-last-N, dead ones until emptied), not how many
+    ever ended so: ``totals`` (and :attr:`sent`, :attr:`ended`) count those.
+    """
 
     name: str
     waiting: int
@@ -57,6 +65,16 @@ class QueueCounts:
     cancelled: int
     paused: bool
     totals: dict[str, int]
+
+    @property
+    def sent(self) -> int:
+        """Jobs put in the queue since its first use (an operator's retry counts again)."""
+        return self.totals.get("enqueued", 0)
+
+    @property
+    def ended(self) -> int:
+        """Jobs that ended since the queue's first use; equals :attr:`sent` once it is idle."""
+        return sum(self.totals.get(name, 0) for name in ENDED_TOTALS)
 
     def as_json(self) -> dict[str, Any]:
         """The HTTP/dashboard shape (``pending`` is the dashboard's name for waiting)."""

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import dramatiq
 import pytest
@@ -40,6 +46,7 @@ from runtime.settings import Settings
 from tests.runtime.metrics_helpers import scrape, value
 from tests.runtime.webhook_receiver import Receiver, webhook_receiver
 
+ROOT = Path(__file__).resolve().parents[2]
 LIMITS = Thresholds(backlog=1000, backlog_by_queue={"emails": 5}, oldest_age_s=300,
                     oldest_age_s_by_queue={}, failure_ratio=0.2, failure_min_attempts=20,
                     no_consumer_grace_s=60, failure_ratio_by_queue={"support": 0.5},
@@ -256,3 +263,53 @@ async def test_each_check_delivers_what_the_webhook_refused_before(
         await client.aclose()
     [body] = await receiver.wait_for(1)
     assert "order 7" in body["alerts"][0]["annotations"]["summary"]
+
+
+def _shopflow(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    """``shopflow ARGS`` as its own process on the test's servers, output piped."""
+    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT,
+                            env={**os.environ, **settings.to_env()}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_monitor_without_options_checks_once_and_returns(settings: Settings) -> None:
+    """"Check every queue once" is what the bare command does: a table, then the prompt back."""
+    proc = _shopflow(settings, "monitor")
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["queue", "waiting"] and len(lines) == 1 + 8
+
+
+def test_monitor_every_prints_each_check_until_it_is_stopped(settings: Settings) -> None:
+    """``--every S``: a stamped table per check as it happens; SIGTERM ends it with exit 0."""
+    proc = _shopflow(settings, "monitor", "--every", "0.2")
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        checks: list[list[str]] = []
+        while len(checks) < 2:
+            line = lines.get(timeout=60)
+            assert line is not None, f"monitor exited early: {proc.wait(10)}"
+            if line.startswith("check at "):
+                checks.append([line])
+            elif checks and line:
+                checks[-1].append(line)
+        assert settings.zone.key in checks[0][0]
+        assert checks[0][1].split()[:2] == ["queue", "waiting"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        reader.join(10)

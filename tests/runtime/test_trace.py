@@ -52,6 +52,11 @@ async def _insert_story(settings: Settings) -> tuple[int, str]:
             "transport, attempts, correlation_id, created_at, sent_at) VALUES "
             "($1, 'order_confirmation', 'a@x', 'Your order', $2, 'sent', 'outbox', 2, $3, $4, $5)",
             f"confirm:{order_id}", order_id, cid, at(5), at(9))
+        await conn.execute(
+            "INSERT INTO email_log (idempotency_key, kind, recipient, subject, order_id, status, "
+            "transport, attempts, error, correlation_id, created_at) VALUES "
+            "($1, 'shipping_update', 'a@x', 'On its way', $2, 'failed', 'sendgrid', 1, "
+            "'550 mailbox unavailable', $3, $4)", f"shipped:{order_id}", order_id, cid, at(30))
         trail_id = await record_trail(conn, order_id, "emailer", "attempt 1 failed",
                                       {"error": "SendGrid 503"})
         await conn.execute("UPDATE order_trail SET at = $1 WHERE id = $2", at(6), trail_id)
@@ -64,24 +69,30 @@ def test_the_whole_story_in_order(settings: Settings, capsys: pytest.CaptureFixt
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     order_id, cid = asyncio.run(_insert_story(settings))
 
-    async def load() -> list[tuple[str, str]]:
+    async def load() -> tuple[dict[str, int], list[tuple[str, str]]]:
         conn = await db.connect(settings.database_url or "")
         try:
             _, entries = await load_trail(conn, order_id)
-            return [(e.source, e.step) for e in entries]
+            ids = {r["kind"]: r["id"] for r in await conn.fetch(
+                "SELECT kind, id FROM email_log WHERE order_id = $1", order_id)}
+            return ids, [(e.source, e.step) for e in entries]
         finally:
             await conn.close()
 
-    assert asyncio.run(load()) == [
+    email_ids, steps = asyncio.run(load())
+    email_id = email_ids["order_confirmation"]
+    assert steps == [
         ("order", "created"),
         ("status", "- -> pending"),
         ("status", "pending -> reserved"),
         ("event", "order-status-changed: order.reserved"),
         ("event", "stock-updated: stock.reserved"),
-        ("email", "order_confirmation (sent)"),
+        # One e-mail, named by its row on both of its lines: attempted, later sent.
+        ("email", f"order_confirmation e-mail #{email_id}: first attempt"),
         ("trail", "emailer: attempt 1 failed"),
-        ("email", "order_confirmation sent"),
+        ("email", f"order_confirmation e-mail #{email_id}: sent"),
         ("status", "reserved -> paid"),
+        ("email", f"shipping_update e-mail #{email_ids['shipping_update']}: first attempt"),
     ]
 
     for key, val in settings.to_env().items():
@@ -89,11 +100,19 @@ def test_the_whole_story_in_order(settings: Settings, capsys: pytest.CaptureFixt
     assert main(["trace", str(order_id)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"order {order_id}  status pending  correlation {cid}")
-    assert out[1].startswith("2026-12-03 12:00:00.000  order ")  # shop zone, UTC-3
-    assert "error=SendGrid 503" in out[7]
+    assert out[1] == "times in America/Sao_Paulo (the shop's zone, SHOPFLOW_TIMEZONE)"
+    assert out[2].startswith("2026-12-03 12:00:00.000-03:00  order ")
+    # A time in the details is the shop's too (at(3) = 15:00:03 UTC), offset and all.
+    assert "published_at=2026-12-03 12:00:03.000-03:00" in out[5]
+    assert "status=" not in out[7], "the sent line says the status"
+    assert out[7].split("  ")[0] == "2026-12-03 12:00:05.000-03:00"
+    assert "error=SendGrid 503" in out[8]
+    # An e-mail never sent is one line, which says its status and why.
+    assert "[status=failed  to=a@x" in out[11] and "error=550 mailbox unavailable" in out[11]
     assert main(["trace", str(order_id), "--json"]) == 0
     story = json.loads(capsys.readouterr().out)
-    assert len(story["trail"]) == 9 and story["order"]["correlation_id"] == cid
+    assert len(story["trail"]) == 10 and story["order"]["correlation_id"] == cid
+    assert story["trail"][3]["detail"]["published_at"] == "2026-12-03T15:00:03+00:00"
     assert main(["trace", "999999"]) == 1
     assert "order 999999 does not exist" in capsys.readouterr().err
 

@@ -245,16 +245,19 @@ async def test_a_one_megabyte_body_is_refused(client: Client, pool: asyncpg.Pool
     assert await _counts(pool) == before
 
 
-@pytest.mark.parametrize("method, path, status, code", [
-    ("GET", "/api/v1/nothing-here", 404, "not_found"),
-    ("DELETE", "/api/v1/orders", 405, "method_not_allowed"),
+@pytest.mark.parametrize("method, path, status, code, allow", [
+    ("GET", "/api/v1/nothing-here", 404, "not_found", None),
+    ("DELETE", "/api/v1/orders", 405, "method_not_allowed", "POST"),
+    ("DELETE", "/api/v1/orders/1", 405, "method_not_allowed", "GET,HEAD"),
 ])
 async def test_aiohttp_own_errors_have_the_same_shape(client: Client, method: str, path: str,
-                                                      status: int, code: str) -> None:
+                                                      status: int, code: str,
+                                                      allow: str | None) -> None:
     resp = await client.request(method, path)
     assert resp.status == status
     assert (await resp.json())["error"] == {"status": status, "code": code,
                                              "message": resp.reason}
+    assert resp.headers.get("Allow") == allow  # RFC 9110: a 405 lists the allowed methods
 
 
 @pytest.mark.parametrize("path", ["/api/v1/orders/abc", "/api/v1/orders/999999", "/api/v1/orders/-1"])

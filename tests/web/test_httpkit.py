@@ -1,4 +1,5 @@
-"""web/httpkit.py's body reading on aiohttp's real stream reader, fed in pieces."""
+"""web/httpkit.py: body reading on aiohttp's real stream reader, fed in pieces; the
+error middleware on a real aiohttp server."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import asyncio
 from unittest import mock
 
 import pytest
-from aiohttp import StreamReader
-from aiohttp.test_utils import make_mocked_request
+from aiohttp import StreamReader, web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from runtime.errors import MalformedRequest, RequestTooLarge
-from web.httpkit import MAX_BODY_BYTES, read_json
+from web.httpkit import MAX_BODY_BYTES, error_middleware, read_json
 
 
 def _request(first_piece: bytes) -> tuple[StreamReader, object]:
@@ -42,3 +43,22 @@ async def test_an_empty_body_is_not_json() -> None:
     reader.feed_eof()
     with pytest.raises(MalformedRequest):
         await read_json(request)  # type: ignore[arg-type]
+
+
+async def test_a_wrong_method_is_405_in_the_api_shape_with_the_allowed_methods() -> None:
+    """RFC 9110: a 405 MUST list the methods the resource takes, in ``Allow``."""
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/orders/{order_id}", handler)
+    app.router.add_patch("/orders/{order_id}", handler)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.delete("/orders/1")
+        assert resp.status == 405
+        assert set(resp.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "PATCH"}
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["error"] == {"status": 405, "code": "method_not_allowed",
+                                                 "message": "Method Not Allowed"}
+        missing = await client.get("/nothing-here")
+        assert missing.status == 404 and "Allow" not in missing.headers

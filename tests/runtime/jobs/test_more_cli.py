@@ -15,8 +15,10 @@ import pytest
 from runtime.broker import QUEUE_ANALYTICS, QUEUE_EMAILS, JobSpec, declare_actor
 from runtime.cli import main
 from runtime.jobs.broker import JobBroker
-from runtime.jobs.store import JobStore
+from runtime.jobs.cli import queues_table
+from runtime.jobs.store import JobStore, QueueCounts
 from runtime.settings import Settings
+from tests.support import queues_table_rows
 
 from .conftest import Seen
 from .procs import ROOT
@@ -130,10 +132,49 @@ async def test_pause_stops_a_queues_consumption_and_resume_restarts_it(
         assert seen.kinds(held.job_id) == ["waiting"]
         capsys.readouterr()
         assert await cli("jobs", "queues") == 0
-        rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
-        assert rows[QUEUE_EMAILS][1] == "1" and rows[QUEUE_EMAILS][-1] == "yes"
+        rows = queues_table_rows(capsys.readouterr().out)
+        assert (rows[QUEUE_EMAILS]["waiting"], rows[QUEUE_EMAILS]["paused"]) == ("1", "yes")
+        assert rows[QUEUE_ANALYTICS]["paused"] == "no"
         assert await cli("jobs", "resume", QUEUE_EMAILS) == 0
         assert f"queue {QUEUE_EMAILS} running" in capsys.readouterr().out
         await asyncio.to_thread(seen.wait, "completed", held.job_id)
     assert calls[-1] == "held"
     assert not (await store.counts([QUEUE_EMAILS]))[0].paused
+
+
+async def test_queues_shows_the_totals_so_sent_equals_ended_and_deleting_a_record_is_no_end(
+        cli_env: Settings, broker: JobBroker, seen: Seen, store: JobStore,
+        running: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """One job removed before it ran, one run to its end and its record then deleted:
+    two sent, two ended (the deletion of an ended job's record is not a second end)."""
+    declare_actor(broker, ECHO, lambda tag: None)
+    doomed = ECHO.send(broker, "doomed")
+    assert await store.remove(doomed.job_id) == "removed"
+    with running({QUEUE_EMAILS}):
+        done = ECHO.send(broker, "done")
+        await asyncio.to_thread(seen.wait, "completed", done.job_id)
+    assert await store.remove(done.job_id) == "removed"
+    capsys.readouterr()
+    assert await cli("jobs", "queues") == 0
+    emails = queues_table_rows(capsys.readouterr().out)[QUEUE_EMAILS]
+    assert {k: emails[k] for k in ("waiting", "sent", "ended", "completed", "removed")} == {
+        "waiting": "0", "sent": "2", "ended": "2", "completed": "1", "removed": "1"}
+
+
+def test_the_queues_table_labels_totals_apart_from_the_jobs_kept() -> None:
+    """370 e-mails sent, 100 completed ones kept (keep-last-N): the table says 370."""
+    kept = QueueCounts(QUEUE_EMAILS, waiting=0, active=0, delayed=0, completed=100, failed=2,
+                       dead=0, cancelled=0, paused=False,
+                       totals={"enqueued": 370, "completed": 368, "failed": 2, "retried": 5})
+    held = QueueCounts(QUEUE_ANALYTICS, waiting=3, active=1, delayed=2, completed=0, failed=0,
+                       dead=0, cancelled=0, paused=True, totals={"enqueued": 6})
+    text = queues_table([kept, held])
+    rows = queues_table_rows(text)
+    assert rows[QUEUE_EMAILS] == {
+        "paused": "no", "waiting": "0", "active": "0", "delayed": "0", "sent": "370",
+        "ended": "370", "completed": "368", "skipped": "0", "failed": "2", "dead": "0",
+        "cancelled": "0", "removed": "0"}
+    assert (rows[QUEUE_ANALYTICS]["paused"], rows[QUEUE_ANALYTICS]["sent"],
+            rows[QUEUE_ANALYTICS]["ended"]) == ("yes", "6", "0")
+    assert "100" not in text
+    assert "sent = ended" in text

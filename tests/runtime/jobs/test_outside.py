@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from runtime.broker import setup_broker
 from runtime.cli import main
 from runtime.settings import Settings
-from tests.support import wait_until
+from tests.support import queues_table_rows, wait_until
 from web.app import create_app
 from web.auth import TokenSigner
 
@@ -132,8 +132,8 @@ def test_shopflow_jobs_commands(fast: Settings, workers: Workers,
     assert "job cli-1: waiting" in capsys.readouterr().out
     wait_until(state_is(fast, "cli-1", "completed"), 20, "the job sent from the CLI to run")
     assert main(["jobs", "queues"]) == 0
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
-    assert rows["analytics"][4] == "1"  # one completed
+    rows = queues_table_rows(capsys.readouterr().out)
+    assert (rows["analytics"]["sent"], rows["analytics"]["completed"]) == ("1", "1")
     assert main(["jobs", "list", "analytics", "--state", "completed", "--json"]) == 0
     assert [j["id"] for j in json.loads(capsys.readouterr().out)] == ["cli-1"]
     assert main(["jobs", "show", "cli-1"]) == 0

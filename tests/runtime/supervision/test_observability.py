@@ -275,3 +275,26 @@ def test_the_reporter_publishes_again_soon_while_its_root_is_still_starting(
         starter.join(10)
         root.stop()
         client.close()
+
+
+def test_each_program_row_of_the_tree_says_its_pid_once() -> None:
+    """supervisord's description of a running program is "pid N, uptime ..." already;
+    a stopping one has a pid and no description, a stopped one no pid."""
+    def program(name: str, state: str, pid: int, description: str) -> dict[str, Any]:
+        return {"name": name, "group": name, "state": state, "pid": pid or None,
+                "uptime_s": 41, "exitstatus": 0, "description": description,
+                "supervisors": []}
+
+    snapshot = {"at": "now", "supervisord": {"reachable": True, "state": "RUNNING"},
+                "other_processes": [], "redis_error": None, "processes": [
+                    program("agents-worker", "RUNNING", 17092, "pid 17092, uptime 0:00:41"),
+                    program("stock-sync", "STOPPING", 17093, ""),
+                    program("crasher", "FATAL", 0, "Exited too quickly (process log may "
+                                                   "have details)"),
+                    program("reports", "STOPPED", 0, "Not started")]}
+    rows = render_tree(snapshot).splitlines()[1:]
+    assert [row.split(None, 3)[3] for row in rows] == [
+        "pid 17092, uptime 0:00:41",
+        "pid 17093",
+        "pid -  Exited too quickly (process log may have details)",
+        "pid -  Not started"]
