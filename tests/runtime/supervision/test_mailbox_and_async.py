@@ -176,8 +176,9 @@ def test_an_ask_rides_out_a_restart_within_its_timeout_but_never_hangs() -> None
         sup.tell("w", "crash")
         assert sup.ask("w", "ping", timeout_s=5) == "pong from w"  # the new incarnation
         assert sup.snapshot()[0].restarts == 1
+        assert events.wait("restart").restarts == 1  # taken, so the next wait is the second's
         sup.tell("w", "crash")  # second restart in a row waits 0.1 s
-        events.wait("restart")
+        assert events.wait("restart").restarts == 2  # the child is down, its restart pending
         with pytest.raises(ActorUnavailable, match="did not come back in time"):
             sup.ask("w", "ping", timeout_s=0.01)
     finally:
