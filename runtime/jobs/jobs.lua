@@ -562,10 +562,12 @@ local function cmd_finish(a)
     redis.call("zrem", qkey(queue, "active"), job_id)
     if redis.call("exists", key) == 0 then
         -- Never started here (garbage or an unknown actor from another producer): still
-        -- leave a record of what happened to it, never a silent drop.
+        -- leave a record of what happened to it, never a silent drop. First sight of it,
+        -- as in start and park: it counts as sent, so that its end below has a send.
         record_fields(key, {id = job_id, queue = queue, actor = actor, created_ms = now,
             enqueued_ms = now, explicit = "0", deaths = 0, priority = 0, max_attempts = 0,
             attempt = 0})
+        stat(queue, "enqueued")
     end
     if outcome == "retry" or outcome == "requeue" then
         local new_rid, new_message = a[11], a[12]
@@ -1011,17 +1013,24 @@ local function cmd_purge(a)
             table.insert(rids, rid)
         end
     end
+    -- Messages another producer pushed straight onto the list have no record yet: never
+    -- counted as sent, so they are counted now, beside their removal (sent = ended holds).
+    local unrecorded = 0
     for _, rid in ipairs(rids) do
         local text = redis.call("hget", msgs, rid)
         local msg = text and decode(text)
+        local recorded = false
         if msg then
             local job_id = message_job_id(msg)
+            recorded = redis.call("exists", job_key(job_id)) == 1
             redis.call("del", job_key(job_id), hist_key(job_id))
         end
+        if not recorded then unrecorded = unrecorded + 1 end
         redis.call("hdel", msgs, rid)
     end
     redis.call("del", qkey(queue, ""), qkey(queue, "hi"), qkey(queue, "lo"),
         qkey(queue, "delayed"))
+    if unrecorded > 0 then stat(queue, "enqueued", unrecorded) end
     if #rids > 0 then stat(queue, "removed", #rids) end
     return #rids
 end

@@ -414,6 +414,35 @@ async def test_garbage_and_unknown_actors_from_outside_producers_leave_a_record(
             await asyncio.sleep(0.05)
     assert job is not None and job["state"] == "failed"
     assert "no_such_actor" in job["error"]
+    garbage = await store.get("garbage-1")
+    assert garbage is not None and garbage["state"] == "failed"
+    # Each message pushed straight onto the list counts as sent when first seen, so the
+    # totals balance: 3 sent (the garbage, the unknown actor, ECHO), 3 ended.
+    (counts,) = await store.counts([QUEUE_EMAILS])
+    assert (counts.sent, counts.ended) == (3, 3), counts.totals
+
+
+async def test_flushing_a_queue_keeps_its_totals_balanced(
+        settings: Settings, broker: JobBroker, store: JobStore) -> None:
+    """Dramatiq's flush (what its `flush_all` and tests call) drops waiting jobs: each counts
+    as removed, and one another producer pushed with no record counts as sent too."""
+    declare_actor(broker, ECHO, lambda n: n)
+    ECHO.send(broker, 1)
+    ECHO.send(broker, 2, delay_ms=60_000)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ns = broker.namespace
+    try:
+        raw = {"queue_name": QUEUE_EMAILS, "actor_name": ECHO.actor, "args": [3], "kwargs": {},
+               "options": {"redis_message_id": "raw-1"}, "message_id": "raw-1",
+               "message_timestamp": 0}
+        client.hset(f"{ns}:{QUEUE_EMAILS}.msgs", "raw-1", json.dumps(raw))
+        client.rpush(f"{ns}:{QUEUE_EMAILS}", "raw-1")
+    finally:
+        client.close()
+    broker.flush(QUEUE_EMAILS)
+    (counts,) = await store.counts([QUEUE_EMAILS])
+    assert (counts.waiting, counts.sent, counts.ended) == (0, 3, 3), counts.totals
+    assert counts.totals.get("removed") == 3
 
 
 async def test_a_message_whose_fetch_reply_was_lost_is_handed_back_and_runs(
