@@ -27,12 +27,11 @@ from pathlib import Path
 import redis
 
 from bench.harness import SLOTS, BenchEnv, Peer
-from bench.jobs_bench import QUEUE, JobsConfig, PeerResult, WorkerStalled, run_peer
+from bench.jobs_bench import QUEUE, JobsConfig, PeerResult, run_peer
 from bench.peers import RawDramatiq, RuntimeJobs, RuntimeJobsActorHop
 from bench.run import _db_url, throwaway_redis
 
 REPO = Path(__file__).resolve().parent.parent
-STALLED = WorkerStalled.__name__  # how run_peer notes the problem: "<type>: <message>"
 
 
 def export_revision(rev: str, into: Path) -> None:
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_peer(peer, env, results, cfg, root, worker_cwd=cwd)
                     rows.setdefault(name, []).append(result)
                     print(_line(rep, name, result), flush=True)
-                    if any(problem.startswith(STALLED) for problem in result.problems):
+                    if result.stalled:
                         stalled.add(name)
     print(f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("medians over every round and repetition:")

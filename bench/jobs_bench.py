@@ -80,6 +80,7 @@ class PeerResult:
     cpu_rounds: list[float] = field(default_factory=list)  # worker CPU us/job of each round
     idle_ms: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    stalled: bool = False  # its worker started no job at all (see WorkerStalled)
 
     @property
     def idle_median_ms(self) -> float | None:
@@ -118,6 +119,7 @@ class Records:
         n = self.count()
         while n < expected and time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
+                n = self.count()  # what it recorded before it exited
                 break
             time.sleep(COLLECT_POLL_S)
             n = self.count()
@@ -227,6 +229,7 @@ def run_peer(peer: Peer, env: BenchEnv, results: redis.Redis, cfg: JobsConfig,
         _steady(out, producer, records, cfg, proc.pid)
         _idle(out, producer, records, cfg)
     except Exception as exc:  # noqa: BLE001 - a peer that breaks loses its row, not the run
+        out.stalled = isinstance(exc, WorkerStalled)
         out.problems.append(f"{type(exc).__name__}: {exc}")
     finally:
         if proc is not None:

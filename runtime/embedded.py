@@ -372,7 +372,14 @@ def start_services(settings: Settings) -> tuple[Settings, StartedServices]:
         redis_url, started_redis = start_redis(paths, settings.embedded_redis_port)
     database_url, started_postgres = settings.database_url, False
     if database_url is None:
-        database_url, started_postgres = start_postgres(paths, settings.embedded_pg_port)
+        try:
+            database_url, started_postgres = start_postgres(paths, settings.embedded_pg_port)
+        except BaseException:
+            # PostgreSQL failed to start, or Ctrl-C came while it started (its first start
+            # takes seconds): the caller never learns of the Redis started above, so stop it.
+            if started_redis:
+                stop_redis(paths, settings.embedded_redis_port)
+            raise
     return (settings.with_urls(redis_url, database_url),
             StartedServices(started_redis, started_postgres))
 

@@ -129,6 +129,27 @@ def stop_signals_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _still_stopping(_signum: int, _frame: object) -> None:
+    print("shopflow up: still stopping (the process tree may take up to 2 min to finish its "
+          "jobs); waiting", file=sys.stderr)
+
+
+@contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """While the way out runs, a second Ctrl-C or ``kill`` only says it is under way.
+
+    Raised in the middle of stopping, it would stop the embedded servers under workers
+    still finishing their jobs (whose graceful hand-back then fails), or leave
+    PostgreSQL running when it lands inside its stop.
+    """
+    previous = {sig: signal.signal(sig, _still_stopping) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
     with stop_signals_as_interrupt():
         return _up(args, given)
@@ -140,8 +161,9 @@ def _up(args: argparse.Namespace, given: Settings) -> int:
     try:
         return _run_tree(args, settings)
     finally:
-        embedded.stop_started(settings, started)
-        print(stopped_note(started, settings), file=sys.stderr)
+        with stop_signals_deferred():
+            embedded.stop_started(settings, started)
+            print(stopped_note(started, settings), file=sys.stderr)
 
 
 def stopped_note(started: embedded.StartedServices, settings: Settings) -> str:
@@ -186,7 +208,8 @@ def _run_tree(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
-        stop_supervisord(proc)
+        with stop_signals_deferred():
+            stop_supervisord(proc)
     return code
 
 

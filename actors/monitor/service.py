@@ -99,8 +99,11 @@ class QueueMonitor:
         while not stop.is_set():
             try:
                 report = await self.check()
-            except RedisError:
-                log.exception("queue check failed; next check in %ss", every_s)
+            except RedisError as exc:
+                # One line per failed check: Redis away for a while must not fill the log
+                # with a traceback every interval (the cause is the same each time).
+                log.warning("queue check failed: %s; next check in %ss", exc, every_s)
+                log.debug("queue check failure", exc_info=True)
             else:
                 if on_report is not None:
                     on_report(report)

@@ -123,3 +123,44 @@ def test_the_health_line_names_each_check_and_why_one_is_not_ok() -> None:
         "redis ok 0.41 ms, postgres NOT ok: ConnectionRefusedError: refused, "
         "scheduler ok (starting: no heartbeat yet)")
     assert up.describe_checks({"scheduler": {"ok": True, "detail": "ok"}}) == "scheduler ok"
+
+
+# A process tree that, asked to stop, sends its parent (`up`) a second stop signal, as an
+# impatient operator's second Ctrl-C would, and takes a moment before it exits.
+_IMPATIENT_TREE = """
+import os, signal, sys, time
+def stop(*_):
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(0.5)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_stop_signal_while_stopping_does_not_cut_the_way_out(
+        up_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    trees: list[subprocess.Popen[str]] = []
+
+    def start_tree(settings: Settings) -> subprocess.Popen[str]:
+        trees.append(subprocess.Popen([sys.executable, "-c", _IMPATIENT_TREE],
+                                      stdout=subprocess.PIPE, text=True))
+        return trees[-1]
+
+    def stopped_while_waiting(settings: Settings, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt up")
+
+    monkeypatch.setattr(up, "start_supervisord", start_tree)
+    monkeypatch.setattr(up, "wait_healthy", stopped_while_waiting)
+    args = argparse.Namespace(limit=1, day_s=0.0, timeout_s=1.0, data="sample",
+                              stock_multiplier=1, once=False, summary_json=None)
+    assert up._cmd_up(args, up_settings) == 130  # no KeyboardInterrupt out of the stop
+    assert trees[0].returncode == 0, "up did not wait for its tree to finish stopping"
+    assert not http_ready(up_settings.embedded_redis_port), "up left running a Redis it started"
+    err = capsys.readouterr().err
+    assert "still stopping" in err
+    assert "stopped the embedded Redis this command started" in err

@@ -656,10 +656,6 @@ def _check_outside_effects(tree: Tree) -> None:
     assert confirmations == sorted(f"{CONFIRMATION_PREFIX}{i}" for i in shipped)
 
 
-# Totals of a queue that count a job as ended (each job ends once: jobs.lua's finish).
-ENDED = ("completed", "skipped", "failed", "cancelled", "dead", "removed")
-
-
 @dataclass(frozen=True)
 class QueueBalance:
     """One queue's job totals from the job store, and what is still open in it."""
@@ -690,7 +686,7 @@ def _balances(tree: Tree) -> dict[str, QueueBalance]:
         if not c.totals:
             continue
         out[c.name] = QueueBalance(
-            c.name, c.totals.get("enqueued", 0), sum(c.totals.get(k, 0) for k in ENDED),
+            c.name, c.sent, c.ended,
             c.waiting + c.delayed + c.active, c.totals.get("failed", 0) + c.totals.get("dead", 0))
     return out
 

@@ -90,6 +90,22 @@ def test_urls_set_start_nothing(var_settings: Settings) -> None:
     assert not given.var_dir.exists()
 
 
+def test_an_interrupted_start_stops_the_redis_it_had_started(
+        var_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while PostgreSQL starts (its first start takes seconds): the caller never gets
+    the Redis started a moment before, so start_services must not leave it running."""
+    port = var_settings.embedded_redis_port
+
+    def interrupted(paths: EmbeddedPaths, pg_port: int) -> tuple[str, bool]:
+        assert http_ready(port)  # Redis is up by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "start_postgres", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.start_services(var_settings)
+    assert not http_ready(port), "the Redis started before the interrupt was left running"
+
+
 def test_running_services_stops_what_it_started_and_only_that(var_settings: Settings,
                                                                servers: tuple[str, str]) -> None:
     """Redis embedded in a fresh var dir; PostgreSQL given by URL (so it is not touched)."""
