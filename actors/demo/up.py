@@ -24,8 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +116,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def stop_signals_as_interrupt() -> Iterator[None]:
+def _stop_signals_call(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call ``handler`` while inside; the previous handlers after."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_signals_as_interrupt() -> AbstractContextManager[None]:
     """Treat SIGINT and SIGTERM like Ctrl-C while inside, so ``kill PID`` and
     ``kill -INT PID`` stop what ``up`` started instead of leaving supervisord and
     the embedded servers behind. SIGINT needs it too: a shell starts a background
     job with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _stop_signals_call(_interrupt)
 
 
 def _still_stopping(_signum: int, _frame: object) -> None:
@@ -134,20 +139,14 @@ def _still_stopping(_signum: int, _frame: object) -> None:
           "jobs); waiting", file=sys.stderr)
 
 
-@contextmanager
-def stop_signals_deferred() -> Iterator[None]:
+def stop_signals_deferred() -> AbstractContextManager[None]:
     """While the way out runs, a second Ctrl-C or ``kill`` only says it is under way.
 
     Raised in the middle of stopping, it would stop the embedded servers under workers
     still finishing their jobs (whose graceful hand-back then fails), or leave
     PostgreSQL running when it lands inside its stop.
     """
-    previous = {sig: signal.signal(sig, _still_stopping) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _stop_signals_call(_still_stopping)
 
 
 def _cmd_up(args: argparse.Namespace, given: Settings) -> int:
