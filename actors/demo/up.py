@@ -74,8 +74,13 @@ def wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
-                    checks = json.loads(resp.read())["checks"]
-                    print(f"runtime healthy ({describe_checks(checks)})", file=sys.stderr)
+                    health = json.loads(resp.read())
+                    # 200 with "degraded": the api serves, something it watches does not yet
+                    # (the scheduler takes its lease a few seconds after the tree starts).
+                    state = "healthy" if health.get("status") == "ok" else \
+                        f"up, {health.get('status')}"
+                    print(f"runtime {state} ({describe_checks(health['checks'])})",
+                          file=sys.stderr)
                     return
         except (urllib.error.URLError, OSError):
             pass

@@ -513,6 +513,12 @@ class JobConsumer(Consumer):
         """
         if message.queue_name != self.queue_name:
             message = message.copy(queue_name=self.queue_name)  # Q.DQ: it runs on Q
+        if message.options.get("redis_message_id") != rid:
+            # The key it was fetched by is what start, finish and ack name it by. A producer
+            # in another language may leave the option out (or get it wrong): without this
+            # the job would run unrecorded, its ack would fail, and every restart would
+            # hand it back to run again.
+            message = message.copy(options={"redis_message_id": rid})
         if "eta" not in message.options:
             return message
         eta = message.options.pop("eta")

@@ -422,6 +422,34 @@ async def test_garbage_and_unknown_actors_from_outside_producers_leave_a_record(
     assert (counts.sent, counts.ended) == (3, 3), counts.totals
 
 
+async def test_an_outside_message_without_its_redis_id_option_is_recorded_and_acked(
+        settings: Settings, broker: JobBroker, seen: Seen, store: JobStore,
+        running: Callable[..., Any]) -> None:
+    """A producer in another language may leave ``options.redis_message_id`` out; the key
+    the message was fetched by names it instead, so it runs once, recorded, and is done."""
+    ran: list[int] = []
+    declare_actor(broker, ECHO, ran.append)
+    raw = {"queue_name": QUEUE_EMAILS, "actor_name": ECHO.actor, "args": [7], "kwargs": {},
+           "options": {"job_id": "raw-no-rid"}, "message_id": "m-no-rid",
+           "message_timestamp": 0}
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ns = broker.namespace
+    try:
+        client.hset(f"{ns}:{QUEUE_EMAILS}.msgs", "rid-x", json.dumps(raw))
+        client.rpush(f"{ns}:{QUEUE_EMAILS}", "rid-x")
+        with running({QUEUE_EMAILS}):
+            await asyncio.to_thread(seen.wait, "completed", "raw-no-rid")
+        assert not client.hexists(f"{ns}:{QUEUE_EMAILS}.msgs", "rid-x")  # acked: not run again
+        assert client.llen(f"{ns}:{QUEUE_EMAILS}") == 0
+    finally:
+        client.close()
+    assert ran == [7]
+    job = await store.get("raw-no-rid")
+    assert job is not None and job["state"] == "completed"
+    (counts,) = await store.counts([QUEUE_EMAILS])
+    assert (counts.sent, counts.ended) == (1, 1), counts.totals
+
+
 async def test_flushing_a_queue_keeps_its_totals_balanced(
         settings: Settings, broker: JobBroker, store: JobStore) -> None:
     """Dramatiq's flush (what its `flush_all` and tests call) drops waiting jobs: each counts
