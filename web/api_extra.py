@@ -68,6 +68,8 @@ MAX_LIST_LIMIT = 100
 MAX_JOBS_OFFSET = 10_000
 # A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
 MAX_JOB_ARGS = 32
+# The fields of POST /jobs; any other is refused (a typo must not drop a job_id silently).
+SEND_JOB_FIELDS = ("queue", "actor", "args", "options")
 REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
 # The api's own pool, when create_app did not hand one over (small: requests are short).
 OWN_POOL_MAX = 5
@@ -116,7 +118,7 @@ async def get_me(request: web.Request) -> web.Response:
 async def create_cart(request: web.Request) -> web.Response:
     """Open a cart for the caller (staff: for the customer named in the body)."""
     principal = authenticate(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=("customer_id",))
     customer_id = _customer_scope(principal, body.get("customer_id"))
     async with _pool(request).acquire() as conn:
         return ok(await carts.create_cart(conn, customer_id), status=201)
@@ -146,7 +148,7 @@ async def put_cart_item(request: web.Request) -> web.Response:
     """Set a product's quantity in an open cart (adds it if absent)."""
     principal = authenticate(request)
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
-    body = await read_json(request)
+    body = await read_json(request, fields=("quantity",))
     quantity = int_value(body.get("quantity"), "quantity", 1, MAX_CART_QUANTITY)
     async with _pool(request).acquire() as conn:
         return ok(await carts.set_item(conn, cart_id, product_id, quantity,
@@ -190,7 +192,7 @@ async def submit_review(request: web.Request) -> web.Response:
     principal = authenticate(request)
     if principal.is_staff:
         raise Forbidden("reviews are written by customers")
-    body = await read_json(request)
+    body = await read_json(request, fields=("product_id", "rating", "body"))
     product_id = int_value(body.get("product_id"), "product_id")
     rating = int_value(body.get("rating"), "rating", 1, 5)
     text = text_value(body.get("body"), "body", MAX_REVIEW_CHARS)
@@ -251,7 +253,7 @@ async def list_flagged_reviews(request: web.Request) -> web.Response:
 async def ask_support(request: web.Request) -> web.Response:
     """A customer asks a question; the support agent answers (and stores it)."""
     principal = authenticate(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=("customer_id", "question"))
     customer_id = _customer_scope(principal, body.get("customer_id"))
     question = text_value(body.get("question"), "question", MAX_QUESTION_CHARS)
     desk = _seam(request, seams.SUPPORT_DESK, "the support agent")
@@ -348,7 +350,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def send_job(request: web.Request) -> web.Response:
     """Enqueue a job for a declared actor: the producer API for those who cannot write Redis."""
     require_staff(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=SEND_JOB_FIELDS)
     queue = text_value(body.get("queue"), "queue", 100)
     actor = text_value(body.get("actor"), "actor", 200)
     args = body.get("args", [])

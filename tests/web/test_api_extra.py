@@ -302,3 +302,50 @@ async def test_recent_events_show_a_twice_published_row_once(
                            {"product_id": row_id}, event_id=row_id)
     _, body = await staff("GET", "/api/v1/events/stock-updated")
     assert [e["event_id"] for e in body["events"]] == ["9", "8", "7"]
+
+
+SEND = {"queue": "emails", "actor": "send_order_confirmation", "args": [1]}
+
+
+async def test_sending_a_job_refuses_unknown_fields_instead_of_dropping_them(
+        staff: Caller, api: TestServer) -> None:
+    """A typo (``option`` for ``options``) must not enqueue a job without its job_id."""
+    jobs = api.app[seams.JOBS_ADMIN].jobs  # type: ignore[attr-defined]
+    before = dict(jobs)
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "option": {"job_id": "x"}})
+    assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid", "option")
+    assert body["error"]["message"].startswith("unknown field(s): option;")
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "kwargs": {"to": "a@b.c"},
+                                                             "option": {}})
+    assert (status, body["error"]["code"]) == (422, "invalid")
+    assert "field" not in body["error"]  # two to blame: both are in the message
+    assert body["error"]["message"].startswith("unknown field(s): kwargs, option;")
+    assert jobs == before  # nothing was enqueued
+    status, sent = await staff("POST", "/api/v1/jobs", json={**SEND, "options": {"job_id": "x"}})
+    assert (status, sent["job_id"]) == (201, "x")
+
+
+@pytest.mark.parametrize("method, path, body, field", [
+    ("POST", "/api/v1/carts", {"customer": 1}, "customer"),
+    ("POST", "/api/v1/reviews", {"product_id": 1, "rating": 5, "body": "ok", "title": "t"},
+     "title"),
+    ("POST", "/api/v1/support/questions", {"question": "where?", "order_id": 3}, "order_id"),
+])
+async def test_every_body_refuses_unknown_fields(ana: Caller, method: str, path: str,
+                                                 body: dict[str, Any], field: str) -> None:
+    status, answer = await ana(method, path, json=body)
+    assert (status, answer["error"]["code"], answer["error"].get("field")) == (422, "invalid",
+                                                                              field)
+
+
+async def test_a_cart_item_and_a_repeatable_job_refuse_unknown_fields(
+        ana: Caller, staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    status, answer = await ana("PUT", f"/api/v1/carts/{cart['id']}/items/1",
+                               json={"quantity": 1, "qty": 2})
+    assert (status, answer["error"]["field"]) == (422, "qty")
+    status, answer = await staff("POST", "/api/v1/schedules", json={
+        "name": "promo", "queue": "maintenance", "actor": "send_promo", "every_s": 60,
+        "misfire_grace": 30})  # misfire_grace_s
+    assert (status, answer["error"]["field"]) == (422, "misfire_grace")
+    assert await list_repeatables(redis, web_settings.namespace) == []
