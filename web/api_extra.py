@@ -348,7 +348,11 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def send_job(request: web.Request) -> web.Response:
-    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis."""
+    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis.
+
+    Every mistake in the body is a 422 naming its field, an unknown queue
+    included: 404 is for a path that names nothing (``/queues/{queue}/...``).
+    """
     require_staff(request)
     body = await read_json(request, fields=SEND_JOB_FIELDS)
     queue = text_value(body.get("queue"), "queue", 100)
@@ -360,8 +364,11 @@ async def send_job(request: web.Request) -> web.Response:
     options = body.get("options", {})
     if not isinstance(options, dict):
         raise ValidationError("options must be an object of job options", field="options")
-    sent = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").send_job(
-        queue, actor, args, options)
+    admin = _seam(request, seams.JOBS_ADMIN, "the jobs admin")
+    try:
+        sent = await admin.send_job(queue, actor, args, options)
+    except NotFound as exc:  # the seam's answer for an unknown queue (web/seams.py)
+        raise ValidationError(str(exc), field="queue") from None
     return ok(sent, status=200 if sent.get("duplicate") else 201)
 
 

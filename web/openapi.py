@@ -358,7 +358,9 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
               "503": _resp("the queue is full (queue_full) or the jobs admin is missing",
                            ref("Error"))},
         body=_body(["queue", "actor"], {
-            "queue": {"type": "string", "minLength": 1, "maxLength": 100},
+            "queue": {"type": "string", "minLength": 1, "maxLength": 100,
+                      "description": "a queue of the job layer; another is 422 with "
+                                     "`field: queue`"},
             "actor": {"type": "string", "minLength": 1, "maxLength": 200},
             "args": {"type": "array", "maxItems": 32},
             "options": {"type": "object", "description": "job options: job_id, attempts, "

@@ -325,6 +325,14 @@ async def test_sending_a_job_refuses_unknown_fields_instead_of_dropping_them(
     assert (status, sent["job_id"]) == (201, "x")
 
 
+async def test_an_unknown_queue_in_a_body_is_invalid_and_in_a_path_not_found(
+        staff: Caller) -> None:
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "queue": "emials"})
+    assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid", "queue")
+    status, body = await staff("POST", "/api/v1/queues/emials/pause")
+    assert (status, body["error"]["code"]) == (404, "not_found")
+
+
 @pytest.mark.parametrize("method, path, body, field", [
     ("POST", "/api/v1/carts", {"customer": 1}, "customer"),
     ("POST", "/api/v1/reviews", {"product_id": 1, "rating": 5, "body": "ok", "title": "t"},
