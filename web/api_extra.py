@@ -28,7 +28,7 @@ from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.carts import carts
 from actors.housekeeping.schedules import builtin_names
-from actors.notifier.channels import CHANNELS, may_receive
+from actors.notifier.channels import CHANNELS, may_receive, may_subscribe
 from actors.notifier.streams import stream_key, text, text_fields
 from actors.orders import workflow
 from runtime import db
@@ -64,6 +64,10 @@ MAX_CART_QUANTITY = 1_000
 MAX_REVIEW_CHARS = 5_000
 MAX_QUESTION_CHARS = 2_000
 MAX_LIST_LIMIT = 100
+# GET /events/{channel} reads the stream newest first, this many entries a round trip...
+EVENTS_PAGE = 100
+# ... and gives up after this many: a customer's few events in a busy stream are not worth more.
+MAX_EVENTS_SCANNED = 1_000
 # How deep an operator may page into a job list (GET /api/v1/jobs?offset=).
 MAX_JOBS_OFFSET = 10_000
 # A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
@@ -458,21 +462,44 @@ async def get_stock_sync(request: web.Request) -> web.Response:
 
 
 async def recent_events(request: web.Request) -> web.Response:
-    """The newest events of a channel (the dashboard's start state before live updates)."""
+    """The newest events of a channel the caller may see (the dashboard's start state)."""
     principal = authenticate(request)
     channel = request.match_info["channel"]
     if channel not in CHANNELS:
         raise NotFound(f"no channel {channel}")
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
-    settings = request.app[API_SETTINGS_KEY]
-    entries: Any = await request.app[REDIS_KEY].xrevrange(
-        stream_key(settings.namespace, channel), count=limit)
-    # The client may answer bytes (create_app's shared one does) or str: decode either way.
-    events = [_event_json(channel, text(entry_id), text_fields(fields))
-              for entry_id, fields in entries]
-    visible = [e for e in _first_copies(events) if may_receive(principal, channel,
-                                                                e["payload"])]
-    return ok({"channel": channel, "events": visible})
+    key = stream_key(request.app[API_SETTINGS_KEY].namespace, channel)
+    events = await _newest_visible(request.app[REDIS_KEY], key, channel, principal, limit)
+    return ok({"channel": channel, "events": events})
+
+
+async def _newest_visible(redis: aioredis.Redis, key: str, channel: str, viewer: Principal,
+                          limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` of the newest events of the stream ``viewer`` may see, newest first.
+
+    The filter comes after the read, so the newest ``limit`` entries may hold
+    fewer visible events (a customer's orders among everyone's): read on,
+    :data:`EVENTS_PAGE` entries at a time, until there are enough, the stream
+    starts, or :data:`MAX_EVENTS_SCANNED` entries were read.
+    """
+    if not may_subscribe(viewer, channel):
+        return []  # a staff-only channel: nothing in it is the caller's
+    scanned: list[dict[str, Any] | None] = []
+    visible: list[dict[str, Any]] = []
+    newest = "+"
+    while len(scanned) < MAX_EVENTS_SCANNED:
+        count = min(EVENTS_PAGE, MAX_EVENTS_SCANNED - len(scanned))
+        page: Any = await redis.xrevrange(key, max=newest, count=count)
+        # The client may answer bytes (create_app's shared one does) or str: decode either way.
+        scanned += [_event_json(channel, text(entry_id), text_fields(fields))
+                    for entry_id, fields in page]
+        # Again over everything read: an older page may hold a row's first copy.
+        visible = [e for e in _first_copies(scanned)
+                   if may_receive(viewer, channel, e["payload"])]
+        if len(visible) >= limit or len(page) < count:
+            break
+        newest = "(" + text(page[-1][0])
+    return visible[:limit]
 
 
 def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, Any]]:

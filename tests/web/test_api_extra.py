@@ -357,3 +357,22 @@ async def test_a_cart_item_and_a_repeatable_job_refuse_unknown_fields(
         "misfire_grace": 30})  # misfire_grace_s
     assert (status, answer["error"]["field"]) == (422, "misfire_grace")
     assert await list_repeatables(redis, web_settings.namespace) == []
+
+
+async def test_recent_events_read_back_past_others_events_to_a_bound(
+        ana: Caller, staff: Caller, publish: Publisher) -> None:
+    """``limit`` counts events the caller may see, not entries read: a customer's one order
+    behind many newer ones of others is found, up to MAX_EVENTS_SCANNED entries back."""
+    from web.api_extra import MAX_EVENTS_SCANNED
+
+    await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+    for n in range(MAX_EVENTS_SCANNED - 1):  # the 1,000th newest entry is still read
+        await publish("order-status-changed", {"order_id": 100 + n, "customer_id": 2})
+    _, mine = await ana("GET", "/api/v1/events/order-status-changed?limit=2")
+    assert [e["payload"]["order_id"] for e in mine["events"]] == [5]
+    _, everything = await staff("GET", "/api/v1/events/order-status-changed?limit=3")
+    assert [e["payload"]["order_id"] for e in everything["events"]] == [
+        100 + MAX_EVENTS_SCANNED - n for n in (2, 3, 4)]
+    await publish("order-status-changed", {"order_id": 1, "customer_id": 2})
+    _, mine = await ana("GET", "/api/v1/events/order-status-changed?limit=2")
+    assert mine["events"] == []  # the 1,001st newest: past the bound
