@@ -234,6 +234,40 @@ async def test_answers_echo_the_ref_errors_included_and_have_none_without_one(
         assert await next_json(ws) == {"type": "pong"}
 
 
+async def test_keys_naming_another_customers_orders_are_accepted_and_leak_nothing(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Ids leak nothing: a filter on someone else's order is not refused (that would say the
+    order exists), its events are filtered out like any other customer's."""
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        await subscribe(ws, "order-status-changed", keys=[5, 6])
+        await publish("order-status-changed", {"order_id": 6, "customer_id": 2})
+        await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+        assert (await next_json(ws))["payload"]["order_id"] == 5
+        await ws.send_json({"type": "ping"})
+        assert await next_json(ws) == {"type": "pong"}  # order 6 was never queued
+
+
+async def test_a_second_subscribe_to_a_channel_replaces_the_first(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Its keys replace the first's, and it starts from now (or its own ``since``)."""
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        first = await subscribe(ws, "stock-updated", keys=[1])
+        await publish("stock-updated", {"product_id": 1, "n": 1})
+        assert (await next_json(ws))["payload"]["n"] == 1
+        second = await subscribe(ws, "stock-updated", keys=[2], ref="again")
+        assert second["ref"] == "again" and second["last_id"] > first["last_id"]
+        await publish("stock-updated", {"product_id": 1, "n": 2})
+        await publish("stock-updated", {"product_id": 2, "n": 3})
+        assert (await next_json(ws))["payload"]["n"] == 3
+        await ws.send_json({"type": "ping"})
+        assert await next_json(ws) == {"type": "pong"}  # one subscription: no n=2, no repeat
+        again = await subscribe(ws, "stock-updated", since=first["last_id"])
+        assert again["last_id"] == first["last_id"]
+        assert [(await next_json(ws))["payload"]["n"] for _ in range(3)] == [1, 2, 3]
+
+
 async def test_garbage_flood_is_closed_4400(realtime_server: TestServer,
                                             http: aiohttp.ClientSession,
                                             signer: TokenSigner) -> None:
