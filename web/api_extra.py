@@ -28,7 +28,7 @@ from actors.agents.moderation import flagged_reviews
 from actors.agents.moderation import submit_review as store_review_for_moderation
 from actors.carts import carts
 from actors.housekeeping.schedules import builtin_names
-from actors.notifier.channels import CHANNELS, may_receive
+from actors.notifier.channels import CHANNELS, may_receive, may_subscribe
 from actors.notifier.streams import stream_key, text, text_fields
 from actors.orders import workflow
 from runtime import db
@@ -64,10 +64,16 @@ MAX_CART_QUANTITY = 1_000
 MAX_REVIEW_CHARS = 5_000
 MAX_QUESTION_CHARS = 2_000
 MAX_LIST_LIMIT = 100
+# GET /events/{channel} reads the stream newest first, this many entries a round trip...
+EVENTS_PAGE = 100
+# ... and gives up after this many: a customer's few events in a busy stream are not worth more.
+MAX_EVENTS_SCANNED = 1_000
 # How deep an operator may page into a job list (GET /api/v1/jobs?offset=).
 MAX_JOBS_OFFSET = 10_000
 # A job sent over HTTP: at most this many arguments (a message is small; data lives in the DB).
 MAX_JOB_ARGS = 32
+# The fields of POST /jobs; any other is refused (a typo must not drop a job_id silently).
+SEND_JOB_FIELDS = ("queue", "actor", "args", "options")
 REVIEW_STATUSES = ("pending", "approved", "rejected", "manual_review")
 # The api's own pool, when create_app did not hand one over (small: requests are short).
 OWN_POOL_MAX = 5
@@ -116,7 +122,7 @@ async def get_me(request: web.Request) -> web.Response:
 async def create_cart(request: web.Request) -> web.Response:
     """Open a cart for the caller (staff: for the customer named in the body)."""
     principal = authenticate(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=("customer_id",))
     customer_id = _customer_scope(principal, body.get("customer_id"))
     async with _pool(request).acquire() as conn:
         return ok(await carts.create_cart(conn, customer_id), status=201)
@@ -146,7 +152,7 @@ async def put_cart_item(request: web.Request) -> web.Response:
     """Set a product's quantity in an open cart (adds it if absent)."""
     principal = authenticate(request)
     cart_id, product_id = path_id(request, "cart_id"), path_id(request, "product_id")
-    body = await read_json(request)
+    body = await read_json(request, fields=("quantity",))
     quantity = int_value(body.get("quantity"), "quantity", 1, MAX_CART_QUANTITY)
     async with _pool(request).acquire() as conn:
         return ok(await carts.set_item(conn, cart_id, product_id, quantity,
@@ -190,7 +196,7 @@ async def submit_review(request: web.Request) -> web.Response:
     principal = authenticate(request)
     if principal.is_staff:
         raise Forbidden("reviews are written by customers")
-    body = await read_json(request)
+    body = await read_json(request, fields=("product_id", "rating", "body"))
     product_id = int_value(body.get("product_id"), "product_id")
     rating = int_value(body.get("rating"), "rating", 1, 5)
     text = text_value(body.get("body"), "body", MAX_REVIEW_CHARS)
@@ -251,7 +257,7 @@ async def list_flagged_reviews(request: web.Request) -> web.Response:
 async def ask_support(request: web.Request) -> web.Response:
     """A customer asks a question; the support agent answers (and stores it)."""
     principal = authenticate(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=("customer_id", "question"))
     customer_id = _customer_scope(principal, body.get("customer_id"))
     question = text_value(body.get("question"), "question", MAX_QUESTION_CHARS)
     desk = _seam(request, seams.SUPPORT_DESK, "the support agent")
@@ -346,9 +352,13 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def send_job(request: web.Request) -> web.Response:
-    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis."""
+    """Enqueue a job for a declared actor: the producer API for those who cannot write Redis.
+
+    Every mistake in the body is a 422 naming its field, an unknown queue
+    included: 404 is for a path that names nothing (``/queues/{queue}/...``).
+    """
     require_staff(request)
-    body = await read_json(request)
+    body = await read_json(request, fields=SEND_JOB_FIELDS)
     queue = text_value(body.get("queue"), "queue", 100)
     actor = text_value(body.get("actor"), "actor", 200)
     args = body.get("args", [])
@@ -358,8 +368,11 @@ async def send_job(request: web.Request) -> web.Response:
     options = body.get("options", {})
     if not isinstance(options, dict):
         raise ValidationError("options must be an object of job options", field="options")
-    sent = await _seam(request, seams.JOBS_ADMIN, "the jobs admin").send_job(
-        queue, actor, args, options)
+    admin = _seam(request, seams.JOBS_ADMIN, "the jobs admin")
+    try:
+        sent = await admin.send_job(queue, actor, args, options)
+    except NotFound as exc:  # the seam's answer for an unknown queue (web/seams.py)
+        raise ValidationError(str(exc), field="queue") from None
     return ok(sent, status=200 if sent.get("duplicate") else 201)
 
 
@@ -449,21 +462,44 @@ async def get_stock_sync(request: web.Request) -> web.Response:
 
 
 async def recent_events(request: web.Request) -> web.Response:
-    """The newest events of a channel (the dashboard's start state before live updates)."""
+    """The newest events of a channel the caller may see (the dashboard's start state)."""
     principal = authenticate(request)
     channel = request.match_info["channel"]
     if channel not in CHANNELS:
         raise NotFound(f"no channel {channel}")
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
-    settings = request.app[API_SETTINGS_KEY]
-    entries: Any = await request.app[REDIS_KEY].xrevrange(
-        stream_key(settings.namespace, channel), count=limit)
-    # The client may answer bytes (create_app's shared one does) or str: decode either way.
-    events = [_event_json(channel, text(entry_id), text_fields(fields))
-              for entry_id, fields in entries]
-    visible = [e for e in _first_copies(events) if may_receive(principal, channel,
-                                                                e["payload"])]
-    return ok({"channel": channel, "events": visible})
+    key = stream_key(request.app[API_SETTINGS_KEY].namespace, channel)
+    events = await _newest_visible(request.app[REDIS_KEY], key, channel, principal, limit)
+    return ok({"channel": channel, "events": events})
+
+
+async def _newest_visible(redis: aioredis.Redis, key: str, channel: str, viewer: Principal,
+                          limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` of the newest events of the stream ``viewer`` may see, newest first.
+
+    The filter comes after the read, so the newest ``limit`` entries may hold
+    fewer visible events (a customer's orders among everyone's): read on,
+    :data:`EVENTS_PAGE` entries at a time, until there are enough, the stream
+    starts, or :data:`MAX_EVENTS_SCANNED` entries were read.
+    """
+    if not may_subscribe(viewer, channel):
+        return []  # a staff-only channel: nothing in it is the caller's
+    scanned: list[dict[str, Any] | None] = []
+    visible: list[dict[str, Any]] = []
+    newest = "+"
+    while len(scanned) < MAX_EVENTS_SCANNED:
+        count = min(EVENTS_PAGE, MAX_EVENTS_SCANNED - len(scanned))
+        page: Any = await redis.xrevrange(key, max=newest, count=count)
+        # The client may answer bytes (create_app's shared one does) or str: decode either way.
+        scanned += [_event_json(channel, text(entry_id), text_fields(fields))
+                    for entry_id, fields in page]
+        # Again over everything read: an older page may hold a row's first copy.
+        visible = [e for e in _first_copies(scanned)
+                   if may_receive(viewer, channel, e["payload"])]
+        if len(visible) >= limit or len(page) < count:
+            break
+        newest = "(" + text(page[-1][0])
+    return visible[:limit]
 
 
 def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, Any]]:

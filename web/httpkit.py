@@ -27,7 +27,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ from runtime.errors import (
     Unauthenticated,
     ValidationError,
 )
+from runtime.fields import reject_unknown_fields
 from runtime.text import storable_text
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,13 @@ def ok(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=dumps)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object: 413 if too large, 400 if not JSON, 422 if no object."""
+async def read_json(request: web.Request,
+                    fields: Collection[str] | None = None) -> dict[str, Any]:
+    """The request body as a JSON object: 413 if too large, 400 if not JSON, 422 if no object.
+
+    With ``fields``, any other top-level field is a 422 naming it
+    (:func:`runtime.fields.reject_unknown_fields`, the orders endpoint's rule too).
+    """
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestTooLarge(f"request body too large (limit {MAX_BODY_BYTES} bytes)")
     raw = await _read_body(request)
@@ -189,6 +195,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ValidationError("the body must be a JSON object")
+    if fields is not None:
+        reject_unknown_fields(body, fields)
     return body
 
 

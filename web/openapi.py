@@ -174,8 +174,8 @@ ERRORS: dict[str, Schema] = {
                  ref("Error")),
     "403": _resp("the token's role may not do this (`forbidden`)", ref("Error")),
     "404": _resp("no such thing, or not yours (`not_found`)", ref("Error")),
-    "422": _resp("JSON of the wrong shape or invalid fields (`invalid`); `field` names the "
-                 "culprit", ref("Error")),
+    "422": _resp("JSON of the wrong shape: missing, invalid or unknown fields (`invalid`); "
+                 "`field` names the culprit when there is one", ref("Error")),
     "default": _resp("another error, same shape (409 `conflict`, 503 `not_available`)",
                      ref("Error")),
 }
@@ -210,13 +210,15 @@ def op(summary: str, tag: str, ok_status: str, ok: Schema, auth: str = "any",
 
 
 def _body(required: list[str], props: Schema) -> Schema:
-    return {"type": "object", "required": required, "properties": props}
+    """A request body object; a field not in ``props`` is a 422 (runtime.fields)."""
+    return {"type": "object", "required": required, "properties": props,
+            "additionalProperties": False}
 
 
 CART_ID, PRODUCT_ID = _path("cart_id"), _path("product_id")
 # What runtime.scheduling.repeatable_from_request accepts: exactly one of cron or every_s.
 REPEATABLE_BODY: Schema = {
-    "type": "object", "required": ["name", "queue", "actor"],
+    "type": "object", "required": ["name", "queue", "actor"], "additionalProperties": False,
     "oneOf": [{"required": ["cron"]}, {"required": ["every_s"]}],
     "properties": {
         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"},
@@ -274,7 +276,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
                                                                           ref("Me"))),
     ("POST", "/api/v1/carts"): op(
         "Open a cart (staff: for customer_id)", "carts", "201", _resp("the cart", ref("Cart")),
-        body={"type": "object", "properties": {"customer_id": ID}}),
+        body=_body([], {"customer_id": ID})),
     ("GET", "/api/v1/carts"): op("The caller's carts", "carts", "200",
                                  _resp("carts", _list_of("carts", "Cart")),
                                  params=[CUSTOMER_Q, LIMIT]),
@@ -356,7 +358,9 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
               "503": _resp("the queue is full (queue_full) or the jobs admin is missing",
                            ref("Error"))},
         body=_body(["queue", "actor"], {
-            "queue": {"type": "string", "minLength": 1, "maxLength": 100},
+            "queue": {"type": "string", "minLength": 1, "maxLength": 100,
+                      "description": "a queue of the job layer; another is 422 with "
+                                     "`field: queue`"},
             "actor": {"type": "string", "minLength": 1, "maxLength": 200},
             "args": {"type": "array", "maxItems": 32},
             "options": {"type": "object", "description": "job options: job_id, attempts, "

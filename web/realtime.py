@@ -6,6 +6,9 @@ client → server
     ``{"type": "subscribe", "channel": C, "since": "<stream id>"?, "keys": [int]?, "ref": R?}``
     ``{"type": "unsubscribe", "channel": C, "ref": R?}``
     ``{"type": "ping", "ref": R?}``
+
+    Every answer to a message that carried a ``ref`` echoes it (errors too,
+    with the ``channel`` the message named); an answer to one without has none.
 server → client
     ``welcome``, ``subscribed``, ``unsubscribed``, ``resync``, ``event``, ``pong``, ``error``
 
@@ -66,6 +69,8 @@ CLOSE_SLOW_CONSUMER = 4429
 MAX_CONSECUTIVE_ERRORS = 10
 # A job id or queue name in a filter is at most this long (job ids are up to 200).
 MAX_TEXT_KEY = 200
+# A client's ref (echoed in answers) is at most this long; so is a channel echoed in an error.
+MAX_ECHO_CHARS = 64
 # A subscription filter longer than this is refused (it is a list scan per event).
 MAX_FILTER_KEYS = 1_000
 # Backlog replay waits at most this long for room in a client's send queue.
@@ -352,8 +357,8 @@ class Connection:
 # --- message parsing ----------------------------------------------------------------
 
 
-def parse_message(text: str) -> dict[str, Any]:
-    """The client's message as a dict, or :class:`BadMessage` saying what is wrong."""
+def decode_frame(text: str) -> dict[str, Any]:
+    """A text frame as a JSON object, or :class:`BadMessage` (not JSON, not an object)."""
     try:
         message = json.loads(text)
     except ValueError:
@@ -364,12 +369,18 @@ def parse_message(text: str) -> dict[str, Any]:
                                      "levels deep") from None
     if not isinstance(message, dict):
         raise BadMessage("bad_message", "a message must be a JSON object")
+    return message
+
+
+def check_message(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` if it is a protocol message, else :class:`BadMessage` saying what is wrong."""
     kind = message.get("type")
     if kind not in ("subscribe", "unsubscribe", "ping"):
         raise BadMessage("bad_message", "type must be subscribe, unsubscribe or ping")
     ref = message.get("ref")
-    if ref is not None and not (isinstance(ref, (str, int)) and len(str(ref)) <= 64):
-        raise BadMessage("bad_message", "ref must be a short string or number")
+    if ref is not None and not _echoable(ref):
+        raise BadMessage("bad_message", f"ref must be a string or number of at most "
+                                        f"{MAX_ECHO_CHARS} characters")
     if kind != "ping":
         channel = message.get("channel")
         if not isinstance(channel, str):
@@ -377,6 +388,31 @@ def parse_message(text: str) -> dict[str, Any]:
         if channel not in CHANNELS:
             raise BadMessage("unknown_channel", f"channels are {', '.join(CHANNELS)}")
     return message
+
+
+def _echoable(value: Any) -> bool:
+    """A ``ref`` (or a ``channel``) short enough to send back."""
+    return isinstance(value, str | int) and len(str(value)) <= MAX_ECHO_CHARS
+
+
+def answer(kind: str, ref: Any, **fields: Any) -> dict[str, Any]:
+    """A server message answering a client message: ``ref`` is echoed only if one was sent."""
+    message = {"type": kind, **fields}
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+def error_answer(exc: BadMessage, message: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``error`` for a bad message, echoing the ``ref`` and ``channel`` it carried.
+
+    Either is echoed only when it can be (a JSON object's short string or
+    number): the error may be about the ``ref`` itself, and a ``channel`` of
+    64 KiB is nobody's channel name.
+    """
+    echo = {k: v for k, v in (message or {}).items()
+            if k in ("ref", "channel") and v is not None and _echoable(v)}
+    return {"type": "error", "code": exc.code, "message": str(exc), **echo}
 
 
 def parse_since(message: dict[str, Any]) -> StreamId | None:
@@ -469,12 +505,14 @@ async def _read_loop(app: web.Application, conn: Connection) -> None:
             break
         if frame.type != WSMsgType.TEXT:
             break
+        message: dict[str, Any] | None = None
         try:
-            await _handle(app, conn, parse_message(frame.data))
+            message = decode_frame(frame.data)
+            await _handle(app, conn, check_message(message))
             errors_in_row = 0
         except BadMessage as exc:
             errors_in_row += 1
-            conn.send({"type": "error", "code": exc.code, "message": str(exc)})
+            conn.send(error_answer(exc, message))
             if errors_in_row >= MAX_CONSECUTIVE_ERRORS:
                 conn.refuse(CLOSE_BAD_PROTOCOL, "too many bad messages")
                 break
@@ -490,14 +528,14 @@ async def _handle(app: web.Application, conn: Connection, message: dict[str, Any
         conn.refuse(CLOSE_UNAUTHENTICATED, "token expired")
         return
     if message["type"] == "ping":
-        conn.send({"type": "pong", "ref": ref})
+        conn.send(answer("pong", ref))
         return
     channel: str = message["channel"]
     notifier = app[NOTIFIER_KEY]
     if message["type"] == "unsubscribe":
         _cancel_subscription(conn, channel)
         notifier.unsubscribe(conn, channel)
-        conn.send({"type": "unsubscribed", "channel": channel, "ref": ref})
+        conn.send(answer("unsubscribed", ref, channel=channel))
         return
     if not may_subscribe(conn.principal, channel):
         if channel in STAFF_ONLY:
@@ -522,9 +560,9 @@ async def _subscribe(notifier: Notifier, conn: Connection, channel: str,
 
     async def announce(last_id: str, resync: Resync | None) -> None:
         if resync is not None:
-            conn.send({"type": "resync", "channel": channel, "reason": resync.reason,
-                       "last_id": resync.last_id, "ref": ref})
-        conn.send({"type": "subscribed", "channel": channel, "last_id": last_id, "ref": ref})
+            conn.send(answer("resync", ref, channel=channel, reason=resync.reason,
+                             last_id=resync.last_id))
+        conn.send(answer("subscribed", ref, channel=channel, last_id=last_id))
 
     await notifier.subscribe(conn, channel, keys, since, announce)
 

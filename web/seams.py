@@ -58,7 +58,12 @@ class JobsAdmin(Protocol):
 
     async def send_job(self, queue: str, actor: str, args: list[Any],
                        options: JsonDict) -> JsonDict:
-        """Enqueue a job: {job_id, state, duplicate}."""
+        """Enqueue a job: {job_id, state, duplicate}.
+
+        :class:`~runtime.errors.NotFound` if there is no queue ``queue`` (the
+        API answers it as a bad body field), ValidationError for an undeclared
+        actor or a bad option, QueueFull for a full queue.
+        """
 
 
 class ScheduleView(Protocol):

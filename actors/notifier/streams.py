@@ -186,11 +186,12 @@ def parse_position(reply: Any) -> StreamPosition | None:
     )
 
 
-def resync_text(channel: str, reason: str, last_id: StreamId, ref: Any = None) -> str:
+def resync_text(channel: str, reason: str, last_id: StreamId) -> str:
     """The ``resync`` message: the client's view of ``channel`` is stale, reload it.
 
     Live events of the channel follow from ``last_id``, which the client
     keeps as its position (to resume with ``since`` after a reconnect).
     """
+    # No ref: this resync answers no client message (web/realtime.py sends those).
     return json.dumps({"type": "resync", "channel": channel, "reason": reason,
-                       "last_id": id_text(last_id), "ref": ref}, separators=(",", ":"))
+                       "last_id": id_text(last_id)}, separators=(",", ":"))

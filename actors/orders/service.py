@@ -19,6 +19,7 @@ from actors.orders import state
 from actors.orders.messages import CHANNEL_ORDER_STATUS, EVENT_STATUS_CHANGED
 from runtime import outbox
 from runtime.errors import Conflict, NotFound, ValidationError
+from runtime.fields import reject_unknown_fields
 from runtime.text import storable_text
 
 # An order carries at most this many distinct products (a guard against abuse).
@@ -26,6 +27,8 @@ MAX_ORDER_LINES = 100
 # No single line may ask for more than this many units.
 MAX_LINE_QUANTITY = 10_000
 MAX_EXTERNAL_REF_LEN = 100
+# The fields of an order request; any other is refused (runtime.fields).
+ORDER_FIELDS = ("customer_id", "items", "external_ref")
 # No order may total more than this (R$ 100 million): a sanity bound far above any real
 # basket, and above integer's range, which is why orders.total_cents is bigint (0013).
 MAX_ORDER_TOTAL_CENTS = 10_000_000_000
@@ -72,9 +75,7 @@ def parse_new_order(data: Any) -> NewOrder:
     """Validate an order request (already-decoded JSON); raise ValidationError with the field."""
     if not isinstance(data, dict):
         raise ValidationError("the body must be a JSON object")
-    unknown = set(data) - {"customer_id", "items", "external_ref"}
-    if unknown:
-        raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    reject_unknown_fields(data, ORDER_FIELDS)
     if "customer_id" not in data:
         raise ValidationError("customer_id is required", "customer_id")
     customer_id = _positive_int(data["customer_id"], "customer_id", 2**62)

@@ -38,6 +38,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from runtime.errors import Conflict, NotFound, ValidationError
+from runtime.fields import reject_unknown_fields
 from runtime.scheduling.schedule import Schedule, validate_name
 from runtime.scheduling.triggers import require_aware
 
@@ -462,15 +463,21 @@ async def remove_repeatable(redis: aioredis.Redis, namespace: str, name: str) ->
     return bool(removed)
 
 
+# What a repeatable job request may say; any other field is refused (runtime.fields).
+REPEATABLE_FIELDS = ("name", "queue", "actor", "args", "cron", "timezone", "every_s", "misfire",
+                     "overlap", "misfire_grace_s", "max_runtime_s")
+
+
 def repeatable_from_request(data: Any, default_timezone: str) -> Schedule:
     """Build a repeatable schedule from untrusted JSON (an HTTP body), validating every field.
 
     Accepts ``name``, ``queue``, ``actor``, optional ``args`` (a list),
     ``cron`` + optional ``timezone`` or ``every_s``, and optional ``misfire``,
-    ``overlap``, ``misfire_grace_s``, ``max_runtime_s``.
+    ``overlap``, ``misfire_grace_s``, ``max_runtime_s``; nothing else.
     """
     if not isinstance(data, dict):
         raise ValidationError("expected a JSON object")
+    reject_unknown_fields(data, REPEATABLE_FIELDS)
     if ("cron" in data) == ("every_s" in data):
         raise ValidationError("give exactly one of 'cron' or 'every_s'", field="cron")
     args = data.get("args", [])

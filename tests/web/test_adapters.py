@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
-from runtime.broker import setup_broker
+from runtime.broker import ALL_QUEUES, setup_broker
+from runtime.errors import NotFound
+from runtime.jobs.store import JobStore
 from runtime.settings import Settings
-from web.adapters import BrokerModeration, ScheduleOverview
+from web.adapters import BrokerModeration, ScheduleOverview, StoreJobsAdmin
 
 
 async def test_schedule_overview_lists_builtin_schedules_with_next_runs(
@@ -27,3 +30,15 @@ async def test_broker_moderation_enqueues_the_agents_message(
         broker.close()
     keys = [k async for k in redis.scan_iter(match=f"{web_settings.namespace}*moderation*")]
     assert keys, "no moderation queue key in Redis"
+
+
+async def test_the_jobs_admin_answers_an_unknown_queue_as_the_seam_says(
+        web_settings: Settings, redis: aioredis.Redis) -> None:
+    """NotFound (web/seams.py), which POST /api/v1/jobs turns into a 422 on ``queue``."""
+    broker = setup_broker(web_settings)
+    try:
+        admin = StoreJobsAdmin(JobStore(redis, broker.keys, ALL_QUEUES))
+        with pytest.raises(NotFound, match="no queue 'emials'"):
+            await admin.send_job("emials", "send_order_confirmation", [1], {})
+    finally:
+        broker.close()

@@ -302,3 +302,77 @@ async def test_recent_events_show_a_twice_published_row_once(
                            {"product_id": row_id}, event_id=row_id)
     _, body = await staff("GET", "/api/v1/events/stock-updated")
     assert [e["event_id"] for e in body["events"]] == ["9", "8", "7"]
+
+
+SEND = {"queue": "emails", "actor": "send_order_confirmation", "args": [1]}
+
+
+async def test_sending_a_job_refuses_unknown_fields_instead_of_dropping_them(
+        staff: Caller, api: TestServer) -> None:
+    """A typo (``option`` for ``options``) must not enqueue a job without its job_id."""
+    jobs = api.app[seams.JOBS_ADMIN].jobs  # type: ignore[attr-defined]
+    before = dict(jobs)
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "option": {"job_id": "x"}})
+    assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid", "option")
+    assert body["error"]["message"].startswith("unknown field(s): option;")
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "kwargs": {"to": "a@b.c"},
+                                                             "option": {}})
+    assert (status, body["error"]["code"]) == (422, "invalid")
+    assert "field" not in body["error"]  # two to blame: both are in the message
+    assert body["error"]["message"].startswith("unknown field(s): kwargs, option;")
+    assert jobs == before  # nothing was enqueued
+    status, sent = await staff("POST", "/api/v1/jobs", json={**SEND, "options": {"job_id": "x"}})
+    assert (status, sent["job_id"]) == (201, "x")
+
+
+async def test_an_unknown_queue_in_a_body_is_invalid_and_in_a_path_not_found(
+        staff: Caller) -> None:
+    status, body = await staff("POST", "/api/v1/jobs", json={**SEND, "queue": "emials"})
+    assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid", "queue")
+    status, body = await staff("POST", "/api/v1/queues/emials/pause")
+    assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize("method, path, body, field", [
+    ("POST", "/api/v1/carts", {"customer": 1}, "customer"),
+    ("POST", "/api/v1/reviews", {"product_id": 1, "rating": 5, "body": "ok", "title": "t"},
+     "title"),
+    ("POST", "/api/v1/support/questions", {"question": "where?", "order_id": 3}, "order_id"),
+])
+async def test_every_body_refuses_unknown_fields(ana: Caller, method: str, path: str,
+                                                 body: dict[str, Any], field: str) -> None:
+    status, answer = await ana(method, path, json=body)
+    assert (status, answer["error"]["code"], answer["error"].get("field")) == (422, "invalid",
+                                                                              field)
+
+
+async def test_a_cart_item_and_a_repeatable_job_refuse_unknown_fields(
+        ana: Caller, staff: Caller, redis: aioredis.Redis, web_settings: Settings) -> None:
+    _, cart = await ana("POST", "/api/v1/carts", json={})
+    status, answer = await ana("PUT", f"/api/v1/carts/{cart['id']}/items/1",
+                               json={"quantity": 1, "qty": 2})
+    assert (status, answer["error"]["field"]) == (422, "qty")
+    status, answer = await staff("POST", "/api/v1/schedules", json={
+        "name": "promo", "queue": "maintenance", "actor": "send_promo", "every_s": 60,
+        "misfire_grace": 30})  # misfire_grace_s
+    assert (status, answer["error"]["field"]) == (422, "misfire_grace")
+    assert await list_repeatables(redis, web_settings.namespace) == []
+
+
+async def test_recent_events_read_back_past_others_events_to_a_bound(
+        ana: Caller, staff: Caller, publish: Publisher) -> None:
+    """``limit`` counts events the caller may see, not entries read: a customer's one order
+    behind many newer ones of others is found, up to MAX_EVENTS_SCANNED entries back."""
+    from web.api_extra import MAX_EVENTS_SCANNED
+
+    await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+    for n in range(MAX_EVENTS_SCANNED - 1):  # the 1,000th newest entry is still read
+        await publish("order-status-changed", {"order_id": 100 + n, "customer_id": 2})
+    _, mine = await ana("GET", "/api/v1/events/order-status-changed?limit=2")
+    assert [e["payload"]["order_id"] for e in mine["events"]] == [5]
+    _, everything = await staff("GET", "/api/v1/events/order-status-changed?limit=3")
+    assert [e["payload"]["order_id"] for e in everything["events"]] == [
+        100 + MAX_EVENTS_SCANNED - n for n in (2, 3, 4)]
+    await publish("order-status-changed", {"order_id": 1, "customer_id": 2})
+    _, mine = await ana("GET", "/api/v1/events/order-status-changed?limit=2")
+    assert mine["events"] == []  # the 1,001st newest: past the bound

@@ -202,6 +202,72 @@ async def test_bad_input_gets_errors_and_never_hurts_others(
         assert (await next_of(good, "event"))["payload"]["product_id"] == 5
 
 
+async def test_answers_echo_the_ref_errors_included_and_have_none_without_one(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner) -> None:
+    """docs/web.md: a ``ref`` on a client message is echoed in its answer, whatever the answer
+    (an error also echoes the ``channel`` it was about); no ``ref`` sent, none answered."""
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        await next_of(ws, "welcome")
+        cases = [
+            ({"type": "subscribe", "channel": "order-status", "ref": "r1"},
+             {"code": "unknown_channel", "channel": "order-status", "ref": "r1"}),
+            ({"type": "subscribe", "channel": "stock-updated", "since": "yesterday", "ref": 7},
+             {"code": "bad_since", "channel": "stock-updated", "ref": 7}),
+            ({"type": "dance", "ref": "d"}, {"code": "bad_message", "ref": "d"}),
+            ({"type": "subscribe", "channel": "order-status"},
+             {"code": "unknown_channel", "channel": "order-status"}),
+            ({"type": "ping", "ref": "x" * 65}, {"code": "bad_message"}),  # the ref is the fault
+            ({"type": "subscribe", "channel": "c" * 65, "ref": "r2"},
+             {"code": "unknown_channel", "ref": "r2"}),
+        ]
+        for sent, expected in cases:
+            await ws.send_json(sent)
+            error = await next_json(ws)
+            assert error.pop("type") == "error" and error.pop("message"), sent
+            assert error == expected, sent
+        subscribed = await subscribe(ws, "stock-updated")
+        assert set(subscribed) == {"type", "channel", "last_id"}
+        assert (await subscribe(ws, "stock-updated", ref="s1"))["ref"] == "s1"
+        await ws.send_json({"type": "unsubscribe", "channel": "stock-updated"})
+        assert await next_json(ws) == {"type": "unsubscribed", "channel": "stock-updated"}
+        await ws.send_json({"type": "ping"})
+        assert await next_json(ws) == {"type": "pong"}
+
+
+async def test_keys_naming_another_customers_orders_are_accepted_and_leak_nothing(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Ids leak nothing: a filter on someone else's order is not refused (that would say the
+    order exists), its events are filtered out like any other customer's."""
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        await subscribe(ws, "order-status-changed", keys=[5, 6])
+        await publish("order-status-changed", {"order_id": 6, "customer_id": 2})
+        await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+        assert (await next_json(ws))["payload"]["order_id"] == 5
+        await ws.send_json({"type": "ping"})
+        assert await next_json(ws) == {"type": "pong"}  # order 6 was never queued
+
+
+async def test_a_second_subscribe_to_a_channel_replaces_the_first(
+        realtime_server: TestServer, http: aiohttp.ClientSession, signer: TokenSigner,
+        publish: Publisher) -> None:
+    """Its keys replace the first's, and it starts from now (or its own ``since``)."""
+    async with http.ws_connect(ws_url(realtime_server, signer.issue("customer", 1, 60))) as ws:
+        first = await subscribe(ws, "stock-updated", keys=[1])
+        await publish("stock-updated", {"product_id": 1, "n": 1})
+        assert (await next_json(ws))["payload"]["n"] == 1
+        second = await subscribe(ws, "stock-updated", keys=[2], ref="again")
+        assert second["ref"] == "again" and second["last_id"] > first["last_id"]
+        await publish("stock-updated", {"product_id": 1, "n": 2})
+        await publish("stock-updated", {"product_id": 2, "n": 3})
+        assert (await next_json(ws))["payload"]["n"] == 3
+        await ws.send_json({"type": "ping"})
+        assert await next_json(ws) == {"type": "pong"}  # one subscription: no n=2, no repeat
+        again = await subscribe(ws, "stock-updated", since=first["last_id"])
+        assert again["last_id"] == first["last_id"]
+        assert [(await next_json(ws))["payload"]["n"] for _ in range(3)] == [1, 2, 3]
+
+
 async def test_garbage_flood_is_closed_4400(realtime_server: TestServer,
                                             http: aiohttp.ClientSession,
                                             signer: TokenSigner) -> None:
