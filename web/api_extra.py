@@ -467,6 +467,8 @@ async def recent_events(request: web.Request) -> web.Response:
     channel = request.match_info["channel"]
     if channel not in CHANNELS:
         raise NotFound(f"no channel {channel}")
+    if not may_subscribe(principal, channel):  # as the WebSocket's 4403 for the same ask
+        raise Forbidden(f"{channel} is for staff only")
     limit = query_int(request, "limit", 20, 1, MAX_LIST_LIMIT)
     key = stream_key(request.app[API_SETTINGS_KEY].namespace, channel)
     events = await _newest_visible(request.app[REDIS_KEY], key, channel, principal, limit)
@@ -482,8 +484,6 @@ async def _newest_visible(redis: aioredis.Redis, key: str, channel: str, viewer:
     :data:`EVENTS_PAGE` entries at a time, until there are enough, the stream
     starts, or :data:`MAX_EVENTS_SCANNED` entries were read.
     """
-    if not may_subscribe(viewer, channel):
-        return []  # a staff-only channel: nothing in it is the caller's
     scanned: list[dict[str, Any] | None] = []
     visible: list[dict[str, Any]] = []
     newest = "+"

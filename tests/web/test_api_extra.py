@@ -203,7 +203,8 @@ async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
     assert [e["payload"]["order_id"] for e in mine["events"]] == [5]
     _, everything = await staff("GET", "/api/v1/events/order-status-changed?limit=10")
     assert [e["payload"]["order_id"] for e in everything["events"]] == [6, 5]
-    assert (await ana("GET", "/api/v1/events/jobs"))[1]["events"] == []
+    status, refused = await ana("GET", "/api/v1/events/jobs")  # staff only, as on the WebSocket
+    assert (status, refused["error"]["code"]) == (403, "forbidden")
     assert (await ana("GET", "/api/v1/events/nope"))[0] == 404
 
 
