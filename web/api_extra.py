@@ -15,7 +15,6 @@ documents every route, and a test keeps the two in step.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -29,7 +28,7 @@ from actors.agents.moderation import submit_review as store_review_for_moderatio
 from actors.carts import carts
 from actors.housekeeping.schedules import builtin_names
 from actors.notifier.channels import CHANNELS, may_receive, may_subscribe
-from actors.notifier.streams import stream_key, text, text_fields
+from actors.notifier.streams import event_json, stream_key, text, text_fields
 from actors.orders import workflow
 from runtime import db
 from runtime.errors import Conflict, Forbidden, NotAvailable, NotFound, ValidationError
@@ -491,7 +490,7 @@ async def _newest_visible(redis: aioredis.Redis, key: str, channel: str, viewer:
         count = min(EVENTS_PAGE, MAX_EVENTS_SCANNED - len(scanned))
         page: Any = await redis.xrevrange(key, max=newest, count=count)
         # The client may answer bytes (create_app's shared one does) or str: decode either way.
-        scanned += [_event_json(channel, text(entry_id), text_fields(fields))
+        scanned += [event_json(channel, text(entry_id), text_fields(fields))
                     for entry_id, fields in page]
         # Again over everything read: an older page may hold a row's first copy.
         visible = [e for e in _first_copies(scanned)
@@ -517,17 +516,6 @@ def _first_copies(newest_first: list[dict[str, Any] | None]) -> list[dict[str, A
             seen.add(event_id)
         kept.append(event)
     return kept[::-1]
-
-
-def _event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(fields.get("payload", ""))
-    except ValueError:
-        return None
-    if not isinstance(payload, dict):
-        return None
-    return {"id": entry_id, "channel": channel, "event_id": fields.get("id") or None,
-            "event": fields.get("type"), "payload": payload, "at": fields.get("at")}
 
 
 # --- wiring -------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ SCHEMAS: dict[str, Schema] = {
         "id": {"type": "string"}, "channel": {"enum": list(CHANNELS)},
         "event_id": {"type": ["string", "null"], "description": "the outbox row's id"},
         "event": {"type": ["string", "null"]}, "payload": OBJ,
+        "correlation_id": {"type": ["string", "null"],
+                           "description": "ties the event to its order's logs and jobs"},
         "at": {"type": ["string", "null"]}}},
     "Order": {"type": "object", "required": ["id", "customer_id", "status", "items", "history"],
               "properties": {

@@ -73,29 +73,35 @@ class StreamEvent:
     event_id: str = ""
 
 
-def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEvent | None:
-    """The event in a raw entry, or ``None`` for an entry that is not one (logged by the caller)."""
-    stream_id = parse_id(entry_id)
-    if stream_id is None:
-        return None
+def event_json(channel: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    """A stream entry as clients see an event (WebSocket and ``GET /events``), or ``None``
+    for an entry whose payload is not a JSON object."""
     try:
         payload = json.loads(fields.get("payload", ""))
     except ValueError:
         return None
     if not isinstance(payload, dict):
         return None
-    message = {
-        "type": "event",
+    return {
         "channel": channel,
         "id": entry_id,
-        "event_id": fields.get("id"),
+        "event_id": fields.get("id") or None,
         "event": fields.get("type"),
         "payload": payload,
         "correlation_id": fields.get("correlation_id") or None,
         "at": fields.get("at"),
     }
-    return StreamEvent(channel, stream_id, payload, json.dumps(message, separators=(",", ":")),
-                       fields.get("id") or "")
+
+
+def parse_entry(channel: str, entry_id: str, fields: dict[str, str]) -> StreamEvent | None:
+    """The event in a raw entry, or ``None`` for an entry that is not one (logged by the caller)."""
+    stream_id = parse_id(entry_id)
+    event = event_json(channel, entry_id, fields) if stream_id is not None else None
+    if stream_id is None or event is None:
+        return None
+    message = {"type": "event", **event}
+    return StreamEvent(channel, stream_id, event["payload"],
+                       json.dumps(message, separators=(",", ":")), fields.get("id") or "")
 
 
 async def append_event(

@@ -131,9 +131,9 @@ class Publisher:
         self.namespace = namespace
 
     async def __call__(self, channel: str, payload: dict[str, Any], event_type: str = "test",
-                       maxlen: int | None = None) -> str:
+                       maxlen: int | None = None, correlation_id: str = "") -> str:
         return await append_event(self.redis, self.namespace, channel, event_type, payload,
-                                  maxlen=maxlen)
+                                  correlation_id=correlation_id, maxlen=maxlen)
 
 
 @pytest.fixture

@@ -197,10 +197,12 @@ async def test_unwired_seams_answer_503(web_settings: Settings, signer: TokenSig
 
 async def test_recent_events_are_filtered_per_caller(ana: Caller, staff: Caller,
                                                      publish: Publisher) -> None:
-    await publish("order-status-changed", {"order_id": 5, "customer_id": 1})
+    await publish("order-status-changed", {"order_id": 5, "customer_id": 1},
+                  correlation_id="c-5")
     await publish("order-status-changed", {"order_id": 6, "customer_id": 2})
     _, mine = await ana("GET", "/api/v1/events/order-status-changed")
     assert [e["payload"]["order_id"] for e in mine["events"]] == [5]
+    assert mine["events"][0]["correlation_id"] == "c-5"  # as the WebSocket shows it
     _, everything = await staff("GET", "/api/v1/events/order-status-changed?limit=10")
     assert [e["payload"]["order_id"] for e in everything["events"]] == [6, 5]
     status, refused = await ana("GET", "/api/v1/events/jobs")  # staff only, as on the WebSocket
