@@ -74,18 +74,23 @@ def wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
-                    health = json.loads(resp.read())
-                    # 200 with "degraded": the api serves, something it watches does not yet
-                    # (the scheduler takes its lease a few seconds after the tree starts).
-                    state = "healthy" if health.get("status") == "ok" else \
-                        f"up, {health.get('status')}"
-                    print(f"runtime {state} ({describe_checks(health['checks'])})",
-                          file=sys.stderr)
+                    print(health_line(json.loads(resp.read())), file=sys.stderr)
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
     raise ServiceError(f"{url} did not answer 200 within {HEALTH_TIMEOUT_S}s; see {settings.var_dir}/log/")
+
+
+def health_line(health: dict[str, Any]) -> str:
+    """What ``up`` says once ``/health`` answers 200: healthy, or up but degraded.
+
+    200 with ``degraded`` means the api serves while something it watches does
+    not yet (the scheduler takes its lease a few seconds after the tree starts);
+    calling that "healthy" beside a check that is not ok would contradict itself.
+    """
+    state = "healthy" if health.get("status") == "ok" else f"up, {health.get('status')}"
+    return f"runtime {state} ({describe_checks(health.get('checks', {}))})"
 
 
 def describe_checks(checks: dict[str, dict[str, Any]]) -> str:

@@ -164,3 +164,13 @@ def test_a_second_stop_signal_while_stopping_does_not_cut_the_way_out(
     err = capsys.readouterr().err
     assert "still stopping" in err
     assert "stopped the embedded Redis this command started" in err
+
+
+def test_up_says_degraded_not_healthy_when_a_check_is_not_ok() -> None:
+    ok = {"status": "ok", "checks": {"redis": {"ok": True, "latency_ms": 0.4}}}
+    assert up.health_line(ok) == "runtime healthy (redis ok 0.4 ms)"
+    degraded = {"status": "degraded", "checks": {
+        "redis": {"ok": True, "latency_ms": 0.4},
+        "scheduler": {"ok": False, "detail": "no scheduler holds the lease"}}}
+    assert up.health_line(degraded) == (
+        "runtime up, degraded (redis ok 0.4 ms, scheduler NOT ok: no scheduler holds the lease)")
